@@ -1,0 +1,224 @@
+"""One typed settings object, read from `config/*.yml` and `MNISTOPS_*` variables.
+
+Precedence, highest first: environment variables (`MNISTOPS_HOME`,
+`MNISTOPS_MLFLOW__PORT`, ... nested keys joined by `__`), then the YAML files
+of the config dir, then the defaults written in the models below. Nothing is
+read at import time: call `load_settings()`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "MNISTOPS_"
+ENV_NESTED = "__"
+CONFIG_FILES = ("stack.yml",)
+
+
+class ConfigError(Exception):
+    """A setting is wrong; the message names the file (or variable) and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+Port = int
+
+
+def _check_port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError("must be a TCP port between 1 and 65535")
+    return value
+
+
+class Buckets(Section):
+    dvc: str = "dvc"
+    mlflow: str = "mlflow"
+    prefect: str = "prefect"
+
+
+class S3Settings(Section):
+    """The object store. `endpoint_url` set means: use that one, start none."""
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    buckets: Buckets = Buckets()
+    port: Port = 8333
+    master_port: Port = 9333
+    volume_port: Port = 9340
+    filer_port: Port = 8888
+    admin_port: Port = Field(23646, description="SeaweedFS admin server (its UI stays off)")
+    grpc_offset: int = Field(10000, description="gRPC port = HTTP port + this")
+    volume_size_limit_mb: int = Field(64, ge=8, le=30000)
+
+    _ports = field_validator("port", "master_port", "volume_port", "filer_port", "admin_port")(
+        _check_port
+    )
+
+
+class MlflowSettings(Section):
+    """The MLflow tracking server. `tracking_uri` set means: use that one, start none."""
+
+    tracking_uri: str | None = None
+    port: Port = 5050
+    workers: int = Field(1, ge=1, le=16)
+
+    _ports = field_validator("port")(_check_port)
+
+
+class PrefectSettings(Section):
+    """The Prefect server. `api_url` set means: use that one, start none."""
+
+    api_url: str | None = None
+    port: Port = 4200
+
+    _ports = field_validator("port")(_check_port)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    home: Path = Field(Path(".mnistops"), description="state dir: pids, logs, databases, keys")
+    data_dir: Path = Path("data")
+    bind: str = Field("127.0.0.1", description="address the services listen on")
+    database_url: SecretStr | None = Field(
+        None, description="postgresql://USER:PASSWORD@HOST:PORT for MLflow and Prefect"
+    )
+    database_prefix: str = Field("mnistops", pattern=r"^[a-z_][a-z0-9_]{0,40}$")
+    s3: S3Settings = S3Settings()
+    mlflow: MlflowSettings = MlflowSettings()
+    prefect: PrefectSettings = PrefectSettings()
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _is_postgres_url(value.get_secret_value()):
+            raise ValueError(POSTGRES_ONLY)
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # YAML values arrive as init kwargs; environment variables must win over them.
+        return (env_settings, init_settings)
+
+    @property
+    def client_host(self) -> str:
+        """The address a client on this machine uses to reach a service bound to `bind`."""
+        return "127.0.0.1" if self.bind in ("0.0.0.0", "::", "") else self.bind
+
+    @property
+    def s3_endpoint(self) -> str:
+        return self.s3.endpoint_url or f"http://{self.client_host}:{self.s3.port}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"http://{self.client_host}:{self.mlflow.port}"
+
+    @property
+    def prefect_api_url(self) -> str:
+        return self.prefect.api_url or f"http://{self.client_host}:{self.prefect.port}/api"
+
+
+POSTGRES_ONLY = "must start with postgresql:// (only PostgreSQL is supported)"
+
+
+def _is_postgres_url(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+def with_database_url(settings: Settings, url: str) -> Settings:
+    """The settings with another database URL (the `--db` option)."""
+    if not _is_postgres_url(url):
+        raise ConfigError(f"--db: {POSTGRES_ONLY}")
+    return settings.model_copy(update={"database_url": SecretStr(url)})
+
+
+def default_config_dir() -> Path:
+    """`$MNISTOPS_CONFIG_DIR`, else `./config`."""
+    return Path(os.environ.get(f"{ENV_PREFIX}CONFIG_DIR", "config"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def _read_config_files(config_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Merge the top-level keys of every config file; remember which file set each."""
+    values: dict[str, Any] = {}
+    origin: dict[str, Path] = {}
+    for name in CONFIG_FILES:
+        path = config_dir / name
+        if not path.is_file():
+            continue
+        for key, value in _read_yaml(path).items():
+            if key in origin:
+                raise ConfigError(f"{path}: key '{key}' is already set in {origin[key]}")
+            values[key] = value
+            origin[key] = path
+    return values, origin
+
+
+def _env_var_for(loc: tuple[Any, ...]) -> str:
+    return ENV_PREFIX + ENV_NESTED.join(str(part).upper() for part in loc)
+
+
+def _describe_error(err: dict[str, Any], origin: dict[str, Path], config_dir: Path) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(part) for part in loc)
+    env_names = [_env_var_for(loc[:n]) for n in range(len(loc), 0, -1)]
+    from_env = next((name for name in env_names if name in os.environ), None)
+    if from_env:
+        where = f"environment variable {from_env}"
+    elif loc and loc[0] in origin:
+        where = f"{origin[loc[0]]}: key '{key}'"
+    else:
+        where = f"key '{key}' (in {config_dir}/*.yml or {_env_var_for(loc)})"
+    message = err["msg"]
+    if err["type"] == "extra_forbidden":
+        message = "unknown key; see the README's configuration section for the keys allowed"
+    return f"{where}: {message}"
+
+
+def load_settings(config_dir: Path | None = None) -> Settings:
+    """Read the config dir and the environment; raise ConfigError naming file and key."""
+    config_dir = config_dir or default_config_dir()
+    values, origin = _read_config_files(config_dir)
+    try:
+        settings = Settings(**values)
+    except ValidationError as exc:
+        lines = [_describe_error(e, origin, config_dir) for e in exc.errors()]
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
+    settings.home = settings.home.expanduser().absolute()
+    settings.data_dir = settings.data_dir.expanduser().absolute()
+    return settings

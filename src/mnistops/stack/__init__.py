@@ -1,0 +1,239 @@
+"""The local stack: start, stop and inspect the S3, MLflow and Prefect services."""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from botocore.exceptions import BotoCoreError, ClientError
+
+from mnistops.settings import Settings
+from mnistops.stack import postgres, process
+from mnistops.stack.credentials import S3Keys, ensure_keys, load_keys
+from mnistops.stack.endpoints import s3_client, s3_keys
+from mnistops.stack.services import SERVICE_NAMES, Service, all_services
+
+Report = Callable[[str], None]
+
+
+class StackError(Exception):
+    """The stack could not be brought to the state asked for; the message says why."""
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    title: str
+    url: str
+    external: bool
+    running: bool
+    pid: int | None
+    healthy: bool
+    log: Path | None
+
+
+def run_dir(settings: Settings) -> Path:
+    return settings.home / "run"
+
+
+def log_dir(settings: Settings) -> Path:
+    return settings.home / "logs"
+
+
+@contextmanager
+def _stack_lock(settings: Settings) -> Iterator[None]:
+    """One `up` or `down` at a time per state dir."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    with open(settings.home / "stack.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _stack_keys(settings: Settings, create: bool) -> S3Keys | None:
+    if settings.s3.endpoint_url is None:
+        return ensure_keys(settings.home) if create else load_keys(settings.home)
+    return s3_keys(settings)
+
+
+def up(settings: Settings, report: Report = lambda _: None) -> list[ServiceStatus]:
+    """Start every service that is neither external nor already running, and wait for health.
+
+    On any failure, whatever this call started is stopped again and StackError says why.
+    """
+    with _stack_lock(settings):
+        keys = _stack_keys(settings, create=True)
+        services = all_services(settings, keys)
+        to_start = [svc for svc in services if _needs_start(settings, svc, report)]
+        _check_ports_free(settings, to_start)
+        if settings.database_url is not None and any(
+            svc.name in ("mlflow", "prefect") for svc in to_start
+        ):
+            try:
+                postgres.ensure_databases(
+                    settings, [svc.name for svc in to_start if svc.name != "s3"]
+                )
+            except postgres.DatabaseError as exc:
+                raise StackError(str(exc)) from None
+        started: list[tuple[Service, process.ProcessRecord]] = []
+        try:
+            for svc in to_start:
+                report(f"starting {svc.title} on {svc.url}")
+                svc.prepare()
+                record = process.start(
+                    svc.name, svc.command, svc.env, run_dir(settings), log_dir(settings), svc.url
+                )
+                started.append((svc, record))
+            _wait_healthy(started, report)
+            _check_ports_owned(started)
+            _ensure_buckets(settings, keys)
+        except BaseException:
+            for _, record in reversed(started):
+                process.stop(record, run_dir(settings))
+            raise
+    return status(settings)
+
+
+def _needs_start(settings: Settings, svc: Service, report: Report) -> bool:
+    if svc.external:
+        report(f"{svc.title}: external, at {svc.url} (not started here)")
+        return False
+    record = process.read_record(run_dir(settings), svc.name)
+    if record is not None and process.is_alive(record):
+        report(f"{svc.title}: already running (pid {record.pid}) at {svc.url}")
+        return False
+    return True
+
+
+def _port_owner(port: int) -> str:
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            listening = conn.laddr and conn.status == psutil.CONN_LISTEN
+            if listening and conn.laddr.port == port and conn.pid:
+                proc = psutil.Process(conn.pid)
+                return f" by {proc.name()} (pid {conn.pid})"
+    except psutil.Error:
+        pass
+    return ""
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _check_ports_free(settings: Settings, services: list[Service]) -> None:
+    busy = [
+        f"port {port} ({key}) on {settings.bind} is in use{_port_owner(port)}"
+        for svc in services
+        for key, port in svc.ports.items()
+        if port_in_use(settings.bind, port)
+    ]
+    if busy:
+        raise StackError(
+            "cannot start the stack:\n  "
+            + "\n  ".join(busy)
+            + "\nStop what uses it, or choose another port in config/stack.yml"
+            " (or MNISTOPS_<SECTION>__<KEY>, e.g. MNISTOPS_MLFLOW__PORT=5051)."
+        )
+
+
+def _wait_healthy(started: list[tuple[Service, process.ProcessRecord]], report: Report) -> None:
+    """Poll all started services at once until each is healthy, exits, or times out."""
+    waiting = {svc.name: (svc, rec) for svc, rec in started}
+    began = time.monotonic()
+    while waiting:
+        for name, (svc, record) in list(waiting.items()):
+            if svc.healthy():
+                report(f"{svc.title} is up ({time.monotonic() - began:.1f} s)")
+                del waiting[name]
+            elif process.exited(record):
+                raise StackError(
+                    f"{svc.title} exited during start-up. Last lines of {record.log}:\n"
+                    + process.tail(record.log_path)
+                )
+            elif time.monotonic() - began > svc.start_timeout_s:
+                raise StackError(
+                    f"{svc.title} did not become healthy within {svc.start_timeout_s:.0f} s."
+                    f" Last lines of {record.log}:\n" + process.tail(record.log_path)
+                )
+        time.sleep(0.3)
+
+
+def _check_ports_owned(started: list[tuple[Service, process.ProcessRecord]]) -> None:
+    """Each port must be held by the process we started (a server may silently move one)."""
+    for svc, record in started:
+        missing = {
+            f"{port} ({key})"
+            for key, port in svc.ports.items()
+            if port not in process.listening_ports(record)
+        }
+        if missing:
+            raise StackError(
+                f"{svc.title} is running but does not listen on {', '.join(sorted(missing))}."
+                f" Last lines of {record.log}:\n" + process.tail(record.log_path)
+            )
+
+
+def _ensure_buckets(settings: Settings, keys: S3Keys | None) -> None:
+    client = s3_client(settings, keys)
+    for bucket in settings.s3.buckets.model_dump().values():
+        try:
+            client.head_bucket(Bucket=bucket)
+            continue
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+                raise StackError(f"S3 bucket '{bucket}' at {settings.s3_endpoint}: {exc}") from None
+        try:
+            client.create_bucket(Bucket=bucket)
+            client.head_bucket(Bucket=bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise StackError(
+                f"cannot create S3 bucket '{bucket}' at {settings.s3_endpoint}: {exc}"
+            ) from None
+
+
+def down(settings: Settings, report: Report = lambda _: None) -> list[str]:
+    """Stop every service this state dir started, with all their child processes."""
+    stopped = []
+    with _stack_lock(settings):
+        for name in reversed(SERVICE_NAMES):
+            record = process.read_record(run_dir(settings), name)
+            if record is None:
+                continue
+            if process.is_alive(record):
+                report(f"stopping {name} (pid {record.pid})")
+                stopped.append(name)
+            process.stop(record, run_dir(settings))
+    return stopped
+
+
+def status(settings: Settings) -> list[ServiceStatus]:
+    keys = _stack_keys(settings, create=False)
+    result = []
+    for svc in all_services(settings, keys):
+        record = None if svc.external else process.read_record(run_dir(settings), svc.name)
+        alive = record is not None and process.is_alive(record)
+        result.append(
+            ServiceStatus(
+                name=svc.name,
+                title=svc.title,
+                url=svc.url,
+                external=svc.external,
+                running=svc.external or alive,
+                pid=record.pid if alive and record else None,
+                healthy=(svc.external or alive) and svc.healthy(),
+                log=record.log_path if record else None,
+            )
+        )
+    return result

@@ -1,0 +1,67 @@
+"""How clients reach the stack: S3 keys and client, and the variables `stack env` prints."""
+
+from __future__ import annotations
+
+import boto3
+from botocore.config import Config
+
+from mnistops.settings import Settings
+from mnistops.stack.credentials import S3Keys, load_keys
+
+# boto3 >= 1.36 adds CRC trailers to uploads by default; some S3 servers store
+# them inside the object. Only send checksums when an API requires them.
+CHECKSUM_ENV = {
+    "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+}
+
+
+def s3_keys(settings: Settings) -> S3Keys | None:
+    """Keys from settings, else the stack's generated ones; None: use the AWS default chain."""
+    if settings.s3.access_key_id and settings.s3.secret_access_key:
+        return S3Keys(settings.s3.access_key_id, settings.s3.secret_access_key.get_secret_value())
+    if settings.s3.endpoint_url is None:
+        return load_keys(settings.home)
+    return None
+
+
+def s3_client(settings: Settings, keys: S3Keys | None = None, timeout_s: float = 10.0):
+    keys = keys or s3_keys(settings)
+    config = Config(
+        connect_timeout=timeout_s,
+        read_timeout=timeout_s * 3,
+        retries={"max_attempts": 2, "mode": "standard"},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        s3={"addressing_style": "path"},
+    )
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint,
+        region_name=settings.s3.region,
+        aws_access_key_id=keys.access_key_id if keys else None,
+        aws_secret_access_key=keys.secret_access_key if keys else None,
+        config=config,
+    )
+
+
+def client_env(settings: Settings) -> dict[str, str]:
+    """Variables with which plain dvc, mlflow, prefect and boto3 clients use this stack,
+    and with which our own commands on another machine find it (no local state needed)."""
+    env = {
+        "AWS_ENDPOINT_URL": settings.s3_endpoint,
+        "AWS_DEFAULT_REGION": settings.s3.region,
+        **CHECKSUM_ENV,
+        "MLFLOW_TRACKING_URI": settings.mlflow_uri,
+        "MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint,
+        "PREFECT_API_URL": settings.prefect_api_url,
+        "MNISTOPS_S3__ENDPOINT_URL": settings.s3_endpoint,
+        "MNISTOPS_S3__REGION": settings.s3.region,
+        "MNISTOPS_MLFLOW__TRACKING_URI": settings.mlflow_uri,
+        "MNISTOPS_PREFECT__API_URL": settings.prefect_api_url,
+    }
+    keys = s3_keys(settings)
+    if keys:
+        env["AWS_ACCESS_KEY_ID"] = keys.access_key_id
+        env["AWS_SECRET_ACCESS_KEY"] = keys.secret_access_key
+    return env

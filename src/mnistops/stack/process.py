@@ -1,0 +1,157 @@
+"""Background processes with a pid record and a log file in the state dir.
+
+Each service runs in its own session (process group), so that stopping it
+also stops the workers and consumers it spawned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+
+@dataclass
+class ProcessRecord:
+    name: str
+    pid: int
+    create_time: float
+    log: str
+    url: str
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.log)
+
+
+def record_path(run_dir: Path, name: str) -> Path:
+    return run_dir / f"{name}.json"
+
+
+def read_record(run_dir: Path, name: str) -> ProcessRecord | None:
+    path = record_path(run_dir, name)
+    try:
+        return ProcessRecord(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError):
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _process(record: ProcessRecord) -> psutil.Process | None:
+    """The live process of a record, or None (dead, or its pid reused by another)."""
+    try:
+        proc = psutil.Process(record.pid)
+        if abs(proc.create_time() - record.create_time) > 1.0:
+            return None
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc
+    except psutil.Error:
+        return None
+
+
+def is_alive(record: ProcessRecord) -> bool:
+    return _process(record) is not None
+
+
+def process_tree(record: ProcessRecord) -> list[psutil.Process]:
+    proc = _process(record)
+    if proc is None:
+        return []
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return [proc]
+
+
+def start(
+    name: str, cmd: list[str], env: dict[str, str], run_dir: Path, log_dir: Path, url: str
+) -> ProcessRecord:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "ab") as log, open(os.devnull, "rb") as devnull:
+        log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n".encode())
+        log.flush()
+        popen = subprocess.Popen(
+            cmd,
+            stdin=devnull,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
+    record = ProcessRecord(
+        name=name,
+        pid=popen.pid,
+        create_time=psutil.Process(popen.pid).create_time(),
+        log=str(log_path),
+        url=url,
+    )
+    path = record_path(run_dir, name)
+    path.write_text(json.dumps(asdict(record)))
+    return record
+
+
+def exited(record: ProcessRecord) -> bool:
+    """True once the service's main process has ended (reaping it if it is our child)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(record.pid, os.WNOHANG)
+    return not is_alive(record)
+
+
+def stop(record: ProcessRecord, run_dir: Path, grace_s: float = 15.0) -> None:
+    """SIGTERM the whole group, wait, then SIGKILL whatever is left; no orphans."""
+    tree = process_tree(record)
+    if tree:
+        _signal_group(record.pid, signal.SIGTERM)
+        for proc in tree[1:]:
+            _signal(proc, signal.SIGTERM)
+        _, alive = psutil.wait_procs(tree, timeout=grace_s)
+        for proc in alive:
+            _signal(proc, signal.SIGKILL)
+        _signal_group(record.pid, signal.SIGKILL)
+        psutil.wait_procs(alive, timeout=5)
+        exited(record)
+    record_path(run_dir, record.name).unlink(missing_ok=True)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _signal(proc: psutil.Process, sig: signal.Signals) -> None:
+    with contextlib.suppress(psutil.Error):
+        proc.send_signal(sig)
+
+
+def listening_ports(record: ProcessRecord) -> set[int]:
+    """TCP ports on which the service's process tree listens."""
+    ports: set[int] = set()
+    for proc in process_tree(record):
+        try:
+            for conn in proc.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    ports.add(conn.laddr.port)
+        except psutil.Error:
+            continue
+    return ports
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])

