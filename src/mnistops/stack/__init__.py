@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from mnistops.settings import Settings
 from mnistops.stack import postgres, process
 from mnistops.stack.credentials import S3Keys, ensure_keys, load_keys
 from mnistops.stack.endpoints import s3_client, s3_keys
+from mnistops.stack.ports import port_in_use
 from mnistops.stack.services import SERVICE_NAMES, Service, all_services
 
 Report = Callable[[str], None]
@@ -120,16 +120,6 @@ def _port_owner(port: int) -> str:
     except psutil.Error:
         pass
     return ""
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 def _check_ports_free(settings: Settings, services: list[Service]) -> None:

@@ -1,0 +1,3 @@
+from mnistops.cli import app
+
+app(prog_name="mnistops")

@@ -1,0 +1,72 @@
+"""Shared fixtures: a clean environment, free ports, and stacks of real services in temp dirs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mnistops import stack
+from mnistops.settings import Settings, load_settings
+from mnistops.stack.ports import free_port_config
+
+CLEAN_PREFIXES = ("MNISTOPS_", "MLFLOW_", "PREFECT_", "AWS_")
+KEEP = {"MNISTOPS_TEST_DATABASE_URL"}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def clean_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests see none of the developer's stack variables, and Prefect keeps its files in temp."""
+    saved = dict(os.environ)
+    for key in list(os.environ):
+        if key.startswith(CLEAN_PREFIXES) and key not in KEEP:
+            del os.environ[key]
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def write_stack_config(root: Path, **extra: object) -> Path:
+    """A config dir whose stack.yml puts the state in `root` and every service on free ports."""
+    config = {**free_port_config(root), **extra}
+    config_dir = root / "config"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "stack.yml").write_text(yaml.safe_dump(config))
+    return config_dir
+
+
+def run_cli(
+    *args: str,
+    config_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed `mnistops` command as a user would."""
+    command = [sys.executable, "-m", "mnistops"]
+    if config_dir is not None:
+        command += ["--config-dir", str(config_dir)]
+    return subprocess.run(
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env if env is not None else dict(os.environ),
+        cwd=cwd,
+    )
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """One SQLite-backed stack for the whole session, stopped at the end."""
+    root = tmp_path_factory.mktemp("stack")
+    settings = load_settings(write_stack_config(root))
+    stack.up(settings)
+    yield settings
+    stack.down(settings)

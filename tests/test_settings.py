@@ -1,0 +1,86 @@
+from pathlib import Path
+
+import pytest
+
+from mnistops.settings import ConfigError, load_settings, with_database_url
+
+pytestmark = pytest.mark.unit
+
+
+def write(config_dir: Path, text: str) -> Path:
+    config_dir.mkdir(parents=True, exist_ok=True)
+    path = config_dir / "stack.yml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(tmp_path / "missing")
+    assert settings.home == tmp_path / ".mnistops"
+    assert settings.data_dir == tmp_path / "data"
+    assert settings.bind == "127.0.0.1"
+    assert (settings.mlflow.port, settings.prefect.port, settings.s3.port) == (5050, 4200, 8333)
+    assert settings.mlflow_uri == "http://127.0.0.1:5050"
+    assert settings.prefect_api_url == "http://127.0.0.1:4200/api"
+    assert not (tmp_path / ".mnistops").exists(), "loading settings must create nothing"
+
+
+def test_yaml_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, "mlflow:\n  port: 6001\n  workers: 2\ns3:\n  region: eu-west-1\n")
+    monkeypatch.setenv("MNISTOPS_MLFLOW__PORT", "6002")
+    settings = load_settings(tmp_path)
+    assert settings.mlflow.port == 6002, "environment wins over the file"
+    assert settings.mlflow.workers == 2, "the rest of the section still comes from the file"
+    assert settings.s3.region == "eu-west-1"
+
+
+def test_config_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path / "elsewhere", "prefect:\n  port: 4300\n")
+    monkeypatch.setenv("MNISTOPS_CONFIG_DIR", str(tmp_path / "elsewhere"))
+    assert load_settings().prefect.port == 4300
+
+
+def test_external_urls_are_used_as_given(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "s3:\n  endpoint_url: https://s3.example.org\n"
+        "mlflow:\n  tracking_uri: https://mlflow.example.org\n"
+        "prefect:\n  api_url: https://prefect.example.org/api\n",
+    )
+    settings = load_settings(tmp_path)
+    assert settings.s3_endpoint == "https://s3.example.org"
+    assert settings.mlflow_uri == "https://mlflow.example.org"
+    assert settings.prefect_api_url == "https://prefect.example.org/api"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("mlflow:\n  prot: 5050\n", ["stack.yml: key 'mlflow.prot'", "unknown key"]),
+        ("mlflow:\n  port: fifty\n", ["stack.yml: key 'mlflow.port'", "valid integer"]),
+        ("s3:\n  port: 70000\n", ["stack.yml: key 's3.port'", "between 1 and 65535"]),
+        ("database_url: mysql://x\n", ["key 'database_url'", "postgresql://"]),
+        ("mlflow: [\n", ["stack.yml: not valid YAML", "line"]),
+        ("- just\n- a list\n", ["stack.yml: must be a mapping"]),
+    ],
+)
+def test_bad_config_names_file_and_key(tmp_path: Path, text: str, expected: list[str]) -> None:
+    write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path)
+    for fragment in expected:
+        assert fragment in str(info.value)
+
+
+def test_bad_environment_variable_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MNISTOPS_PREFECT__PORT", "abc")
+    with pytest.raises(ConfigError, match="environment variable MNISTOPS_PREFECT__PORT"):
+        load_settings(tmp_path)
+
+
+def test_database_url_override_is_validated(tmp_path: Path) -> None:
+    settings = load_settings(tmp_path)
+    assert with_database_url(settings, "postgresql://u:p@h:5432").database_url is not None
+    with pytest.raises(ConfigError, match="--db"):
+        with_database_url(settings, "sqlite:///x.db")
