@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import shlex
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mnistops import stack
@@ -170,3 +173,197 @@ def stack_logs(
 def demo() -> None:
     """Bring the local stack up and show where everything is."""
     stack_up(db=None)
+
+
+data_app = typer.Typer(
+    help="Dataset versions: ingest, add, version, list, pull, diff.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+
+@contextmanager
+def progress_bars() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    """Rich progress bars; yields `progress_for(label, total)` -> advance(n)."""
+    columns = (
+        TextColumn("{task.description:<14}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bars:
+
+        def progress_for(label: str, total: int) -> Callable[[int], None]:
+            task = bars.add_task(label, total=total or None)
+            return lambda n: bars.advance(task, n)
+
+        yield progress_for
+
+
+def data_errors() -> tuple[type[Exception], ...]:
+    from mnistops.data import images, mnist, registry, store
+
+    return (registry.RegistryError, images.InvalidDataset, store.StoreError, mnist.SourceError)
+
+
+@data_app.command("ingest")
+def data_ingest(
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--source",
+            help="Folder with the four MNIST .gz IDX files (default: the copy "
+            "shipped with mnistops).",
+        ),
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url", help="Mirror URL of the folder holding the four files; verified by SHA-256."
+        ),
+    ] = None,
+    fast: Annotated[bool, typer.Option("--fast", help="A small subset of every split.")] = False,
+) -> None:
+    """Write MNIST as PNG folders: <data_dir>/MNIST/{train,train_v2,test}/<digit>/<id>.png."""
+    import tempfile
+
+    from mnistops.data import images, ingest, mnist
+
+    cfg = settings()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = source or (mnist.download(url, Path(tmp)) if url else mnist.packaged_dir())
+            with progress_bars() as progress_for:
+                result = ingest.ingest(
+                    folder,
+                    cfg.mnist_dir,
+                    cfg.dataset,
+                    fast,
+                    images.index_path(cfg.home),
+                    progress_for,
+                )
+    except data_errors() as exc:
+        fail(str(exc))
+    for split, count in result.written.items():
+        console.print(f"{split:<9} {count:>6} files written")
+    console.print(f"PNG folders in {result.root}")
+
+
+@data_app.command("add")
+def data_add(
+    folder: Annotated[Path, typer.Argument(help="Folder of label folders: DIR/<digit>/*.png")],
+) -> None:
+    """Merge a folder of labelled 28x28 grayscale PNGs into the training set."""
+    from mnistops.data import registry
+
+    cfg = settings()
+    try:
+        with progress_bars() as progress_for:
+            added = registry.add_images(cfg, folder, progress_for)
+    except data_errors() as exc:
+        fail(str(exc))
+    total = sum(added.values())
+    per_class = ", ".join(f"{d}: {n}" for d, n in added.items())
+    console.print(f"added {total} images to {cfg.mnist_dir / 'train'} ({per_class or 'none new'})")
+
+
+@data_app.command("version")
+def data_version(
+    tag: Annotated[str, typer.Argument(help="Version tag, e.g. v1.0")],
+    message: Annotated[str, typer.Option("-m", "--message", help="What this version is.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing tag.")] = False,
+) -> None:
+    """Validate the dataset, record it with DVC, push it, and tag it.
+
+    Images must be 8-bit grayscale 28x28 PNGs in label folders 0-9: other modes and sizes
+    are refused, not converted. No image may be in both train and test, no class empty.
+    """
+    from mnistops.data import registry
+
+    cfg = settings()
+    try:
+        with progress_bars() as progress_for:
+            result = registry.publish(cfg, tag, message, force, progress_for, console.log)
+    except data_errors() as exc:
+        fail(str(exc))
+    record = result.record
+    table = Table(title=f"{record.tag}: images per class", header_style="bold", box=None)
+    table.add_column("split")
+    for digit in range(10):
+        table.add_column(str(digit), justify="right")
+    table.add_column("total", justify="right")
+    for split, per in record.counts.items():
+        table.add_row(split, *(str(per[str(d)]) for d in range(10)), str(sum(per.values())))
+    console.print(table)
+    if record.previous:
+        added = sum(c.added for c in result.changes)
+        removed = sum(c.removed for c in result.changes)
+        console.print(f"since {record.previous}: +{added} -{removed} images")
+    console.print(
+        f"published {record.tag} ({record.content_hash[:12]}): {result.new_images} new "
+        f"images in {result.new_objects} new objects, {result.new_bytes / 1e6:.1f} MB sent"
+    )
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """Show every published version."""
+    from mnistops.data import registry
+
+    cfg = settings()
+    try:
+        records = registry.list_versions(cfg)
+    except data_errors() as exc:
+        fail(str(exc))
+    table = Table(title="data versions", header_style="bold")
+    for column in ("tag", "date", "message", "train", "test", "content hash"):
+        table.add_column(column)
+    for r in records:
+        table.add_row(
+            r.tag,
+            r.created,
+            r.message,
+            str(r.images.get("train", 0)),
+            str(r.images.get("test", 0)),
+            r.content_hash[:12],
+        )
+    console.print(table if records else "no data version published yet")
+
+
+@data_app.command("pull")
+def data_pull(
+    tag: Annotated[str, typer.Argument(help="Version tag, or 'latest'")],
+    to: Annotated[Path, typer.Option("--to", help="Folder to write the PNG folders into.")],
+) -> None:
+    """Write exactly that version as PNG folders (needs only the object store)."""
+    from mnistops.data import registry
+
+    cfg = settings()
+    try:
+        with progress_bars() as progress_for:
+            result = registry.pull(cfg, tag, to, progress_for)
+    except data_errors() as exc:
+        fail(str(exc))
+    state = "already there" if result.already_there else f"{result.downloaded} objects downloaded"
+    console.print(f"{result.record.tag}: {result.images} images in {result.target} ({state})")
+
+
+@data_app.command("diff")
+def data_diff(
+    a: Annotated[str, typer.Argument(help="Older version tag")],
+    b: Annotated[str, typer.Argument(help="Newer version tag")],
+) -> None:
+    """Images added and removed per class from version A to version B."""
+    from mnistops.data import registry
+
+    cfg = settings()
+    try:
+        changes = registry.diff(cfg, a, b)
+    except data_errors() as exc:
+        fail(str(exc))
+    table = Table(title=f"{a} -> {b}", header_style="bold")
+    for column in ("split", "digit", "added", "removed"):
+        table.add_column(column, justify="right")
+    for c in changes:
+        if c.added or c.removed:
+            table.add_row(c.split, str(c.label), f"+{c.added}", f"-{c.removed}")
+    console.print(table if any(c.added or c.removed for c in changes) else "no difference")

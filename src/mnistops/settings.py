@@ -13,12 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "MNISTOPS_"
 ENV_NESTED = "__"
-CONFIG_FILES = ("stack.yml",)
+CONFIG_FILES = ("stack.yml", "dataset.yml")
 
 
 class ConfigError(Exception):
@@ -84,6 +92,27 @@ class PrefectSettings(Section):
     _ports = field_validator("port")(_check_port)
 
 
+class DatasetSettings(Section):
+    """`config/dataset.yml`, key `dataset`: how MNIST is split into PNG folders."""
+
+    name: str = Field("MNIST", pattern=r"^[A-Za-z0-9_.-]+$")
+    train_size: int = Field(30000, ge=10, le=60000, description="images in train/")
+    new_data_size: int = Field(
+        30000, ge=0, le=60000, description="images kept aside in train_v2/ as new data"
+    )
+    test_size: int = Field(10000, ge=10, le=10000, description="images in test/")
+    fast_fraction: float = Field(0.02, gt=0, le=1, description="share of each split in --fast")
+    registry: Path | None = Field(None, description="git+DVC registry; default <home>/registry")
+
+    @model_validator(mode="after")
+    def _fits_mnist(self) -> DatasetSettings:
+        if self.train_size + self.new_data_size > 60000:
+            raise ValueError(
+                "train_size + new_data_size must be at most 60000 (MNIST's training set)"
+            )
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -102,6 +131,7 @@ class Settings(BaseSettings):
     s3: S3Settings = S3Settings()
     mlflow: MlflowSettings = MlflowSettings()
     prefect: PrefectSettings = PrefectSettings()
+    dataset: DatasetSettings = DatasetSettings()
 
     @field_validator("database_url")
     @classmethod
@@ -138,6 +168,14 @@ class Settings(BaseSettings):
     @property
     def prefect_api_url(self) -> str:
         return self.prefect.api_url or f"http://{self.client_host}:{self.prefect.port}/api"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.dataset.registry or self.home / "registry"
+
+    @property
+    def mnist_dir(self) -> Path:
+        return self.data_dir / self.dataset.name
 
 
 POSTGRES_ONLY = "must start with postgresql:// (only PostgreSQL is supported)"
@@ -221,4 +259,6 @@ def load_settings(config_dir: Path | None = None) -> Settings:
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
     settings.home = settings.home.expanduser().absolute()
     settings.data_dir = settings.data_dir.expanduser().absolute()
+    if settings.dataset.registry is not None:
+        settings.dataset.registry = settings.dataset.registry.expanduser().absolute()
     return settings

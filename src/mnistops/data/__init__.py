@@ -1,0 +1,1 @@
+"""Dataset versions: MNIST as PNG folders, published with DVC to the object store."""

@@ -1,0 +1,227 @@
+"""Scan and validate a dataset of labelled PNG folders before anything is recorded.
+
+A dataset is `<root>/<split>/<digit>/<name>.png` for the splits `train` and `test`.
+Rules: every file is a PNG that decodes; 28x28, 8-bit grayscale (mode L; other modes
+and sizes are refused, not converted); label folders are 0-9; no class is empty; no image
+(same pixels) is in both train and test. Files whose size and mtime did not change since
+the last scan are not decoded again (an index kept in the state dir).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+VERSION_SPLITS = ("train", "test")
+DIGITS = tuple(str(d) for d in range(10))
+SHOWN_PROBLEMS = 20
+Progress = Callable[[int], None]
+
+
+class InvalidDataset(Exception):
+    def __init__(self, problems: list[tuple[Path, str]]):
+        self.problems = problems
+        shown = "\n".join(f"  {path}: {why}" for path, why in problems[:SHOWN_PROBLEMS])
+        more = len(problems) - SHOWN_PROBLEMS
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        super().__init__(
+            f"the dataset is invalid ({len(problems)} problem"
+            f"{'s' if len(problems) != 1 else ''}); nothing was recorded:\n{shown}{tail}"
+        )
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    split: str
+    label: int
+    name: str
+    sha256: str
+    """of the file's bytes: what is stored"""
+    pixels: str
+    """sha256 of the decoded pixels: what 'the same image' means"""
+    path: Path
+
+    @property
+    def key(self) -> str:
+        return f"{self.split}/{self.label}/{self.name}"
+
+
+def check_file(path: Path) -> tuple[str | None, str, str]:
+    """(problem or None, sha256 of the bytes, pixel hash) of one file."""
+    if path.suffix.lower() != ".png" or path.is_dir():
+        return "not a .png file", "", ""
+    data = path.read_bytes()
+    if not data:
+        return "empty file (0 bytes)", "", ""
+    problem, pixels = check_image(data)
+    return problem, hashlib.sha256(data).hexdigest(), pixels
+
+
+def _check_many(paths: list[Path]) -> list[tuple[str | None, str, str]]:
+    return [check_file(path) for path in paths]
+
+
+def check_files(paths: list[Path]) -> list[tuple[str | None, str, str]]:
+    """check_file for many files, on every core when there are many."""
+    workers = min(os.cpu_count() or 1, 8)
+    if len(paths) < 4000 or workers < 2:
+        return _check_many(paths)
+    size = -(-len(paths) // (workers * 4))
+    chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
+    with ProcessPoolExecutor(workers) as pool:
+        return [result for part in pool.map(_check_many, chunks) for result in part]
+
+
+def check_image(data: bytes) -> tuple[str | None, str]:
+    """(problem or None, pixel hash) of one file's bytes."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "PNG":
+                return f"not a PNG image (it is {img.format})", ""
+            img.load()
+            if img.mode != "L":
+                return f"mode {img.mode}, expected 8-bit grayscale (L)", ""
+            if img.size != (28, 28):
+                return f"size {img.size[0]}x{img.size[1]}, expected 28x28", ""
+            return None, hashlib.sha256(img.tobytes()).hexdigest()
+    except UnidentifiedImageError:
+        return "not an image (cannot be decoded)", ""
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"damaged image: {exc}", ""
+
+
+class ScanIndex:
+    """path -> (size, mtime_ns, sha256, pixel hash) of files that passed validation."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.entries: dict[str, list] = {}
+        if path is not None and path.is_file():
+            try:
+                self.entries = json.loads(path.read_text())
+            except ValueError:
+                self.entries = {}
+
+    def lookup(self, path: Path, stat: os.stat_result) -> tuple[str, str] | None:
+        hit = self.entries.get(str(path))
+        if hit and hit[0] == stat.st_size and hit[1] == stat.st_mtime_ns:
+            return hit[2], hit[3]
+        return None
+
+    def remember(self, path: Path, stat: os.stat_result, sha: str, pixels: str) -> None:
+        self.entries[str(path)] = [stat.st_size, stat.st_mtime_ns, sha, pixels]
+
+    def save(self, seen: set[str]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = {k: v for k, v in self.entries.items() if k in seen}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(kept))
+        tmp.replace(self.path)
+
+
+def index_path(home: Path) -> Path:
+    """Where the scan index of a state dir lives."""
+    return home / "cache" / "scan-index.json"
+
+
+def remember(index_file: Path, checked: list[tuple[Path, str, str]]) -> None:
+    """Record files known to be valid (path, sha256, pixel hash), e.g. just written by ingest."""
+    index = ScanIndex(index_file)
+    for path, sha, pixels in checked:
+        index.remember(path, path.stat(), sha, pixels)
+    index.save(set(index.entries))
+
+
+def list_files(root: Path, problems: list[tuple[Path, str]]) -> list[tuple[str, int, Path]]:
+    """(split, label, path) of every file, noting misplaced files and folders as problems."""
+    found = []
+    for split in VERSION_SPLITS:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            problems.append((split_dir, "missing split folder (run `mnistops data ingest`)"))
+            continue
+        labels = {
+            entry.name: entry for entry in os.scandir(split_dir) if not entry.name.startswith(".")
+        }
+        for name, entry in sorted(labels.items()):
+            if not entry.is_dir():
+                problems.append((Path(entry.path), "a file outside the label folders 0-9"))
+            elif name not in DIGITS:
+                problems.append((Path(entry.path), "label folder must be one of 0-9"))
+        for digit in DIGITS:
+            entry = labels.get(digit)
+            files = (
+                []
+                if entry is None or not entry.is_dir()
+                else sorted(f.name for f in os.scandir(entry.path) if not f.name.startswith("."))
+            )
+            if not files:
+                problems.append((split_dir / digit, "empty class: no image of this digit"))
+            for name in files:
+                found.append((split, int(digit), split_dir / digit / name))
+    return found
+
+
+def scan(
+    root: Path, index_path: Path | None = None, progress: Progress = lambda _k: None
+) -> list[ImageEntry]:
+    """Validate the dataset under `root`; raise InvalidDataset naming every offending file."""
+    problems: list[tuple[Path, str]] = []
+    files = list_files(root, problems)
+    index = ScanIndex(index_path)
+    entries: list[ImageEntry] = []
+    unknown: list[tuple[str, int, Path, os.stat_result]] = []
+    for split, label, path in files:
+        stat = path.stat()
+        known = index.lookup(path, stat)
+        if known is None:
+            unknown.append((split, label, path, stat))
+        else:
+            entries.append(ImageEntry(split, label, path.name, known[0], known[1], path))
+            progress(1)
+    for start in range(0, len(unknown), 8000):
+        batch = unknown[start : start + 8000]
+        for (split, label, path, stat), (problem, sha, pixels) in zip(
+            batch, check_files([item[2] for item in batch]), strict=True
+        ):
+            if problem:
+                problems.append((path, problem))
+            else:
+                index.remember(path, stat, sha, pixels)
+                entries.append(ImageEntry(split, label, path.name, sha, pixels, path))
+        progress(len(batch))
+    problems += _leaks(entries)
+    index.save({str(e.path) for e in entries})
+    if problems:
+        raise InvalidDataset(problems)
+    return entries
+
+
+def _leaks(entries: list[ImageEntry]) -> list[tuple[Path, str]]:
+    """Images whose pixels appear both in train and in test."""
+    test = {e.pixels: e for e in entries if e.split == "test"}
+    return [
+        (e.path, f"the same image is in test: {test[e.pixels].path}")
+        for e in entries
+        if e.split == "train" and e.pixels in test
+    ]
+
+
+def counts(entries: list[ImageEntry]) -> dict[str, dict[int, int]]:
+    """split -> digit -> images"""
+    result: dict[str, dict[int, int]] = {}
+    for split in VERSION_SPLITS:
+        counter = Counter(e.label for e in entries if e.split == split)
+        result[split] = {d: counter.get(d, 0) for d in range(10)}
+    return result

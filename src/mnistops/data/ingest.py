@@ -1,0 +1,122 @@
+"""`mnistops data ingest`: MNIST as labelled PNG folders, the way the tutorial lays them out."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mnistops.data import mnist
+from mnistops.settings import DatasetSettings
+
+Progress = Callable[[int], None]
+SPLITS = ("train", "train_v2", "test")
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    written: dict[str, int]
+    """split -> PNG files written (0 for a split already complete)"""
+    root: Path
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """PNG encoding of a 28x28 uint8 image; the same pixels always give the same bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
+
+
+def split_plan(
+    data: mnist.Mnist, dataset: DatasetSettings, fast: bool
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """split -> (ids, images, labels). Train takes MNIST's first training images, train_v2
+    the next ones, test the test set; ids are the indices in the original files."""
+
+    def size(n: int) -> int:
+        return max(10, int(n * dataset.fast_fraction)) if fast and n else n
+
+    train_n, new_n, test_n = (
+        size(dataset.train_size),
+        size(dataset.new_data_size),
+        size(dataset.test_size),
+    )
+    train_ids = np.arange(0, train_n)
+    new_ids = np.arange(dataset.train_size, dataset.train_size + new_n)
+    test_ids = np.arange(0, test_n)
+    return {
+        "train": (train_ids, data.train_images[train_ids], data.train_labels[train_ids]),
+        "train_v2": (new_ids, data.train_images[new_ids], data.train_labels[new_ids]),
+        "test": (test_ids, data.test_images[test_ids], data.test_labels[test_ids]),
+    }
+
+
+def _write_atomic(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(payload)
+    os.replace(tmp, path)
+
+
+def write_split(
+    folder: Path,
+    ids: np.ndarray,
+    images: np.ndarray,
+    labels: np.ndarray,
+    progress: Progress,
+    checked: list[tuple[Path, str, str]],
+) -> int:
+    """Write the PNGs of one split; files already there with the right bytes are kept.
+
+    Appends (path, sha256, pixel hash) of every file to `checked`, so that publishing
+    need not decode them again.
+    """
+    for digit in range(10):
+        (folder / str(digit)).mkdir(parents=True, exist_ok=True)
+    written = 0
+    for image_id, pixels, label in zip(ids, images, labels, strict=True):
+        path = folder / str(int(label)) / f"{int(image_id)}.png"
+        payload = png_bytes(pixels)
+        checked.append(
+            (
+                path,
+                hashlib.sha256(payload).hexdigest(),
+                hashlib.sha256(pixels.tobytes()).hexdigest(),
+            )
+        )
+        try:
+            same = path.stat().st_size == len(payload) and path.read_bytes() == payload
+        except FileNotFoundError:
+            same = False
+        if not same:
+            _write_atomic(path, payload)
+            written += 1
+        progress(1)
+    return written
+
+
+def ingest(
+    source: Path,
+    mnist_dir: Path,
+    dataset: DatasetSettings,
+    fast: bool = False,
+    index_file: Path | None = None,
+    progress_for: Callable[[str, int], Progress] = lambda _s, _n: lambda _k: None,
+) -> IngestResult:
+    """Verify and decode the IDX files in `source`, then write the three PNG splits.
+
+    Safe to re-run: a file is only rewritten when its bytes differ.
+    """
+    data = mnist.load(source)
+    written = {}
+    for split, (ids, images, labels) in split_plan(data, dataset, fast).items():
+        written[split] = write_split(
+            mnist_dir / split, ids, images, labels, progress_for(split, len(ids))
+        )
+    return IngestResult(written=written, root=mnist_dir)

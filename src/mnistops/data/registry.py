@@ -1,0 +1,385 @@
+"""The data registry: a git repo and DVC project whose remote is the object store.
+
+`publish` makes a version (validate, pack, `dvc add`, `dvc push`, read back, commit,
+record, annotated tag); `pull`, `list_versions` and `diff` need only the object store,
+so they work on a machine that has no copy of the registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mnistops.data import images, store
+from mnistops.settings import Settings
+from mnistops.stack.endpoints import CHECKSUM_ENV, s3_client, s3_keys
+
+DATASET_DIR = "dataset"
+RECORD_FILE = "version.json"
+DVC_REMOTE = "storage"
+ProgressFor = Callable[[str, int], Callable[[int], None]]
+Report = Callable[[str], None]
+
+
+def _no_progress(_label: str, _total: int) -> Callable[[int], None]:
+    return lambda _k: None
+
+
+class RegistryError(Exception):
+    """A version cannot be made, found or fetched; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ClassChange:
+    split: str
+    label: int
+    added: int
+    removed: int
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    record: store.VersionRecord
+    changes: list[ClassChange]
+    new_images: int
+    new_objects: int
+    new_bytes: int
+
+
+def cache_of(settings: Settings) -> store.ObjectCache:
+    return store.ObjectCache(settings.home / "cache" / "objects")
+
+
+def _bucket(settings: Settings) -> str:
+    return settings.s3.buckets.dvc
+
+
+def _client(settings: Settings):
+    return s3_client(settings)
+
+
+def _git(registry: Path, *args: str) -> str:
+    result = subprocess.run(["git", "-C", str(registry), *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RegistryError(f"git {' '.join(args)} failed in {registry}: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def ensure_registry(settings: Settings) -> Path:
+    """Create the git+DVC registry if missing, and point its DVC remote at the stack's bucket."""
+    from dvc.repo import Repo
+
+    registry = settings.registry_dir
+    if not (registry / ".git").is_dir():
+        registry.mkdir(parents=True, exist_ok=True)
+        _git(registry, "init", "-q", "-b", "main")
+        _git(registry, "config", "user.name", "mnistops")
+        _git(registry, "config", "user.email", "mnistops@localhost")
+    if not (registry / ".dvc").is_dir():
+        with contextlib.redirect_stdout(io.StringIO()):
+            Repo.init(str(registry))
+        _git(registry, "add", ".dvc", ".dvcignore")
+        _git(registry, "commit", "-q", "-m", "Data registry: git + DVC")
+    repo = Repo(str(registry))
+    try:
+        with repo.config.edit(level="repo") as conf:
+            conf["remote"][DVC_REMOTE] = {"url": f"s3://{_bucket(settings)}/{store.DVC_PREFIX}"}
+            conf["core"]["remote"] = DVC_REMOTE
+            conf["core"]["autostage"] = True
+        # Machine-specific: the endpoint and keys stay out of git (config.local, mode 0600).
+        with repo.config.edit(level="local") as conf:
+            local = {"endpointurl": settings.s3_endpoint, "region": settings.s3.region}
+            keys = s3_keys(settings)
+            if keys:
+                local.update(
+                    access_key_id=keys.access_key_id, secret_access_key=keys.secret_access_key
+                )
+            conf["remote"][DVC_REMOTE] = local
+    finally:
+        repo.close()
+    local_config = registry / ".dvc" / "config.local"
+    if local_config.exists():
+        local_config.chmod(0o600)
+    if _git(registry, "status", "--porcelain", ".dvc/config"):
+        _git(registry, "add", ".dvc/config")
+        _git(registry, "commit", "-q", "-m", "DVC remote: the object store")
+    return registry
+
+
+def latest_record(settings: Settings) -> store.VersionRecord | None:
+    records = store.list_records(_client(settings), _bucket(settings))
+    return records[-1] if records else None
+
+
+def list_versions(settings: Settings) -> list[store.VersionRecord]:
+    return store.list_records(_client(settings), _bucket(settings))
+
+
+def find_record(settings: Settings, tag: str) -> store.VersionRecord:
+    client = _client(settings)
+    if tag == "latest":
+        records = store.list_records(client, _bucket(settings))
+        if not records:
+            raise RegistryError("no data version is published yet (`mnistops data version v1.0`)")
+        return records[-1]
+    record = store.read_record(client, _bucket(settings), tag)
+    if record is None:
+        known = [r.tag for r in store.list_records(client, _bucket(settings))]
+        raise RegistryError(
+            f"no data version '{tag}' in s3://{_bucket(settings)} at {settings.s3_endpoint}"
+            f" (published: {', '.join(known) or 'none'})"
+        )
+    return record
+
+
+def load_manifest(settings: Settings, record: store.VersionRecord) -> list[store.ManifestRow]:
+    cache = cache_of(settings)
+    store.fetch(_client(settings), _bucket(settings), cache, [record.manifest_md5])
+    return store.parse_manifest(cache.read(record.manifest_md5))
+
+
+def _changes(old: list[store.ManifestRow], new: list[store.ManifestRow]) -> list[ClassChange]:
+    before = Counter((r.split, r.label, r.sha256) for r in old)
+    after = Counter((r.split, r.label, r.sha256) for r in new)
+    added = Counter((s, d) for (s, d, _), n in (after - before).items() for _ in range(n))
+    removed = Counter((s, d) for (s, d, _), n in (before - after).items() for _ in range(n))
+    return [
+        ClassChange(split, digit, added[(split, digit)], removed[(split, digit)])
+        for split in images.VERSION_SPLITS
+        for digit in range(10)
+    ]
+
+
+def diff(settings: Settings, tag_a: str, tag_b: str) -> list[ClassChange]:
+    """Images added and removed per class going from version A to version B."""
+    rows_a = load_manifest(settings, find_record(settings, tag_a))
+    rows_b = load_manifest(settings, find_record(settings, tag_b))
+    return _changes(rows_a, rows_b)
+
+
+def publish(
+    settings: Settings,
+    tag: str,
+    message: str,
+    force: bool = False,
+    progress_for: ProgressFor = _no_progress,
+    report: Report = lambda _m: None,
+) -> PublishResult:
+    """Validate the dataset, record it with DVC, push, read back, commit, record, tag.
+
+    Nothing is tagged or recorded in the bucket unless every object is on the remote
+    and reads back with its hash; re-running after a failure finishes the job.
+    """
+    from dvc.repo import Repo
+
+    _check_tag_name(tag)
+    for key, value in CHECKSUM_ENV.items():
+        os.environ.setdefault(key, value)
+    client = _client(settings)
+    bucket = _bucket(settings)
+    existing = store.read_record(client, bucket, tag)
+    if existing is not None and not force:
+        raise RegistryError(
+            f"data version '{tag}' exists already (published {existing.created});"
+            " choose another tag, or --force to replace it"
+        )
+    entries = images.scan(
+        settings.mnist_dir,
+        settings.home / "cache" / "scan-index.json",
+        progress_for("validating", 0),
+    )
+    digest = store.content_hash(entries)
+    records = store.list_records(client, bucket)
+    previous = next((r for r in reversed(records) if r.tag != tag), None)
+    if previous is not None and previous.content_hash == digest:
+        raise RegistryError(
+            f"nothing changed since {previous.tag}: the dataset in "
+            f"{settings.mnist_dir} is identical to it"
+        )
+    cache = cache_of(settings)
+    old_rows = load_manifest(settings, previous) if previous else []
+    if previous:
+        store.fetch(client, bucket, cache, previous.files.values())
+    known = {row.sha256: row.location for row in old_rows}
+    locations = store.build_packs(cache, entries, known)
+    manifest_md5 = cache.put(store.build_manifest(entries, locations))
+    rows = store.parse_manifest(cache.read(manifest_md5))
+    files = store.dataset_files(manifest_md5, rows)
+    new_md5s = [
+        m for m in files.values() if m not in set(previous.files.values() if previous else [])
+    ]
+
+    registry = ensure_registry(settings)
+    _lay_out_dataset(registry / DATASET_DIR, files, cache)
+    report(f"pushing {len(new_md5s)} new objects to s3://{bucket}/{store.DVC_PREFIX}")
+    repo = Repo(str(registry))
+    try:
+        repo.add(str(registry / DATASET_DIR))
+        try:
+            repo.push(remote=DVC_REMOTE)
+        except Exception as exc:
+            raise RegistryError(
+                f"pushing the data to {settings.s3_endpoint} failed ({type(exc).__name__}:"
+                f" {exc}). Nothing was tagged. Once the object store is back, run"
+                f" `mnistops data version {tag}` again to finish."
+            ) from None
+    finally:
+        repo.close()
+    try:
+        store.verify_remote(client, bucket, files.values(), progress_for("verifying", len(files)))
+    except store.StoreError as exc:
+        raise RegistryError(
+            f"{exc}\nNothing was tagged; run `mnistops data version {tag}` again to finish."
+        ) from None
+
+    record = store.VersionRecord(
+        tag=tag,
+        message=message,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        content_hash=digest,
+        counts={
+            s: {str(d): n for d, n in per.items()} for s, per in images.counts(entries).items()
+        },
+        files=files,
+        previous=previous.tag if previous else None,
+        remote=f"s3://{bucket}/{store.DVC_PREFIX}",
+    )
+    (registry / RECORD_FILE).write_text(record.to_json() + "\n")
+    _git(registry, "add", f"{DATASET_DIR}.dvc", ".gitignore", RECORD_FILE)
+    if _git(registry, "status", "--porcelain"):
+        _git(registry, "commit", "-q", "-m", f"{tag}: {message}")
+    record.commit = _git(registry, "rev-parse", "HEAD")
+    store.write_record(client, bucket, record)
+    _git(registry, "tag", "-a", *(["-f"] if force else []), tag, "-m", message)
+    new_bytes = sum(cache.path(m).stat().st_size for m in new_md5s)
+    return PublishResult(
+        record,
+        _changes(old_rows, rows),
+        new_images=sum(1 for e in entries if e.sha256 not in known),
+        new_objects=len(new_md5s),
+        new_bytes=new_bytes,
+    )
+
+
+def _check_tag_name(tag: str) -> None:
+    bad = (
+        not tag
+        or tag == "latest"
+        or tag.startswith(("-", "."))
+        or any(c in tag for c in " ~^:?*[\\/")
+        or ".." in tag
+    )
+    if bad:
+        raise RegistryError(
+            f"'{tag}' is not a usable tag: use letters, digits, '.', '_' or '-'"
+            " (for example v1.0), and not 'latest'"
+        )
+
+
+def _lay_out_dataset(folder: Path, files: dict[str, str], cache: store.ObjectCache) -> None:
+    """Make dataset/ hold exactly the version's manifest and packs (copies from the cache)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    for name, md5 in files.items():
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cache.path(md5), target)
+
+
+@dataclass(frozen=True)
+class PullResult:
+    record: store.VersionRecord
+    target: Path
+    images: int
+    downloaded: int
+    already_there: bool
+
+
+def pull(
+    settings: Settings, tag: str, target: Path, progress_for: ProgressFor = _no_progress
+) -> PullResult:
+    """Write exactly that version as PNG folders into `target` (all or nothing)."""
+    record = find_record(settings, tag)
+    cache = cache_of(settings)
+    client = _client(settings)
+    stamp = store.read_stamp(target)
+    if stamp and stamp.get("content_hash") == record.content_hash:
+        rows = load_manifest(settings, record)
+        changed = store.changed_files(rows, target)
+        if changed:
+            raise RegistryError(
+                f"{target} holds {record.tag} but {len(changed)} of its files differ from it"
+                f" (first: {changed[0]}); remove the folder and pull again"
+            )
+        return PullResult(record, target, len(rows), 0, True)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise RegistryError(
+            f"{target} exists and is not empty; pull into a new folder or remove it first"
+        )
+    missing = [m for m in record.files.values() if not cache.has(m)]
+    store.fetch(
+        client,
+        _bucket(settings),
+        cache,
+        record.files.values(),
+        progress_for("downloading", len(record.files)),
+    )
+    rows = store.parse_manifest(cache.read(record.manifest_md5))
+    store.check_rows(rows, cache)
+    store.materialize(rows, cache, target, record, progress_for("writing PNGs", len(rows)))
+    return PullResult(record, target, len(rows), len(missing), False)
+
+
+def add_images(
+    settings: Settings, source: Path, progress_for: ProgressFor = _no_progress
+) -> dict[int, int]:
+    """Merge `source/<digit>/*.png` into the training set; validate first, copy all or none."""
+    problems: list[tuple[Path, str]] = []
+    if not source.is_dir():
+        raise RegistryError(f"{source}: not a folder of label folders 0-9")
+    found = []
+    for entry in sorted(source.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir() or entry.name not in images.DIGITS:
+            problems.append((entry, "expected only label folders 0-9"))
+            continue
+        found += [p for p in sorted(entry.iterdir()) if not p.name.startswith(".")]
+    results = images.check_files(found)
+    progress = progress_for("checking", len(found))
+    for path, (problem, _sha, _pixels) in zip(found, results, strict=True):
+        progress(1)
+        if problem:
+            problems.append((path, problem))
+    hashes = {path: (sha, pixels) for path, (_p, sha, pixels) in zip(found, results, strict=True)}
+    train = settings.mnist_dir / "train"
+    clashes = [
+        (p, f"a different image with this name is in {train / p.parent.name}")
+        for p in found
+        if (train / p.parent.name / p.name).exists()
+        and (train / p.parent.name / p.name).read_bytes() != p.read_bytes()
+    ]
+    problems += clashes
+    if problems:
+        raise images.InvalidDataset(problems)
+    added: Counter[int] = Counter()
+    copied: list[tuple[Path, str, str]] = []
+    copy_progress = progress_for("adding", len(found))
+    for path in found:
+        target = train / path.parent.name / path.name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+            copied.append((target, *hashes[path]))
+            added[int(path.parent.name)] += 1
+        copy_progress(1)
+    images.remember(images.index_path(settings.home), copied)
+    return dict(sorted(added.items()))

@@ -1,0 +1,385 @@
+"""How a version is stored: packs of PNG bytes, a manifest, and a version record.
+
+Tens of thousands of small files are slow to hash, upload and download one by one,
+so a version is stored as a few objects:
+
+- packs: PNG files concatenated, about 4 MiB each. A new version only adds packs for
+  the images that no earlier version stored.
+- a manifest (gzipped JSON lines): for every image its path, SHA-256, pixel hash and
+  where it lies in which pack.
+- a version record (JSON): tag, message, counts, content hash, and the MD5 of the
+  manifest and of every pack it needs.
+
+Packs and manifest are the files of the registry's DVC-tracked `dataset/` folder, so
+they live in the DVC remote under DVC's own layout (`<remote>/files/md5/ab/cdef...`),
+and `dvc pull` in the registry gets them too. The record is kept in git (`version.json`)
+and in the bucket at `<bucket>/versions/<tag>.json`: that is how another machine, with
+only the S3 endpoint and keys, finds a version and every object of it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from mnistops.data.images import ImageEntry
+
+PACK_BYTES = 4 * 1024 * 1024
+MANIFEST = "manifest.jsonl.gz"
+VERSIONS_PREFIX = "versions/"
+DVC_PREFIX = "registry"
+STAMP = ".mnistops-version.json"
+Progress = Callable[[int], None]
+
+
+class StoreError(Exception):
+    """The object store could not give or take what a version needs."""
+
+
+@dataclass
+class Location:
+    pack: str
+    offset: int
+    length: int
+
+
+@dataclass
+class VersionRecord:
+    tag: str
+    message: str
+    created: str
+    content_hash: str
+    counts: dict[str, dict[str, int]]
+    files: dict[str, str]
+    """path in dataset/ -> MD5 (DVC's hash): the manifest and the packs"""
+    previous: str | None = None
+    commit: str | None = None
+    remote: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def images(self) -> dict[str, int]:
+        return {split: sum(per.values()) for split, per in self.counts.items()}
+
+    @property
+    def manifest_md5(self) -> str:
+        return self.files[MANIFEST]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> VersionRecord:
+        return cls(**json.loads(text))
+
+
+def content_hash(entries: Iterable[ImageEntry]) -> str:
+    """Identity of a dataset: sorted paths and the SHA-256 of each file."""
+    digest = hashlib.sha256()
+    for key, sha in sorted((e.key, e.sha256) for e in entries):
+        digest.update(f"{key}\t{sha}\n".encode())
+    return digest.hexdigest()
+
+
+def md5_bytes(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+class ObjectCache:
+    """Content-addressed local copies of packs and manifests, by MD5."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, md5: str) -> Path:
+        return self.root / md5[:2] / md5[2:]
+
+    def has(self, md5: str) -> bool:
+        return self.path(md5).is_file()
+
+    def put(self, data: bytes) -> str:
+        md5 = md5_bytes(data)
+        target = self.path(md5)
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+                tmp.write(data)
+            os.replace(tmp.name, target)
+        return md5
+
+    def read(self, md5: str) -> bytes:
+        return self.path(md5).read_bytes()
+
+
+def build_packs(
+    cache: ObjectCache, entries: list[ImageEntry], known: dict[str, Location]
+) -> dict[str, Location]:
+    """Store the images not in `known` (by SHA-256) in new packs; return every location."""
+    locations = dict(known)
+    pending: list[tuple[str, bytes]] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal pending, size
+        if not pending:
+            return
+        blob = b"".join(data for _, data in pending)
+        md5 = md5_bytes(blob)
+        offset = 0
+        for sha, data in pending:
+            locations[sha] = Location(md5, offset, len(data))
+            offset += len(data)
+        cache.put(blob)
+        pending, size = [], 0
+
+    for entry in sorted(entries, key=lambda e: e.key):
+        if entry.sha256 in locations:
+            continue
+        data = entry.path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise StoreError(f"{entry.path}: changed while the version was being made; run again")
+        pending.append((entry.sha256, data))
+        locations[entry.sha256] = Location("", 0, 0)
+        size += len(data)
+        if size >= PACK_BYTES:
+            flush()
+    flush()
+    return locations
+
+
+def build_manifest(entries: list[ImageEntry], locations: dict[str, Location]) -> bytes:
+    lines = []
+    for e in sorted(entries, key=lambda e: e.key):
+        loc = locations[e.sha256]
+        lines.append(json.dumps([e.key, e.sha256, e.pixels, loc.pack, loc.offset, loc.length]))
+    return gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0)
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    key: str
+    sha256: str
+    pixels: str
+    location: Location
+
+    @property
+    def split(self) -> str:
+        return self.key.split("/", 1)[0]
+
+    @property
+    def label(self) -> int:
+        return int(self.key.split("/")[1])
+
+
+def parse_manifest(data: bytes) -> list[ManifestRow]:
+    rows = []
+    for line in gzip.decompress(data).decode().splitlines():
+        key, sha, pixels, pack, offset, length = json.loads(line)
+        rows.append(ManifestRow(key, sha, pixels, Location(pack, offset, length)))
+    return rows
+
+
+def dataset_files(manifest_md5: str, rows: list[ManifestRow]) -> dict[str, str]:
+    """The files of the DVC-tracked dataset/ folder of a version: name -> MD5."""
+    files = {MANIFEST: manifest_md5}
+    for pack in sorted({row.location.pack for row in rows}):
+        files[f"packs/{pack}.pack"] = pack
+    return files
+
+
+# --- the remote -------------------------------------------------------------------------
+
+
+def object_key(md5: str) -> str:
+    """Where DVC 3 keeps an object in its remote."""
+    return f"{DVC_PREFIX}/files/md5/{md5[:2]}/{md5[2:]}"
+
+
+def _store_error(action: str, exc: Exception, endpoint: str) -> StoreError:
+    return StoreError(f"{action}: the object store at {endpoint} failed: {exc}")
+
+
+def read_record(client, bucket: str, tag: str) -> VersionRecord | None:
+    try:
+        body = client.get_object(Bucket=bucket, Key=f"{VERSIONS_PREFIX}{tag}.json")["Body"].read()
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise _store_error(f"reading version {tag}", exc, client.meta.endpoint_url) from None
+    except BotoCoreError as exc:
+        raise _store_error(f"reading version {tag}", exc, client.meta.endpoint_url) from None
+    return VersionRecord.from_json(body.decode())
+
+
+def list_records(client, bucket: str) -> list[VersionRecord]:
+    """Every published version, oldest first."""
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=VERSIONS_PREFIX
+        )
+        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+        records = [
+            VersionRecord.from_json(client.get_object(Bucket=bucket, Key=k)["Body"].read().decode())
+            for k in keys
+            if k.endswith(".json")
+        ]
+    except (ClientError, BotoCoreError) as exc:
+        raise _store_error("listing versions", exc, client.meta.endpoint_url) from None
+    return sorted(records, key=lambda r: r.created)
+
+
+def write_record(client, bucket: str, record: VersionRecord) -> None:
+    try:
+        client.put_object(
+            Bucket=bucket,
+            Key=f"{VERSIONS_PREFIX}{record.tag}.json",
+            Body=record.to_json().encode(),
+            ContentType="application/json",
+        )
+    except (ClientError, BotoCoreError) as exc:
+        raise _store_error(
+            f"publishing version {record.tag}", exc, client.meta.endpoint_url
+        ) from None
+
+
+def download_verified(client, bucket: str, md5: str) -> bytes:
+    """One object of the remote, checked against its MD5; a mismatch names the object."""
+    key = object_key(md5)
+    try:
+        data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except (ClientError, BotoCoreError) as exc:
+        raise _store_error(
+            f"downloading s3://{bucket}/{key}", exc, client.meta.endpoint_url
+        ) from None
+    if md5_bytes(data) != md5:
+        raise StoreError(
+            f"s3://{bucket}/{key} is corrupt: its MD5 is {md5_bytes(data)}, expected {md5}."
+            " It was not used. Publish the version again from a machine that has the data"
+            " (`mnistops data version TAG --force`)."
+        )
+    return data
+
+
+def fetch(
+    client,
+    bucket: str,
+    cache: ObjectCache,
+    md5s: Iterable[str],
+    progress: Progress = lambda _k: None,
+) -> None:
+    """Bring every object into the local cache, in parallel, each verified before it is kept."""
+    wanted = list(dict.fromkeys(md5s))
+    missing = [m for m in wanted if not cache.has(m)]
+    progress(len(wanted) - len(missing))
+
+    def one(md5: str) -> None:
+        cache.put(download_verified(client, bucket, md5))
+        progress(1)
+
+    with ThreadPoolExecutor(8) as pool:
+        for future in [pool.submit(one, m) for m in missing]:
+            future.result()
+
+
+def verify_remote(
+    client, bucket: str, md5s: Iterable[str], progress: Progress = lambda _k: None
+) -> None:
+    """Read every object back from the remote and compare its MD5 (catches servers that
+    store checksum trailers or truncate uploads)."""
+
+    def one(md5: str) -> None:
+        download_verified(client, bucket, md5)
+        progress(1)
+
+    with ThreadPoolExecutor(8) as pool:
+        for future in [pool.submit(one, m) for m in dict.fromkeys(md5s)]:
+            future.result()
+
+
+# --- materializing PNG folders -----------------------------------------------------------
+
+
+def read_stamp(target: Path) -> dict | None:
+    try:
+        return json.loads((target / STAMP).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def materialize(
+    rows: list[ManifestRow],
+    cache: ObjectCache,
+    target: Path,
+    record: VersionRecord,
+    progress: Progress = lambda _k: None,
+) -> None:
+    """Write the version's PNG folders to `target`, all or nothing.
+
+    Files are written into a hidden folder beside `target` and renamed into place at
+    the end, so a failure leaves no half-written target.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        packs: dict[str, memoryview] = {}
+        folders: set[Path] = set()
+        for row in rows:
+            pack = packs.get(row.location.pack)
+            if pack is None:
+                pack = packs[row.location.pack] = memoryview(cache.read(row.location.pack))
+            data = pack[row.location.offset : row.location.offset + row.location.length]
+            path = staging / row.key
+            if path.parent not in folders:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                folders.add(path.parent)
+            with open(path, "wb") as handle:
+                handle.write(data)
+            progress(1)
+        (staging / STAMP).write_text(
+            json.dumps(
+                {"tag": record.tag, "content_hash": record.content_hash, "images": len(rows)}
+            )
+        )
+        if target.exists():
+            target.rmdir()
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def changed_files(rows: list[ManifestRow], target: Path) -> list[str]:
+    """Paths of the manifest missing from `target` or of another size (a quick check)."""
+    changed = []
+    for row in rows:
+        try:
+            if (target / row.key).stat().st_size != row.location.length:
+                changed.append(row.key)
+        except FileNotFoundError:
+            changed.append(row.key)
+    return changed
+
+
+def check_rows(rows: list[ManifestRow], cache: ObjectCache) -> None:
+    """Every image of the manifest matches its SHA-256 (packs were verified by MD5)."""
+    packs: dict[str, bytes] = {}
+    for row in rows:
+        pack = packs.get(row.location.pack) or packs.setdefault(
+            row.location.pack, cache.read(row.location.pack)
+        )
+        data = pack[row.location.offset : row.location.offset + row.location.length]
+        if hashlib.sha256(data).hexdigest() != row.sha256:
+            raise StoreError(
+                f"{row.key}: its bytes in pack {row.location.pack} do not match"
+                " the manifest; the version is corrupt"
+            )
