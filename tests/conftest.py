@@ -70,3 +70,32 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
     stack.up(settings)
     yield settings
     stack.down(settings)
+
+
+def client_config(stack_settings: Settings, root: Path, bucket: str | None = None) -> Path:
+    """A config dir for a machine that uses the session's stack from outside: its own state
+    dir and data dir, the stack's URLs and keys, and (optionally) its own DVC bucket."""
+    from mnistops.stack.credentials import load_keys
+    from mnistops.stack.endpoints import s3_client
+
+    keys = load_keys(stack_settings.home)
+    assert keys is not None
+    s3 = {
+        "endpoint_url": stack_settings.s3_endpoint,
+        "access_key_id": keys.access_key_id,
+        "secret_access_key": keys.secret_access_key,
+    }
+    if bucket:
+        s3_client(stack_settings).create_bucket(Bucket=bucket)
+        s3["buckets"] = {"dvc": bucket}
+    config = {
+        "home": str(root / ".mnistops"),
+        "data_dir": str(root / "data"),
+        "s3": s3,
+        "mlflow": {"tracking_uri": stack_settings.mlflow_uri},
+        "prefect": {"api_url": stack_settings.prefect_api_url},
+    }
+    config_dir = root / "config"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "stack.yml").write_text(yaml.safe_dump(config))
+    return config_dir

@@ -31,7 +31,7 @@ stack_app = typer.Typer(
 app.add_typer(stack_app, name="stack")
 
 console = Console(log_path=False)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class State:

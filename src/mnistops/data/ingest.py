@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mnistops.data import mnist
+from mnistops.data import images, mnist
 from mnistops.settings import DatasetSettings
 
 Progress = Callable[[int], None]
@@ -115,8 +115,11 @@ def ingest(
     """
     data = mnist.load(source)
     written = {}
-    for split, (ids, images, labels) in split_plan(data, dataset, fast).items():
+    checked: list[tuple[Path, str, str]] = []
+    for split, (ids, pixels, labels) in split_plan(data, dataset, fast).items():
         written[split] = write_split(
-            mnist_dir / split, ids, images, labels, progress_for(split, len(ids))
+            mnist_dir / split, ids, pixels, labels, progress_for(split, len(ids)), checked
         )
+    if index_file is not None:
+        images.remember(index_file, checked)
     return IngestResult(written=written, root=mnist_dir)

@@ -1,0 +1,113 @@
+"""Validation of PNG folders: every bad input is refused with the file named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mnistops.data import images
+
+pytestmark = pytest.mark.unit
+
+
+def png(
+    path: Path, pixels: np.ndarray | None = None, mode: str = "L", size: tuple[int, int] = (28, 28)
+) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if pixels is None:
+        pixels = np.random.default_rng(abs(hash(str(path))) % 2**32).integers(
+            0, 255, (size[1], size[0]), dtype=np.uint8
+        )
+    img = Image.fromarray(pixels, mode="L")
+    if mode != "L":
+        img = img.convert(mode)
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    root = tmp_path / "MNIST"
+    for split in ("train", "test"):
+        for digit in range(10):
+            for n in range(2):
+                png(root / split / str(digit) / f"{n}.png")
+    return root
+
+
+def test_a_good_dataset_passes(dataset: Path, tmp_path: Path) -> None:
+    entries = images.scan(dataset, tmp_path / "index.json")
+    assert len(entries) == 40
+    assert images.counts(entries)["test"] == {d: 2 for d in range(10)}
+    again = images.scan(dataset, tmp_path / "index.json")
+    assert [e.sha256 for e in again] == [e.sha256 for e in entries], "index gives the same hashes"
+
+
+def _break(dataset: Path, case: str) -> Path:
+    target = dataset / "train" / "3" / "bad.png"
+    if case == "truncated":
+        good = png(dataset / "train" / "3" / "tmp.png")
+        target.write_bytes(good.read_bytes()[:60])
+        good.unlink()
+    elif case == "zero-byte":
+        target.write_bytes(b"")
+    elif case == "text":
+        target.write_text("this is not an image")
+    elif case == "16-bit":
+        Image.fromarray(np.full((28, 28), 40000, dtype=np.uint16)).save(target)
+    elif case in ("RGB", "RGBA"):
+        png(target, mode=case)
+    elif case == "wrong size":
+        png(target, size=(32, 32))
+    elif case == "not png":
+        target = dataset / "train" / "3" / "bad.jpg"
+        Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(target, format="JPEG")
+    elif case == "label folder":
+        target = png(dataset / "train" / "x" / "0.png").parent
+    elif case == "in train and test":
+        pixels = np.asarray(Image.open(dataset / "test" / "5" / "0.png"))
+        target = png(dataset / "train" / "5" / "copy.png", pixels=pixels)
+    elif case == "empty class":
+        for f in (dataset / "test" / "7").iterdir():
+            f.unlink()
+        target = dataset / "test" / "7"
+    return target
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("truncated", "damaged"),
+        ("zero-byte", "empty file"),
+        ("text", "not an image"),
+        ("16-bit", "expected 8-bit grayscale"),
+        ("RGB", "mode RGB"),
+        ("RGBA", "mode RGBA"),
+        ("wrong size", "size 32x32"),
+        ("not png", "not a .png file"),
+        ("label folder", "label folder must be one of 0-9"),
+        ("in train and test", "the same image is in test"),
+        ("empty class", "empty class"),
+    ],
+)
+def test_bad_input_is_refused_with_the_file_named(
+    dataset: Path, tmp_path: Path, case: str, reason: str
+) -> None:
+    target = _break(dataset, case)
+    with pytest.raises(images.InvalidDataset) as info:
+        images.scan(dataset, tmp_path / "index.json")
+    message = str(info.value)
+    assert f"{target}: " in message and reason in message, message
+    assert "nothing was recorded" in message
+
+
+def test_many_problems_show_twenty_and_a_count(dataset: Path, tmp_path: Path) -> None:
+    for n in range(25):
+        (dataset / "train" / "1" / f"bad{n}.png").write_bytes(b"")
+    with pytest.raises(images.InvalidDataset) as info:
+        images.scan(dataset, tmp_path / "index.json")
+    assert len(info.value.problems) == 25
+    assert "... and 5 more" in str(info.value)

@@ -1,0 +1,209 @@
+"""Dataset versions against the real stack: ingest, publish, pull elsewhere, diff, failures."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mnistops import stack
+from mnistops.data import registry, store
+from mnistops.settings import Settings, load_settings
+from mnistops.stack import process
+from mnistops.stack.endpoints import s3_client
+from tests.conftest import client_config, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*.png")
+    }
+
+
+@pytest.fixture(scope="module")
+def publisher(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The config dir of a machine that ingests MNIST (--fast) into its own DVC bucket."""
+    root = tmp_path_factory.mktemp("publisher")
+    config_dir = client_config(stack_settings, root, bucket=f"dvc-{uuid.uuid4().hex[:8]}")
+    result = run_cli("data", "ingest", "--fast", config_dir=config_dir)
+    assert result.returncode == 0, result.stderr
+    yield config_dir
+
+
+def settings_of(config_dir: Path) -> Settings:
+    return load_settings(config_dir)
+
+
+def test_ingest_writes_the_splits_and_is_safe_to_rerun(publisher: Path) -> None:
+    settings = settings_of(publisher)
+    counts = {
+        split: len(list((settings.mnist_dir / split).rglob("*.png")))
+        for split in ("train", "train_v2", "test")
+    }
+    assert counts == {"train": 600, "train_v2": 600, "test": 200}
+    again = run_cli("data", "ingest", "--fast", config_dir=publisher)
+    assert again.returncode == 0
+    assert again.stdout.count(" 0 files written") == 3
+
+
+def test_ingest_refuses_a_damaged_source(tmp_path: Path) -> None:
+    from mnistops.data import mnist
+
+    for name in mnist.FILES.values():
+        (tmp_path / name).write_bytes((mnist.packaged_dir() / name).read_bytes())
+    damaged = tmp_path / mnist.FILES["test_labels"]
+    payload = bytearray(damaged.read_bytes())
+    payload[len(payload) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(payload))
+    result = run_cli("data", "ingest", "--source", str(tmp_path), config_dir=tmp_path, cwd=tmp_path)
+    assert result.returncode != 0
+    assert str(damaged) in result.stderr and "SHA-256" in result.stderr
+    assert not (tmp_path / "data").exists(), "nothing is written from a damaged source"
+
+
+def test_publish_v1_then_v2_pull_elsewhere_and_diff(publisher: Path, tmp_path: Path) -> None:
+    settings = settings_of(publisher)
+    v1 = run_cli("data", "version", "v1.0", "-m", "first 30k", config_dir=publisher)
+    assert v1.returncode == 0, v1.stdout + v1.stderr
+    assert "published v1.0" in v1.stdout
+    expected = {"v1.0": tree_hashes(settings.mnist_dir)}
+
+    exists = run_cli("data", "version", "v1.0", "-m", "again", config_dir=publisher)
+    assert exists.returncode != 0 and "exists already" in exists.stderr
+    same = run_cli("data", "version", "v1.1", "-m", "same", config_dir=publisher)
+    assert same.returncode != 0 and "nothing changed since v1.0" in same.stderr
+
+    added = run_cli("data", "add", str(settings.mnist_dir / "train_v2"), config_dir=publisher)
+    assert added.returncode == 0, added.stderr
+    assert "added 600 images" in added.stdout
+    result = registry.publish(settings, "v2.0", "more images")
+    expected["v2.0"] = tree_hashes(settings.mnist_dir)
+    v1_record = registry.find_record(settings, "v1.0")
+    assert result.record.previous == "v1.0"
+    assert result.new_images == 600
+    assert set(v1_record.files.values()) - {v1_record.manifest_md5} <= set(
+        result.record.files.values()
+    ), "v2.0 reuses every pack of v1.0"
+    assert result.new_objects == len(
+        set(result.record.files.values()) - set(v1_record.files.values())
+    )
+
+    listing = run_cli("data", "list", config_dir=publisher)
+    assert "v1.0" in listing.stdout and "v2.0" in listing.stdout and "1200" in listing.stdout
+
+    changes = registry.diff(settings, "v1.0", "v2.0")
+    train_v2 = settings.mnist_dir / "train_v2"
+    for change in changes:
+        count = len(list((train_v2 / str(change.label)).glob("*.png")))
+        assert (change.added, change.removed) == ((count, 0) if change.split == "train" else (0, 0))
+
+    # The plain git and dvc commands work in the registry, and the remote is in sync.
+    reg = settings.registry_dir
+    tags = subprocess.run(["git", "-C", str(reg), "tag"], capture_output=True, text=True)
+    assert tags.stdout.split() == ["v1.0", "v2.0"]
+    dvc = Path(os.sys.executable).parent / "dvc"
+    status = subprocess.run([str(dvc), "status", "-c"], cwd=reg, capture_output=True, text=True)
+    assert status.returncode == 0 and "in sync" in status.stdout, status.stdout + status.stderr
+
+    # Another machine: only what `stack env` prints, an empty HOME, an empty state dir.
+    stack_config = settings_of(publisher)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home")}
+    exported = run_cli("stack", "env", config_dir=publisher).stdout
+    for line in exported.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = shlex.split(value)[0]
+    env["MNISTOPS_S3__BUCKETS__DVC"] = stack_config.s3.buckets.dvc
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for tag in ("v1.0", "v2.0"):
+        pulled = run_cli("data", "pull", tag, "--to", str(elsewhere / tag), env=env, cwd=elsewhere)
+        assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+        want = {k: v for k, v in expected[tag].items() if k.startswith(("train/", "test/"))}
+        assert tree_hashes(elsewhere / tag) == want, tag
+    assert len(want) == 1400
+    again = run_cli("data", "pull", "v2.0", "--to", str(elsewhere / "v2.0"), env=env, cwd=elsewhere)
+    assert again.returncode == 0 and "already there" in again.stdout
+    assert not (tmp_path / "home" / ".mnistops").exists()
+
+
+def test_bad_dataset_publishes_nothing(publisher: Path) -> None:
+    settings = settings_of(publisher)
+    bad = settings.mnist_dir / "train" / "4" / "broken.png"
+    bad.write_text("not an image")
+    try:
+        before = [r.tag for r in registry.list_versions(settings)]
+        result = run_cli("data", "version", "v9.9", "-m", "bad", config_dir=publisher)
+        assert result.returncode != 0
+        assert str(bad) in result.stderr and "nothing was recorded" in result.stderr
+        assert [r.tag for r in registry.list_versions(settings)] == before
+        tags = subprocess.run(
+            ["git", "-C", str(settings.registry_dir), "tag"], capture_output=True, text=True
+        ).stdout.split()
+        assert "v9.9" not in tags
+    finally:
+        bad.unlink()
+
+
+def test_corrupt_remote_object_is_named_and_never_written(publisher: Path, tmp_path: Path) -> None:
+    settings = settings_of(publisher)
+    record = registry.find_record(settings, "v1.0")
+    pack = next(m for name, m in record.files.items() if name.startswith("packs/"))
+    client = s3_client(settings)
+    key = store.object_key(pack)
+    original = client.get_object(Bucket=settings.s3.buckets.dvc, Key=key)["Body"].read()
+    client.put_object(
+        Bucket=settings.s3.buckets.dvc,
+        Key=key,
+        Body=original[:100] + bytes([original[100] ^ 0xFF]) + original[101:],
+    )
+    fresh = settings.model_copy(update={"home": tmp_path / "fresh-home"})
+    try:
+        with pytest.raises(store.StoreError) as info:
+            registry.pull(fresh, "v1.0", tmp_path / "out")
+        assert key in str(info.value) and "corrupt" in str(info.value)
+        assert not (tmp_path / "out").exists()
+        assert not store.ObjectCache(tmp_path / "fresh-home" / "cache" / "objects").has(pack)
+    finally:
+        client.put_object(Bucket=settings.s3.buckets.dvc, Key=key, Body=original)
+
+
+def test_push_with_store_down_then_recovery(
+    publisher: Path, stack_settings: Settings, tmp_path: Path
+) -> None:
+    settings = settings_of(publisher)
+    (settings.mnist_dir / "train" / "0" / "extra.png").write_bytes(
+        next((settings.mnist_dir / "train_v2" / "1").glob("*.png")).read_bytes()
+    )
+    s3_record = process.read_record(stack.run_dir(stack_settings), "s3")
+    assert s3_record is not None
+    process.stop(s3_record, stack.run_dir(stack_settings))
+    try:
+        failed = run_cli(
+            "data", "version", "v3.0", "-m", "store down", config_dir=publisher, timeout=240
+        )
+        assert failed.returncode != 0
+        assert "Nothing was tagged" in failed.stderr or "object store" in failed.stderr, (
+            failed.stderr
+        )
+        tags = subprocess.run(
+            ["git", "-C", str(settings.registry_dir), "tag"], capture_output=True, text=True
+        ).stdout.split()
+        assert "v3.0" not in tags
+    finally:
+        stack.up(stack_settings)
+    assert "v3.0" not in [r.tag for r in registry.list_versions(settings)]
+    done = run_cli("data", "version", "v3.0", "-m", "store back", config_dir=publisher)
+    assert done.returncode == 0, done.stdout + done.stderr
+    pulled = registry.pull(
+        settings.model_copy(update={"home": tmp_path / "h"}), "v3.0", tmp_path / "v3"
+    )
+    assert pulled.images == 1401
