@@ -170,9 +170,39 @@ def stack_logs(
 
 
 @app.command("demo")
-def demo() -> None:
-    """Bring the local stack up and show where everything is."""
+def demo(
+    fast: Annotated[bool, typer.Option("--fast", help="A small subset of MNIST.")] = False,
+) -> None:
+    """The walkthrough so far: stack up, ingest MNIST, publish v1.0, add new images, v2.0.
+
+    Safe to re-run: versions that exist are kept, nothing is published twice.
+    """
+    from mnistops.data import registry
+
+    console.rule("1. the stack")
     stack_up(db=None)
+    console.rule("2. MNIST as PNG folders")
+    data_ingest(source=None, url=None, fast=fast)
+    cfg = settings()
+    published = {r.tag for r in registry.list_versions(cfg)}
+    console.rule("3. data version v1.0")
+    if "v1.0" in published:
+        console.print("v1.0 exists already: kept")
+    else:
+        data_version("v1.0", "MNIST: the first training images and the test set", force=False)
+    console.rule("4. new images, data version v2.0")
+    if "v2.0" in published:
+        console.print("v2.0 exists already: kept")
+    else:
+        data_add(cfg.mnist_dir / "train_v2")
+        data_version("v2.0", "MNIST: the new training images added", force=False)
+    console.rule("summary")
+    data_list()
+    console.print(
+        f"MLflow UI: {cfg.mlflow_uri}   Prefect UI: {cfg.prefect_api_url.removesuffix('/api')}"
+        f"   S3: {cfg.s3_endpoint}"
+    )
+    console.print("Stop everything with [bold]mnistops stack down[/].")
 
 
 data_app = typer.Typer(

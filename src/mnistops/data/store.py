@@ -35,7 +35,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from mnistops.data.images import ImageEntry
 
 PACK_BYTES = 4 * 1024 * 1024
-MANIFEST = "manifest.jsonl.gz"
+MANIFEST = "manifest.json.gz"
 VERSIONS_PREFIX = "versions/"
 DVC_PREFIX = "registry"
 STAMP = ".mnistops-version.json"
@@ -157,19 +157,22 @@ def build_packs(
     return locations
 
 
+MANIFEST_COLUMNS = ["path", "sha256", "pack", "offset", "length"]
+
+
 def build_manifest(entries: list[ImageEntry], locations: dict[str, Location]) -> bytes:
-    lines = []
+    rows = []
     for e in sorted(entries, key=lambda e: e.key):
         loc = locations[e.sha256]
-        lines.append(json.dumps([e.key, e.sha256, e.pixels, loc.pack, loc.offset, loc.length]))
-    return gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0)
+        rows.append([e.key, e.sha256, loc.pack, loc.offset, loc.length])
+    document = {"columns": MANIFEST_COLUMNS, "rows": rows}
+    return gzip.compress(json.dumps(document, separators=(",", ":")).encode(), mtime=0)
 
 
 @dataclass(frozen=True)
 class ManifestRow:
     key: str
     sha256: str
-    pixels: str
     location: Location
 
     @property
@@ -182,11 +185,13 @@ class ManifestRow:
 
 
 def parse_manifest(data: bytes) -> list[ManifestRow]:
-    rows = []
-    for line in gzip.decompress(data).decode().splitlines():
-        key, sha, pixels, pack, offset, length = json.loads(line)
-        rows.append(ManifestRow(key, sha, pixels, Location(pack, offset, length)))
-    return rows
+    document = json.loads(gzip.decompress(data))
+    if document.get("columns") != MANIFEST_COLUMNS:
+        raise StoreError(f"unknown manifest layout {document.get('columns')}")
+    return [
+        ManifestRow(key, sha, Location(pack, offset, length))
+        for key, sha, pack, offset, length in document["rows"]
+    ]
 
 
 def dataset_files(manifest_md5: str, rows: list[ManifestRow]) -> dict[str, str]:
@@ -331,20 +336,28 @@ def materialize(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
-        packs: dict[str, memoryview] = {}
-        folders: set[Path] = set()
-        for row in rows:
-            pack = packs.get(row.location.pack)
-            if pack is None:
-                pack = packs[row.location.pack] = memoryview(cache.read(row.location.pack))
-            data = pack[row.location.offset : row.location.offset + row.location.length]
-            path = staging / row.key
-            if path.parent not in folders:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                folders.add(path.parent)
-            with open(path, "wb") as handle:
-                handle.write(data)
-            progress(1)
+        packs = {pack: cache.read(pack) for pack in {row.location.pack for row in rows}}
+        for folder in sorted({row.key.rsplit("/", 1)[0] for row in rows}):
+            (staging / folder).mkdir(parents=True, exist_ok=True)
+        base = str(staging) + "/"
+
+        def write(chunk: list[ManifestRow]) -> None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+            for row in chunk:
+                loc = row.location
+                fd = os.open(base + row.key, flags, 0o644)
+                try:
+                    os.write(fd, memoryview(packs[loc.pack])[loc.offset : loc.offset + loc.length])
+                finally:
+                    os.close(fd)
+            progress(len(chunk))
+
+        step = 2000
+        with ThreadPoolExecutor(4) as pool:
+            for future in [
+                pool.submit(write, rows[i : i + step]) for i in range(0, len(rows), step)
+            ]:
+                future.result()
         (staging / STAMP).write_text(
             json.dumps(
                 {"tag": record.tag, "content_hash": record.content_hash, "images": len(rows)}

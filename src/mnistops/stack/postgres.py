@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy.engine import URL, make_url
+from typing import TYPE_CHECKING
 
 from mnistops.settings import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 
 class DatabaseError(Exception):
@@ -12,6 +15,8 @@ class DatabaseError(Exception):
 
 
 def _server_url(settings: Settings) -> URL:
+    from sqlalchemy.engine import make_url
+
     assert settings.database_url is not None
     url = make_url(settings.database_url.get_secret_value())
     return url.set(drivername="postgresql")
