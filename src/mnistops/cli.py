@@ -363,6 +363,14 @@ def data_list() -> None:
 def data_pull(
     tag: Annotated[str, typer.Argument(help="Version tag, or 'latest'")],
     to: Annotated[Path, typer.Option("--to", help="Folder to write the PNG folders into.")],
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="If the folder already holds the version, check every file's size "
+            "(default: the count of files per folder).",
+        ),
+    ] = False,
 ) -> None:
     """Write exactly that version as PNG folders (needs only the object store)."""
     from mnistops.data import registry
@@ -370,7 +378,7 @@ def data_pull(
     cfg = settings()
     try:
         with progress_bars() as progress_for:
-            result = registry.pull(cfg, tag, to, progress_for)
+            result = registry.pull(cfg, tag, to, progress_for, verify)
     except data_errors() as exc:
         fail(str(exc))
     state = "already there" if result.already_there else f"{result.downloaded} objects downloaded"

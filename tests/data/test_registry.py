@@ -70,6 +70,67 @@ def test_ingest_refuses_a_damaged_source(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists(), "nothing is written from a damaged source"
 
 
+@pytest.fixture
+def mirror(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A plain HTTP server on loopback serving a copy of the four MNIST files."""
+    import socket
+    import sys
+    import time
+
+    from mnistops.data import mnist
+
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    for name in mnist.FILES.values():
+        (folder / name).write_bytes((mnist.packaged_dir() / name).read_bytes())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(folder),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}", folder
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_ingest_from_a_mirror_checks_the_download(mirror: tuple[str, Path], tmp_path: Path) -> None:
+    url, folder = mirror
+    work = tmp_path / "work"
+    work.mkdir()
+    good = run_cli("data", "ingest", "--url", url, "--fast", config_dir=work, cwd=work)
+    assert good.returncode == 0, good.stderr
+    assert len(list((work / "data" / "MNIST" / "test").rglob("*.png"))) == 200
+    damaged = folder / "train-labels-idx1-ubyte.gz"
+    payload = bytearray(damaged.read_bytes())
+    payload[100] ^= 0xFF
+    damaged.write_bytes(bytes(payload))
+    other = tmp_path / "other"
+    other.mkdir()
+    bad = run_cli("data", "ingest", "--url", url, "--fast", config_dir=other, cwd=other)
+    assert bad.returncode != 0
+    assert "train-labels-idx1-ubyte.gz" in bad.stderr and "SHA-256" in bad.stderr
+    assert not (other / "data").exists()
+
+
 def test_publish_v1_then_v2_pull_elsewhere_and_diff(publisher: Path, tmp_path: Path) -> None:
     settings = settings_of(publisher)
     v1 = run_cli("data", "version", "v1.0", "-m", "first 30k", config_dir=publisher)

@@ -127,6 +127,15 @@ def test_cli_status_and_env_work_in_a_clean_shell(stack_settings: Settings, tmp_
     assert not (tmp_path / ".mnistops" / "run").exists()
 
 
+def test_logs_show_a_service_log(stack_settings: Settings) -> None:
+    config_dir = stack_settings.home.parent / "config"
+    logs = run_cli("stack", "logs", "mlflow", "-n", "20", config_dir=config_dir)
+    assert logs.returncode == 0, logs.stderr
+    assert "HTTP/1.1" in logs.stdout, "the tail of the MLflow server's access log"
+    unknown = run_cli("stack", "logs", "nginx", config_dir=config_dir)
+    assert unknown.returncode == 2 and "choose one of: s3, mlflow, prefect" in unknown.stderr
+
+
 def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     config_dir = write_stack_config(tmp_path)
     settings = load_settings(config_dir)

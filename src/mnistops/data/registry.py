@@ -220,16 +220,24 @@ def publish(
     registry = ensure_registry(settings)
     _lay_out_dataset(registry / DATASET_DIR, files, cache)
     report(f"pushing {len(new_md5s)} new objects to s3://{bucket}/{store.DVC_PREFIX}")
+    unfinished = (
+        f"Nothing was tagged. Once the object store is back, run"
+        f" `mnistops data version {tag}` again to finish."
+    )
     repo = Repo(str(registry))
     try:
         repo.add(str(registry / DATASET_DIR))
         try:
+            # Our upload shows progress; `dvc push` then finds those objects on the remote
+            # and sends what DVC itself needs (the folder listing), as `dvc push` would.
+            store.upload(client, bucket, cache, new_md5s, progress_for("pushing", len(new_md5s)))
             repo.push(remote=DVC_REMOTE)
+        except store.StoreError as exc:
+            raise RegistryError(f"{exc}\n{unfinished}") from None
         except Exception as exc:
             raise RegistryError(
                 f"pushing the data to {settings.s3_endpoint} failed ({type(exc).__name__}:"
-                f" {exc}). Nothing was tagged. Once the object store is back, run"
-                f" `mnistops data version {tag}` again to finish."
+                f" {exc}). {unfinished}"
             ) from None
     finally:
         repo.close()
@@ -251,6 +259,7 @@ def publish(
         files=files,
         previous=previous.tag if previous else None,
         remote=f"s3://{bucket}/{store.DVC_PREFIX}",
+        format=store.FORMAT,
     )
     (registry / RECORD_FILE).write_text(record.to_json() + "\n")
     _git(registry, "add", f"{DATASET_DIR}.dvc", ".gitignore", RECORD_FILE)
@@ -304,22 +313,38 @@ class PullResult:
 
 
 def pull(
-    settings: Settings, tag: str, target: Path, progress_for: ProgressFor = _no_progress
+    settings: Settings,
+    tag: str,
+    target: Path,
+    progress_for: ProgressFor = _no_progress,
+    verify: bool = False,
 ) -> PullResult:
-    """Write exactly that version as PNG folders into `target` (all or nothing)."""
+    """Write exactly that version as PNG folders into `target` (all or nothing).
+
+    A target that already holds the version is left as it is after a quick check (the
+    number of files per folder); `verify` checks every file's presence and size instead.
+    """
     record = find_record(settings, tag)
     cache = cache_of(settings)
     client = _client(settings)
     stamp = store.read_stamp(target)
     if stamp and stamp.get("content_hash") == record.content_hash:
-        rows = load_manifest(settings, record)
-        changed = store.changed_files(rows, target)
+        if verify or "folders" not in stamp:
+            rows = load_manifest(settings, record)
+            changed = store.changed_files(rows, target)
+        else:
+            counts = store.folder_counts(target)
+            changed = [
+                f
+                for f in set(counts) | set(stamp["folders"])
+                if counts.get(f) != stamp["folders"].get(f)
+            ]
         if changed:
             raise RegistryError(
-                f"{target} holds {record.tag} but {len(changed)} of its files differ from it"
-                f" (first: {changed[0]}); remove the folder and pull again"
+                f"{target} holds {record.tag} but it was changed (first difference: {changed[0]});"
+                " remove the folder and pull again"
             )
-        return PullResult(record, target, len(rows), 0, True)
+        return PullResult(record, target, stamp["images"], 0, True)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise RegistryError(
             f"{target} exists and is not empty; pull into a new folder or remove it first"

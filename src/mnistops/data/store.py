@@ -27,8 +27,9 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -39,6 +40,7 @@ MANIFEST = "manifest.json.gz"
 VERSIONS_PREFIX = "versions/"
 DVC_PREFIX = "registry"
 STAMP = ".mnistops-version.json"
+FORMAT = 1
 Progress = Callable[[int], None]
 
 
@@ -65,7 +67,8 @@ class VersionRecord:
     previous: str | None = None
     commit: str | None = None
     remote: str = ""
-    extra: dict = field(default_factory=dict)
+    format: int = 0
+    """layout of record and manifest; FORMAT for what this code writes and reads"""
 
     @property
     def images(self) -> dict[str, int]:
@@ -80,7 +83,14 @@ class VersionRecord:
 
     @classmethod
     def from_json(cls, text: str) -> VersionRecord:
-        return cls(**json.loads(text))
+        data = json.loads(text)
+        if data.get("format", 0) != FORMAT:
+            raise StoreError(
+                f"version {data.get('tag')} was written in format {data.get('format', 0)};"
+                f" this mnistops reads format {FORMAT}. Publish it again with this version"
+                " (`mnistops data version TAG --force`), or use the mnistops that wrote it."
+            )
+        return cls(**data)
 
 
 def content_hash(entries: Iterable[ImageEntry]) -> str:
@@ -169,11 +179,16 @@ def build_manifest(entries: list[ImageEntry], locations: dict[str, Location]) ->
     return gzip.compress(json.dumps(document, separators=(",", ":")).encode(), mtime=0)
 
 
-@dataclass(frozen=True)
-class ManifestRow:
+class ManifestRow(NamedTuple):
     key: str
     sha256: str
-    location: Location
+    pack: str
+    offset: int
+    length: int
+
+    @property
+    def location(self) -> Location:
+        return Location(self.pack, self.offset, self.length)
 
     @property
     def split(self) -> str:
@@ -188,16 +203,13 @@ def parse_manifest(data: bytes) -> list[ManifestRow]:
     document = json.loads(gzip.decompress(data))
     if document.get("columns") != MANIFEST_COLUMNS:
         raise StoreError(f"unknown manifest layout {document.get('columns')}")
-    return [
-        ManifestRow(key, sha, Location(pack, offset, length))
-        for key, sha, pack, offset, length in document["rows"]
-    ]
+    return list(map(ManifestRow._make, document["rows"]))
 
 
 def dataset_files(manifest_md5: str, rows: list[ManifestRow]) -> dict[str, str]:
     """The files of the DVC-tracked dataset/ folder of a version: name -> MD5."""
     files = {MANIFEST: manifest_md5}
-    for pack in sorted({row.location.pack for row in rows}):
+    for pack in sorted({row.pack for row in rows}):
         files[f"packs/{pack}.pack"] = pack
     return files
 
@@ -296,6 +308,29 @@ def fetch(
             future.result()
 
 
+def upload(
+    client,
+    bucket: str,
+    cache: ObjectCache,
+    md5s: Iterable[str],
+    progress: Progress = lambda _k: None,
+) -> None:
+    """Put objects from the cache into the remote under DVC's layout, in parallel."""
+
+    def one(md5: str) -> None:
+        try:
+            client.put_object(Bucket=bucket, Key=object_key(md5), Body=cache.read(md5))
+        except (ClientError, BotoCoreError) as exc:
+            raise _store_error(
+                f"uploading s3://{bucket}/{object_key(md5)}", exc, client.meta.endpoint_url
+            ) from None
+        progress(1)
+
+    with ThreadPoolExecutor(8) as pool:
+        for future in [pool.submit(one, m) for m in dict.fromkeys(md5s)]:
+            future.result()
+
+
 def verify_remote(
     client, bucket: str, md5s: Iterable[str], progress: Progress = lambda _k: None
 ) -> None:
@@ -336,7 +371,7 @@ def materialize(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
-        packs = {pack: cache.read(pack) for pack in {row.location.pack for row in rows}}
+        packs = {pack: cache.read(pack) for pack in {row.pack for row in rows}}
         for folder in sorted({row.key.rsplit("/", 1)[0] for row in rows}):
             (staging / folder).mkdir(parents=True, exist_ok=True)
         base = str(staging) + "/"
@@ -344,10 +379,9 @@ def materialize(
         def write(chunk: list[ManifestRow]) -> None:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
             for row in chunk:
-                loc = row.location
                 fd = os.open(base + row.key, flags, 0o644)
                 try:
-                    os.write(fd, memoryview(packs[loc.pack])[loc.offset : loc.offset + loc.length])
+                    os.write(fd, memoryview(packs[row.pack])[row.offset : row.offset + row.length])
                 finally:
                     os.close(fd)
             progress(len(chunk))
@@ -358,11 +392,13 @@ def materialize(
                 pool.submit(write, rows[i : i + step]) for i in range(0, len(rows), step)
             ]:
                 future.result()
-        (staging / STAMP).write_text(
-            json.dumps(
-                {"tag": record.tag, "content_hash": record.content_hash, "images": len(rows)}
-            )
-        )
+        stamp = {
+            "tag": record.tag,
+            "content_hash": record.content_hash,
+            "images": len(rows),
+            "folders": folder_counts(staging),
+        }
+        (staging / STAMP).write_text(json.dumps(stamp))
         if target.exists():
             target.rmdir()
         os.rename(staging, target)
@@ -371,28 +407,37 @@ def materialize(
         raise
 
 
+def folder_counts(root: Path) -> dict[str, int]:
+    """split/label folder -> number of files in it (names only: no stat per file)."""
+    counts = {}
+    for split in sorted(os.listdir(root)):
+        if (root / split).is_dir():
+            for label in sorted(os.listdir(root / split)):
+                counts[f"{split}/{label}"] = len(os.listdir(root / split / label))
+    return counts
+
+
 def changed_files(rows: list[ManifestRow], target: Path) -> list[str]:
     """Paths of the manifest missing from `target` or of another size (a quick check)."""
-    changed = []
-    for row in rows:
+    sizes: dict[str, int] = {}
+    for folder in {row.key.rsplit("/", 1)[0] for row in rows}:
         try:
-            if (target / row.key).stat().st_size != row.location.length:
-                changed.append(row.key)
+            with os.scandir(target / folder) as entries:
+                for entry in entries:
+                    sizes[f"{folder}/{entry.name}"] = entry.stat().st_size
         except FileNotFoundError:
-            changed.append(row.key)
-    return changed
+            continue
+    return [row.key for row in rows if sizes.get(row.key) != row.length]
 
 
 def check_rows(rows: list[ManifestRow], cache: ObjectCache) -> None:
     """Every image of the manifest matches its SHA-256 (packs were verified by MD5)."""
     packs: dict[str, bytes] = {}
     for row in rows:
-        pack = packs.get(row.location.pack) or packs.setdefault(
-            row.location.pack, cache.read(row.location.pack)
-        )
-        data = pack[row.location.offset : row.location.offset + row.location.length]
+        pack = packs.get(row.pack) or packs.setdefault(row.pack, cache.read(row.pack))
+        data = pack[row.offset : row.offset + row.length]
         if hashlib.sha256(data).hexdigest() != row.sha256:
             raise StoreError(
-                f"{row.key}: its bytes in pack {row.location.pack} do not match"
+                f"{row.key}: its bytes in pack {row.pack} do not match"
                 " the manifest; the version is corrupt"
             )
