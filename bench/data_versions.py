@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 import yaml
+from pydantic import SecretStr
 
 from mnistops import stack
 from mnistops.settings import load_settings
-from mnistops.stack.endpoints import CHECKSUM_ENV, client_env, s3_client
+from mnistops.stack.endpoints import CHECKSUM_ENV, client_env, s3_client, s3_keys
 from mnistops.stack.ports import free_port_config
 
 BIN = Path(sys.executable).parent
@@ -122,7 +123,15 @@ def run_mnistops(config_dir: Path, work: Path, env: dict[str, str]) -> dict[str,
     # The same check in-process, without the interpreter's start-up and imports.
     from mnistops.data import registry
 
-    worker_settings = settings.model_copy(update={"home": worker / ".mnistops"})
+    worker_settings = load_settings(config_dir).model_copy(update={"home": worker / ".mnistops"})
+    keys = s3_keys(settings)
+    worker_settings.s3 = worker_settings.s3.model_copy(
+        update={
+            "endpoint_url": settings.s3_endpoint,
+            "access_key_id": keys.access_key_id,
+            "secret_access_key": SecretStr(keys.secret_access_key),
+        }
+    )
     began = time.perf_counter()
     assert registry.pull(worker_settings, "v2.0", worker / "b").already_there
     figures["pull again in-process"] = time.perf_counter() - began

@@ -14,11 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mnistops import stack
 from mnistops.settings import ConfigError, Settings, load_settings, with_database_url
-from mnistops.stack import process
-from mnistops.stack.endpoints import client_env
-from mnistops.stack.services import SERVICE_NAMES
 
 app = typer.Typer(
     help="MNIST MLOps: versioned data, tracked training, scheduled retraining.",
@@ -62,6 +58,8 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def print_urls(cfg: Settings) -> None:
+    from mnistops import stack
+
     table = Table(title="mnistops stack", show_header=True, header_style="bold")
     table.add_column("service")
     table.add_column("state")
@@ -101,6 +99,8 @@ def stack_up(
     ] = None,
 ) -> None:
     """Start the S3 store, the MLflow server and the Prefect server; wait until healthy."""
+    from mnistops import stack
+
     cfg = settings()
     if db:
         try:
@@ -122,6 +122,8 @@ def stack_up(
 @stack_app.command("down")
 def stack_down() -> None:
     """Stop every service started from this state dir (children included)."""
+    from mnistops import stack
+
     cfg = settings()
     stopped = stack.down(cfg, report=console.log)
     console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -130,6 +132,8 @@ def stack_down() -> None:
 @stack_app.command("status")
 def stack_status() -> None:
     """Show each service: running, pid, URL, healthy. Exit 1 if any is not healthy."""
+    from mnistops import stack
+
     cfg = settings()
     print_urls(cfg)
     if not all(st.healthy for st in stack.status(cfg)):
@@ -139,6 +143,8 @@ def stack_status() -> None:
 @stack_app.command("env")
 def stack_env() -> None:
     """Print `export` lines with which dvc, mlflow, prefect, boto3 and mnistops use this stack."""
+    from mnistops.stack.endpoints import client_env
+
     cfg = settings()
     for key, value in client_env(cfg).items():
         typer.echo(f"export {key}={shlex.quote(value)}")
@@ -151,6 +157,10 @@ def stack_logs(
     follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing.")] = False,
 ) -> None:
     """Print the last lines of a service's log."""
+    from mnistops import stack
+    from mnistops.stack import process
+    from mnistops.stack.services import SERVICE_NAMES
+
     cfg = settings()
     if service not in SERVICE_NAMES:
         fail(f"unknown service '{service}'; choose one of: {', '.join(SERVICE_NAMES)}", code=2)
