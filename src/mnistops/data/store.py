@@ -287,6 +287,13 @@ def download_verified(client, bucket: str, md5: str) -> bytes:
     return data
 
 
+def _in_parallel(work: Callable[[str], None], md5s: Iterable[str]) -> None:
+    """Run `work` for each distinct MD5 on 8 threads; the first error is raised."""
+    with ThreadPoolExecutor(8) as pool:
+        for future in [pool.submit(work, m) for m in dict.fromkeys(md5s)]:
+            future.result()
+
+
 def fetch(
     client,
     bucket: str,
@@ -303,9 +310,7 @@ def fetch(
         cache.put(download_verified(client, bucket, md5))
         progress(1)
 
-    with ThreadPoolExecutor(8) as pool:
-        for future in [pool.submit(one, m) for m in missing]:
-            future.result()
+    _in_parallel(one, missing)
 
 
 def upload(
@@ -326,9 +331,7 @@ def upload(
             ) from None
         progress(1)
 
-    with ThreadPoolExecutor(8) as pool:
-        for future in [pool.submit(one, m) for m in dict.fromkeys(md5s)]:
-            future.result()
+    _in_parallel(one, md5s)
 
 
 def verify_remote(
@@ -341,9 +344,7 @@ def verify_remote(
         download_verified(client, bucket, md5)
         progress(1)
 
-    with ThreadPoolExecutor(8) as pool:
-        for future in [pool.submit(one, m) for m in dict.fromkeys(md5s)]:
-            future.result()
+    _in_parallel(one, md5s)
 
 
 # --- materializing PNG folders -----------------------------------------------------------
