@@ -195,6 +195,14 @@ def test_publish_v1_then_v2_pull_elsewhere_and_diff(publisher: Path, tmp_path: P
     assert again.returncode == 0 and "already there" in again.stdout
     assert not (tmp_path / "home" / ".mnistops").exists()
 
+    replaced = run_cli("data", "version", "v2.0", "-m", "replaced", "--force", config_dir=publisher)
+    assert replaced.returncode == 0, replaced.stderr
+    assert registry.find_record(settings, "v2.0").message == "replaced"
+    tag_line = subprocess.run(
+        ["git", "-C", str(reg), "tag", "-n", "v2.0"], capture_output=True, text=True
+    ).stdout
+    assert "replaced" in tag_line
+
 
 def test_bad_dataset_publishes_nothing(publisher: Path) -> None:
     settings = settings_of(publisher)
