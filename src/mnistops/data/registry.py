@@ -123,8 +123,8 @@ def list_versions(settings: Settings) -> list[store.VersionRecord]:
     return store.list_records(_client(settings), _bucket(settings))
 
 
-def find_record(settings: Settings, tag: str) -> store.VersionRecord:
-    client = _client(settings)
+def find_record(settings: Settings, tag: str, client=None) -> store.VersionRecord:
+    client = client or _client(settings)
     if tag == "latest":
         records = store.list_records(client, _bucket(settings))
         if not records:
@@ -140,9 +140,11 @@ def find_record(settings: Settings, tag: str) -> store.VersionRecord:
     return record
 
 
-def load_manifest(settings: Settings, record: store.VersionRecord) -> list[store.ManifestRow]:
+def load_manifest(
+    settings: Settings, record: store.VersionRecord, client=None
+) -> list[store.ManifestRow]:
     cache = cache_of(settings)
-    store.fetch(_client(settings), _bucket(settings), cache, [record.manifest_md5])
+    store.fetch(client or _client(settings), _bucket(settings), cache, [record.manifest_md5])
     return store.parse_manifest(cache.read(record.manifest_md5))
 
 
@@ -324,13 +326,13 @@ def pull(
     A target that already holds the version is left as it is after a quick check (the
     number of files per folder); `verify` checks every file's presence and size instead.
     """
-    record = find_record(settings, tag)
-    cache = cache_of(settings)
     client = _client(settings)
+    record = find_record(settings, tag, client)
+    cache = cache_of(settings)
     stamp = store.read_stamp(target)
     if stamp and stamp.get("content_hash") == record.content_hash:
         if verify or "folders" not in stamp:
-            rows = load_manifest(settings, record)
+            rows = load_manifest(settings, record, client)
             changed = store.changed_files(rows, target)
         else:
             counts = store.folder_counts(target)
