@@ -18,6 +18,7 @@ import yaml
 from mnistops import stack
 from mnistops.settings import load_settings
 from mnistops.stack import process
+from mnistops.stack.credentials import ensure_keys
 from mnistops.stack.ports import free_port_config
 from mnistops.stack.services import all_services
 
@@ -104,7 +105,7 @@ def baseline_command(name: str, command: list[str]) -> list[str]:
 
 def measure_baseline(root: Path, idle_s: float) -> int:
     settings = settings_in(root)
-    keys = stack._stack_keys(settings, create=True)
+    keys = ensure_keys(settings.home)
     records = []
     try:
         for svc in all_services(settings, keys):

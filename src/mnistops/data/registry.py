@@ -114,11 +114,6 @@ def ensure_registry(settings: Settings) -> Path:
     return registry
 
 
-def latest_record(settings: Settings) -> store.VersionRecord | None:
-    records = store.list_records(_client(settings), _bucket(settings))
-    return records[-1] if records else None
-
-
 def list_versions(settings: Settings) -> list[store.VersionRecord]:
     return store.list_records(_client(settings), _bucket(settings))
 
@@ -207,7 +202,7 @@ def publish(
             f"{settings.mnist_dir} is identical to it"
         )
     cache = cache_of(settings)
-    old_rows = load_manifest(settings, previous) if previous else []
+    old_rows = load_manifest(settings, previous, client) if previous else []
     if previous:
         store.fetch(client, bucket, cache, previous.files.values())
     known = {row.sha256: row.location for row in old_rows}
@@ -215,9 +210,8 @@ def publish(
     manifest_md5 = cache.put(store.build_manifest(entries, locations))
     rows = store.parse_manifest(cache.read(manifest_md5))
     files = store.dataset_files(manifest_md5, rows)
-    new_md5s = [
-        m for m in files.values() if m not in set(previous.files.values() if previous else [])
-    ]
+    stored = set(previous.files.values()) if previous else set()
+    new_md5s = [m for m in files.values() if m not in stored]
 
     registry = ensure_registry(settings)
     _lay_out_dataset(registry / DATASET_DIR, files, cache)
