@@ -119,20 +119,43 @@ def list_versions(settings: Settings) -> list[store.VersionRecord]:
 
 
 def find_record(settings: Settings, tag: str, client=None) -> store.VersionRecord:
+    """The record of `tag` (or of the newest version: 'latest') read from the object store."""
     client = client or _client(settings)
     if tag == "latest":
         records = store.list_records(client, _bucket(settings))
         if not records:
             raise RegistryError("no data version is published yet (`mnistops data version v1.0`)")
-        return records[-1]
-    record = store.read_record(client, _bucket(settings), tag)
+        record = records[-1]
+    else:
+        record = store.read_record(client, _bucket(settings), tag)
     if record is None:
         known = [r.tag for r in store.list_records(client, _bucket(settings))]
         raise RegistryError(
             f"no data version '{tag}' in s3://{_bucket(settings)} at {settings.s3_endpoint}"
             f" (published: {', '.join(known) or 'none'})"
         )
+    remember_record(settings, record)
     return record
+
+
+def _records_dir(settings: Settings) -> Path:
+    return settings.home / "cache" / "versions"
+
+
+def remember_record(settings: Settings, record: store.VersionRecord) -> None:
+    """Keep the record of a tag this machine has read or published (for offline no-op pulls)."""
+    folder = _records_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{record.tag}.json.partial"
+    partial.write_text(record.to_json())
+    os.replace(partial, folder / f"{record.tag}.json")
+
+
+def cached_record(settings: Settings, tag: str) -> store.VersionRecord | None:
+    try:
+        return store.VersionRecord.from_json((_records_dir(settings) / f"{tag}.json").read_text())
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_manifest(
@@ -263,6 +286,7 @@ def publish(
         _git(registry, "commit", "-q", "-m", f"{tag}: {message}")
     record.commit = _git(registry, "rev-parse", "HEAD")
     store.write_record(client, bucket, record)
+    remember_record(settings, record)
     _git(registry, "tag", "-a", *(["-f"] if force else []), tag, "-m", message)
     new_bytes = sum(cache.path(m).stat().st_size for m in new_md5s)
     return PublishResult(
@@ -299,6 +323,20 @@ def _lay_out_dataset(folder: Path, files: dict[str, str], cache: store.ObjectCac
         shutil.copyfile(cache.path(md5), target)
 
 
+def _changed_folders(target: Path, stamp: dict) -> list[str]:
+    counts = store.folder_counts(target)
+    folders = stamp["folders"]
+    return [f for f in sorted(set(counts) | set(folders)) if counts.get(f) != folders.get(f)]
+
+
+def _check_unchanged(target: Path, record: store.VersionRecord, changed: list[str]) -> None:
+    if changed:
+        raise RegistryError(
+            f"{target} holds {record.tag} but it was changed (first difference: {changed[0]});"
+            " remove the folder and pull again"
+        )
+
+
 @dataclass(frozen=True)
 class PullResult:
     record: store.VersionRecord
@@ -318,28 +356,25 @@ def pull(
     """Write exactly that version as PNG folders into `target` (all or nothing).
 
     A target that already holds the version is left as it is after a quick check (the
-    number of files per folder); `verify` checks every file's presence and size instead.
+    number of files per folder). When this machine has seen the tag's record before,
+    that check needs no network at all: a published tag names one content hash.
+    `verify` re-reads the record from the object store and checks every file's
+    presence and size instead.
     """
+    stamp = store.read_stamp(target)
+    known = cached_record(settings, tag) if tag != "latest" and not verify else None
+    if known and stamp and stamp.get("content_hash") == known.content_hash and "folders" in stamp:
+        _check_unchanged(target, known, _changed_folders(target, stamp))
+        return PullResult(known, target, stamp["images"], 0, True)
     client = _client(settings)
     record = find_record(settings, tag, client)
     cache = cache_of(settings)
-    stamp = store.read_stamp(target)
     if stamp and stamp.get("content_hash") == record.content_hash:
         if verify or "folders" not in stamp:
             rows = load_manifest(settings, record, client)
-            changed = store.changed_files(rows, target)
+            _check_unchanged(target, record, store.changed_files(rows, target))
         else:
-            counts = store.folder_counts(target)
-            changed = [
-                f
-                for f in set(counts) | set(stamp["folders"])
-                if counts.get(f) != stamp["folders"].get(f)
-            ]
-        if changed:
-            raise RegistryError(
-                f"{target} holds {record.tag} but it was changed (first difference: {changed[0]});"
-                " remove the folder and pull again"
-            )
+            _check_unchanged(target, record, _changed_folders(target, stamp))
         return PullResult(record, target, stamp["images"], 0, True)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise RegistryError(

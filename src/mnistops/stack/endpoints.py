@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import boto3
-from botocore.config import Config
-
 from mnistops.settings import Settings
 from mnistops.stack.credentials import S3Keys, load_keys
 
@@ -26,6 +23,9 @@ def s3_keys(settings: Settings) -> S3Keys | None:
 
 
 def s3_client(settings: Settings, keys: S3Keys | None = None, timeout_s: float = 10.0):
+    import boto3  # here, not at the top: commands that need no S3 start faster
+    from botocore.config import Config
+
     keys = keys or s3_keys(settings)
     config = Config(
         connect_timeout=timeout_s,

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 
 from mnistops.settings import Settings
 from mnistops.stack import postgres
@@ -36,6 +35,8 @@ class Service:
 
 
 def _http_ok(url: str, timeout_s: float = 3.0) -> bool:
+    import httpx  # here, not at the top: commands that check no service start faster
+
     try:
         return httpx.get(url, timeout=timeout_s).status_code == 200
     except httpx.HTTPError:
