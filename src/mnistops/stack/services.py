@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from mnistops.settings import Settings
 from mnistops.stack import postgres
 from mnistops.stack.credentials import S3Keys, seaweed_identities, write_private
