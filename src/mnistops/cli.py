@@ -415,3 +415,252 @@ def data_diff(
         if c.added or c.removed:
             table.add_row(c.split, str(c.label), f"+{c.added}", f"-{c.removed}")
     console.print(table if any(c.added or c.removed for c in changes) else "no difference")
+
+
+# --- training, models, prediction --------------------------------------------------------
+
+HYP_OPTIONS = {
+    "n_epochs": "--epochs",
+    "batch_size": "--batch-size",
+    "learning_rate": "--lr",
+    "random_seed": "--seed",
+    "device": "--device",
+    "model": "--model",
+    "val_size": "--val-size",
+}
+
+
+def hyperparameters(cfg: Settings, overrides: dict[str, object]):
+    """hyp.yml's values with the command's options on top, validated (errors name the option)."""
+    from pydantic import ValidationError
+
+    from mnistops.settings import HyperParameters
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return HyperParameters(**{**cfg.hyperparameter.model_dump(), **given})
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = str(error["loc"][0])
+            where = (
+                HYP_OPTIONS[field] if field in given else f"hyp.yml: key 'hyperparameter.{field}'"
+            )
+            lines.append(f"{where}: {error['msg']}")
+        fail("invalid hyperparameters:\n  " + "\n  ".join(lines), code=2)
+    raise AssertionError("unreachable")
+
+
+def training_data(
+    cfg: Settings, data_version: str | None, data_dir: Path | None, fast: bool, seed: int
+):
+    from mnistops.train import data
+
+    if data_dir is not None and data_version is not None:
+        fail("--data-version and --data-dir exclude each other", code=2)
+    with console.status("loading the data...") as spinner:
+        report = lambda msg: (console.log(msg), spinner.update(msg))  # noqa: E731
+        if data_dir is not None:
+            arrays = data.load_folder(cfg, data_dir, report)
+            console.print(f"[yellow]untracked data[/]: {arrays.source.name}")
+        else:
+            arrays = data.load_version(cfg, data_version or "latest", report)
+    if fast:
+        arrays = arrays.subset(cfg.dataset.fast_fraction, seed)
+    return arrays
+
+
+@app.command("train")
+def train_command(
+    data_version: Annotated[
+        str | None,
+        typer.Option("--data-version", help="Published data version; default: the latest."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="Train on a plain folder (train/<digit>/*.png, test/<digit>/*.png) instead;"
+            " the run is tagged as untracked data.",
+        ),
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="digitnet or seednet")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (the peak one).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    val_size: Annotated[float | None, typer.Option("--val-size", help="In (0, 1).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda")] = None,
+    fast: Annotated[
+        bool,
+        typer.Option("--fast", help="A small share of the training images and 1 epoch."),
+    ] = False,
+) -> None:
+    """Train a classifier on a data version; track it in MLflow; register it; gate champion.
+
+    Defaults come from config/hyp.yml. Runs are tagged phase `experimental`.
+    """
+    from mnistops.data.registry import RegistryError
+    from mnistops.data.store import StoreError
+    from mnistops.tracking.runs import TrackingError, check_tracking_server, train_and_track
+    from mnistops.train.loop import TrainingError, check_hyperparameters, pick_device
+
+    cfg = settings()
+    hyp = hyperparameters(
+        cfg,
+        {
+            "model": model,
+            "n_epochs": epochs if epochs is not None else (1 if fast else None),
+            "batch_size": batch_size,
+            "learning_rate": lr,
+            "random_seed": seed,
+            "val_size": val_size,
+            "device": device,
+        },
+    )
+    try:
+        check_hyperparameters(hyp)
+        pick_device(hyp.device)
+        check_tracking_server(cfg)
+        arrays = training_data(cfg, data_version, data_dir, fast, hyp.random_seed)
+    except (TrainingError, TrackingError, RegistryError, StoreError) as exc:
+        fail(str(exc), code=2)
+    except data_errors() as exc:
+        fail(str(exc), code=2)
+    outcome = run_training(cfg, hyp, arrays, "experimental", train_and_track)
+    summarize(cfg, outcome)
+
+
+def run_training(cfg: Settings, hyp, arrays, phase: str, train_and_track) -> object:
+    from mnistops.train.loop import TrainingError
+
+    source = arrays.source
+    console.print(
+        f"training [bold]{hyp.model}[/] on {source.name if source.tracked else 'untracked data'}"
+        f" ({len(arrays.train_y)} training images incl. validation, {len(arrays.test_y)} test),"
+        f" {hyp.n_epochs} epochs, batch {hyp.batch_size}, lr {hyp.learning_rate}"
+    )
+    try:
+        with progress_bars() as progress_for:
+            bar = {"advance": None}
+
+            def on_epoch(m) -> None:
+                console.print(
+                    f"epoch {m.epoch}/{hyp.n_epochs}: loss {m.train_loss:.4f}"
+                    f" acc {m.train_accuracy:.4f} | val loss {m.val_loss:.4f}"
+                    f" acc {m.val_accuracy:.4f} | {m.seconds:.1f}s, {m.images_per_s:,.0f} img/s"
+                )
+                if m.epoch < hyp.n_epochs:
+                    bar["advance"] = progress_for(f"epoch {m.epoch + 1}", bar["total"])
+
+            train_images = len(arrays.train_y) - max(1, round(len(arrays.train_y) * hyp.val_size))
+            bar["total"] = train_images
+            bar["advance"] = progress_for("epoch 1", train_images)
+            return train_and_track(
+                cfg,
+                hyp,
+                arrays,
+                phase,
+                on_epoch=on_epoch,
+                on_batch=lambda n: bar["advance"](n),
+                on_start=lambda url: console.print(f"MLflow run: {url}"),
+            )
+    except TrainingError as exc:
+        fail(f"{exc}; the run is marked FAILED, nothing was registered")
+    except Exception as exc:  # noqa: BLE001  MLflow/S3 errors: say what failed, not a trace
+        fail(
+            f"training failed: {exc.__class__.__name__}: {exc}; the run is marked FAILED,"
+            " nothing was registered"
+        )
+    raise AssertionError("unreachable")
+
+
+def summarize(cfg: Settings, outcome) -> None:
+    decision = outcome.decision
+    result = outcome.result
+    console.rule("result")
+    console.print(
+        f"test accuracy [bold]{outcome.test_accuracy:.2%}[/] (loss {result.test.loss:.4f}),"
+        f" {result.train_seconds:.0f}s of training at {result.images_per_s:,.0f} images/s"
+    )
+    name = cfg.model_registry.name
+    if decision.moved:
+        console.print(
+            f"[green]{name} v{outcome.model_version} is now champion[/]: {decision.reason}"
+        )
+    else:
+        console.print(
+            f"{name} v{outcome.model_version} registered, tagged challenger;"
+            f" champion stays v{decision.previous_version}: {decision.reason}"
+        )
+    console.print(f"MLflow run: {outcome.run_url}")
+
+
+@app.command("models")
+def models_command() -> None:
+    """The registered versions of the classifier: test accuracy, data version, aliases."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from mnistops.tracking.registry import ACCURACY_TAG, CHALLENGER_TAG, versions
+    from mnistops.tracking.runs import TrackingError, check_tracking_server
+
+    cfg = settings()
+    try:
+        check_tracking_server(cfg)
+        found = versions(MlflowClient(cfg.mlflow_uri), cfg.model_registry.name)
+    except (TrackingError, MlflowException) as exc:
+        fail(str(exc))
+    table = Table(title=f"{cfg.model_registry.name} at {cfg.mlflow_uri}")
+    for column in ("version", "created", "model", "test acc", "data", "phase", "aliases"):
+        table.add_column(column, justify="right" if column == "test acc" else "left", no_wrap=True)
+    notes = []
+    for v in found:
+        tags = v.tags or {}
+        accuracy = tags.get(ACCURACY_TAG)
+        table.add_row(
+            v.version,
+            time.strftime("%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000)),
+            tags.get("model", ""),
+            f"{float(accuracy):.2%}" if accuracy else "",
+            tags.get("data_version", ""),
+            tags.get("phase", ""),
+            ", ".join(v.aliases or []),
+        )
+        if CHALLENGER_TAG in tags:
+            notes.append(f"v{v.version} challenger: {tags[CHALLENGER_TAG]}")
+    console.print(table if found else "no model registered yet (`mnistops train`)")
+    for note in notes:
+        console.print(note, highlight=False)
+
+
+@app.command("predict")
+def predict_command(
+    images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per line: file, digit, confidence.")
+    ] = False,
+) -> None:
+    """The champion's digit and confidence for each image.
+
+    Any size or colour is accepted and converted the MNIST way: grayscale (transparency on
+    white), inverted if the background is light, cropped to the digit, scaled to 20 px on
+    its longer side, centred by mass in 28x28.
+    """
+    import json
+
+    from mnistops.predict import PredictError, predict
+    from mnistops.tracking.runs import TrackingError
+
+    cfg = settings()
+    try:
+        predictions = predict(cfg, images)
+    except (PredictError, TrackingError) as exc:
+        fail(str(exc))
+    for p in predictions:
+        if as_json:
+            print(json.dumps(p.as_dict()))
+        else:
+            console.print(
+                f"{p.file}: [bold]{p.digit}[/] ({p.confidence:.1%}, model v{p.model_version})"
+            )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -26,7 +26,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 ENV_PREFIX = "MNISTOPS_"
 ENV_NESTED = "__"
-CONFIG_FILES = ("stack.yml", "dataset.yml")
+CONFIG_FILES = ("stack.yml", "dataset.yml", "hyp.yml", "flow.yml")
 
 
 class ConfigError(Exception):
@@ -113,6 +113,51 @@ class DatasetSettings(Section):
         return self
 
 
+class HyperParameters(Section):
+    """`config/hyp.yml`, key `hyperparameter`: the tutorial's keys, then ours."""
+
+    random_seed: int = 42
+    val_size: float = Field(0.1, gt=0, lt=1, description="share of train held out to validate")
+    shuffle_data: bool = True
+    batch_size: int = Field(128, gt=0)
+    learning_rate: float = Field(0.003, gt=0)
+    n_epochs: int = Field(5, gt=0)
+    model: str = Field("digitnet", description="seednet (the tutorial's CNN) or digitnet")
+    schedule: Literal["constant", "onecycle"] = "onecycle"
+    weight_decay: float = Field(0.01, ge=0)
+    augment: bool = Field(True, description="random small shifts, turns and zooms while training")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, gt=0, description="CPU threads; default: all cores")
+
+
+class DeploymentSettings(Section):
+    """`config/flow.yml`, key `deployment`: the Prefect deployment of the retraining flow."""
+
+    flow_name: str = "MNIST"
+    deploy_name: str = "mnist-retraining"
+    pool_name: str = "mnist-cpu"
+    queue_name: str = "default"
+
+
+class SchedulerSettings(Section):
+    """`config/flow.yml`, key `scheduler`: when the retraining runs."""
+
+    method: Literal["interval", "cron", "rrule"] = "cron"
+    timezone: str = "UTC"
+    interval: int = Field(86400, gt=0, description="seconds between runs (method: interval)")
+    cron: str = "0 3 * * *"
+    rrule: str = "FREQ=WEEKLY;BYDAY=MO;BYHOUR=3;BYMINUTE=0"
+
+
+class ModelRegistrySettings(Section):
+    """`config/flow.yml`, key `model_registry`: where models go and when `champion` moves."""
+
+    name: str = Field("mnist-classifier", pattern=r"^[A-Za-z0-9_.-]+$")
+    champion_margin: float = Field(
+        0.0, ge=0, le=1, description="test accuracy a new model must gain to become champion"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -132,6 +177,12 @@ class Settings(BaseSettings):
     mlflow: MlflowSettings = MlflowSettings()
     prefect: PrefectSettings = PrefectSettings()
     dataset: DatasetSettings = DatasetSettings()
+    hyperparameter: HyperParameters = HyperParameters()
+    deployment: DeploymentSettings = DeploymentSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    experiment_name: str = Field("MNIST", min_length=1)
+    developer_name: str | None = Field(None, description="user tag of runs; default: login name")
+    model_registry: ModelRegistrySettings = ModelRegistrySettings()
 
     @field_validator("database_url")
     @classmethod

@@ -1,0 +1,152 @@
+"""Predict digits with the champion model, from images of any size or colour.
+
+Images are converted the MNIST way: to grayscale (transparent parts on white); inverted
+when the background is light, so the digit is white on black; cropped to the digit;
+scaled so its longer side is 20 px; placed in a 28x28 black square with its centre of
+mass at the centre.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mnistops.settings import Settings
+
+MAX_PIXELS = 40_000_000
+"""larger images are refused before they are decoded (decompression bombs)"""
+
+
+class PredictError(Exception):
+    """An image cannot be read or there is no champion; the message names which."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    file: str
+    digit: int
+    confidence: float
+    model_version: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "file": self.file,
+            "digit": self.digit,
+            "confidence": round(self.confidence, 6),
+            "model_version": self.model_version,
+        }
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise PredictError(
+                    f"{path}: {width}x{height} pixels is more than the {MAX_PIXELS:,} accepted"
+                )
+            image.load()
+    except FileNotFoundError:
+        raise PredictError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise PredictError(f"{path}: is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise PredictError(f"{path}: not an image PIL can read (PNG or JPEG expected)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PredictError(f"{path}: refused as a decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise PredictError(f"{path}: the image is corrupt or truncated ({exc})") from None
+    return image
+
+
+def _grayscale(image: Image.Image) -> Image.Image:
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = array.max() or 1.0
+        return Image.fromarray((array / top * 255).astype(np.uint8))
+    return image.convert("L")
+
+
+def _border(gray: np.ndarray) -> np.ndarray:
+    return np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+
+
+def mnist_like(image: Image.Image, name: str = "image") -> np.ndarray:
+    """A 28x28 float32 array in [0, 1], white digit on black, as MNIST draws them."""
+    gray = np.asarray(_grayscale(image), dtype=np.float32)
+    if np.median(_border(gray)) > 127:
+        gray = 255 - gray
+    gray = np.clip(gray - np.median(_border(gray)), 0, 255)
+    ink = gray > max(gray.max() * 0.2, 1)
+    if not ink.any():
+        raise PredictError(f"{name}: the image is blank (no digit found)")
+    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    crop = Image.fromarray(gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.uint8))
+    scale = 20 / max(crop.size)
+    size = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
+    digit = np.asarray(crop.resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
+    canvas = np.zeros((28, 28), np.float32)
+    top, left = (28 - size[1]) // 2, (28 - size[0]) // 2
+    canvas[top : top + size[1], left : left + size[0]] = digit
+    total = canvas.sum()
+    if total > 0:
+        ys, xs = np.indices(canvas.shape)
+        dy = int(round(14 - (ys * canvas).sum() / total))
+        dx = int(round(14 - (xs * canvas).sum() / total))
+        canvas = np.roll(canvas, (np.clip(dy, -4, 4), np.clip(dx, -4, 4)), axis=(0, 1))
+    return np.clip(canvas, 0, 255) / 255.0
+
+
+def load_images(paths: list[Path]) -> np.ndarray:
+    """(N, 1, 28, 28) float32 batch; PredictError names the first file that cannot be used."""
+    arrays = []
+    for path in paths:
+        with _open(path) as image:
+            arrays.append(mnist_like(ImageOps.exif_transpose(image) or image, str(path)))
+    return np.stack(arrays)[:, None].astype(np.float32)
+
+
+def champion_uri(settings: Settings) -> tuple[str, str]:
+    """(model URI, version) of the current champion."""
+    from mlflow import MlflowClient
+
+    from mnistops.tracking.registry import champion
+
+    name = settings.model_registry.name
+    version = champion(MlflowClient(settings.mlflow_uri), name)
+    if version is None:
+        raise PredictError(
+            f"no model '{name}' has the alias champion yet at {settings.mlflow_uri};"
+            " train one first (`mnistops train`)"
+        )
+    return f"models:/{name}/{version.version}", version.version
+
+
+def predict(settings: Settings, paths: list[Path]) -> list[Prediction]:
+    import mlflow
+
+    from mnistops.tracking.runs import check_tracking_server
+
+    batch = load_images(paths)
+    check_tracking_server(settings)
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    uri, version = champion_uri(settings)
+    model = mlflow.pyfunc.load_model(uri)
+    logits = np.asarray(model.predict(batch), dtype=np.float64)
+    logits -= logits.max(1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(1, keepdims=True)
+    return [
+        Prediction(str(path), int(p.argmax()), float(p.max()), version)
+        for path, p in zip(paths, probs, strict=True)
+    ]

@@ -1,0 +1,267 @@
+"""A tracked training run: what `mnistops train` and the retraining flow both call.
+
+Everything that can be refused is checked before an MLflow run exists (hyperparameters,
+model, device, the tracking server, the data version). Then one run in the experiment
+gets tags, params, the dataset as an input, per-epoch metrics, test metrics, pictures
+and the model; only a fully logged model is registered, and the champion gate runs last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mnistops.settings import HyperParameters, Settings
+from mnistops.tracking import plots
+from mnistops.tracking.registry import ACCURACY_TAG, GateDecision, register
+from mnistops.train.data import Arrays, DataSource
+from mnistops.train.loop import EpochMetrics, TrainResult, pick_device, train
+
+# Fail within seconds, not minutes, when the tracking server is gone (MLflow's default
+# retries back off for over a minute). A user's own values win.
+MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class TrackingError(Exception):
+    """The tracking server or registry failed; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_id: str
+    run_url: str
+    experiment_id: str
+    model_version: str
+    decision: GateDecision
+    data: DataSource
+    result: TrainResult
+
+    @property
+    def test_accuracy(self) -> float:
+        return self.result.test.accuracy
+
+
+def check_tracking_server(settings: Settings, timeout_s: float = 5.0) -> None:
+    """A clear error, quickly, when the MLflow server cannot be reached."""
+    import httpx
+
+    uri = settings.mlflow_uri
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        response = httpx.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise TrackingError(
+            f"the MLflow server at {uri} cannot be reached ({exc.__class__.__name__});"
+            " start the stack (`mnistops stack up`) or set mlflow.tracking_uri"
+        ) from None
+    if response.status_code != 200:
+        raise TrackingError(f"the MLflow server at {uri} answered {response.status_code}")
+
+
+def code_commit() -> str | None:
+    """The git commit of the running code when it is a git checkout."""
+    source = Path(__file__).resolve().parents[3]
+    if not (source / ".git").exists():
+        return None
+    done = subprocess.run(
+        ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mnistops")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def run_tags(settings: Settings, source: DataSource, phase: str, device: str) -> dict[str, str]:
+    user = settings.developer_name or getpass.getuser()
+    tags = {
+        "phase": phase,
+        "device": device,
+        "data_version": source.name if source.tracked else "untracked",
+        "data_content_hash": source.content_hash,
+        "data_tracked": str(source.tracked).lower(),
+        "mnistops_version": package_version(),
+        "user": user,
+        "mlflow.user": user,
+    }
+    if not source.tracked:
+        tags["data_folder"] = source.name
+    if source.commit:
+        tags["data_registry_commit"] = source.commit
+    commit = code_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["code_commit"] = commit
+    return tags
+
+
+def run_params(hyp: HyperParameters, arrays: Arrays, result_threads: int) -> dict[str, object]:
+    return {
+        **hyp.model_dump(),
+        "train_images": len(arrays.train_y),
+        "test_images": len(arrays.test_y),
+        "threads": result_threads,
+    }
+
+
+def _log_dataset(arrays: Arrays) -> None:
+    import mlflow
+
+    source = arrays.source
+    label = source.name if source.tracked else "untracked"
+    dataset = mlflow.data.from_numpy(
+        arrays.train_x,
+        source=source.uri,
+        targets=arrays.train_y,
+        name=f"MNIST@{label}",
+        digest=source.content_hash[:32],
+    )
+    mlflow.log_input(dataset, context="training")
+
+
+def _log_pictures(arrays: Arrays, result: TrainResult) -> None:
+    import mlflow
+
+    test = result.test
+    for name, fig in (
+        ("confusion_matrix.png", plots.confusion_figure(arrays.test_y, test.predicted)),
+        ("training_curves.png", plots.curves_figure(result.epochs)),
+        (
+            "worst_misclassified.png",
+            plots.worst_errors_figure(
+                arrays.test_x, arrays.test_y, test.predicted, test.confidence
+            ),
+        ),
+    ):
+        mlflow.log_figure(fig, f"plots/{name}")
+        plots.close(fig)
+
+
+def _log_model(result: TrainResult, arrays: Arrays):
+    import mlflow
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
+    )
+    example = (arrays.test_x[:2].astype(np.float32) / 255.0)[:, None]
+    model = result.model.to("cpu")
+    return mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=signature,
+        input_example=example,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+    )
+
+
+def experiment_id(settings: Settings) -> str:
+    import mlflow
+
+    return mlflow.set_experiment(settings.experiment_name).experiment_id
+
+
+def train_and_track(
+    settings: Settings,
+    hyp: HyperParameters,
+    arrays: Arrays,
+    phase: str,
+    extra_tags: dict[str, str] | None = None,
+    on_epoch: Callable[[EpochMetrics], None] = lambda _m: None,
+    on_batch: Callable[[int], None] = lambda _n: None,
+    on_start: Callable[[str], None] = lambda _url: None,
+) -> RunOutcome:
+    """Train, log everything to one MLflow run, register the model, apply the champion gate.
+
+    A failure marks the run FAILED with the reason as its `error` tag; nothing is then
+    registered and `champion` does not move.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    for key, value in MLFLOW_CLIENT_ENV.items():
+        os.environ.setdefault(key, value)
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    exp_id = experiment_id(settings)
+    device = pick_device(hyp.device)
+    tags = {**run_tags(settings, arrays.source, phase, device), **(extra_tags or {})}
+    with mlflow.start_run(experiment_id=exp_id, tags=tags) as run:
+        run_id = run.info.run_id
+        url = f"{settings.mlflow_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+        on_start(url)
+        try:
+            _log_dataset(arrays)
+
+            def log_epoch(metrics: EpochMetrics) -> None:
+                mlflow.log_metrics(
+                    {
+                        "train_loss": metrics.train_loss,
+                        "train_accuracy": metrics.train_accuracy,
+                        "val_loss": metrics.val_loss,
+                        "val_accuracy": metrics.val_accuracy,
+                        "epoch_seconds": metrics.seconds,
+                        "images_per_second": metrics.images_per_s,
+                    },
+                    step=metrics.epoch,
+                )
+                on_epoch(metrics)
+
+            result = train(arrays, hyp, on_epoch=log_epoch, on_batch=on_batch)
+            mlflow.log_params(run_params(hyp, arrays, result.threads))
+            mlflow.log_metrics(
+                {
+                    "test_loss": result.test.loss,
+                    "test_accuracy": result.test.accuracy,
+                    "train_seconds": result.train_seconds,
+                }
+            )
+            _log_pictures(arrays, result)
+            info = _log_model(result, arrays)
+            version, decision = register(
+                MlflowClient(),
+                settings.model_registry.name,
+                info.model_uri,
+                {
+                    ACCURACY_TAG: f"{result.test.accuracy:.6f}",
+                    "data_version": tags["data_version"],
+                    "phase": phase,
+                    "run_id": run_id,
+                    "model": hyp.model,
+                },
+                settings.model_registry.champion_margin,
+            )
+            mlflow.set_tags(
+                {"model_version": version.version, "champion_moved": str(decision.moved).lower()}
+            )
+        except BaseException as exc:
+            _mark_failed(exc)
+            raise
+    return RunOutcome(run_id, url, exp_id, version.version, decision, arrays.source, result)
+
+
+def _mark_failed(exc: BaseException) -> None:
+    import mlflow
+
+    message = str(exc) or exc.__class__.__name__
+    # The server may be what failed: the original error is what the caller must see.
+    with contextlib.suppress(Exception):
+        mlflow.set_tag("error", message[:5000])
+    with contextlib.suppress(Exception):
+        mlflow.end_run(status="FAILED")

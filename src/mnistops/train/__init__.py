@@ -1,0 +1,1 @@
+"""Training: data versions as arrays (`data`), the classifiers (`models`), the loop (`loop`)."""

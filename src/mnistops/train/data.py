@@ -1,0 +1,181 @@
+"""What a training run sees: a data version decoded once into uint8 arrays.
+
+A version's PNGs are decoded a single time into `<home>/cache/arrays/<content hash>.npz`
+(with the SHA-256 of that file beside it); every later run of that version loads the
+arrays in well under a second, and epochs read tensors, never PNGs. A cache file that no
+longer matches its hash is named, thrown away and rebuilt from the object store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mnistops.data import images, registry, store
+from mnistops.settings import Settings
+from mnistops.stack.endpoints import s3_client
+
+Report = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the images came from: a published version, or an untracked folder."""
+
+    name: str
+    """the version tag, or the folder for untracked data"""
+    content_hash: str
+    uri: str
+    commit: str | None = None
+    tracked: bool = True
+
+
+@dataclass
+class Arrays:
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    source: DataSource
+
+    def subset(self, fraction: float, seed: int) -> Arrays:
+        """A random share of the training images (the same for the same seed), for `--fast`.
+
+        The test images stay whole, so a fast run's test accuracy compares with any other.
+        """
+        n = len(self.train_y)
+        keep = np.sort(np.random.default_rng(seed).permutation(n)[: max(20, round(n * fraction))])
+        return Arrays(self.train_x[keep], self.train_y[keep], self.test_x, self.test_y, self.source)
+
+
+class CacheCorrupt(Exception):
+    pass
+
+
+def _cache_dir(settings: Settings) -> Path:
+    return settings.home / "cache" / "arrays"
+
+
+def _decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
+def _decode_all(blobs: list[bytes]) -> np.ndarray:
+    if not blobs:
+        return np.zeros((0, 28, 28), np.uint8)
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        return np.stack(list(pool.map(_decode, blobs, chunksize=512)))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npz")
+    np.savez(partial, **arrays)
+    sidecar = path.with_suffix(".json")
+    sidecar.write_text(json.dumps({"sha256": _file_sha256(partial)}))
+    os.replace(partial, path)
+
+
+def _load(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays, None if absent; CacheCorrupt if the file does not match its hash."""
+    sidecar = path.with_suffix(".json")
+    if not path.is_file() or not sidecar.is_file():
+        return None
+    expected = json.loads(sidecar.read_text()).get("sha256")
+    if _file_sha256(path) != expected:
+        raise CacheCorrupt(f"{path} does not match its SHA-256; rebuilding it")
+    with np.load(path) as data:
+        return {name: data[name] for name in data.files}
+
+
+def _cached_or_built(
+    path: Path, build: Callable[[], dict[str, np.ndarray]], report: Report
+) -> dict[str, np.ndarray]:
+    try:
+        cached = _load(path)
+    except (CacheCorrupt, ValueError, OSError) as exc:
+        report(f"data cache: {exc}")
+        path.unlink(missing_ok=True)
+        cached = None
+    if cached is not None:
+        return cached
+    arrays = build()
+    _save(path, arrays)
+    return arrays
+
+
+def _split_arrays(keys_and_blobs: list[tuple[str, bytes]]) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    for split in ("train", "test"):
+        chosen = [(k, b) for k, b in keys_and_blobs if k.split("/", 1)[0] == split]
+        arrays[f"{split}_x"] = _decode_all([b for _k, b in chosen])
+        arrays[f"{split}_y"] = np.array([int(k.split("/")[1]) for k, _b in chosen], np.int64)
+    return arrays
+
+
+def _version_blobs(settings: Settings, record: store.VersionRecord, report: Report):
+    """(key, PNG bytes) of every image of a version, from the object cache (re-fetched if bad)."""
+    client = s3_client(settings)
+    bucket = settings.s3.buckets.dvc
+    cache = registry.cache_of(settings)
+    for md5 in record.files.values():
+        if cache.has(md5) and store.md5_bytes(cache.read(md5)) != md5:
+            report(f"data cache: object {md5} of {record.tag} is corrupt; fetching it again")
+            cache.path(md5).unlink()
+    store.fetch(client, bucket, cache, record.files.values())
+    rows = sorted(store.parse_manifest(cache.read(record.manifest_md5)))
+    store.check_rows(rows, cache)
+    packs = {pack: cache.read(pack) for pack in {row.pack for row in rows}}
+    return [(r.key, packs[r.pack][r.offset : r.offset + r.length]) for r in rows]
+
+
+def load_version(settings: Settings, tag: str, report: Report = lambda _m: None) -> Arrays:
+    """The arrays of a published version ('latest' = the newest), fetched through the registry."""
+    record = registry.find_record(settings, tag)
+    arrays = _cached_or_built(
+        _cache_dir(settings) / f"{record.content_hash}.npz",
+        lambda: _split_arrays(_version_blobs(settings, record, report)),
+        report,
+    )
+    source = DataSource(
+        record.tag,
+        record.content_hash,
+        f"s3://{settings.s3.buckets.dvc}/{store.VERSIONS_PREFIX}{record.tag}.json",
+        record.commit,
+    )
+    return Arrays(**arrays, source=source)
+
+
+def load_folder(settings: Settings, folder: Path, report: Report = lambda _m: None) -> Arrays:
+    """The arrays of a plain folder of `train/` and `test/` PNGs: untracked data."""
+    folder = folder.absolute()
+    entries = images.scan(folder, images.index_path(settings.home))
+    digest = store.content_hash(entries)
+    arrays = _cached_or_built(
+        _cache_dir(settings) / f"{digest}.npz",
+        lambda: _split_arrays([(e.key, e.path.read_bytes()) for e in sorted(entries, key=_key)]),
+        report,
+    )
+    return Arrays(**arrays, source=DataSource(str(folder), digest, folder.as_uri(), tracked=False))
+
+
+def _key(entry: images.ImageEntry) -> str:
+    return entry.key

@@ -1,0 +1,224 @@
+"""The training loop: tensors in memory, seeded, with a callback per batch and per epoch."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnistops.settings import HyperParameters
+from mnistops.train import models
+from mnistops.train.data import Arrays
+
+
+class TrainingError(Exception):
+    """Training cannot start or cannot go on; the message says why."""
+
+
+class NonFiniteLoss(TrainingError):
+    def __init__(self, epoch: int):
+        super().__init__(f"non-finite loss at epoch {epoch}")
+        self.epoch = epoch
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+    images_per_s: float
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+    predicted: np.ndarray
+    confidence: np.ndarray
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    device: str
+    epochs: list[EpochMetrics]
+    test: Evaluation
+    train_seconds: float
+    """wall time of the epochs (training and validation), not of loading or evaluation"""
+    train_images: int
+    val_images: int
+    threads: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        trained = sum(e.images_per_s * e.seconds for e in self.epochs)
+        return trained / max(sum(e.seconds for e in self.epochs), 1e-9)
+
+
+def pick_device(wanted: str) -> str:
+    """'auto' -> cuda when there is one, else cpu; 'cuda' without one is an error."""
+    available = torch.cuda.is_available()
+    if wanted == "cuda" and not available:
+        raise TrainingError(
+            "device 'cuda' was asked for, but this machine has no usable CUDA GPU"
+            " (torch.cuda.is_available() is False); use --device cpu or auto"
+        )
+    if wanted == "auto":
+        return "cuda" if available else "cpu"
+    return wanted
+
+
+def check_hyperparameters(hyp: HyperParameters) -> None:
+    """What pydantic does not see: the model name must be one we have."""
+    if hyp.model not in models.MODELS:
+        raise TrainingError(f"unknown model '{hyp.model}' (known: {', '.join(models.MODELS)})")
+
+
+def _as_tensor(images: np.ndarray, device: str) -> torch.Tensor:
+    """(N, 1, 28, 28) floats in [0, 1]; with one channel this layout is channels_last too."""
+    tensor = torch.from_numpy(np.array(images)).to(device).unsqueeze(1).float().div_(255.0)
+    return tensor.contiguous(memory_format=torch.channels_last)
+
+
+def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random shift (up to 2 px), turn (up to 10 degrees) and zoom (+-10 %) per image."""
+    n = batch.shape[0]
+    rand = torch.rand(n, 4, generator=generator, device="cpu").to(batch.device) * 2 - 1
+    angle = rand[:, 0] * math.radians(10)
+    scale = 1 + rand[:, 1] * 0.1
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    shift = rand[:, 2:] * (2 * 2 / 28)
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    return F.grid_sample(batch, grid, align_corners=False, padding_mode="zeros")
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> Evaluation:
+    model.eval()
+    losses, predicted, confidence = [], [], []
+    with torch.no_grad():
+        for start in range(0, len(y), batch):
+            logits = model(x[start : start + batch])
+            target = y[start : start + batch]
+            losses.append(F.cross_entropy(logits, target, reduction="sum").item())
+            probs = logits.softmax(1)
+            conf, pred = probs.max(1)
+            predicted.append(pred.cpu().numpy())
+            confidence.append(conf.cpu().numpy())
+    predicted_all = np.concatenate(predicted) if predicted else np.zeros(0, np.int64)
+    n = max(len(y), 1)
+    return Evaluation(
+        loss=sum(losses) / n,
+        accuracy=float((predicted_all == y.cpu().numpy()).sum()) / n,
+        predicted=predicted_all,
+        confidence=np.concatenate(confidence) if confidence else np.zeros(0, np.float32),
+    )
+
+
+def split_train_val(n: int, val_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training and validation images, as the seed decides."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, round(n * val_size))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def train(
+    arrays: Arrays,
+    hyp: HyperParameters,
+    on_epoch: Callable[[EpochMetrics], None] = lambda _m: None,
+    on_batch: Callable[[int], None] = lambda _n: None,
+) -> TrainResult:
+    """Train `hyp.model` on the arrays; the same seed, data and CPU give the same metrics."""
+    check_hyperparameters(hyp)
+    device = pick_device(hyp.device)
+    threads = hyp.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    torch.manual_seed(hyp.random_seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    generator = torch.Generator().manual_seed(hyp.random_seed)
+    shuffle_rng = np.random.default_rng(hyp.random_seed)
+
+    train_idx, val_idx = split_train_val(len(arrays.train_y), hyp.val_size, hyp.random_seed)
+    x_train = _as_tensor(arrays.train_x[train_idx], device)
+    y_train = torch.from_numpy(arrays.train_y[train_idx]).to(device)
+    x_val = _as_tensor(arrays.train_x[val_idx], device)
+    y_val = torch.from_numpy(arrays.train_y[val_idx]).to(device)
+
+    # channels_last + a fused optimizer: about 2x the images/s of the defaults on CPU.
+    model = models.build(hyp.model).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=hyp.learning_rate, weight_decay=hyp.weight_decay, fused=True
+    )
+    steps_per_epoch = math.ceil(len(y_train) / hyp.batch_size)
+    scheduler = (
+        torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=hyp.learning_rate, total_steps=steps_per_epoch * hyp.n_epochs
+        )
+        if hyp.schedule == "onecycle"
+        else None
+    )
+    history: list[EpochMetrics] = []
+    began = time.perf_counter()
+    for epoch in range(1, hyp.n_epochs + 1):
+        epoch_began = time.perf_counter()
+        model.train()
+        order = (
+            torch.from_numpy(shuffle_rng.permutation(len(y_train))).to(device)
+            if hyp.shuffle_data
+            else torch.arange(len(y_train), device=device)
+        )
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(order), hyp.batch_size):
+            index = order[start : start + hyp.batch_size]
+            batch, target = x_train[index], y_train[index]
+            if hyp.augment:
+                batch = _augment(batch, generator)
+            logits = model(batch)
+            loss = F.cross_entropy(logits, target)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLoss(epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            loss_sum += value * len(index)
+            correct += int((logits.argmax(1) == target).sum())
+            on_batch(len(index))
+        seconds = time.perf_counter() - epoch_began
+        val = evaluate(model, x_val, y_val)
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=loss_sum / len(y_train),
+            train_accuracy=correct / len(y_train),
+            val_loss=val.loss,
+            val_accuracy=val.accuracy,
+            seconds=seconds,
+            images_per_s=len(y_train) / max(seconds, 1e-9),
+        )
+        if not math.isfinite(metrics.val_loss):
+            raise NonFiniteLoss(epoch)
+        history.append(metrics)
+        on_epoch(metrics)
+    train_seconds = time.perf_counter() - began
+    test = evaluate(
+        model, _as_tensor(arrays.test_x, device), torch.from_numpy(arrays.test_y).to(device)
+    )
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    return TrainResult(
+        model, device, history, test, train_seconds, len(y_train), len(y_val), threads
+    )

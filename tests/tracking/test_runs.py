@@ -1,0 +1,211 @@
+"""Training tracked in the real MLflow server: what a run logs, the registry's gate, refusals."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from mnistops.settings import HyperParameters, Settings, load_settings
+from mnistops.tracking.registry import CHALLENGER_TAG
+from tests.conftest import client_config, run_cli
+
+pytestmark = pytest.mark.integration
+
+HYP_KEYS = set(HyperParameters.model_fields)
+
+
+@pytest.fixture(scope="module")
+def trainer(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A machine with its own bucket, experiment and model name, and v1.0 (--fast) published."""
+    root = tmp_path_factory.mktemp("trainer")
+    config_dir = client_config(stack_settings, root, bucket=f"dvc-{uuid.uuid4().hex[:8]}")
+    suffix = uuid.uuid4().hex[:6]
+    (config_dir / "flow.yml").write_text(
+        yaml.safe_dump(
+            {
+                "experiment_name": f"MNIST-{suffix}",
+                "developer_name": "tester",
+                "model_registry": {"name": f"mnist-classifier-{suffix}"},
+            }
+        )
+    )
+    for args in (("data", "ingest", "--fast"), ("data", "version", "v1.0", "-m", "first")):
+        done = run_cli(*args, config_dir=config_dir)
+        assert done.returncode == 0, done.stdout + done.stderr
+    yield config_dir
+
+
+def client_of(config_dir: Path) -> tuple[Settings, MlflowClient]:
+    settings = load_settings(config_dir)
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    return settings, MlflowClient(settings.mlflow_uri)
+
+
+def runs_of(config_dir: Path) -> list:
+    settings, client = client_of(config_dir)
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+
+
+def train(config_dir: Path, *args: str):
+    return run_cli("train", "--epochs", "1", "--batch-size", "32", *args, config_dir=config_dir)
+
+
+@pytest.fixture(scope="module")
+def first_run(trainer: Path):
+    done = train(trainer)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done, runs_of(trainer)[0]
+
+
+def test_a_run_logs_tags_params_metrics_and_input(trainer: Path, first_run) -> None:
+    done, run = first_run
+    settings, client = client_of(trainer)
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["phase"] == "experimental" and tags["device"] == "cpu"
+    assert tags["data_version"] == "v1.0" and tags["user"] == "tester"
+    record = json.loads((settings.home / "cache" / "versions" / "v1.0.json").read_text())
+    assert tags["data_content_hash"] == record["content_hash"]
+    assert tags["data_registry_commit"] == record["commit"]
+    assert tags["mnistops_version"]
+    assert set(run.data.params) >= HYP_KEYS
+    assert run.data.params["model"] == "digitnet" and run.data.params["n_epochs"] == "1"
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [1]
+    assert 0.3 < run.data.metrics["test_accuracy"] <= 1
+    assert run.data.metrics["test_loss"] > 0
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "MNIST@v1.0"
+    assert dataset_input.dataset.digest == record["content_hash"][:32]
+    assert "versions/v1.0.json" in dataset_input.dataset.source
+    assert f"{run.data.metrics['test_accuracy']:.2%}" in done.stdout
+    assert run.info.run_id in done.stdout
+
+
+def test_a_run_keeps_plots_and_a_loadable_model(trainer: Path, first_run) -> None:
+    _done, run = first_run
+    settings, client = client_of(trainer)
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {
+        "plots/confusion_matrix.png",
+        "plots/training_curves.png",
+        "plots/worst_misclassified.png",
+    }
+    version = client.get_model_version_by_alias(settings.model_registry.name, "champion")
+    assert version.run_id == run.info.run_id
+    model = mlflow.pyfunc.load_model(f"models:/{settings.model_registry.name}@champion")
+    assert model.metadata.signature is not None
+    from mnistops.train.data import load_version
+
+    arrays = load_version(settings, "v1.0")
+    logits = model.predict(arrays.test_x.astype("float32")[:, None] / 255.0)
+    accuracy = float((logits.argmax(1) == arrays.test_y).mean())
+    assert accuracy == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)
+
+
+def test_predict_prints_the_champions_digit(trainer: Path, first_run) -> None:
+    settings, _client = client_of(trainer)
+    images = sorted((settings.mnist_dir / "test" / "7").glob("*.png"))[:2]
+    done = run_cli("predict", *map(str, images), "--json", config_dir=trainer)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [str(p) for p in images]
+    assert all(set(line) == {"file", "digit", "confidence", "model_version"} for line in lines)
+    assert all(0 <= line["digit"] <= 9 and 0 < line["confidence"] <= 1 for line in lines)
+    bad = run_cli("predict", str(images[0]), str(trainer / "flow.yml"), config_dir=trainer)
+    assert bad.returncode == 1 and "flow.yml: not an image" in bad.stderr
+
+
+def test_the_champion_gate_both_ways_and_determinism(trainer: Path, first_run) -> None:
+    settings, client = client_of(trainer)
+    name = settings.model_registry.name
+    _done, first = first_run
+    champion = client.get_model_version_by_alias(name, "champion")
+    first_accuracy = first.data.metrics["test_accuracy"]
+
+    same = train(trainer)  # same seed, data and CPU: the same metrics, so not better
+    assert same.returncode == 0, same.stderr
+    repeat = runs_of(trainer)[0]
+    for key in ("test_accuracy", "test_loss", "val_loss", "train_loss"):
+        assert repeat.data.metrics[key] == first.data.metrics[key], key
+    version = client.get_model_version(name, repeat.data.tags["model_version"])
+    assert "not more than the champion's" in version.tags[CHALLENGER_TAG]
+    assert client.get_model_version_by_alias(name, "champion").version == champion.version
+
+    worse = train(trainer, "--model", "seednet", "--lr", "1e-7")
+    assert worse.returncode == 0, worse.stderr
+    assert "champion stays" in worse.stdout
+    assert client.get_model_version_by_alias(name, "champion").version == champion.version
+
+    better = train(trainer, "--epochs", "3")
+    assert better.returncode == 0, better.stderr
+    best = runs_of(trainer)[0]
+    assert best.data.metrics["test_accuracy"] > first_accuracy
+    moved = client.get_model_version_by_alias(name, "champion")
+    assert moved.run_id == best.info.run_id and "is now champion" in better.stdout
+
+    listing = run_cli("models", config_dir=trainer)
+    assert listing.returncode == 0
+    assert "champion" in listing.stdout and "v1.0" in listing.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--lr", "0"), "--lr: Input should be greater than 0"),
+        (("--lr", "-0.1"), "--lr: Input should be greater than 0"),
+        (("--batch-size", "0"), "--batch-size: Input should be greater than 0"),
+        (("--epochs", "-1"), "--epochs: Input should be greater than 0"),
+        (("--val-size", "1"), "--val-size: Input should be less than 1"),
+        (("--model", "resnet"), "unknown model 'resnet' (known: digitnet, seednet)"),
+        (("--data-version", "v9"), "no data version 'v9'"),
+        (("--device", "tpu"), "--device: Input should be 'auto', 'cpu' or 'cuda'"),
+    ],
+)
+def test_bad_input_is_refused_before_any_run(trainer: Path, first_run, args, message) -> None:
+    before = len(runs_of(trainer))
+    done = run_cli("train", *args, config_dir=trainer)
+    assert done.returncode == 2
+    assert message in done.stderr
+    if "v9" in args:
+        assert "published: v1.0" in done.stderr
+    assert len(runs_of(trainer)) == before
+
+
+def test_a_diverging_run_fails_and_registers_nothing(trainer: Path, first_run) -> None:
+    settings, client = client_of(trainer)
+    name = settings.model_registry.name
+    champion = client.get_model_version_by_alias(name, "champion").version
+    versions = len(client.search_model_versions(f"name = '{name}'"))
+    done = train(trainer, "--model", "seednet", "--lr", "1e30")
+    assert done.returncode == 1
+    assert "non-finite loss at epoch 1" in done.stderr
+    run = runs_of(trainer)[0]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "non-finite loss at epoch 1"
+    assert len(client.search_model_versions(f"name = '{name}'")) == versions
+    assert client.get_model_version_by_alias(name, "champion").version == champion
+
+
+def test_a_plain_folder_is_untracked_data(trainer: Path, first_run) -> None:
+    settings, _client = client_of(trainer)
+    folder = settings.home.parent / "plain"
+    pulled = run_cli("data", "pull", "v1.0", "--to", str(folder), config_dir=trainer)
+    assert pulled.returncode == 0, pulled.stderr
+    done = train(trainer, "--data-dir", str(folder), "--fast")
+    assert done.returncode == 0, done.stderr
+    run = runs_of(trainer)[0]
+    assert run.data.tags["data_version"] == "untracked"
+    assert run.data.tags["data_folder"] == str(folder)
+    assert "untracked data" in done.stdout

@@ -1,0 +1,102 @@
+"""The training loop and data arrays, without services."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mnistops.data import mnist
+from mnistops.settings import HyperParameters
+from mnistops.train import models
+from mnistops.train.data import Arrays, DataSource
+from mnistops.train.loop import (
+    NonFiniteLoss,
+    TrainingError,
+    check_hyperparameters,
+    pick_device,
+    split_train_val,
+    train,
+)
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def small() -> Arrays:
+    """600 training and 200 test images of the real MNIST."""
+    data = mnist.load(mnist.packaged_dir())
+    return Arrays(
+        data.train_images[:600],
+        data.train_labels[:600].astype(np.int64),
+        data.test_images[:200],
+        data.test_labels[:200].astype(np.int64),
+        DataSource("unit", "0" * 64, "file:///unit", tracked=False),
+    )
+
+
+def test_seednet_is_the_tutorial_cnn() -> None:
+    net = models.seednet()
+    convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (1, 32, (5, 5)),
+        (32, 4, (5, 5)),
+    ]
+    linear = next(m for m in net if isinstance(m, torch.nn.Linear))
+    assert (linear.in_features, linear.out_features) == (784, 10)
+    assert sum(isinstance(m, torch.nn.LeakyReLU) for m in net) == 2
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net) == 1
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_every_model_maps_images_to_ten_logits(name: str) -> None:
+    out = models.build(name).eval()(torch.zeros(3, 1, 28, 28))
+    assert out.shape == (3, 10)
+
+
+def test_an_unknown_model_names_the_known_ones() -> None:
+    with pytest.raises(TrainingError, match="unknown model 'resnet' .known: digitnet, seednet"):
+        check_hyperparameters(HyperParameters(model="resnet"))
+
+
+def test_cuda_without_a_gpu_is_a_clear_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(TrainingError, match="no usable CUDA GPU"):
+        pick_device("cuda")
+    assert pick_device("auto") == "cpu"
+
+
+def test_the_validation_split_follows_the_seed() -> None:
+    a_train, a_val = split_train_val(1000, 0.2, seed=1)
+    b_train, b_val = split_train_val(1000, 0.2, seed=1)
+    c_train, _ = split_train_val(1000, 0.2, seed=2)
+    assert len(a_val) == 200 and len(a_train) == 800
+    assert not set(a_train) & set(a_val)
+    assert (a_train == b_train).all() and (a_val == b_val).all()
+    assert not (a_train == c_train).all()
+
+
+def test_fast_subset_keeps_every_test_image(small: Arrays) -> None:
+    fast = small.subset(0.1, seed=3)
+    assert len(fast.train_y) == 60 and len(fast.test_y) == 200
+    assert (fast.train_x == small.subset(0.1, seed=3).train_x).all()
+
+
+def test_same_seed_same_metrics(small: Arrays) -> None:
+    hyp = HyperParameters(n_epochs=2, batch_size=32, random_seed=7, threads=2)
+    first, second = train(small, hyp), train(small, hyp)
+    assert first.epochs[-1].train_loss == second.epochs[-1].train_loss
+    assert [e.val_accuracy for e in first.epochs] == [e.val_accuracy for e in second.epochs]
+    assert first.test.accuracy == second.test.accuracy
+    assert first.test.accuracy > 0.5
+    other = train(small, hyp.model_copy(update={"random_seed": 8}))
+    assert other.epochs[-1].train_loss != first.epochs[-1].train_loss
+
+
+def test_a_diverging_run_stops_with_the_epoch(small: Arrays) -> None:
+    hyp = HyperParameters(
+        model="seednet", learning_rate=1e30, schedule="constant", augment=False, batch_size=16
+    )
+    with pytest.raises(NonFiniteLoss, match="non-finite loss at epoch 1"):
+        train(small, hyp)
