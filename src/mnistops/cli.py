@@ -342,6 +342,23 @@ def data_version(
         f"published {record.tag} ({record.content_hash[:12]}): {result.new_images} new "
         f"images in {result.new_objects} new objects, {result.new_bytes / 1e6:.1f} MB sent"
     )
+    announce(cfg, record.tag, record.content_hash)
+
+
+def announce(cfg: Settings, tag: str, content_hash: str) -> None:
+    """Emit the Prefect event that triggers retraining; the version stands if this fails."""
+    from mnistops.flows.deploy import PUBLISHED_EVENT, emit_published
+
+    try:
+        emit_published(cfg, tag, content_hash)
+    except Exception as exc:  # noqa: BLE001  the publish itself succeeded
+        err.print(
+            f"[yellow]warning:[/] {tag} is published, but the event {PUBLISHED_EVENT} could not"
+            f" be sent to Prefect at {cfg.prefect_api_url} ({exc.__class__.__name__}); start a"
+            " retraining with `mnistops run`"
+        )
+        return
+    console.print(f"event {PUBLISHED_EVENT} sent: a deployed retraining will start")
 
 
 @data_app.command("list")
@@ -664,3 +681,136 @@ def predict_command(
             console.print(
                 f"{p.file}: [bold]{p.digit}[/] ({p.confidence:.1%}, model v{p.model_version})"
             )
+
+
+# --- scheduled retraining (Prefect) ------------------------------------------------------
+
+
+def flow_errors() -> tuple[type[Exception], ...]:
+    from mnistops.flows.deploy import DeployError
+
+    return (DeployError, ConfigError)
+
+
+@app.command("deploy")
+def deploy_command() -> None:
+    """Create or update the retraining deployment from config/flow.yml (idempotent).
+
+    Creates the process work pool if missing. The deployment runs the flow `MNIST` on its
+    schedule, on every new data version (a trigger on the event `data version` sends), and
+    on `mnistops run`; at most one run at a time (a second one waits in the queue).
+    """
+    from mnistops.flows.deploy import deploy, next_run
+
+    cfg = settings()
+    try:
+        result = deploy(cfg)
+    except flow_errors() as exc:
+        fail(str(exc), code=2 if isinstance(exc, ConfigError) else 1)
+    if result.pool_created:
+        console.print(f"work pool {cfg.deployment.pool_name} (process) created")
+    console.print(
+        f"deployment {result.full_name}: [bold]{result.action}[/]; schedule {result.schedule};"
+        f" pool {cfg.deployment.pool_name}, queue {cfg.deployment.queue_name}"
+    )
+    upcoming = next_run(cfg)
+    if upcoming:
+        console.print(f"next scheduled run: {upcoming}")
+    console.print(
+        f"start a worker: [bold]mnistops worker --pool {cfg.deployment.pool_name}[/]"
+        f"; UI: {cfg.prefect_api_url.removesuffix('/api')}/deployments"
+    )
+
+
+@app.command("worker")
+def worker_command(
+    pool: Annotated[
+        str | None, typer.Option("--pool", help="Work pool; default deployment.pool_name.")
+    ] = None,
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach", help="Run in the background as part of the stack (stopped by stack down)."
+        ),
+    ] = False,
+) -> None:
+    """Start a Prefect worker that runs the retraining flow's runs from a work pool.
+
+    The flow is part of the installed package, so any machine with mnistops and the
+    variables of `mnistops stack env` can serve the pool.
+    """
+    import os
+
+    from mnistops import stack
+    from mnistops.flows.deploy import check_server, worker_command, worker_env
+
+    cfg = settings()
+    pool = pool or cfg.deployment.pool_name
+    try:
+        check_server(cfg)
+    except flow_errors() as exc:
+        fail(str(exc))
+    env = worker_env(cfg, State.config_dir)
+    cmd = worker_command(pool)
+    if not detach:
+        console.print(f"worker for pool {pool} (Ctrl-C stops it)")
+        os.execve(cmd[0], cmd, env)
+    try:
+        record = stack.start_worker(cfg, pool, cmd, env)
+    except stack.StackError as exc:
+        fail(str(exc))
+    console.print(
+        f"worker for pool {pool} started (pid {record.pid}, log {_shorter(record.log_path)});"
+        " `mnistops stack down` stops it"
+    )
+
+
+@app.command("run")
+def run_command(
+    data_version: Annotated[
+        str | None, typer.Option("--data-version", help="Default: the latest.")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    lr: Annotated[float | None, typer.Option("--lr")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda")] = None,
+    fast: Annotated[bool, typer.Option("--fast", help="A small share, 1 epoch.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the run; exit non-zero unless it completes.")
+    ] = False,
+) -> None:
+    """Quick run: a run of the retraining deployment, now."""
+    from mnistops.flows.deploy import follow, quick_run
+
+    cfg = settings()
+    given = {
+        "data_version": data_version,
+        "model": model,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": lr,
+        "seed": seed,
+        "device": device,
+        "fast": fast or None,
+    }
+    try:
+        run_id, url = quick_run(cfg, {k: v for k, v in given.items() if v is not None})
+    except flow_errors() as exc:
+        fail(str(exc))
+    console.print(f"flow run {run_id}: {url}")
+    if not wait:
+        return
+    began = time.monotonic()
+
+    def on_state(name: str, message: str) -> None:
+        note = f" ({message})" if message else ""
+        console.print(f"{time.monotonic() - began:6.1f}s  {name}{note}", highlight=False)
+
+    try:
+        final = follow(cfg, run_id, on_state)
+    except flow_errors() as exc:
+        fail(str(exc))
+    if final.state is None or final.state.type.value != "COMPLETED":
+        fail(f"flow run {run_id} ended {final.state.name if final.state else 'unknown'}; see {url}")

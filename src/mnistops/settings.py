@@ -121,7 +121,7 @@ class HyperParameters(Section):
     shuffle_data: bool = True
     batch_size: int = Field(128, gt=0)
     learning_rate: float = Field(0.003, gt=0)
-    n_epochs: int = Field(5, gt=0)
+    n_epochs: int = Field(6, gt=0)
     model: str = Field("digitnet", description="seednet (the tutorial's CNN) or digitnet")
     schedule: Literal["constant", "onecycle"] = "onecycle"
     weight_decay: float = Field(0.01, ge=0)

@@ -197,6 +197,11 @@ def down(settings: Settings, report: Report = lambda _: None) -> list[str]:
     """Stop every service this state dir started, with all their child processes."""
     stopped = []
     with _stack_lock(settings):
+        for record in worker_records(settings):
+            if process.is_alive(record):
+                report(f"stopping {record.name} (pid {record.pid})")
+                stopped.append(record.name)
+            process.stop(record, run_dir(settings))
         for name in reversed(SERVICE_NAMES):
             record = process.read_record(run_dir(settings), name)
             if record is None:
@@ -226,4 +231,46 @@ def status(settings: Settings) -> list[ServiceStatus]:
                 log=record.log_path if record else None,
             )
         )
+    for record in worker_records(settings):
+        alive = process.is_alive(record)
+        result.append(
+            ServiceStatus(
+                name=record.name,
+                title=f"Prefect worker ({record.name.removeprefix(WORKER_PREFIX)})",
+                url=record.url,
+                external=False,
+                running=alive,
+                pid=record.pid if alive else None,
+                healthy=alive,
+                log=record.log_path,
+            )
+        )
     return result
+
+
+WORKER_PREFIX = "worker-"
+
+
+def worker_records(settings: Settings) -> list[process.ProcessRecord]:
+    """The records of the workers started with `mnistops worker --detach`."""
+    folder = run_dir(settings)
+    names = sorted(p.stem for p in folder.glob(f"{WORKER_PREFIX}*.json")) if folder.is_dir() else []
+    return [r for r in (process.read_record(folder, n) for n in names) if r is not None]
+
+
+def start_worker(
+    settings: Settings, pool: str, cmd: list[str], env: dict[str, str]
+) -> process.ProcessRecord:
+    """Start a worker for `pool` as a background service of the stack (one per pool)."""
+    name = f"{WORKER_PREFIX}{pool}"
+    with _stack_lock(settings):
+        record = process.read_record(run_dir(settings), name)
+        if record is not None and process.is_alive(record):
+            raise StackError(f"a worker for pool '{pool}' is already running (pid {record.pid})")
+        record = process.start(name, cmd, env, run_dir(settings), log_dir(settings), f"pool {pool}")
+    time.sleep(2)
+    if process.exited(record):
+        process.record_path(run_dir(settings), name).unlink(missing_ok=True)
+        log = process.tail(record.log_path)
+        raise StackError(f"the worker for pool '{pool}' exited at start; its log:\n{log}")
+    return record

@@ -22,7 +22,15 @@ from mnistops.settings import HyperParameters, Settings
 from mnistops.tracking import plots
 from mnistops.tracking.registry import ACCURACY_TAG, GateDecision, register
 from mnistops.train.data import Arrays, DataSource
-from mnistops.train.loop import EpochMetrics, TrainResult, pick_device, train
+from mnistops.train.loop import (
+    EpochMetrics,
+    Fitted,
+    TrainResult,
+    fit,
+    pick_device,
+    score_on_test,
+    thread_count,
+)
 
 # Fail within seconds, not minutes, when the tracking server is gone (MLflow's default
 # retries back off for over a minute). A user's own values win.
@@ -31,6 +39,17 @@ MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUES
 
 class TrackingError(Exception):
     """The tracking server or registry failed; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """An open MLflow run of a training: what the later steps need to log into it."""
+
+    run_id: str
+    url: str
+    experiment_id: str
+    phase: str
+    data_version: str
 
 
 @dataclass(frozen=True)
@@ -109,12 +128,12 @@ def run_tags(settings: Settings, source: DataSource, phase: str, device: str) ->
     return tags
 
 
-def run_params(hyp: HyperParameters, arrays: Arrays, result_threads: int) -> dict[str, object]:
+def run_params(hyp: HyperParameters, arrays: Arrays, threads: int) -> dict[str, object]:
     return {
         **hyp.model_dump(),
         "train_images": len(arrays.train_y),
         "test_images": len(arrays.test_y),
-        "threads": result_threads,
+        "threads": threads,
     }
 
 
@@ -178,6 +197,127 @@ def experiment_id(settings: Settings) -> str:
     return mlflow.set_experiment(settings.experiment_name).experiment_id
 
 
+def begin(
+    settings: Settings,
+    hyp: HyperParameters,
+    arrays: Arrays,
+    phase: str,
+    extra_tags: dict[str, str] | None = None,
+) -> TrackedRun:
+    """Open the run (it stays the active MLflow run) with its tags, params and dataset."""
+    import mlflow
+
+    for key, value in MLFLOW_CLIENT_ENV.items():
+        os.environ.setdefault(key, value)
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    exp_id = experiment_id(settings)
+    tags = {
+        **run_tags(settings, arrays.source, phase, pick_device(hyp.device)),
+        **(extra_tags or {}),
+    }
+    run = mlflow.start_run(experiment_id=exp_id, tags=tags)
+    run_id = run.info.run_id
+    tracked = TrackedRun(
+        run_id,
+        f"{settings.mlflow_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}",
+        exp_id,
+        phase,
+        tags["data_version"],
+    )
+    try:
+        mlflow.log_params(run_params(hyp, arrays, thread_count(hyp)))
+        _log_dataset(arrays)
+    except BaseException as exc:
+        end(exc)
+        raise
+    return tracked
+
+
+def fit_logged(
+    hyp: HyperParameters,
+    arrays: Arrays,
+    on_epoch: Callable[[EpochMetrics], None] = lambda _m: None,
+    on_batch: Callable[[int], None] = lambda _n: None,
+) -> Fitted:
+    """Train in the active run, logging each epoch's metrics as it ends."""
+    import mlflow
+
+    def log_epoch(metrics: EpochMetrics) -> None:
+        mlflow.log_metrics(
+            {
+                "train_loss": metrics.train_loss,
+                "train_accuracy": metrics.train_accuracy,
+                "val_loss": metrics.val_loss,
+                "val_accuracy": metrics.val_accuracy,
+                "epoch_seconds": metrics.seconds,
+                "images_per_second": metrics.images_per_s,
+            },
+            step=metrics.epoch,
+        )
+        on_epoch(metrics)
+
+    return fit(arrays, hyp, on_epoch=log_epoch, on_batch=on_batch)
+
+
+def evaluate_logged(fitted: Fitted, arrays: Arrays) -> TrainResult:
+    """Test the model; log test loss and accuracy and the pictures to the active run."""
+    import mlflow
+
+    result = score_on_test(fitted, arrays)
+    mlflow.log_metrics(
+        {
+            "test_loss": result.test.loss,
+            "test_accuracy": result.test.accuracy,
+            "train_seconds": result.train_seconds,
+        }
+    )
+    _log_pictures(arrays, result)
+    return result
+
+
+def register_logged(
+    settings: Settings, run: TrackedRun, hyp: HyperParameters, arrays: Arrays, result: TrainResult
+) -> tuple[str, GateDecision]:
+    """Log the model, register it as a new version, apply the champion gate."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    info = _log_model(result, arrays)
+    version, decision = register(
+        MlflowClient(),
+        settings.model_registry.name,
+        info.model_uri,
+        {
+            ACCURACY_TAG: f"{result.test.accuracy:.6f}",
+            "data_version": run.data_version,
+            "data_content_hash": arrays.source.content_hash,
+            "phase": run.phase,
+            "run_id": run.run_id,
+            "model": hyp.model,
+        },
+        settings.model_registry.champion_margin,
+    )
+    mlflow.set_tags(
+        {"model_version": version.version, "champion_moved": str(decision.moved).lower()}
+    )
+    return version.version, decision
+
+
+def end(error: BaseException | None = None) -> None:
+    """Close the active run: FINISHED, or FAILED with the reason as its `error` tag."""
+    import mlflow
+
+    if error is None:
+        mlflow.end_run()
+        return
+    message = str(error) or error.__class__.__name__
+    # The server may be what failed: the original error is what the caller must see.
+    with contextlib.suppress(Exception):
+        mlflow.set_tag("error", message[:5000])
+    with contextlib.suppress(Exception):
+        mlflow.end_run(status="FAILED")
+
+
 def train_and_track(
     settings: Settings,
     hyp: HyperParameters,
@@ -193,75 +333,16 @@ def train_and_track(
     A failure marks the run FAILED with the reason as its `error` tag; nothing is then
     registered and `champion` does not move.
     """
-    import mlflow
-    from mlflow import MlflowClient
-
-    for key, value in MLFLOW_CLIENT_ENV.items():
-        os.environ.setdefault(key, value)
-    mlflow.set_tracking_uri(settings.mlflow_uri)
-    exp_id = experiment_id(settings)
-    device = pick_device(hyp.device)
-    tags = {**run_tags(settings, arrays.source, phase, device), **(extra_tags or {})}
-    with mlflow.start_run(experiment_id=exp_id, tags=tags) as run:
-        run_id = run.info.run_id
-        url = f"{settings.mlflow_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
-        on_start(url)
-        try:
-            _log_dataset(arrays)
-
-            def log_epoch(metrics: EpochMetrics) -> None:
-                mlflow.log_metrics(
-                    {
-                        "train_loss": metrics.train_loss,
-                        "train_accuracy": metrics.train_accuracy,
-                        "val_loss": metrics.val_loss,
-                        "val_accuracy": metrics.val_accuracy,
-                        "epoch_seconds": metrics.seconds,
-                        "images_per_second": metrics.images_per_s,
-                    },
-                    step=metrics.epoch,
-                )
-                on_epoch(metrics)
-
-            result = train(arrays, hyp, on_epoch=log_epoch, on_batch=on_batch)
-            mlflow.log_params(run_params(hyp, arrays, result.threads))
-            mlflow.log_metrics(
-                {
-                    "test_loss": result.test.loss,
-                    "test_accuracy": result.test.accuracy,
-                    "train_seconds": result.train_seconds,
-                }
-            )
-            _log_pictures(arrays, result)
-            info = _log_model(result, arrays)
-            version, decision = register(
-                MlflowClient(),
-                settings.model_registry.name,
-                info.model_uri,
-                {
-                    ACCURACY_TAG: f"{result.test.accuracy:.6f}",
-                    "data_version": tags["data_version"],
-                    "phase": phase,
-                    "run_id": run_id,
-                    "model": hyp.model,
-                },
-                settings.model_registry.champion_margin,
-            )
-            mlflow.set_tags(
-                {"model_version": version.version, "champion_moved": str(decision.moved).lower()}
-            )
-        except BaseException as exc:
-            _mark_failed(exc)
-            raise
-    return RunOutcome(run_id, url, exp_id, version.version, decision, arrays.source, result)
-
-
-def _mark_failed(exc: BaseException) -> None:
-    import mlflow
-
-    message = str(exc) or exc.__class__.__name__
-    # The server may be what failed: the original error is what the caller must see.
-    with contextlib.suppress(Exception):
-        mlflow.set_tag("error", message[:5000])
-    with contextlib.suppress(Exception):
-        mlflow.end_run(status="FAILED")
+    run = begin(settings, hyp, arrays, phase, extra_tags)
+    on_start(run.url)
+    try:
+        fitted = fit_logged(hyp, arrays, on_epoch, on_batch)
+        result = evaluate_logged(fitted, arrays)
+        version, decision = register_logged(settings, run, hyp, arrays, result)
+    except BaseException as exc:
+        end(exc)
+        raise
+    end()
+    return RunOutcome(
+        run.run_id, run.url, run.experiment_id, version, decision, arrays.source, result
+    )

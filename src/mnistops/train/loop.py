@@ -6,7 +6,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,22 +48,27 @@ class Evaluation:
 
 
 @dataclass
-class TrainResult:
+class Fitted:
+    """A trained model and its epochs, before the test images are seen."""
+
     model: nn.Module
     device: str
     epochs: list[EpochMetrics]
-    test: Evaluation
     train_seconds: float
-    """wall time of the epochs (training and validation), not of loading or evaluation"""
+    """wall time of the epochs (training and validation), not of loading or testing"""
     train_images: int
     val_images: int
     threads: int
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
         trained = sum(e.images_per_s * e.seconds for e in self.epochs)
         return trained / max(sum(e.seconds for e in self.epochs), 1e-9)
+
+
+@dataclass(kw_only=True)
+class TrainResult(Fitted):
+    test: Evaluation
 
 
 def pick_device(wanted: str) -> str:
@@ -135,16 +140,20 @@ def split_train_val(n: int, val_size: float, seed: int) -> tuple[np.ndarray, np.
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def train(
+def thread_count(hyp: HyperParameters) -> int:
+    return hyp.threads or os.cpu_count() or 1
+
+
+def fit(
     arrays: Arrays,
     hyp: HyperParameters,
     on_epoch: Callable[[EpochMetrics], None] = lambda _m: None,
     on_batch: Callable[[int], None] = lambda _n: None,
-) -> TrainResult:
+) -> Fitted:
     """Train `hyp.model` on the arrays; the same seed, data and CPU give the same metrics."""
     check_hyperparameters(hyp)
     device = pick_device(hyp.device)
-    threads = hyp.threads or os.cpu_count() or 1
+    threads = thread_count(hyp)
     torch.set_num_threads(threads)
     torch.manual_seed(hyp.random_seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -215,10 +224,23 @@ def train(
         history.append(metrics)
         on_epoch(metrics)
     train_seconds = time.perf_counter() - began
-    test = evaluate(
-        model, _as_tensor(arrays.test_x, device), torch.from_numpy(arrays.test_y).to(device)
-    )
     model = model.to(memory_format=torch.contiguous_format).eval()
-    return TrainResult(
-        model, device, history, test, train_seconds, len(y_train), len(y_val), threads
-    )
+    return Fitted(model, device, history, train_seconds, len(y_train), len(y_val), threads)
+
+
+def score_on_test(fitted: Fitted, arrays: Arrays) -> TrainResult:
+    """The fitted model on the test images (never seen while training)."""
+    device = fitted.device
+    x = _as_tensor(arrays.test_x, device)
+    evaluation = evaluate(fitted.model, x, torch.from_numpy(arrays.test_y).to(device))
+    return TrainResult(**vars(fitted), test=evaluation)
+
+
+def train(
+    arrays: Arrays,
+    hyp: HyperParameters,
+    on_epoch: Callable[[EpochMetrics], None] = lambda _m: None,
+    on_batch: Callable[[int], None] = lambda _n: None,
+) -> TrainResult:
+    """`fit`, then `score_on_test`."""
+    return score_on_test(fit(arrays, hyp, on_epoch, on_batch), arrays)

@@ -1,0 +1,1 @@
+"""Prefect: the retraining flow (`retrain`) and its deployment, workers and runs (`deploy`)."""

@@ -1,0 +1,352 @@
+"""The retraining deployment: schedule, work pool, trigger; workers; quick runs; events.
+
+`deploy` creates the process work pool if missing and creates or updates the deployment
+of the `MNIST` flow with the schedule of `config/flow.yml`, a concurrency limit of 1 (a
+run that finds another running waits in the queue: ENQUEUE) and a trigger on the event
+that `mnistops data version` emits. A deployment that already matches is left untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+import zoneinfo
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from mnistops.settings import ConfigError, Settings
+
+PUBLISHED_EVENT = "mnistops.data.version.published"
+ENTRYPOINT = "mnistops.flows.retrain.mnist_flow"
+SCHEDULE_SLUG = "mnistops-schedule"
+# How often a worker asks for work (Prefect's default is 10 s): the delay of a quick run.
+WORKER_POLL_S = 2
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+class DeployError(Exception):
+    """The Prefect server refused or cannot be reached; the message says which."""
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    deployment_id: str
+    full_name: str
+    action: str
+    """created, updated or unchanged"""
+    schedule: str
+    pool_created: bool
+
+
+def build_schedule(settings: Settings):
+    """The Prefect schedule of `scheduler`; ConfigError naming the key if it is wrong."""
+    from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule, RRuleSchedule
+
+    sched = settings.scheduler
+    try:
+        zoneinfo.ZoneInfo(sched.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"config/flow.yml: key 'scheduler.timezone': unknown time zone '{sched.timezone}'"
+            " (an IANA name such as UTC or Asia/Taipei)"
+        ) from None
+    try:
+        if sched.method == "interval":
+            return IntervalSchedule(
+                interval=timedelta(seconds=sched.interval), timezone=sched.timezone
+            )
+        if sched.method == "cron":
+            return CronSchedule(cron=sched.cron, timezone=sched.timezone)
+        return RRuleSchedule(rrule=sched.rrule, timezone=sched.timezone)
+    except (ValidationError, ValueError) as exc:
+        reason = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+        raise ConfigError(f"config/flow.yml: key 'scheduler.{sched.method}': {reason}") from None
+
+
+def describe_schedule(settings: Settings) -> str:
+    sched = settings.scheduler
+    value = {"interval": f"every {sched.interval} s", "cron": sched.cron, "rrule": sched.rrule}
+    return f"{sched.method} {value[sched.method]} ({sched.timezone})"
+
+
+def full_name(settings: Settings) -> str:
+    return f"{settings.deployment.flow_name}/{settings.deployment.deploy_name}"
+
+
+def default_parameters(settings: Settings) -> dict[str, Any]:
+    """What a scheduled or triggered run uses: the deploying machine's hyp.yml, and skip a
+    retraining when the champion was already trained on the newest data."""
+    return {
+        "data_version": "latest",
+        "hyperparameters": settings.hyperparameter.model_dump(),
+        "skip_if_unchanged": True,
+    }
+
+
+def _prefect_env(settings: Settings) -> None:
+    os.environ["PREFECT_API_URL"] = settings.prefect_api_url
+
+
+def _runner_deployment(settings: Settings):
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.events import DeploymentEventTrigger
+    from prefect.types.entrypoint import EntrypointType
+
+    from mnistops.flows.retrain import mnist_flow
+
+    dep = settings.deployment
+    flow = mnist_flow.with_options(name=dep.flow_name)
+    return flow.to_deployment(
+        name=dep.deploy_name,
+        schedule=build_schedule(settings),
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+        ),
+        parameters=default_parameters(settings),
+        triggers=[
+            DeploymentEventTrigger(
+                name="new data version",
+                expect={PUBLISHED_EVENT},
+                parameters={"data_version": "latest", "skip_if_unchanged": True},
+            )
+        ],
+        description="Retrain the MNIST classifier on the newest data version (mnistops)",
+        tags=["mnistops"],
+        work_pool_name=dep.pool_name,
+        work_queue_name=dep.queue_name,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def ensure_pool(settings: Settings) -> bool:
+    """Create the process work pool if it is missing; True if it was created."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_work_pool(settings.deployment.pool_name)
+        except ObjectNotFound:
+            client.create_work_pool(
+                WorkPoolCreate(name=settings.deployment.pool_name, type="process")
+            )
+            return True
+    if pool.type != "process":
+        raise DeployError(
+            f"work pool '{pool.name}' exists with type '{pool.type}'; mnistops needs a process"
+            " pool: choose another deployment.pool_name"
+        )
+    return False
+
+
+def _matches(existing, wanted, schedule, automations: list) -> bool:
+    same_schedule = len(existing.schedules) == 1 and (
+        existing.schedules[0].schedule.model_dump() == schedule.model_dump()
+        and existing.schedules[0].active
+    )
+    return (
+        same_schedule
+        and existing.entrypoint == wanted.entrypoint
+        and existing.work_pool_name == wanted.work_pool_name
+        and existing.work_queue_name == wanted.work_queue_name
+        and existing.parameters == wanted.parameters
+        and existing.concurrency_limit == 1
+        and existing.description == wanted.description
+        and len(automations) == 1
+    )
+
+
+def check_server(settings: Settings, timeout_s: float = 5.0) -> None:
+    import httpx
+
+    url = settings.prefect_api_url.rstrip("/") + "/health"
+    try:
+        ok = httpx.get(url, timeout=timeout_s).status_code == 200
+    except httpx.HTTPError as exc:
+        raise DeployError(
+            f"the Prefect server at {settings.prefect_api_url} cannot be reached"
+            f" ({exc.__class__.__name__}); start the stack (`mnistops stack up`) or set"
+            " prefect.api_url"
+        ) from None
+    if not ok:
+        raise DeployError(f"the Prefect server at {settings.prefect_api_url} is not healthy")
+
+
+def deploy(settings: Settings) -> DeployResult:
+    """Create or update the deployment (idempotent). Config errors come before any change."""
+    schedule = build_schedule(settings)
+    check_server(settings)
+    _prefect_env(settings)
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    wanted = _runner_deployment(settings)
+    pool_created = ensure_pool(settings)
+    with get_client(sync_client=True) as client:
+        try:
+            existing = client.read_deployment_by_name(full_name(settings))
+        except ObjectNotFound:
+            existing = None
+        if existing is not None:
+            automations = client.read_resource_related_automations(
+                f"prefect.deployment.{existing.id}"
+            )
+            if _matches(existing, wanted, schedule, automations):
+                return DeployResult(
+                    str(existing.id),
+                    full_name(settings),
+                    "unchanged",
+                    describe_schedule(settings),
+                    pool_created,
+                )
+    wanted.schedules[0].slug = SCHEDULE_SLUG
+    deployment_id = wanted.apply(work_pool_name=settings.deployment.pool_name)
+    return DeployResult(
+        str(deployment_id),
+        full_name(settings),
+        "updated" if existing is not None else "created",
+        describe_schedule(settings),
+        pool_created,
+    )
+
+
+def next_run(settings: Settings) -> str | None:
+    """When the next scheduled run is due, as the server has planned it."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    _prefect_env(settings)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=[settings.deployment.deploy_name])
+            ),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+            ),
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+            limit=1,
+        )
+    return runs[0].expected_start_time.isoformat() if runs else None
+
+
+# --- workers -----------------------------------------------------------------------------
+
+
+def worker_env(settings: Settings, config_dir: Path | None) -> dict[str, str]:
+    """The environment of a worker and of the flow runs it starts: the stack's client
+    variables, absolute paths for state and config (runs start in a temp dir)."""
+    from mnistops.settings import default_config_dir
+    from mnistops.stack.endpoints import client_env
+
+    env = {**os.environ, **client_env(settings)}
+    env["PREFECT_API_URL"] = settings.prefect_api_url
+    env["PREFECT_WORKER_QUERY_SECONDS"] = str(WORKER_POLL_S)
+    env["PREFECT_WORKER_PREFETCH_SECONDS"] = "5"
+    env["MNISTOPS_HOME"] = str(settings.home)
+    env["MNISTOPS_DATA_DIR"] = str(settings.data_dir)
+    folder = (config_dir or default_config_dir()).absolute()
+    if folder.is_dir():
+        env["MNISTOPS_CONFIG_DIR"] = str(folder)
+    return env
+
+
+def worker_command(pool: str) -> list[str]:
+    prefect = Path(sys.executable).parent / "prefect"
+    return [str(prefect), "worker", "start", "--pool", pool, "--type", "process"]
+
+
+def worker_name(pool: str) -> str:
+    return f"worker-{pool}"
+
+
+# --- quick runs --------------------------------------------------------------------------
+
+
+def quick_run(settings: Settings, parameters: dict[str, Any]) -> tuple[str, str]:
+    """Start a run of the deployment now; (flow run id, its UI URL)."""
+    check_server(settings)
+    _prefect_env(settings)
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        run = run_deployment(
+            full_name(settings),
+            parameters={"skip_if_unchanged": False, **parameters},
+            timeout=0,
+            tags=["quick-run"],
+        )
+    except ObjectNotFound:
+        raise DeployError(
+            f"no deployment {full_name(settings)} at {settings.prefect_api_url};"
+            " create it with `mnistops deploy`"
+        ) from None
+    ui = settings.prefect_api_url.removesuffix("/api")
+    return str(run.id), f"{ui}/runs/flow-run/{run.id}"
+
+
+def follow(
+    settings: Settings,
+    flow_run_id: str,
+    on_state: Callable[[str, str], None],
+    poll_s: float = 1.0,
+    timeout_s: float | None = None,
+):
+    """Report each state change of the flow run until it ends; return the final flow run."""
+    from prefect import get_client
+
+    _prefect_env(settings)
+    last = None
+    began = time.monotonic()
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            state = run.state
+            current = (state.type.value, state.name) if state else ("PENDING", "Pending")
+            if current != last:
+                on_state(current[1], (state.message or "") if state else "")
+                last = current
+            if current[0] in TERMINAL:
+                return run
+            if timeout_s is not None and time.monotonic() - began > timeout_s:
+                raise DeployError(f"flow run {flow_run_id} did not end within {timeout_s:.0f} s")
+            time.sleep(poll_s)
+
+
+# --- events ------------------------------------------------------------------------------
+
+
+def emit_published(settings: Settings, tag: str, content_hash: str, timeout_s: float = 10) -> None:
+    """Tell Prefect a data version was published (its deployment trigger starts a run)."""
+    _prefect_env(settings)
+    from prefect.events import Event
+    from prefect.events.clients import get_events_client
+
+    event = Event(
+        event=PUBLISHED_EVENT,
+        resource={"prefect.resource.id": f"mnistops.data-version.{tag}", "tag": tag},
+        payload={"tag": tag, "content_hash": content_hash},
+    )
+
+    async def send() -> None:
+        async with get_events_client() as client:
+            await client.emit(event)
+
+    asyncio.run(asyncio.wait_for(send(), timeout_s))

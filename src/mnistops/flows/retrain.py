@@ -1,0 +1,203 @@
+"""The retraining flow `MNIST`: pull, validate, preprocess, train, evaluate, register.
+
+The flow is part of the installed package: deployments point at it by module path
+(`mnistops.flows.retrain.mnist_flow`), so a worker on any machine with mnistops installed and
+the stack's variables (`mnistops stack env`) runs it without a shared folder or a copy of
+the code. Every step calls the same functions as `mnistops train`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE as NO_CACHE
+from prefect.runtime import flow_run
+
+from mnistops.settings import HyperParameters, Settings, load_settings
+from mnistops.tracking import runs
+from mnistops.train import data, loop
+
+FLOW_TIMEOUT_S = 3 * 3600
+
+
+@task(name="Pulling dataset", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
+def pull_dataset(settings: Settings, data_version: str) -> data.Arrays:
+    arrays = data.load_version(settings, data_version, print)
+    print(
+        f"data version {arrays.source.name}: {len(arrays.train_y)} training and"
+        f" {len(arrays.test_y)} test images (content {arrays.source.content_hash[:12]})"
+    )
+    return arrays
+
+
+@task(name="Validating dataset", cache_policy=NO_CACHE)
+def validate_dataset(arrays: data.Arrays) -> None:
+    """What training relies on: 28x28 images, labels 0-9, every class present in both splits."""
+    for split, x, y in (
+        ("train", arrays.train_x, arrays.train_y),
+        ("test", arrays.test_x, arrays.test_y),
+    ):
+        if x.shape[1:] != (28, 28) or len(x) != len(y):
+            raise ValueError(f"{split}: images of shape {x.shape[1:]}, expected 28x28")
+        missing = sorted(set(range(10)) - set(np.unique(y).tolist()))
+        if missing:
+            raise ValueError(f"{split}: no image of digit(s) {missing}")
+    print("dataset valid: 28x28 images, every digit in train and test")
+
+
+@task(name="Preprocessing", cache_policy=NO_CACHE)
+def preprocess(arrays: data.Arrays, fast: bool, fraction: float, seed: int) -> data.Arrays:
+    if fast:
+        arrays = arrays.subset(fraction, seed)
+        print(f"fast mode: {len(arrays.train_y)} training images")
+    return arrays
+
+
+@task(name="Model training", cache_policy=NO_CACHE)
+def train_model(hyp: HyperParameters, arrays: data.Arrays) -> loop.Fitted:
+    def report(m: loop.EpochMetrics) -> None:
+        print(
+            f"epoch {m.epoch}/{hyp.n_epochs}: loss {m.train_loss:.4f} acc {m.train_accuracy:.4f}"
+            f" | val loss {m.val_loss:.4f} acc {m.val_accuracy:.4f} | {m.seconds:.1f}s"
+        )
+
+    return runs.fit_logged(hyp, arrays, on_epoch=report)
+
+
+@task(name="Evaluation", cache_policy=NO_CACHE)
+def evaluate_model(fitted: loop.Fitted, arrays: data.Arrays) -> loop.TrainResult:
+    result = runs.evaluate_logged(fitted, arrays)
+    print(f"test accuracy {result.test.accuracy:.4f} (loss {result.test.loss:.4f})")
+    return result
+
+
+@task(name="Registering model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def register_model(
+    settings: Settings,
+    run: runs.TrackedRun,
+    hyp: HyperParameters,
+    arrays: data.Arrays,
+    result: loop.TrainResult,
+):
+    return runs.register_logged(settings, run, hyp, arrays, result)
+
+
+def trained_on(settings: Settings, content_hash: str) -> str | None:
+    """The registered model version already trained on this data, if there is one."""
+    from mlflow import MlflowClient
+
+    from mnistops.tracking.registry import versions
+
+    client = MlflowClient(settings.mlflow_uri)
+    for version in versions(client, settings.model_registry.name):
+        if (version.tags or {}).get("data_content_hash") == content_hash:
+            return version.version
+    return None
+
+
+def resolve_hyperparameters(
+    settings: Settings, base: dict[str, object] | None, overrides: dict[str, object]
+) -> HyperParameters:
+    """This machine's hyp.yml, under the deployment's `hyperparameters`, under the run's."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return HyperParameters(**{**settings.hyperparameter.model_dump(), **(base or {}), **given})
+
+
+def _summary(
+    run: runs.TrackedRun, data_version: str, accuracy: float, moved: bool, reason: str
+) -> str:
+    state = "**moved** to this model" if moved else "stayed"
+    return (
+        f"# MNIST retraining\n\n"
+        f"| | |\n|---|---|\n"
+        f"| MLflow run | [{run.run_id}]({run.url}) |\n"
+        f"| data version | {data_version} |\n"
+        f"| test accuracy | {accuracy:.2%} |\n"
+        f"| champion | {state}: {reason} |\n"
+    )
+
+
+@flow(name="MNIST", log_prints=True, timeout_seconds=FLOW_TIMEOUT_S)
+def mnist_flow(
+    data_version: str = "latest",
+    hyperparameters: dict[str, object] | None = None,
+    model: str | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    learning_rate: float | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    fast: bool = False,
+    skip_if_unchanged: bool = False,
+) -> dict[str, object]:
+    """Retrain on a data version; register the model; move `champion` if it is better.
+
+    `hyperparameters` (set by `mnistops deploy` from its hyp.yml) overrides the worker's
+    hyp.yml; `model`, `epochs`, ... override both. `skip_if_unchanged` (scheduled and
+    triggered runs): when a registered model was already trained on this very data (the
+    champion, or a challenger that lost to it), say so and train nothing.
+    """
+    settings = load_settings()
+    hyp = resolve_hyperparameters(
+        settings,
+        hyperparameters,
+        {
+            "model": model,
+            "n_epochs": epochs if epochs is not None else (1 if fast else None),
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "random_seed": seed,
+            "device": device,
+        },
+    )
+    loop.check_hyperparameters(hyp)
+    loop.pick_device(hyp.device)
+    runs.check_tracking_server(settings)
+    arrays = pull_dataset(settings, data_version)
+    done_before = trained_on(settings, arrays.source.content_hash) if skip_if_unchanged else None
+    if done_before is not None:
+        message = (
+            f"no new data: {arrays.source.name} was already trained on (model version"
+            f" {done_before}); nothing to do"
+        )
+        print(message)
+        create_markdown_artifact(
+            f"# MNIST retraining\n\nSkipped: {message}.", key="mnist-retraining"
+        )
+        return {"skipped": True, "reason": message}
+    validate_dataset(arrays)
+    arrays = preprocess(arrays, fast, settings.dataset.fast_fraction, hyp.random_seed)
+    run = runs.begin(
+        settings,
+        hyp,
+        arrays,
+        "retraining",
+        {"prefect_flow_run_id": str(flow_run.id), "prefect_flow_run_name": str(flow_run.name)},
+    )
+    print(f"MLflow run: {run.url}")
+    try:
+        fitted = train_model(hyp, arrays)
+        result = evaluate_model(fitted, arrays)
+        version, decision = register_model(settings, run, hyp, arrays, result)
+    except BaseException as exc:
+        runs.end(exc)
+        raise
+    runs.end()
+    create_markdown_artifact(
+        _summary(run, arrays.source.name, result.test.accuracy, decision.moved, decision.reason),
+        key="mnist-retraining",
+        description="MNIST retraining result",
+    )
+    print(
+        f"model version {version}: test accuracy {result.test.accuracy:.2%};"
+        f" champion {'moved' if decision.moved else 'stayed'} ({decision.reason})"
+    )
+    return {
+        "skipped": False,
+        "run_id": run.run_id,
+        "model_version": version,
+        "test_accuracy": result.test.accuracy,
+        "champion_moved": decision.moved,
+        "data_version": arrays.source.name,
+    }

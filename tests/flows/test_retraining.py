@@ -1,0 +1,231 @@
+"""The retraining flow against the real stack: deploy, a worker elsewhere, quick runs,
+a schedule that fires, retries, and a new data version that starts a run."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+from prefect import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+from mnistops import stack
+from mnistops.settings import Settings, load_settings
+from tests.conftest import client_config, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def flow_config(suffix: str, **scheduler: object) -> dict:
+    return {
+        "deployment": {
+            "flow_name": "MNIST",
+            "deploy_name": f"retrain-{suffix}",
+            "pool_name": f"pool-{suffix}",
+            "queue_name": "default",
+        },
+        "scheduler": {
+            "method": "cron",
+            "cron": "0 3 * * *",
+            "timezone": "Asia/Taipei",
+            **scheduler,
+        },
+        "experiment_name": f"MNIST-{suffix}",
+        "developer_name": "flow-tester",
+        "model_registry": {"name": f"mnist-{suffix}"},
+    }
+
+
+FAST_HYP = {"hyperparameter": {"n_epochs": 1, "batch_size": 64}}
+
+
+@pytest.fixture(scope="module")
+def machines(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A publisher that deploys, and a worker machine with only the stack's variables, an
+    empty HOME and state dir, in its own working dir, serving the pool."""
+    suffix = uuid.uuid4().hex[:6]
+    bucket = f"dvc-{suffix}"
+    publisher = client_config(stack_settings, tmp_path_factory.mktemp("publisher"), bucket=bucket)
+    (publisher / "flow.yml").write_text(yaml.safe_dump(flow_config(suffix)))
+    (publisher / "hyp.yml").write_text(yaml.safe_dump(FAST_HYP))
+    for args in (("data", "ingest", "--fast"), ("data", "version", "v1.0", "-m", "first")):
+        done = run_cli(*args, config_dir=publisher)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    worker_root = tmp_path_factory.mktemp("worker-machine")
+    worker_config = client_config(stack_settings, worker_root)
+    config = yaml.safe_load((worker_config / "stack.yml").read_text())
+    config["s3"]["buckets"] = {"dvc": bucket}
+    (worker_config / "stack.yml").write_text(yaml.safe_dump(config))
+    (worker_config / "flow.yml").write_text(yaml.safe_dump(flow_config(suffix)))
+    home = worker_root / "home"
+    home.mkdir()
+    worker_env = {"PATH": os.environ["PATH"], "HOME": str(home)}
+    os.environ["PREFECT_API_URL"] = stack_settings.prefect_api_url
+    deployed = run_cli("deploy", config_dir=publisher)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    started = run_cli(
+        "worker", "--detach", config_dir=worker_config, env=worker_env, cwd=worker_root
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield {"publisher": publisher, "worker": worker_config, "suffix": suffix, "deployed": deployed}
+    stack.down(load_settings(worker_config))
+
+
+def mlflow_runs(config_dir: Path) -> list:
+    settings = load_settings(config_dir)
+    client = MlflowClient(settings.mlflow_uri)
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+
+
+def deployment_runs(settings: Settings, deploy_name: str) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deploy_name]))
+        )
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(2)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def test_deploy_is_idempotent(machines: dict) -> None:
+    assert "created" in machines["deployed"].stdout
+    again = run_cli("deploy", config_dir=machines["publisher"])
+    assert again.returncode == 0, again.stderr
+    assert "unchanged" in again.stdout
+    status = run_cli("stack", "status", config_dir=machines["worker"])
+    assert f"Prefect worker (pool-{machines['suffix']})" in status.stdout
+
+
+def test_quick_run_completes_on_the_worker(machines: dict) -> None:
+    publisher = machines["publisher"]
+    settings, client = load_settings(publisher), None
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    client = MlflowClient(settings.mlflow_uri)
+    done = run_cli("run", "--wait", config_dir=publisher, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Completed" in done.stdout
+    run_line = next(line for line in done.stdout.splitlines() if line.startswith("flow run "))
+    flow_run_id = run_line.split()[2].rstrip(":")
+    (run,) = [
+        r for r in mlflow_runs(publisher) if r.data.tags.get("prefect_flow_run_id") == flow_run_id
+    ]
+    assert run.data.tags["phase"] == "retraining"
+    assert run.data.tags["prefect_flow_run_name"]
+    assert run.info.status == "FINISHED"
+    version = client.get_model_version_by_alias(settings.model_registry.name, "champion")
+    assert version.run_id == run.info.run_id  # the first model: the gate moved champion to it
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts()
+    assert any(
+        a.key == "mnist-retraining"
+        and str(a.flow_run_id) == flow_run_id
+        and run.info.run_id in a.data
+        for a in artifacts
+    )
+
+
+def test_a_failing_task_retries_then_fails_the_run(machines: dict) -> None:
+    publisher = machines["publisher"]
+    done = run_cli("run", "--data-version", "v9", "--wait", config_dir=publisher, timeout=600)
+    assert done.returncode == 1
+    assert "Failed" in done.stdout
+    flow_run_id = next(
+        line.split()[2].rstrip(":")
+        for line in done.stdout.splitlines()
+        if line.startswith("flow run ")
+    )
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterId,
+            LogFilter,
+            LogFilterFlowRunId,
+        )
+
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+    pulling = next(t for t in tasks if t.name.startswith("Pulling dataset"))
+    assert pulling.run_count == 4  # the first try and three retries
+    assert any("no data version 'v9'" in log.message for log in logs)
+
+
+def test_a_new_data_version_starts_a_retraining(machines: dict) -> None:
+    publisher = machines["publisher"]
+    settings = load_settings(publisher)
+    before = {r.id for r in deployment_runs(settings, f"retrain-{machines['suffix']}")}
+    added = run_cli("data", "add", str(settings.mnist_dir / "train_v2"), config_dir=publisher)
+    assert added.returncode == 0, added.stderr
+    published = run_cli("data", "version", "v2.0", "-m", "more", config_dir=publisher)
+    assert published.returncode == 0, published.stderr
+    assert "sent: a deployed retraining will start" in published.stdout
+
+    def triggered_run_completed():
+        runs = [
+            r
+            for r in deployment_runs(settings, f"retrain-{machines['suffix']}")
+            if r.id not in before
+        ]
+        return next((r for r in runs if r.state and r.state.is_completed()), None)
+
+    wait_for(triggered_run_completed, 300, "the run started by the new data version")
+    trained = [r for r in mlflow_runs(publisher) if r.data.tags.get("data_version") == "v2.0"]
+    assert trained and trained[0].data.tags["phase"] == "retraining"
+
+
+def test_a_schedule_fires_and_skips_when_nothing_is_new(machines: dict, tmp_path: Path) -> None:
+    """An interval of a few seconds: the server plans runs, the worker runs them; with no new
+    data since the champion, the run says so and trains nothing."""
+    publisher = machines["publisher"]
+    scheduled = tmp_path / "config"
+    scheduled.mkdir()
+    for name in ("stack.yml", "hyp.yml"):
+        (scheduled / name).write_text((publisher / name).read_text())
+    config = flow_config(machines["suffix"], method="interval", interval=5)
+    config["deployment"]["deploy_name"] = f"every-5s-{machines['suffix']}"
+    (scheduled / "flow.yml").write_text(yaml.safe_dump(config))
+    deployed = run_cli("deploy", config_dir=scheduled)
+    assert deployed.returncode == 0, deployed.stderr
+    settings = load_settings(scheduled)
+    mlflow_before = len(mlflow_runs(publisher))
+    try:
+        completed = wait_for(
+            lambda: next(
+                (
+                    r
+                    for r in deployment_runs(settings, config["deployment"]["deploy_name"])
+                    if r.state and r.state.is_completed()
+                ),
+                None,
+            ),
+            240,
+            "a scheduled run to complete",
+        )
+        assert "quick-run" not in completed.tags
+        assert completed.auto_scheduled
+    finally:
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name(f"MNIST/{config['deployment']['deploy_name']}")
+            client.delete_deployment(dep.id)
+    assert len(mlflow_runs(publisher)) == mlflow_before  # nothing new: nothing trained
