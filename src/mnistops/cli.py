@@ -61,7 +61,7 @@ def print_urls(cfg: Settings) -> None:
     from mnistops import stack
 
     table = Table(title="mnistops stack", show_header=True, header_style="bold")
-    table.add_column("service")
+    table.add_column("service", no_wrap=True)
     table.add_column("state")
     table.add_column("pid", justify="right")
     table.add_column("URL", no_wrap=True)
@@ -782,7 +782,7 @@ def run_command(
     ] = False,
 ) -> None:
     """Quick run: a run of the retraining deployment, now."""
-    from mnistops.flows.deploy import follow, quick_run
+    from mnistops.flows.deploy import follow, quick_run, run_summary
 
     cfg = settings()
     given = {
@@ -812,5 +812,10 @@ def run_command(
         final = follow(cfg, run_id, on_state)
     except flow_errors() as exc:
         fail(str(exc))
+    summary = run_summary(cfg, run_id)
+    if summary:
+        from rich.markdown import Markdown
+
+        console.print(Markdown(summary))
     if final.state is None or final.state.type.value != "COMPLETED":
         fail(f"flow run {run_id} ended {final.state.name if final.state else 'unknown'}; see {url}")

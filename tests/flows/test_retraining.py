@@ -7,6 +7,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -15,6 +16,7 @@ import yaml
 from mlflow import MlflowClient
 from prefect import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from mnistops import stack
 from mnistops.settings import Settings, load_settings
@@ -68,7 +70,6 @@ def machines(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
     home = worker_root / "home"
     home.mkdir()
     worker_env = {"PATH": os.environ["PATH"], "HOME": str(home)}
-    os.environ["PREFECT_API_URL"] = stack_settings.prefect_api_url
     deployed = run_cli("deploy", config_dir=publisher)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     started = run_cli(
@@ -77,6 +78,15 @@ def machines(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
     assert started.returncode == 0, started.stdout + started.stderr
     yield {"publisher": publisher, "worker": worker_config, "suffix": suffix, "deployed": deployed}
     stack.down(load_settings(worker_config))
+
+
+@contextmanager
+def prefect_client(settings: Settings):
+    """A client of the stack's Prefect server (this process imported prefect before the
+    stack existed, so its settings must be given, not read from the environment)."""
+    updates = {PREFECT_API_URL: settings.prefect_api_url}
+    with temporary_settings(updates=updates), get_client(sync_client=True) as client:
+        yield client
 
 
 def mlflow_runs(config_dir: Path) -> list:
@@ -89,7 +99,7 @@ def mlflow_runs(config_dir: Path) -> list:
 
 
 def deployment_runs(settings: Settings, deploy_name: str) -> list:
-    with get_client(sync_client=True) as client:
+    with prefect_client(settings) as client:
         return client.read_flow_runs(
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deploy_name]))
         )
@@ -111,7 +121,11 @@ def test_deploy_is_idempotent(machines: dict) -> None:
     assert again.returncode == 0, again.stderr
     assert "unchanged" in again.stdout
     status = run_cli("stack", "status", config_dir=machines["worker"])
-    assert f"Prefect worker (pool-{machines['suffix']})" in status.stdout
+    assert status.returncode == 0
+    (worker,) = [
+        s for s in stack.status(load_settings(machines["worker"])) if s.name.startswith("worker-")
+    ]
+    assert worker.name == f"worker-pool-{machines['suffix']}" and worker.healthy
 
 
 def test_quick_run_completes_on_the_worker(machines: dict) -> None:
@@ -132,7 +146,7 @@ def test_quick_run_completes_on_the_worker(machines: dict) -> None:
     assert run.info.status == "FINISHED"
     version = client.get_model_version_by_alias(settings.model_registry.name, "champion")
     assert version.run_id == run.info.run_id  # the first model: the gate moved champion to it
-    with get_client(sync_client=True) as prefect:
+    with prefect_client(settings) as prefect:
         artifacts = prefect.read_artifacts()
     assert any(
         a.key == "mnist-retraining"
@@ -152,7 +166,7 @@ def test_a_failing_task_retries_then_fails_the_run(machines: dict) -> None:
         for line in done.stdout.splitlines()
         if line.startswith("flow run ")
     )
-    with get_client(sync_client=True) as client:
+    with prefect_client(load_settings(publisher)) as client:
         from prefect.client.schemas.filters import (
             FlowRunFilter,
             FlowRunFilterId,
@@ -225,7 +239,7 @@ def test_a_schedule_fires_and_skips_when_nothing_is_new(machines: dict, tmp_path
         assert "quick-run" not in completed.tags
         assert completed.auto_scheduled
     finally:
-        with get_client(sync_client=True) as client:
+        with prefect_client(settings) as client:
             dep = client.read_deployment_by_name(f"MNIST/{config['deployment']['deploy_name']}")
             client.delete_deployment(dep.id)
     assert len(mlflow_runs(publisher)) == mlflow_before  # nothing new: nothing trained

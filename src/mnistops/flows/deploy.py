@@ -13,7 +13,8 @@ import os
 import sys
 import time
 import zoneinfo
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -90,8 +91,24 @@ def default_parameters(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _prefect_env(settings: Settings) -> None:
+@contextmanager
+def prefect_api(settings: Settings) -> Iterator[None]:
+    """Point Prefect's client at our server, and never at a temporary local one (what
+    Prefect does when no API URL is set)."""
     os.environ["PREFECT_API_URL"] = settings.prefect_api_url
+    os.environ["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
+        temporary_settings,
+    )
+
+    updates = {
+        PREFECT_API_URL: settings.prefect_api_url,
+        PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False,
+    }
+    with temporary_settings(updates=updates):
+        yield
 
 
 def _runner_deployment(settings: Settings):
@@ -158,10 +175,15 @@ def _matches(existing, wanted, schedule, automations: list) -> bool:
         and existing.work_pool_name == wanted.work_pool_name
         and existing.work_queue_name == wanted.work_queue_name
         and existing.parameters == wanted.parameters
-        and existing.concurrency_limit == 1
+        and _concurrency_limit(existing) == 1
         and existing.description == wanted.description
         and len(automations) == 1
     )
+
+
+def _concurrency_limit(deployment) -> int | None:
+    limit = getattr(deployment, "global_concurrency_limit", None)
+    return limit.limit if limit is not None else None
 
 
 def check_server(settings: Settings, timeout_s: float = 5.0) -> None:
@@ -184,7 +206,11 @@ def deploy(settings: Settings) -> DeployResult:
     """Create or update the deployment (idempotent). Config errors come before any change."""
     schedule = build_schedule(settings)
     check_server(settings)
-    _prefect_env(settings)
+    with prefect_api(settings):
+        return _deploy(settings, schedule)
+
+
+def _deploy(settings: Settings, schedule) -> DeployResult:
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -231,8 +257,7 @@ def next_run(settings: Settings) -> str | None:
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 
-    _prefect_env(settings)
-    with get_client(sync_client=True) as client:
+    with prefect_api(settings), get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             deployment_filter=DeploymentFilter(
                 name=DeploymentFilterName(any_=[settings.deployment.deploy_name])
@@ -257,6 +282,7 @@ def worker_env(settings: Settings, config_dir: Path | None) -> dict[str, str]:
 
     env = {**os.environ, **client_env(settings)}
     env["PREFECT_API_URL"] = settings.prefect_api_url
+    env["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
     env["PREFECT_WORKER_QUERY_SECONDS"] = str(WORKER_POLL_S)
     env["PREFECT_WORKER_PREFETCH_SECONDS"] = "5"
     env["MNISTOPS_HOME"] = str(settings.home)
@@ -282,17 +308,17 @@ def worker_name(pool: str) -> str:
 def quick_run(settings: Settings, parameters: dict[str, Any]) -> tuple[str, str]:
     """Start a run of the deployment now; (flow run id, its UI URL)."""
     check_server(settings)
-    _prefect_env(settings)
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
     try:
-        run = run_deployment(
-            full_name(settings),
-            parameters={"skip_if_unchanged": False, **parameters},
-            timeout=0,
-            tags=["quick-run"],
-        )
+        with prefect_api(settings):
+            run = run_deployment(
+                full_name(settings),
+                parameters={"skip_if_unchanged": False, **parameters},
+                timeout=0,
+                tags=["quick-run"],
+            )
     except ObjectNotFound:
         raise DeployError(
             f"no deployment {full_name(settings)} at {settings.prefect_api_url};"
@@ -312,10 +338,9 @@ def follow(
     """Report each state change of the flow run until it ends; return the final flow run."""
     from prefect import get_client
 
-    _prefect_env(settings)
     last = None
     began = time.monotonic()
-    with get_client(sync_client=True) as client:
+    with prefect_api(settings), get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(flow_run_id)
             state = run.state
@@ -330,12 +355,23 @@ def follow(
             time.sleep(poll_s)
 
 
+def run_summary(settings: Settings, flow_run_id: str) -> str | None:
+    """The markdown artifact the flow run left (its result), if any."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with prefect_api(settings), get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return str(found[-1].data) if found else None
+
+
 # --- events ------------------------------------------------------------------------------
 
 
 def emit_published(settings: Settings, tag: str, content_hash: str, timeout_s: float = 10) -> None:
     """Tell Prefect a data version was published (its deployment trigger starts a run)."""
-    _prefect_env(settings)
     from prefect.events import Event
     from prefect.events.clients import get_events_client
 
@@ -349,4 +385,5 @@ def emit_published(settings: Settings, tag: str, content_hash: str, timeout_s: f
         async with get_events_client() as client:
             await client.emit(event)
 
-    asyncio.run(asyncio.wait_for(send(), timeout_s))
+    with prefect_api(settings):
+        asyncio.run(asyncio.wait_for(send(), timeout_s))
