@@ -243,3 +243,25 @@ def test_a_schedule_fires_and_skips_when_nothing_is_new(machines: dict, tmp_path
             dep = client.read_deployment_by_name(f"MNIST/{config['deployment']['deploy_name']}")
             client.delete_deployment(dep.id)
     assert len(mlflow_runs(publisher)) == mlflow_before  # nothing new: nothing trained
+
+
+def test_forcing_cuda_without_a_gpu_fails_the_run_clearly(machines: dict) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    publisher = machines["publisher"]
+    done = run_cli("run", "--device", "cuda", "--wait", config_dir=publisher, timeout=600)
+    assert done.returncode == 1
+    flow_run_id = next(
+        line.split()[2].rstrip(":")
+        for line in done.stdout.splitlines()
+        if line.startswith("flow run ")
+    )
+    with prefect_client(load_settings(publisher)) as client:
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+    assert any("no usable CUDA GPU" in log.message for log in logs)
