@@ -209,3 +209,19 @@ def test_a_plain_folder_is_untracked_data(trainer: Path, first_run) -> None:
     assert run.data.tags["data_version"] == "untracked"
     assert run.data.tags["data_folder"] == str(folder)
     assert "untracked data" in done.stdout
+
+
+def test_a_damaged_array_cache_is_named_and_rebuilt(trainer: Path, first_run) -> None:
+    from mnistops.train.data import load_version
+
+    settings, _client = client_of(trainer)
+    clean = load_version(settings, "v1.0")
+    cached = settings.home / "cache" / "arrays" / f"{clean.source.content_hash}.npz"
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    said: list[str] = []
+    again = load_version(settings, "v1.0", said.append)
+    assert any(str(cached) in line and "rebuilding" in line for line in said)
+    assert (again.train_x == clean.train_x).all() and (again.test_y == clean.test_y).all()
+    assert load_version(settings, "v1.0", said.append) is not None and len(said) == 1
