@@ -212,6 +212,10 @@ def demo(
         f"MLflow UI: {cfg.mlflow_uri}   Prefect UI: {cfg.prefect_api_url.removesuffix('/api')}"
         f"   S3: {cfg.s3_endpoint}"
     )
+    console.print(
+        "Next: [bold]mnistops train[/] (tracked in MLflow), [bold]mnistops deploy[/],"
+        " [bold]mnistops worker --detach[/], [bold]mnistops run --wait[/]."
+    )
     console.print("Stop everything with [bold]mnistops stack down[/].")
 
 
