@@ -92,6 +92,8 @@ def up(settings: Settings, report: Report = lambda _: None) -> list[ServiceStatu
             _wait_healthy(started, report)
             _check_ports_owned(started)
             _ensure_buckets(settings, keys)
+            if any(svc.name == "s3" for svc, _ in started):
+                _wait_objects_readable(settings, keys, report)
         except BaseException:
             for _, record in reversed(started):
                 process.stop(record, run_dir(settings))
@@ -191,6 +193,32 @@ def _ensure_buckets(settings: Settings, keys: S3Keys | None) -> None:
             raise StackError(
                 f"cannot create S3 bucket '{bucket}' at {settings.s3_endpoint}: {exc}"
             ) from None
+
+
+def _wait_objects_readable(
+    settings: Settings, keys: S3Keys | None, report: Report, timeout_s: float = 60.0
+) -> None:
+    """After a restart SeaweedFS answers health checks before it has loaded the volumes
+    that hold existing objects (reads fail with InternalError for a few seconds). Wait
+    until one stored object of each bucket reads back, so `up` means usable."""
+    client = s3_client(settings, keys)
+    deadline = time.monotonic() + timeout_s
+    pending = list(settings.s3.buckets.model_dump().values())
+    while pending:
+        bucket = pending[0]
+        try:
+            listing = client.list_objects_v2(Bucket=bucket, MaxKeys=1)
+            for item in listing.get("Contents", []):
+                client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+            pending.pop(0)
+        except (ClientError, BotoCoreError) as exc:
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"the object store at {settings.s3_endpoint} is up but cannot read"
+                    f" bucket '{bucket}' after {timeout_s:.0f} s: {exc}"
+                ) from None
+            report(f"waiting for the object store to load bucket '{bucket}'")
+            time.sleep(0.5)
 
 
 def down(settings: Settings, report: Report = lambda _: None) -> list[str]:
