@@ -523,7 +523,7 @@ def train_command(
     """
     from mnistops.data.registry import RegistryError
     from mnistops.data.store import StoreError
-    from mnistops.tracking.runs import TrackingError, check_tracking_server, train_and_track
+    from mnistops.tracking.runs import TrackingError, check_tracking_server
     from mnistops.train.loop import TrainingError, check_hyperparameters, pick_device
 
     cfg = settings()
@@ -548,12 +548,14 @@ def train_command(
         fail(str(exc), code=2)
     except data_errors() as exc:
         fail(str(exc), code=2)
-    outcome = run_training(cfg, hyp, arrays, "experimental", train_and_track)
+    outcome = run_training(cfg, hyp, arrays, "experimental")
     summarize(cfg, outcome)
 
 
-def run_training(cfg: Settings, hyp, arrays, phase: str, train_and_track) -> object:
-    from mnistops.train.loop import TrainingError
+def run_training(cfg: Settings, hyp, arrays, phase: str):
+    """Train with a progress bar per epoch and a line per finished epoch."""
+    from mnistops.tracking.runs import train_and_track
+    from mnistops.train.loop import TrainingError, split_train_val
 
     source = arrays.source
     console.print(
@@ -574,7 +576,8 @@ def run_training(cfg: Settings, hyp, arrays, phase: str, train_and_track) -> obj
                 if m.epoch < hyp.n_epochs:
                     bar["advance"] = progress_for(f"epoch {m.epoch + 1}", bar["total"])
 
-            train_images = len(arrays.train_y) - max(1, round(len(arrays.train_y) * hyp.val_size))
+            train_idx, _ = split_train_val(len(arrays.train_y), hyp.val_size, hyp.random_seed)
+            train_images = len(train_idx)
             bar["total"] = train_images
             bar["advance"] = progress_for("epoch 1", train_images)
             return train_and_track(
