@@ -455,11 +455,11 @@ def hyperparameters(cfg: Settings, overrides: dict[str, object]):
     """hyp.yml's values with the command's options on top, validated (errors name the option)."""
     from pydantic import ValidationError
 
-    from mnistops.settings import HyperParameters
+    from mnistops.train.loop import with_overrides
 
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return HyperParameters(**{**cfg.hyperparameter.model_dump(), **given})
+        return with_overrides(cfg.hyperparameter, given)
     except ValidationError as exc:
         lines = []
         for error in exc.errors():

@@ -298,10 +298,6 @@ def worker_command(pool: str) -> list[str]:
     return [str(prefect), "worker", "start", "--pool", pool, "--type", "process"]
 
 
-def worker_name(pool: str) -> str:
-    return f"worker-{pool}"
-
-
 # --- quick runs --------------------------------------------------------------------------
 
 

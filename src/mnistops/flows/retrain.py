@@ -96,14 +96,6 @@ def trained_on(settings: Settings, content_hash: str) -> str | None:
     return None
 
 
-def resolve_hyperparameters(
-    settings: Settings, base: dict[str, object] | None, overrides: dict[str, object]
-) -> HyperParameters:
-    """This machine's hyp.yml, under the deployment's `hyperparameters`, under the run's."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return HyperParameters(**{**settings.hyperparameter.model_dump(), **(base or {}), **given})
-
-
 def _summary(
     run: runs.TrackedRun, data_version: str, accuracy: float, moved: bool, reason: str
 ) -> str:
@@ -139,8 +131,8 @@ def mnist_flow(
     champion, or a challenger that lost to it), say so and train nothing.
     """
     settings = load_settings()
-    hyp = resolve_hyperparameters(
-        settings,
+    hyp = loop.with_overrides(
+        settings.hyperparameter,
         hyperparameters,
         {
             "model": model,

@@ -84,6 +84,14 @@ def pick_device(wanted: str) -> str:
     return wanted
 
 
+def with_overrides(hyp: HyperParameters, *layers: dict[str, object] | None) -> HyperParameters:
+    """`hyp` with each layer's values on top (None values ignored), validated again."""
+    merged = hyp.model_dump()
+    for layer in layers:
+        merged.update({k: v for k, v in (layer or {}).items() if v is not None})
+    return HyperParameters(**merged)
+
+
 def check_hyperparameters(hyp: HyperParameters) -> None:
     """What pydantic does not see: the model name must be one we have."""
     if hyp.model not in models.MODELS:
