@@ -11,11 +11,15 @@ STAMP := $(VENV)/.mnistops-installed
 setup: $(STAMP)
 
 # Reinstalls only when the dependencies change; constraints.txt pins a known-good set
-# so that pip does not spend minutes resolving (boto3/botocore/aiobotocore).
+# so that the resolver does not spend minutes on boto3/botocore/aiobotocore.
+# pip installs torch (it finds a local CPU wheel where one is provided, see pip.conf's
+# find-links) and uv; uv installs the rest, about 5x faster than pip. No .pyc compile
+# at install: modules compile on first import, only those used.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
-		-c constraints.txt -e '.[dev]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile \
+		-c constraints.txt 'torch==2.13.0' uv 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: setup

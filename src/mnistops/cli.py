@@ -179,44 +179,146 @@ def stack_logs(
                     time.sleep(0.5)
 
 
+DEMO_EPOCHS = 2
+
+
 @app.command("demo")
 def demo(
-    fast: Annotated[bool, typer.Option("--fast", help="A small subset of MNIST.")] = False,
+    fast: Annotated[
+        bool, typer.Option("--fast", help="A small share of MNIST and 1 epoch (a smoke test).")
+    ] = False,
+    epochs: Annotated[
+        int, typer.Option("--epochs", help="Epochs of the demo's two trainings.")
+    ] = DEMO_EPOCHS,
 ) -> None:
-    """The walkthrough so far: stack up, ingest MNIST, publish v1.0, add new images, v2.0.
+    """The whole walkthrough on the local stack, from nothing to a scheduled retraining.
 
-    Safe to re-run: versions that exist are kept, nothing is published twice.
+    Stack up, MNIST as PNG folders, data version v1.0, a tracked experimental training
+    on v1.0, new images and v2.0, the retraining deployment from config/flow.yml, a
+    worker, a Quick run on v2.0, then a summary. Trainings are short (--epochs, default
+    2) to keep the demo quick; `mnistops train` uses hyp.yml. Safe to re-run: what exists
+    (versions, models, the deployment, the worker) is kept and reused.
     """
     from mnistops.data import registry
 
-    console.rule("1. the stack")
+    epochs = 1 if fast else epochs
+    stage(1, "the stack: object store, MLflow tracking, Prefect server")
     stack_up(db=None)
-    console.rule("2. MNIST as PNG folders")
+    stage(2, "MNIST as labelled PNG folders")
     data_ingest(source=None, url=None, fast=fast)
     cfg = settings()
     published = {r.tag for r in registry.list_versions(cfg)}
-    console.rule("3. data version v1.0")
+    stage(3, "data version v1.0")
     if "v1.0" in published:
         console.print("v1.0 exists already: kept")
     else:
         data_version("v1.0", "MNIST: the first training images and the test set", force=False)
-    console.rule("4. new images, data version v2.0")
+    stage(4, "experimental training on v1.0, tracked in MLflow")
+    demo_experiment(cfg, "v1.0", epochs, fast)
+    stage(5, "new images: data version v2.0")
     if "v2.0" in published:
         console.print("v2.0 exists already: kept")
     else:
         data_add(cfg.mnist_dir / "train_v2")
         data_version("v2.0", "MNIST: the new training images added", force=False)
-    console.rule("summary")
+    stage(6, "scheduled retraining: the deployment from config/flow.yml")
+    deploy_command()
+    stage(7, f"a worker for work pool {cfg.deployment.pool_name}")
+    demo_worker(cfg)
+    stage(8, "Quick run of the deployment on v2.0")
+    console.print("(a model already trained on v2.0's images is reused, not retrained)")
+    start_and_follow(
+        cfg,
+        {"data_version": "v2.0", "epochs": epochs, "fast": fast, "skip_if_unchanged": True},
+        wait=True,
+    )
+    demo_summary(cfg)
+
+
+def stage(number: int, title: str) -> None:
+    console.rule(f"[bold]{number}. {title}")
+
+
+def demo_experiment(cfg: Settings, tag: str, epochs: int, fast: bool) -> None:
+    """Train on `tag` unless a registered model was trained on it already."""
+    from mlflow import MlflowClient
+
+    from mnistops.tracking.registry import versions
+
+    found = [
+        v
+        for v in versions(MlflowClient(cfg.mlflow_uri), cfg.model_registry.name)
+        if (v.tags or {}).get("data_version") == tag
+    ]
+    if found:
+        console.print(f"{cfg.model_registry.name} v{found[-1].version} was trained on {tag}: kept")
+        return
+    train_command(
+        data_version=tag,
+        data_dir=None,
+        model=None,
+        epochs=epochs,
+        batch_size=None,
+        lr=None,
+        seed=None,
+        val_size=None,
+        device=None,
+        fast=fast,
+    )
+
+
+def demo_worker(cfg: Settings) -> None:
+    from mnistops import stack
+
+    name = f"{stack.WORKER_PREFIX}{cfg.deployment.pool_name}"
+    for record in stack.worker_records(cfg):
+        if record.name == name and stack.process.is_alive(record):
+            console.print(f"the worker for this pool runs already (pid {record.pid})")
+            return
+    worker_command(pool=None, detach=True)
+
+
+def demo_summary(cfg: Settings) -> None:
+    from mlflow import MlflowClient
+
+    from mnistops.flows.deploy import next_run
+    from mnistops.tracking.registry import CHAMPION_REASON_TAG, accuracy_of, champion
+    from mnistops.tracking.runs import experiment_runs
+
+    console.rule("[bold]summary")
     data_list()
+    runs = Table(title=f"MLflow experiment {cfg.experiment_name}")
+    for column in ("run", "phase", "data", "model", "epochs", "test acc", "status"):
+        runs.add_column(column, justify="right" if column == "test acc" else "left")
+    for row in experiment_runs(cfg):
+        accuracy = f"{row.test_accuracy:.2%}" if row.test_accuracy is not None else ""
+        runs.add_row(
+            row.name, row.phase, row.data_version, row.model, row.epochs, accuracy, row.status
+        )
+    console.print(runs)
+    best = champion(MlflowClient(cfg.mlflow_uri), cfg.model_registry.name)
+    if best is not None:
+        tags = best.tags or {}
+        console.print(
+            f"champion: [bold]{cfg.model_registry.name} v{best.version}[/]"
+            f" ({accuracy_of(best):.2%} on the test set, trained on {tags.get('data_version')},"
+            f" {tags.get('phase')}): {tags.get(CHAMPION_REASON_TAG, 'set by hand')}",
+            highlight=False,
+        )
+    upcoming = next_run(cfg)
+    console.print(f"next scheduled run: {upcoming or 'none planned'}")
+    ui = cfg.prefect_api_url.removesuffix("/api")
+    console.print(f"MLflow UI:    {cfg.mlflow_uri}")
+    console.print(f"Prefect UI:   {ui}  (deployments: {ui}/deployments)")
+    buckets = ", ".join(cfg.s3.buckets.model_dump().values())
     console.print(
-        f"MLflow UI: {cfg.mlflow_uri}   Prefect UI: {cfg.prefect_api_url.removesuffix('/api')}"
-        f"   S3: {cfg.s3_endpoint}"
+        f"object store: {cfg.s3_endpoint}  (buckets: {buckets}; keys: `mnistops stack env`)"
     )
     console.print(
-        "Next: [bold]mnistops train[/] (tracked in MLflow), [bold]mnistops deploy[/],"
-        " [bold]mnistops worker --detach[/], [bold]mnistops run --wait[/]."
+        "Try: [bold]mnistops predict IMAGE.png[/], [bold]mnistops models[/],"
+        " [bold]mnistops run --wait[/], [bold]mnistops data diff v1.0 v2.0[/]."
     )
-    console.print("Stop everything with [bold]mnistops stack down[/].")
+    console.print("Stop everything with [bold]mnistops stack down[/] (nothing is lost).")
 
 
 data_app = typer.Typer(
@@ -789,8 +891,6 @@ def run_command(
     ] = False,
 ) -> None:
     """Quick run: a run of the retraining deployment, now."""
-    from mnistops.flows.deploy import follow, quick_run, run_summary
-
     cfg = settings()
     given = {
         "data_version": data_version,
@@ -802,8 +902,15 @@ def run_command(
         "device": device,
         "fast": fast or None,
     }
+    start_and_follow(cfg, {k: v for k, v in given.items() if v is not None}, wait)
+
+
+def start_and_follow(cfg: Settings, parameters: dict[str, object], wait: bool) -> None:
+    """Start a run of the deployment; with `wait`, report its states, then its summary."""
+    from mnistops.flows.deploy import follow, quick_run, run_summary
+
     try:
-        run_id, url = quick_run(cfg, {k: v for k, v in given.items() if v is not None})
+        run_id, url = quick_run(cfg, parameters)
     except flow_errors() as exc:
         fail(str(exc))
     console.print(f"flow run {run_id}: {url}")

@@ -15,6 +15,7 @@ from mlflow.exceptions import MlflowException
 
 CHAMPION = "champion"
 CHALLENGER_TAG = "challenger"
+CHAMPION_REASON_TAG = "champion_reason"
 ACCURACY_TAG = "test_accuracy"
 
 
@@ -66,6 +67,7 @@ def register(
     previous_accuracy = accuracy_of(current) if current else None
     moved, reason = decide(float(tags[ACCURACY_TAG]), previous_accuracy, margin)
     if moved:
+        client.set_model_version_tag(name, version.version, CHAMPION_REASON_TAG, reason)
         client.set_registered_model_alias(name, CHAMPION, version.version)
     else:
         client.set_model_version_tag(name, version.version, CHALLENGER_TAG, reason)

@@ -346,3 +346,41 @@ def train_and_track(
     return RunOutcome(
         run.run_id, run.url, run.experiment_id, version, decision, arrays.source, result
     )
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One run of the experiment, as the demo's summary and the UI list it."""
+
+    name: str
+    status: str
+    phase: str
+    data_version: str
+    model: str
+    epochs: str
+    test_accuracy: float | None
+
+
+def experiment_runs(settings: Settings) -> list[RunRow]:
+    """The runs of the experiment, oldest first."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(settings.mlflow_uri)
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    if experiment is None:
+        return []
+    runs = client.search_runs(
+        [experiment.experiment_id], order_by=["attributes.start_time ASC"], max_results=1000
+    )
+    return [
+        RunRow(
+            name=run.info.run_name or run.info.run_id,
+            status=run.info.status,
+            phase=run.data.tags.get("phase", ""),
+            data_version=run.data.tags.get("data_version", ""),
+            model=run.data.params.get("model", ""),
+            epochs=run.data.params.get("n_epochs", ""),
+            test_accuracy=run.data.metrics.get("test_accuracy"),
+        )
+        for run in runs
+    ]
