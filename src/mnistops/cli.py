@@ -179,7 +179,7 @@ def stack_logs(
                     time.sleep(0.5)
 
 
-DEMO_EPOCHS = 2
+DEMO_EPOCHS = 1
 
 
 @app.command("demo")
@@ -196,7 +196,7 @@ def demo(
     Stack up, MNIST as PNG folders, data version v1.0, a tracked experimental training
     on v1.0, new images and v2.0, the retraining deployment from config/flow.yml, a
     worker, a Quick run on v2.0, then a summary. Trainings are short (--epochs, default
-    2) to keep the demo quick; `mnistops train` uses hyp.yml. Safe to re-run: what exists
+    1) to keep the demo quick; `mnistops train` uses hyp.yml. Safe to re-run: what exists
     (versions, models, the deployment, the worker) is kept and reused.
     """
     from mnistops.data import registry
