@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
+from prefect import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from mnistops import stack
 from mnistops.settings import Settings, load_settings
@@ -99,3 +103,37 @@ def client_config(stack_settings: Settings, root: Path, bucket: str | None = Non
     config_dir.mkdir(parents=True, exist_ok=True)
     (config_dir / "stack.yml").write_text(yaml.safe_dump(config))
     return config_dir
+
+
+@contextmanager
+def prefect_client(settings: Settings):
+    """A client of the stack's Prefect server (this process imported prefect before the
+    stack existed, so its settings must be given, not read from the environment)."""
+    updates = {PREFECT_API_URL: settings.prefect_api_url}
+    with temporary_settings(updates=updates), get_client(sync_client=True) as client:
+        yield client
+
+
+TEST_OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """`mnistops demo --fast` as a new user runs it, in an empty folder, on its own stack
+    (the browser tests look at what it leaves behind)."""
+    root = tmp_path_factory.mktemp("demo")
+    config_dir = write_stack_config(root)
+    started = time.monotonic()
+    done = run_cli("demo", "--fast", config_dir=config_dir, cwd=root, timeout=900)
+    output = TEST_OUTPUT / "demo"
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "demo-fast.txt").write_text(done.stdout + done.stderr)
+    settings = load_settings(config_dir)
+    yield {
+        "root": root,
+        "config_dir": config_dir,
+        "settings": settings,
+        "result": done,
+        "seconds": time.monotonic() - started,
+    }
+    stack.down(settings)

@@ -7,20 +7,17 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
-from prefect import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from mnistops import stack
 from mnistops.settings import Settings, load_settings
-from tests.conftest import client_config, run_cli
+from tests.conftest import client_config, prefect_client, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -78,15 +75,6 @@ def machines(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
     assert started.returncode == 0, started.stdout + started.stderr
     yield {"publisher": publisher, "worker": worker_config, "suffix": suffix, "deployed": deployed}
     stack.down(load_settings(worker_config))
-
-
-@contextmanager
-def prefect_client(settings: Settings):
-    """A client of the stack's Prefect server (this process imported prefect before the
-    stack existed, so its settings must be given, not read from the environment)."""
-    updates = {PREFECT_API_URL: settings.prefect_api_url}
-    with temporary_settings(updates=updates), get_client(sync_client=True) as client:
-        yield client
 
 
 def mlflow_runs(config_dir: Path) -> list:

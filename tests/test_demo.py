@@ -1,0 +1,114 @@
+"""`mnistops demo --fast`: the whole walkthrough on a fresh stack, then again (reused)."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+from mnistops.data import registry
+from mnistops.settings import Settings
+from mnistops.tracking.registry import CHAMPION_REASON_TAG, champion, versions
+from mnistops.tracking.runs import experiment_runs
+from tests.conftest import prefect_client, run_cli
+
+pytestmark = pytest.mark.integration
+
+STAGES = [
+    "1. the stack",
+    "2. MNIST as labelled PNG folders",
+    "3. data version v1.0",
+    "4. experimental training on v1.0",
+    "5. new images: data version v2.0",
+    "6. scheduled retraining",
+    "7. a worker for work pool",
+    "8. Quick run of the deployment on v2.0",
+    "summary",
+]
+
+
+def flow_runs(settings: Settings) -> list:
+    with prefect_client(settings) as client:
+        deployment = client.read_deployment_by_name(
+            f"{settings.deployment.flow_name}/{settings.deployment.deploy_name}"
+        )
+        return [
+            run
+            for run in client.read_flow_runs(
+                deployment_filter=DeploymentFilter(
+                    name=DeploymentFilterName(any_=[settings.deployment.deploy_name])
+                )
+            )
+            if run.deployment_id == deployment.id and "quick-run" in (run.tags or [])
+        ]
+
+
+def deployments(settings: Settings) -> list:
+    with prefect_client(settings) as client:
+        return client.read_deployments()
+
+
+def test_demo_tells_the_whole_story(demo_run: dict) -> None:
+    done, settings = demo_run["result"], demo_run["settings"]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    positions = [done.stdout.find(stage) for stage in STAGES]
+    assert -1 not in positions, dict(zip(STAGES, positions, strict=True))
+    assert positions == sorted(positions), "stages out of order"
+
+    assert [r.tag for r in registry.list_versions(settings)] == ["v1.0", "v2.0"]
+
+    runs = experiment_runs(settings)
+    assert [(r.phase, r.data_version, r.status) for r in runs] == [
+        ("experimental", "v1.0", "FINISHED"),
+        ("retraining", "v2.0", "FINISHED"),
+    ]
+    assert all(r.test_accuracy is not None and 0 < r.test_accuracy <= 1 for r in runs)
+
+    client = MlflowClient(settings.mlflow_uri)
+    best = champion(client, settings.model_registry.name)
+    assert best is not None
+    assert CHAMPION_REASON_TAG in best.tags
+    best_accuracy = max(r.test_accuracy for r in runs)
+    assert float(best.tags["test_accuracy"]) == pytest.approx(best_accuracy)
+
+    (deployment,) = deployments(settings)
+    assert deployment.name == settings.deployment.deploy_name
+    assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * *"
+    (quick,) = flow_runs(settings)
+    assert quick.state.type.value == "COMPLETED"
+    assert quick.parameters["data_version"] == "v2.0"
+
+    summary = done.stdout[done.stdout.find("summary") :]
+    for expected in (
+        settings.mlflow_uri,
+        settings.prefect_api_url.removesuffix("/api"),
+        settings.s3_endpoint,
+        "next scheduled run:",
+        "mnistops stack down",
+        f"champion: {settings.model_registry.name} v{best.version}",
+    ):
+        assert expected in " ".join(summary.split()), expected
+
+
+def test_demo_again_reuses_what_exists(demo_run: dict) -> None:
+    settings, config_dir = demo_run["settings"], demo_run["config_dir"]
+    model_versions = len(versions(MlflowClient(settings.mlflow_uri), settings.model_registry.name))
+
+    again = run_cli("demo", "--fast", config_dir=config_dir, cwd=demo_run["root"], timeout=600)
+
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    text = " ".join(again.stdout.split())
+    assert "v1.0 exists already: kept" in text
+    assert "v2.0 exists already: kept" in text
+    assert "was trained on v1.0: kept" in text
+    assert ": unchanged;" in text
+    assert "runs already" in text
+    assert "no new data" in text
+    assert [r.tag for r in registry.list_versions(settings)] == ["v1.0", "v2.0"]
+    assert len(experiment_runs(settings)) == 2
+    assert (
+        len(versions(MlflowClient(settings.mlflow_uri), settings.model_registry.name))
+        == model_versions
+    )
+    assert len(deployments(settings)) == 1
+    assert all(run.state.type.value == "COMPLETED" for run in flow_runs(settings))
