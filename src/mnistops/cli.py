@@ -150,6 +150,24 @@ def stack_env() -> None:
         typer.echo(f"export {key}={shlex.quote(value)}")
 
 
+@stack_app.command("serve")
+def stack_serve(
+    service: Annotated[str, typer.Argument(help="s3, mlflow or prefect")],
+) -> None:
+    """Run one service in the foreground (for a container or a systemd unit).
+
+    The same server, flags and environment as `stack up` starts, from the same settings;
+    ports, bind address, database (database_url) and object store (s3.*) included.
+    """
+    from mnistops import stack
+
+    cfg = settings()
+    try:
+        stack.serve(cfg, service)
+    except stack.StackError as exc:
+        fail(str(exc), code=2)
+
+
 @stack_app.command("logs")
 def stack_logs(
     service: Annotated[str, typer.Argument(help="s3, mlflow or prefect")],

@@ -79,6 +79,10 @@ class MlflowSettings(Section):
     tracking_uri: str | None = None
     port: Port = 5050
     workers: int = Field(1, ge=1, le=16)
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="more Host headers the server accepts (e.g. mlflow:5000 behind a proxy)",
+    )
 
     _ports = field_validator("port")(_check_port)
 
@@ -88,6 +92,9 @@ class PrefectSettings(Section):
 
     api_url: str | None = None
     port: Port = 4200
+    ui_api_url: str | None = Field(
+        None, description="the API URL the UI's browser uses; default: the server's own"
+    )
 
     _ports = field_validator("port")(_check_port)
 
@@ -297,6 +304,23 @@ def _describe_error(err: dict[str, Any], origin: dict[str, Path], config_dir: Pa
     if err["type"] == "extra_forbidden":
         message = "unknown key; see the README's configuration section for the keys allowed"
     return f"{where}: {message}"
+
+
+def environment_variables() -> list[str]:
+    """Every MNISTOPS_* variable that sets a key (sections too: JSON values), plus
+    MNISTOPS_CONFIG_DIR."""
+    names = [f"{ENV_PREFIX}CONFIG_DIR"]
+
+    def walk(model: type[BaseModel], prefix: tuple[str, ...]) -> None:
+        for name, field in model.model_fields.items():
+            loc = (*prefix, name)
+            names.append(_env_var_for(loc))
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, loc)
+
+    walk(Settings, ())
+    return names
 
 
 def load_settings(config_dir: Path | None = None) -> Settings:

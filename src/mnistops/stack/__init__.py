@@ -101,6 +101,28 @@ def up(settings: Settings, report: Report = lambda _: None) -> list[ServiceStatu
     return status(settings)
 
 
+def serve(settings: Settings, name: str) -> None:
+    """Run one service in the foreground, in place of this process (a container's main
+    process): the same command, flags and environment as `up` uses. The service's own
+    URL setting (which makes it external for clients) is ignored here."""
+    import os
+
+    if name not in SERVICE_NAMES:
+        raise StackError(f"no service '{name}': choose one of {', '.join(SERVICE_NAMES)}")
+    url_key = {"s3": "endpoint_url", "mlflow": "tracking_uri", "prefect": "api_url"}[name]
+    own = getattr(settings, name).model_copy(update={url_key: None})
+    local = settings.model_copy(update={name: own})
+    keys = _stack_keys(local, create=True) if name == "s3" else _stack_keys(settings, create=False)
+    (svc,) = [s for s in all_services(local, keys) if s.name == name]
+    if local.database_url is not None and name in ("mlflow", "prefect"):
+        try:
+            postgres.ensure_databases(local, [name])
+        except postgres.DatabaseError as exc:
+            raise StackError(str(exc)) from None
+    svc.prepare()
+    os.execve(svc.command[0], svc.command, svc.env)
+
+
 def _needs_start(settings: Settings, svc: Service, report: Report) -> bool:
     if svc.external:
         report(f"{svc.title}: external, at {svc.url} (not started here)")

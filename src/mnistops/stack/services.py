@@ -165,7 +165,15 @@ def mlflow_service(settings: Settings, keys: S3Keys | None) -> Service:
         "--artifacts-destination",
         f"s3://{settings.s3.buckets.mlflow}/artifacts",
         "--allowed-hosts",
-        f"{host},{host}:{port},localhost,localhost:{port}",
+        ",".join(
+            [
+                host,
+                f"{host}:{port}",
+                "localhost",
+                f"localhost:{port}",
+                *settings.mlflow.allowed_hosts,
+            ]
+        ),
     ]
     service.env = {
         **_base_env(),
@@ -220,7 +228,7 @@ def prefect_service(settings: Settings) -> Service:
         "PREFECT_HOME": str(prefect_home),
         "PREFECT_SERVER_DATABASE_CONNECTION_URL": database,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_API_URL": api,
+        "PREFECT_UI_API_URL": settings.prefect.ui_api_url or api,
         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
         # Plan scheduled runs every 10 s (default 60): a new deployment's first run
         # appears promptly. Cheap: one query per loop.
