@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -137,3 +138,16 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         "seconds": time.monotonic() - started,
     }
     stack.down(settings)
+
+
+def kill_service(settings: Settings, name: str) -> None:
+    """kill -9 of a stack service's whole process group, as a crash would."""
+    from mnistops.stack import process
+
+    record = process.read_record(stack.run_dir(settings), name)
+    assert record is not None and process.is_alive(record), name
+    os.killpg(os.getpgid(record.pid), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while process.is_alive(record) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not process.is_alive(record), f"{name} survived SIGKILL"

@@ -1,3 +1,3 @@
-from mnistops.cli import app
+from mnistops.cli import entry
 
-app(prog_name="mnistops")
+entry()

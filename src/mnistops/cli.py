@@ -712,6 +712,15 @@ def run_training(cfg: Settings, hyp, arrays, phase: str):
     except TrainingError as exc:
         fail(f"{exc}; the run is marked FAILED, nothing was registered")
     except Exception as exc:  # noqa: BLE001  MLflow/S3 errors: say what failed, not a trace
+        from mnistops.tracking.runs import TrackingError, check_tracking_server
+
+        try:
+            check_tracking_server(cfg)
+        except TrackingError as down:
+            fail(
+                f"training stopped: {down}. Nothing was registered and champion did not"
+                " move; the run stays RUNNING in MLflow. Start the server again and re-run."
+            )
         fail(
             f"training failed: {exc.__class__.__name__}: {exc}; the run is marked FAILED,"
             " nothing was registered"
@@ -951,3 +960,15 @@ def start_and_follow(cfg: Settings, parameters: dict[str, object], wait: bool) -
         console.print(Markdown(summary))
     if final.state is None or final.state.type.value != "COMPLETED":
         fail(f"flow run {run_id} ended {final.state.name if final.state else 'unknown'}; see {url}")
+
+
+def entry() -> None:
+    """The `mnistops` command: errors that any command can meet (a damaged key file)
+    end with their message, not a stack trace."""
+    from mnistops.stack.credentials import CredentialsError
+
+    try:
+        app(prog_name="mnistops")
+    except CredentialsError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise SystemExit(2) from None

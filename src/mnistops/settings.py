@@ -95,6 +95,12 @@ class PrefectSettings(Section):
     ui_api_url: str | None = Field(
         None, description="the API URL the UI's browser uses; default: the server's own"
     )
+    auth: bool = Field(
+        False, description="the embedded server asks for a login (generated, in the state dir)"
+    )
+    auth_string: SecretStr | None = Field(
+        None, description="USER:PASSWORD of a Prefect server that asks for a login"
+    )
 
     _ports = field_validator("port")(_check_port)
 

@@ -253,3 +253,80 @@ def test_forcing_cuda_without_a_gpu_fails_the_run_clearly(machines: dict) -> Non
             log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
         )
     assert any("no usable CUDA GPU" in log.message for log in logs)
+
+
+@pytest.mark.faults
+def test_two_quick_runs_at_once_never_train_in_parallel(machines: dict) -> None:
+    """The deployment's limit of 1 (ENQUEUE): the second run waits for the first."""
+    publisher = machines["publisher"]
+    started = [
+        run_cli("run", "--data-version", "v1.0", config_dir=publisher, timeout=120)
+        for _ in range(2)
+    ]
+    assert all(s.returncode == 0 for s in started), [s.stderr for s in started]
+    ids = [s.stdout.split()[2].rstrip(":") for s in started]
+    settings = load_settings(publisher)
+
+    def finished() -> list:
+        with prefect_client(settings) as client:
+            runs = [client.read_flow_run(i) for i in ids]
+        return runs if all(r.state and r.state.is_final() for r in runs) else []
+
+    runs = wait_for(finished, 600, "both quick runs to end")
+    assert [r.state.type.value for r in runs] == ["COMPLETED", "COMPLETED"]
+    trainings = sorted(
+        (r.info.start_time, r.info.end_time)
+        for r in mlflow_runs(publisher)
+        if r.data.tags.get("prefect_flow_run_id") in ids
+    )
+    assert len(trainings) == 2
+    (first_start, first_end), (second_start, _) = trainings
+    assert first_end <= second_start, "two trainings overlapped"
+    spans = sorted((r.start_time, r.end_time) for r in runs)
+    assert spans[0][1] <= spans[1][0], "two flow runs were RUNNING at the same time"
+
+
+@pytest.mark.faults
+def test_a_killed_worker_leaves_a_crashed_run_and_a_free_slot(machines: dict) -> None:
+    """SIGKILL of the worker and its flow-run process mid-training: the heartbeat
+    automation marks the run CRASHED (bound: 30 s heartbeat + 75 s silence + the
+    server's trigger loop), the slot is freed and the next run completes."""
+    import psutil
+
+    from mnistops.flows.deploy import HEARTBEAT_S, UNRESPONSIVE_S
+    from mnistops.stack import process
+
+    publisher, worker_config = machines["publisher"], machines["worker"]
+    settings = load_settings(publisher)
+    started = run_cli("run", "--epochs", "400", config_dir=publisher, timeout=120)
+    assert started.returncode == 0, started.stderr
+    flow_run_id = started.stdout.split()[2].rstrip(":")
+    wait_for(
+        lambda: any(
+            r.data.tags.get("prefect_flow_run_id") == flow_run_id for r in mlflow_runs(publisher)
+        ),
+        300,
+        "the training to start",
+    )
+    worker_settings = load_settings(worker_config)
+    (record,) = stack.worker_records(worker_settings)
+    worker = psutil.Process(record.pid)
+    for proc in [*worker.children(recursive=True), worker]:
+        proc.kill()
+    killed_at = time.monotonic()
+    assert not process.is_alive(record)
+
+    def crashed():
+        with prefect_client(settings) as client:
+            run = client.read_flow_run(flow_run_id)
+        return run if run.state and run.state.is_final() else None
+
+    run = wait_for(crashed, 240, "the killed run to end")
+    took = time.monotonic() - killed_at
+    assert run.state.type.value == "CRASHED", run.state
+    assert took < HEARTBEAT_S + UNRESPONSIVE_S + 45, f"CRASHED after {took:.0f} s"
+
+    restarted = run_cli("worker", "--detach", config_dir=worker_config, cwd=worker_config.parent)
+    assert restarted.returncode == 0, restarted.stderr
+    done = run_cli("run", "--wait", config_dir=publisher, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -52,11 +52,16 @@ def test_s3_put_get_with_generated_keys(stack_settings: Settings) -> None:
 def test_s3_refuses_wrong_key_and_anonymous(stack_settings: Settings) -> None:
     keys = load_keys(stack_settings.home)
     assert keys is not None
+    s3_client(stack_settings).put_object(Bucket="dvc", Key="kept", Body=b"private")
     wrong = s3_client(stack_settings, S3Keys(keys.access_key_id, "x" * 48))
-    with pytest.raises(ClientError):
-        wrong.put_object(Bucket="dvc", Key="nope", Body=b"x")
-    with pytest.raises(ClientError):
-        wrong.list_buckets()
+    for call in (
+        lambda: wrong.put_object(Bucket="dvc", Key="nope", Body=b"x"),
+        lambda: wrong.get_object(Bucket="dvc", Key="kept"),
+        lambda: wrong.list_objects_v2(Bucket="dvc"),
+        lambda: wrong.list_buckets(),
+    ):
+        with pytest.raises(ClientError):
+            call()
     import boto3
 
     anonymous = boto3.client(
@@ -67,6 +72,7 @@ def test_s3_refuses_wrong_key_and_anonymous(stack_settings: Settings) -> None:
     )
     for call in (
         lambda: anonymous.put_object(Bucket="dvc", Key="anon", Body=b"x"),
+        lambda: anonymous.get_object(Bucket="dvc", Key="kept"),
         lambda: anonymous.list_objects_v2(Bucket="dvc"),
         lambda: anonymous.list_buckets(),
     ):
@@ -100,6 +106,24 @@ def test_every_socket_is_on_loopback(stack_settings: Settings) -> None:
             for conn in proc.net_connections(kind="tcp"):
                 if conn.status == psutil.CONN_LISTEN:
                     assert conn.laddr.ip == "127.0.0.1", (record.name, conn)
+
+
+@pytest.mark.security
+def test_seaweedfs_listens_only_on_its_configured_ports(stack_settings: Settings) -> None:
+    """No WebDAV, Iceberg, Lance or admin UI port: only the ports the settings name."""
+    from mnistops.stack.services import s3_service
+
+    expected = set(s3_service(stack_settings, load_keys(stack_settings.home)).ports.values())
+    (record,) = [r for r in records(stack_settings) if r.name == "s3"]
+    listening = {
+        conn.laddr.port
+        for proc in process.process_tree(record)
+        for conn in proc.net_connections(kind="tcp")
+        if conn.status == psutil.CONN_LISTEN
+    }
+    assert listening == expected, (
+        f"unexpected: {listening - expected}, missing: {expected - listening}"
+    )
 
 
 def test_second_up_changes_nothing(stack_settings: Settings) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +15,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from mnistops import stack
 from mnistops.settings import HyperParameters, Settings, load_settings
 from mnistops.tracking.registry import CHALLENGER_TAG
-from tests.conftest import client_config, run_cli
+from tests.conftest import client_config, kill_service, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -225,3 +229,64 @@ def test_a_damaged_array_cache_is_named_and_rebuilt(trainer: Path, first_run) ->
     assert any(str(cached) in line and "rebuilding" in line for line in said)
     assert (again.train_x == clean.train_x).all() and (again.test_y == clean.test_y).all()
     assert load_version(settings, "v1.0", said.append) is not None and len(said) == 1
+
+
+@pytest.mark.faults
+def test_mlflow_down_during_training_fails_clearly_and_champion_stays(
+    trainer: Path, first_run, stack_settings: Settings
+) -> None:
+    settings, client = client_of(trainer)
+    name = settings.model_registry.name
+    champion = client.get_model_version_by_alias(name, "champion").version
+    versions = len(client.search_model_versions(f"name = '{name}'"))
+    command = [sys.executable, "-m", "mnistops", "--config-dir", str(trainer), "train"]
+    training = subprocess.Popen(
+        [*command, "--epochs", "300", "--batch-size", "32"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert training.stdout is not None
+        for line in training.stdout:
+            if line.startswith("epoch 1/300"):
+                break
+        kill_service(stack_settings, "mlflow")
+        began = time.monotonic()
+        _out, err = training.communicate(timeout=120)
+        took = time.monotonic() - began
+    finally:
+        training.kill()
+        stack.up(stack_settings)
+    assert training.returncode == 1
+    assert took < 30, f"took {took:.0f} s to give up"
+    message = " ".join(err.split())
+    assert "Traceback" not in err
+    assert f"MLflow server at {settings.mlflow_uri}" in message, message
+    assert "nothing was registered" in message.lower()
+    assert client.get_model_version_by_alias(name, "champion").version == champion
+    assert len(client.search_model_versions(f"name = '{name}'")) == versions
+    assert train(trainer).returncode == 0, "the next run after the restart"
+
+
+@pytest.mark.faults
+def test_a_flipped_byte_in_the_object_cache_is_named_and_fetched_again(
+    trainer: Path, first_run
+) -> None:
+    from mnistops.data import registry
+    from mnistops.train.data import load_version
+
+    settings, _client = client_of(trainer)
+    clean = load_version(settings, "v1.0")
+    (settings.home / "cache" / "arrays" / f"{clean.source.content_hash}.npz").unlink()
+    record = registry.find_record(settings, "v1.0")
+    pack = next(md5 for md5 in record.files.values() if md5 != record.manifest_md5)
+    cached = registry.cache_of(settings).path(pack)
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    cached.write_bytes(bytes(data))
+    said: list[str] = []
+    again = load_version(settings, "v1.0", said.append)
+    assert any(pack in line and "corrupt" in line for line in said), said
+    assert (again.train_x == clean.train_x).all() and (again.test_x == clean.test_x).all()
+    assert registry.cache_of(settings).path(pack).read_bytes() != bytes(data)

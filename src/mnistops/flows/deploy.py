@@ -29,6 +29,13 @@ ENTRYPOINT = "mnistops.flows.retrain.mnist_flow"
 SCHEDULE_SLUG = "mnistops-schedule"
 # How often a worker asks for work (Prefect's default is 10 s): the delay of a quick run.
 WORKER_POLL_S = 2
+# A flow run's process sends a heartbeat every HEARTBEAT_S (Prefect's minimum is 30);
+# the automation below marks a run CRASHED when none came for UNRESPONSIVE_S. So a run
+# whose worker machine or process died is CRASHED at most about 30 + 75 + a few seconds
+# of the server's trigger loop after its last sign of life, and its slot is freed.
+HEARTBEAT_S = 30
+UNRESPONSIVE_S = 75
+ZOMBIE_AUTOMATION = "mnistops: crash unresponsive flow runs"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -95,9 +102,15 @@ def default_parameters(settings: Settings) -> dict[str, Any]:
 def prefect_api(settings: Settings) -> Iterator[None]:
     """Point Prefect's client at our server, and never at a temporary local one (what
     Prefect does when no API URL is set)."""
+    from mnistops.stack.endpoints import prefect_auth
+
     os.environ["PREFECT_API_URL"] = settings.prefect_api_url
     os.environ["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
+    auth = prefect_auth(settings)
+    if auth:
+        os.environ["PREFECT_API_AUTH_STRING"] = auth
     from prefect.settings import (
+        PREFECT_API_AUTH_STRING,
         PREFECT_API_URL,
         PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
         temporary_settings,
@@ -107,6 +120,8 @@ def prefect_api(settings: Settings) -> Iterator[None]:
         PREFECT_API_URL: settings.prefect_api_url,
         PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False,
     }
+    if auth:
+        updates[PREFECT_API_AUTH_STRING] = auth
     with temporary_settings(updates=updates):
         yield
 
@@ -187,18 +202,34 @@ def _concurrency_limit(deployment) -> int | None:
 
 
 def check_server(settings: Settings, timeout_s: float = 5.0) -> None:
+    """The server answers, and takes our login when it asks for one."""
     import httpx
 
-    url = settings.prefect_api_url.rstrip("/") + "/health"
+    from mnistops.stack.endpoints import prefect_auth
+
+    api = settings.prefect_api_url.rstrip("/")
+    auth = prefect_auth(settings)
     try:
-        ok = httpx.get(url, timeout=timeout_s).status_code == 200
+        healthy = httpx.get(f"{api}/health", timeout=timeout_s).status_code == 200
+        answer = httpx.get(
+            f"{api}/admin/version",
+            timeout=timeout_s,
+            auth=tuple(auth.split(":", 1)) if auth else None,
+        )
     except httpx.HTTPError as exc:
         raise DeployError(
             f"the Prefect server at {settings.prefect_api_url} cannot be reached"
             f" ({exc.__class__.__name__}); start the stack (`mnistops stack up`) or set"
             " prefect.api_url"
         ) from None
-    if not ok:
+    if answer.status_code == 401:
+        raise DeployError(
+            f"the Prefect server at {settings.prefect_api_url} refused "
+            + ("our login" if auth else "a request without a login")
+            + ": set prefect.auth_string (MNISTOPS_PREFECT__AUTH_STRING) to its USER:PASSWORD;"
+            " for a mnistops stack, `mnistops stack env` prints it"
+        )
+    if not healthy or answer.status_code != 200:
         raise DeployError(f"the Prefect server at {settings.prefect_api_url} is not healthy")
 
 
@@ -216,6 +247,7 @@ def _deploy(settings: Settings, schedule) -> DeployResult:
 
     wanted = _runner_deployment(settings)
     pool_created = ensure_pool(settings)
+    ensure_zombie_automation()
     with get_client(sync_client=True) as client:
         try:
             existing = client.read_deployment_by_name(full_name(settings))
@@ -242,6 +274,47 @@ def _deploy(settings: Settings, schedule) -> DeployResult:
         describe_schedule(settings),
         pool_created,
     )
+
+
+def ensure_zombie_automation() -> None:
+    """Prefect's documented zombie-run detection (self-hosted servers have no built-in
+    one): a run that stops sending heartbeats is set to CRASHED. Created once per server."""
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    try:
+        Automation.read(name=ZOMBIE_AUTOMATION)
+        return
+    except ValueError:
+        pass
+    Automation(
+        name=ZOMBIE_AUTOMATION,
+        description="Marks a flow run CRASHED when its process stops sending heartbeats.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=UNRESPONSIVE_S),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {UNRESPONSIVE_S} s: the worker or its machine died",
+            )
+        ],
+    ).create()
 
 
 def next_run(settings: Settings) -> str | None:
@@ -285,6 +358,7 @@ def worker_env(settings: Settings, config_dir: Path | None) -> dict[str, str]:
     env["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
     env["PREFECT_WORKER_QUERY_SECONDS"] = str(WORKER_POLL_S)
     env["PREFECT_WORKER_PREFETCH_SECONDS"] = "5"
+    env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(HEARTBEAT_S)
     env["MNISTOPS_HOME"] = str(settings.home)
     env["MNISTOPS_DATA_DIR"] = str(settings.data_dir)
     folder = (config_dir or default_config_dir()).absolute()

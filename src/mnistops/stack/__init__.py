@@ -14,7 +14,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from mnistops.settings import Settings
 from mnistops.stack import postgres, process
-from mnistops.stack.credentials import S3Keys, ensure_keys, load_keys
+from mnistops.stack.credentials import CredentialsError, S3Keys, ensure_keys, load_keys
 from mnistops.stack.endpoints import s3_client, s3_keys
 from mnistops.stack.ports import port_in_use
 from mnistops.stack.services import SERVICE_NAMES, Service, all_services
@@ -57,7 +57,10 @@ def _stack_lock(settings: Settings) -> Iterator[None]:
 
 def _stack_keys(settings: Settings, create: bool) -> S3Keys | None:
     if settings.s3.endpoint_url is None:
-        return ensure_keys(settings.home) if create else load_keys(settings.home)
+        try:
+            return ensure_keys(settings.home) if create else load_keys(settings.home)
+        except CredentialsError as exc:
+            raise StackError(str(exc)) from None
     return s3_keys(settings)
 
 
@@ -70,7 +73,7 @@ def up(settings: Settings, report: Report = lambda _: None) -> list[ServiceStatu
         keys = _stack_keys(settings, create=True)
         services = all_services(settings, keys)
         to_start = [svc for svc in services if _needs_start(settings, svc, report)]
-        _check_ports_free(settings, to_start)
+        _check_ports_free(settings, to_start, report)
         if settings.database_url is not None and any(
             svc.name in ("mlflow", "prefect") for svc in to_start
         ):
@@ -91,6 +94,8 @@ def up(settings: Settings, report: Report = lambda _: None) -> list[ServiceStatu
                 started.append((svc, record))
             _wait_healthy(started, report)
             _check_ports_owned(started)
+            if any(svc.name == "s3" for svc, _ in started):
+                _check_anonymous_refused(settings)
             _ensure_buckets(settings, keys)
             if any(svc.name == "s3" for svc, _ in started):
                 _wait_objects_readable(settings, keys, report)
@@ -146,17 +151,42 @@ def _port_owner(port: int) -> str:
     return ""
 
 
-def _check_ports_free(settings: Settings, services: list[Service]) -> None:
-    busy = [
-        f"port {port} ({key}) on {settings.bind} is in use{_port_owner(port)}"
-        for svc in services
-        for key, port in svc.ports.items()
-        if port_in_use(settings.bind, port)
-    ]
+def _listening(port: int) -> bool:
+    try:
+        return any(
+            conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN
+            for conn in psutil.net_connections(kind="tcp")
+        )
+    except psutil.Error:
+        return True
+
+
+def _check_ports_free(
+    settings: Settings, services: list[Service], report: Report, closing_wait_s: float = 75.0
+) -> None:
+    """Every port must be free. A port that nothing listens on but that is still held by
+    the closing connections of a server that died (FIN_WAIT, up to tcp_fin_timeout) frees
+    itself: wait for it instead of failing."""
+    deadline = time.monotonic() + closing_wait_s
+    while True:
+        busy = [
+            (key, port)
+            for svc in services
+            for key, port in svc.ports.items()
+            if port_in_use(settings.bind, port)
+        ]
+        closing = [port for _key, port in busy if not _listening(port)]
+        if not busy or len(closing) < len(busy) or time.monotonic() > deadline:
+            break
+        report(f"waiting for port(s) {closing} to be released by a stopped server's connections")
+        time.sleep(1)
     if busy:
         raise StackError(
             "cannot start the stack:\n  "
-            + "\n  ".join(busy)
+            + "\n  ".join(
+                f"port {port} ({key}) on {settings.bind} is in use{_port_owner(port)}"
+                for key, port in busy
+            )
             + "\nStop what uses it, or choose another port in config/stack.yml"
             " (or MNISTOPS_<SECTION>__<KEY>, e.g. MNISTOPS_MLFLOW__PORT=5051)."
         )
@@ -197,6 +227,30 @@ def _check_ports_owned(started: list[tuple[Service, process.ProcessRecord]]) -> 
                 f"{svc.title} is running but does not listen on {', '.join(sorted(missing))}."
                 f" Last lines of {record.log}:\n" + process.tail(record.log_path)
             )
+
+
+def _check_anonymous_refused(settings: Settings) -> None:
+    """The store we started must refuse a request without keys: an identities file that
+    opens it (or one SeaweedFS read differently) stops the start."""
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    anonymous = boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint,
+        region_name=settings.s3.region,
+        config=Config(signature_version=UNSIGNED, retries={"max_attempts": 1}),
+    )
+    try:
+        anonymous.list_buckets()
+    except ClientError:
+        return
+    raise StackError(
+        f"the object store at {settings.s3_endpoint} answered a request without keys:"
+        f" its identities file ({settings.home / 's3-identities.json'}) leaves it open."
+        " It was stopped; nothing was exposed for longer than this check."
+    )
 
 
 def _ensure_buckets(settings: Settings, keys: S3Keys | None) -> None:

@@ -37,12 +37,34 @@ def keys_path(home: Path) -> Path:
     return home / "credentials.json"
 
 
+class CredentialsError(Exception):
+    """The key file is damaged; the message names it and says what to do."""
+
+
+MIN_KEY_LENGTH = 32
+
+
 def load_keys(home: Path) -> S3Keys | None:
+    """The stored keys; None if there are none yet. A damaged file is an error, never a
+    reason to start the store with other (or no) keys."""
     path = keys_path(home)
     if not path.is_file():
         return None
-    data = json.loads(path.read_text())
-    return S3Keys(data["s3_access_key_id"], data["s3_secret_access_key"])
+    try:
+        data = json.loads(path.read_text())
+        keys = S3Keys(data["s3_access_key_id"], data["s3_secret_access_key"])
+        if min(len(keys.access_key_id), len(keys.secret_access_key)) < MIN_KEY_LENGTH:
+            raise ValueError(f"a key is shorter than {MIN_KEY_LENGTH} characters")
+        if not all(set(k) <= set(_ALPHABET) for k in (keys.access_key_id, keys.secret_access_key)):
+            raise ValueError("a key has characters other than letters and digits")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CredentialsError(
+            f"the S3 key file {path} is damaged ({exc.__class__.__name__}: {exc}). Restore"
+            " it from a backup; or delete it to have new keys generated at the next"
+            " `mnistops stack up` (the stored objects stay; clients then need the new"
+            " `mnistops stack env`)."
+        ) from None
+    return keys
 
 
 def ensure_keys(home: Path) -> S3Keys:
@@ -79,3 +101,25 @@ def seaweed_identities(keys: S3Keys) -> str:
         },
         indent=2,
     )
+
+
+def prefect_auth_path(home: Path) -> Path:
+    return home / "prefect-auth"
+
+
+def ensure_prefect_auth(home: Path) -> str:
+    """The embedded Prefect server's login, `admin:<48 random characters>`, made once."""
+    path = prefect_auth_path(home)
+    if path.is_file():
+        value = path.read_text().strip()
+        user, _, password = value.partition(":")
+        if user and len(password) >= MIN_KEY_LENGTH:
+            return value
+        raise CredentialsError(
+            f"the Prefect login file {path} is damaged. Delete it to have a new login"
+            " generated at the next `mnistops stack up` (clients then need the new"
+            " `mnistops stack env`)."
+        )
+    value = f"admin:{_random(48)}"
+    write_private(path, value)
+    return value

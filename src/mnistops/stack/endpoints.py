@@ -45,6 +45,17 @@ def s3_client(settings: Settings, keys: S3Keys | None = None, timeout_s: float =
     )
 
 
+def prefect_auth(settings: Settings) -> str | None:
+    """USER:PASSWORD for the Prefect API: the configured one, or the embedded server's."""
+    if settings.prefect.auth_string is not None:
+        return settings.prefect.auth_string.get_secret_value()
+    if settings.prefect.api_url is None and settings.prefect.auth:
+        from mnistops.stack.credentials import ensure_prefect_auth
+
+        return ensure_prefect_auth(settings.home)
+    return None
+
+
 def client_env(settings: Settings) -> dict[str, str]:
     """Variables with which plain dvc, mlflow, prefect and boto3 clients use this stack,
     and with which our own commands on another machine find it (no local state needed)."""
@@ -64,4 +75,8 @@ def client_env(settings: Settings) -> dict[str, str]:
     if keys:
         env["AWS_ACCESS_KEY_ID"] = keys.access_key_id
         env["AWS_SECRET_ACCESS_KEY"] = keys.secret_access_key
+    auth = prefect_auth(settings)
+    if auth:
+        env["PREFECT_API_AUTH_STRING"] = auth
+        env["MNISTOPS_PREFECT__AUTH_STRING"] = auth
     return env

@@ -234,6 +234,10 @@ def prefect_service(settings: Settings) -> Service:
         # appears promptly. Cheap: one query per loop.
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "10",
     }
+    if settings.prefect.auth:
+        from mnistops.stack.endpoints import prefect_auth
+
+        service.env["PREFECT_SERVER_API_AUTH_STRING"] = prefect_auth(settings) or ""
     return service
 
 

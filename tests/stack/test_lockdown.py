@@ -1,0 +1,138 @@
+"""The stack refuses to open its object store: a damaged key file or an identities file
+that would let anonymous requests in stops the start; nothing is left listening."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mnistops.stack.credentials import keys_path, seaweed_identities
+
+pytestmark = [pytest.mark.integration, pytest.mark.security]
+
+
+def s3_only_config(root: Path, stack_settings) -> Path:
+    """A stack whose S3 store is started here, with MLflow and Prefect the session's."""
+    from tests.conftest import write_stack_config
+
+    return write_stack_config(
+        root,
+        mlflow={"tracking_uri": stack_settings.mlflow_uri},
+        prefect={"api_url": stack_settings.prefect_api_url},
+    )
+
+
+def listening_ports(settings) -> list[int]:
+    from mnistops.stack.ports import port_in_use
+
+    return [p for p in (settings.s3.port, settings.s3.filer_port) if port_in_use(settings.bind, p)]
+
+
+def test_a_damaged_key_file_stops_the_start(tmp_path: Path, stack_settings) -> None:
+    from mnistops.settings import load_settings
+    from tests.conftest import run_cli
+
+    config_dir = s3_only_config(tmp_path, stack_settings)
+    settings = load_settings(config_dir)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    for damaged in ('{"s3_access_key_id": "short", "s3_secret_access_key": "x"}', "{oops"):
+        keys_path(settings.home).write_text(damaged)
+        done = run_cli("stack", "up", config_dir=config_dir)
+        assert done.returncode != 0
+        assert "Traceback" not in done.stderr
+        assert str(keys_path(settings.home)) in " ".join(done.stderr.split()).replace(" ", "")
+        assert listening_ports(settings) == []
+        listed = run_cli("data", "list", config_dir=config_dir)
+        assert listed.returncode == 2 and "is damaged" in listed.stderr
+
+
+def malformed(_keys) -> str:
+    return '{"identities": [{"name": "mnistops", "credentials": ['
+
+
+def ours_and_anonymous(keys) -> str:
+    """Our identity, plus one SeaweedFS treats as anonymous access: the store opens."""
+    identities = json.loads(seaweed_identities(keys))
+    identities["identities"].append({"name": "anonymous", "actions": ["Read", "List"]})
+    return json.dumps(identities)
+
+
+@pytest.mark.parametrize(
+    ("identities", "expected"),
+    [
+        (malformed, "exited during start-up"),
+        (ours_and_anonymous, "answered a request without keys"),
+    ],
+    ids=["malformed", "open-to-anonymous"],
+)
+def test_an_identities_file_that_would_open_the_store_stops_the_start(
+    tmp_path: Path, stack_settings, monkeypatch: pytest.MonkeyPatch, identities, expected: str
+) -> None:
+    from mnistops import stack
+    from mnistops.settings import load_settings
+    from mnistops.stack import services
+
+    settings = load_settings(s3_only_config(tmp_path, stack_settings))
+    monkeypatch.setattr(services, "seaweed_identities", identities)
+    with pytest.raises(stack.StackError, match=expected):
+        stack.up(settings)
+    assert listening_ports(settings) == []
+    assert not any(s.running for s in stack.status(settings) if s.name == "s3")
+
+
+def test_prefect_with_a_login_refuses_clients_without_it(tmp_path: Path, stack_settings) -> None:
+    """prefect.auth: the embedded server asks for a generated login; our commands with the
+    stack's settings use it, a client without it gets a clear refusal."""
+    import stat
+
+    import httpx
+    import yaml
+
+    from mnistops import stack
+    from mnistops.settings import load_settings
+    from mnistops.stack.credentials import prefect_auth_path
+    from mnistops.stack.ports import free_port_config
+    from tests.conftest import client_config, run_cli
+
+    shared = yaml.safe_load(
+        client_config(stack_settings, tmp_path / "shared").joinpath("stack.yml").read_text()
+    )
+    config = {
+        **shared,
+        "home": str(tmp_path / "home"),
+        "prefect": {"port": free_port_config(tmp_path)["prefect"]["port"], "auth": True},
+    }
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    (config_dir / "stack.yml").write_text(yaml.safe_dump(config))
+    settings = load_settings(config_dir)
+    stack.up(settings)
+    try:
+        login = prefect_auth_path(settings.home)
+        assert stat.S_IMODE(login.stat().st_mode) == 0o600
+        user, password = login.read_text().split(":", 1)
+        assert user == "admin" and len(password) >= 32
+        api = settings.prefect_api_url
+        assert httpx.get(f"{api}/admin/version", timeout=10).status_code == 401
+
+        deployed = run_cli("deploy", config_dir=config_dir)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+
+        stranger = tmp_path / "stranger"
+        stranger.mkdir()
+        (stranger / "stack.yml").write_text(
+            yaml.safe_dump({**shared, "home": str(tmp_path / "h2"), "prefect": {"api_url": api}})
+        )
+        refused = run_cli("deploy", config_dir=stranger)
+        assert refused.returncode == 1
+        assert "Traceback" not in refused.stderr
+        assert "refused a request without a login" in " ".join(refused.stderr.split())
+
+        status = run_cli("stack", "status", config_dir=config_dir)
+        assert password not in status.stdout + status.stderr
+        env = run_cli("stack", "env", config_dir=config_dir)
+        assert f"PREFECT_API_AUTH_STRING=admin:{password}" in env.stdout
+    finally:
+        stack.down(settings)

@@ -1,0 +1,58 @@
+"""No secret leaks: after the whole demo, the generated S3 secret appears in no log, no
+MLflow param or tag, no Prefect parameter and not in `stack status`."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from mnistops.stack.credentials import load_keys
+from tests.conftest import prefect_client, run_cli
+
+pytestmark = [pytest.mark.integration, pytest.mark.security]
+
+
+def secrets_of(settings) -> list[str]:
+    keys = load_keys(settings.home)
+    assert keys is not None and len(keys.secret_access_key) >= 32
+    return [keys.secret_access_key]
+
+
+def test_no_secret_in_logs_runs_parameters_or_status(demo_run: dict) -> None:
+    settings, config_dir = demo_run["settings"], demo_run["config_dir"]
+    secrets = secrets_of(settings)
+    places: dict[str, str] = {"demo output": demo_run["result"].stdout + demo_run["result"].stderr}
+
+    logs = sorted((settings.home / "logs").glob("*.log"))
+    assert {p.stem for p in logs} >= {"s3", "mlflow", "prefect", "worker-mnist-cpu"}
+    for path in logs:
+        places[str(path)] = path.read_text(errors="replace")
+
+    client = MlflowClient(settings.mlflow_uri)
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    for run in client.search_runs([experiment.experiment_id]):
+        places[f"run {run.info.run_id} params"] = repr(run.data.params)
+        places[f"run {run.info.run_id} tags"] = repr(run.data.tags)
+    for version in client.search_model_versions(f"name = '{settings.model_registry.name}'"):
+        places[f"model version {version.version} tags"] = repr(version.tags)
+
+    with prefect_client(settings) as prefect:
+        for deployment in prefect.read_deployments():
+            places[f"deployment {deployment.name}"] = repr(
+                (deployment.parameters, deployment.job_variables, deployment.pull_steps)
+            )
+        for flow_run in prefect.read_flow_runs():
+            places[f"flow run {flow_run.name}"] = repr(
+                (flow_run.parameters, flow_run.job_variables)
+            )
+        for log in prefect.read_logs():
+            places.setdefault("prefect logs", "")
+            places["prefect logs"] += log.message + "\n"
+
+    status = run_cli("stack", "status", config_dir=config_dir)
+    assert status.returncode == 0, status.stderr
+    places["stack status"] = status.stdout + status.stderr
+
+    leaks = [where for where, text in places.items() for s in secrets if s in text]
+    assert not leaks, f"the S3 secret appears in: {leaks}"
+    assert "prefect logs" in places and len(places) > 10
