@@ -262,7 +262,12 @@ def demo_experiment(cfg: Settings, tag: str, epochs: int, fast: bool) -> None:
     from mlflow import MlflowClient
 
     from mnistops.tracking.registry import versions
+    from mnistops.tracking.runs import TrackingError, check_tracking_server
 
+    try:
+        check_tracking_server(cfg)
+    except TrackingError as exc:
+        fail(str(exc))
     found = [
         v
         for v in versions(MlflowClient(cfg.mlflow_uri), cfg.model_registry.name)

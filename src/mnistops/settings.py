@@ -83,6 +83,11 @@ class MlflowSettings(Section):
         default_factory=list,
         description="more Host headers the server accepts (e.g. mlflow:5000 behind a proxy)",
     )
+    auth: bool = Field(
+        False, description="the embedded server asks for a login (generated, in the state dir)"
+    )
+    username: str | None = Field(None, description="login of an MLflow server that asks for one")
+    password: SecretStr | None = None
 
     _ports = field_validator("port")(_check_port)
 

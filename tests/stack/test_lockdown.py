@@ -136,3 +136,67 @@ def test_prefect_with_a_login_refuses_clients_without_it(tmp_path: Path, stack_s
         assert f"PREFECT_API_AUTH_STRING=admin:{password}" in env.stdout
     finally:
         stack.down(settings)
+
+
+def test_mlflow_with_a_login_refuses_clients_without_it(tmp_path: Path, stack_settings) -> None:
+    """mlflow.auth: MLflow's basic-auth app with a generated admin password (never its
+    example one); our commands use it, a client without it gets a clear refusal."""
+    import stat
+
+    import httpx
+    import yaml
+
+    from mnistops import stack
+    from mnistops.settings import load_settings
+    from mnistops.stack.credentials import mlflow_auth_path
+    from mnistops.stack.ports import free_port_config
+    from tests.conftest import client_config, run_cli
+
+    shared = yaml.safe_load(
+        client_config(stack_settings, tmp_path / "shared").joinpath("stack.yml").read_text()
+    )
+    config = {
+        **shared,
+        "home": str(tmp_path / "home"),
+        "mlflow": {"port": free_port_config(tmp_path)["mlflow"]["port"], "auth": True},
+    }
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    (config_dir / "stack.yml").write_text(yaml.safe_dump(config))
+    settings = load_settings(config_dir)
+    stack.up(settings)
+    try:
+        login = mlflow_auth_path(settings.home)
+        assert stat.S_IMODE(login.stat().st_mode) == 0o600
+        password = json.loads(login.read_text())["password"]
+        assert len(password) >= 32 and password != "password1234"
+        search = f"{settings.mlflow_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert httpx.get(search, timeout=10).status_code == 401
+        assert httpx.get(search, auth=("admin", password), timeout=10).status_code == 200
+
+        models = run_cli("models", config_dir=config_dir)
+        assert models.returncode == 0, models.stdout + models.stderr
+
+        stranger = tmp_path / "stranger"
+        stranger.mkdir()
+        (stranger / "stack.yml").write_text(
+            yaml.safe_dump(
+                {
+                    **shared,
+                    "home": str(tmp_path / "h2"),
+                    "mlflow": {"tracking_uri": settings.mlflow_uri},
+                }
+            )
+        )
+        refused = run_cli("models", config_dir=stranger)
+        assert refused.returncode == 1
+        assert "Traceback" not in refused.stderr
+        assert "refused a request without a login" in " ".join(refused.stderr.split())
+
+        status = run_cli("stack", "status", config_dir=config_dir)
+        assert password not in status.stdout + status.stderr
+        assert password not in (settings.home / "logs" / "mlflow.log").read_text()
+        env = run_cli("stack", "env", config_dir=config_dir)
+        assert f"MLFLOW_TRACKING_PASSWORD={password}" in env.stdout
+    finally:
+        stack.down(settings)

@@ -123,3 +123,34 @@ def ensure_prefect_auth(home: Path) -> str:
     value = f"admin:{_random(48)}"
     write_private(path, value)
     return value
+
+
+@dataclass(frozen=True)
+class MlflowAuth:
+    username: str
+    password: str
+    flask_secret_key: str
+    """MLflow's basic-auth app needs a static secret for its CSRF protection"""
+
+
+def mlflow_auth_path(home: Path) -> Path:
+    return home / "mlflow-auth.json"
+
+
+def ensure_mlflow_auth(home: Path) -> MlflowAuth:
+    """The embedded MLflow server's admin login (never MLflow's example password), made once."""
+    path = mlflow_auth_path(home)
+    if path.is_file():
+        try:
+            auth = MlflowAuth(**json.loads(path.read_text()))
+            if len(auth.password) < MIN_KEY_LENGTH:
+                raise ValueError("the password is too short")
+            return auth
+        except (ValueError, TypeError) as exc:
+            raise CredentialsError(
+                f"the MLflow login file {path} is damaged ({exc}). Restore it from a backup:"
+                " the server's user database keeps the password it was first started with."
+            ) from None
+    auth = MlflowAuth("admin", _random(48), _random(48))
+    write_private(path, json.dumps(auth.__dict__, indent=2))
+    return auth

@@ -56,6 +56,27 @@ def prefect_auth(settings: Settings) -> str | None:
     return None
 
 
+def mlflow_login(settings: Settings) -> tuple[str, str] | None:
+    """(user, password) for the MLflow server: the configured one, or the embedded one's."""
+    mlflow = settings.mlflow
+    if mlflow.username and mlflow.password is not None:
+        return mlflow.username, mlflow.password.get_secret_value()
+    if mlflow.tracking_uri is None and mlflow.auth:
+        from mnistops.stack.credentials import ensure_mlflow_auth
+
+        auth = ensure_mlflow_auth(settings.home)
+        return auth.username, auth.password
+    return None
+
+
+def mlflow_login_env(settings: Settings) -> dict[str, str]:
+    """MLflow's own client variables for the login (its Python client reads them)."""
+    login = mlflow_login(settings)
+    if login is None:
+        return {}
+    return {"MLFLOW_TRACKING_USERNAME": login[0], "MLFLOW_TRACKING_PASSWORD": login[1]}
+
+
 def client_env(settings: Settings) -> dict[str, str]:
     """Variables with which plain dvc, mlflow, prefect and boto3 clients use this stack,
     and with which our own commands on another machine find it (no local state needed)."""
@@ -75,6 +96,10 @@ def client_env(settings: Settings) -> dict[str, str]:
     if keys:
         env["AWS_ACCESS_KEY_ID"] = keys.access_key_id
         env["AWS_SECRET_ACCESS_KEY"] = keys.secret_access_key
+    login = mlflow_login(settings)
+    if login:
+        env.update(mlflow_login_env(settings))
+        env["MNISTOPS_MLFLOW__USERNAME"], env["MNISTOPS_MLFLOW__PASSWORD"] = login
     auth = prefect_auth(settings)
     if auth:
         env["PREFECT_API_AUTH_STRING"] = auth

@@ -188,7 +188,37 @@ def mlflow_service(settings: Settings, keys: S3Keys | None) -> Service:
     if keys is not None:
         service.env["AWS_ACCESS_KEY_ID"] = keys.access_key_id
         service.env["AWS_SECRET_ACCESS_KEY"] = keys.secret_access_key
+    if settings.mlflow.auth:
+        _with_basic_auth(service, settings, mlflow_home)
     return service
+
+
+def _with_basic_auth(service: Service, settings: Settings, mlflow_home: Path) -> None:
+    """MLflow's basic-auth app: users in SQLite beside the server's data, the admin's
+    generated password and the CSRF secret passed by environment (never on a command
+    line, never MLflow's example password)."""
+    from mnistops.stack.credentials import ensure_mlflow_auth
+
+    auth = ensure_mlflow_auth(settings.home)
+    ini = mlflow_home / "basic_auth.ini"
+    make_dirs = service.prepare
+
+    def prepare() -> None:
+        make_dirs()
+        write_private(
+            ini,
+            "[mlflow]\n"
+            "default_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{mlflow_home / 'basic_auth.db'}\n"
+            f"admin_username = {auth.username}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+        )
+
+    service.prepare = prepare
+    service.command += ["--app-name", "basic-auth"]
+    service.env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+    service.env["MLFLOW_AUTH_ADMIN_PASSWORD"] = auth.password
+    service.env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = auth.flask_secret_key
 
 
 def prefect_service(settings: Settings) -> Service:

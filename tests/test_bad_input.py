@@ -1,0 +1,66 @@
+"""Bad configuration through the real command: an error naming the file and the key,
+exit status 2, and nothing started or created (no state dir, no data dir)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.faults
+
+CASES = [
+    ("stack.yml", "mlflow: [\n", ("stack", "up"), "stack.yml: not valid YAML"),
+    ("stack.yml", "mlflow:\n  prot: 5050\n", ("stack", "up"), "stack.yml: key 'mlflow.prot'"),
+    (
+        "hyp.yml",
+        "hyperparameter:\n  batch_size: many\n",
+        ("train",),
+        "hyp.yml: key 'hyperparameter.batch_size'",
+    ),
+    (
+        "flow.yml",
+        "scheduler:\n  cron: '61 * * * *'\n",
+        ("deploy",),
+        "flow.yml: key 'scheduler.cron'",
+    ),
+    (
+        "flow.yml",
+        "scheduler:\n  method: rrule\n  rrule: FREQ=SOMETIMES\n",
+        ("deploy",),
+        "flow.yml: key 'scheduler.rrule'",
+    ),
+    (
+        "flow.yml",
+        "scheduler:\n  timezone: Mars/Olympus\n",
+        ("deploy",),
+        "flow.yml: key 'scheduler.timezone'",
+    ),
+    ("flow.yml", "scheduler:\n  method: hourly\n", ("deploy",), "flow.yml: key 'scheduler.method'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "command", "expected"),
+    CASES,
+    ids=[c[3].split("'")[1] if "'" in c[3] else "yaml" for c in CASES],
+)
+def test_bad_config_stops_the_command_before_anything_is_made(
+    tmp_path: Path, file: str, text: str, command: tuple[str, ...], expected: str
+) -> None:
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    home, data = tmp_path / "state", tmp_path / "data"
+    if file != "stack.yml":
+        (config_dir / "stack.yml").write_text(
+            yaml.safe_dump({"home": str(home), "data_dir": str(data)})
+        )
+    (config_dir / file).write_text(text)
+    done = run_cli(*command, config_dir=config_dir, cwd=tmp_path, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert expected in " ".join(done.stderr.split()), done.stderr
+    assert not home.exists() and not data.exists() and not (tmp_path / ".mnistops").exists()
