@@ -4,19 +4,29 @@ that would let anonymous requests in stops the start; nothing is left listening.
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
+import httpx
 import pytest
+import yaml
 
-from mnistops.stack.credentials import keys_path, seaweed_identities
+from mnistops import stack
+from mnistops.settings import Settings, load_settings
+from mnistops.stack.credentials import (
+    keys_path,
+    mlflow_auth_path,
+    prefect_auth_path,
+    seaweed_identities,
+)
+from mnistops.stack.ports import free_port_config, port_in_use
+from tests.conftest import client_config, run_cli, write_stack_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 
 
 def s3_only_config(root: Path, stack_settings) -> Path:
     """A stack whose S3 store is started here, with MLflow and Prefect the session's."""
-    from tests.conftest import write_stack_config
-
     return write_stack_config(
         root,
         mlflow={"tracking_uri": stack_settings.mlflow_uri},
@@ -25,15 +35,10 @@ def s3_only_config(root: Path, stack_settings) -> Path:
 
 
 def listening_ports(settings) -> list[int]:
-    from mnistops.stack.ports import port_in_use
-
     return [p for p in (settings.s3.port, settings.s3.filer_port) if port_in_use(settings.bind, p)]
 
 
 def test_a_damaged_key_file_stops_the_start(tmp_path: Path, stack_settings) -> None:
-    from mnistops.settings import load_settings
-    from tests.conftest import run_cli
-
     config_dir = s3_only_config(tmp_path, stack_settings)
     settings = load_settings(config_dir)
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -70,8 +75,6 @@ def ours_and_anonymous(keys) -> str:
 def test_an_identities_file_that_would_open_the_store_stops_the_start(
     tmp_path: Path, stack_settings, monkeypatch: pytest.MonkeyPatch, identities, expected: str
 ) -> None:
-    from mnistops import stack
-    from mnistops.settings import load_settings
     from mnistops.stack import services
 
     settings = load_settings(s3_only_config(tmp_path, stack_settings))
@@ -82,31 +85,33 @@ def test_an_identities_file_that_would_open_the_store_stops_the_start(
     assert not any(s.running for s in stack.status(settings) if s.name == "s3")
 
 
-def test_prefect_with_a_login_refuses_clients_without_it(tmp_path: Path, stack_settings) -> None:
-    """prefect.auth: the embedded server asks for a generated login; our commands with the
-    stack's settings use it, a client without it gets a clear refusal."""
-    import stat
-
-    import httpx
-    import yaml
-
-    from mnistops import stack
-    from mnistops.settings import load_settings
-    from mnistops.stack.credentials import prefect_auth_path
-    from mnistops.stack.ports import free_port_config
-    from tests.conftest import client_config, run_cli
-
+def with_login_here(tmp_path: Path, stack_settings: Settings, service: str) -> tuple[Path, dict]:
+    """A config dir whose stack starts only `service` (with `auth: true`) and uses the
+    session's other services; and the settings any client of those services shares."""
     shared = yaml.safe_load(
         client_config(stack_settings, tmp_path / "shared").joinpath("stack.yml").read_text()
     )
-    config = {
-        **shared,
-        "home": str(tmp_path / "home"),
-        "prefect": {"port": free_port_config(tmp_path)["prefect"]["port"], "auth": True},
-    }
+    port = free_port_config(tmp_path)[service]["port"]
+    config = {**shared, "home": str(tmp_path / "home"), service: {"port": port, "auth": True}}
     config_dir = tmp_path / "config"
     config_dir.mkdir()
     (config_dir / "stack.yml").write_text(yaml.safe_dump(config))
+    return config_dir, shared
+
+
+def stranger(tmp_path: Path, shared: dict, service: dict) -> Path:
+    """A client that knows the URL of the service but not its login."""
+    config_dir = tmp_path / "stranger"
+    config_dir.mkdir()
+    config = {**shared, "home": str(tmp_path / "stranger-home"), **service}
+    (config_dir / "stack.yml").write_text(yaml.safe_dump(config))
+    return config_dir
+
+
+def test_prefect_with_a_login_refuses_clients_without_it(tmp_path: Path, stack_settings) -> None:
+    """prefect.auth: the embedded server asks for a generated login; our commands with the
+    stack's settings use it, a client without it gets a clear refusal."""
+    config_dir, shared = with_login_here(tmp_path, stack_settings, "prefect")
     settings = load_settings(config_dir)
     stack.up(settings)
     try:
@@ -120,12 +125,8 @@ def test_prefect_with_a_login_refuses_clients_without_it(tmp_path: Path, stack_s
         deployed = run_cli("deploy", config_dir=config_dir)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
-        stranger = tmp_path / "stranger"
-        stranger.mkdir()
-        (stranger / "stack.yml").write_text(
-            yaml.safe_dump({**shared, "home": str(tmp_path / "h2"), "prefect": {"api_url": api}})
-        )
-        refused = run_cli("deploy", config_dir=stranger)
+        outsider = stranger(tmp_path, shared, {"prefect": {"api_url": api}})
+        refused = run_cli("deploy", config_dir=outsider)
         assert refused.returncode == 1
         assert "Traceback" not in refused.stderr
         assert "refused a request without a login" in " ".join(refused.stderr.split())
@@ -141,28 +142,7 @@ def test_prefect_with_a_login_refuses_clients_without_it(tmp_path: Path, stack_s
 def test_mlflow_with_a_login_refuses_clients_without_it(tmp_path: Path, stack_settings) -> None:
     """mlflow.auth: MLflow's basic-auth app with a generated admin password (never its
     example one); our commands use it, a client without it gets a clear refusal."""
-    import stat
-
-    import httpx
-    import yaml
-
-    from mnistops import stack
-    from mnistops.settings import load_settings
-    from mnistops.stack.credentials import mlflow_auth_path
-    from mnistops.stack.ports import free_port_config
-    from tests.conftest import client_config, run_cli
-
-    shared = yaml.safe_load(
-        client_config(stack_settings, tmp_path / "shared").joinpath("stack.yml").read_text()
-    )
-    config = {
-        **shared,
-        "home": str(tmp_path / "home"),
-        "mlflow": {"port": free_port_config(tmp_path)["mlflow"]["port"], "auth": True},
-    }
-    config_dir = tmp_path / "config"
-    config_dir.mkdir()
-    (config_dir / "stack.yml").write_text(yaml.safe_dump(config))
+    config_dir, shared = with_login_here(tmp_path, stack_settings, "mlflow")
     settings = load_settings(config_dir)
     stack.up(settings)
     try:
@@ -177,18 +157,8 @@ def test_mlflow_with_a_login_refuses_clients_without_it(tmp_path: Path, stack_se
         models = run_cli("models", config_dir=config_dir)
         assert models.returncode == 0, models.stdout + models.stderr
 
-        stranger = tmp_path / "stranger"
-        stranger.mkdir()
-        (stranger / "stack.yml").write_text(
-            yaml.safe_dump(
-                {
-                    **shared,
-                    "home": str(tmp_path / "h2"),
-                    "mlflow": {"tracking_uri": settings.mlflow_uri},
-                }
-            )
-        )
-        refused = run_cli("models", config_dir=stranger)
+        outsider = stranger(tmp_path, shared, {"mlflow": {"tracking_uri": settings.mlflow_uri}})
+        refused = run_cli("models", config_dir=outsider)
         assert refused.returncode == 1
         assert "Traceback" not in refused.stderr
         assert "refused a request without a login" in " ".join(refused.stderr.split())
