@@ -10,7 +10,7 @@ import yaml
 
 from tests.conftest import run_cli
 
-pytestmark = pytest.mark.faults
+pytestmark = pytest.mark.bad_input
 
 CASES = [
     ("stack.yml", "mlflow: [\n", ("stack", "up"), "stack.yml: not valid YAML"),

@@ -40,11 +40,13 @@ def test_transparent_png_is_drawn_on_white(digit: np.ndarray) -> None:
     assert np.corrcoef(converted.ravel(), mnist_like(Image.fromarray(digit)).ravel())[0, 1] > 0.9
 
 
+@pytest.mark.bad_input
 def test_blank_image_is_refused() -> None:
     with pytest.raises(PredictError, match="blank"):
         mnist_like(Image.new("L", (28, 28), 255), "white.png")
 
 
+@pytest.mark.bad_input
 def test_unreadable_files_are_named(tmp_path: Path) -> None:
     text = tmp_path / "notes.png"
     text.write_text("not an image")
@@ -62,6 +64,7 @@ def test_unreadable_files_are_named(tmp_path: Path) -> None:
         assert str(path) in str(caught.value)
 
 
+@pytest.mark.bad_input
 def test_a_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
     side = int(MAX_PIXELS**0.5) + 100
     bomb = tmp_path / "bomb.png"

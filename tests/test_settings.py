@@ -54,6 +54,7 @@ def test_external_urls_are_used_as_given(tmp_path: Path) -> None:
     assert settings.prefect_api_url == "https://prefect.example.org/api"
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -77,6 +77,7 @@ def _break(dataset: Path, case: str) -> Path:
     return target
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("case", "reason"),
     [
@@ -104,6 +105,7 @@ def test_bad_input_is_refused_with_the_file_named(
     assert "nothing was recorded" in message
 
 
+@pytest.mark.bad_input
 def test_many_problems_show_twenty_and_a_count(dataset: Path, tmp_path: Path) -> None:
     for n in range(25):
         (dataset / "train" / "1" / f"bad{n}.png").write_bytes(b"")

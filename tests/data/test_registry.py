@@ -204,6 +204,7 @@ def test_publish_v1_then_v2_pull_elsewhere_and_diff(publisher: Path, tmp_path: P
     assert "replaced" in tag_line
 
 
+@pytest.mark.bad_input
 def test_bad_dataset_publishes_nothing(publisher: Path) -> None:
     settings = settings_of(publisher)
     bad = settings.mnist_dir / "train" / "4" / "broken.png"
@@ -222,6 +223,7 @@ def test_bad_dataset_publishes_nothing(publisher: Path) -> None:
         bad.unlink()
 
 
+@pytest.mark.integrity
 def test_corrupt_remote_object_is_named_and_never_written(publisher: Path, tmp_path: Path) -> None:
     settings = settings_of(publisher)
     record = registry.find_record(settings, "v1.0")
@@ -245,6 +247,7 @@ def test_corrupt_remote_object_is_named_and_never_written(publisher: Path, tmp_p
         client.put_object(Bucket=settings.s3.buckets.dvc, Key=key, Body=original)
 
 
+@pytest.mark.faults
 def test_push_with_store_down_then_recovery(
     publisher: Path, stack_settings: Settings, tmp_path: Path
 ) -> None:

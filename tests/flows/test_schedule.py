@@ -49,6 +49,7 @@ def test_cron_and_interval_plan_as_written() -> None:
     assert all(b - a == timedelta(seconds=90) for a, b in zip(interval, interval[1:], strict=False))
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("scheduler", "key"),
     [

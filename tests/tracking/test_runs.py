@@ -215,6 +215,7 @@ def test_a_plain_folder_is_untracked_data(trainer: Path, first_run) -> None:
     assert "untracked data" in done.stdout
 
 
+@pytest.mark.integrity
 def test_a_damaged_array_cache_is_named_and_rebuilt(trainer: Path, first_run) -> None:
     from mnistops.train.data import load_version
 
@@ -269,7 +270,7 @@ def test_mlflow_down_during_training_fails_clearly_and_champion_stays(
     assert train(trainer).returncode == 0, "the next run after the restart"
 
 
-@pytest.mark.faults
+@pytest.mark.integrity
 def test_a_flipped_byte_in_the_object_cache_is_named_and_fetched_again(
     trainer: Path, first_run
 ) -> None:
