@@ -141,13 +141,32 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 
 def kill_service(settings: Settings, name: str) -> None:
-    """kill -9 of a stack service's whole process group, as a crash would."""
+    """kill -9 of a stack service's whole process group, as a crash would; returns once
+    every process of it is gone (a killed leader can linger as a zombie while its other
+    threads still exit)."""
+    import psutil
+
     from mnistops.stack import process
 
     record = process.read_record(stack.run_dir(settings), name)
     assert record is not None and process.is_alive(record), name
-    os.killpg(os.getpgid(record.pid), signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while process.is_alive(record) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not process.is_alive(record), f"{name} survived SIGKILL"
+    group = os.getpgid(record.pid)
+    os.killpg(group, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        members = [
+            p
+            for p in psutil.process_iter(["status"])
+            if _group_of(p.pid) == group and p.info["status"] != psutil.STATUS_ZOMBIE
+        ]
+        if not members and not process.is_alive(record):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{name} survived SIGKILL for 60 s")
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None

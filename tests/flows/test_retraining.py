@@ -311,10 +311,12 @@ def test_a_killed_worker_leaves_a_crashed_run_and_a_free_slot(machines: dict) ->
     worker_settings = load_settings(worker_config)
     (record,) = stack.worker_records(worker_settings)
     worker = psutil.Process(record.pid)
-    for proc in [*worker.children(recursive=True), worker]:
+    doomed = [*worker.children(recursive=True), worker]
+    for proc in doomed:
         proc.kill()
     killed_at = time.monotonic()
-    assert not process.is_alive(record)
+    _gone, alive = psutil.wait_procs(doomed, timeout=30)
+    assert not alive and not process.is_alive(record), alive
 
     def crashed():
         with prefect_client(settings) as client:

@@ -95,6 +95,16 @@ def test_mlflow_artifact_lands_in_bucket_without_client_keys(stack_settings: Set
     assert any(run.info.run_id in k and k.endswith("note.txt") for k in keys), keys
 
 
+@pytest.mark.security
+def test_mlflow_refuses_a_foreign_host_header(stack_settings: Settings) -> None:
+    """--allowed-hosts: a page of another site that resolves its name to 127.0.0.1 (DNS
+    rebinding) cannot use the tracking server."""
+    search = f"{stack_settings.mlflow_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert httpx.get(search, timeout=10).status_code == 200
+    foreign = httpx.get(search, headers={"Host": "evil.example"}, timeout=10)
+    assert foreign.status_code in (400, 403), foreign.status_code
+
+
 def test_prefect_api_answers(stack_settings: Settings) -> None:
     response = httpx.get(f"{stack_settings.prefect_api_url}/health", timeout=10)
     assert response.status_code == 200
