@@ -94,10 +94,11 @@ def up(settings: Settings, report: Report = lambda _: None) -> list[ServiceStatu
                 started.append((svc, record))
             _wait_healthy(started, report)
             _check_ports_owned(started)
-            if any(svc.name == "s3" for svc, _ in started):
+            s3_started = any(svc.name == "s3" for svc, _ in started)
+            if s3_started:
                 _check_anonymous_refused(settings)
             _ensure_buckets(settings, keys)
-            if any(svc.name == "s3" for svc, _ in started):
+            if s3_started:
                 _wait_objects_readable(settings, keys, report)
         except BaseException:
             for _, record in reversed(started):
