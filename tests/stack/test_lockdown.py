@@ -108,6 +108,20 @@ def stranger(tmp_path: Path, shared: dict, service: dict) -> Path:
     return config_dir
 
 
+def assert_refused_clearly(done) -> None:
+    """A client without the login: exit 1, our message, no stack trace."""
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "refused a request without a login" in " ".join(done.stderr.split())
+
+
+def assert_login_private(config_dir: Path, password: str, exported: str) -> None:
+    """`stack status` never shows the password; `stack env` exports it on purpose."""
+    status = run_cli("stack", "status", config_dir=config_dir)
+    assert password not in status.stdout + status.stderr
+    assert exported in run_cli("stack", "env", config_dir=config_dir).stdout
+
+
 def test_prefect_with_a_login_refuses_clients_without_it(tmp_path: Path, stack_settings) -> None:
     """prefect.auth: the embedded server asks for a generated login; our commands with the
     stack's settings use it, a client without it gets a clear refusal."""
@@ -126,15 +140,8 @@ def test_prefect_with_a_login_refuses_clients_without_it(tmp_path: Path, stack_s
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
         outsider = stranger(tmp_path, shared, {"prefect": {"api_url": api}})
-        refused = run_cli("deploy", config_dir=outsider)
-        assert refused.returncode == 1
-        assert "Traceback" not in refused.stderr
-        assert "refused a request without a login" in " ".join(refused.stderr.split())
-
-        status = run_cli("stack", "status", config_dir=config_dir)
-        assert password not in status.stdout + status.stderr
-        env = run_cli("stack", "env", config_dir=config_dir)
-        assert f"PREFECT_API_AUTH_STRING=admin:{password}" in env.stdout
+        assert_refused_clearly(run_cli("deploy", config_dir=outsider))
+        assert_login_private(config_dir, password, f"PREFECT_API_AUTH_STRING=admin:{password}")
     finally:
         stack.down(settings)
 
@@ -158,15 +165,8 @@ def test_mlflow_with_a_login_refuses_clients_without_it(tmp_path: Path, stack_se
         assert models.returncode == 0, models.stdout + models.stderr
 
         outsider = stranger(tmp_path, shared, {"mlflow": {"tracking_uri": settings.mlflow_uri}})
-        refused = run_cli("models", config_dir=outsider)
-        assert refused.returncode == 1
-        assert "Traceback" not in refused.stderr
-        assert "refused a request without a login" in " ".join(refused.stderr.split())
-
-        status = run_cli("stack", "status", config_dir=config_dir)
-        assert password not in status.stdout + status.stderr
+        assert_refused_clearly(run_cli("models", config_dir=outsider))
+        assert_login_private(config_dir, password, f"MLFLOW_TRACKING_PASSWORD={password}")
         assert password not in (settings.home / "logs" / "mlflow.log").read_text()
-        env = run_cli("stack", "env", config_dir=config_dir)
-        assert f"MLFLOW_TRACKING_PASSWORD={password}" in env.stdout
     finally:
         stack.down(settings)
