@@ -67,6 +67,58 @@ def run_cli(
     )
 
 
+@contextmanager
+def cli_paused_at(
+    *args: str,
+    marker: str,
+    config_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 300,
+) -> Iterator[subprocess.Popen[str]]:
+    """Run the `mnistops` command until a line of its output contains `marker`; it is
+    frozen (SIGSTOP) for the body of the `with` and let go (SIGCONT) afterwards. A test
+    can thus break a service at an exact point of a command, with no race."""
+    command = [sys.executable, "-m", "mnistops"]
+    if config_dir is not None:
+        command += ["--config-dir", str(config_dir)]
+    proc = subprocess.Popen(
+        [*command, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env if env is not None else dict(os.environ),
+        cwd=cwd,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if marker in line:
+                break
+            assert time.monotonic() < deadline, "".join(seen)
+        else:
+            raise AssertionError(f"never printed {marker!r}:\n{''.join(seen)}")
+        os.killpg(proc.pid, signal.SIGSTOP)
+        try:
+            proc.output = seen  # type: ignore[attr-defined]
+            yield proc
+        finally:
+            os.killpg(proc.pid, signal.SIGCONT)
+    except BaseException:
+        proc.kill()
+        raise
+
+
+def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
+    """Let a command started by cli_paused_at run to its end: exit code and whole output."""
+    rest, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, "".join(proc.output) + rest  # type: ignore[attr-defined]
+
+
 @pytest.fixture(scope="session")
 def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """One SQLite-backed stack for the whole session, stopped at the end."""

@@ -534,7 +534,7 @@ def data_pull(
     cfg = settings()
     try:
         with progress_bars() as progress_for:
-            result = registry.pull(cfg, tag, to, progress_for, verify)
+            result = registry.pull(cfg, tag, to, progress_for, verify, console.log)
     except data_errors() as exc:
         fail(str(exc))
     state = "already there" if result.already_there else f"{result.downloaded} objects downloaded"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ from mnistops.data import registry, store
 from mnistops.settings import Settings, load_settings
 from mnistops.stack import process
 from mnistops.stack.endpoints import s3_client
-from tests.conftest import client_config, run_cli
+from tests.conftest import cli_paused_at, client_config, finish, kill_service, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +43,18 @@ def publisher(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory
 
 def settings_of(config_dir: Path) -> Settings:
     return load_settings(config_dir)
+
+
+def elsewhere(publisher: Path, tmp_path: Path) -> dict[str, str]:
+    """The environment of another machine: only what `stack env` prints (and the bucket),
+    an empty HOME, so an empty state dir and object cache."""
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home")}
+    exported = run_cli("stack", "env", config_dir=publisher).stdout
+    for line in exported.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = shlex.split(value)[0]
+    env["MNISTOPS_S3__BUCKETS__DVC"] = settings_of(publisher).s3.buckets.dvc
+    return env
 
 
 def test_ingest_writes_the_splits_and_is_safe_to_rerun(publisher: Path) -> None:
@@ -176,22 +190,20 @@ def test_publish_v1_then_v2_pull_elsewhere_and_diff(publisher: Path, tmp_path: P
     assert status.returncode == 0 and "in sync" in status.stdout, status.stdout + status.stderr
 
     # Another machine: only what `stack env` prints, an empty HOME, an empty state dir.
-    stack_config = settings_of(publisher)
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home")}
-    exported = run_cli("stack", "env", config_dir=publisher).stdout
-    for line in exported.splitlines():
-        key, _, value = line.removeprefix("export ").partition("=")
-        env[key] = shlex.split(value)[0]
-    env["MNISTOPS_S3__BUCKETS__DVC"] = stack_config.s3.buckets.dvc
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+    env = elsewhere(publisher, tmp_path)
+    elsewhere_dir = tmp_path / "elsewhere"
+    elsewhere_dir.mkdir()
     for tag in ("v1.0", "v2.0"):
-        pulled = run_cli("data", "pull", tag, "--to", str(elsewhere / tag), env=env, cwd=elsewhere)
+        pulled = run_cli(
+            "data", "pull", tag, "--to", str(elsewhere_dir / tag), env=env, cwd=elsewhere_dir
+        )
         assert pulled.returncode == 0, pulled.stdout + pulled.stderr
         want = {k: v for k, v in expected[tag].items() if k.startswith(("train/", "test/"))}
-        assert tree_hashes(elsewhere / tag) == want, tag
+        assert tree_hashes(elsewhere_dir / tag) == want, tag
     assert len(want) == 1400
-    again = run_cli("data", "pull", "v2.0", "--to", str(elsewhere / "v2.0"), env=env, cwd=elsewhere)
+    again = run_cli(
+        "data", "pull", "v2.0", "--to", str(elsewhere_dir / "v2.0"), env=env, cwd=elsewhere_dir
+    )
     assert again.returncode == 0 and "already there" in again.stdout
     assert not (tmp_path / "home" / ".mnistops").exists()
 
@@ -247,35 +259,120 @@ def test_corrupt_remote_object_is_named_and_never_written(publisher: Path, tmp_p
         client.put_object(Bucket=settings.s3.buckets.dvc, Key=key, Body=original)
 
 
+def freeze_then_kill_store(stack_settings: Settings, proc: subprocess.Popen[str]) -> None:
+    """The store stops answering while the paused command goes on sending to it (its
+    requests are accepted and left unanswered), then dies: a crash in mid-transfer."""
+    record = process.read_record(stack.run_dir(stack_settings), "s3")
+    assert record is not None
+    os.killpg(os.getpgid(record.pid), signal.SIGSTOP)
+    os.killpg(proc.pid, signal.SIGCONT)
+    time.sleep(1.5)
+    kill_service(stack_settings, "s3")
+
+
+def git_tags(settings: Settings) -> list[str]:
+    return subprocess.run(
+        ["git", "-C", str(settings.registry_dir), "tag"], capture_output=True, text=True
+    ).stdout.split()
+
+
 @pytest.mark.faults
-def test_push_with_store_down_then_recovery(
+def test_store_killed_while_a_version_is_pushed_then_rerun(
     publisher: Path, stack_settings: Settings, tmp_path: Path
 ) -> None:
     settings = settings_of(publisher)
     (settings.mnist_dir / "train" / "0" / "extra.png").write_bytes(
         next((settings.mnist_dir / "train_v2" / "1").glob("*.png")).read_bytes()
     )
-    s3_record = process.read_record(stack.run_dir(stack_settings), "s3")
-    assert s3_record is not None
-    process.stop(s3_record, stack.run_dir(stack_settings))
+    commit = subprocess.run(
+        ["git", "-C", str(settings.registry_dir), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+    ).stdout
     try:
-        failed = run_cli(
-            "data", "version", "v3.0", "-m", "store down", config_dir=publisher, timeout=240
-        )
-        assert failed.returncode != 0
-        assert "Nothing was tagged" in failed.stderr or "object store" in failed.stderr, (
-            failed.stderr
-        )
-        tags = subprocess.run(
-            ["git", "-C", str(settings.registry_dir), "tag"], capture_output=True, text=True
-        ).stdout.split()
-        assert "v3.0" not in tags
+        with cli_paused_at(
+            "data", "version", "v3.0", "-m", "store dies", config_dir=publisher, marker="pushing"
+        ) as proc:
+            freeze_then_kill_store(stack_settings, proc)
+            killed = time.monotonic()
+        code, output = finish(proc, timeout=120)
+        took = time.monotonic() - killed
+        assert code == 1, output
+        assert "object store" in output and "Nothing was tagged" in output, output
+        assert "Traceback" not in output
+        assert took < 30, f"{took:.0f} s to give up"
+        assert "v3.0" not in git_tags(settings)
+        assert (
+            subprocess.run(
+                ["git", "-C", str(settings.registry_dir), "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+            ).stdout
+            == commit
+        ), "nothing committed"
     finally:
         stack.up(stack_settings)
     assert "v3.0" not in [r.tag for r in registry.list_versions(settings)]
+
     done = run_cli("data", "version", "v3.0", "-m", "store back", config_dir=publisher)
     assert done.returncode == 0, done.stdout + done.stderr
-    pulled = registry.pull(
-        settings.model_copy(update={"home": tmp_path / "h"}), "v3.0", tmp_path / "v3"
+    assert "v3.0" in git_tags(settings)
+    pulled = run_cli(
+        "data",
+        "pull",
+        "v3.0",
+        "--to",
+        str(tmp_path / "v3"),
+        env=elsewhere(publisher, tmp_path),
+        cwd=tmp_path,
     )
-    assert pulled.images == 1401
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    want = {
+        k: v
+        for k, v in tree_hashes(settings.mnist_dir).items()
+        if k.startswith(("train/", "test/"))
+    }
+    assert tree_hashes(tmp_path / "v3") == want
+    assert len(want) == 1401
+
+
+@pytest.mark.faults
+def test_store_killed_while_a_version_is_pulled_then_rerun(
+    publisher: Path, stack_settings: Settings, tmp_path: Path
+) -> None:
+    settings = settings_of(publisher)
+    record = registry.find_record(settings, "v1.0")
+    rows = registry.load_manifest(settings, record)
+    env = elsewhere(publisher, tmp_path)
+    machine = tmp_path / "machine"
+    machine.mkdir()
+    target = tmp_path / "pulled" / "v1.0"
+    with cli_paused_at(
+        "data", "pull", "v1.0", "--to", str(target), env=env, cwd=machine, marker="downloading"
+    ) as proc:
+        freeze_then_kill_store(stack_settings, proc)
+    try:
+        code, output = finish(proc, timeout=120)
+        assert code == 1, output
+        assert "object store" in output and f"Nothing was written to {target}" in output, output
+        assert "Traceback" not in output
+        assert not target.exists()
+        assert not target.parent.exists() or not any(target.parent.iterdir()), "half-written"
+        cache = store.ObjectCache(machine / ".mnistops" / "cache" / "objects")
+        kept = [p for p in cache.root.rglob("*") if p.is_file()] if cache.root.exists() else []
+        for path in kept:
+            assert store.md5_bytes(path.read_bytes()) == path.parent.name + path.name, path
+    finally:
+        stack.up(stack_settings)
+
+    again = run_cli("data", "pull", "v1.0", "--to", str(target), env=env, cwd=machine)
+    assert again.returncode == 0, again.stdout + again.stderr
+    pulled = {
+        str(p.relative_to(target)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in target.rglob("*.png")
+    }
+    assert pulled == {row.key: row.sha256 for row in rows}
+    verified = run_cli(
+        "data", "pull", "v1.0", "--to", str(target), "--verify", env=env, cwd=machine
+    )
+    assert verified.returncode == 0 and "already there" in verified.stdout, verified.stdout

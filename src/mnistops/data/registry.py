@@ -238,7 +238,10 @@ def publish(
 
     registry = ensure_registry(settings)
     _lay_out_dataset(registry / DATASET_DIR, files, cache)
-    report(f"pushing {len(new_md5s)} new objects to s3://{bucket}/{store.DVC_PREFIX}")
+    report(
+        f"pushing {len(new_md5s)} new object{'' if len(new_md5s) == 1 else 's'}"
+        f" to s3://{bucket}/{store.DVC_PREFIX}"
+    )
     unfinished = (
         f"Nothing was tagged. Once the object store is back, run"
         f" `mnistops data version {tag}` again to finish."
@@ -352,6 +355,7 @@ def pull(
     target: Path,
     progress_for: ProgressFor = _no_progress,
     verify: bool = False,
+    report: Report = lambda _m: None,
 ) -> PullResult:
     """Write exactly that version as PNG folders into `target` (all or nothing).
 
@@ -381,13 +385,23 @@ def pull(
             f"{target} exists and is not empty; pull into a new folder or remove it first"
         )
     missing = [m for m in record.files.values() if not cache.has(m)]
-    store.fetch(
-        client,
-        _bucket(settings),
-        cache,
-        record.files.values(),
-        progress_for("downloading", len(record.files)),
+    report(
+        f"downloading {len(missing)} of {len(record.files)} objects of {record.tag}"
+        f" from s3://{_bucket(settings)}/{store.DVC_PREFIX}"
     )
+    try:
+        store.fetch(
+            client,
+            _bucket(settings),
+            cache,
+            record.files.values(),
+            progress_for("downloading", len(record.files)),
+        )
+    except store.StoreUnreachable as exc:
+        raise RegistryError(
+            f"{exc}\nNothing was written to {target}. Once the object store is back, run the"
+            " same pull again: the objects already fetched are kept in this machine's cache."
+        ) from None
     rows = store.parse_manifest(cache.read(record.manifest_md5))
     store.check_rows(rows, cache)
     store.materialize(rows, cache, target, record, progress_for("writing PNGs", len(rows)))

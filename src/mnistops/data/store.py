@@ -48,6 +48,10 @@ class StoreError(Exception):
     """The object store could not give or take what a version needs."""
 
 
+class StoreUnreachable(StoreError):
+    """The connection to the object store failed (down, killed, wrong endpoint)."""
+
+
 @dataclass
 class Location:
     pack: str
@@ -223,7 +227,8 @@ def object_key(md5: str) -> str:
 
 
 def _store_error(action: str, exc: Exception, endpoint: str) -> StoreError:
-    return StoreError(f"{action}: the object store at {endpoint} failed: {exc}")
+    kind = StoreUnreachable if isinstance(exc, BotoCoreError) else StoreError
+    return kind(f"{action}: the object store at {endpoint} failed: {exc}")
 
 
 def read_record(client, bucket: str, tag: str) -> VersionRecord | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -152,13 +153,16 @@ def _port_owner(port: int) -> str:
     return ""
 
 
-def _listening(port: int) -> bool:
+def _listening(host: str, port: int) -> bool:
+    """Whether a server accepts connections on the port. A connection attempt, not a look
+    at the socket table: that needs every process's file descriptors, which a container
+    may not show."""
     try:
-        return any(
-            conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN
-            for conn in psutil.net_connections(kind="tcp")
-        )
-    except psutil.Error:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except ConnectionRefusedError:
+        return False
+    except OSError:
         return True
 
 
@@ -176,7 +180,7 @@ def _check_ports_free(
             for key, port in svc.ports.items()
             if port_in_use(settings.bind, port)
         ]
-        closing = [port for _key, port in busy if not _listening(port)]
+        closing = [port for _key, port in busy if not _listening(settings.bind, port)]
         if not busy or len(closing) < len(busy) or time.monotonic() > deadline:
             break
         report(f"waiting for port(s) {closing} to be released by a stopped server's connections")
