@@ -74,6 +74,7 @@ def up(settings: Settings, report: Report = lambda _: None) -> list[ServiceStatu
         keys = _stack_keys(settings, create=True)
         services = all_services(settings, keys)
         to_start = [svc for svc in services if _needs_start(settings, svc, report)]
+        _wait_until_exited(settings, to_start, report)
         _check_ports_free(settings, to_start, report)
         if settings.database_url is not None and any(
             svc.name in ("mlflow", "prefect") for svc in to_start
@@ -139,6 +140,20 @@ def _needs_start(settings: Settings, svc: Service, report: Report) -> bool:
         report(f"{svc.title}: already running (pid {record.pid}) at {svc.url}")
         return False
     return True
+
+
+def _wait_until_exited(
+    settings: Settings, services: list[Service], report: Report, wait_s: float = 60.0
+) -> None:
+    """A service that was just killed may still hold its ports while the kernel ends its
+    threads: wait for that rather than call its own port taken."""
+    records = [process.read_record(run_dir(settings), svc.name) for svc in services]
+    exiting = [r for r in records if r is not None and process.still_exiting(r)]
+    deadline = time.monotonic() + wait_s
+    while exiting and time.monotonic() < deadline:
+        report(f"waiting for the stopped {', '.join(r.name for r in exiting)} to finish exiting")
+        time.sleep(0.5)
+        exiting = [r for r in exiting if process.still_exiting(r)]
 
 
 def _port_owner(port: int) -> str:

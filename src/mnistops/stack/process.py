@@ -63,6 +63,30 @@ def is_alive(record: ProcessRecord) -> bool:
     return _process(record) is not None
 
 
+def still_exiting(record: ProcessRecord) -> bool:
+    """True while a killed process is being torn down: its main thread is a zombie, but
+    other threads have not ended yet, and with them its open sockets and files (a
+    listening port among them). On a busy machine this lasts seconds."""
+    try:
+        proc = psutil.Process(record.pid)
+        if abs(proc.create_time() - record.create_time) > 1.0:
+            return False
+    except psutil.Error:
+        return False
+    try:
+        threads = os.listdir(f"/proc/{record.pid}/task")
+    except OSError:
+        return False
+    for tid in threads:
+        try:
+            stat = Path(f"/proc/{record.pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        if stat.rpartition(")")[2].split()[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 def process_tree(record: ProcessRecord) -> list[psutil.Process]:
     proc = _process(record)
     if proc is None:
