@@ -24,6 +24,17 @@ CLEAN_PREFIXES = ("MNISTOPS_", "MLFLOW_", "PREFECT_", "AWS_")
 KEEP = {"MNISTOPS_TEST_DATABASE_URL"}
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that kill the demo stack's services run after every test that only looks at
+    it, so that a failure to bring it back cannot fail those too."""
+    items.sort(
+        key=lambda item: (
+            "demo_run" in getattr(item, "fixturenames", ())
+            and item.get_closest_marker("faults") is not None
+        )
+    )
+
+
 @pytest.fixture(autouse=True, scope="session")
 def clean_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Tests see none of the developer's stack variables, and Prefect keeps its files in temp."""
@@ -32,6 +43,9 @@ def clean_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
         if key.startswith(CLEAN_PREFIXES) and key not in KEEP:
             del os.environ[key]
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    # A test that finds a server gone fails in seconds, not after MLflow's minutes of retries.
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "3"
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
     yield
     os.environ.clear()
     os.environ.update(saved)

@@ -19,15 +19,34 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out to outgoing connections (Linux; the usual default
+    elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _candidate_range() -> tuple[int, int]:
+    """Ports p with p and p + GRPC_OFFSET both below the ephemeral range: a port that is free
+    now can otherwise be taken by any outgoing connection before the server binds it."""
+    low, _high = _ephemeral_range()
+    top = low - 1 - GRPC_OFFSET
+    return (max(10000, top - 8000), top) if top - 10000 >= 2000 else (20000, 30000)
+
+
 def free_port_pair(taken: set[int], host: str = "127.0.0.1") -> int:
     """A port p such that p and p + 10000 (the gRPC twin SeaweedFS uses) are both free."""
+    first, last = _candidate_range()
     for _ in range(500):
-        port = random.randint(20000, 30000)
+        port = random.randint(first, last)
         pair = {port, port + GRPC_OFFSET}
         if not pair & taken and not any(port_in_use(host, p) for p in pair):
             taken.update(pair)
             return port
-    raise RuntimeError("no free pair of ports found in 20000-40000")
+    raise RuntimeError(f"no free pair of ports p, p + {GRPC_OFFSET} found for p in {first}-{last}")
 
 
 def free_port_config(root: Path) -> dict:
