@@ -244,7 +244,7 @@ def demo(
     stage(7, f"a worker for work pool {cfg.deployment.pool_name}")
     demo_worker(cfg)
     stage(8, "Quick run of the deployment on v2.0")
-    console.print("(a model already trained on v2.0's images is reused, not retrained)")
+    console.print("(where a model was trained on v2.0's images already, the run reuses it)")
     start_and_follow(
         cfg,
         {"data_version": "v2.0", "epochs": epochs, "fast": fast, "skip_if_unchanged": True},
