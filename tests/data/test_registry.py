@@ -45,6 +45,17 @@ def settings_of(config_dir: Path) -> Settings:
     return load_settings(config_dir)
 
 
+def git(settings: Settings, *args: str) -> str:
+    """The output of a git command in the data registry."""
+    return subprocess.run(
+        ["git", "-C", str(settings.registry_dir), *args], capture_output=True, text=True
+    ).stdout
+
+
+def git_tags(settings: Settings) -> list[str]:
+    return git(settings, "tag").split()
+
+
 def elsewhere(publisher: Path, tmp_path: Path) -> dict[str, str]:
     """The environment of another machine: only what `stack env` prints (and the bucket),
     an empty HOME, so an empty state dir and object cache."""
@@ -183,8 +194,7 @@ def test_publish_v1_then_v2_pull_elsewhere_and_diff(publisher: Path, tmp_path: P
 
     # The plain git and dvc commands work in the registry, and the remote is in sync.
     reg = settings.registry_dir
-    tags = subprocess.run(["git", "-C", str(reg), "tag"], capture_output=True, text=True)
-    assert tags.stdout.split() == ["v1.0", "v2.0"]
+    assert git_tags(settings) == ["v1.0", "v2.0"]
     dvc = Path(os.sys.executable).parent / "dvc"
     status = subprocess.run([str(dvc), "status", "-c"], cwd=reg, capture_output=True, text=True)
     assert status.returncode == 0 and "in sync" in status.stdout, status.stdout + status.stderr
@@ -210,10 +220,7 @@ def test_publish_v1_then_v2_pull_elsewhere_and_diff(publisher: Path, tmp_path: P
     replaced = run_cli("data", "version", "v2.0", "-m", "replaced", "--force", config_dir=publisher)
     assert replaced.returncode == 0, replaced.stderr
     assert registry.find_record(settings, "v2.0").message == "replaced"
-    tag_line = subprocess.run(
-        ["git", "-C", str(reg), "tag", "-n", "v2.0"], capture_output=True, text=True
-    ).stdout
-    assert "replaced" in tag_line
+    assert "replaced" in git(settings, "tag", "-n", "v2.0")
 
 
 @pytest.mark.bad_input
@@ -227,10 +234,7 @@ def test_bad_dataset_publishes_nothing(publisher: Path) -> None:
         assert result.returncode != 0
         assert str(bad) in result.stderr and "nothing was recorded" in result.stderr
         assert [r.tag for r in registry.list_versions(settings)] == before
-        tags = subprocess.run(
-            ["git", "-C", str(settings.registry_dir), "tag"], capture_output=True, text=True
-        ).stdout.split()
-        assert "v9.9" not in tags
+        assert "v9.9" not in git_tags(settings)
     finally:
         bad.unlink()
 
@@ -270,12 +274,6 @@ def freeze_then_kill_store(stack_settings: Settings, proc: subprocess.Popen[str]
     kill_service(stack_settings, "s3")
 
 
-def git_tags(settings: Settings) -> list[str]:
-    return subprocess.run(
-        ["git", "-C", str(settings.registry_dir), "tag"], capture_output=True, text=True
-    ).stdout.split()
-
-
 @pytest.mark.faults
 def test_store_killed_while_a_version_is_pushed_then_rerun(
     publisher: Path, stack_settings: Settings, tmp_path: Path
@@ -284,11 +282,7 @@ def test_store_killed_while_a_version_is_pushed_then_rerun(
     (settings.mnist_dir / "train" / "0" / "extra.png").write_bytes(
         next((settings.mnist_dir / "train_v2" / "1").glob("*.png")).read_bytes()
     )
-    commit = subprocess.run(
-        ["git", "-C", str(settings.registry_dir), "rev-parse", "HEAD"],
-        capture_output=True,
-        text=True,
-    ).stdout
+    commit = git(settings, "rev-parse", "HEAD")
     try:
         with cli_paused_at(
             "data", "version", "v3.0", "-m", "store dies", config_dir=publisher, marker="pushing"
@@ -302,14 +296,7 @@ def test_store_killed_while_a_version_is_pushed_then_rerun(
         assert "Traceback" not in output
         assert took < 30, f"{took:.0f} s to give up"
         assert "v3.0" not in git_tags(settings)
-        assert (
-            subprocess.run(
-                ["git", "-C", str(settings.registry_dir), "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-            ).stdout
-            == commit
-        ), "nothing committed"
+        assert git(settings, "rev-parse", "HEAD") == commit, "nothing committed"
     finally:
         stack.up(stack_settings)
     assert "v3.0" not in [r.tag for r in registry.list_versions(settings)]

@@ -149,9 +149,10 @@ def _wait_until_exited(
     threads: wait for that rather than call its own port taken."""
     records = [process.read_record(run_dir(settings), svc.name) for svc in services]
     exiting = [r for r in records if r is not None and process.still_exiting(r)]
+    if exiting:
+        report(f"waiting for the stopped {', '.join(r.name for r in exiting)} to finish exiting")
     deadline = time.monotonic() + wait_s
     while exiting and time.monotonic() < deadline:
-        report(f"waiting for the stopped {', '.join(r.name for r in exiting)} to finish exiting")
         time.sleep(0.5)
         exiting = [r for r in exiting if process.still_exiting(r)]
 
