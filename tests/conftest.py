@@ -60,6 +60,11 @@ def write_stack_config(root: Path, **extra: object) -> Path:
     return config_dir
 
 
+def cli_command(args: tuple[str, ...], config_dir: Path | None) -> list[str]:
+    config = ["--config-dir", str(config_dir)] if config_dir is not None else []
+    return [sys.executable, "-m", "mnistops", *config, *args]
+
+
 def run_cli(
     *args: str,
     config_dir: Path | None = None,
@@ -68,11 +73,8 @@ def run_cli(
     timeout: float = 300,
 ) -> subprocess.CompletedProcess[str]:
     """Run the installed `mnistops` command as a user would."""
-    command = [sys.executable, "-m", "mnistops"]
-    if config_dir is not None:
-        command += ["--config-dir", str(config_dir)]
     return subprocess.run(
-        [*command, *args],
+        cli_command(args, config_dir),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -93,11 +95,8 @@ def cli_paused_at(
     """Run the `mnistops` command until a line of its output contains `marker`; it is
     frozen (SIGSTOP) for the body of the `with` and let go (SIGCONT) afterwards. A test
     can thus break a service at an exact point of a command, with no race."""
-    command = [sys.executable, "-m", "mnistops"]
-    if config_dir is not None:
-        command += ["--config-dir", str(config_dir)]
     proc = subprocess.Popen(
-        [*command, *args],
+        cli_command(args, config_dir),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -208,8 +207,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 def kill_service(settings: Settings, name: str) -> None:
     """kill -9 of a stack service's whole process group, as a crash would; returns once
-    every process of it is gone (a killed leader can linger as a zombie while its other
-    threads still exit)."""
+    no process of the group runs. A zombie main thread whose other threads are still
+    exiting counts as killed: waiting for those is `stack up`'s job, and this tests it."""
     import psutil
 
     from mnistops.stack import process

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,7 +16,7 @@ from mnistops.settings import Settings
 from mnistops.stack import postgres, process
 from mnistops.stack.credentials import CredentialsError, S3Keys, ensure_keys, load_keys
 from mnistops.stack.endpoints import s3_client, s3_keys
-from mnistops.stack.ports import port_in_use
+from mnistops.stack.ports import accepts_connections, port_in_use
 from mnistops.stack.services import SERVICE_NAMES, Service, all_services
 
 Report = Callable[[str], None]
@@ -169,19 +168,6 @@ def _port_owner(port: int) -> str:
     return ""
 
 
-def _listening(host: str, port: int) -> bool:
-    """Whether a server accepts connections on the port. A connection attempt, not a look
-    at the socket table: that needs every process's file descriptors, which a container
-    may not show."""
-    try:
-        with socket.create_connection((host, port), timeout=2):
-            return True
-    except ConnectionRefusedError:
-        return False
-    except OSError:
-        return True
-
-
 def _check_ports_free(
     settings: Settings, services: list[Service], report: Report, closing_wait_s: float = 75.0
 ) -> None:
@@ -196,7 +182,7 @@ def _check_ports_free(
             for key, port in svc.ports.items()
             if port_in_use(settings.bind, port)
         ]
-        closing = [port for _key, port in busy if not _listening(settings.bind, port)]
+        closing = [port for _key, port in busy if not accepts_connections(settings.bind, port)]
         if not busy or len(closing) < len(busy) or time.monotonic() > deadline:
             break
         report(f"waiting for port(s) {closing} to be released by a stopped server's connections")

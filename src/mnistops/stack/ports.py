@@ -19,6 +19,19 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def accepts_connections(host: str, port: int) -> bool:
+    """Whether a server accepts connections on the port. A connection attempt, not a look
+    at the socket table: that needs every process's file descriptors, which a container
+    may not show."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except ConnectionRefusedError:
+        return False
+    except OSError:
+        return True
+
+
 def _ephemeral_range() -> tuple[int, int]:
     """The ports the kernel hands out to outgoing connections (Linux; the usual default
     elsewhere)."""

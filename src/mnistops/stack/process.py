@@ -46,15 +46,20 @@ def read_record(run_dir: Path, name: str) -> ProcessRecord | None:
         return None
 
 
-def _process(record: ProcessRecord) -> psutil.Process | None:
-    """The live process of a record, or None (dead, or its pid reused by another)."""
+def _recorded(record: ProcessRecord) -> psutil.Process | None:
+    """The process of a record, zombie or not; None if gone or its pid reused by another."""
     try:
         proc = psutil.Process(record.pid)
-        if abs(proc.create_time() - record.create_time) > 1.0:
-            return None
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return proc
+        return proc if abs(proc.create_time() - record.create_time) <= 1.0 else None
+    except psutil.Error:
+        return None
+
+
+def _process(record: ProcessRecord) -> psutil.Process | None:
+    """The live process of a record, or None (dead, or its pid reused by another)."""
+    proc = _recorded(record)
+    try:
+        return proc if proc is not None and proc.status() != psutil.STATUS_ZOMBIE else None
     except psutil.Error:
         return None
 
@@ -67,11 +72,7 @@ def still_exiting(record: ProcessRecord) -> bool:
     """True while a killed process is being torn down: its main thread is a zombie, but
     other threads have not ended yet, and with them its open sockets and files (a
     listening port among them). On a busy machine this lasts seconds."""
-    try:
-        proc = psutil.Process(record.pid)
-        if abs(proc.create_time() - record.create_time) > 1.0:
-            return False
-    except psutil.Error:
+    if _recorded(record) is None:
         return False
     try:
         threads = os.listdir(f"/proc/{record.pid}/task")
