@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -53,7 +54,7 @@ def settings() -> Settings:
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -371,7 +372,13 @@ def progress_bars() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
 def data_errors() -> tuple[type[Exception], ...]:
     from mnistops.data import images, mnist, registry, store
 
-    return (registry.RegistryError, images.InvalidDataset, store.StoreError, mnist.SourceError)
+    return (
+        registry.RegistryError,
+        images.InvalidDataset,
+        images.ImageRefused,
+        store.StoreError,
+        mnist.SourceError,
+    )
 
 
 @data_app.command("ingest")
@@ -497,9 +504,10 @@ def data_list() -> None:
 
     cfg = settings()
     try:
-        records = registry.list_versions(cfg)
+        listing = registry.version_listing(cfg)
     except data_errors() as exc:
         fail(str(exc))
+    records = listing.records
     table = Table(title="data versions", header_style="bold")
     for column in ("tag", "date", "message", "train", "test", "content hash"):
         table.add_column(column)
@@ -507,12 +515,14 @@ def data_list() -> None:
         table.add_row(
             r.tag,
             r.created,
-            r.message,
+            escape(r.message),
             str(r.images.get("train", 0)),
             str(r.images.get("test", 0)),
             r.content_hash[:12],
         )
     console.print(table if records else "no data version published yet")
+    for problem in listing.problems:
+        err.print(f"[yellow]skipped:[/] {escape(problem)}", highlight=False)
 
 
 @data_app.command("pull")

@@ -8,17 +8,17 @@ mass at the centre.
 
 from __future__ import annotations
 
-import warnings
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mnistops.data.images import MAX_PIXELS, ImageRefused, open_image, read_regular
 from mnistops.settings import Settings
 
-MAX_PIXELS = 40_000_000
-"""larger images are refused before they are decoded (decompression bombs)"""
+__all__ = ["MAX_PIXELS", "PredictError", "Prediction", "load_images", "mnist_like", "predict"]
 
 
 class PredictError(Exception):
@@ -42,20 +42,15 @@ class Prediction:
 
 
 def _open(path: Path) -> Image.Image:
+    """The image at `path`, decoded; only a regular file is read, and a decompression bomb
+    is refused before its pixels are decoded (the same rules as the dataset's)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise PredictError(
-                    f"{path}: {width}x{height} pixels is more than the {MAX_PIXELS:,} accepted"
-                )
-            image.load()
+        image = open_image(io.BytesIO(read_regular(path)))
+        image.load()
     except FileNotFoundError:
         raise PredictError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise PredictError(f"{path}: is a folder, not an image") from None
+    except ImageRefused as exc:
+        raise PredictError(f"{path}: {exc}") from None
     except UnidentifiedImageError:
         raise PredictError(f"{path}: not an image PIL can read (PNG or JPEG expected)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

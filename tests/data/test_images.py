@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,99 @@ def test_many_problems_show_twenty_and_a_count(dataset: Path, tmp_path: Path) ->
         images.scan(dataset, tmp_path / "index.json")
     assert len(info.value.problems) == 25
     assert "... and 5 more" in str(info.value)
+
+
+def bomb_png(path: Path, side: int = 100_000) -> Path:
+    """A small PNG file that declares side x side pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    rows = zlib.compress(b"\0" * 4096)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.mark.security
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("bomb", "size 5000x5000, expected 28x28 (not decoded)"),
+        ("giant bomb", "decompression bomb"),
+        ("link to /dev/zero", "leads outside"),
+        ("link outside", "leads outside"),
+        ("fifo", "not a regular file"),
+        ("too large", "larger than the"),
+        ("undecodable name", "not valid UTF-8"),
+        ("control character", "control"),
+    ],
+)
+def test_untrusted_files_are_refused_by_name(
+    dataset: Path, tmp_path: Path, case: str, reason: str
+) -> None:
+    folder = dataset / "train" / "4"
+    if case == "bomb":
+        target = bomb_png(folder / "bomb.png", side=5000)
+    elif case == "giant bomb":
+        target = bomb_png(folder / "bomb.png")
+    elif case == "link to /dev/zero":
+        target = folder / "zero.png"
+        target.symlink_to("/dev/zero")
+    elif case == "link outside":
+        target = folder / "outside.png"
+        target.symlink_to(png(tmp_path / "elsewhere" / "x.png"))
+    elif case == "fifo":
+        target = folder / "pipe.png"
+        os.mkfifo(target)
+    elif case == "too large":
+        target = folder / "big.png"
+        target.write_bytes(b"\x89PNG" + b"\0" * (2 << 20))
+    elif case == "undecodable name":
+        target = Path(os.fsdecode(bytes(folder) + b"/bad\xff.png"))
+        target.write_bytes(png(tmp_path / "ok.png").read_bytes())
+    else:
+        target = png(folder / "bad\x1b[2J.png")
+    with pytest.raises(images.InvalidDataset) as info:
+        images.scan(dataset, tmp_path / "index.json")
+    message = str(info.value)
+    assert images.shown_name(str(target)) in message and reason in message, message
+    assert "\x1b" not in message
+    message.encode("utf-8")
+
+
+@pytest.mark.security
+def test_a_link_inside_the_folder_to_a_regular_file_is_read(dataset: Path, tmp_path: Path) -> None:
+    extra = png(dataset / "train" / "4" / "extra-source.png")
+    os.rename(extra, dataset / "train" / ".hidden-source.png")
+    (dataset / "train" / "4" / "linked.png").symlink_to(dataset / "train" / ".hidden-source.png")
+    entries = images.scan(dataset, tmp_path / "index.json")
+    assert "train/4/linked.png" in {e.key for e in entries}
+
+
+@pytest.mark.security
+@pytest.mark.bad_input
+def test_data_add_refuses_bad_names_bombs_and_links_by_name(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    source = tmp_path / "new"
+    good = png(source / "3" / "fine.png")
+    bomb_png(source / "3" / "bomb.png")
+    (source / "5").mkdir()
+    (source / "5" / "zero.png").symlink_to("/dev/zero")
+    Path(os.fsdecode(bytes(source) + b"/7/caf\xe9.png")).parent.mkdir()
+    Path(os.fsdecode(bytes(source) + b"/7/caf\xe9.png")).write_bytes(good.read_bytes())
+    result = run_cli("data", "add", str(source), config_dir=tmp_path, cwd=tmp_path, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    text = " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+    for expected in ("bomb.png", "decompression bomb", "zero.png", "outside", "caf\\xe9.png"):
+        assert expected in text, text
+    assert not (tmp_path / "data").exists(), "nothing is copied when one file is refused"

@@ -13,6 +13,8 @@ import hashlib
 import io
 import json
 import os
+import stat
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -24,13 +26,91 @@ from PIL import Image, UnidentifiedImageError
 VERSION_SPLITS = ("train", "test")
 DIGITS = tuple(str(d) for d in range(10))
 SHOWN_PROBLEMS = 20
+MAX_PIXELS = 40_000_000
+"""larger images are refused before they are decoded (decompression bombs)"""
+MAX_FILE_BYTES = 64 << 20
+"""larger files are refused before they are read"""
+DIGIT_FILE_BYTES = 1 << 20
+"""a 28x28 grayscale PNG of a dataset takes well under 1 KB; more is not one"""
 Progress = Callable[[int], None]
+
+
+class ImageRefused(ValueError):
+    """A file is not read or not decoded: too large, not a regular file, outside its folder."""
+
+
+def shown_name(name: str) -> str:
+    """A file name safe to print: undecodable bytes as \\xNN, control characters escaped."""
+    if name.isprintable():
+        return name
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be an image's file name in a dataset, or None.
+
+    Names travel into manifests, git and other machines' file systems: they must be
+    valid UTF-8 without control characters, one path component, and a visible .png.
+    """
+    if not name.isprintable() or "\\" in name or "/" in name:
+        return (
+            f"the file name '{shown_name(name)}' is not valid UTF-8 or holds a control"
+            " character or a slash; rename it"
+        )
+    if name.startswith(".") or not name.lower().endswith(".png"):
+        return f"'{name}' is not a .png file name"
+    if len(name.encode()) > 255:
+        return "the file name is longer than 255 bytes"
+    return None
+
+
+def read_regular(path: Path, limit: int = MAX_FILE_BYTES, root: Path | None = None) -> bytes:
+    """The bytes of a regular file, refused (ImageRefused) when it is a device, pipe,
+    socket or folder, larger than `limit`, or (with `root`) reached through a symbolic
+    link that leads outside `root`. Checked on the open file, so a file swapped after a
+    listing is caught too."""
+    if root is not None and not _stays_inside(path, root):
+        raise ImageRefused(f"a symbolic link that leads outside {root} (to {path.resolve()})")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except IsADirectoryError:
+        raise ImageRefused("a folder, not a file") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageRefused("not a regular file (a device, pipe, socket or folder)")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ImageRefused(f"larger than the {limit:,} bytes accepted")
+    return data
+
+
+def open_image(source: Path | io.BytesIO, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An image opened (not decoded) with PIL; ImageRefused when it declares more than
+    `max_pixels` (a decompression bomb is refused before any pixel is decoded)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(source)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageRefused(f"refused as a decompression bomb ({exc})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageRefused(
+            f"{width}x{height} pixels is more than the {max_pixels:,} accepted"
+            " (refused as a decompression bomb, not decoded)"
+        )
+    return image
 
 
 class InvalidDataset(Exception):
     def __init__(self, problems: list[tuple[Path, str]]):
         self.problems = problems
-        shown = "\n".join(f"  {path}: {why}" for path, why in problems[:SHOWN_PROBLEMS])
+        shown = "\n".join(
+            f"  {shown_name(str(path))}: {why}" for path, why in problems[:SHOWN_PROBLEMS]
+        )
         more = len(problems) - SHOWN_PROBLEMS
         tail = f"\n  ... and {more} more" if more > 0 else ""
         super().__init__(
@@ -55,44 +135,53 @@ class ImageEntry:
         return f"{self.split}/{self.label}/{self.name}"
 
 
-def check_file(path: Path) -> tuple[str | None, str, str]:
-    """(problem or None, sha256 of the bytes, pixel hash) of one file."""
-    if path.suffix.lower() != ".png" or path.is_dir():
-        return "not a .png file", "", ""
-    data = path.read_bytes()
+def check_file(path: Path, root: Path | None = None) -> tuple[str | None, str, str]:
+    """(problem or None, sha256 of the bytes, pixel hash) of one file under `root`."""
+    problem = name_problem(path.name)
+    if problem:
+        return problem, "", ""
+    try:
+        data = read_regular(path, DIGIT_FILE_BYTES, root)
+    except ImageRefused as exc:
+        return str(exc), "", ""
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})", "", ""
     if not data:
         return "empty file (0 bytes)", "", ""
     problem, pixels = check_image(data)
     return problem, hashlib.sha256(data).hexdigest(), pixels
 
 
-def _check_many(paths: list[Path]) -> list[tuple[str | None, str, str]]:
-    return [check_file(path) for path in paths]
+def _check_many(paths: list[Path], root: Path | None) -> list[tuple[str | None, str, str]]:
+    return [check_file(path, root) for path in paths]
 
 
-def check_files(paths: list[Path]) -> list[tuple[str | None, str, str]]:
+def check_files(paths: list[Path], root: Path | None = None) -> list[tuple[str | None, str, str]]:
     """check_file for many files, on every core when there are many."""
     workers = min(os.cpu_count() or 1, 8)
     if len(paths) < 4000 or workers < 2:
-        return _check_many(paths)
+        return _check_many(paths, root)
     size = -(-len(paths) // (workers * 4))
     chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
     with ProcessPoolExecutor(workers) as pool:
-        return [result for part in pool.map(_check_many, chunks) for result in part]
+        parts = pool.map(_check_many, chunks, [root] * len(chunks))
+        return [result for part in parts for result in part]
 
 
 def check_image(data: bytes) -> tuple[str | None, str]:
     """(problem or None, pixel hash) of one file's bytes."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(io.BytesIO(data)) as img:
             if img.format != "PNG":
                 return f"not a PNG image (it is {img.format})", ""
-            img.load()
+            if img.size != (28, 28):
+                return f"size {img.size[0]}x{img.size[1]}, expected 28x28 (not decoded)", ""
             if img.mode != "L":
                 return f"mode {img.mode}, expected 8-bit grayscale (L)", ""
-            if img.size != (28, 28):
-                return f"size {img.size[0]}x{img.size[1]}, expected 28x28", ""
+            img.load()
             return None, hashlib.sha256(img.tobytes()).hexdigest()
+    except ImageRefused as exc:
+        return str(exc), ""
     except UnidentifiedImageError:
         return "not an image (cannot be decoded)", ""
     except (OSError, SyntaxError, ValueError) as exc:
@@ -143,6 +232,10 @@ def remember(index_file: Path, checked: list[tuple[Path, str, str]]) -> None:
     index.save(set(index.entries))
 
 
+def _stays_inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
+
+
 def list_files(root: Path, problems: list[tuple[Path, str]]) -> list[tuple[str, int, Path]]:
     """(split, label, path) of every file, noting misplaced files and folders as problems."""
     found = []
@@ -154,16 +247,21 @@ def list_files(root: Path, problems: list[tuple[Path, str]]) -> list[tuple[str, 
         labels = {
             entry.name: entry for entry in os.scandir(split_dir) if not entry.name.startswith(".")
         }
+        usable: dict[str, os.DirEntry[str]] = {}
         for name, entry in sorted(labels.items()):
-            if not entry.is_dir():
+            if entry.is_symlink() and not _stays_inside(Path(entry.path), root):
+                problems.append((Path(entry.path), "a symbolic link that leads outside the folder"))
+            elif not entry.is_dir():
                 problems.append((Path(entry.path), "a file outside the label folders 0-9"))
             elif name not in DIGITS:
                 problems.append((Path(entry.path), "label folder must be one of 0-9"))
+            else:
+                usable[name] = entry
         for digit in DIGITS:
-            entry = labels.get(digit)
+            entry = usable.get(digit)
             files = (
                 []
-                if entry is None or not entry.is_dir()
+                if entry is None
                 else sorted(f.name for f in os.scandir(entry.path) if not f.name.startswith("."))
             )
             if not files:
@@ -181,24 +279,28 @@ def scan(
     files = list_files(root, problems)
     index = ScanIndex(index_path)
     entries: list[ImageEntry] = []
-    unknown: list[tuple[str, int, Path, os.stat_result]] = []
+    unknown: list[tuple[str, int, Path, os.stat_result | None]] = []
     for split, label, path in files:
-        stat = path.stat()
-        known = index.lookup(path, stat)
+        try:
+            info: os.stat_result | None = path.lstat()
+        except OSError:
+            info = None
+        regular = info is not None and stat.S_ISREG(info.st_mode)
+        known = index.lookup(path, info) if info is not None and regular else None
         if known is None:
-            unknown.append((split, label, path, stat))
+            unknown.append((split, label, path, info))
         else:
             entries.append(ImageEntry(split, label, path.name, known[0], known[1], path))
             progress(1)
     for start in range(0, len(unknown), 8000):
         batch = unknown[start : start + 8000]
-        for (split, label, path, stat), (problem, sha, pixels) in zip(
-            batch, check_files([item[2] for item in batch]), strict=True
+        for (split, label, path, info), (problem, sha, pixels) in zip(
+            batch, check_files([item[2] for item in batch], root), strict=True
         ):
-            if problem:
-                problems.append((path, problem))
+            if problem or info is None:
+                problems.append((path, problem or "cannot be read"))
             else:
-                index.remember(path, stat, sha, pixels)
+                index.remember(path, info, sha, pixels)
                 entries.append(ImageEntry(split, label, path.name, sha, pixels, path))
         progress(len(batch))
     problems += _leaks(entries)

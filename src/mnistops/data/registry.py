@@ -114,22 +114,35 @@ def ensure_registry(settings: Settings) -> Path:
     return registry
 
 
-def list_versions(settings: Settings) -> list[store.VersionRecord]:
+def version_listing(settings: Settings) -> store.Listing:
+    """The valid published versions, and a message for each record that is not valid."""
     return store.list_records(_client(settings), _bucket(settings))
+
+
+def list_versions(settings: Settings) -> list[store.VersionRecord]:
+    return version_listing(settings).records
+
+
+def check_tag(tag: str) -> None:
+    """A tag typed by a user (or 'latest'): RegistryError if it cannot name a version."""
+    problem = None if tag == "latest" else store.tag_problem(tag)
+    if problem:
+        raise RegistryError(problem)
 
 
 def find_record(settings: Settings, tag: str, client=None) -> store.VersionRecord:
     """The record of `tag` (or of the newest version: 'latest') read from the object store."""
+    check_tag(tag)
     client = client or _client(settings)
     if tag == "latest":
-        records = store.list_records(client, _bucket(settings))
+        records = store.list_records(client, _bucket(settings)).records
         if not records:
             raise RegistryError("no data version is published yet (`mnistops data version v1.0`)")
         record = records[-1]
     else:
         record = store.read_record(client, _bucket(settings), tag)
     if record is None:
-        known = [r.tag for r in store.list_records(client, _bucket(settings))]
+        known = [r.tag for r in store.list_records(client, _bucket(settings)).records]
         raise RegistryError(
             f"no data version '{tag}' in s3://{_bucket(settings)} at {settings.s3_endpoint}"
             f" (published: {', '.join(known) or 'none'})"
@@ -142,19 +155,26 @@ def _records_dir(settings: Settings) -> Path:
     return settings.home / "cache" / "versions"
 
 
+def _record_file(settings: Settings, tag: str) -> Path:
+    check_tag(tag)
+    return store.path_inside(_records_dir(settings), f"{tag}.json")
+
+
 def remember_record(settings: Settings, record: store.VersionRecord) -> None:
     """Keep the record of a tag this machine has read or published (for offline no-op pulls)."""
-    folder = _records_dir(settings)
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".{record.tag}.json.partial"
+    target = _record_file(settings, record.tag)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{record.tag}.json.partial")
     partial.write_text(record.to_json())
-    os.replace(partial, folder / f"{record.tag}.json")
+    os.replace(partial, target)
 
 
 def cached_record(settings: Settings, tag: str) -> store.VersionRecord | None:
+    """The record this machine kept of `tag`; None if none, or if it is not valid (an
+    older format, a damaged file): then the object store is asked again."""
     try:
-        return store.VersionRecord.from_json((_records_dir(settings) / f"{tag}.json").read_text())
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return store.record_from_json(_record_file(settings, tag).read_bytes(), tag)
+    except (OSError, store.StoreError):
         return None
 
 
@@ -163,7 +183,7 @@ def load_manifest(
 ) -> list[store.ManifestRow]:
     cache = cache_of(settings)
     store.fetch(client or _client(settings), _bucket(settings), cache, [record.manifest_md5])
-    return store.parse_manifest(cache.read(record.manifest_md5))
+    return store.parse_manifest(cache.read(record.manifest_md5), record)
 
 
 def _changes(old: list[store.ManifestRow], new: list[store.ManifestRow]) -> list[ClassChange]:
@@ -200,12 +220,19 @@ def publish(
     """
     from dvc.repo import Repo
 
-    _check_tag_name(tag)
+    check_tag(tag)
+    if tag == "latest":
+        raise RegistryError("'latest' names the newest version; choose another tag (e.g. v1.0)")
     for key, value in CHECKSUM_ENV.items():
         os.environ.setdefault(key, value)
     client = _client(settings)
     bucket = _bucket(settings)
-    existing = store.read_record(client, bucket, tag)
+    try:
+        existing = store.read_record(client, bucket, tag)
+    except store.CorruptRecord as exc:
+        if not force:
+            raise RegistryError(f"{exc}\nReplace it with --force.") from None
+        existing = None
     if existing is not None and not force:
         raise RegistryError(
             f"data version '{tag}' exists already (published {existing.created});"
@@ -217,7 +244,7 @@ def publish(
         progress_for("validating", 0),
     )
     digest = store.content_hash(entries)
-    records = store.list_records(client, bucket)
+    records = store.list_records(client, bucket).records
     previous = next((r for r in reversed(records) if r.tag != tag), None)
     if previous is not None and previous.content_hash == digest:
         raise RegistryError(
@@ -301,21 +328,6 @@ def publish(
     )
 
 
-def _check_tag_name(tag: str) -> None:
-    bad = (
-        not tag
-        or tag == "latest"
-        or tag.startswith(("-", "."))
-        or any(c in tag for c in " ~^:?*[\\/")
-        or ".." in tag
-    )
-    if bad:
-        raise RegistryError(
-            f"'{tag}' is not a usable tag: use letters, digits, '.', '_' or '-'"
-            " (for example v1.0), and not 'latest'"
-        )
-
-
 def _lay_out_dataset(folder: Path, files: dict[str, str], cache: store.ObjectCache) -> None:
     """Make dataset/ hold exactly the version's manifest and packs (copies from the cache)."""
     if folder.exists():
@@ -365,6 +377,7 @@ def pull(
     `verify` re-reads the record from the object store and checks every file's
     presence and size instead.
     """
+    check_tag(tag)
     stamp = store.read_stamp(target)
     known = cached_record(settings, tag) if tag != "latest" and not verify else None
     if known and stamp and stamp.get("content_hash") == known.content_hash and "folders" in stamp:
@@ -402,7 +415,7 @@ def pull(
             f"{exc}\nNothing was written to {target}. Once the object store is back, run the"
             " same pull again: the objects already fetched are kept in this machine's cache."
         ) from None
-    rows = store.parse_manifest(cache.read(record.manifest_md5))
+    rows = store.parse_manifest(cache.read(record.manifest_md5), record)
     store.check_rows(rows, cache)
     store.materialize(rows, cache, target, record, progress_for("writing PNGs", len(rows)))
     return PullResult(record, target, len(rows), len(missing), False)
@@ -423,7 +436,7 @@ def add_images(
             problems.append((entry, "expected only label folders 0-9"))
             continue
         found += [p for p in sorted(entry.iterdir()) if not p.name.startswith(".")]
-    results = images.check_files(found)
+    results = images.check_files(found, source)
     progress = progress_for("checking", len(found))
     for path, (problem, _sha, _pixels) in zip(found, results, strict=True):
         progress(1)

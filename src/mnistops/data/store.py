@@ -23,17 +23,20 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from mnistops.data.images import ImageEntry
+from mnistops.data.images import DIGIT_FILE_BYTES, ImageEntry, name_problem, read_regular
 
 PACK_BYTES = 4 * 1024 * 1024
 MANIFEST = "manifest.json.gz"
@@ -85,16 +88,158 @@ class VersionRecord:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
-    @classmethod
-    def from_json(cls, text: str) -> VersionRecord:
+
+# --- untrusted input: records, manifests and paths read from the store ----------------
+#
+# Whoever can write one object to the bucket must not be able to make a pull, a training
+# or a flow run write outside its destination, or break the listing of other versions.
+# Everything read from the store or from the local caches goes through these checks
+# before it is used; nothing else in the package parses these formats.
+
+TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+SPLIT_NAMES = ("train", "test")
+DIGIT_NAMES = tuple(str(d) for d in range(10))
+MD5_PATTERN = re.compile(r"[0-9a-f]{32}")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+COMMIT_PATTERN = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
+PACK_FILE = re.compile(r"packs/([0-9a-f]{32})\.pack")
+MAX_RECORD_BYTES = 1 << 20
+MAX_MANIFEST_BYTES = 256 << 20
+"""a manifest decompresses to at most this (MNIST's 70,000 rows take about 10 MB)"""
+MAX_NAME_BYTES = 255
+MAX_COUNT = 10**9
+MAX_MESSAGE = 10_000
+RECORD_REQUIRED = frozenset({"tag", "message", "created", "content_hash", "counts", "files"})
+RECORD_OPTIONAL = frozenset({"previous", "commit", "remote", "format"})
+
+
+class CorruptRecord(StoreError):
+    """A version record or manifest failed validation; it is never used."""
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """`text` safe to print: control characters escaped, long text cut."""
+    safe = text if text.isprintable() else ascii(text)[1:-1]
+    return safe if len(safe) <= limit else safe[: limit - 3] + "..."
+
+
+def tag_problem(tag: object) -> str | None:
+    """Why `tag` is not a usable version tag (also a git tag and a file name), or None."""
+    if not isinstance(tag, str):
+        return f"a tag must be text, not {type(tag).__name__}"
+    if (
+        not TAG_PATTERN.fullmatch(tag)
+        or ".." in tag
+        or tag.endswith((".", ".lock"))
+        or tag == "latest"
+    ):
+        return (
+            f"'{shown(tag)}' is not a usable tag: 1-64 letters, digits, '.', '_' or '-',"
+            " starting with a letter or digit, no '..', not 'latest' (for example v1.0)"
+        )
+    return None
+
+
+def _text(data: dict, key: str, limit: int, allow: str = "") -> str:
+    value = data[key]
+    if not isinstance(value, str):
+        raise ValueError(f"'{key}' must be text, not {type(value).__name__}")
+    if len(value) > limit:
+        raise ValueError(f"'{key}' is longer than {limit} characters")
+    if not all(c.isprintable() or c in allow for c in value):
+        raise ValueError(f"'{key}' holds control characters")
+    return value
+
+
+def _count(value: object, where: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"{where} must be a whole number between 0 and {MAX_COUNT}")
+    return value
+
+
+def _check_counts(counts: object) -> dict[str, dict[str, int]]:
+    if not isinstance(counts, dict) or not counts or not set(counts) <= set(SPLIT_NAMES):
+        raise ValueError(f"'counts' must map the splits {', '.join(SPLIT_NAMES)} to digits")
+    for split, per in counts.items():
+        if not isinstance(per, dict) or not set(per) <= set(DIGIT_NAMES):
+            raise ValueError(f"'counts.{split}' must map the digits 0-9 to numbers of images")
+        for digit, n in per.items():
+            _count(n, f"'counts.{split}.{digit}'")
+    return counts
+
+
+def _check_files(files: object) -> dict[str, str]:
+    if not isinstance(files, dict) or MANIFEST not in files or len(files) > 100_000:
+        raise ValueError(f"'files' must name the manifest ({MANIFEST}) and the packs")
+    for name, md5 in files.items():
+        if not isinstance(md5, str) or not MD5_PATTERN.fullmatch(md5):
+            raise ValueError(f"'files.{shown(str(name))}' is not an MD5 (32 hex digits)")
+        pack = PACK_FILE.fullmatch(name) if isinstance(name, str) else None
+        if name != MANIFEST and (pack is None or pack.group(1) != md5):
+            raise ValueError(f"'files' names '{shown(str(name))}', not a manifest or pack")
+    return files
+
+
+def record_from_json(text: str | bytes, expected_tag: str | None = None) -> VersionRecord:
+    """A version record, validated field by field; CorruptRecord says what is wrong.
+
+    `expected_tag` is the tag the record was stored under (its object key or file name):
+    a record that claims another tag is refused, so it cannot name a file elsewhere.
+    """
+    where = f"version record {shown(expected_tag)}" if expected_tag else "version record"
+    try:
+        if len(text) > MAX_RECORD_BYTES:
+            raise ValueError(f"larger than {MAX_RECORD_BYTES} bytes")
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
         if data.get("format", 0) != FORMAT:
-            raise StoreError(
-                f"version {data.get('tag')} was written in format {data.get('format', 0)};"
+            raise CorruptRecord(
+                f"{where} was written in format {shown(str(data.get('format', 0)))};"
                 f" this mnistops reads format {FORMAT}. Publish it again with this version"
                 " (`mnistops data version TAG --force`), or use the mnistops that wrote it."
             )
-        return cls(**data)
+        missing = RECORD_REQUIRED - set(data)
+        unknown = set(data) - RECORD_REQUIRED - RECORD_OPTIONAL
+        if missing or unknown:
+            raise ValueError(
+                f"keys missing: {', '.join(sorted(missing)) or 'none'};"
+                f" unknown: {', '.join(shown(str(k)) for k in sorted(unknown)) or 'none'}"
+            )
+        problem = tag_problem(data["tag"])
+        if problem:
+            raise ValueError(f"'tag': {problem}")
+        if expected_tag is not None and data["tag"] != expected_tag:
+            raise ValueError(f"it claims the tag '{shown(data['tag'])}'")
+        previous = data.get("previous")
+        if previous is not None and tag_problem(previous):
+            raise ValueError(f"'previous': {tag_problem(previous)}")
+        commit = data.get("commit")
+        if commit is not None and (
+            not isinstance(commit, str) or not COMMIT_PATTERN.fullmatch(commit)
+        ):
+            raise ValueError("'commit' is not a git commit id")
+        content = data["content_hash"]
+        if not isinstance(content, str) or not SHA256_PATTERN.fullmatch(content):
+            raise ValueError("'content_hash' is not a SHA-256 (64 hex digits)")
+        datetime.fromisoformat(_text(data, "created", 64))
+        record = VersionRecord(
+            tag=data["tag"],
+            message=_text(data, "message", MAX_MESSAGE, allow="\n\t"),
+            created=data["created"],
+            content_hash=content,
+            counts=_check_counts(data["counts"]),
+            files=_check_files(data["files"]),
+            previous=previous,
+            commit=commit,
+            remote=_text(data, "remote", 1000) if "remote" in data else "",
+            format=FORMAT,
+        )
+    except CorruptRecord:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise CorruptRecord(f"{where} is invalid ({exc}); it was not used") from None
+    return record
 
 
 def content_hash(entries: Iterable[ImageEntry]) -> str:
@@ -116,6 +261,8 @@ class ObjectCache:
         self.root = root
 
     def path(self, md5: str) -> Path:
+        if not MD5_PATTERN.fullmatch(md5):
+            raise CorruptRecord(f"'{shown(md5)}' is not an object id (an MD5: 32 hex digits)")
         return self.root / md5[:2] / md5[2:]
 
     def has(self, md5: str) -> bool:
@@ -159,7 +306,7 @@ def build_packs(
     for entry in sorted(entries, key=lambda e: e.key):
         if entry.sha256 in locations:
             continue
-        data = entry.path.read_bytes()
+        data = read_regular(entry.path, DIGIT_FILE_BYTES)
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             raise StoreError(f"{entry.path}: changed while the version was being made; run again")
         pending.append((entry.sha256, data))
@@ -203,11 +350,91 @@ class ManifestRow(NamedTuple):
         return int(self.key.split("/")[1])
 
 
-def parse_manifest(data: bytes) -> list[ManifestRow]:
-    document = json.loads(gzip.decompress(data))
-    if document.get("columns") != MANIFEST_COLUMNS:
-        raise StoreError(f"unknown manifest layout {document.get('columns')}")
-    return list(map(ManifestRow._make, document["rows"]))
+MAX_IMAGE_BYTES = 16 << 20
+
+
+def image_path_problem(path: object) -> str | None:
+    """Why a manifest path is not `train|test/<digit>/<file name>`, or None."""
+    if not isinstance(path, str):
+        return "the path is not text"
+    parts = path.split("/")
+    if len(parts) != 3 or parts[0] not in SPLIT_NAMES or parts[1] not in DIGIT_NAMES:
+        return f"'{shown(path)}' is not train|test/<digit>/<file name>"
+    return name_problem(parts[2])
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    """gzip-decompressed `data`, refused past `limit` bytes (a gzip bomb stops there)."""
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise ValueError(f"not gzip data ({exc})") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise ValueError(f"it decompresses to more than {limit} bytes")
+    if not inflater.eof or inflater.unused_data:
+        raise ValueError("the gzip data is truncated or followed by other data")
+    return out
+
+
+def _manifest_row(raw: object, packs: set[str] | None) -> ManifestRow:
+    if not isinstance(raw, list) or len(raw) != len(MANIFEST_COLUMNS):
+        raise ValueError(f"not a list of the {len(MANIFEST_COLUMNS)} columns")
+    path, sha, pack, offset, length = raw
+    problem = image_path_problem(path)
+    if problem:
+        raise ValueError(problem)
+    if not isinstance(sha, str) or not SHA256_PATTERN.fullmatch(sha):
+        raise ValueError("'sha256' is not a SHA-256 (64 hex digits)")
+    if not isinstance(pack, str) or not MD5_PATTERN.fullmatch(pack):
+        raise ValueError("'pack' is not an MD5 (32 hex digits)")
+    if packs is not None and pack not in packs:
+        raise ValueError(f"pack {pack} is not one of the version's files")
+    if type(offset) is not int or offset < 0:
+        raise ValueError("'offset' must be a whole number >= 0")
+    if type(length) is not int or not 0 < length <= MAX_IMAGE_BYTES:
+        raise ValueError(f"'length' must be a whole number between 1 and {MAX_IMAGE_BYTES}")
+    return ManifestRow(path, sha, pack, offset, length)
+
+
+def parse_manifest(data: bytes, record: VersionRecord | None = None) -> list[ManifestRow]:
+    """The rows of a manifest, each validated; CorruptRecord names the first bad row.
+
+    With `record`, every pack must be one of the record's files. Offsets are checked
+    against the packs' sizes by `check_rows`, once the packs are here.
+    """
+    where = f"the manifest of version {record.tag}" if record else "the manifest"
+    packs = {md5 for name, md5 in record.files.items() if name != MANIFEST} if record else None
+    try:
+        document = json.loads(_gunzip(data, MAX_MANIFEST_BYTES))
+        if not isinstance(document, dict) or document.get("columns") != MANIFEST_COLUMNS:
+            raise ValueError("unknown manifest layout")
+        raw_rows = document.get("rows")
+        if not isinstance(raw_rows, list):
+            raise ValueError("'rows' is not a list")
+    except (ValueError, RecursionError) as exc:
+        raise CorruptRecord(f"{where} is invalid ({exc}); it was not used") from None
+    rows: list[ManifestRow] = []
+    seen: set[str] = set()
+    for number, raw in enumerate(raw_rows, 1):
+        try:
+            row = _manifest_row(raw, packs)
+            if row.key in seen:
+                raise ValueError(f"'{row.key}' is listed twice")
+        except ValueError as exc:
+            message = f"{where} is invalid (row {number}: {exc}); it was not used"
+            raise CorruptRecord(message) from None
+        seen.add(row.key)
+        rows.append(row)
+    return rows
+
+
+def path_inside(root: Path, relative: str) -> Path:
+    """`root/relative`, refused unless it stays under `root` once resolved (symlinks too)."""
+    target = root / relative
+    if not target.resolve().is_relative_to(root.resolve()):
+        raise CorruptRecord(f"'{shown(relative)}' would lead outside {root}; nothing was written")
+    return target
 
 
 def dataset_files(manifest_md5: str, rows: list[ManifestRow]) -> dict[str, str]:
@@ -231,33 +458,57 @@ def _store_error(action: str, exc: Exception, endpoint: str) -> StoreError:
     return kind(f"{action}: the object store at {endpoint} failed: {exc}")
 
 
+def _read_small(client, bucket: str, key: str) -> bytes:
+    """An object of at most MAX_RECORD_BYTES (+1, so that a larger one is seen as such)."""
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read(MAX_RECORD_BYTES + 1)
+
+
 def read_record(client, bucket: str, tag: str) -> VersionRecord | None:
+    """The record of `tag`, None if there is none; CorruptRecord if it is invalid."""
+    problem = tag_problem(tag)
+    if problem:
+        raise CorruptRecord(problem)
     try:
-        body = client.get_object(Bucket=bucket, Key=f"{VERSIONS_PREFIX}{tag}.json")["Body"].read()
+        body = _read_small(client, bucket, f"{VERSIONS_PREFIX}{tag}.json")
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return None
         raise _store_error(f"reading version {tag}", exc, client.meta.endpoint_url) from None
     except BotoCoreError as exc:
         raise _store_error(f"reading version {tag}", exc, client.meta.endpoint_url) from None
-    return VersionRecord.from_json(body.decode())
+    return record_from_json(body, tag)
 
 
-def list_records(client, bucket: str) -> list[VersionRecord]:
-    """Every published version, oldest first."""
+@dataclass
+class Listing:
+    """The valid versions of a bucket, oldest first, and the objects that are not."""
+
+    records: list[VersionRecord] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    """one message per object of versions/ that was not used, naming it and why"""
+
+
+def list_records(client, bucket: str) -> Listing:
+    """Every published version, oldest first; an invalid record is named, not used, and
+    does not hide the others."""
+    listing = Listing()
     try:
         pages = client.get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix=VERSIONS_PREFIX
         )
         keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
-        records = [
-            VersionRecord.from_json(client.get_object(Bucket=bucket, Key=k)["Body"].read().decode())
-            for k in keys
-            if k.endswith(".json")
-        ]
+        for key in keys:
+            tag = key.removeprefix(VERSIONS_PREFIX).removesuffix(".json")
+            try:
+                if not key.endswith(".json") or tag_problem(tag):
+                    raise CorruptRecord(f"not a version record name ({tag_problem(tag)})")
+                listing.records.append(record_from_json(_read_small(client, bucket, key), tag))
+            except CorruptRecord as exc:
+                listing.problems.append(f"s3://{bucket}/{shown(key)}: {exc}")
     except (ClientError, BotoCoreError) as exc:
         raise _store_error("listing versions", exc, client.meta.endpoint_url) from None
-    return sorted(records, key=lambda r: r.created)
+    listing.records.sort(key=lambda r: r.created)
+    return listing
 
 
 def write_record(client, bucket: str, record: VersionRecord) -> None:
@@ -379,13 +630,16 @@ def materialize(
     try:
         packs = {pack: cache.read(pack) for pack in {row.pack for row in rows}}
         for folder in sorted({row.key.rsplit("/", 1)[0] for row in rows}):
-            (staging / folder).mkdir(parents=True, exist_ok=True)
+            path_inside(staging, folder).mkdir(parents=True, exist_ok=True)
         base = str(staging) + "/"
 
         def write(chunk: list[ManifestRow]) -> None:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
             for row in chunk:
-                fd = os.open(base + row.key, flags, 0o644)
+                path = base + row.key
+                if image_path_problem(row.key) or os.path.normpath(path) != path:
+                    raise CorruptRecord(f"'{shown(row.key)}' would leave {target}")
+                fd = os.open(path, flags, 0o644)
                 try:
                     os.write(fd, memoryview(packs[row.pack])[row.offset : row.offset + row.length])
                 finally:
@@ -441,6 +695,11 @@ def check_rows(rows: list[ManifestRow], cache: ObjectCache) -> None:
     packs: dict[str, bytes] = {}
     for row in rows:
         pack = packs.get(row.pack) or packs.setdefault(row.pack, cache.read(row.pack))
+        if row.offset + row.length > len(pack):
+            raise CorruptRecord(
+                f"{row.key}: bytes {row.offset}-{row.offset + row.length} lie outside pack"
+                f" {row.pack} ({len(pack)} bytes); the version is corrupt and was not used"
+            )
         data = pack[row.offset : row.offset + row.length]
         if hashlib.sha256(data).hexdigest() != row.sha256:
             raise StoreError(

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from mnistops.data import images, registry, store
 from mnistops.settings import Settings
@@ -65,15 +64,21 @@ def _cache_dir(settings: Settings) -> Path:
 
 
 def _decode(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data), formats=("PNG",)) as image:
+    """A 28x28 PNG's pixels; any other size is refused before decoding (ImageRefused)."""
+    with images.open_image(io.BytesIO(data), max_pixels=28 * 28) as image:
+        if image.format != "PNG" or image.size != (28, 28):
+            raise images.ImageRefused(f"a {image.format} of {image.size}, not a 28x28 PNG")
         return np.asarray(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
 
 
-def _decode_all(blobs: list[bytes]) -> np.ndarray:
+def _decode_all(keys_and_blobs: list[tuple[str, bytes]]) -> np.ndarray:
     """Decode in this thread: for 28x28 PNGs a thread pool is 2x slower (GIL hand-offs)."""
-    out = np.zeros((len(blobs), 28, 28), np.uint8)
-    for i, blob in enumerate(blobs):
-        out[i] = _decode(blob)
+    out = np.zeros((len(keys_and_blobs), 28, 28), np.uint8)
+    for i, (key, blob) in enumerate(keys_and_blobs):
+        try:
+            out[i] = _decode(blob)
+        except (images.ImageRefused, OSError) as exc:
+            raise images.ImageRefused(f"{key}: {exc}; the data was not used") from None
     return out
 
 
@@ -126,7 +131,7 @@ def _split_arrays(keys_and_blobs: list[tuple[str, bytes]]) -> dict[str, np.ndarr
     arrays: dict[str, np.ndarray] = {}
     for split in ("train", "test"):
         chosen = [(k, b) for k, b in keys_and_blobs if k.split("/", 1)[0] == split]
-        arrays[f"{split}_x"] = _decode_all([b for _k, b in chosen])
+        arrays[f"{split}_x"] = _decode_all(chosen)
         arrays[f"{split}_y"] = np.array([int(k.split("/")[1]) for k, _b in chosen], np.int64)
     return arrays
 
@@ -141,7 +146,7 @@ def _version_blobs(settings: Settings, record: store.VersionRecord, report: Repo
             report(f"data cache: object {md5} of {record.tag} is corrupt; fetching it again")
             cache.path(md5).unlink()
     store.fetch(client, bucket, cache, record.files.values())
-    rows = sorted(store.parse_manifest(cache.read(record.manifest_md5)))
+    rows = sorted(store.parse_manifest(cache.read(record.manifest_md5), record))
     store.check_rows(rows, cache)
     packs = {pack: cache.read(pack) for pack in {row.pack for row in rows}}
     return [(r.key, packs[r.pack][r.offset : r.offset + r.length]) for r in rows]
@@ -151,7 +156,7 @@ def load_version(settings: Settings, tag: str, report: Report = lambda _m: None)
     """The arrays of a published version ('latest' = the newest), fetched through the registry."""
     record = registry.find_record(settings, tag)
     arrays = _cached_or_built(
-        _cache_dir(settings) / f"{record.content_hash}.npz",
+        store.path_inside(_cache_dir(settings), f"{record.content_hash}.npz"),
         lambda: _split_arrays(_version_blobs(settings, record, report)),
         report,
     )
