@@ -66,6 +66,7 @@ def print_urls(cfg: Settings) -> None:
     table.add_column("state")
     table.add_column("pid", justify="right")
     table.add_column("URL", no_wrap=True)
+    table.add_column("reachable from")
     table.add_column("log", overflow="fold")
     for st in stack.status(cfg):
         state = (
@@ -75,7 +76,7 @@ def print_urls(cfg: Settings) -> None:
         )
         if st.external:
             state += " (external)"
-        table.add_row(st.title, state, str(st.pid or ""), st.url, _shorter(st.log))
+        table.add_row(st.title, state, str(st.pid or ""), st.url, st.reach, _shorter(st.log))
     console.print(table)
 
 
@@ -108,6 +109,8 @@ def stack_up(
             cfg = with_database_url(cfg, db)
         except ConfigError as exc:
             fail(str(exc), code=2)
+    for warning in stack.exposure(cfg):
+        err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
     try:
         with console.status("starting the stack...") as spinner:
             stack.up(cfg, report=lambda msg: (console.log(msg), spinner.update(msg)))
@@ -980,8 +983,14 @@ def start_and_follow(cfg: Settings, parameters: dict[str, object], wait: bool) -
 def entry() -> None:
     """The `mnistops` command: errors that any command can meet (a damaged key file)
     end with their message, not a stack trace."""
-    from mnistops.stack.credentials import CredentialsError
+    import os
 
+    from mnistops.stack.credentials import PRIVATE_UMASK, CredentialsError
+    from mnistops.stack.endpoints import NO_TELEMETRY
+
+    os.umask(PRIVATE_UMASK)
+    for key, value in NO_TELEMETRY.items():
+        os.environ.setdefault(key, value)
     try:
         app(prog_name="mnistops")
     except CredentialsError as exc:

@@ -83,8 +83,10 @@ class MlflowSettings(Section):
         default_factory=list,
         description="more Host headers the server accepts (e.g. mlflow:5000 behind a proxy)",
     )
-    auth: bool = Field(
-        False, description="the embedded server asks for a login (generated, in the state dir)"
+    auth: bool | None = Field(
+        None,
+        description="the embedded server asks for a login (generated, in the state dir);"
+        " default: on when bind is not a loopback address",
     )
     username: str | None = Field(None, description="login of an MLflow server that asks for one")
     password: SecretStr | None = None
@@ -100,8 +102,10 @@ class PrefectSettings(Section):
     ui_api_url: str | None = Field(
         None, description="the API URL the UI's browser uses; default: the server's own"
     )
-    auth: bool = Field(
-        False, description="the embedded server asks for a login (generated, in the state dir)"
+    auth: bool | None = Field(
+        None,
+        description="the embedded server asks for a login (generated, in the state dir);"
+        " default: on when bind is not a loopback address",
     )
     auth_string: SecretStr | None = Field(
         None, description="USER:PASSWORD of a Prefect server that asks for a login"
@@ -222,6 +226,23 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
     @property
+    def beyond_loopback(self) -> bool:
+        """The services listen where other hosts can reach them."""
+        return not is_loopback(self.bind)
+
+    @property
+    def mlflow_login_on(self) -> bool:
+        """The embedded MLflow server asks for a login (`mlflow.auth`, default: beyond
+        loopback)."""
+        return self.beyond_loopback if self.mlflow.auth is None else self.mlflow.auth
+
+    @property
+    def prefect_login_on(self) -> bool:
+        """The embedded Prefect server asks for a login (`prefect.auth`, default: beyond
+        loopback)."""
+        return self.beyond_loopback if self.prefect.auth is None else self.prefect.auth
+
+    @property
     def client_host(self) -> str:
         """The address a client on this machine uses to reach a service bound to `bind`."""
         return "127.0.0.1" if self.bind in ("0.0.0.0", "::", "") else self.bind
@@ -245,6 +266,18 @@ class Settings(BaseSettings):
     @property
     def mnist_dir(self) -> Path:
         return self.data_dir / self.dataset.name
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: reachable from this machine only."""
+    import ipaddress
+
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 POSTGRES_ONLY = "must start with postgresql:// (only PostgreSQL is supported)"

@@ -14,7 +14,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from mnistops.settings import Settings
 from mnistops.stack import postgres, process
-from mnistops.stack.credentials import CredentialsError, S3Keys, ensure_keys, load_keys
+from mnistops.stack.credentials import (
+    CredentialsError,
+    S3Keys,
+    ensure_keys,
+    load_keys,
+    make_private_home,
+    tighten,
+)
 from mnistops.stack.endpoints import s3_client, s3_keys
 from mnistops.stack.ports import accepts_connections, port_in_use
 from mnistops.stack.services import SERVICE_NAMES, Service, all_services
@@ -36,6 +43,41 @@ class ServiceStatus:
     pid: int | None
     healthy: bool
     log: Path | None
+    reach: str = ""
+    """who can reach it: this machine only, or any host (and with which credential)"""
+
+
+def exposure(settings: Settings) -> list[str]:
+    """One warning for each service we start that other hosts reach without a login."""
+    if not settings.beyond_loopback:
+        return []
+    open_to = f"any host that can reach {settings.bind}"
+    found = []
+    if settings.mlflow.tracking_uri is None and not settings.mlflow_login_on:
+        found.append(
+            f"MLflow on {settings.bind}:{settings.mlflow.port} has no login (mlflow.auth is"
+            f" false): {open_to} can read, change and delete runs and models, and so choose"
+            " the model that is served"
+        )
+    if settings.prefect.api_url is None and not settings.prefect_login_on:
+        found.append(
+            f"Prefect on {settings.bind}:{settings.prefect.port} has no login (prefect.auth is"
+            f" false): {open_to} can start, change and cancel flow runs and deployments, and"
+            " so run code on every worker"
+        )
+    return found
+
+
+def reach(settings: Settings, name: str) -> str:
+    """Who can reach a service that this state dir starts, and with what."""
+    if not settings.beyond_loopback:
+        return "this machine"
+    credential = {
+        "s3": "S3 keys",
+        "mlflow": "login" if settings.mlflow_login_on else "NO LOGIN",
+        "prefect": "login" if settings.prefect_login_on else "NO LOGIN",
+    }[name]
+    return f"any host ({credential})"
 
 
 def run_dir(settings: Settings) -> Path:
@@ -49,7 +91,7 @@ def log_dir(settings: Settings) -> Path:
 @contextmanager
 def _stack_lock(settings: Settings) -> Iterator[None]:
     """One `up` or `down` at a time per state dir."""
-    settings.home.mkdir(parents=True, exist_ok=True)
+    make_private_home(settings.home)
     with open(settings.home / "stack.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
@@ -105,6 +147,12 @@ def up(settings: Settings, report: Report = lambda _: None) -> list[ServiceStatu
             for _, record in reversed(started):
                 process.stop(record, run_dir(settings))
             raise
+        narrowed = tighten(settings.home)
+        if narrowed:
+            report(
+                f"made {narrowed} files and folders of the state dir {settings.home} private"
+                " (other users could read them)"
+            )
     return status(settings)
 
 
@@ -340,6 +388,7 @@ def status(settings: Settings) -> list[ServiceStatus]:
                 pid=record.pid if alive and record else None,
                 healthy=(svc.external or alive) and svc.healthy(),
                 log=record.log_path if record else None,
+                reach="external" if svc.external else reach(settings, svc.name),
             )
         )
     for record in worker_records(settings):
@@ -354,6 +403,7 @@ def status(settings: Settings) -> list[ServiceStatus]:
                 pid=record.pid if alive else None,
                 healthy=alive,
                 log=record.log_path,
+                reach="connects out only",
             )
         )
     return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,31 @@ def write_private(path: Path, text: str) -> None:
         handle.write(text)
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
+
+
+PRIVATE_UMASK = 0o077
+"""files and folders we and the services create are the owner's only"""
+
+
+def make_private_home(home: Path) -> None:
+    """Create the state dir for its owner only (0700), or narrow an existing one."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if home.stat().st_mode & 0o077:
+        home.chmod(0o700)
+
+
+def tighten(home: Path) -> int:
+    """Take group and other rights off everything in the state dir (databases, objects,
+    logs, caches, registry); return how many entries were narrowed."""
+    narrowed = 0
+    for folder, dirs, files in os.walk(home):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            info = path.lstat()
+            if not stat.S_ISLNK(info.st_mode) and info.st_mode & 0o077:
+                path.chmod(stat.S_IMODE(info.st_mode) & 0o700)
+                narrowed += 1
+    return narrowed
 
 
 def keys_path(home: Path) -> Path:

@@ -13,6 +13,10 @@ CHECKSUM_ENV = {
 }
 
 
+# MLflow 3 sends usage telemetry unless told not to; Prefect's analytics are off by flag.
+NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+
+
 def s3_keys(settings: Settings) -> S3Keys | None:
     """Keys from settings, else the stack's generated ones; None: use the AWS default chain."""
     if settings.s3.access_key_id and settings.s3.secret_access_key:
@@ -49,7 +53,7 @@ def prefect_auth(settings: Settings) -> str | None:
     """USER:PASSWORD for the Prefect API: the configured one, or the embedded server's."""
     if settings.prefect.auth_string is not None:
         return settings.prefect.auth_string.get_secret_value()
-    if settings.prefect.api_url is None and settings.prefect.auth:
+    if settings.prefect.api_url is None and settings.prefect_login_on:
         from mnistops.stack.credentials import ensure_prefect_auth
 
         return ensure_prefect_auth(settings.home)
@@ -61,7 +65,7 @@ def mlflow_login(settings: Settings) -> tuple[str, str] | None:
     mlflow = settings.mlflow
     if mlflow.username and mlflow.password is not None:
         return mlflow.username, mlflow.password.get_secret_value()
-    if mlflow.tracking_uri is None and mlflow.auth:
+    if mlflow.tracking_uri is None and settings.mlflow_login_on:
         from mnistops.stack.credentials import ensure_mlflow_auth
 
         auth = ensure_mlflow_auth(settings.home)
@@ -84,6 +88,7 @@ def client_env(settings: Settings) -> dict[str, str]:
         "AWS_ENDPOINT_URL": settings.s3_endpoint,
         "AWS_DEFAULT_REGION": settings.s3.region,
         **CHECKSUM_ENV,
+        **NO_TELEMETRY,
         "MLFLOW_TRACKING_URI": settings.mlflow_uri,
         "MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint,
         "PREFECT_API_URL": settings.prefect_api_url,

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import psutil
 
+from mnistops.stack.credentials import PRIVATE_UMASK, write_private
+
 
 @dataclass
 class ProcessRecord:
@@ -104,7 +106,8 @@ def start(
     run_dir.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    with open(log_path, "ab") as log, open(os.devnull, "rb") as devnull:
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with open(log_fd, "ab") as log, open(os.devnull, "rb") as devnull:
         log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n".encode())
         log.flush()
         popen = subprocess.Popen(
@@ -115,6 +118,7 @@ def start(
             env=env,
             start_new_session=True,
             close_fds=True,
+            umask=PRIVATE_UMASK,
         )
     record = ProcessRecord(
         name=name,
@@ -123,8 +127,7 @@ def start(
         log=str(log_path),
         url=url,
     )
-    path = record_path(run_dir, name)
-    path.write_text(json.dumps(asdict(record)))
+    write_private(record_path(run_dir, name), json.dumps(asdict(record)))
     return record
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from mnistops.settings import Settings
 from mnistops.stack import postgres
 from mnistops.stack.credentials import S3Keys, seaweed_identities, write_private
-from mnistops.stack.endpoints import CHECKSUM_ENV, s3_client
+from mnistops.stack.endpoints import CHECKSUM_ENV, NO_TELEMETRY, s3_client
 
 SERVICE_NAMES = ("s3", "mlflow", "prefect")
 
@@ -43,9 +43,11 @@ def _http_ok(url: str, timeout_s: float = 3.0) -> bool:
 
 
 def _base_env() -> dict[str, str]:
-    """The caller's environment without variables that would point a server elsewhere."""
+    """The caller's environment without variables that would point a server elsewhere,
+    and with the tools' telemetry off."""
     drop = ("MLFLOW_", "PREFECT_", "AWS_", "MNISTOPS_")
-    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    kept = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    return {**kept, **NO_TELEMETRY}
 
 
 def _weed_binary() -> str:
@@ -188,7 +190,7 @@ def mlflow_service(settings: Settings, keys: S3Keys | None) -> Service:
     if keys is not None:
         service.env["AWS_ACCESS_KEY_ID"] = keys.access_key_id
         service.env["AWS_SECRET_ACCESS_KEY"] = keys.secret_access_key
-    if settings.mlflow.auth:
+    if settings.mlflow_login_on:
         _with_basic_auth(service, settings, mlflow_home)
     return service
 
@@ -264,7 +266,7 @@ def prefect_service(settings: Settings) -> Service:
         # appears promptly. Cheap: one query per loop.
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "10",
     }
-    if settings.prefect.auth:
+    if settings.prefect_login_on:
         from mnistops.stack.endpoints import prefect_auth
 
         service.env["PREFECT_SERVER_API_AUTH_STRING"] = prefect_auth(settings) or ""
