@@ -56,3 +56,33 @@ def test_no_secret_in_logs_runs_parameters_or_status(demo_run: dict) -> None:
     leaks = [where for where, text in places.items() for s in secrets if s in text]
     assert not leaks, f"the S3 secret appears in: {leaks}"
     assert "prefect logs" in places and len(places) > 10
+
+
+def test_the_state_dir_is_private_and_telemetry_off(demo_run: dict) -> None:
+    """After the whole demo (services, worker, flow runs, caches, registry): no other user
+    can read anything in the state dir, and no process of the stack sends MLflow telemetry."""
+    import stat
+
+    import psutil
+
+    from mnistops import stack
+    from mnistops.stack import process
+
+    settings = demo_run["settings"]
+    home = settings.home
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    entries = [p for p in home.rglob("*") if not p.is_symlink()]
+    assert len(entries) > 100
+    wide = [str(p) for p in entries if p.lstat().st_mode & 0o077]
+    assert not wide, f"readable by others: {wide[:10]}"
+    records = [
+        process.read_record(stack.run_dir(settings), name)
+        for name in ("s3", "mlflow", "prefect", "worker-mnist-cpu")
+    ]
+    for record in records:
+        assert record is not None and process.is_alive(record), record
+        env = psutil.Process(record.pid).environ()
+        assert env.get("MLFLOW_DISABLE_TELEMETRY") == "true", record.name
+        assert env.get("DO_NOT_TRACK") == "true", record.name
+    exported = run_cli("stack", "env", config_dir=demo_run["config_dir"]).stdout
+    assert "export MLFLOW_DISABLE_TELEMETRY=true" in exported

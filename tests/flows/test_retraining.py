@@ -173,6 +173,37 @@ def test_a_failing_task_retries_then_fails_the_run(machines: dict) -> None:
     assert any("no data version 'v9'" in log.message for log in logs)
 
 
+@pytest.mark.security
+def test_a_crafted_version_fails_the_run_and_writes_nothing_outside(
+    machines: dict, tmp_path: Path
+) -> None:
+    """An attacker with the S3 keys publishes a version whose manifest leads outside: the
+    worker's run fails naming it, and nothing is written where the manifest points."""
+    from tests.helpers import craft_version
+
+    publisher = machines["publisher"]
+    outside = tmp_path / "site-packages"
+    escape = f"train/0/{'/'.join(['..'] * 30)}{outside}/zz.pth"
+    craft_version(
+        load_settings(publisher), "evil", {escape: b"import os\n"}, created="2000-01-01T00:00:00"
+    )
+    done = run_cli("run", "--data-version", "evil", "--wait", config_dir=publisher, timeout=600)
+    assert done.returncode == 1 and "Failed" in done.stdout, done.stdout + done.stderr
+    flow_run_id = next(
+        line.split()[2].rstrip(":")
+        for line in done.stdout.splitlines()
+        if line.startswith("flow run ")
+    )
+    with prefect_client(load_settings(publisher)) as client:
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+    assert any("not train|test/<digit>/<file name>" in log.message for log in logs)
+    assert not outside.exists()
+
+
 def test_a_new_data_version_starts_a_retraining(machines: dict) -> None:
     publisher = machines["publisher"]
     settings = load_settings(publisher)

@@ -170,3 +170,26 @@ def test_mlflow_with_a_login_refuses_clients_without_it(tmp_path: Path, stack_se
         assert password not in (settings.home / "logs" / "mlflow.log").read_text()
     finally:
         stack.down(settings)
+
+
+def test_up_makes_an_existing_state_dir_private(tmp_path: Path, stack_settings) -> None:
+    """A state dir left readable by others (made by an older mnistops, or by hand) is
+    narrowed on `up`, with a note; what the store then writes is private too."""
+    config_dir = s3_only_config(tmp_path, stack_settings)
+    settings = load_settings(config_dir)
+    (settings.home / "logs").mkdir(parents=True)
+    (settings.home / "logs" / "old.log").write_text("secret-ish")
+    for path, mode in ((settings.home, 0o755), (settings.home / "logs", 0o775)):
+        path.chmod(mode)
+    (settings.home / "logs" / "old.log").chmod(0o644)
+    done = run_cli("stack", "up", config_dir=config_dir)
+    try:
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "private" in done.stdout and "other users could read them" in done.stdout
+        assert stat.S_IMODE(settings.home.stat().st_mode) == 0o700
+        wide = [p for p in settings.home.rglob("*") if p.lstat().st_mode & 0o077]
+        assert wide == []
+        again = run_cli("stack", "up", config_dir=config_dir)
+        assert again.returncode == 0 and "private" not in again.stdout
+    finally:
+        stack.down(settings)
