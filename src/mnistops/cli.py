@@ -63,12 +63,12 @@ def print_urls(cfg: Settings) -> None:
 
     table = Table(title="mnistops stack", show_header=True, header_style="bold")
     table.add_column("service", no_wrap=True)
-    table.add_column("state")
+    table.add_column("state", no_wrap=True)
     table.add_column("pid", justify="right")
     table.add_column("URL", no_wrap=True)
-    table.add_column("reachable from")
-    table.add_column("log", overflow="fold")
-    for st in stack.status(cfg):
+    table.add_column("reachable from", no_wrap=True)
+    statuses = stack.status(cfg)
+    for st in statuses:
         state = (
             "[green]healthy[/]"
             if st.healthy
@@ -76,8 +76,11 @@ def print_urls(cfg: Settings) -> None:
         )
         if st.external:
             state += " (external)"
-        table.add_row(st.title, state, str(st.pid or ""), st.url, st.reach, _shorter(st.log))
+        table.add_row(st.title, state, str(st.pid or ""), st.url, st.reach)
     console.print(table)
+    logs = sorted({str(_shorter(st.log.parent)) for st in statuses if st.log is not None})
+    if logs:
+        console.print(f"logs: {', '.join(logs)} (`mnistops stack logs NAME`)", soft_wrap=True)
 
 
 def _shorter(path: Path | None) -> str:

@@ -64,13 +64,10 @@ class S3Settings(Section):
     master_port: Port = 9333
     volume_port: Port = 9340
     filer_port: Port = 8888
-    admin_port: Port = Field(23646, description="SeaweedFS admin server (its UI stays off)")
     grpc_offset: int = Field(10000, description="gRPC port = HTTP port + this")
     volume_size_limit_mb: int = Field(64, ge=8, le=30000)
 
-    _ports = field_validator("port", "master_port", "volume_port", "filer_port", "admin_port")(
-        _check_port
-    )
+    _ports = field_validator("port", "master_port", "volume_port", "filer_port")(_check_port)
 
 
 class MlflowSettings(Section):

@@ -71,7 +71,7 @@ def exposure(settings: Settings) -> list[str]:
 def reach(settings: Settings, name: str) -> str:
     """Who can reach a service that this state dir starts, and with what."""
     if not settings.beyond_loopback:
-        return "this machine"
+        return "this host"
     credential = {
         "s3": "S3 keys",
         "mlflow": "login" if settings.mlflow_login_on else "NO LOGIN",
@@ -139,7 +139,7 @@ def up(settings: Settings, report: Report = lambda _: None) -> list[ServiceStatu
             _check_ports_owned(started)
             s3_started = any(svc.name == "s3" for svc, _ in started)
             if s3_started:
-                _check_anonymous_refused(settings)
+                _check_store_locked(settings)
             _ensure_buckets(settings, keys)
             if s3_started:
                 _wait_objects_readable(settings, keys, report)
@@ -284,9 +284,37 @@ def _check_ports_owned(started: list[tuple[Service, process.ProcessRecord]]) -> 
             )
 
 
+def _check_store_locked(settings: Settings) -> None:
+    """The store we started must refuse every request without credentials: an S3
+    request without keys, plain (non-TLS) gRPC on any of its ports, and the HTTP data
+    endpoints of its master and filer. A configuration that leaves one open (an
+    identities file with an anonymous identity, a security file SeaweedFS read
+    differently) stops the start."""
+    from mnistops.stack.store_security import grpc_open_without_tls, http_data_paths_open
+
+    s3 = settings.s3
+    off = s3.grpc_offset
+    grpc = [("127.0.0.1", p + off) for p in (s3.master_port, s3.volume_port, s3.filer_port)]
+    grpc.append((settings.client_host, s3.port + off))
+    opened = [
+        f"gRPC port {port} answers without a client certificate"
+        for host, port in grpc
+        if grpc_open_without_tls(host, port)
+    ]
+    opened += http_data_paths_open("127.0.0.1", s3.master_port, s3.filer_port)
+    if opened:
+        raise StackError(
+            "the object store answered requests without credentials:\n  "
+            + "\n  ".join(opened)
+            + f"\nIt was stopped. Its security settings are in {settings.home / 's3-security'};"
+            " delete that folder to have them made again at the next `mnistops stack up`."
+        )
+    _check_anonymous_refused(settings)
+
+
 def _check_anonymous_refused(settings: Settings) -> None:
-    """The store we started must refuse a request without keys: an identities file that
-    opens it (or one SeaweedFS read differently) stops the start."""
+    """The store must refuse an S3 request without keys: an identities file that opens
+    it (or one SeaweedFS read differently) stops the start."""
     import boto3
     from botocore import UNSIGNED
     from botocore.config import Config

@@ -45,12 +45,21 @@ def make_private_home(home: Path) -> None:
         home.chmod(0o700)
 
 
+TOOL_FOLDERS = (Path("registry") / ".dvc" / "cache", Path("s3"))
+"""folders (in the state dir) whose files a tool keeps at modes of its own: DVC's cache
+is read-only (0444, and DVC tells a protected cache file by that mode), SeaweedFS writes
+its volume info files 0644. Both folders are 0700, which keeps them from other users."""
+
+
 def tighten(home: Path) -> int:
     """Take group and other rights off everything in the state dir (databases, objects,
-    logs, caches, registry); return how many entries were narrowed."""
+    logs, caches, registry: folders 0700, files 0600 or 0700); return how many entries
+    were narrowed."""
     narrowed = 0
+    tools = [home / folder for folder in TOOL_FOLDERS]
     for folder, dirs, files in os.walk(home):
-        for name in [*dirs, *files]:
+        tool_files = any(Path(folder).is_relative_to(t) for t in tools)
+        for name in [*dirs, *([] if tool_files else files)]:
             path = Path(folder) / name
             info = path.lstat()
             if not stat.S_ISLNK(info.st_mode) and info.st_mode & 0o077:

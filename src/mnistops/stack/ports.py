@@ -70,7 +70,7 @@ def free_port_config(root: Path) -> dict:
         "data_dir": str(root / "data"),
         "s3": {
             name: free_port_pair(taken)
-            for name in ("port", "master_port", "volume_port", "filer_port", "admin_port")
+            for name in ("port", "master_port", "volume_port", "filer_port")
         },
         "mlflow": {"port": free_port_pair(taken)},
         "prefect": {"port": free_port_pair(taken)},

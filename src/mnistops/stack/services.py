@@ -13,6 +13,7 @@ from mnistops.settings import Settings
 from mnistops.stack import postgres
 from mnistops.stack.credentials import S3Keys, seaweed_identities, write_private
 from mnistops.stack.endpoints import CHECKSUM_ENV, NO_TELEMETRY, s3_client
+from mnistops.stack.store_security import ensure_store_security, security_dir
 
 SERVICE_NAMES = ("s3", "mlflow", "prefect")
 
@@ -88,40 +89,44 @@ def s3_service(settings: Settings, keys: S3Keys | None) -> Service:
         "s3.master_port": s3.master_port,
         "s3.volume_port": s3.volume_port,
         "s3.filer_port": s3.filer_port,
-        "s3.admin_port": s3.admin_port,
-        "s3.admin_port (+grpc_offset)": s3.admin_port + off,
         "s3.port (+grpc_offset)": s3.port + off,
         "s3.master_port (+grpc_offset)": s3.master_port + off,
         "s3.volume_port (+grpc_offset)": s3.volume_port + off,
         "s3.filer_port (+grpc_offset)": s3.filer_port + off,
     }
+    security = security_dir(settings.home)
 
     def prepare() -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_store_security(settings.home)
         if keys is not None:
             write_private(identities, seaweed_identities(keys))
 
     service.prepare = prepare
+    # `weed server`, not `weed mini`: only it can put the S3 API on `bind` while the
+    # master, volume and filer stay on loopback (-s3.ip.bind); it has no admin server.
     service.command = [
         _weed_binary(),
-        "mini",
+        f"-config_dir={security}",
+        "server",
         f"-dir={data_dir}",
-        f"-ip={settings.client_host}",
-        f"-ip.bind={settings.bind}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-s3.ip.bind={settings.bind}",
         f"-master.port={s3.master_port}",
         f"-master.port.grpc={s3.master_port + off}",
         f"-volume.port={s3.volume_port}",
         f"-volume.port.grpc={s3.volume_port + off}",
+        "-filer",
         f"-filer.port={s3.filer_port}",
         f"-filer.port.grpc={s3.filer_port + off}",
+        "-s3",
         f"-s3.port={s3.port}",
         f"-s3.port.grpc={s3.port + off}",
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         "-webdav=false",
-        "-admin.ui=false",
-        f"-admin.port={s3.admin_port}",
-        f"-admin.port.grpc={s3.admin_port + off}",
+        "-disableHttp",
         "-master.telemetry=false",
         f"-master.volumeSizeLimitMB={s3.volume_size_limit_mb}",
         "-volume.max=0",
