@@ -85,9 +85,9 @@ def baseline_command(name: str, command: list[str]) -> list[str]:
             "-master.port=",
             "-volume.port=",
             "-filer.port=",
-            "-admin.port=",
         )
-        return command[:2] + [arg for arg in command[2:] if arg.startswith(keep)]
+        # `weed mini`, SeaweedFS's one-command default, with only our ports, dirs and keys
+        return [command[0], "mini"] + [arg for arg in command[1:] if arg.startswith(keep)]
     if name == "mlflow":
         dropped = {"--workers"}
         out, skip = [], False
