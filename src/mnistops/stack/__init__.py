@@ -359,13 +359,18 @@ def _wait_objects_readable(
 ) -> None:
     """After a restart SeaweedFS answers health checks before it has loaded the volumes
     that hold existing objects (reads fail with InternalError for a few seconds). Wait
-    until one stored object of each bucket reads back, so `up` means usable."""
-    client = s3_client(settings, keys)
+    until its volume server has loaded every volume on disk and one stored object of
+    every bucket reads back, so `up` means usable."""
     deadline = time.monotonic() + timeout_s
-    pending = list(settings.s3.buckets.model_dump().values())
-    while pending:
-        bucket = pending[0]
+    _wait_volumes_loaded(settings, deadline, report)
+    client = s3_client(settings, keys)
+    pending: list[str] | None = None
+    while pending is None or pending:
         try:
+            if pending is None:
+                pending = [b["Name"] for b in client.list_buckets().get("Buckets", [])]
+                continue
+            bucket = pending[0]
             listing = client.list_objects_v2(Bucket=bucket, MaxKeys=1)
             for item in listing.get("Contents", []):
                 client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
@@ -373,11 +378,28 @@ def _wait_objects_readable(
         except (ClientError, BotoCoreError) as exc:
             if time.monotonic() > deadline:
                 raise StackError(
-                    f"the object store at {settings.s3_endpoint} is up but cannot read"
-                    f" bucket '{bucket}' after {timeout_s:.0f} s: {exc}"
+                    f"the object store at {settings.s3_endpoint} is up but cannot read its"
+                    f" objects after {timeout_s:.0f} s: {exc}"
                 ) from None
-            report(f"waiting for the object store to load bucket '{bucket}'")
+            report("waiting for the object store to load its buckets")
             time.sleep(0.5)
+
+
+def _wait_volumes_loaded(settings: Settings, deadline: float, report: Report) -> None:
+    """Until the volume server lists as many volumes as there are on disk."""
+    import httpx
+
+    on_disk = len(list((settings.home / "s3").glob("*.dat")))
+    url = f"http://127.0.0.1:{settings.s3.volume_port}/status"
+    while time.monotonic() < deadline:
+        try:
+            loaded = len(httpx.get(url, timeout=3).json().get("Volumes") or [])
+        except (httpx.HTTPError, ValueError):
+            loaded = -1
+        if loaded >= on_disk:
+            return
+        report(f"waiting for the object store to load its volumes ({max(loaded, 0)}/{on_disk})")
+        time.sleep(0.5)
 
 
 def down(settings: Settings, report: Report = lambda _: None) -> list[str]:
