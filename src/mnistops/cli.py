@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -33,6 +33,8 @@ err = Console(stderr=True, soft_wrap=True)
 
 class State:
     config_dir: Path | None = None
+    noted = False
+    """the notes of the settings (ignored keys) were printed"""
 
 
 @app.callback()
@@ -41,19 +43,40 @@ def main(
         Path | None,
         typer.Option("--config-dir", help="Folder of the YAML settings (default ./config)."),
     ] = None,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", help="Also show what DVC, MLflow and Prefect log."),
+    ] = False,
 ) -> None:
     State.config_dir = config_dir
+    if not verbose:
+        quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Our messages only: the libraries' INFO lines and download bars stay out of the way
+    (their warnings and errors still show)."""
+    import logging
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("mlflow", "dvc", "dvc_data", "dvc_objects", "alembic", "botocore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def settings() -> Settings:
     try:
-        return load_settings(State.config_dir)
+        loaded = load_settings(State.config_dir)
     except ConfigError as exc:
         fail(str(exc), code=2)
-    raise AssertionError("unreachable")
+    if not State.noted:
+        State.noted = True
+        for note in loaded.notes:
+            err.print(f"[dim]note:[/] {escape(note)}", highlight=False)
+    return loaded
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
@@ -142,9 +165,27 @@ def stack_status() -> None:
     from mnistops import stack
 
     cfg = settings()
+    require_stack(cfg)
     print_urls(cfg)
     if not all(st.healthy for st in stack.status(cfg)):
         raise typer.Exit(1)
+
+
+def require_stack(cfg: Settings) -> None:
+    """Stop with where we looked when no stack is found: no state dir for the services
+    started here, and not every service external."""
+    from mnistops.settings import where_looked
+
+    external = (cfg.s3.endpoint_url, cfg.mlflow.tracking_uri, cfg.prefect.api_url)
+    if all(url is not None for url in external) or (cfg.home / "credentials.json").is_file():
+        return
+    looked = where_looked() if cfg.home.parent == Path.cwd().absolute() else str(cfg.home)
+    fail(
+        f"no mnistops stack found: looked for its state dir (with the S3 keys) in {looked}."
+        " Run this in the folder where you ran `mnistops stack up` (or below it), set"
+        " MNISTOPS_HOME to its state dir, or start one here with `mnistops stack up`.",
+        code=2,
+    )
 
 
 @stack_app.command("env")
@@ -153,6 +194,7 @@ def stack_env() -> None:
     from mnistops.stack.endpoints import client_env
 
     cfg = settings()
+    require_stack(cfg)
     for key, value in client_env(cfg).items():
         typer.echo(f"export {key}={shlex.quote(value)}")
 
@@ -251,12 +293,14 @@ def demo(
     stage(7, f"a worker for work pool {cfg.deployment.pool_name}")
     demo_worker(cfg)
     stage(8, "Quick run of the deployment on v2.0")
-    console.print("(where a model was trained on v2.0's images already, the run reuses it)")
-    start_and_follow(
-        cfg,
-        {"data_version": "v2.0", "epochs": epochs, "fast": fast, "skip_if_unchanged": True},
-        wait=True,
-    )
+    retrained = model_trained_on(cfg, "v2.0")
+    if retrained:
+        console.print(
+            f"{cfg.model_registry.name} v{retrained} was trained on v2.0 by an earlier run:"
+            " kept (no new data)"
+        )
+    else:
+        start_and_follow(cfg, {"data_version": "v2.0", "epochs": epochs, "fast": fast}, True)
     demo_summary(cfg)
 
 
@@ -264,8 +308,8 @@ def stage(number: int, title: str) -> None:
     console.rule(f"[bold]{number}. {title}")
 
 
-def demo_experiment(cfg: Settings, tag: str, epochs: int, fast: bool) -> None:
-    """Train on `tag` unless a registered model was trained on it already."""
+def model_trained_on(cfg: Settings, tag: str) -> str | None:
+    """The newest registered version trained on data version `tag`, if any."""
     from mlflow import MlflowClient
 
     from mnistops.tracking.registry import versions
@@ -276,12 +320,18 @@ def demo_experiment(cfg: Settings, tag: str, epochs: int, fast: bool) -> None:
     except TrackingError as exc:
         fail(str(exc))
     found = [
-        v
+        v.version
         for v in versions(MlflowClient(cfg.mlflow_uri), cfg.model_registry.name)
         if (v.tags or {}).get("data_version") == tag
     ]
+    return found[0] if found else None
+
+
+def demo_experiment(cfg: Settings, tag: str, epochs: int, fast: bool) -> None:
+    """Train on `tag` unless a registered model was trained on it already."""
+    found = model_trained_on(cfg, tag)
     if found:
-        console.print(f"{cfg.model_registry.name} v{found[-1].version} was trained on {tag}: kept")
+        console.print(f"{cfg.model_registry.name} v{found} was trained on {tag}: kept")
         return
     train_command(
         data_version=tag,
@@ -326,12 +376,15 @@ def demo_summary(cfg: Settings) -> None:
             row.name, row.phase, row.data_version, row.model, row.epochs, accuracy, row.status
         )
     console.print(runs)
-    best = champion(MlflowClient(cfg.mlflow_uri), cfg.model_registry.name)
+    client = MlflowClient(cfg.mlflow_uri)
+    best = champion(client, cfg.model_registry.name)
     if best is not None:
         tags = best.tags or {}
+        accuracy = accuracy_of(client, best)
+        shown = f"{accuracy:.2%}" if accuracy is not None else "unknown accuracy"
         console.print(
             f"champion: [bold]{cfg.model_registry.name} v{best.version}[/]"
-            f" ({accuracy_of(best):.2%} on the test set, trained on {tags.get('data_version')},"
+            f" ({shown} on the test set, trained on {tags.get('data_version')},"
             f" {tags.get('phase')}): {tags.get(CHAMPION_REASON_TAG, 'set by hand')}",
             highlight=False,
         )
@@ -489,10 +542,11 @@ def data_version(
 
 def announce(cfg: Settings, tag: str, content_hash: str) -> None:
     """Emit the Prefect event that triggers retraining; the version stands if this fails."""
-    from mnistops.flows.deploy import PUBLISHED_EVENT, emit_published
+    from mnistops.flows.deploy import PUBLISHED_EVENT, emit_published, listening_deployment
 
     try:
         emit_published(cfg, tag, content_hash)
+        listener = listening_deployment(cfg)
     except Exception as exc:  # noqa: BLE001  the publish itself succeeded
         err.print(
             f"[yellow]warning:[/] {tag} is published, but the event {PUBLISHED_EVENT} could not"
@@ -500,7 +554,13 @@ def announce(cfg: Settings, tag: str, content_hash: str) -> None:
             " retraining with `mnistops run`"
         )
         return
-    console.print(f"event {PUBLISHED_EVENT} sent: a deployed retraining will start")
+    if listener:
+        console.print(f"event {PUBLISHED_EVENT} sent: {listener} starts a retraining")
+    else:
+        console.print(
+            f"event {PUBLISHED_EVENT} sent; no deployment listens for it yet"
+            " (`mnistops deploy` creates the retraining deployment)"
+        )
 
 
 @data_app.command("list")
@@ -520,7 +580,7 @@ def data_list() -> None:
     for r in records:
         table.add_row(
             r.tag,
-            r.created,
+            r.created[:19].replace("T", " "),
             escape(r.message),
             str(r.images.get("train", 0)),
             str(r.images.get("test", 0)),
@@ -680,6 +740,7 @@ def train_command(
             "device": device,
         },
     )
+    _sigterm_interrupts()
     try:
         check_hyperparameters(hyp)
         pick_device(hyp.device)
@@ -691,6 +752,16 @@ def train_command(
         fail(str(exc), code=2)
     outcome = run_training(cfg, hyp, arrays, "experimental")
     summarize(cfg, outcome)
+
+
+def _sigterm_interrupts() -> None:
+    """SIGTERM ends a training like Ctrl-C does (its MLflow run KILLED), not silently."""
+    import signal
+
+    def interrupt(_signum, _frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def run_training(cfg: Settings, hyp, arrays, phase: str):
@@ -730,6 +801,8 @@ def run_training(cfg: Settings, hyp, arrays, phase: str):
                 on_batch=lambda n: bar["advance"](n),
                 on_start=lambda url: console.print(f"MLflow run: {url}"),
             )
+    except KeyboardInterrupt:
+        fail("interrupted: the run is marked KILLED, nothing was registered", code=130)
     except TrainingError as exc:
         fail(f"{exc}; the run is marked FAILED, nothing was registered")
     except Exception as exc:  # noqa: BLE001  MLflow/S3 errors: say what failed, not a trace
@@ -776,13 +849,15 @@ def models_command() -> None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from mnistops.tracking.registry import ACCURACY_TAG, CHALLENGER_TAG, versions
+    from mnistops.tracking.registry import ACCURACY_TAG, CHALLENGER_TAG, aliases, versions
     from mnistops.tracking.runs import TrackingError, check_tracking_server
 
     cfg = settings()
     try:
         check_tracking_server(cfg)
-        found = versions(MlflowClient(cfg.mlflow_uri), cfg.model_registry.name)
+        client = MlflowClient(cfg.mlflow_uri)
+        found = versions(client, cfg.model_registry.name)
+        alias_of = aliases(client, cfg.model_registry.name)
     except (TrackingError, MlflowException) as exc:
         fail(str(exc))
     table = Table(title=f"{cfg.model_registry.name} at {cfg.mlflow_uri}")
@@ -799,7 +874,7 @@ def models_command() -> None:
             f"{float(accuracy):.2%}" if accuracy else "",
             tags.get("data_version", ""),
             tags.get("phase", ""),
-            ", ".join(v.aliases or []),
+            ", ".join(alias_of.get(v.version, [])),
         )
         if CHALLENGER_TAG in tags:
             notes.append(f"v{v.version} challenger: {tags[CHALLENGER_TAG]}")
@@ -870,6 +945,7 @@ def deploy_command() -> None:
         f"deployment {result.full_name}: [bold]{result.action}[/]; schedule {result.schedule};"
         f" pool {cfg.deployment.pool_name}, queue {cfg.deployment.queue_name}"
     )
+    console.print("next runs of the schedule: " + ", ".join(result.next_runs))
     upcoming = next_run(cfg)
     if upcoming:
         console.print(f"next scheduled run: {upcoming}")

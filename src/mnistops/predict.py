@@ -127,6 +127,52 @@ def champion_uri(settings: Settings) -> tuple[str, str]:
     return f"models:/{name}/{version.version}", version.version
 
 
+def model_cache(settings: Settings, version: str) -> Path:
+    """Where this machine keeps a registered version's model files (never changed once
+    registered, so keyed by version)."""
+    return settings.home / "cache" / "models" / settings.model_registry.name / version
+
+
+def load_champion(settings: Settings):
+    """(the champion's model, its version), from the local cache or downloaded once.
+
+    A champion that cannot be loaded (its files missing or damaged) is named with the
+    reason: register a better model, or promote another version, to replace it.
+    """
+    import shutil
+    import tempfile
+
+    import mlflow
+
+    uri, version = champion_uri(settings)
+    folder = model_cache(settings, version)
+    unusable = f"the champion {settings.model_registry.name} v{version} cannot be loaded"
+    fix = (
+        "; the next registered model that loads replaces it (`mnistops train`), or"
+        " promote another version"
+    )
+    if not (folder / "MLmodel").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=folder.parent))
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(partial))
+            if not (partial / "MLmodel").is_file():
+                raise PredictError(f"{unusable}: its MLmodel file is missing{fix}")
+            shutil.rmtree(folder, ignore_errors=True)
+            partial.rename(folder)
+        except PredictError:
+            raise
+        except Exception as exc:  # noqa: BLE001  any download failure: name it, no trace
+            raise PredictError(f"{unusable}: {exc.__class__.__name__}: {exc}{fix}") from None
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    try:
+        return mlflow.pyfunc.load_model(str(folder)), version
+    except Exception as exc:  # noqa: BLE001
+        shutil.rmtree(folder, ignore_errors=True)
+        raise PredictError(f"{unusable}: {exc.__class__.__name__}: {exc}{fix}") from None
+
+
 def predict(settings: Settings, paths: list[Path]) -> list[Prediction]:
     import mlflow
 
@@ -135,8 +181,7 @@ def predict(settings: Settings, paths: list[Path]) -> list[Prediction]:
     batch = load_images(paths)
     check_tracking_server(settings)
     mlflow.set_tracking_uri(settings.mlflow_uri)
-    uri, version = champion_uri(settings)
-    model = mlflow.pyfunc.load_model(uri)
+    model, version = load_champion(settings)
     logits = np.asarray(model.predict(batch), dtype=np.float64)
     logits -= logits.max(1, keepdims=True)
     probs = np.exp(logits)

@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -202,6 +203,24 @@ class Settings(BaseSettings):
     experiment_name: str = Field("MNIST", min_length=1)
     developer_name: str | None = Field(None, description="user tag of runs; default: login name")
     model_registry: ModelRegistrySettings = ModelRegistrySettings()
+    _sources: dict[str, Path] = PrivateAttr(default_factory=dict)
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    def where(self, key: str) -> str:
+        """Where the setting `key` (dotted) is written, for a message: its file and key,
+        or the variable that sets it."""
+        loc = tuple(key.split("."))
+        variables = [_env_var_for(loc[:n]) for n in range(len(loc), 0, -1)]
+        variable = next((name for name in variables if name in os.environ), None)
+        if variable:
+            return f"environment variable {variable}"
+        source = self._sources.get(loc[0])
+        return f"{source}: key '{key}'" if source else f"key '{key}'"
+
+    @property
+    def notes(self) -> list[str]:
+        """What was read but not used (keys of the tutorial's docker layout), one line each."""
+        return list(self._notes)
 
     @field_validator("database_url")
     @classmethod
@@ -310,7 +329,34 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_config_files(config_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+LAYOUT_ONLY_KEYS = {
+    "RFS_NAME": "the tutorial's remote file system block of its docker layout; a worker"
+    " here runs the flow from the installed package",
+    "flow_py_name": "the tutorial's flow file; the flow is part of the installed package",
+    "dvc_remote": "the DVC remote is the stack's object store (s3.buckets.dvc)",
+    "train_data_path": "the data is read from a published version, or data_dir for ingest",
+}
+"""keys of the tutorial's files that meant something only for its docker layout"""
+
+
+def _drop_layout_keys(path: Path, data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """The file's keys without LAYOUT_ONLY_KEYS (top level, or in a section), each noted."""
+    kept: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in LAYOUT_ONLY_KEYS:
+            notes.append(f"{path}: key '{key}' is ignored: {LAYOUT_ONLY_KEYS[key]}")
+            continue
+        if isinstance(value, dict):
+            for inner in [k for k in value if k in LAYOUT_ONLY_KEYS]:
+                notes.append(f"{path}: key '{key}.{inner}' is ignored: {LAYOUT_ONLY_KEYS[inner]}")
+            value = {k: v for k, v in value.items() if k not in LAYOUT_ONLY_KEYS}
+        kept[key] = value
+    return kept
+
+
+def _read_config_files(
+    config_dir: Path, notes: list[str] | None = None
+) -> tuple[dict[str, Any], dict[str, Path]]:
     """Merge the top-level keys of every config file; remember which file set each."""
     values: dict[str, Any] = {}
     origin: dict[str, Path] = {}
@@ -318,7 +364,8 @@ def _read_config_files(config_dir: Path) -> tuple[dict[str, Any], dict[str, Path
         path = config_dir / name
         if not path.is_file():
             continue
-        for key, value in _read_yaml(path).items():
+        read = _drop_layout_keys(path, _read_yaml(path), notes if notes is not None else [])
+        for key, value in read.items():
             if key in origin:
                 raise ConfigError(f"{path}: key '{key}' is already set in {origin[key]}")
             values[key] = value
@@ -364,17 +411,82 @@ def environment_variables() -> list[str]:
     return names
 
 
+STATE_DIR = ".mnistops"
+
+
+def project_root(start: Path | None = None) -> Path | None:
+    """The nearest folder, from `start` (the working dir) up, that holds a state dir."""
+    start = (start or Path.cwd()).absolute()
+    return next((f for f in (start, *start.parents) if (f / STATE_DIR).is_dir()), None)
+
+
+def where_looked(start: Path | None = None) -> str:
+    start = (start or Path.cwd()).absolute()
+    return f"{start / STATE_DIR} and the {STATE_DIR} of every folder above it"
+
+
+def _resolve(path: Path, root: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def _embedded_urls(settings: Settings) -> dict[str, tuple[str, Any]]:
+    """service -> (the URL our own server of it has, its section), for the three."""
+    host = settings.client_host
+    return {
+        "s3": (f"http://{host}:{settings.s3.port}", settings.s3),
+        "mlflow": (f"http://{host}:{settings.mlflow.port}", settings.mlflow),
+        "prefect": (f"http://{host}:{settings.prefect.port}/api", settings.prefect),
+    }
+
+
+URL_KEYS = {"s3": "endpoint_url", "mlflow": "tracking_uri", "prefect": "api_url"}
+
+
+def _same_url(a: str, b: str) -> bool:
+    def norm(url: str) -> str:
+        return url.rstrip("/").replace("://localhost:", "://127.0.0.1:")
+
+    return norm(a) == norm(b)
+
+
+def _own_services_back(settings: Settings) -> None:
+    """A URL that points at the server this very state dir runs (what `stack env`
+    exports, then read back in the same shell) is not an external service: `stack
+    up/down/status` keep managing it, and its keys and logins come from the state dir."""
+    for name, (own, section) in _embedded_urls(settings).items():
+        url = getattr(section, URL_KEYS[name])
+        if url is not None and _same_url(url, own) and (settings.home / name).is_dir():
+            setattr(section, URL_KEYS[name], None)
+
+
 def load_settings(config_dir: Path | None = None) -> Settings:
-    """Read the config dir and the environment; raise ConfigError naming file and key."""
+    """Read the config dir and the environment; raise ConfigError naming file and key.
+
+    Run from a folder below a project (one that holds `.mnistops/`), the settings are
+    that project's: its `config/` and state dir, as `git` finds its repository. An
+    explicit `--config-dir`, MNISTOPS_CONFIG_DIR or MNISTOPS_HOME turns the search off.
+    """
+    root = Path.cwd()
+    searching = config_dir is None and not any(
+        f"{ENV_PREFIX}{key}" in os.environ for key in ("CONFIG_DIR", "HOME")
+    )
+    if searching and not (root / "config").is_dir():
+        root = project_root(root) or root
+        config_dir = root / "config"
     config_dir = config_dir or default_config_dir()
-    values, origin = _read_config_files(config_dir)
+    notes: list[str] = []
+    values, origin = _read_config_files(config_dir, notes)
     try:
         settings = Settings(**values)
     except ValidationError as exc:
         lines = [_describe_error(e, origin, config_dir) for e in exc.errors()]
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
-    settings.home = settings.home.expanduser().absolute()
-    settings.data_dir = settings.data_dir.expanduser().absolute()
+    settings.home = _resolve(settings.home, root).absolute()
+    settings.data_dir = _resolve(settings.data_dir, root).absolute()
     if settings.dataset.registry is not None:
-        settings.dataset.registry = settings.dataset.registry.expanduser().absolute()
+        settings.dataset.registry = _resolve(settings.dataset.registry, root).absolute()
+    _own_services_back(settings)
+    settings._sources = origin
+    settings._notes = notes
     return settings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -210,3 +211,18 @@ def test_data_add_refuses_bad_names_bombs_and_links_by_name(tmp_path: Path) -> N
     for expected in ("bomb.png", "decompression bomb", "zero.png", "outside", "caf\\xe9.png"):
         assert expected in text, text
     assert not (tmp_path / "data").exists(), "nothing is copied when one file is refused"
+
+
+def test_the_scan_index_keeps_the_entries_of_other_folders(dataset: Path, tmp_path: Path) -> None:
+    """`train --data-dir` scans another folder with the same index: the dataset's own
+    entries stay, so the next `data version` decodes nothing again."""
+    index = tmp_path / "index.json"
+    images.scan(dataset, index)
+    other = tmp_path / "other"
+    for split in ("train", "test"):
+        for digit in range(10):
+            png(other / split / str(digit) / "0.png")
+    images.scan(other, index)
+    kept = json.loads(index.read_text())
+    assert sum(k.startswith(str(dataset)) for k in kept) == 40
+    assert sum(k.startswith(str(other)) for k in kept) == 20

@@ -144,6 +144,35 @@ def test_quick_run_completes_on_the_worker(machines: dict) -> None:
     )
 
 
+def test_a_quick_run_from_the_ui_trains(machines: dict) -> None:
+    """The UI's Quick run (and `prefect deployment run`) creates a flow run from the
+    deployment with its default parameters: it trains, even on data a model has learned."""
+    publisher = machines["publisher"]
+    settings = load_settings(publisher)
+    before = len(mlflow_runs(publisher))
+    with prefect_client(settings) as client:
+        deployment = client.read_deployment_by_name(
+            f"{settings.deployment.flow_name}/{settings.deployment.deploy_name}"
+        )
+        assert deployment.parameters["skip_if_unchanged"] is False
+        (schedule,) = deployment.schedules
+        assert schedule.parameters == {"skip_if_unchanged": True}
+        flow_run = client.create_flow_run_from_deployment(deployment.id)
+
+    def finished():
+        with prefect_client(settings) as client:
+            run = client.read_flow_run(flow_run.id)
+        return run if run.state and run.state.is_final() else None
+
+    run = wait_for(finished, 600, "the UI's quick run to finish")
+    assert run.state.type.value == "COMPLETED", run.state
+    trained = [
+        r for r in mlflow_runs(publisher) if r.data.tags.get("prefect_flow_run_id") == str(run.id)
+    ]
+    assert len(trained) == 1 and trained[0].info.status == "FINISHED"
+    assert len(mlflow_runs(publisher)) == before + 1
+
+
 def test_a_failing_task_retries_then_fails_the_run(machines: dict) -> None:
     publisher = machines["publisher"]
     done = run_cli("run", "--data-version", "v9", "--wait", config_dir=publisher, timeout=600)
@@ -212,7 +241,8 @@ def test_a_new_data_version_starts_a_retraining(machines: dict) -> None:
     assert added.returncode == 0, added.stderr
     published = run_cli("data", "version", "v2.0", "-m", "more", config_dir=publisher)
     assert published.returncode == 0, published.stderr
-    assert "sent: a deployed retraining will start" in published.stdout
+    dep = settings.deployment
+    assert f"sent: {dep.flow_name}/{dep.deploy_name} starts a retraining" in published.stdout
 
     def triggered_run_completed():
         runs = [
@@ -318,6 +348,23 @@ def test_two_quick_runs_at_once_never_train_in_parallel(machines: dict) -> None:
 
 
 @pytest.mark.faults
+def test_stack_up_starts_again_the_workers_stack_down_stopped(machines: dict) -> None:
+    worker_config = machines["worker"]
+    worker_settings = load_settings(worker_config)
+    (before,) = stack.worker_records(worker_settings)
+    down = run_cli("stack", "down", config_dir=worker_config)
+    assert down.returncode == 0 and before.name in down.stdout, down.stdout + down.stderr
+    assert stack.worker_records(worker_settings) == []
+    up = run_cli("stack", "up", config_dir=worker_config)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert f"starting {before.name} again" in " ".join(up.stdout.split())
+    (after,) = stack.worker_records(worker_settings)
+    assert after.pid != before.pid and after.name == before.name
+    again = run_cli("stack", "up", config_dir=worker_config)
+    assert "again" not in again.stdout, "started once, not at every up"
+    assert [r.pid for r in stack.worker_records(worker_settings)] == [after.pid]
+
+
 def test_a_killed_worker_leaves_a_crashed_run_and_a_free_slot(machines: dict) -> None:
     """SIGKILL of the worker and its flow-run process mid-training: the heartbeat
     automation marks the run CRASHED (bound: 30 s heartbeat + 75 s silence + the
@@ -363,3 +410,8 @@ def test_a_killed_worker_leaves_a_crashed_run_and_a_free_slot(machines: dict) ->
     assert restarted.returncode == 0, restarted.stderr
     done = run_cli("run", "--wait", config_dir=publisher, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
+    orphan = next(
+        r for r in mlflow_runs(publisher) if r.data.tags.get("prefect_flow_run_id") == flow_run_id
+    )
+    assert orphan.info.status == "KILLED", "the next run ended the killed run's MLflow run"
+    assert "CRASHED" in orphan.data.tags["error"].upper()

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+import yaml
 from prefect.server.schemas import schedules as server_schedules
 
-from mnistops.flows.deploy import build_schedule
-from mnistops.settings import ConfigError, SchedulerSettings, Settings
+from mnistops.flows.deploy import build_schedule, next_runs
+from mnistops.settings import ConfigError, SchedulerSettings, Settings, load_settings
 
 pytestmark = pytest.mark.unit
 
@@ -58,9 +60,59 @@ def test_cron_and_interval_plan_as_written() -> None:
         ({"timezone": "Mars/Olympus"}, "scheduler.timezone"),
     ],
 )
-def test_a_bad_schedule_names_the_key(scheduler: dict, key: str) -> None:
-    with pytest.raises(ConfigError, match=f"config/flow.yml: key '{key}'"):
-        build_schedule(settings_with(**scheduler))
+def test_a_bad_schedule_names_the_file_and_key(tmp_path: Path, scheduler: dict, key: str) -> None:
+    (tmp_path / "flow.yml").write_text(yaml.safe_dump({"scheduler": scheduler}))
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'flow.yml'}: key '{key}'"):
+        build_schedule(load_settings(tmp_path))
+
+
+TUTORIAL_FLOW_YML = """
+RFS_NAME: mnist-flow-files
+deployment:
+  flow_name: MNIST
+  flow_py_name: flow.py
+  deploy_name: mnist-retraining
+  pool_name: mnist-cpu
+  queue_name: default
+scheduler:
+  method: rrule
+  timezone: Asia/Taipei
+  interval: 600
+  cron: "*/15 * * * *"
+  rrule: "FREQ=WEEKLY;BYDAY=MO,WE,FR;UNTIL=20240731T160000Z"
+experiment_name: MNIST
+model_registry:
+  name: mnist-classifier
+"""
+
+
+@pytest.mark.bad_input
+def test_the_tutorials_flow_yml_is_read_and_its_past_rrule_refused(tmp_path: Path) -> None:
+    (tmp_path / "flow.yml").write_text(TUTORIAL_FLOW_YML)
+    (tmp_path / "dataset.yml").write_text("dvc_remote: minio\ntrain_data_path: data/train\n")
+    settings = load_settings(tmp_path)
+    notes = " ".join(settings.notes)
+    for key in ("'RFS_NAME'", "'deployment.flow_py_name'", "'dvc_remote'", "'train_data_path'"):
+        assert f"key {key} is ignored" in notes, notes
+    assert settings.deployment.flow_name == "MNIST"
+    with pytest.raises(ConfigError) as refused:
+        next_runs(settings)
+    message = str(refused.value)
+    assert f"{tmp_path / 'flow.yml'}: key 'scheduler.rrule'" in message
+    assert "never fires again" in message and "UNTIL, 2024-07-31 16:00 UTC, has passed" in message
+
+
+@pytest.mark.bad_input
+def test_a_cron_that_never_fires_is_refused() -> None:
+    with pytest.raises(ConfigError, match="scheduler.cron': the schedule never fires again"):
+        next_runs(settings_with(method="cron", cron="0 3 31 2 *"))
+
+
+def test_next_runs_are_the_next_three_dates() -> None:
+    dates = next_runs(settings_with(method="cron", cron="0 3 * * *"))
+    now = datetime.now(UTC)
+    assert len(dates) == 3 and now < dates[0] < now + timedelta(days=1)
+    assert all(b - a == timedelta(days=1) for a, b in zip(dates, dates[1:], strict=False))
 
 
 def test_an_unknown_method_is_refused_when_settings_load() -> None:

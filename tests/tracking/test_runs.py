@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,8 +20,8 @@ from mlflow import MlflowClient
 
 from mnistops import stack
 from mnistops.settings import HyperParameters, Settings, load_settings
-from mnistops.tracking.registry import CHALLENGER_TAG
-from tests.conftest import client_config, kill_service, run_cli
+from mnistops.tracking.registry import CHALLENGER_TAG, versions
+from tests.conftest import cli_paused_at, client_config, finish, kill_service, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -75,6 +78,8 @@ def test_a_run_logs_tags_params_metrics_and_input(trainer: Path, first_run) -> N
     done, run = first_run
     settings, client = client_of(trainer)
     assert run.info.status == "FINISHED"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     tags = run.data.tags
     assert tags["phase"] == "experimental" and tags["device"] == "cpu"
     assert tags["data_version"] == "v1.0" and tags["user"] == "tester"
@@ -157,7 +162,31 @@ def test_the_champion_gate_both_ways_and_determinism(trainer: Path, first_run) -
 
     listing = run_cli("models", config_dir=trainer)
     assert listing.returncode == 0
-    assert "champion" in listing.stdout and "v1.0" in listing.stdout
+    rows = {
+        cells[0]: cells
+        for line in listing.stdout.splitlines()
+        if len(cells := [c.strip() for c in line.strip("│ ").split("│")]) > 6
+    }
+    assert rows[moved.version][-1] == "champion", listing.stdout
+    assert rows[champion.version][-1] == "" and rows[champion.version][4] == "v1.0"
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_training_ends_killed(trainer: Path, first_run, signum: int) -> None:
+    """Ctrl-C or SIGTERM in the middle of a training: the MLflow run is KILLED (never
+    left RUNNING), nothing is registered, the command says so."""
+    settings, client = client_of(trainer)
+    before = len(versions(client, settings.model_registry.name))
+    args = ("train", "--epochs", "3", "--batch-size", "32")
+    with cli_paused_at(*args, config_dir=trainer, marker="MLflow run:") as proc:
+        os.kill(proc.pid, signum)  # delivered when the command goes on
+    code, output = finish(proc, timeout=180)
+    assert code == 130, output
+    assert "interrupted" in output and "KILLED" in output and "Traceback" not in output
+    run = runs_of(trainer)[0]
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "interrupted"
+    assert len(versions(client, settings.model_registry.name)) == before
 
 
 @pytest.mark.parametrize(
@@ -294,3 +323,38 @@ def test_a_flipped_byte_in_the_object_cache_is_named_and_fetched_again(
     assert any(pack in line and "corrupt" in line for line in said), said
     assert (again.train_x == clean.train_x).all() and (again.test_x == clean.test_x).all()
     assert registry.cache_of(settings).path(pack).read_bytes() != bytes(data)
+
+
+@pytest.mark.integrity
+def test_an_unusable_champion_is_named_then_replaced(
+    trainer: Path, first_run, stack_settings
+) -> None:
+    """The champion's model files vanish from the artifact store: `predict` names the
+    version and why; the next registered model that loads takes over, saying why."""
+    from mnistops.predict import model_cache
+    from mnistops.stack.endpoints import s3_client
+
+    settings, client = client_of(trainer)
+    name = settings.model_registry.name
+    images = sorted((settings.mnist_dir / "test" / "3").glob("*.png"))[:1]
+    first = run_cli("predict", str(images[0]), config_dir=trainer)
+    assert first.returncode == 0, first.stderr
+    current = client.get_model_version_by_alias(name, "champion")
+    assert (model_cache(settings, current.version) / "MLmodel").is_file(), "kept by version"
+
+    uri = client.get_model_version_download_uri(name, current.version)
+    key = "artifacts/" + uri.removeprefix("mlflow-artifacts:/").strip("/") + "/MLmodel"
+    s3_client(stack_settings).delete_object(Bucket=stack_settings.s3.buckets.mlflow, Key=key)
+    shutil.rmtree(model_cache(settings, current.version))
+    broken = run_cli("predict", str(images[0]), config_dir=trainer)
+    assert broken.returncode == 1 and "Traceback" not in broken.stderr
+    text = " ".join(broken.stderr.split())
+    assert f"the champion {name} v{current.version} cannot be loaded" in text, text
+    assert "MLmodel" in text and "replaces it" in text
+
+    replaced = train(trainer, "--epochs", "1", "--seed", "7")
+    assert replaced.returncode == 0, replaced.stdout + replaced.stderr
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version != current.version
+    assert f"the champion v{current.version} cannot be loaded" in champion.tags["champion_reason"]
+    assert run_cli("predict", str(images[0]), config_dir=trainer).returncode == 0

@@ -209,11 +209,18 @@ class ScanIndex:
     def remember(self, path: Path, stat: os.stat_result, sha: str, pixels: str) -> None:
         self.entries[str(path)] = [stat.st_size, stat.st_mtime_ns, sha, pixels]
 
-    def save(self, seen: set[str]) -> None:
+    def save(self, seen: set[str], root: Path | None = None) -> None:
+        """Keep the entries `seen` now and, when a folder `root` was scanned, every entry
+        of other folders (one index serves the dataset and `train --data-dir` folders)."""
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = {k: v for k, v in self.entries.items() if k in seen}
+        inside = f"{root}{os.sep}" if root is not None else ""
+        kept = {
+            k: v
+            for k, v in self.entries.items()
+            if k in seen or (root is not None and not k.startswith(inside))
+        }
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(kept))
         tmp.replace(self.path)
@@ -304,7 +311,7 @@ def scan(
                 entries.append(ImageEntry(split, label, path.name, sha, pixels, path))
         progress(len(batch))
     problems += _leaks(entries)
-    index.save({str(e.path) for e in entries})
+    index.save({str(e.path) for e in entries}, root)
     if problems:
         raise InvalidDataset(problems)
     return entries

@@ -11,9 +11,11 @@ import contextlib
 import io
 import os
 import shutil
+import signal
 import subprocess
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -205,6 +207,35 @@ def diff(settings: Settings, tag_a: str, tag_b: str) -> list[ClassChange]:
     return _changes(rows_a, rows_b)
 
 
+INTERRUPT_AT_ENV = "MNISTOPS_TEST_INTERRUPT_AT"
+"""tests only: a publish step name; the command gets SIGINT right after that step"""
+
+
+def _step_done(step: str) -> None:
+    if os.environ.get(INTERRUPT_AT_ENV) == step:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the signal is handled here, as a Ctrl-C between two steps
+
+
+@contextlib.contextmanager
+def _publishing(settings: Settings) -> Iterator[None]:
+    """One `data version` at a time per registry (across processes, and across machines
+    that share the registry's folder)."""
+    import fcntl
+
+    lock = settings.registry_dir.parent / f".{settings.registry_dir.name}.publish.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RegistryError(
+                f"another `mnistops data version` is publishing into {settings.registry_dir};"
+                " wait for it to finish, then run this again"
+            ) from None
+        yield
+
+
 def publish(
     settings: Settings,
     tag: str,
@@ -213,14 +244,29 @@ def publish(
     progress_for: ProgressFor = _no_progress,
     report: Report = lambda _m: None,
 ) -> PublishResult:
-    """Validate the dataset, record it with DVC, push, read back, commit, record, tag.
+    """Validate the dataset, record it with DVC, push, read back, commit, tag, record.
 
-    Nothing is tagged or recorded in the bucket unless every object is on the remote
-    and reads back with its hash; re-running after a failure finishes the job.
+    One publisher at a time per registry. Nothing is tagged or recorded in the bucket
+    unless every object is on the remote and reads back with its hash. The record in
+    the bucket is written last: it is what publishes. An interruption before it leaves
+    no tag (a leftover of a killed run is moved by the next one) and re-running the
+    same command finishes the job; after it, the version is complete.
     """
+    check_tag(tag)
+    with _publishing(settings):
+        return _publish(settings, tag, message, force, progress_for, report)
+
+
+def _publish(
+    settings: Settings,
+    tag: str,
+    message: str,
+    force: bool,
+    progress_for: ProgressFor,
+    report: Report,
+) -> PublishResult:
     from dvc.repo import Repo
 
-    check_tag(tag)
     if tag == "latest":
         raise RegistryError("'latest' names the newest version; choose another tag (e.g. v1.0)")
     for key, value in CHECKSUM_ENV.items():
@@ -251,6 +297,7 @@ def publish(
             f"nothing changed since {previous.tag}: the dataset in "
             f"{settings.mnist_dir} is identical to it"
         )
+    _step_done("validated")
     cache = cache_of(settings)
     old_rows = load_manifest(settings, previous, client) if previous else []
     if previous:
@@ -263,6 +310,7 @@ def publish(
     stored = set(previous.files.values()) if previous else set()
     new_md5s = [m for m in files.values() if m not in stored]
 
+    _step_done("packed")
     registry = ensure_registry(settings)
     _lay_out_dataset(registry / DATASET_DIR, files, cache)
     report(
@@ -290,6 +338,7 @@ def publish(
             ) from None
     finally:
         repo.close()
+    _step_done("pushed")
     try:
         store.verify_remote(client, bucket, files.values(), progress_for("verifying", len(files)))
     except store.StoreError as exc:
@@ -297,16 +346,21 @@ def publish(
             f"{exc}\nNothing was tagged; run `mnistops data version {tag}` again to finish."
         ) from None
 
+    _step_done("verified")
+    # A version replaced with --force keeps its place in the history: its date and
+    # the version before it (so it does not become 'latest', and v2.0 not its past).
     record = store.VersionRecord(
         tag=tag,
         message=message,
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        created=existing.created
+        if existing
+        else datetime.now(UTC).isoformat(timespec="milliseconds"),
         content_hash=digest,
         counts={
             s: {str(d): n for d, n in per.items()} for s, per in images.counts(entries).items()
         },
         files=files,
-        previous=previous.tag if previous else None,
+        previous=existing.previous if existing else (previous.tag if previous else None),
         remote=f"s3://{bucket}/{store.DVC_PREFIX}",
         format=store.FORMAT,
     )
@@ -315,9 +369,18 @@ def publish(
     if _git(registry, "status", "--porcelain"):
         _git(registry, "commit", "-q", "-m", f"{tag}: {message}")
     record.commit = _git(registry, "rev-parse", "HEAD")
-    store.write_record(client, bucket, record)
+    _step_done("committed")
+    # No record names this tag in the bucket (or --force): a tag of that name here is a
+    # leftover of an interrupted publish, and is moved.
+    _git(registry, "tag", "-a", "-f", tag, "-m", message)
+    try:
+        _step_done("tagged")
+        store.write_record(client, bucket, record, create_only=existing is None)
+    except BaseException:
+        _git(registry, "tag", "-d", tag)
+        raise
+    _step_done("recorded")
     remember_record(settings, record)
-    _git(registry, "tag", "-a", *(["-f"] if force else []), tag, "-m", message)
     new_bytes = sum(cache.path(m).stat().st_size for m in new_md5s)
     return PublishResult(
         record,

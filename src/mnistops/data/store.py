@@ -511,15 +511,32 @@ def list_records(client, bucket: str) -> Listing:
     return listing
 
 
-def write_record(client, bucket: str, record: VersionRecord) -> None:
+class RecordExists(StoreError):
+    """Another publisher wrote the record of this tag first."""
+
+
+def write_record(client, bucket: str, record: VersionRecord, create_only: bool = False) -> None:
+    """Publish the record. `create_only`: only if no record of the tag exists (a
+    conditional write: of two publishers of one tag on two machines, one wins)."""
+    condition = {"IfNoneMatch": "*"} if create_only else {}
     try:
         client.put_object(
             Bucket=bucket,
             Key=f"{VERSIONS_PREFIX}{record.tag}.json",
             Body=record.to_json().encode(),
             ContentType="application/json",
+            **condition,
         )
-    except (ClientError, BotoCoreError) as exc:
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+            raise RecordExists(
+                f"data version '{record.tag}' was published by someone else meanwhile;"
+                " nothing of this run was published"
+            ) from None
+        raise _store_error(
+            f"publishing version {record.tag}", exc, client.meta.endpoint_url
+        ) from None
+    except BotoCoreError as exc:
         raise _store_error(
             f"publishing version {record.tag}", exc, client.meta.endpoint_url
         ) from None

@@ -9,12 +9,12 @@ that `mnistops data version` emits. A deployment that already matches is left un
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
 import time
 import zoneinfo
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mnistops.settings import ConfigError, Settings
+from mnistops.stack.endpoints import prefect_api
 
 PUBLISHED_EVENT = "mnistops.data.version.published"
 ENTRYPOINT = "mnistops.flows.retrain.mnist_flow"
@@ -51,6 +52,7 @@ class DeployResult:
     """created, updated or unchanged"""
     schedule: str
     pool_created: bool
+    next_runs: list[str] = dataclasses.field(default_factory=list)
 
 
 def build_schedule(settings: Settings):
@@ -62,7 +64,7 @@ def build_schedule(settings: Settings):
         zoneinfo.ZoneInfo(sched.timezone)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         raise ConfigError(
-            f"config/flow.yml: key 'scheduler.timezone': unknown time zone '{sched.timezone}'"
+            f"{settings.where('scheduler.timezone')}: unknown time zone '{sched.timezone}'"
             " (an IANA name such as UTC or Asia/Taipei)"
         ) from None
     try:
@@ -75,7 +77,40 @@ def build_schedule(settings: Settings):
         return RRuleSchedule(rrule=sched.rrule, timezone=sched.timezone)
     except (ValidationError, ValueError) as exc:
         reason = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
-        raise ConfigError(f"config/flow.yml: key 'scheduler.{sched.method}': {reason}") from None
+        raise ConfigError(f"{settings.where(f'scheduler.{sched.method}')}: {reason}") from None
+
+
+def next_runs(settings: Settings, count: int = 3) -> list:
+    """The next `count` times the schedule fires, computed as the Prefect server plans
+    them; ConfigError naming the key when it never fires again or cannot be planned."""
+    import datetime as dt
+    import re
+
+    from prefect._vendor.croniter.croniter import CroniterBadDateError
+    from prefect.server.schemas import schedules as planned
+
+    schedule = build_schedule(settings)
+    method = settings.scheduler.method
+    where = settings.where(f"scheduler.{method}")
+    now = dt.datetime.now(dt.UTC)
+    until = re.search(r"UNTIL=(\d{8}T\d{6})Z?", settings.scheduler.rrule or "")
+    if method == "rrule" and until:
+        end = dt.datetime.strptime(until.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=dt.UTC)
+        if end <= now:
+            raise ConfigError(
+                f"{where}: the schedule never fires again (its UNTIL, {end:%Y-%m-%d %H:%M}"
+                " UTC, has passed); give it an UNTIL in the future or none"
+            )
+    server = getattr(planned, type(schedule).__name__).model_validate(schedule.model_dump())
+    try:
+        dates = asyncio.run(server.get_dates(n=count, start=now))
+    except CroniterBadDateError:
+        dates = []
+    except ValueError as exc:
+        raise ConfigError(f"{where}: Prefect cannot plan this schedule ({exc})") from None
+    if not dates:
+        raise ConfigError(f"{where}: the schedule never fires again (no date matches it)")
+    return dates
 
 
 def describe_schedule(settings: Settings) -> str:
@@ -89,44 +124,23 @@ def full_name(settings: Settings) -> str:
 
 
 def default_parameters(settings: Settings) -> dict[str, Any]:
-    """What a scheduled or triggered run uses: the deploying machine's hyp.yml, and skip a
-    retraining when the champion was already trained on the newest data."""
+    """What every run of the deployment uses unless it says otherwise: the newest data and
+    the deploying machine's hyp.yml. A run someone asks for (the UI's Quick run,
+    `prefect deployment run`, `mnistops run`) trains."""
     return {
         "data_version": "latest",
         "hyperparameters": settings.hyperparameter.model_dump(),
-        "skip_if_unchanged": True,
+        "skip_if_unchanged": False,
     }
 
 
-@contextmanager
-def prefect_api(settings: Settings) -> Iterator[None]:
-    """Point Prefect's client at our server, and never at a temporary local one (what
-    Prefect does when no API URL is set)."""
-    from mnistops.stack.endpoints import prefect_auth
-
-    os.environ["PREFECT_API_URL"] = settings.prefect_api_url
-    os.environ["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
-    auth = prefect_auth(settings)
-    if auth:
-        os.environ["PREFECT_API_AUTH_STRING"] = auth
-    from prefect.settings import (
-        PREFECT_API_AUTH_STRING,
-        PREFECT_API_URL,
-        PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
-        temporary_settings,
-    )
-
-    updates = {
-        PREFECT_API_URL: settings.prefect_api_url,
-        PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False,
-    }
-    if auth:
-        updates[PREFECT_API_AUTH_STRING] = auth
-    with temporary_settings(updates=updates):
-        yield
+AUTOMATIC_RUN_PARAMETERS = {"skip_if_unchanged": True}
+"""what the schedule and the new-data trigger add: a run nobody asked for by hand trains
+nothing when a registered model already learned this data with this recipe"""
 
 
 def _runner_deployment(settings: Settings):
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.events import DeploymentEventTrigger
     from prefect.types.entrypoint import EntrypointType
@@ -137,7 +151,13 @@ def _runner_deployment(settings: Settings):
     flow = mnist_flow.with_options(name=dep.flow_name)
     return flow.to_deployment(
         name=dep.deploy_name,
-        schedule=build_schedule(settings),
+        schedules=[
+            DeploymentScheduleCreate(
+                schedule=build_schedule(settings),
+                parameters=AUTOMATIC_RUN_PARAMETERS,
+                slug=SCHEDULE_SLUG,
+            )
+        ],
         concurrency_limit=ConcurrencyLimitConfig(
             limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
         ),
@@ -146,7 +166,7 @@ def _runner_deployment(settings: Settings):
             DeploymentEventTrigger(
                 name="new data version",
                 expect={PUBLISHED_EVENT},
-                parameters={"data_version": "latest", "skip_if_unchanged": True},
+                parameters={"data_version": "latest", **AUTOMATIC_RUN_PARAMETERS},
             )
         ],
         description="Retrain the MNIST classifier on the newest data version (mnistops)",
@@ -179,11 +199,23 @@ def ensure_pool(settings: Settings) -> bool:
     return False
 
 
-def _matches(existing, wanted, schedule, automations: list) -> bool:
+def _trigger_of(automation) -> tuple:
+    """What a deployment trigger's automation does: the events it expects, the
+    parameters its run gets, whether it is on."""
+    parameters = [getattr(a, "parameters", None) for a in automation.actions]
+    return (sorted(automation.trigger.expect), parameters, automation.enabled)
+
+
+def _matches(existing, wanted, automations: list) -> bool:
+    """The deployment on the server is what `deploy` would make: every field it sets."""
+    (schedule,) = wanted.schedules
     same_schedule = len(existing.schedules) == 1 and (
-        existing.schedules[0].schedule.model_dump() == schedule.model_dump()
+        existing.schedules[0].schedule.model_dump() == schedule.schedule.model_dump()
         and existing.schedules[0].active
+        and existing.schedules[0].parameters == schedule.parameters
     )
+    options = existing.concurrency_options
+    wanted_triggers = [(sorted(t.expect), [t.parameters], True) for t in wanted.triggers]
     return (
         same_schedule
         and existing.entrypoint == wanted.entrypoint
@@ -191,8 +223,11 @@ def _matches(existing, wanted, schedule, automations: list) -> bool:
         and existing.work_queue_name == wanted.work_queue_name
         and existing.parameters == wanted.parameters
         and _concurrency_limit(existing) == 1
+        and options is not None
+        and options.collision_strategy == wanted.concurrency_options.collision_strategy
         and existing.description == wanted.description
-        and len(automations) == 1
+        and sorted(existing.tags) == sorted(wanted.tags)
+        and sorted(_trigger_of(a) for a in automations) == sorted(wanted_triggers)
     )
 
 
@@ -235,13 +270,14 @@ def check_server(settings: Settings, timeout_s: float = 5.0) -> None:
 
 def deploy(settings: Settings) -> DeployResult:
     """Create or update the deployment (idempotent). Config errors come before any change."""
-    schedule = build_schedule(settings)
+    upcoming = next_runs(settings)
     check_server(settings)
     with prefect_api(settings):
-        return _deploy(settings, schedule)
+        result = _deploy(settings)
+    return dataclasses.replace(result, next_runs=[d.isoformat() for d in upcoming])
 
 
-def _deploy(settings: Settings, schedule) -> DeployResult:
+def _deploy(settings: Settings) -> DeployResult:
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -257,7 +293,7 @@ def _deploy(settings: Settings, schedule) -> DeployResult:
             automations = client.read_resource_related_automations(
                 f"prefect.deployment.{existing.id}"
             )
-            if _matches(existing, wanted, schedule, automations):
+            if _matches(existing, wanted, automations):
                 return DeployResult(
                     str(existing.id),
                     full_name(settings),
@@ -265,7 +301,6 @@ def _deploy(settings: Settings, schedule) -> DeployResult:
                     describe_schedule(settings),
                     pool_created,
                 )
-    wanted.schedules[0].slug = SCHEDULE_SLUG
     deployment_id = wanted.apply(work_pool_name=settings.deployment.pool_name)
     return DeployResult(
         str(deployment_id),
@@ -438,6 +473,23 @@ def run_summary(settings: Settings, flow_run_id: str) -> str | None:
 
 
 # --- events ------------------------------------------------------------------------------
+
+
+def listening_deployment(settings: Settings) -> str | None:
+    """The deployment whose trigger starts a retraining on a new data version, if any."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with prefect_api(settings), get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(full_name(settings))
+        except ObjectNotFound:
+            return None
+        automations = client.read_resource_related_automations(
+            f"prefect.deployment.{deployment.id}"
+        )
+    listens = any(PUBLISHED_EVENT in a.trigger.expect and a.enabled for a in automations)
+    return full_name(settings) if listens else None
 
 
 def emit_published(settings: Settings, tag: str, content_hash: str, timeout_s: float = 10) -> None:

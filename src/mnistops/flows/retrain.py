@@ -83,17 +83,29 @@ def register_model(
     return runs.register_logged(settings, run, hyp, arrays, result)
 
 
-def trained_on(settings: Settings, content_hash: str) -> str | None:
-    """The registered model version already trained on this data, if there is one."""
+def trained_on(settings: Settings, content_hash: str, recipe: str) -> tuple[str | None, str]:
+    """(the registered version already trained on this data with this recipe, or None;
+    why). A model trained on a share of the data (`--fast`) never counts."""
     from mlflow import MlflowClient
 
     from mnistops.tracking.registry import versions
 
     client = MlflowClient(settings.mlflow_uri)
+    same_data = []
     for version in versions(client, settings.model_registry.name):
-        if (version.tags or {}).get("data_content_hash") == content_hash:
-            return version.version
-    return None
+        tags = version.tags or {}
+        if tags.get("data_content_hash") != content_hash or tags.get(runs.SUBSET_TAG) == "true":
+            continue
+        if tags.get(runs.RECIPE_TAG) == recipe:
+            return version.version, (
+                f"model version {version.version} was trained on this data"
+                f" ({content_hash[:12]}) with this recipe ({recipe})"
+            )
+        same_data.append(version.version)
+    if same_data:
+        listed = ", ".join(same_data)
+        return None, f"version(s) {listed} learned this data with another recipe than {recipe}"
+    return None, f"no registered model was trained on all of this data ({content_hash[:12]})"
 
 
 def _summary(
@@ -110,7 +122,36 @@ def _summary(
     )
 
 
-@flow(name="MNIST", log_prints=True, timeout_seconds=FLOW_TIMEOUT_S)
+def flow_run_ended(flow_run_id: str) -> str | None:
+    """The final state of a flow run (its name), or None while it is not over."""
+    from uuid import UUID
+
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(UUID(flow_run_id))
+        except (ObjectNotFound, ValueError):
+            return "unknown to Prefect"
+    state = run.state
+    return state.name if state is not None and state.is_final() else None
+
+
+def end_own_run(_flow, ended_run, state) -> None:
+    """on_crashed / on_cancellation: the MLflow run of this flow run is KILLED, not left
+    RUNNING. (A run whose process was killed outright is ended by the next flow run.)"""
+    settings = load_settings()
+    runs.end_orphans(settings, lambda fid: state.name if fid == str(ended_run.id) else None)
+
+
+@flow(
+    name="MNIST",
+    log_prints=True,
+    timeout_seconds=FLOW_TIMEOUT_S,
+    on_crashed=[end_own_run],
+    on_cancellation=[end_own_run],
+)
 def mnist_flow(
     data_version: str = "latest",
     hyperparameters: dict[str, object] | None = None,
@@ -146,18 +187,20 @@ def mnist_flow(
     loop.check_hyperparameters(hyp)
     loop.pick_device(hyp.device)
     runs.check_tracking_server(settings)
+    for orphan in runs.end_orphans(settings, flow_run_ended):
+        print(f"MLflow run {orphan} of an earlier flow run that ended without it: now KILLED")
     arrays = pull_dataset(settings, data_version)
-    done_before = trained_on(settings, arrays.source.content_hash) if skip_if_unchanged else None
-    if done_before is not None:
-        message = (
-            f"no new data: {arrays.source.name} was already trained on (model version"
-            f" {done_before}); nothing to do"
-        )
-        print(message)
-        create_markdown_artifact(
-            f"# MNIST retraining\n\nSkipped: {message}.", key="mnist-retraining"
-        )
-        return {"skipped": True, "reason": message}
+    if skip_if_unchanged and not fast:
+        recipe = runs.recipe_of(hyp, len(arrays.train_y))
+        done_before, why = trained_on(settings, arrays.source.content_hash, recipe)
+        if done_before is not None:
+            message = f"nothing new for {arrays.source.name}: {why}; nothing to do"
+            print(message)
+            create_markdown_artifact(
+                f"# MNIST retraining\n\nSkipped: {message}.", key="mnist-retraining"
+            )
+            return {"skipped": True, "reason": message}
+        print(f"training: {why}")
     validate_dataset(arrays)
     arrays = preprocess(arrays, fast, settings.dataset.fast_fraction, hyp.random_seed)
     run = runs.begin(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fcntl
+import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +23,7 @@ from mnistops.stack.credentials import (
     load_keys,
     make_private_home,
     tighten,
+    write_private,
 )
 from mnistops.stack.endpoints import s3_client, s3_keys
 from mnistops.stack.ports import accepts_connections, port_in_use
@@ -147,6 +150,7 @@ def up(settings: Settings, report: Report = lambda _: None) -> list[ServiceStatu
             for _, record in reversed(started):
                 process.stop(record, run_dir(settings))
             raise
+        _restart_workers(settings, report)
         narrowed = tighten(settings.home)
         if narrowed:
             report(
@@ -410,6 +414,7 @@ def down(settings: Settings, report: Report = lambda _: None) -> list[str]:
             if process.is_alive(record):
                 report(f"stopping {record.name} (pid {record.pid})")
                 stopped.append(record.name)
+                _mark_for_restart(settings, record.name, True)
             process.stop(record, run_dir(settings))
         for name in reversed(SERVICE_NAMES):
             record = process.read_record(run_dir(settings), name)
@@ -469,6 +474,40 @@ def worker_records(settings: Settings) -> list[process.ProcessRecord]:
     return [r for r in (process.read_record(folder, n) for n in names) if r is not None]
 
 
+def _spec_path(settings: Settings, name: str) -> Path:
+    """How a detached worker was started (its command, and the variables mnistops set),
+    so that `up` can start again the workers `down` stopped."""
+    return run_dir(settings) / "workers" / f"{name}.json"
+
+
+def _mark_for_restart(settings: Settings, name: str, restart: bool) -> None:
+    path = _spec_path(settings, name)
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    write_private(path, json.dumps({**spec, "restart": restart}))
+
+
+def _restart_workers(settings: Settings, report: Report) -> None:
+    folder = run_dir(settings) / "workers"
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            spec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not spec.get("restart"):
+            continue
+        record = process.read_record(run_dir(settings), path.stem)
+        if record is None or not process.is_alive(record):
+            report(f"starting {path.stem} again (`stack down` stopped it)")
+            env = {**os.environ, **spec["env"]}
+            process.start(
+                path.stem, spec["cmd"], env, run_dir(settings), log_dir(settings), spec["url"]
+            )
+        _mark_for_restart(settings, path.stem, False)
+
+
 def start_worker(
     settings: Settings, pool: str, cmd: list[str], env: dict[str, str]
 ) -> process.ProcessRecord:
@@ -478,6 +517,9 @@ def start_worker(
         record = process.read_record(run_dir(settings), name)
         if record is not None and process.is_alive(record):
             raise StackError(f"a worker for pool '{pool}' is already running (pid {record.pid})")
+        own = {k: v for k, v in env.items() if os.environ.get(k) != v}
+        spec = {"cmd": cmd, "env": own, "url": f"pool {pool}", "restart": False}
+        write_private(_spec_path(settings, name), json.dumps(spec))
         record = process.start(name, cmd, env, run_dir(settings), log_dir(settings), f"pool {pool}")
     time.sleep(2)
     if process.exited(record):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from mnistops.settings import Settings
 from mnistops.stack.credentials import S3Keys, load_keys
 
@@ -101,6 +105,9 @@ def client_env(settings: Settings) -> dict[str, str]:
     if keys:
         env["AWS_ACCESS_KEY_ID"] = keys.access_key_id
         env["AWS_SECRET_ACCESS_KEY"] = keys.secret_access_key
+        # Ours too, so that a shell that evaluated these prints the same set again.
+        env["MNISTOPS_S3__ACCESS_KEY_ID"] = keys.access_key_id
+        env["MNISTOPS_S3__SECRET_ACCESS_KEY"] = keys.secret_access_key
     login = mlflow_login(settings)
     if login:
         env.update(mlflow_login_env(settings))
@@ -110,3 +117,29 @@ def client_env(settings: Settings) -> dict[str, str]:
         env["PREFECT_API_AUTH_STRING"] = auth
         env["MNISTOPS_PREFECT__AUTH_STRING"] = auth
     return env
+
+
+@contextmanager
+def prefect_api(settings: Settings) -> Iterator[None]:
+    """Point Prefect's client at our server, and never at a temporary local one (what
+    Prefect does when no API URL is set)."""
+    os.environ["PREFECT_API_URL"] = settings.prefect_api_url
+    os.environ["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
+    auth = prefect_auth(settings)
+    if auth:
+        os.environ["PREFECT_API_AUTH_STRING"] = auth
+    from prefect.settings import (
+        PREFECT_API_AUTH_STRING,
+        PREFECT_API_URL,
+        PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
+        temporary_settings,
+    )
+
+    updates = {
+        PREFECT_API_URL: settings.prefect_api_url,
+        PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False,
+    }
+    if auth:
+        updates[PREFECT_API_AUTH_STRING] = auth
+    with temporary_settings(updates=updates):
+        yield

@@ -7,6 +7,8 @@ registered, so `champion` never points at a half-made version.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from mlflow import MlflowClient
@@ -36,9 +38,19 @@ def champion(client: MlflowClient, name: str) -> ModelVersion | None:
         raise
 
 
-def accuracy_of(version: ModelVersion) -> float | None:
+def accuracy_of(client: MlflowClient, version: ModelVersion) -> float | None:
+    """A version's test accuracy: its tag, else its run's metric (a version registered by
+    hand has no tag); None if neither is known."""
     value = (version.tags or {}).get(ACCURACY_TAG)
-    return float(value) if value is not None else None
+    if value is not None:
+        return float(value)
+    if version.run_id:
+        try:
+            metric = client.get_run(version.run_id).data.metrics.get(ACCURACY_TAG)
+        except MlflowException:
+            return None
+        return float(metric) if metric is not None else None
+    return None
 
 
 def decide(accuracy: float, current: float | None, margin: float) -> tuple[bool, str]:
@@ -52,27 +64,114 @@ def decide(accuracy: float, current: float | None, margin: float) -> tuple[bool,
     return False, f"test accuracy {accuracy:.4f} is not {wanted} the champion's {current:.4f}"
 
 
+Lock = Callable[[], AbstractContextManager[object]]
+
+
+def _decided(client: MlflowClient, name: str, version: ModelVersion) -> GateDecision | None:
+    """The decision already recorded on a version (a retried registration), if any."""
+    tags = version.tags or {}
+    if CHAMPION_REASON_TAG in tags:
+        return GateDecision(True, tags[CHAMPION_REASON_TAG], None, None)
+    if CHALLENGER_TAG in tags:
+        return GateDecision(False, tags[CHALLENGER_TAG], None, None)
+    return None
+
+
+def gate(
+    client: MlflowClient, name: str, version: ModelVersion, margin: float, lock: Lock
+) -> GateDecision:
+    """Decide whether `version` takes `champion`, holding `lock` (one gate at a time,
+    across machines) from reading the champion to moving the alias."""
+    accuracy = float((version.tags or {})[ACCURACY_TAG])
+    with lock():
+        current = champion(client, name)
+        previous = accuracy_of(client, current) if current else None
+        broken = model_problem(client, name, current) if current else None
+        if current is not None and broken is not None:
+            moved, reason = (
+                True,
+                (
+                    f"the champion v{current.version} cannot be loaded ({broken}); this model,"
+                    " which can, replaces it"
+                ),
+            )
+        elif current is not None and previous is None:
+            moved, reason = (
+                False,
+                (
+                    f"the champion v{current.version} has no recorded test accuracy: compare"
+                    " by hand and promote the better one"
+                ),
+            )
+        else:
+            moved, reason = decide(accuracy, previous, margin)
+        if moved:
+            client.set_model_version_tag(name, version.version, CHAMPION_REASON_TAG, reason)
+            client.set_registered_model_alias(name, CHAMPION, version.version)
+        else:
+            client.set_model_version_tag(name, version.version, CHALLENGER_TAG, reason)
+    return GateDecision(moved, reason, current.version if current else None, previous)
+
+
+def model_problem(client: MlflowClient, name: str, version: ModelVersion) -> str | None:
+    """Why a version's model cannot be loaded (its MLmodel file is not in the artifact
+    store), or None."""
+    import mlflow
+
+    try:
+        uri = client.get_model_version_download_uri(name, version.version)
+        found = {a.path.rsplit("/", 1)[-1] for a in mlflow.artifacts.list_artifacts(uri)}
+    except Exception as exc:  # noqa: BLE001  whatever the store says is the reason
+        return f"{exc.__class__.__name__}: {str(exc)[:200]}"
+    return None if "MLmodel" in found else "its MLmodel file is missing"
+
+
+def version_of_run(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
+    """The version of `name` registered from run `run_id`, if there is one."""
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
 def register(
     client: MlflowClient,
     name: str,
     model_uri: str,
     tags: dict[str, str],
     margin: float,
+    lock: Lock,
 ) -> tuple[ModelVersion, GateDecision]:
-    """Register the run's model as a new version of `name`, then apply the champion gate."""
+    """Register the run's model as a version of `name`, then apply the champion gate.
+
+    Idempotent: a retry finds the version of its own run and finishes it (its tags, the
+    gate) instead of registering another; a decision already made is kept.
+    """
     import mlflow
 
-    version = mlflow.register_model(model_uri, name, tags=tags)
-    current = champion(client, name)
-    previous_accuracy = accuracy_of(current) if current else None
-    moved, reason = decide(float(tags[ACCURACY_TAG]), previous_accuracy, margin)
-    if moved:
-        client.set_model_version_tag(name, version.version, CHAMPION_REASON_TAG, reason)
-        client.set_registered_model_alias(name, CHAMPION, version.version)
+    version = version_of_run(client, name, tags["run_id"])
+    if version is None:
+        version = mlflow.register_model(model_uri, name, tags=tags)
     else:
-        client.set_model_version_tag(name, version.version, CHALLENGER_TAG, reason)
-    decision = GateDecision(moved, reason, current.version if current else None, previous_accuracy)
+        for key, value in tags.items():
+            if (version.tags or {}).get(key) != value:
+                client.set_model_version_tag(name, version.version, key, value)
+    version = client.get_model_version(name, version.version)
+    decision = _decided(client, name, version) or gate(client, name, version, margin, lock)
     return client.get_model_version(name, version.version), decision
+
+
+def aliases(client: MlflowClient, name: str) -> dict[str, list[str]]:
+    """version -> its aliases. Read from the registered model: `search_model_versions`
+    returns versions without their aliases."""
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}
+        raise
+    found: dict[str, list[str]] = {}
+    for alias, version in sorted((model.aliases or {}).items()):
+        found.setdefault(str(version), []).append(alias)
+    return found
 
 
 def versions(client: MlflowClient, name: str) -> list[ModelVersion]:

@@ -148,6 +148,24 @@ def run_tags(settings: Settings, source: DataSource, phase: str, device: str) ->
     return tags
 
 
+RECIPE_TAG = "recipe"
+SUBSET_TAG = "data_subset"
+NOT_RECIPE = {"device", "threads"}
+"""hyperparameters that do not change what is learned"""
+
+
+def recipe_of(hyp: HyperParameters, train_images: int) -> str:
+    """What a model learned from, besides the data: the model and every hyperparameter
+    that changes the result, and how many training images it saw (16 hex digits)."""
+    import hashlib
+    import json
+
+    fields = {k: v for k, v in hyp.model_dump().items() if k not in NOT_RECIPE}
+    fields["train_images"] = train_images
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def run_params(hyp: HyperParameters, arrays: Arrays, threads: int) -> dict[str, object]:
     return {
         **hyp.model_dump(),
@@ -211,10 +229,19 @@ def _log_model(result: TrainResult, arrays: Arrays):
     )
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""without it, MLflow 3's UI opens an experiment on its GenAI pages, not on its runs"""
+
+
 def experiment_id(settings: Settings) -> str:
+    """The experiment's id (made if missing), marked as one of model training."""
     import mlflow
 
-    return mlflow.set_experiment(settings.experiment_name).experiment_id
+    experiment = mlflow.set_experiment(settings.experiment_name)
+    key, kind = EXPERIMENT_KIND
+    if (experiment.tags or {}).get(key) != kind:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, kind)
+    return experiment.experiment_id
 
 
 def begin(
@@ -295,18 +322,35 @@ def evaluate_logged(fitted: Fitted, arrays: Arrays) -> TrainResult:
     return result
 
 
+def _logged_model_of(client, run: TrackedRun) -> str | None:
+    """The URI of the model this run logged already (a retried registration), if any."""
+    found = client.search_logged_models(
+        experiment_ids=[run.experiment_id], filter_string=f"source_run_id = '{run.run_id}'"
+    )
+    ready = [m for m in found if str(m.status).upper().endswith("READY")]
+    return ready[0].model_uri if ready else None
+
+
 def register_logged(
     settings: Settings, run: TrackedRun, hyp: HyperParameters, arrays: Arrays, result: TrainResult
 ) -> tuple[str, GateDecision]:
-    """Log the model, register it as a new version, apply the champion gate."""
+    """Log the model, register it as a new version, apply the champion gate.
+
+    Safe to retry (the flow's task does): a model already logged by this run is reused,
+    and a version already registered from it is finished, not registered again.
+    """
     import mlflow
     from mlflow import MlflowClient
 
-    info = _log_model(result, arrays)
+    from mnistops.stack.locks import champion_lock_name, held
+
+    client = MlflowClient()
+    name = settings.model_registry.name
+    model_uri = _logged_model_of(client, run) or _log_model(result, arrays).model_uri
     version, decision = register(
-        MlflowClient(),
-        settings.model_registry.name,
-        info.model_uri,
+        client,
+        name,
+        model_uri,
         {
             ACCURACY_TAG: f"{result.test.accuracy:.6f}",
             "data_version": run.data_version,
@@ -314,8 +358,11 @@ def register_logged(
             "phase": run.phase,
             "run_id": run.run_id,
             "model": hyp.model,
+            RECIPE_TAG: recipe_of(hyp, len(arrays.train_y)),
+            SUBSET_TAG: str(arrays.subset_of is not None).lower(),
         },
         settings.model_registry.champion_margin,
+        lambda: held(settings, champion_lock_name(name)),
     )
     mlflow.set_tags(
         {"model_version": version.version, "champion_moved": str(decision.moved).lower()}
@@ -324,18 +371,46 @@ def register_logged(
 
 
 def end(error: BaseException | None = None) -> None:
-    """Close the active run: FINISHED, or FAILED with the reason as its `error` tag."""
+    """Close the active run: FINISHED; KILLED when interrupted (Ctrl-C, SIGTERM); FAILED
+    otherwise, with the reason as its `error` tag."""
     import mlflow
 
     if error is None:
         mlflow.end_run()
         return
-    message = str(error) or error.__class__.__name__
+    interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
+    message = "interrupted" if interrupted else (str(error) or error.__class__.__name__)
     # The server may be what failed: the original error is what the caller must see.
     with contextlib.suppress(Exception):
         mlflow.set_tag("error", message[:5000])
     with contextlib.suppress(Exception):
-        mlflow.end_run(status="FAILED")
+        mlflow.end_run(status="KILLED" if interrupted else "FAILED")
+
+
+def end_orphans(settings: Settings, ended: Callable[[str], str | None]) -> list[str]:
+    """End the runs left RUNNING by flow runs that are over: `ended(flow_run_id)` gives
+    the flow run's final state (CRASHED, CANCELLED, ...) or None while it still runs.
+    Each such MLflow run is set KILLED with the reason; returns their ids."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(settings.mlflow_uri)
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    if experiment is None:
+        return []
+    running = client.search_runs(
+        [experiment.experiment_id],
+        filter_string="attributes.status = 'RUNNING' and tags.prefect_flow_run_id != ''",
+        max_results=200,
+    )
+    closed = []
+    for run in running:
+        state = ended(run.data.tags["prefect_flow_run_id"])
+        if state is None:
+            continue
+        client.set_tag(run.info.run_id, "error", f"its flow run ended {state}")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    return closed
 
 
 def train_and_track(

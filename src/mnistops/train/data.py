@@ -44,6 +44,8 @@ class Arrays:
     test_x: np.ndarray
     test_y: np.ndarray
     source: DataSource
+    subset_of: int | None = None
+    """the number of training images of the whole version when this is a share of it"""
 
     def subset(self, fraction: float, seed: int) -> Arrays:
         """A random share of the training images (the same for the same seed), for `--fast`.
@@ -52,7 +54,14 @@ class Arrays:
         """
         n = len(self.train_y)
         keep = np.sort(np.random.default_rng(seed).permutation(n)[: max(20, round(n * fraction))])
-        return Arrays(self.train_x[keep], self.train_y[keep], self.test_x, self.test_y, self.source)
+        return Arrays(
+            self.train_x[keep],
+            self.train_y[keep],
+            self.test_x,
+            self.test_y,
+            self.source,
+            subset_of=self.subset_of or n,
+        )
 
 
 class CacheCorrupt(Exception):

@@ -1,0 +1,124 @@
+"""`data version` is atomic and exclusive: interrupted (Ctrl-C) after each of its steps it
+leaves either nothing — no record, no tag — or the whole version, and the same command
+then finishes it; two publishers at once never leave a record and a tag that disagree."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mnistops.data import registry, store
+from mnistops.settings import Settings, load_settings
+from mnistops.stack.endpoints import s3_client
+from tests.conftest import cli_command, client_config, run_cli
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+STEPS = ["validated", "packed", "pushed", "verified", "committed", "tagged", "recorded"]
+
+
+@pytest.fixture(scope="module")
+def publisher(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("atomic")
+    config_dir = client_config(stack_settings, root, bucket=f"dvc-{uuid.uuid4().hex[:8]}")
+    for args in (("data", "ingest", "--fast"), ("data", "version", "v1.0", "-m", "first")):
+        done = run_cli(*args, config_dir=config_dir)
+        assert done.returncode == 0, done.stdout + done.stderr
+    yield config_dir
+
+
+def add_image(settings: Settings, name: str) -> None:
+    pixels = np.random.default_rng(abs(hash(name)) % 2**32).integers(0, 255, (28, 28), np.uint8)
+    Image.fromarray(pixels, mode="L").save(settings.mnist_dir / "train" / "5" / f"{name}.png")
+
+
+def state(settings: Settings, tag: str) -> tuple[str | None, str | None]:
+    """(the commit the bucket's record names, the commit the git tag names)."""
+    record = store.read_record(s3_client(settings), settings.s3.buckets.dvc, tag)
+    tagged = subprocess.run(
+        ["git", "-C", str(settings.registry_dir), "rev-parse", "--verify", "-q", f"{tag}^{{}}"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return (record.commit if record else None), (tagged or None)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_ctrl_c_after_each_step_leaves_nothing_or_everything(publisher: Path, step: str) -> None:
+    settings = load_settings(publisher)
+    tag = f"v-{step}"
+    add_image(settings, step)
+    env = {**os.environ, registry.INTERRUPT_AT_ENV: step}
+    cut = run_cli("data", "version", tag, "-m", f"cut after {step}", config_dir=publisher, env=env)
+    assert cut.returncode != 0, cut.stdout
+    assert "Traceback" not in cut.stderr
+    recorded, tagged = state(settings, tag)
+    if step == "recorded":
+        assert recorded is not None and recorded == tagged, "the version is whole"
+        again = run_cli("data", "version", tag, "-m", "again", config_dir=publisher)
+        assert again.returncode != 0 and "exists already" in again.stderr
+    else:
+        assert (recorded, tagged) == (None, None), f"half a version after {step}"
+        again = run_cli("data", "version", tag, "-m", "finished", config_dir=publisher)
+        assert again.returncode == 0, again.stdout + again.stderr
+        recorded, tagged = state(settings, tag)
+        assert recorded is not None and recorded == tagged
+    assert registry.find_record(settings, tag).tag == tag
+
+
+def test_two_publishers_at_once_agree(publisher: Path) -> None:
+    settings = load_settings(publisher)
+    add_image(settings, "race")
+    procs = [
+        subprocess.Popen(
+            cli_command(("data", "version", "v-race", "-m", f"publisher {n}"), publisher),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in (1, 2)
+    ]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    codes = sorted(code for code, _out, _err in results)
+    assert codes[0] == 0 and codes[1] != 0, results
+    loser = next(err for code, _out, err in results if code != 0)
+    assert "another `mnistops data version`" in loser or "exists already" in loser, loser
+    record = registry.find_record(settings, "v-race")
+    winner = next(out for code, out, _err in results if code == 0)
+    assert f"publisher {1 if 'publisher 1' in record.message else 2}" == record.message
+    assert "published v-race" in winner
+    recorded, tagged = state(settings, "v-race")
+    assert recorded == tagged
+    message = subprocess.run(
+        ["git", "-C", str(settings.registry_dir), "tag", "-l", "-n1", "v-race"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert record.message in message
+
+
+def test_force_keeps_a_versions_place_in_the_history(publisher: Path) -> None:
+    """Replacing an older version with --force does not make it 'latest', nor the newer
+    version its predecessor."""
+    settings = load_settings(publisher)
+    add_image(settings, "history-a")
+    assert run_cli("data", "version", "v-old", "-m", "old", config_dir=publisher).returncode == 0
+    add_image(settings, "history-b")
+    assert run_cli("data", "version", "v-new", "-m", "new", config_dir=publisher).returncode == 0
+    old = registry.find_record(settings, "v-old")
+    add_image(settings, "history-c")
+    forced = run_cli("data", "version", "v-old", "-m", "replaced", "--force", config_dir=publisher)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    replaced = registry.find_record(settings, "v-old")
+    assert replaced.message == "replaced" and replaced.previous == old.previous
+    assert replaced.created == old.created
+    assert registry.find_record(settings, "latest").tag == "v-new"
+    recorded, tagged = state(settings, "v-old")
+    assert recorded == tagged == replaced.commit
