@@ -72,3 +72,18 @@ def test_a_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None
     assert bomb.stat().st_size < 2_000_000
     with pytest.raises(PredictError, match="bomb|more than"):
         load_images([bomb])
+
+
+@pytest.mark.security
+@pytest.mark.bad_input
+def test_a_file_name_with_control_characters_is_refused_escaped(tmp_path: Path) -> None:
+    import os
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((28, 28), 255, np.uint8)).save(good)
+    for raw in (b"e\x1b]0;PWNED\x07\x1b[2Jx.png", b"\xff\xfe.png"):
+        named = Path(os.fsdecode(bytes(tmp_path) + b"/" + raw))
+        named.write_bytes(good.read_bytes())
+        with pytest.raises(PredictError, match="not valid UTF-8 or holds a control") as caught:
+            load_images([named])
+        assert "\x1b" not in str(caught.value) and "\udcff" not in str(caught.value)

@@ -849,6 +849,7 @@ def models_command() -> None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from mnistops.data.store import shown
     from mnistops.tracking.registry import ACCURACY_TAG, CHALLENGER_TAG, aliases, versions
     from mnistops.tracking.runs import TrackingError, check_tracking_server
 
@@ -865,19 +866,24 @@ def models_command() -> None:
         table.add_column(column, justify="right" if column == "test acc" else "left", no_wrap=True)
     notes = []
     for v in found:
-        tags = v.tags or {}
-        accuracy = tags.get(ACCURACY_TAG)
+        # Tags are anyone's text who can reach MLflow: shown escaped, never as markup.
+        tags = {k: escape(shown(str(t), 200)) for k, t in (v.tags or {}).items()}
+        accuracy = (v.tags or {}).get(ACCURACY_TAG)
+        try:
+            accuracy_text = f"{float(accuracy):.2%}" if accuracy else ""
+        except ValueError:
+            accuracy_text = tags[ACCURACY_TAG]
         table.add_row(
-            v.version,
+            escape(v.version),
             time.strftime("%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000)),
             tags.get("model", ""),
-            f"{float(accuracy):.2%}" if accuracy else "",
+            accuracy_text,
             tags.get("data_version", ""),
             tags.get("phase", ""),
-            ", ".join(alias_of.get(v.version, [])),
+            ", ".join(escape(shown(a)) for a in alias_of.get(v.version, [])),
         )
         if CHALLENGER_TAG in tags:
-            notes.append(f"v{v.version} challenger: {tags[CHALLENGER_TAG]}")
+            notes.append(f"v{escape(v.version)} challenger: {tags[CHALLENGER_TAG]}")
     console.print(table if found else "no model registered yet (`mnistops train`)")
     for note in notes:
         console.print(note, highlight=False)
@@ -911,7 +917,8 @@ def predict_command(
             print(json.dumps(p.as_dict()))
         else:
             console.print(
-                f"{p.file}: [bold]{p.digit}[/] ({p.confidence:.1%}, model v{p.model_version})"
+                f"{escape(p.file)}: [bold]{p.digit}[/] ({p.confidence:.1%},"
+                f" model v{escape(p.model_version)})"
             )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mnistops.data.images import MAX_PIXELS, ImageRefused, open_image, read_regular
+from mnistops.data.images import MAX_PIXELS, ImageRefused, open_image, read_regular, shown_name
 from mnistops.settings import Settings
 
 __all__ = ["MAX_PIXELS", "PredictError", "Prediction", "load_images", "mnist_like", "predict"]
@@ -106,6 +106,11 @@ def load_images(paths: list[Path]) -> np.ndarray:
     """(N, 1, 28, 28) float32 batch; PredictError names the first file that cannot be used."""
     arrays = []
     for path in paths:
+        if not str(path).isprintable():
+            raise PredictError(
+                f"{shown_name(str(path))}: the file name is not valid UTF-8 or holds a"
+                " control character; rename it"
+            )
         with _open(path) as image:
             arrays.append(mnist_like(ImageOps.exif_transpose(image) or image, str(path)))
     return np.stack(arrays)[:, None].astype(np.float32)

@@ -58,7 +58,7 @@ def test_a_manifest_path_leading_outside_writes_nothing(victim: Path, tmp_path: 
     out = tmp_path / "pulled"
     climb = "/".join([".."] * (len(out.parts) + 2))
     escape = f"train/0/{climb}{venv}/zz.pth"
-    craft_version(settings, "evil", {escape: PAYLOAD, "test/0/a.png": digit_png()}, created=OLD)
+    craft_version(settings, "evil", {escape: PAYLOAD}, filler=digit_png(), created=OLD)
     done = run_cli("data", "pull", "evil", "--to", str(out), config_dir=victim)
     refused_cleanly(done, "evil", "not train|test/<digit>/<file name>", "not used")
     assert list(venv.iterdir()) == [], "nothing reached the venv"
@@ -72,7 +72,7 @@ def test_a_record_that_lies_about_its_tag_is_skipped(victim: Path, tmp_path: Pat
     settings = load_settings(victim)
     target = settings.home.parent / "victim.json"
     target.write_text("keep")
-    key = craft_version(settings, "../../../victim", {"train/0/a.png": digit_png()}, key="liar")
+    key = craft_version(settings, "../../../victim", {}, key="liar", filler=digit_png())
     put_object(settings, "versions/broken.json", b"{not json")
     put_object(settings, "versions/..%2f..%2fx.json", b"{}")
     listed = run_cli("data", "list", config_dir=victim)
@@ -94,10 +94,21 @@ def test_a_record_that_lies_about_its_tag_is_skipped(victim: Path, tmp_path: Pat
 def test_training_on_a_crafted_version_is_refused_by_name(victim: Path, tmp_path: Path) -> None:
     settings = load_settings(victim)
     bomb = bomb_png(tmp_path / "bomb.png", side=5000).read_bytes()
-    craft_version(
-        settings, "bomb", {"train/3/bomb.png": bomb, "test/0/a.png": digit_png()}, created=OLD
-    )
+    craft_version(settings, "bomb", {"train/3/bomb.png": bomb}, filler=digit_png(), created=OLD)
     done = run_cli("train", "--fast", "--data-version", "bomb", config_dir=victim)
     refused_cleanly(done, "train/3/bomb.png", "decompression bomb", "not used")
     arrays = list((settings.home / "cache" / "arrays").glob("*.npz"))
     assert arrays == [], "nothing cached from a refused version"
+
+
+def test_a_record_lying_about_its_content_poisons_no_cache(victim: Path) -> None:
+    """A version whose record claims v1.0's content hash (which names v1.0's array cache)
+    over other images: refused, and v1.0's cache is not written from it."""
+    settings = load_settings(victim)
+    v1 = registry.find_record(settings, "v1.0")
+    craft_version(
+        settings, "hashswap", {}, filler=digit_png(), created=OLD, content_hash=v1.content_hash
+    )
+    done = run_cli("train", "--fast", "--data-version", "hashswap", config_dir=victim)
+    refused_cleanly(done, "hashswap", "does not match the record's content hash")
+    assert not (settings.home / "cache" / "arrays" / f"{v1.content_hash}.npz").exists()

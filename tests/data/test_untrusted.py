@@ -29,7 +29,7 @@ def record_dict(**changes: object) -> dict:
         "message": "first",
         "created": "2026-11-27T09:00:00+00:00",
         "content_hash": SHA,
-        "counts": {"train": {str(d): 3 for d in range(10)}, "test": {"0": 1}},
+        "counts": {split: {str(d): 3 for d in range(10)} for split in ("train", "test")},
         "files": {store.MANIFEST: MD5, f"packs/{'c' * 32}.pack": "c" * 32},
         "previous": None,
         "commit": "d" * 40,
@@ -38,6 +38,12 @@ def record_dict(**changes: object) -> dict:
     }
     data.update(changes)
     return {k: v for k, v in data.items() if v is not ...}
+
+
+def counts_with(split: str, digit: str, value: object) -> dict:
+    counts = record_dict()["counts"]
+    counts[split] = {**counts[split], digit: value}
+    return counts
 
 
 def manifest(rows: list, columns: list | None = None) -> bytes:
@@ -54,7 +60,7 @@ def refused(text: str | bytes, tag: str | None = "v1.0") -> str:
 def test_a_valid_record_round_trips() -> None:
     record = store.record_from_json(json.dumps(record_dict()), "v1.0")
     assert store.record_from_json(record.to_json(), "v1.0") == record
-    assert record.images == {"train": 30, "test": 1}
+    assert record.images == {"train": 30, "test": 30}
 
 
 @pytest.mark.parametrize(
@@ -66,9 +72,11 @@ def test_a_valid_record_round_trips() -> None:
         ({"previous": "../x"}, "'previous'"),
         ({"content_hash": "../../etc"}, "content_hash"),
         ({"commit": "HEAD; rm -rf /"}, "commit"),
-        ({"counts": {"train": {"0": True}}}, "counts.train.0"),
-        ({"counts": {"train": {"0": "12"}}}, "counts.train.0"),
-        ({"counts": {"train": {"11": 1}}}, "counts.train"),
+        ({"counts": counts_with("train", "0", True)}, "counts.train.0"),
+        ({"counts": counts_with("train", "0", "12")}, "counts.train.0"),
+        ({"counts": counts_with("test", "7", 0)}, "counts.test.7': no image"),
+        ({"counts": counts_with("train", "11", 1)}, "counts.train"),
+        ({"counts": {"train": record_dict()["counts"]["train"]}}, "'counts' must map"),
         ({"counts": {"../x": {"0": 1}}}, "counts"),
         ({"files": {store.MANIFEST: "../../../../tmp/x"}}, "not an MD5"),
         ({"files": {"packs/../../x.pack": MD5, store.MANIFEST: MD5}}, "not a manifest or pack"),
@@ -144,6 +152,30 @@ def test_manifest_refuses_duplicates_foreign_packs_layouts_and_bombs() -> None:
     assert len(data) < 1 << 20
     with pytest.raises(store.CorruptRecord, match="decompresses to more than"):
         store.parse_manifest(data)
+    dense = gzip.compress(b'{"rows": [' + b"[]," * 8_000_000 + b'[]], "columns": []}')
+    assert len(dense) < 1 << 20
+    with pytest.raises(store.CorruptRecord, match="far more JSON values"):
+        store.parse_manifest(dense)
+
+
+def test_a_manifest_must_hold_what_its_record_says() -> None:
+    rows = [
+        [f"{split}/{d}/x.png", SHA, "c" * 32, 0, 10]
+        for split in ("train", "test")
+        for d in range(10)
+    ]
+    counts = {split: {str(d): 1 for d in range(10)} for split in ("train", "test")}
+    parsed = [store.ManifestRow._make(r) for r in rows]
+    content = store.rows_content_hash(parsed)
+    record = store.record_from_json(
+        json.dumps(record_dict(counts=counts, content_hash=content)), "v1.0"
+    )
+    assert store.parse_manifest(manifest(rows), record) == parsed
+    with pytest.raises(store.CorruptRecord, match="images per class"):
+        store.parse_manifest(manifest(rows[1:]), record)
+    lying = store.record_from_json(json.dumps(record_dict(counts=counts)), "v1.0")
+    with pytest.raises(store.CorruptRecord, match="content hash"):
+        store.parse_manifest(manifest(rows), lying)
 
 
 def test_rows_outside_their_pack_are_refused(tmp_path: Path) -> None:

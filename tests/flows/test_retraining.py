@@ -213,8 +213,10 @@ def test_a_crafted_version_fails_the_run_and_writes_nothing_outside(
     publisher = machines["publisher"]
     outside = tmp_path / "site-packages"
     escape = f"train/0/{'/'.join(['..'] * 30)}{outside}/zz.pth"
+    settings = load_settings(publisher)
+    filler = next((settings.mnist_dir / "test" / "0").glob("*.png")).read_bytes()
     craft_version(
-        load_settings(publisher), "evil", {escape: b"import os\n"}, created="2000-01-01T00:00:00"
+        settings, "evil", {escape: b"import os\n"}, filler=filler, created="2000-01-01T00:00:00"
     )
     done = run_cli("run", "--data-version", "evil", "--wait", config_dir=publisher, timeout=600)
     assert done.returncode == 1 and "Failed" in done.stdout, done.stdout + done.stderr

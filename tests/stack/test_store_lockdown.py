@@ -159,3 +159,54 @@ def test_no_http_port_reads_lists_writes_or_deletes(stack_settings: Settings) ->
         assert keys == ["probe/object"], (bucket, keys)
         assert client.get_object(Bucket=bucket, Key="probe/object")["Body"].read() == BODY
         client.delete_object(Bucket=bucket, Key="probe/object")
+
+
+def test_up_closes_a_bucket_someone_with_the_keys_opened(stack_settings: Settings) -> None:
+    """With the keys one can open a bucket to anyone (a policy, a public ACL): the next
+    `up` closes every bucket again and says so; then nothing answers without keys."""
+    import json
+    import uuid
+
+    from botocore.exceptions import ClientError
+
+    from mnistops import stack
+    from mnistops.stack import _anonymous_client
+
+    client = s3_client(stack_settings)
+    by_policy, by_acl = f"open-{uuid.uuid4().hex[:6]}", f"acl-{uuid.uuid4().hex[:6]}"
+    for bucket in (by_policy, by_acl):
+        client.create_bucket(Bucket=bucket)
+        client.put_object(Bucket=bucket, Key="secret", Body=BODY)
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": "*",
+                "Action": ["s3:GetObject", "s3:ListBucket"],
+                "Resource": [f"arn:aws:s3:::{by_policy}", f"arn:aws:s3:::{by_policy}/*"],
+            }
+        ],
+    }
+    client.put_bucket_policy(Bucket=by_policy, Policy=json.dumps(policy))
+    client.put_bucket_acl(Bucket=by_acl, ACL="public-read")
+    anonymous = _anonymous_client(stack_settings)
+    opened = []
+    for bucket in (by_policy, by_acl):
+        try:
+            anonymous.get_object(Bucket=bucket, Key="secret")
+            opened.append(bucket)
+        except ClientError:
+            pass
+    assert opened, "the attack does open a bucket (else this test proves nothing)"
+    messages: list[str] = []
+    stack.up(stack_settings, report=messages.append)
+    assert any(f"bucket policy of '{by_policy}'" in m for m in messages) or by_policy not in opened
+    for bucket in (by_policy, by_acl):
+        for call in (
+            lambda b=bucket: anonymous.get_object(Bucket=b, Key="secret"),
+            lambda b=bucket: anonymous.list_objects_v2(Bucket=b),
+        ):
+            with pytest.raises(ClientError):
+                call()
+        assert client.get_object(Bucket=bucket, Key="secret")["Body"].read() == BODY

@@ -171,6 +171,21 @@ def test_the_champion_gate_both_ways_and_determinism(trainer: Path, first_run) -
     assert rows[champion.version][-1] == "" and rows[champion.version][4] == "v1.0"
 
 
+@pytest.mark.security
+def test_models_shows_tags_escaped(trainer: Path, first_run) -> None:
+    """Anyone who reaches MLflow can write tags: `models` never lets them drive the terminal."""
+    settings, client = client_of(trainer)
+    name = settings.model_registry.name
+    version = versions(client, name)[-1].version
+    client.set_model_version_tag(name, version, "data_version", "\x1b[31mv9[/bold]")
+    try:
+        listing = run_cli("models", config_dir=trainer)
+    finally:
+        client.set_model_version_tag(name, version, "data_version", "v1.0")
+    assert listing.returncode == 0, listing.stderr
+    assert "\x1b" not in listing.stdout and "\\x1b" in listing.stdout
+
+
 @pytest.mark.faults
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_training_ends_killed(trainer: Path, first_run, signum: int) -> None:

@@ -484,6 +484,15 @@ def pull(
     return PullResult(record, target, len(rows), len(missing), False)
 
 
+def _sha256_of(path: Path) -> str:
+    import hashlib
+
+    try:
+        return hashlib.sha256(images.read_regular(path)).hexdigest()
+    except (OSError, images.ImageRefused):
+        return ""
+
+
 def add_images(
     settings: Settings, source: Path, progress_for: ProgressFor = _no_progress
 ) -> dict[int, int]:
@@ -507,11 +516,12 @@ def add_images(
             problems.append((path, problem))
     hashes = {path: (sha, pixels) for path, (_p, sha, pixels) in zip(found, results, strict=True)}
     train = settings.mnist_dir / "train"
+    checked = [path for path, (problem, _s, _p) in zip(found, results, strict=True) if not problem]
     clashes = [
         (p, f"a different image with this name is in {train / p.parent.name}")
-        for p in found
+        for p in checked
         if (train / p.parent.name / p.name).exists()
-        and (train / p.parent.name / p.name).read_bytes() != p.read_bytes()
+        and _sha256_of(train / p.parent.name / p.name) != hashes[p][0]
     ]
     problems += clashes
     if problems:

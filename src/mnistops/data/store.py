@@ -104,8 +104,11 @@ SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 COMMIT_PATTERN = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
 PACK_FILE = re.compile(r"packs/([0-9a-f]{32})\.pack")
 MAX_RECORD_BYTES = 1 << 20
-MAX_MANIFEST_BYTES = 256 << 20
-"""a manifest decompresses to at most this (MNIST's 70,000 rows take about 10 MB)"""
+MAX_MANIFEST_BYTES = 64 << 20
+"""a manifest decompresses to at most this (MNIST's 70,000 rows take about 12 MB)"""
+MIN_BYTES_PER_VALUE = 16
+"""a real manifest row spends over 30 bytes per JSON value; far denser text (millions of
+empty lists or small numbers) would take gigabytes to parse and is refused before"""
 MAX_NAME_BYTES = 255
 MAX_COUNT = 10**9
 MAX_MESSAGE = 10_000
@@ -158,13 +161,16 @@ def _count(value: object, where: str) -> int:
 
 
 def _check_counts(counts: object) -> dict[str, dict[str, int]]:
-    if not isinstance(counts, dict) or not counts or not set(counts) <= set(SPLIT_NAMES):
+    """Both splits, every digit, each with at least one image (what `data version` checks
+    before it publishes)."""
+    if not isinstance(counts, dict) or set(counts) != set(SPLIT_NAMES):
         raise ValueError(f"'counts' must map the splits {', '.join(SPLIT_NAMES)} to digits")
     for split, per in counts.items():
-        if not isinstance(per, dict) or not set(per) <= set(DIGIT_NAMES):
-            raise ValueError(f"'counts.{split}' must map the digits 0-9 to numbers of images")
+        if not isinstance(per, dict) or set(per) != set(DIGIT_NAMES):
+            raise ValueError(f"'counts.{split}' must map each digit 0-9 to its images")
         for digit, n in per.items():
-            _count(n, f"'counts.{split}.{digit}'")
+            if _count(n, f"'counts.{split}.{digit}'") == 0:
+                raise ValueError(f"'counts.{split}.{digit}': no image of this digit")
     return counts
 
 
@@ -244,8 +250,12 @@ def record_from_json(text: str | bytes, expected_tag: str | None = None) -> Vers
 
 def content_hash(entries: Iterable[ImageEntry]) -> str:
     """Identity of a dataset: sorted paths and the SHA-256 of each file."""
+    return _content_digest((e.key, e.sha256) for e in entries)
+
+
+def _content_digest(pairs: Iterable[tuple[str, str]]) -> str:
     digest = hashlib.sha256()
-    for key, sha in sorted((e.key, e.sha256) for e in entries):
+    for key, sha in sorted(pairs):
         digest.update(f"{key}\t{sha}\n".encode())
     return digest.hexdigest()
 
@@ -406,13 +416,17 @@ def parse_manifest(data: bytes, record: VersionRecord | None = None) -> list[Man
     where = f"the manifest of version {record.tag}" if record else "the manifest"
     packs = {md5 for name, md5 in record.files.items() if name != MANIFEST} if record else None
     try:
-        document = json.loads(_gunzip(data, MAX_MANIFEST_BYTES))
+        text = _gunzip(data, MAX_MANIFEST_BYTES)
+        values = text.count(b",") + text.count(b"[") + text.count(b"{")
+        if values * MIN_BYTES_PER_VALUE > len(text) + 1024:
+            raise ValueError("far more JSON values than a manifest of images holds")
+        document = json.loads(text)
         if not isinstance(document, dict) or document.get("columns") != MANIFEST_COLUMNS:
             raise ValueError("unknown manifest layout")
         raw_rows = document.get("rows")
         if not isinstance(raw_rows, list):
             raise ValueError("'rows' is not a list")
-    except (ValueError, RecursionError) as exc:
+    except (ValueError, RecursionError, MemoryError) as exc:
         raise CorruptRecord(f"{where} is invalid ({exc}); it was not used") from None
     rows: list[ManifestRow] = []
     seen: set[str] = set()
@@ -426,7 +440,27 @@ def parse_manifest(data: bytes, record: VersionRecord | None = None) -> list[Man
             raise CorruptRecord(message) from None
         seen.add(row.key)
         rows.append(row)
+    if record is not None:
+        _check_matches_record(rows, record, where)
     return rows
+
+
+def rows_content_hash(rows: Iterable[ManifestRow]) -> str:
+    """The content hash of a manifest's images: the same as `content_hash` of the files."""
+    return _content_digest((row.key, row.sha256) for row in rows)
+
+
+def _check_matches_record(rows: list[ManifestRow], record: VersionRecord, where: str) -> None:
+    """The manifest holds what its record says: the same images per class and the same
+    content hash (which names the version's array cache: a record that lies about it
+    must not make another version's cache)."""
+    found: dict[str, dict[str, int]] = {s: dict.fromkeys(DIGIT_NAMES, 0) for s in SPLIT_NAMES}
+    for row in rows:
+        found[row.split][str(row.label)] += 1
+    if found != record.counts:
+        raise CorruptRecord(f"{where} does not hold the images per class its record lists")
+    if rows_content_hash(rows) != record.content_hash:
+        raise CorruptRecord(f"{where} does not match the record's content hash")
 
 
 def path_inside(root: Path, relative: str) -> Path:

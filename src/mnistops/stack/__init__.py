@@ -115,6 +115,7 @@ def up(settings: Settings, report: Report = lambda _: None) -> list[ServiceStatu
     On any failure, whatever this call started is stopped again and StackError says why.
     """
     with _stack_lock(settings):
+        narrowed = tighten(settings.home)
         keys = _stack_keys(settings, create=True)
         services = all_services(settings, keys)
         to_start = [svc for svc in services if _needs_start(settings, svc, report)]
@@ -146,12 +147,14 @@ def up(settings: Settings, report: Report = lambda _: None) -> list[ServiceStatu
             _ensure_buckets(settings, keys)
             if s3_started:
                 _wait_objects_readable(settings, keys, report)
+            if settings.s3.endpoint_url is None:
+                _close_buckets(settings, keys, report)
         except BaseException:
             for _, record in reversed(started):
                 process.stop(record, run_dir(settings))
             raise
         _restart_workers(settings, report)
-        narrowed = tighten(settings.home)
+        narrowed += tighten(settings.home)
         if narrowed:
             report(
                 f"made {narrowed} files and folders of the state dir {settings.home} private"
@@ -319,24 +322,68 @@ def _check_store_locked(settings: Settings) -> None:
 def _check_anonymous_refused(settings: Settings) -> None:
     """The store must refuse an S3 request without keys: an identities file that opens
     it (or one SeaweedFS read differently) stops the start."""
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config
-
-    anonymous = boto3.client(
-        "s3",
-        endpoint_url=settings.s3_endpoint,
-        region_name=settings.s3.region,
-        config=Config(signature_version=UNSIGNED, retries={"max_attempts": 1}),
-    )
     try:
-        anonymous.list_buckets()
+        _anonymous_client(settings).list_buckets()
     except ClientError:
         return
     raise StackError(
         f"the object store at {settings.s3_endpoint} answered a request without keys:"
         f" its identities file ({settings.home / 's3-identities.json'}) leaves it open."
         " It was stopped; nothing was exposed for longer than this check."
+    )
+
+
+PUBLIC_GRANTEES = ("AllUsers", "AuthenticatedUsers")
+
+
+def _close_buckets(settings: Settings, keys: S3Keys | None, report: Report) -> None:
+    """Whoever holds the keys can open a bucket to anyone (a bucket policy, a public ACL).
+    Every `up` closes every bucket of our store again, says so, and then checks that a
+    request without keys reads and lists nothing; if one still does, the store stops."""
+    client = s3_client(settings, keys)
+    names = [b["Name"] for b in client.list_buckets().get("Buckets", [])]
+    for name in names:
+        try:
+            client.get_bucket_policy(Bucket=name)
+            client.delete_bucket_policy(Bucket=name)
+            report(f"removed the bucket policy of '{name}' (it may have opened it to anyone)")
+        except ClientError:
+            pass
+        try:
+            grants = client.get_bucket_acl(Bucket=name).get("Grants", [])
+        except ClientError:
+            grants = []
+        if any(str(g.get("Grantee", {}).get("URI", "")).endswith(PUBLIC_GRANTEES) for g in grants):
+            client.put_bucket_acl(Bucket=name, ACL="private")
+            report(f"made bucket '{name}' private again (its ACL let anyone in)")
+    anonymous = _anonymous_client(settings)
+    opened = []
+    for name in names:
+        try:
+            anonymous.list_objects_v2(Bucket=name, MaxKeys=1)
+            opened.append(name)
+        except ClientError:
+            continue
+    if opened:
+        record = process.read_record(run_dir(settings), "s3")
+        if record is not None:
+            process.stop(record, run_dir(settings))
+        raise StackError(
+            f"bucket(s) {', '.join(opened)} of the object store answer requests without keys"
+            " even after their policy and ACL were reset; the store was stopped"
+        )
+
+
+def _anonymous_client(settings: Settings):
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint,
+        region_name=settings.s3.region,
+        config=Config(signature_version=UNSIGNED, retries={"max_attempts": 1}),
     )
 
 
@@ -424,7 +471,19 @@ def down(settings: Settings, report: Report = lambda _: None) -> list[str]:
                 report(f"stopping {name} (pid {record.pid})")
                 stopped.append(name)
             process.stop(record, run_dir(settings))
+            if name == "s3":
+                _remove_store_sockets(settings)
     return stopped
+
+
+def _remove_store_sockets(settings: Settings) -> None:
+    """SeaweedFS leaves its Unix sockets in /tmp (seaweedfs-<component>[-grpc]-<port>.sock)."""
+    s3 = settings.s3
+    ports = [s3.port, s3.master_port, s3.volume_port, s3.filer_port]
+    ports += [p + s3.grpc_offset for p in ports]
+    for port in ports:
+        for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            path.unlink(missing_ok=True)
 
 
 def status(settings: Settings) -> list[ServiceStatus]:
