@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from mnistops.logs import Verbosity, quiet_libraries
 from mnistops.settings import ConfigError, Settings, load_settings, with_database_url
 
 app = typer.Typer(
@@ -49,19 +50,8 @@ def main(
     ] = False,
 ) -> None:
     State.config_dir = config_dir
-    if not verbose:
-        quiet_libraries()
-
-
-def quiet_libraries() -> None:
-    """Our messages only: the libraries' INFO lines and download bars stay out of the way
-    (their warnings and errors still show)."""
-    import logging
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for name in ("mlflow", "dvc", "dvc_data", "dvc_objects", "alembic", "botocore"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    Verbosity.verbose = verbose
+    quiet_libraries()
 
 
 def settings() -> Settings:
@@ -172,12 +162,11 @@ def stack_status() -> None:
 
 
 def require_stack(cfg: Settings) -> None:
-    """Stop with where we looked when no stack is found: no state dir for the services
-    started here, and not every service external."""
+    """Stop with where we looked when no stack is found: the object store is ours to run
+    but there is no state dir with its keys (a keyless `stack env` helps nobody)."""
     from mnistops.settings import where_looked
 
-    external = (cfg.s3.endpoint_url, cfg.mlflow.tracking_uri, cfg.prefect.api_url)
-    if all(url is not None for url in external) or (cfg.home / "credentials.json").is_file():
+    if cfg.s3.endpoint_url is not None or (cfg.home / "credentials.json").is_file():
         return
     looked = where_looked() if cfg.home.parent == Path.cwd().absolute() else str(cfg.home)
     fail(
@@ -755,13 +744,15 @@ def train_command(
 
 
 def _sigterm_interrupts() -> None:
-    """SIGTERM ends a training like Ctrl-C does (its MLflow run KILLED), not silently."""
+    """SIGTERM ends a training like Ctrl-C does (its MLflow run KILLED), not silently; and
+    Ctrl-C does so even where the shell started us with SIGINT ignored (a background job)."""
     import signal
 
     def interrupt(_signum, _frame) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_training(cfg: Settings, hyp, arrays, phase: str):

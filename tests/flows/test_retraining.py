@@ -244,7 +244,8 @@ def test_a_new_data_version_starts_a_retraining(machines: dict) -> None:
     published = run_cli("data", "version", "v2.0", "-m", "more", config_dir=publisher)
     assert published.returncode == 0, published.stderr
     dep = settings.deployment
-    assert f"sent: {dep.flow_name}/{dep.deploy_name} starts a retraining" in published.stdout
+    said = " ".join(published.stdout.split())
+    assert f"sent: {dep.flow_name}/{dep.deploy_name} starts a retraining" in said
 
     def triggered_run_completed():
         runs = [

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mnistops.data import images, store
+from mnistops.logs import quiet_libraries
 from mnistops.settings import Settings
 from mnistops.stack.endpoints import CHECKSUM_ENV, s3_client, s3_keys
 
@@ -78,6 +79,8 @@ def _git(registry: Path, *args: str) -> str:
 def ensure_registry(settings: Settings) -> Path:
     """Create the git+DVC registry if missing, and point its DVC remote at the stack's bucket."""
     from dvc.repo import Repo
+
+    quiet_libraries()
 
     registry = settings.registry_dir
     if not (registry / ".git").is_dir():
@@ -266,6 +269,8 @@ def _publish(
     report: Report,
 ) -> PublishResult:
     from dvc.repo import Repo
+
+    quiet_libraries()
 
     if tag == "latest":
         raise RegistryError("'latest' names the newest version; choose another tag (e.g. v1.0)")

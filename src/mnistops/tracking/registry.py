@@ -132,6 +132,25 @@ def version_of_run(client: MlflowClient, name: str, run_id: str) -> ModelVersion
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
+def _new_version(
+    client: MlflowClient, name: str, model_uri: str, tags: dict[str, str]
+) -> ModelVersion:
+    """What `mlflow.register_model` does for a logged model (`models:/<model id>`),
+    through the client, which prints nothing of its own."""
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.create_model_version(
+        name,
+        source=model_uri,
+        run_id=tags["run_id"],
+        tags=tags,
+        model_id=model_uri.removeprefix("models:/"),
+    )
+
+
 def register(
     client: MlflowClient,
     name: str,
@@ -145,11 +164,9 @@ def register(
     Idempotent: a retry finds the version of its own run and finishes it (its tags, the
     gate) instead of registering another; a decision already made is kept.
     """
-    import mlflow
-
     version = version_of_run(client, name, tags["run_id"])
     if version is None:
-        version = mlflow.register_model(model_uri, name, tags=tags)
+        version = _new_version(client, name, model_uri, tags)
     else:
         for key, value in tags.items():
             if (version.tags or {}).get(key) != value:

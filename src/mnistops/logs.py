@@ -1,0 +1,28 @@
+"""Whose messages a user sees: ours, and the libraries' warnings and errors.
+
+DVC, MLflow and Alembic log at INFO ("Initialized DVC repository", artifact download
+bars); `mnistops --verbose` shows them. DVC sets its own levels when it is first
+imported, so the places that import it call `quiet_libraries()` again afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+LOUD = ("mlflow", "dvc", "dvc_data", "dvc_objects", "alembic", "botocore")
+
+
+class Verbosity:
+    verbose = False
+
+
+def quiet_libraries() -> None:
+    """The libraries' INFO lines and progress bars off, unless `--verbose` was given."""
+    if Verbosity.verbose:
+        return
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow sets its loggers' level from this when it is first imported.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    for name in LOUD:
+        logging.getLogger(name).setLevel(logging.WARNING)
