@@ -35,6 +35,8 @@ step list;      mnistops data list; echo "rc=$?"
 step client;    cd "$ELSEWHERE" && mnistops stack env > "$PROJECT/fourth.env"; echo "rc=$?"
 unset MNISTOPS_S3__ENDPOINT_URL MNISTOPS_MLFLOW__TRACKING_URI MNISTOPS_PREFECT__API_URL
 step elsewhere; mnistops stack env; echo "rc=$?"
+H="$PROJECT/.mnistops"
+step byhome;    MNISTOPS_HOME="$H" mnistops stack env > "$PROJECT/fifth.env"; echo "rc=$?"
 cd "$PROJECT"
 step final;     mnistops stack down; echo "rc=$?"
 """
@@ -65,6 +67,7 @@ def test_the_readme_shell(tmp_path: Path) -> None:
     try:
         steps = sections(done.stdout)
         ok = ("up", "env1", "status", "down", "up2", "env2", "sub", "subenv", "list", "client")
+        ok += ("byhome",)
         for name in ok:
             assert "rc=0" in steps[name], (name, steps.get(name), done.stderr[-3000:])
         assert "Traceback" not in done.stderr
@@ -75,6 +78,7 @@ def test_the_readme_shell(tmp_path: Path) -> None:
         assert (project / "second.env").read_text() == first
         assert (project / "third.env").read_text() == first
         assert (project / "fourth.env").read_text() == first, "a client shell: the same set"
+        assert (project / "fifth.env").read_text() == first, "MNISTOPS_HOME names the stack"
         assert steps["sub"].count("healthy") >= 3 and "this host" in steps["sub"]
         assert "rc=2" in steps["elsewhere"] and "no mnistops stack found" in done.stderr
         assert str(elsewhere / ".mnistops") in " ".join(done.stderr.split())

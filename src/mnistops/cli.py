@@ -77,9 +77,9 @@ def print_urls(cfg: Settings) -> None:
     table = Table(title="mnistops stack", show_header=True, header_style="bold")
     table.add_column("service", no_wrap=True)
     table.add_column("state", no_wrap=True)
-    table.add_column("pid", justify="right")
-    table.add_column("URL", no_wrap=True)
-    table.add_column("reachable from", no_wrap=True)
+    table.add_column("pid", justify="right", no_wrap=True, min_width=5)
+    table.add_column("URL", overflow="fold")
+    table.add_column("reachable from", overflow="fold")
     statuses = stack.status(cfg)
     for st in statuses:
         state = (
@@ -536,6 +536,12 @@ def announce(cfg: Settings, tag: str, content_hash: str) -> None:
     try:
         emit_published(cfg, tag, content_hash)
         listener = listening_deployment(cfg)
+    except KeyboardInterrupt:
+        fail(
+            f"interrupted: {tag} is published, but the event {PUBLISHED_EVENT} may not have"
+            " reached Prefect; start a retraining with `mnistops run`",
+            code=130,
+        )
     except Exception as exc:  # noqa: BLE001  the publish itself succeeded
         err.print(
             f"[yellow]warning:[/] {tag} is published, but the event {PUBLISHED_EVENT} could not"
@@ -764,7 +770,8 @@ def run_training(cfg: Settings, hyp, arrays, phase: str):
     console.print(
         f"training [bold]{hyp.model}[/] on {source.name if source.tracked else 'untracked data'}"
         f" ({len(arrays.train_y)} training images incl. validation, {len(arrays.test_y)} test),"
-        f" {hyp.n_epochs} epochs, batch {hyp.batch_size}, lr {hyp.learning_rate}"
+        f" {hyp.n_epochs} epoch{'' if hyp.n_epochs == 1 else 's'}, batch {hyp.batch_size},"
+        f" lr {hyp.learning_rate}"
     )
     try:
         with progress_bars() as progress_for:
@@ -792,8 +799,8 @@ def run_training(cfg: Settings, hyp, arrays, phase: str):
                 on_batch=lambda n: bar["advance"](n),
                 on_start=lambda url: console.print(f"MLflow run: {url}"),
             )
-    except KeyboardInterrupt:
-        fail("interrupted: the run is marked KILLED, nothing was registered", code=130)
+    except KeyboardInterrupt as exc:
+        fail(f"interrupted: {exc or 'the run is marked KILLED'}", code=130)
     except TrainingError as exc:
         fail(f"{exc}; the run is marked FAILED, nothing was registered")
     except Exception as exc:  # noqa: BLE001  MLflow/S3 errors: say what failed, not a trace

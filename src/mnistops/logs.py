@@ -24,5 +24,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # MLflow sets its loggers' level from this when it is first imported.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Our commands print the run's URL themselves.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in LOUD:
         logging.getLogger(name).setLevel(logging.WARNING)

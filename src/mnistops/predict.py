@@ -153,8 +153,7 @@ def load_champion(settings: Settings):
     folder = model_cache(settings, version)
     unusable = f"the champion {settings.model_registry.name} v{version} cannot be loaded"
     fix = (
-        "; the next registered model that loads replaces it (`mnistops train`), or"
-        " promote another version"
+        "; the next registered model that loads replaces it (`mnistops train`, or a retraining run)"
     )
     if not (folder / "MLmodel").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)

@@ -468,11 +468,13 @@ def load_settings(config_dir: Path | None = None) -> Settings:
     explicit `--config-dir`, MNISTOPS_CONFIG_DIR or MNISTOPS_HOME turns the search off.
     """
     root = Path.cwd()
-    searching = config_dir is None and not any(
-        f"{ENV_PREFIX}{key}" in os.environ for key in ("CONFIG_DIR", "HOME")
-    )
+    explicit_home = os.environ.get(f"{ENV_PREFIX}HOME")
+    searching = config_dir is None and f"{ENV_PREFIX}CONFIG_DIR" not in os.environ
     if searching and not (root / "config").is_dir():
-        root = project_root(root) or root
+        # MNISTOPS_HOME names a project's state dir: its config/ is beside it. Else the
+        # nearest project above the working dir.
+        found = Path(explicit_home).expanduser().absolute().parent if explicit_home else None
+        root = found or project_root(root) or root
         config_dir = root / "config"
     config_dir = config_dir or default_config_dir()
     notes: list[str] = []

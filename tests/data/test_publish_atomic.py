@@ -118,6 +118,9 @@ def test_force_keeps_a_versions_place_in_the_history(publisher: Path) -> None:
     assert forced.returncode == 0, forced.stdout + forced.stderr
     replaced = registry.find_record(settings, "v-old")
     assert replaced.message == "replaced" and replaced.previous == old.previous
+    changes = registry.diff(settings, replaced.previous, "v-old")
+    added, removed = sum(c.added for c in changes), sum(c.removed for c in changes)
+    assert f"since {replaced.previous}: +{added} -{removed} images" in forced.stdout
     assert replaced.created == old.created
     assert registry.find_record(settings, "latest").tag == "v-new"
     recorded, tagged = state(settings, "v-old")

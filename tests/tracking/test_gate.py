@@ -89,3 +89,30 @@ def test_concurrent_gates_crown_the_best(
     for number in numbers:
         tags = client.get_model_version(name, number).tags
         assert (CHAMPION_REASON_TAG in tags) != (CHALLENGER_TAG in tags), (number, tags)
+
+
+def test_only_a_judged_version_makes_a_scheduled_run_skip(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    """A version registered by a training interrupted before the gate decided (or never
+    judged at all) does not count as 'already trained': only a judged one does."""
+    from mnistops.flows.retrain import trained_on
+    from mnistops.settings import load_settings
+    from mnistops.tracking import runs
+
+    settings = load_settings(client_config(stack_settings, tmp_path))
+    name = f"skip-{uuid.uuid4().hex[:8]}"
+    settings.model_registry.name = name
+    client = MlflowClient(stack_settings.mlflow_uri)
+    client.create_registered_model(name)
+    learned = {"data_content_hash": "c" * 64, runs.RECIPE_TAG: "r" * 16, runs.SUBSET_TAG: "false"}
+    unjudged = client.create_model_version(name, source="mlflow-artifacts:/x", tags=learned)
+    assert trained_on(settings, "c" * 64, "r" * 16)[0] is None
+    client.set_model_version_tag(name, unjudged.version, CHALLENGER_TAG, runs.INTERRUPTED_GATE)
+    assert trained_on(settings, "c" * 64, "r" * 16)[0] is None
+    judged = client.create_model_version(
+        name, source="mlflow-artifacts:/y", tags={**learned, CHALLENGER_TAG: "not better"}
+    )
+    version, why = trained_on(settings, "c" * 64, "r" * 16)
+    assert version == judged.version and f"model version {judged.version}" in why
+    assert trained_on(settings, "c" * 64, "other-recipe")[0] is None

@@ -287,7 +287,8 @@ def _publish(
     if existing is not None and not force:
         raise RegistryError(
             f"data version '{tag}' exists already (published {existing.created});"
-            " choose another tag, or --force to replace it"
+            " choose another tag, or --force to replace it. If its retraining did not"
+            " start, start one with `mnistops run`"
         )
     entries = images.scan(
         settings.mnist_dir,
@@ -389,11 +390,30 @@ def _publish(
     new_bytes = sum(cache.path(m).stat().st_size for m in new_md5s)
     return PublishResult(
         record,
-        _changes(old_rows, rows),
+        _changes(_rows_before(settings, record, previous, old_rows, client), rows),
         new_images=sum(1 for e in entries if e.sha256 not in known),
         new_objects=len(new_md5s),
         new_bytes=new_bytes,
     )
+
+
+def _rows_before(
+    settings: Settings,
+    record: store.VersionRecord,
+    newest: store.VersionRecord | None,
+    newest_rows: list[store.ManifestRow],
+    client,
+) -> list[store.ManifestRow]:
+    """The manifest of the version the record says came before it (for --force on an
+    older tag that is not the newest other version)."""
+    if record.previous is None:
+        return []
+    if newest is not None and newest.tag == record.previous:
+        return newest_rows
+    try:
+        return load_manifest(settings, find_record(settings, record.previous, client), client)
+    except (RegistryError, store.StoreError):
+        return []
 
 
 def _lay_out_dataset(folder: Path, files: dict[str, str], cache: store.ObjectCache) -> None:

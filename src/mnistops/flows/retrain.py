@@ -88,13 +88,17 @@ def trained_on(settings: Settings, content_hash: str, recipe: str) -> tuple[str 
     why). A model trained on a share of the data (`--fast`) never counts."""
     from mlflow import MlflowClient
 
-    from mnistops.tracking.registry import versions
+    from mnistops.tracking.registry import CHALLENGER_TAG, CHAMPION_REASON_TAG, versions
 
     client = MlflowClient(settings.mlflow_uri)
     same_data = []
     for version in versions(client, settings.model_registry.name):
         tags = version.tags or {}
         if tags.get("data_content_hash") != content_hash or tags.get(runs.SUBSET_TAG) == "true":
+            continue
+        if CHAMPION_REASON_TAG not in tags and CHALLENGER_TAG not in tags:
+            continue  # registered, but never judged by the gate (an interrupted run)
+        if tags.get(CHALLENGER_TAG) == runs.INTERRUPTED_GATE:
             continue
         if tags.get(runs.RECIPE_TAG) == recipe:
             return version.version, (
@@ -138,11 +142,11 @@ def flow_run_ended(flow_run_id: str) -> str | None:
     return state.name if state is not None and state.is_final() else None
 
 
-def end_own_run(_flow, ended_run, state) -> None:
+def end_own_run(flow, flow_run, state) -> None:  # noqa: ARG001  Prefect passes all three
     """on_crashed / on_cancellation: the MLflow run of this flow run is KILLED, not left
     RUNNING. (A run whose process was killed outright is ended by the next flow run.)"""
     settings = load_settings()
-    runs.end_orphans(settings, lambda fid: state.name if fid == str(ended_run.id) else None)
+    runs.end_orphans(settings, lambda fid: state.name if fid == str(flow_run.id) else None)
 
 
 @flow(

@@ -434,6 +434,9 @@ def train_and_track(
         fitted = fit_logged(hyp, arrays, on_epoch, on_batch)
         result = evaluate_logged(fitted, arrays)
         version, decision = register_logged(settings, run, hyp, arrays, result)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        end(exc)
+        raise KeyboardInterrupt(_settle_interrupted(settings, run)) from None
     except BaseException as exc:
         end(exc)
         raise
@@ -441,6 +444,44 @@ def train_and_track(
     return RunOutcome(
         run.run_id, run.url, run.experiment_id, version, decision, arrays.source, result
     )
+
+
+INTERRUPTED_GATE = "its training was interrupted before the champion gate decided"
+
+
+def _settle_interrupted(settings: Settings, run: TrackedRun) -> str:
+    """After Ctrl-C: what became of the run's model. A version registered but not yet
+    through the gate is marked a challenger that never counted (a scheduled run does
+    not skip because of it). Returns a sentence for the user."""
+    from mlflow import MlflowClient
+
+    from mnistops.tracking.registry import (
+        CHALLENGER_TAG,
+        CHAMPION_REASON_TAG,
+        champion,
+        version_of_run,
+    )
+
+    name = settings.model_registry.name
+    try:
+        client = MlflowClient(settings.mlflow_uri)
+        version = version_of_run(client, name, run.run_id)
+        if version is None:
+            return "the run is marked KILLED, nothing was registered"
+        tags = version.tags or {}
+        if CHAMPION_REASON_TAG not in tags and CHALLENGER_TAG not in tags:
+            client.set_model_version_tag(name, version.version, CHALLENGER_TAG, INTERRUPTED_GATE)
+            return (
+                f"the run is marked KILLED; model version {version.version} was registered"
+                " but not judged by the champion gate (tagged so), champion did not move"
+            )
+        current = champion(client, name)
+        moved = current is not None and current.version == version.version
+        return f"the run is marked KILLED; model version {version.version} was registered and" + (
+            " is champion" if moved else " is a challenger"
+        )
+    except Exception:  # noqa: BLE001  the server may be what failed
+        return "the run is marked KILLED; whether its model was registered is unknown"
 
 
 @dataclass(frozen=True)
