@@ -151,7 +151,7 @@ def test_cli_status_and_env_work_in_a_clean_shell(stack_settings: Settings, tmp_
     # Another machine: no config, no state dir, an empty HOME; only what `env` printed.
     remote = run_cli("stack", "status", env=env, cwd=tmp_path)
     assert remote.returncode == 0, remote.stdout + remote.stderr
-    assert remote.stdout.count("external") == 3
+    assert remote.stdout.count("(external)") == 3
     assert not (tmp_path / ".mnistops" / "run").exists()
 
 

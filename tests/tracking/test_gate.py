@@ -41,6 +41,16 @@ GATE = textwrap.dedent(
 )
 
 
+def stand_in_model(client: MlflowClient) -> tuple[str, str]:
+    """(run id, source) of a run holding an MLmodel file: what the gate checks a model
+    has. Versions made from it cost no training."""
+    experiment = client.create_experiment(f"gate-{uuid.uuid4().hex[:8]}")
+    run = client.create_run(experiment)
+    client.log_text(run.info.run_id, "flavors: {}\n", "model/MLmodel")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id, f"{run.info.artifact_uri}/model"
+
+
 @pytest.mark.parametrize(
     "accuracies",
     [
@@ -56,17 +66,10 @@ def test_concurrent_gates_crown_the_best(
     client = MlflowClient(stack_settings.mlflow_uri)
     name = f"gate-{uuid.uuid4().hex[:8]}"
     client.create_registered_model(name)
-    # One stand-in model (an MLmodel file is what the gate checks is there) for all.
-    experiment = client.create_experiment(f"gate-{uuid.uuid4().hex[:8]}")
-    run = client.create_run(experiment)
-    client.log_text(run.info.run_id, "flavors: {}\n", "model/MLmodel")
-    client.set_terminated(run.info.run_id)
+    run, source = stand_in_model(client)
     numbers = [
         client.create_model_version(
-            name,
-            source=f"{run.info.artifact_uri}/model",
-            run_id=run.info.run_id,
-            tags={ACCURACY_TAG: str(a)},
+            name, source=source, run_id=run, tags={ACCURACY_TAG: str(a)}
         ).version
         for a in accuracies
     ]
@@ -105,13 +108,14 @@ def test_only_a_judged_version_makes_a_scheduled_run_skip(
     settings.model_registry.name = name
     client = MlflowClient(stack_settings.mlflow_uri)
     client.create_registered_model(name)
+    run, source = stand_in_model(client)
     learned = {"data_content_hash": "c" * 64, runs.RECIPE_TAG: "r" * 16, runs.SUBSET_TAG: "false"}
-    unjudged = client.create_model_version(name, source="mlflow-artifacts:/x", tags=learned)
+    unjudged = client.create_model_version(name, source=source, run_id=run, tags=learned)
     assert trained_on(settings, "c" * 64, "r" * 16)[0] is None
     client.set_model_version_tag(name, unjudged.version, CHALLENGER_TAG, runs.INTERRUPTED_GATE)
     assert trained_on(settings, "c" * 64, "r" * 16)[0] is None
     judged = client.create_model_version(
-        name, source="mlflow-artifacts:/y", tags={**learned, CHALLENGER_TAG: "not better"}
+        name, source=source, run_id=run, tags={**learned, CHALLENGER_TAG: "not better"}
     )
     version, why = trained_on(settings, "c" * 64, "r" * 16)
     assert version == judged.version and f"model version {judged.version}" in why

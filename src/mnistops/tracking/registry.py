@@ -114,15 +114,17 @@ def gate(
 
 
 def model_problem(client: MlflowClient, name: str, version: ModelVersion) -> str | None:
-    """Why a version's model cannot be loaded (its MLmodel file is not in the artifact
-    store), or None."""
+    """Why a version's model cannot be loaded: its MLmodel file is not in the artifact
+    store. None when it is there, and when the store cannot be asked now (a passing
+    failure must never crown a worse model)."""
     import mlflow
 
     try:
         uri = client.get_model_version_download_uri(name, version.version)
-        found = {a.path.rsplit("/", 1)[-1] for a in mlflow.artifacts.list_artifacts(uri)}
-    except Exception as exc:  # noqa: BLE001  whatever the store says is the reason
-        return f"{exc.__class__.__name__}: {str(exc)[:200]}"
+        listed = mlflow.artifacts.list_artifacts(uri, tracking_uri=client.tracking_uri)
+    except Exception:  # noqa: BLE001
+        return None
+    found = {a.path.rsplit("/", 1)[-1] for a in listed}
     return None if "MLmodel" in found else "its MLmodel file is missing"
 
 
