@@ -368,6 +368,39 @@ def test_stack_up_starts_again_the_workers_stack_down_stopped(machines: dict) ->
     assert [r.pid for r in stack.worker_records(worker_settings)] == [after.pid]
 
 
+def test_a_cancelled_run_ends_its_mlflow_run_killed(machines: dict) -> None:
+    """Cancelled from Prefect (the UI's Cancel) mid-training: the flow's hook ends its
+    MLflow run KILLED, not FAILED and not RUNNING."""
+    from prefect.states import Cancelling
+
+    publisher = machines["publisher"]
+    settings = load_settings(publisher)
+    started = run_cli("run", "--epochs", "400", config_dir=publisher, timeout=120)
+    assert started.returncode == 0, started.stderr
+    flow_run_id = started.stdout.split()[2].rstrip(":")
+
+    def training():
+        found = [
+            r
+            for r in mlflow_runs(publisher)
+            if r.data.tags.get("prefect_flow_run_id") == flow_run_id
+        ]
+        return found[0] if found else None
+
+    wait_for(training, 300, "the training to start")
+    with prefect_client(settings) as client:
+        client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+
+    def ended():
+        run = training()
+        return run if run is not None and run.info.status != "RUNNING" else None
+
+    run = wait_for(ended, 180, "the MLflow run to end")
+    assert run.info.status == "KILLED", (run.info.status, run.data.tags.get("error"))
+    reason = run.data.tags["error"]
+    assert reason.startswith("interrupted") or "CANCEL" in reason.upper(), reason
+
+
 def test_a_killed_worker_leaves_a_crashed_run_and_a_free_slot(machines: dict) -> None:
     """SIGKILL of the worker and its flow-run process mid-training: the heartbeat
     automation marks the run CRASHED (bound: 30 s heartbeat + 75 s silence + the

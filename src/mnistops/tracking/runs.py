@@ -370,6 +370,10 @@ def register_logged(
     return version.version, decision
 
 
+INTERRUPTIONS = {"KeyboardInterrupt", "SystemExit", "ExternalSignal"}
+"""Ctrl-C, SIGTERM, and Prefect's signals to a flow run it cancels or stops"""
+
+
 def end(error: BaseException | None = None) -> None:
     """Close the active run: FINISHED; KILLED when interrupted (Ctrl-C, SIGTERM); FAILED
     otherwise, with the reason as its `error` tag."""
@@ -378,8 +382,12 @@ def end(error: BaseException | None = None) -> None:
     if error is None:
         mlflow.end_run()
         return
-    interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
-    message = "interrupted" if interrupted else (str(error) or error.__class__.__name__)
+    interrupted = any(kind.__name__ in INTERRUPTIONS for kind in type(error).__mro__)
+    message = (
+        f"interrupted ({error.__class__.__name__})"
+        if interrupted
+        else (str(error) or error.__class__.__name__)
+    )
     # The server may be what failed: the original error is what the caller must see.
     with contextlib.suppress(Exception):
         mlflow.set_tag("error", message[:5000])
