@@ -93,6 +93,19 @@ def deployment_runs(settings: Settings, deploy_name: str) -> list:
         )
 
 
+def run_logs(config_dir: Path, output: str) -> list:
+    """The Prefect logs of the flow run whose id `mnistops run` printed."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    flow_run_id = next(
+        line.split()[2].rstrip(":") for line in output.splitlines() if line.startswith("flow run ")
+    )
+    with prefect_client(load_settings(config_dir)) as client:
+        return client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+
+
 def wait_for(condition, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -220,17 +233,7 @@ def test_a_crafted_version_fails_the_run_and_writes_nothing_outside(
     )
     done = run_cli("run", "--data-version", "evil", "--wait", config_dir=publisher, timeout=600)
     assert done.returncode == 1 and "Failed" in done.stdout, done.stdout + done.stderr
-    flow_run_id = next(
-        line.split()[2].rstrip(":")
-        for line in done.stdout.splitlines()
-        if line.startswith("flow run ")
-    )
-    with prefect_client(load_settings(publisher)) as client:
-        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-        logs = client.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
-        )
+    logs = run_logs(publisher, done.stdout)
     assert any("not train|test/<digit>/<file name>" in log.message for log in logs)
     assert not outside.exists()
 
@@ -305,17 +308,7 @@ def test_forcing_cuda_without_a_gpu_fails_the_run_clearly(machines: dict) -> Non
     publisher = machines["publisher"]
     done = run_cli("run", "--device", "cuda", "--wait", config_dir=publisher, timeout=600)
     assert done.returncode == 1
-    flow_run_id = next(
-        line.split()[2].rstrip(":")
-        for line in done.stdout.splitlines()
-        if line.startswith("flow run ")
-    )
-    with prefect_client(load_settings(publisher)) as client:
-        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-        logs = client.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
-        )
+    logs = run_logs(publisher, done.stdout)
     assert any("no usable CUDA GPU" in log.message for log in logs)
 
 
