@@ -171,6 +171,17 @@ def client_config(stack_settings: Settings, root: Path, bucket: str | None = Non
     return config_dir
 
 
+def client_with_v1(stack_settings: Settings, root: Path) -> Path:
+    """The config dir of a machine with its own DVC bucket and v1.0 (--fast) published."""
+    import uuid
+
+    config_dir = client_config(stack_settings, root, bucket=f"dvc-{uuid.uuid4().hex[:8]}")
+    for args in (("data", "ingest", "--fast"), ("data", "version", "v1.0", "-m", "first")):
+        done = run_cli(*args, config_dir=config_dir)
+        assert done.returncode == 0, done.stdout + done.stderr
+    return config_dir
+
+
 @contextmanager
 def prefect_client(settings: Settings):
     """A client of the stack's Prefect server (this process imported prefect before the

@@ -5,7 +5,6 @@ versions still list and pull."""
 from __future__ import annotations
 
 import io
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from PIL import Image
 
 from mnistops.data import registry
 from mnistops.settings import Settings, load_settings
-from tests.conftest import client_config, run_cli
+from tests.conftest import client_with_v1, run_cli
 from tests.data.test_images import bomb_png
 from tests.helpers import craft_version, put_object
 
@@ -34,12 +33,7 @@ def digit_png() -> bytes:
 @pytest.fixture(scope="module")
 def victim(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A machine with one good version v1.0 in its own bucket."""
-    root = tmp_path_factory.mktemp("victim")
-    config_dir = client_config(stack_settings, root, bucket=f"dvc-{uuid.uuid4().hex[:8]}")
-    for args in (("data", "ingest", "--fast"), ("data", "version", "v1.0", "-m", "good")):
-        done = run_cli(*args, config_dir=config_dir)
-        assert done.returncode == 0, done.stdout + done.stderr
-    yield config_dir
+    yield client_with_v1(stack_settings, tmp_path_factory.mktemp("victim"))
 
 
 def refused_cleanly(done, *expected: str) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from PIL import Image
 from mnistops.data import registry, store
 from mnistops.settings import Settings, load_settings
 from mnistops.stack.endpoints import s3_client
-from tests.conftest import cli_command, client_config, run_cli
+from tests.conftest import cli_command, client_with_v1, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -26,12 +25,7 @@ STEPS = ["validated", "packed", "pushed", "verified", "committed", "tagged", "re
 
 @pytest.fixture(scope="module")
 def publisher(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("atomic")
-    config_dir = client_config(stack_settings, root, bucket=f"dvc-{uuid.uuid4().hex[:8]}")
-    for args in (("data", "ingest", "--fast"), ("data", "version", "v1.0", "-m", "first")):
-        done = run_cli(*args, config_dir=config_dir)
-        assert done.returncode == 0, done.stdout + done.stderr
-    yield config_dir
+    yield client_with_v1(stack_settings, tmp_path_factory.mktemp("atomic"))
 
 
 def add_image(settings: Settings, name: str) -> None:
