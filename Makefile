@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mnistops-installed
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test test-fast lint bench
 
 setup: $(STAMP)
 
@@ -32,9 +32,15 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# The unit tier: pure logic, no services (seconds, not minutes).
+test-fast: setup
+	$(BIN)/python -m pytest -m unit -q
+
+# The same checks as .pre-commit-config.yaml: ruff, then the type checker on src/.
 lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/python bench/stack_footprint.py

@@ -25,8 +25,8 @@ import yaml
 from pydantic import SecretStr
 
 from mnistops import stack
+from mnistops.clients import CHECKSUM_ENV, client_env, s3_client, s3_keys
 from mnistops.settings import load_settings
-from mnistops.stack.endpoints import CHECKSUM_ENV, client_env, s3_client, s3_keys
 from mnistops.stack.ports import free_port_config
 
 BIN = Path(sys.executable).parent

@@ -145,8 +145,8 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
 def client_config(stack_settings: Settings, root: Path, bucket: str | None = None) -> Path:
     """A config dir for a machine that uses the session's stack from outside: its own state
     dir and data dir, the stack's URLs and keys, and (optionally) its own DVC bucket."""
+    from mnistops.clients import s3_client
     from mnistops.stack.credentials import load_keys
-    from mnistops.stack.endpoints import s3_client
 
     keys = load_keys(stack_settings.home)
     assert keys is not None

@@ -6,9 +6,9 @@ import gzip
 import hashlib
 import json
 
-from mnistops.data import store
+from mnistops.clients import s3_client
+from mnistops.data import packs, remote
 from mnistops.settings import Settings
-from mnistops.stack.endpoints import s3_client
 
 
 def put_object(settings: Settings, key: str, body: bytes) -> None:
@@ -31,36 +31,36 @@ def craft_version(
     image's bytes), every class of both splits gets one more image. Returns the key."""
     if filler:
         images = {**images}
-        for split in store.SPLIT_NAMES:
-            for digit in store.DIGIT_NAMES:
+        for split in packs.SPLIT_NAMES:
+            for digit in packs.DIGIT_NAMES:
                 images[f"{split}/{digit}/filler.png"] = filler
     pack = b"".join(images.values())
-    pack_md5 = store.md5_bytes(pack)
+    pack_md5 = packs.md5_bytes(pack)
     rows, offset = [], 0
-    counts = {s: dict.fromkeys(store.DIGIT_NAMES, 0) for s in store.SPLIT_NAMES}
+    counts = {s: dict.fromkeys(packs.DIGIT_NAMES, 0) for s in packs.SPLIT_NAMES}
     for path, data in images.items():
         rows.append([path, hashlib.sha256(data).hexdigest(), pack_md5, offset, len(data)])
         offset += len(data)
         split, digit = (path.split("/") + ["", ""])[:2]
         if split in counts and digit in counts[split]:
             counts[split][digit] += 1
-    manifest = gzip.compress(json.dumps({"columns": store.MANIFEST_COLUMNS, "rows": rows}).encode())
-    manifest_md5 = store.md5_bytes(manifest)
-    put_object(settings, store.object_key(pack_md5), pack)
-    put_object(settings, store.object_key(manifest_md5), manifest)
+    manifest = gzip.compress(json.dumps({"columns": packs.MANIFEST_COLUMNS, "rows": rows}).encode())
+    manifest_md5 = packs.md5_bytes(manifest)
+    put_object(settings, remote.object_key(pack_md5), pack)
+    put_object(settings, remote.object_key(manifest_md5), manifest)
     record = {
         "tag": tag,
         "message": "crafted",
         "created": "2099-01-01T00:00:00+00:00",
-        "content_hash": store.rows_content_hash(store.ManifestRow._make(r) for r in rows),
+        "content_hash": packs.rows_content_hash(packs.ManifestRow._make(r) for r in rows),
         "counts": counts,
-        "files": {store.MANIFEST: manifest_md5, f"packs/{pack_md5}.pack": pack_md5},
+        "files": {packs.MANIFEST: manifest_md5, f"packs/{pack_md5}.pack": pack_md5},
         "previous": None,
         "commit": None,
         "remote": "",
-        "format": store.FORMAT,
+        "format": packs.FORMAT,
         **record_changes,
     }
-    object_key = f"{store.VERSIONS_PREFIX}{key or tag}.json"
+    object_key = f"{packs.VERSIONS_PREFIX}{key or tag}.json"
     put_object(settings, object_key, json.dumps(record).encode())
     return object_key

@@ -16,12 +16,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mnistops.data.images import MAX_PIXELS, ImageRefused, open_image, read_regular, shown_name
+from mnistops.errors import MnistopsError
 from mnistops.settings import Settings
 
 __all__ = ["MAX_PIXELS", "PredictError", "Prediction", "load_images", "mnist_like", "predict"]
 
 
-class PredictError(Exception):
+class PredictError(MnistopsError):
     """An image cannot be read or there is no champion; the message names which."""
 
 
@@ -118,12 +119,11 @@ def load_images(paths: list[Path]) -> np.ndarray:
 
 def champion_uri(settings: Settings) -> tuple[str, str]:
     """(model URI, version) of the current champion."""
-    from mlflow import MlflowClient
-
+    from mnistops.clients import mlflow_client
     from mnistops.tracking.registry import champion
 
     name = settings.model_registry.name
-    version = champion(MlflowClient(settings.mlflow_uri), name)
+    version = champion(mlflow_client(settings), name)
     if version is None:
         raise PredictError(
             f"no model '{name}' has the alias champion yet at {settings.mlflow_uri};"
@@ -178,13 +178,11 @@ def load_champion(settings: Settings):
 
 
 def predict(settings: Settings, paths: list[Path]) -> list[Prediction]:
-    import mlflow
-
-    from mnistops.tracking.runs import check_tracking_server
+    """The champion's digit and confidence for each image (loaded the MNIST way)."""
+    from mnistops.tracking.server import check_tracking_server
 
     batch = load_images(paths)
     check_tracking_server(settings)
-    mlflow.set_tracking_uri(settings.mlflow_uri)
     model, version = load_champion(settings)
     logits = np.asarray(model.predict(batch), dtype=np.float64)
     logits -= logits.max(1, keepdims=True)

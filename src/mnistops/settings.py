@@ -25,12 +25,14 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from mnistops.errors import BadInput
+
 ENV_PREFIX = "MNISTOPS_"
 ENV_NESTED = "__"
 CONFIG_FILES = ("stack.yml", "dataset.yml", "hyp.yml", "flow.yml")
 
 
-class ConfigError(Exception):
+class ConfigError(BadInput):
     """A setting is wrong; the message names the file (or variable) and the key."""
 
 
@@ -158,6 +160,11 @@ class DeploymentSettings(Section):
     pool_name: str = "mnist-cpu"
     queue_name: str = "default"
 
+    @property
+    def full_name(self) -> str:
+        """`FLOW/DEPLOYMENT`, how Prefect names the deployment."""
+        return f"{self.flow_name}/{self.deploy_name}"
+
 
 class SchedulerSettings(Section):
     """`config/flow.yml`, key `scheduler`: when the retraining runs."""
@@ -205,6 +212,12 @@ class Settings(BaseSettings):
     model_registry: ModelRegistrySettings = ModelRegistrySettings()
     _sources: dict[str, Path] = PrivateAttr(default_factory=dict)
     _notes: list[str] = PrivateAttr(default_factory=list)
+    _config_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def config_dir(self) -> Path | None:
+        """The folder of YAML files these settings were read from (None: not from files)."""
+        return self._config_dir
 
     def where(self, key: str) -> str:
         """Where the setting `key` (dotted) is written, for a message: its file and key,
@@ -482,7 +495,7 @@ def load_settings(config_dir: Path | None = None) -> Settings:
     try:
         settings = Settings(**values)
     except ValidationError as exc:
-        lines = [_describe_error(e, origin, config_dir) for e in exc.errors()]
+        lines = [_describe_error(dict(e), origin, config_dir) for e in exc.errors()]
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
     settings.home = _resolve(settings.home, root).absolute()
     settings.data_dir = _resolve(settings.data_dir, root).absolute()
@@ -491,4 +504,5 @@ def load_settings(config_dir: Path | None = None) -> Settings:
     _own_services_back(settings)
     settings._sources = origin
     settings._notes = notes
+    settings._config_dir = config_dir.absolute()
     return settings

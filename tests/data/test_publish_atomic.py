@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnistops.data import registry, store
+from mnistops.clients import s3_client
+from mnistops.data import registry, remote
 from mnistops.settings import Settings, load_settings
-from mnistops.stack.endpoints import s3_client
 from tests.conftest import cli_command, client_with_v1, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -35,7 +35,7 @@ def add_image(settings: Settings, name: str) -> None:
 
 def state(settings: Settings, tag: str) -> tuple[str | None, str | None]:
     """(the commit the bucket's record names, the commit the git tag names)."""
-    record = store.read_record(s3_client(settings), settings.s3.buckets.dvc, tag)
+    record = remote.read_record(s3_client(settings), settings.s3.buckets.dvc, tag)
     tagged = subprocess.run(
         ["git", "-C", str(settings.registry_dir), "rev-parse", "--verify", "-q", f"{tag}^{{}}"],
         capture_output=True,

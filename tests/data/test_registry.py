@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from mnistops import stack
-from mnistops.data import registry, store
+from mnistops.clients import s3_client
+from mnistops.data import packs, registry, remote
 from mnistops.settings import Settings, load_settings
 from mnistops.stack import process
-from mnistops.stack.endpoints import s3_client
 from tests.conftest import cli_paused_at, client_config, finish, kill_service, run_cli
 
 pytestmark = pytest.mark.integration
@@ -246,7 +246,7 @@ def test_corrupt_remote_object_is_named_and_never_written(publisher: Path, tmp_p
     record = registry.find_record(settings, "v1.0")
     pack = next(m for name, m in record.files.items() if name.startswith("packs/"))
     client = s3_client(settings)
-    key = store.object_key(pack)
+    key = remote.object_key(pack)
     original = client.get_object(Bucket=settings.s3.buckets.dvc, Key=key)["Body"].read()
     client.put_object(
         Bucket=settings.s3.buckets.dvc,
@@ -255,11 +255,11 @@ def test_corrupt_remote_object_is_named_and_never_written(publisher: Path, tmp_p
     )
     fresh = settings.model_copy(update={"home": tmp_path / "fresh-home"})
     try:
-        with pytest.raises(store.StoreError) as info:
+        with pytest.raises(packs.StoreError) as info:
             registry.pull(fresh, "v1.0", tmp_path / "out")
         assert key in str(info.value) and "corrupt" in str(info.value)
         assert not (tmp_path / "out").exists()
-        assert not store.ObjectCache(tmp_path / "fresh-home" / "cache" / "objects").has(pack)
+        assert not packs.ObjectCache(tmp_path / "fresh-home" / "cache" / "objects").has(pack)
     finally:
         client.put_object(Bucket=settings.s3.buckets.dvc, Key=key, Body=original)
 
@@ -346,10 +346,10 @@ def test_store_killed_while_a_version_is_pulled_then_rerun(
         assert "Traceback" not in output
         assert not target.exists()
         assert not target.parent.exists() or not any(target.parent.iterdir()), "half-written"
-        cache = store.ObjectCache(machine / ".mnistops" / "cache" / "objects")
+        cache = packs.ObjectCache(machine / ".mnistops" / "cache" / "objects")
         kept = [p for p in cache.root.rglob("*") if p.is_file()] if cache.root.exists() else []
         for path in kept:
-            assert store.md5_bytes(path.read_bytes()) == path.parent.name + path.name, path
+            assert packs.md5_bytes(path.read_bytes()) == path.parent.name + path.name, path
     finally:
         stack.up(stack_settings)
 

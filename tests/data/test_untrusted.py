@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mnistops.data import images, store
+from mnistops.data import images, packs
 
 pytestmark = [pytest.mark.unit, pytest.mark.security]
 
@@ -30,11 +30,11 @@ def record_dict(**changes: object) -> dict:
         "created": "2026-11-27T09:00:00+00:00",
         "content_hash": SHA,
         "counts": {split: {str(d): 3 for d in range(10)} for split in ("train", "test")},
-        "files": {store.MANIFEST: MD5, f"packs/{'c' * 32}.pack": "c" * 32},
+        "files": {packs.MANIFEST: MD5, f"packs/{'c' * 32}.pack": "c" * 32},
         "previous": None,
         "commit": "d" * 40,
         "remote": "s3://dvc/registry",
-        "format": store.FORMAT,
+        "format": packs.FORMAT,
     }
     data.update(changes)
     return {k: v for k, v in data.items() if v is not ...}
@@ -47,19 +47,19 @@ def counts_with(split: str, digit: str, value: object) -> dict:
 
 
 def manifest(rows: list, columns: list | None = None) -> bytes:
-    document = {"columns": columns or store.MANIFEST_COLUMNS, "rows": rows}
+    document = {"columns": columns or packs.MANIFEST_COLUMNS, "rows": rows}
     return gzip.compress(json.dumps(document).encode())
 
 
 def refused(text: str | bytes, tag: str | None = "v1.0") -> str:
-    with pytest.raises(store.CorruptRecord) as info:
-        store.record_from_json(text, tag)
+    with pytest.raises(packs.CorruptRecord) as info:
+        packs.record_from_json(text, tag)
     return str(info.value)
 
 
 def test_a_valid_record_round_trips() -> None:
-    record = store.record_from_json(json.dumps(record_dict()), "v1.0")
-    assert store.record_from_json(record.to_json(), "v1.0") == record
+    record = packs.record_from_json(json.dumps(record_dict()), "v1.0")
+    assert packs.record_from_json(record.to_json(), "v1.0") == record
     assert record.images == {"train": 30, "test": 30}
 
 
@@ -78,9 +78,9 @@ def test_a_valid_record_round_trips() -> None:
         ({"counts": counts_with("train", "11", 1)}, "counts.train"),
         ({"counts": {"train": record_dict()["counts"]["train"]}}, "'counts' must map"),
         ({"counts": {"../x": {"0": 1}}}, "counts"),
-        ({"files": {store.MANIFEST: "../../../../tmp/x"}}, "not an MD5"),
-        ({"files": {"packs/../../x.pack": MD5, store.MANIFEST: MD5}}, "not a manifest or pack"),
-        ({"files": {f"packs/{'e' * 32}.pack": MD5, store.MANIFEST: MD5}}, "not a manifest or"),
+        ({"files": {packs.MANIFEST: "../../../../tmp/x"}}, "not an MD5"),
+        ({"files": {"packs/../../x.pack": MD5, packs.MANIFEST: MD5}}, "not a manifest or pack"),
+        ({"files": {f"packs/{'e' * 32}.pack": MD5, packs.MANIFEST: MD5}}, "not a manifest or"),
         ({"files": {"packs/x.pack": MD5}}, "must name the manifest"),
         ({"message": "hi\x1b]0;pwned\x07"}, "control characters"),
         ({"created": "yesterday"}, "isoformat"),
@@ -131,31 +131,31 @@ def good_row(path: str = "train/3/1.png", offset: int = 0, length: int = 10) -> 
     ],
 )
 def test_a_crafted_manifest_row_is_refused(row: list, reason: str) -> None:
-    with pytest.raises(store.CorruptRecord) as info:
-        store.parse_manifest(manifest([good_row("test/1/ok.png"), row]))
+    with pytest.raises(packs.CorruptRecord) as info:
+        packs.parse_manifest(manifest([good_row("test/1/ok.png"), row]))
     assert reason in str(info.value) and "row 2" in str(info.value), info.value
 
 
 def test_manifest_refuses_duplicates_foreign_packs_layouts_and_bombs() -> None:
     twice = manifest([good_row(), good_row()])
-    with pytest.raises(store.CorruptRecord, match="listed twice"):
-        store.parse_manifest(twice)
-    record = store.record_from_json(json.dumps(record_dict()), "v1.0")
-    with pytest.raises(store.CorruptRecord, match="not one of the version's files"):
-        store.parse_manifest(manifest([good_row()]), record)
-    with pytest.raises(store.CorruptRecord, match="unknown manifest layout"):
-        store.parse_manifest(manifest([], columns=["path"]))
-    with pytest.raises(store.CorruptRecord, match="not gzip"):
-        store.parse_manifest(b"plain text")
+    with pytest.raises(packs.CorruptRecord, match="listed twice"):
+        packs.parse_manifest(twice)
+    record = packs.record_from_json(json.dumps(record_dict()), "v1.0")
+    with pytest.raises(packs.CorruptRecord, match="not one of the version's files"):
+        packs.parse_manifest(manifest([good_row()]), record)
+    with pytest.raises(packs.CorruptRecord, match="unknown manifest layout"):
+        packs.parse_manifest(manifest([], columns=["path"]))
+    with pytest.raises(packs.CorruptRecord, match="not gzip"):
+        packs.parse_manifest(b"plain text")
     bomb = zlib.compressobj(9, zlib.DEFLATED, 31)
-    data = bomb.compress(b"\0" * (store.MAX_MANIFEST_BYTES + 1)) + bomb.flush()
+    data = bomb.compress(b"\0" * (packs.MAX_MANIFEST_BYTES + 1)) + bomb.flush()
     assert len(data) < 1 << 20
-    with pytest.raises(store.CorruptRecord, match="decompresses to more than"):
-        store.parse_manifest(data)
+    with pytest.raises(packs.CorruptRecord, match="decompresses to more than"):
+        packs.parse_manifest(data)
     dense = gzip.compress(b'{"rows": [' + b"[]," * 8_000_000 + b'[]], "columns": []}')
     assert len(dense) < 1 << 20
-    with pytest.raises(store.CorruptRecord, match="far more JSON values"):
-        store.parse_manifest(dense)
+    with pytest.raises(packs.CorruptRecord, match="far more JSON values"):
+        packs.parse_manifest(dense)
 
 
 def test_a_manifest_must_hold_what_its_record_says() -> None:
@@ -165,40 +165,40 @@ def test_a_manifest_must_hold_what_its_record_says() -> None:
         for d in range(10)
     ]
     counts = {split: {str(d): 1 for d in range(10)} for split in ("train", "test")}
-    parsed = [store.ManifestRow._make(r) for r in rows]
-    content = store.rows_content_hash(parsed)
-    record = store.record_from_json(
+    parsed = [packs.ManifestRow._make(r) for r in rows]
+    content = packs.rows_content_hash(parsed)
+    record = packs.record_from_json(
         json.dumps(record_dict(counts=counts, content_hash=content)), "v1.0"
     )
-    assert store.parse_manifest(manifest(rows), record) == parsed
-    with pytest.raises(store.CorruptRecord, match="images per class"):
-        store.parse_manifest(manifest(rows[1:]), record)
-    lying = store.record_from_json(json.dumps(record_dict(counts=counts)), "v1.0")
-    with pytest.raises(store.CorruptRecord, match="content hash"):
-        store.parse_manifest(manifest(rows), lying)
+    assert packs.parse_manifest(manifest(rows), record) == parsed
+    with pytest.raises(packs.CorruptRecord, match="images per class"):
+        packs.parse_manifest(manifest(rows[1:]), record)
+    lying = packs.record_from_json(json.dumps(record_dict(counts=counts)), "v1.0")
+    with pytest.raises(packs.CorruptRecord, match="content hash"):
+        packs.parse_manifest(manifest(rows), lying)
 
 
 def test_rows_outside_their_pack_are_refused(tmp_path: Path) -> None:
-    cache = store.ObjectCache(tmp_path)
+    cache = packs.ObjectCache(tmp_path)
     pack = cache.put(b"0123456789")
-    rows = [store.ManifestRow("train/1/a.png", SHA, pack, 5, 10)]
-    with pytest.raises(store.CorruptRecord, match="outside pack"):
-        store.check_rows(rows, cache)
+    rows = [packs.ManifestRow("train/1/a.png", SHA, pack, 5, 10)]
+    with pytest.raises(packs.CorruptRecord, match="outside pack"):
+        packs.check_rows(rows, cache)
 
 
 def test_paths_and_object_ids_stay_inside_their_folder(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
-    assert store.path_inside(root, "train/1/a.png") == root / "train/1/a.png"
+    assert packs.path_inside(root, "train/1/a.png") == root / "train/1/a.png"
     for bad in ("../x", "train/../../x", "/etc/passwd"):
-        with pytest.raises(store.CorruptRecord, match="outside"):
-            store.path_inside(root, bad)
+        with pytest.raises(packs.CorruptRecord, match="outside"):
+            packs.path_inside(root, bad)
     os.symlink(tmp_path, root / "link")
-    with pytest.raises(store.CorruptRecord, match="outside"):
-        store.path_inside(root, "link/x")
-    cache = store.ObjectCache(root)
+    with pytest.raises(packs.CorruptRecord, match="outside"):
+        packs.path_inside(root, "link/x")
+    cache = packs.ObjectCache(root)
     for bad in ("../../../../tmp/xx", "a" * 31, "A" * 32, "g" * 32):
-        with pytest.raises(store.CorruptRecord, match="not an object id"):
+        with pytest.raises(packs.CorruptRecord, match="not an object id"):
             cache.path(bad)
 
 
@@ -212,7 +212,7 @@ json_values = st.recursive(
 field_values = {
     "tag": st.sampled_from(["v1.0", "../v1", "v1.0/..", "", "latest", "a" * 70]) | st.text(),
     "content_hash": st.sampled_from([SHA, "A" * 64, "a" * 63]) | st.text(),
-    "files": st.sampled_from([record_dict()["files"], {store.MANIFEST: MD5}]) | json_values,
+    "files": st.sampled_from([record_dict()["files"], {packs.MANIFEST: MD5}]) | json_values,
     "counts": st.sampled_from([record_dict()["counts"]]) | json_values,
 }
 
@@ -225,20 +225,20 @@ field_values = {
 def test_fuzz_record_fields(changes: dict, expected: str | None) -> None:
     text = json.dumps(record_dict(**changes))
     try:
-        record = store.record_from_json(text, expected)
-    except store.CorruptRecord:
+        record = packs.record_from_json(text, expected)
+    except packs.CorruptRecord:
         return
-    assert store.tag_problem(record.tag) is None
+    assert packs.tag_problem(record.tag) is None
     assert expected in (None, record.tag)
-    assert store.SHA256_PATTERN.fullmatch(record.content_hash)
-    assert all(store.MD5_PATTERN.fullmatch(m) for m in record.files.values())
+    assert packs.SHA256_PATTERN.fullmatch(record.content_hash)
+    assert all(packs.MD5_PATTERN.fullmatch(m) for m in record.files.values())
 
 
 @FUZZ
 @given(st.binary(max_size=2000) | json_values.map(lambda v: json.dumps(v).encode()))
 def test_fuzz_record_bytes(data: bytes) -> None:
-    with contextlib.suppress(store.CorruptRecord):
-        store.record_from_json(data)
+    with contextlib.suppress(packs.CorruptRecord):
+        packs.record_from_json(data)
 
 
 path_parts = st.sampled_from(["train", "test", "..", ".", "", "0", "9", "x.png", "a/b"])
@@ -256,8 +256,8 @@ paths = st.lists(path_parts, min_size=1, max_size=5).map("/".join) | st.text(max
 )
 def test_fuzz_manifest_rows_never_lead_outside(rows: list) -> None:
     try:
-        parsed = store.parse_manifest(manifest(rows))
-    except store.CorruptRecord:
+        parsed = packs.parse_manifest(manifest(rows))
+    except packs.CorruptRecord:
         return
     root = "/dest"
     for row in parsed:
@@ -270,8 +270,8 @@ def test_fuzz_manifest_rows_never_lead_outside(rows: list) -> None:
 @given(st.binary(max_size=500))
 def test_fuzz_manifest_bytes(data: bytes) -> None:
     for candidate in (data, gzip.compress(data)):
-        with contextlib.suppress(store.CorruptRecord):
-            store.parse_manifest(candidate)
+        with contextlib.suppress(packs.CorruptRecord):
+            packs.parse_manifest(candidate)
 
 
 @FUZZ

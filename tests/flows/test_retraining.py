@@ -400,7 +400,7 @@ def test_a_killed_worker_leaves_a_crashed_run_and_a_free_slot(machines: dict) ->
     server's trigger loop), the slot is freed and the next run completes."""
     import psutil
 
-    from mnistops.flows.deploy import HEARTBEAT_S, UNRESPONSIVE_S
+    from mnistops.flows.deployment import HEARTBEAT_S, UNRESPONSIVE_S
     from mnistops.stack import process
 
     publisher, worker_config = machines["publisher"], machines["worker"]

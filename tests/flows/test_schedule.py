@@ -11,7 +11,7 @@ import pytest
 import yaml
 from prefect.server.schemas import schedules as server_schedules
 
-from mnistops.flows.deploy import build_schedule, next_runs
+from mnistops.flows.schedules import build_schedule, next_runs
 from mnistops.settings import ConfigError, SchedulerSettings, Settings, load_settings
 
 pytestmark = pytest.mark.unit

@@ -17,10 +17,10 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from mnistops import stack
+from mnistops.clients import s3_client
 from mnistops.settings import Settings, load_settings
 from mnistops.stack import process
 from mnistops.stack.credentials import S3Keys, load_keys
-from mnistops.stack.endpoints import s3_client
 from tests.conftest import run_cli, write_stack_config
 
 pytestmark = pytest.mark.integration

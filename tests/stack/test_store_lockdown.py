@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mnistops.clients import s3_client
 from mnistops.settings import Settings
-from mnistops.stack.endpoints import s3_client
 from mnistops.stack.store_security import HTTP2_PREFACE, grpc_open_without_tls, security_dir
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
@@ -170,7 +170,7 @@ def test_up_closes_a_bucket_someone_with_the_keys_opened(stack_settings: Setting
     from botocore.exceptions import ClientError
 
     from mnistops import stack
-    from mnistops.stack import _anonymous_client
+    from mnistops.stack.store_checks import anonymous_client as _anonymous_client
 
     client = s3_client(stack_settings)
     by_policy, by_acl = f"open-{uuid.uuid4().hex[:6]}", f"acl-{uuid.uuid4().hex[:6]}"

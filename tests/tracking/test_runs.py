@@ -346,8 +346,8 @@ def test_an_unusable_champion_is_named_then_replaced(
 ) -> None:
     """The champion's model files vanish from the artifact store: `predict` names the
     version and why; the next registered model that loads takes over, saying why."""
+    from mnistops.clients import s3_client
     from mnistops.predict import model_cache
-    from mnistops.stack.endpoints import s3_client
 
     settings, client = client_of(trainer)
     name = settings.model_registry.name

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from mnistops.errors import MnistopsError
+
 VERSION_SPLITS = ("train", "test")
 DIGITS = tuple(str(d) for d in range(10))
 SHOWN_PROBLEMS = 20
@@ -35,7 +37,7 @@ DIGIT_FILE_BYTES = 1 << 20
 Progress = Callable[[int], None]
 
 
-class ImageRefused(ValueError):
+class ImageRefused(MnistopsError, ValueError):
     """A file is not read or not decoded: too large, not a regular file, outside its folder."""
 
 
@@ -105,7 +107,7 @@ def open_image(source: Path | io.BytesIO, max_pixels: int = MAX_PIXELS) -> Image
     return image
 
 
-class InvalidDataset(Exception):
+class InvalidDataset(MnistopsError):
     def __init__(self, problems: list[tuple[Path, str]]):
         self.problems = problems
         shown = "\n".join(
@@ -265,11 +267,11 @@ def list_files(root: Path, problems: list[tuple[Path, str]]) -> list[tuple[str, 
             else:
                 usable[name] = entry
         for digit in DIGITS:
-            entry = usable.get(digit)
+            folder = usable.get(digit)
             files = (
                 []
-                if entry is None
-                else sorted(f.name for f in os.scandir(entry.path) if not f.name.startswith("."))
+                if folder is None
+                else sorted(f.name for f in os.scandir(folder.path) if not f.name.startswith("."))
             )
             if not files:
                 problems.append((split_dir / digit, "empty class: no image of this digit"))

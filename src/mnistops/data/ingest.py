@@ -13,10 +13,9 @@ import numpy as np
 from PIL import Image
 
 from mnistops.data import images, mnist
-from mnistops.settings import DatasetSettings
+from mnistops.settings import DatasetSettings, Settings
 
 Progress = Callable[[int], None]
-SPLITS = ("train", "train_v2", "test")
 
 
 @dataclass(frozen=True)
@@ -123,3 +122,26 @@ def ingest(
     if index_file is not None:
         images.remember(index_file, checked)
     return IngestResult(written=written, root=mnist_dir)
+
+
+def ingest_mnist(
+    settings: Settings,
+    source: Path | None = None,
+    url: str | None = None,
+    fast: bool = False,
+    progress_for: Callable[[str, int], Progress] = lambda _s, _n: lambda _k: None,
+) -> IngestResult:
+    """MNIST as PNG folders under the settings' data dir, from `source` (a folder of the
+    four IDX files), a mirror `url` (verified by SHA-256), or the copy shipped with us."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = source or (mnist.download(url, Path(tmp)) if url else mnist.packaged_dir())
+        return ingest(
+            folder,
+            settings.mnist_dir,
+            settings.dataset,
+            fast,
+            images.index_path(settings.home),
+            progress_for,
+        )

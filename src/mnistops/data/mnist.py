@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mnistops.errors import MnistopsError
+
 FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
     "train_labels": "train-labels-idx1-ubyte.gz",
@@ -22,7 +24,7 @@ FILES = {
 }
 
 
-class SourceError(Exception):
+class SourceError(MnistopsError):
     """The MNIST files are missing, damaged or not what they claim to be."""
 
 

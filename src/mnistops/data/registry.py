@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mnistops.data import images, store
+from mnistops.clients import CHECKSUM_ENV, s3_client, s3_keys
+from mnistops.data import folders, images, packs, remote
+from mnistops.errors import MnistopsError
 from mnistops.logs import quiet_libraries
 from mnistops.settings import Settings
-from mnistops.stack.endpoints import CHECKSUM_ENV, s3_client, s3_keys
 
 DATASET_DIR = "dataset"
 RECORD_FILE = "version.json"
@@ -36,7 +37,7 @@ def _no_progress(_label: str, _total: int) -> Callable[[int], None]:
     return lambda _k: None
 
 
-class RegistryError(Exception):
+class RegistryError(MnistopsError):
     """A version cannot be made, found or fetched; the message says what to do."""
 
 
@@ -50,15 +51,15 @@ class ClassChange:
 
 @dataclass(frozen=True)
 class PublishResult:
-    record: store.VersionRecord
+    record: packs.VersionRecord
     changes: list[ClassChange]
     new_images: int
     new_objects: int
     new_bytes: int
 
 
-def cache_of(settings: Settings) -> store.ObjectCache:
-    return store.ObjectCache(settings.home / "cache" / "objects")
+def cache_of(settings: Settings) -> packs.ObjectCache:
+    return packs.ObjectCache(settings.home / "cache" / "objects")
 
 
 def _bucket(settings: Settings) -> str:
@@ -96,7 +97,7 @@ def ensure_registry(settings: Settings) -> Path:
     repo = Repo(str(registry))
     try:
         with repo.config.edit(level="repo") as conf:
-            conf["remote"][DVC_REMOTE] = {"url": f"s3://{_bucket(settings)}/{store.DVC_PREFIX}"}
+            conf["remote"][DVC_REMOTE] = {"url": f"s3://{_bucket(settings)}/{remote.DVC_PREFIX}"}
             conf["core"]["remote"] = DVC_REMOTE
             conf["core"]["autostage"] = True
         # Machine-specific: the endpoint and keys stay out of git (config.local, mode 0600).
@@ -119,41 +120,41 @@ def ensure_registry(settings: Settings) -> Path:
     return registry
 
 
-def version_listing(settings: Settings) -> store.Listing:
+def version_listing(settings: Settings) -> remote.Listing:
     """The valid published versions, and a message for each record that is not valid."""
-    return store.list_records(_client(settings), _bucket(settings))
+    return remote.list_records(_client(settings), _bucket(settings))
 
 
-def list_versions(settings: Settings) -> list[store.VersionRecord]:
+def list_versions(settings: Settings) -> list[packs.VersionRecord]:
     return version_listing(settings).records
 
 
 def check_tag(tag: str) -> None:
     """A tag typed by a user (or 'latest'): RegistryError if it cannot name a version."""
-    problem = None if tag == "latest" else store.tag_problem(tag)
+    problem = None if tag == "latest" else packs.tag_problem(tag)
     if problem:
         raise RegistryError(problem)
 
 
-def find_record(settings: Settings, tag: str, client=None) -> store.VersionRecord:
+def find_record(settings: Settings, tag: str, client=None) -> packs.VersionRecord:
     """The record of `tag` (or of the newest version: 'latest') read from the object store."""
     check_tag(tag)
     client = client or _client(settings)
     if tag == "latest":
-        records = store.list_records(client, _bucket(settings)).records
+        records = remote.list_records(client, _bucket(settings)).records
         if not records:
             raise RegistryError("no data version is published yet (`mnistops data version v1.0`)")
-        record = records[-1]
+        found: packs.VersionRecord | None = records[-1]
     else:
-        record = store.read_record(client, _bucket(settings), tag)
-    if record is None:
-        known = [r.tag for r in store.list_records(client, _bucket(settings)).records]
+        found = remote.read_record(client, _bucket(settings), tag)
+    if found is None:
+        known = [r.tag for r in remote.list_records(client, _bucket(settings)).records]
         raise RegistryError(
             f"no data version '{tag}' in s3://{_bucket(settings)} at {settings.s3_endpoint}"
             f" (published: {', '.join(known) or 'none'})"
         )
-    remember_record(settings, record)
-    return record
+    remember_record(settings, found)
+    return found
 
 
 def _records_dir(settings: Settings) -> Path:
@@ -162,10 +163,10 @@ def _records_dir(settings: Settings) -> Path:
 
 def _record_file(settings: Settings, tag: str) -> Path:
     check_tag(tag)
-    return store.path_inside(_records_dir(settings), f"{tag}.json")
+    return packs.path_inside(_records_dir(settings), f"{tag}.json")
 
 
-def remember_record(settings: Settings, record: store.VersionRecord) -> None:
+def remember_record(settings: Settings, record: packs.VersionRecord) -> None:
     """Keep the record of a tag this machine has read or published (for offline no-op pulls)."""
     target = _record_file(settings, record.tag)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -174,24 +175,24 @@ def remember_record(settings: Settings, record: store.VersionRecord) -> None:
     os.replace(partial, target)
 
 
-def cached_record(settings: Settings, tag: str) -> store.VersionRecord | None:
+def cached_record(settings: Settings, tag: str) -> packs.VersionRecord | None:
     """The record this machine kept of `tag`; None if none, or if it is not valid (an
     older format, a damaged file): then the object store is asked again."""
     try:
-        return store.record_from_json(_record_file(settings, tag).read_bytes(), tag)
-    except (OSError, store.StoreError):
+        return packs.record_from_json(_record_file(settings, tag).read_bytes(), tag)
+    except (OSError, packs.StoreError):
         return None
 
 
 def load_manifest(
-    settings: Settings, record: store.VersionRecord, client=None
-) -> list[store.ManifestRow]:
+    settings: Settings, record: packs.VersionRecord, client=None
+) -> list[packs.ManifestRow]:
     cache = cache_of(settings)
-    store.fetch(client or _client(settings), _bucket(settings), cache, [record.manifest_md5])
-    return store.parse_manifest(cache.read(record.manifest_md5), record)
+    remote.fetch(client or _client(settings), _bucket(settings), cache, [record.manifest_md5])
+    return packs.parse_manifest(cache.read(record.manifest_md5), record)
 
 
-def _changes(old: list[store.ManifestRow], new: list[store.ManifestRow]) -> list[ClassChange]:
+def _changes(old: list[packs.ManifestRow], new: list[packs.ManifestRow]) -> list[ClassChange]:
     before = Counter((r.split, r.label, r.sha256) for r in old)
     after = Counter((r.split, r.label, r.sha256) for r in new)
     added = Counter((s, d) for (s, d, _), n in (after - before).items() for _ in range(n))
@@ -279,8 +280,8 @@ def _publish(
     client = _client(settings)
     bucket = _bucket(settings)
     try:
-        existing = store.read_record(client, bucket, tag)
-    except store.CorruptRecord as exc:
+        existing = remote.read_record(client, bucket, tag)
+    except packs.CorruptRecord as exc:
         if not force:
             raise RegistryError(f"{exc}\nReplace it with --force.") from None
         existing = None
@@ -295,8 +296,8 @@ def _publish(
         settings.home / "cache" / "scan-index.json",
         progress_for("validating", 0),
     )
-    digest = store.content_hash(entries)
-    records = store.list_records(client, bucket).records
+    digest = packs.content_hash(entries)
+    records = remote.list_records(client, bucket).records
     previous = next((r for r in reversed(records) if r.tag != tag), None)
     if previous is not None and previous.content_hash == digest:
         raise RegistryError(
@@ -307,12 +308,12 @@ def _publish(
     cache = cache_of(settings)
     old_rows = load_manifest(settings, previous, client) if previous else []
     if previous:
-        store.fetch(client, bucket, cache, previous.files.values())
+        remote.fetch(client, bucket, cache, previous.files.values())
     known = {row.sha256: row.location for row in old_rows}
-    locations = store.build_packs(cache, entries, known)
-    manifest_md5 = cache.put(store.build_manifest(entries, locations))
-    rows = store.parse_manifest(cache.read(manifest_md5))
-    files = store.dataset_files(manifest_md5, rows)
+    locations = packs.build_packs(cache, entries, known)
+    manifest_md5 = cache.put(packs.build_manifest(entries, locations))
+    rows = packs.parse_manifest(cache.read(manifest_md5))
+    files = packs.dataset_files(manifest_md5, rows)
     stored = set(previous.files.values()) if previous else set()
     new_md5s = [m for m in files.values() if m not in stored]
 
@@ -321,7 +322,7 @@ def _publish(
     _lay_out_dataset(registry / DATASET_DIR, files, cache)
     report(
         f"pushing {len(new_md5s)} new object{'' if len(new_md5s) == 1 else 's'}"
-        f" to s3://{bucket}/{store.DVC_PREFIX}"
+        f" to s3://{bucket}/{remote.DVC_PREFIX}"
     )
     unfinished = (
         f"Nothing was tagged. Once the object store is back, run"
@@ -333,9 +334,9 @@ def _publish(
         try:
             # Our upload shows progress; `dvc push` then finds those objects on the remote
             # and sends what DVC itself needs (the folder listing), as `dvc push` would.
-            store.upload(client, bucket, cache, new_md5s, progress_for("pushing", len(new_md5s)))
+            remote.upload(client, bucket, cache, new_md5s, progress_for("pushing", len(new_md5s)))
             repo.push(remote=DVC_REMOTE)
-        except store.StoreError as exc:
+        except packs.StoreError as exc:
             raise RegistryError(f"{exc}\n{unfinished}") from None
         except Exception as exc:
             raise RegistryError(
@@ -346,8 +347,8 @@ def _publish(
         repo.close()
     _step_done("pushed")
     try:
-        store.verify_remote(client, bucket, files.values(), progress_for("verifying", len(files)))
-    except store.StoreError as exc:
+        remote.verify_remote(client, bucket, files.values(), progress_for("verifying", len(files)))
+    except packs.StoreError as exc:
         raise RegistryError(
             f"{exc}\nNothing was tagged; run `mnistops data version {tag}` again to finish."
         ) from None
@@ -355,7 +356,7 @@ def _publish(
     _step_done("verified")
     # A version replaced with --force keeps its place in the history: its date and
     # the version before it (so it does not become 'latest', and v2.0 not its past).
-    record = store.VersionRecord(
+    record = packs.VersionRecord(
         tag=tag,
         message=message,
         created=existing.created
@@ -367,8 +368,8 @@ def _publish(
         },
         files=files,
         previous=existing.previous if existing else (previous.tag if previous else None),
-        remote=f"s3://{bucket}/{store.DVC_PREFIX}",
-        format=store.FORMAT,
+        remote=f"s3://{bucket}/{remote.DVC_PREFIX}",
+        format=packs.FORMAT,
     )
     (registry / RECORD_FILE).write_text(record.to_json() + "\n")
     _git(registry, "add", f"{DATASET_DIR}.dvc", ".gitignore", RECORD_FILE)
@@ -381,7 +382,7 @@ def _publish(
     _git(registry, "tag", "-a", "-f", tag, "-m", message)
     try:
         _step_done("tagged")
-        store.write_record(client, bucket, record, create_only=existing is None)
+        remote.write_record(client, bucket, record, create_only=existing is None)
     except BaseException:
         _git(registry, "tag", "-d", tag)
         raise
@@ -399,11 +400,11 @@ def _publish(
 
 def _rows_before(
     settings: Settings,
-    record: store.VersionRecord,
-    newest: store.VersionRecord | None,
-    newest_rows: list[store.ManifestRow],
+    record: packs.VersionRecord,
+    newest: packs.VersionRecord | None,
+    newest_rows: list[packs.ManifestRow],
     client,
-) -> list[store.ManifestRow]:
+) -> list[packs.ManifestRow]:
     """The manifest of the version the record says came before it (for --force on an
     older tag that is not the newest other version)."""
     if record.previous is None:
@@ -412,11 +413,11 @@ def _rows_before(
         return newest_rows
     try:
         return load_manifest(settings, find_record(settings, record.previous, client), client)
-    except (RegistryError, store.StoreError):
+    except (RegistryError, packs.StoreError):
         return []
 
 
-def _lay_out_dataset(folder: Path, files: dict[str, str], cache: store.ObjectCache) -> None:
+def _lay_out_dataset(folder: Path, files: dict[str, str], cache: packs.ObjectCache) -> None:
     """Make dataset/ hold exactly the version's manifest and packs (copies from the cache)."""
     if folder.exists():
         shutil.rmtree(folder)
@@ -427,12 +428,12 @@ def _lay_out_dataset(folder: Path, files: dict[str, str], cache: store.ObjectCac
 
 
 def _changed_folders(target: Path, stamp: dict) -> list[str]:
-    counts = store.folder_counts(target)
-    folders = stamp["folders"]
-    return [f for f in sorted(set(counts) | set(folders)) if counts.get(f) != folders.get(f)]
+    counts = folders.folder_counts(target)
+    stamped = stamp["folders"]
+    return [f for f in sorted(set(counts) | set(stamped)) if counts.get(f) != stamped.get(f)]
 
 
-def _check_unchanged(target: Path, record: store.VersionRecord, changed: list[str]) -> None:
+def _check_unchanged(target: Path, record: packs.VersionRecord, changed: list[str]) -> None:
     if changed:
         raise RegistryError(
             f"{target} holds {record.tag} but it was changed (first difference: {changed[0]});"
@@ -442,7 +443,7 @@ def _check_unchanged(target: Path, record: store.VersionRecord, changed: list[st
 
 @dataclass(frozen=True)
 class PullResult:
-    record: store.VersionRecord
+    record: packs.VersionRecord
     target: Path
     images: int
     downloaded: int
@@ -466,7 +467,7 @@ def pull(
     presence and size instead.
     """
     check_tag(tag)
-    stamp = store.read_stamp(target)
+    stamp = folders.read_stamp(target)
     known = cached_record(settings, tag) if tag != "latest" and not verify else None
     if known and stamp and stamp.get("content_hash") == known.content_hash and "folders" in stamp:
         _check_unchanged(target, known, _changed_folders(target, stamp))
@@ -477,7 +478,7 @@ def pull(
     if stamp and stamp.get("content_hash") == record.content_hash:
         if verify or "folders" not in stamp:
             rows = load_manifest(settings, record, client)
-            _check_unchanged(target, record, store.changed_files(rows, target))
+            _check_unchanged(target, record, folders.changed_files(rows, target))
         else:
             _check_unchanged(target, record, _changed_folders(target, stamp))
         return PullResult(record, target, stamp["images"], 0, True)
@@ -488,24 +489,24 @@ def pull(
     missing = [m for m in record.files.values() if not cache.has(m)]
     report(
         f"downloading {len(missing)} of {len(record.files)} objects of {record.tag}"
-        f" from s3://{_bucket(settings)}/{store.DVC_PREFIX}"
+        f" from s3://{_bucket(settings)}/{remote.DVC_PREFIX}"
     )
     try:
-        store.fetch(
+        remote.fetch(
             client,
             _bucket(settings),
             cache,
             record.files.values(),
             progress_for("downloading", len(record.files)),
         )
-    except store.StoreUnreachable as exc:
+    except remote.StoreUnreachable as exc:
         raise RegistryError(
             f"{exc}\nNothing was written to {target}. Once the object store is back, run the"
             " same pull again: the objects already fetched are kept in this machine's cache."
         ) from None
-    rows = store.parse_manifest(cache.read(record.manifest_md5), record)
-    store.check_rows(rows, cache)
-    store.materialize(rows, cache, target, record, progress_for("writing PNGs", len(rows)))
+    rows = packs.parse_manifest(cache.read(record.manifest_md5), record)
+    packs.check_rows(rows, cache)
+    folders.materialize(rows, cache, target, record, progress_for("writing PNGs", len(rows)))
     return PullResult(record, target, len(rows), len(missing), False)
 
 

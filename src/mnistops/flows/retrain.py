@@ -14,8 +14,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 from prefect.runtime import flow_run
 
+from mnistops.clients import library_defaults, mlflow_client
 from mnistops.settings import HyperParameters, Settings, load_settings
 from mnistops.tracking import runs
+from mnistops.tracking.registry import GateDecision
 from mnistops.train import data, loop
 
 FLOW_TIMEOUT_S = 3 * 3600
@@ -55,19 +57,21 @@ def preprocess(arrays: data.Arrays, fast: bool, fraction: float, seed: int) -> d
 
 
 @task(name="Model training", cache_policy=NO_CACHE)
-def train_model(hyp: HyperParameters, arrays: data.Arrays) -> loop.Fitted:
+def train_model(run: runs.TrackedRun, hyp: HyperParameters, arrays: data.Arrays) -> loop.Fitted:
     def report(m: loop.EpochMetrics) -> None:
         print(
             f"epoch {m.epoch}/{hyp.n_epochs}: loss {m.train_loss:.4f} acc {m.train_accuracy:.4f}"
             f" | val loss {m.val_loss:.4f} acc {m.val_accuracy:.4f} | {m.seconds:.1f}s"
         )
 
-    return runs.fit_logged(hyp, arrays, on_epoch=report)
+    return runs.fit_logged(run, hyp, arrays, on_epoch=report)
 
 
 @task(name="Evaluation", cache_policy=NO_CACHE)
-def evaluate_model(fitted: loop.Fitted, arrays: data.Arrays) -> loop.TrainResult:
-    result = runs.evaluate_logged(fitted, arrays)
+def evaluate_model(
+    run: runs.TrackedRun, fitted: loop.Fitted, arrays: data.Arrays
+) -> loop.TrainResult:
+    result = runs.evaluate_logged(run, fitted, arrays)
     print(f"test accuracy {result.test.accuracy:.4f} (loss {result.test.loss:.4f})")
     return result
 
@@ -79,18 +83,16 @@ def register_model(
     hyp: HyperParameters,
     arrays: data.Arrays,
     result: loop.TrainResult,
-):
+) -> tuple[str, GateDecision]:
     return runs.register_logged(settings, run, hyp, arrays, result)
 
 
 def trained_on(settings: Settings, content_hash: str, recipe: str) -> tuple[str | None, str]:
     """(the registered version already trained on this data with this recipe, or None;
     why). A model trained on a share of the data (`--fast`) never counts."""
-    from mlflow import MlflowClient
-
     from mnistops.tracking.registry import CHALLENGER_TAG, CHAMPION_REASON_TAG, versions
 
-    client = MlflowClient(settings.mlflow_uri)
+    client = mlflow_client(settings)
     same_data = []
     for version in versions(client, settings.model_registry.name):
         tags = version.tags or {}
@@ -160,10 +162,11 @@ def mnist_flow(
     data_version: str = "latest",
     hyperparameters: dict[str, object] | None = None,
     model: str | None = None,
-    epochs: int | None = None,
+    n_epochs: int | None = None,
     batch_size: int | None = None,
     learning_rate: float | None = None,
-    seed: int | None = None,
+    random_seed: int | None = None,
+    val_size: float | None = None,
     device: str | None = None,
     fast: bool = False,
     skip_if_unchanged: bool = False,
@@ -171,20 +174,24 @@ def mnist_flow(
     """Retrain on a data version; register the model; move `champion` if it is better.
 
     `hyperparameters` (set by `mnistops deploy` from its hyp.yml) overrides the worker's
-    hyp.yml; `model`, `epochs`, ... override both. `skip_if_unchanged` (scheduled and
-    triggered runs): when a registered model was already trained on this very data (the
-    champion, or a challenger that lost to it), say so and train nothing.
+    hyp.yml; `model`, `n_epochs`, ... (hyp.yml's keys) override both.
+    `skip_if_unchanged` (scheduled and triggered runs): when a registered model was
+    already trained on this very data (the champion, or a challenger that lost to it), say
+    so and train nothing.
     """
+    library_defaults()
     settings = load_settings()
     hyp = loop.with_overrides(
         settings.hyperparameter,
         hyperparameters,
+        {"n_epochs": 1} if fast else None,
         {
             "model": model,
-            "n_epochs": epochs if epochs is not None else (1 if fast else None),
+            "n_epochs": n_epochs,
             "batch_size": batch_size,
             "learning_rate": learning_rate,
-            "random_seed": seed,
+            "random_seed": random_seed,
+            "val_size": val_size,
             "device": device,
         },
     )
@@ -216,13 +223,13 @@ def mnist_flow(
     )
     print(f"MLflow run: {run.url}")
     try:
-        fitted = train_model(hyp, arrays)
-        result = evaluate_model(fitted, arrays)
+        fitted = train_model(run, hyp, arrays)
+        result = evaluate_model(run, fitted, arrays)
         version, decision = register_model(settings, run, hyp, arrays, result)
     except BaseException as exc:
-        runs.end(exc)
+        runs.end(run, exc)
         raise
-    runs.end()
+    runs.end(run)
     create_markdown_artifact(
         _summary(run, arrays.source.name, result.test.accuracy, decision.moved, decision.reason),
         key="mnist-retraining",

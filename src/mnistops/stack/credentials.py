@@ -10,6 +10,8 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from mnistops.errors import BadInput
+
 _ALPHABET = string.ascii_letters + string.digits
 
 
@@ -72,7 +74,7 @@ def keys_path(home: Path) -> Path:
     return home / "credentials.json"
 
 
-class CredentialsError(Exception):
+class CredentialsError(BadInput):
     """The key file is damaged; the message names it and says what to do."""
 
 

@@ -12,15 +12,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 
+from mnistops.clients import prefect_api
+from mnistops.errors import MnistopsError
 from mnistops.settings import Settings
-from mnistops.stack.endpoints import prefect_api
 
 LEASE_S = 60
 """a crashed holder blocks the gate for at most this long"""
 WAIT_S = 300
 
 
-class LockError(Exception):
+class LockError(MnistopsError):
     """The lock could not be taken: Prefect is unreachable, or the gate stayed busy."""
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mnistops.errors import MnistopsError
 from mnistops.settings import Settings
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
 
 
-class DatabaseError(Exception):
+class DatabaseError(MnistopsError):
     pass
 
 

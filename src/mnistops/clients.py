@@ -1,13 +1,27 @@
-"""How clients reach the stack: S3 keys and client, and the variables `stack env` prints."""
+"""The clients of the stack's services, configured in one place for a `Settings`.
+
+An S3 client, an MLflow client and a Prefect client context, each with its endpoint and
+credentials taken from the settings: nothing here changes the process's environment
+(only `library_defaults` adds tuning defaults that a user's own values override), so a
+worker or server started from this process does not inherit a login by accident.
+`client_env` is the other way round: the variables with which plain `dvc`, `mlflow`,
+`prefect` and boto3 clients in a shell use the same stack.
+"""
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from mnistops.settings import Settings
 from mnistops.stack.credentials import S3Keys, load_keys
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import SyncPrefectClient
 
 # boto3 >= 1.36 adds CRC trailers to uploads by default; some S3 servers store
 # them inside the object. Only send checksums when an API requires them.
@@ -20,6 +34,18 @@ CHECKSUM_ENV = {
 # MLflow 3 sends usage telemetry unless told not to; Prefect's analytics are off by flag.
 NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
+# Fail within seconds, not minutes, when the tracking server is gone (MLflow's default
+# retries back off for over a minute).
+MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def library_defaults() -> None:
+    """Telemetry off, S3 checksums only where required, MLflow's retries short: read by
+    the libraries from the environment only, so set there, as defaults that a user's own
+    variables override. Called at the start of every command and flow run."""
+    for key, value in {**NO_TELEMETRY, **CHECKSUM_ENV, **MLFLOW_CLIENT_ENV}.items():
+        os.environ.setdefault(key, value)
+
 
 def s3_keys(settings: Settings) -> S3Keys | None:
     """Keys from settings, else the stack's generated ones; None: use the AWS default chain."""
@@ -30,7 +56,8 @@ def s3_keys(settings: Settings) -> S3Keys | None:
     return None
 
 
-def s3_client(settings: Settings, keys: S3Keys | None = None, timeout_s: float = 10.0):
+def s3_client(settings: Settings, keys: S3Keys | None = None, timeout_s: float = 10.0) -> Any:
+    """A boto3 S3 client for the settings' store: path-style, short timeouts."""
     import boto3  # here, not at the top: commands that need no S3 start faster
     from botocore.config import Config
 
@@ -121,13 +148,9 @@ def client_env(settings: Settings) -> dict[str, str]:
 
 @contextmanager
 def prefect_api(settings: Settings) -> Iterator[None]:
-    """Point Prefect's client at our server, and never at a temporary local one (what
-    Prefect does when no API URL is set)."""
-    os.environ["PREFECT_API_URL"] = settings.prefect_api_url
-    os.environ["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
-    auth = prefect_auth(settings)
-    if auth:
-        os.environ["PREFECT_API_AUTH_STRING"] = auth
+    """Prefect's client, inside this block, talks to our server with our login, and never
+    to a temporary local one (what Prefect does when no API URL is set). Prefect's own
+    scoped settings, not the process's environment."""
     from prefect.settings import (
         PREFECT_API_AUTH_STRING,
         PREFECT_API_URL,
@@ -135,11 +158,37 @@ def prefect_api(settings: Settings) -> Iterator[None]:
         temporary_settings,
     )
 
-    updates = {
+    updates: dict[Any, Any] = {
         PREFECT_API_URL: settings.prefect_api_url,
         PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False,
     }
+    auth = prefect_auth(settings)
     if auth:
         updates[PREFECT_API_AUTH_STRING] = auth
     with temporary_settings(updates=updates):
         yield
+
+
+@contextmanager
+def prefect_client(settings: Settings) -> Iterator[SyncPrefectClient]:
+    """A synchronous Prefect client of the settings' server (see `prefect_api`)."""
+    from prefect import get_client
+
+    with prefect_api(settings), get_client(sync_client=True) as client:
+        yield client
+
+
+def mlflow_client(settings: Settings) -> MlflowClient:
+    """An MLflow client of the settings' server, with its login. It also makes that
+    server the one MLflow's module-level functions use (logging a model needs them)."""
+    import mlflow
+
+    from mnistops import mlflow_plugin
+
+    library_defaults()
+    login = mlflow_login(settings)
+    mlflow_plugin.Login.header = (
+        "Basic " + base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode() if login else None
+    )
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    return mlflow.MlflowClient(settings.mlflow_uri)

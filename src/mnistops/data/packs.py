@@ -24,35 +24,26 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from mnistops.data.images import DIGIT_FILE_BYTES, ImageEntry, name_problem, read_regular
+from mnistops.errors import MnistopsError
 
 PACK_BYTES = 4 * 1024 * 1024
 MANIFEST = "manifest.json.gz"
 VERSIONS_PREFIX = "versions/"
-DVC_PREFIX = "registry"
-STAMP = ".mnistops-version.json"
 FORMAT = 1
 Progress = Callable[[int], None]
 
 
-class StoreError(Exception):
+class StoreError(MnistopsError):
     """The object store could not give or take what a version needs."""
-
-
-class StoreUnreachable(StoreError):
-    """The connection to the object store failed (down, killed, wrong endpoint)."""
 
 
 @dataclass
@@ -477,268 +468,6 @@ def dataset_files(manifest_md5: str, rows: list[ManifestRow]) -> dict[str, str]:
     for pack in sorted({row.pack for row in rows}):
         files[f"packs/{pack}.pack"] = pack
     return files
-
-
-# --- the remote -------------------------------------------------------------------------
-
-
-def object_key(md5: str) -> str:
-    """Where DVC 3 keeps an object in its remote."""
-    return f"{DVC_PREFIX}/files/md5/{md5[:2]}/{md5[2:]}"
-
-
-def _store_error(action: str, exc: Exception, endpoint: str) -> StoreError:
-    kind = StoreUnreachable if isinstance(exc, BotoCoreError) else StoreError
-    return kind(f"{action}: the object store at {endpoint} failed: {exc}")
-
-
-def _read_small(client, bucket: str, key: str) -> bytes:
-    """An object of at most MAX_RECORD_BYTES (+1, so that a larger one is seen as such)."""
-    return client.get_object(Bucket=bucket, Key=key)["Body"].read(MAX_RECORD_BYTES + 1)
-
-
-def read_record(client, bucket: str, tag: str) -> VersionRecord | None:
-    """The record of `tag`, None if there is none; CorruptRecord if it is invalid."""
-    problem = tag_problem(tag)
-    if problem:
-        raise CorruptRecord(problem)
-    try:
-        body = _read_small(client, bucket, f"{VERSIONS_PREFIX}{tag}.json")
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-            return None
-        raise _store_error(f"reading version {tag}", exc, client.meta.endpoint_url) from None
-    except BotoCoreError as exc:
-        raise _store_error(f"reading version {tag}", exc, client.meta.endpoint_url) from None
-    return record_from_json(body, tag)
-
-
-@dataclass
-class Listing:
-    """The valid versions of a bucket, oldest first, and the objects that are not."""
-
-    records: list[VersionRecord] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    """one message per object of versions/ that was not used, naming it and why"""
-
-
-def list_records(client, bucket: str) -> Listing:
-    """Every published version, oldest first; an invalid record is named, not used, and
-    does not hide the others."""
-    listing = Listing()
-    try:
-        pages = client.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=VERSIONS_PREFIX
-        )
-        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
-        for key in keys:
-            tag = key.removeprefix(VERSIONS_PREFIX).removesuffix(".json")
-            try:
-                if not key.endswith(".json") or tag_problem(tag):
-                    raise CorruptRecord(f"not a version record name ({tag_problem(tag)})")
-                listing.records.append(record_from_json(_read_small(client, bucket, key), tag))
-            except CorruptRecord as exc:
-                listing.problems.append(f"s3://{bucket}/{shown(key)}: {exc}")
-    except (ClientError, BotoCoreError) as exc:
-        raise _store_error("listing versions", exc, client.meta.endpoint_url) from None
-    listing.records.sort(key=lambda r: r.created)
-    return listing
-
-
-class RecordExists(StoreError):
-    """Another publisher wrote the record of this tag first."""
-
-
-def write_record(client, bucket: str, record: VersionRecord, create_only: bool = False) -> None:
-    """Publish the record. `create_only`: only if no record of the tag exists (a
-    conditional write: of two publishers of one tag on two machines, one wins)."""
-    condition = {"IfNoneMatch": "*"} if create_only else {}
-    try:
-        client.put_object(
-            Bucket=bucket,
-            Key=f"{VERSIONS_PREFIX}{record.tag}.json",
-            Body=record.to_json().encode(),
-            ContentType="application/json",
-            **condition,
-        )
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
-            raise RecordExists(
-                f"data version '{record.tag}' was published by someone else meanwhile;"
-                " nothing of this run was published"
-            ) from None
-        raise _store_error(
-            f"publishing version {record.tag}", exc, client.meta.endpoint_url
-        ) from None
-    except BotoCoreError as exc:
-        raise _store_error(
-            f"publishing version {record.tag}", exc, client.meta.endpoint_url
-        ) from None
-
-
-def download_verified(client, bucket: str, md5: str) -> bytes:
-    """One object of the remote, checked against its MD5; a mismatch names the object."""
-    key = object_key(md5)
-    try:
-        data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except (ClientError, BotoCoreError) as exc:
-        raise _store_error(
-            f"downloading s3://{bucket}/{key}", exc, client.meta.endpoint_url
-        ) from None
-    if md5_bytes(data) != md5:
-        raise StoreError(
-            f"s3://{bucket}/{key} is corrupt: its MD5 is {md5_bytes(data)}, expected {md5}."
-            " It was not used. Publish the version again from a machine that has the data"
-            " (`mnistops data version TAG --force`)."
-        )
-    return data
-
-
-def _in_parallel(work: Callable[[str], None], md5s: Iterable[str]) -> None:
-    """Run `work` for each distinct MD5 on 8 threads; the first error is raised."""
-    with ThreadPoolExecutor(8) as pool:
-        for future in [pool.submit(work, m) for m in dict.fromkeys(md5s)]:
-            future.result()
-
-
-def fetch(
-    client,
-    bucket: str,
-    cache: ObjectCache,
-    md5s: Iterable[str],
-    progress: Progress = lambda _k: None,
-) -> None:
-    """Bring every object into the local cache, in parallel, each verified before it is kept."""
-    wanted = list(dict.fromkeys(md5s))
-    missing = [m for m in wanted if not cache.has(m)]
-    progress(len(wanted) - len(missing))
-
-    def one(md5: str) -> None:
-        cache.put(download_verified(client, bucket, md5))
-        progress(1)
-
-    _in_parallel(one, missing)
-
-
-def upload(
-    client,
-    bucket: str,
-    cache: ObjectCache,
-    md5s: Iterable[str],
-    progress: Progress = lambda _k: None,
-) -> None:
-    """Put objects from the cache into the remote under DVC's layout, in parallel."""
-
-    def one(md5: str) -> None:
-        try:
-            client.put_object(Bucket=bucket, Key=object_key(md5), Body=cache.read(md5))
-        except (ClientError, BotoCoreError) as exc:
-            raise _store_error(
-                f"uploading s3://{bucket}/{object_key(md5)}", exc, client.meta.endpoint_url
-            ) from None
-        progress(1)
-
-    _in_parallel(one, md5s)
-
-
-def verify_remote(
-    client, bucket: str, md5s: Iterable[str], progress: Progress = lambda _k: None
-) -> None:
-    """Read every object back from the remote and compare its MD5 (catches servers that
-    store checksum trailers or truncate uploads)."""
-
-    def one(md5: str) -> None:
-        download_verified(client, bucket, md5)
-        progress(1)
-
-    _in_parallel(one, md5s)
-
-
-# --- materializing PNG folders -----------------------------------------------------------
-
-
-def read_stamp(target: Path) -> dict | None:
-    try:
-        return json.loads((target / STAMP).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def materialize(
-    rows: list[ManifestRow],
-    cache: ObjectCache,
-    target: Path,
-    record: VersionRecord,
-    progress: Progress = lambda _k: None,
-) -> None:
-    """Write the version's PNG folders to `target`, all or nothing.
-
-    Files are written into a hidden folder beside `target` and renamed into place at
-    the end, so a failure leaves no half-written target.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        packs = {pack: cache.read(pack) for pack in {row.pack for row in rows}}
-        for folder in sorted({row.key.rsplit("/", 1)[0] for row in rows}):
-            path_inside(staging, folder).mkdir(parents=True, exist_ok=True)
-        base = str(staging) + "/"
-
-        def write(chunk: list[ManifestRow]) -> None:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-            for row in chunk:
-                path = base + row.key
-                if image_path_problem(row.key) or os.path.normpath(path) != path:
-                    raise CorruptRecord(f"'{shown(row.key)}' would leave {target}")
-                fd = os.open(path, flags, 0o644)
-                try:
-                    os.write(fd, memoryview(packs[row.pack])[row.offset : row.offset + row.length])
-                finally:
-                    os.close(fd)
-            progress(len(chunk))
-
-        step = 2000
-        with ThreadPoolExecutor(4) as pool:
-            for future in [
-                pool.submit(write, rows[i : i + step]) for i in range(0, len(rows), step)
-            ]:
-                future.result()
-        stamp = {
-            "tag": record.tag,
-            "content_hash": record.content_hash,
-            "images": len(rows),
-            "folders": folder_counts(staging),
-        }
-        (staging / STAMP).write_text(json.dumps(stamp))
-        if target.exists():
-            target.rmdir()
-        os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def folder_counts(root: Path) -> dict[str, int]:
-    """split/label folder -> number of files in it (names only: no stat per file)."""
-    counts = {}
-    for split in sorted(os.listdir(root)):
-        if (root / split).is_dir():
-            for label in sorted(os.listdir(root / split)):
-                counts[f"{split}/{label}"] = len(os.listdir(root / split / label))
-    return counts
-
-
-def changed_files(rows: list[ManifestRow], target: Path) -> list[str]:
-    """Paths of the manifest missing from `target` or of another size (a quick check)."""
-    sizes: dict[str, int] = {}
-    for folder in {row.key.rsplit("/", 1)[0] for row in rows}:
-        try:
-            with os.scandir(target / folder) as entries:
-                for entry in entries:
-                    sizes[f"{folder}/{entry.name}"] = entry.stat().st_size
-        except FileNotFoundError:
-            continue
-    return [row.key for row in rows if sizes.get(row.key) != row.length]
 
 
 def check_rows(rows: list[ManifestRow], cache: ObjectCache) -> None:

@@ -1,0 +1,102 @@
+"""What every command shares: the consoles, the settings of this invocation, errors,
+progress bars and spinners."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mnistops.settings import Settings, load_settings
+
+console = Console(log_path=False)
+err = Console(stderr=True, soft_wrap=True)
+
+ProgressFor = Callable[[str, int], Callable[[int], None]]
+
+HYP_OPTIONS = {
+    "n_epochs": "--epochs",
+    "batch_size": "--batch-size",
+    "learning_rate": "--lr",
+    "random_seed": "--seed",
+    "val_size": "--val-size",
+    "device": "--device",
+    "model": "--model",
+}
+"""The CLI's short options for hyp.yml's keys. The keys are the names everywhere inside
+(the commands' parameters, the flow's parameters, MLflow's params); this table is the one
+place where an option is translated."""
+
+
+class State:
+    """What the root command was given, for the command that runs under it."""
+
+    config_dir: Path | None = None
+    noted = False
+    """the notes of the settings (ignored keys) were printed"""
+
+
+def settings() -> Settings:
+    """The settings of this invocation; their notes (ignored keys) printed once."""
+    loaded = load_settings(State.config_dir)
+    if not State.noted:
+        State.noted = True
+        for note in loaded.notes:
+            err.print(f"[dim]note:[/] {escape(note)}", highlight=False)
+    return loaded
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """End the command with `message` on stderr and exit `code`."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    err.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False)
+
+
+def shorter(path: Path | None) -> str:
+    """`path` relative to the working folder where it lies below it."""
+    if path is None:
+        return ""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+@contextmanager
+def progress_bars() -> Iterator[ProgressFor]:
+    """Rich progress bars; yields `progress_for(label, total)` -> advance(n)."""
+    columns = (
+        TextColumn("{task.description:<14}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bars:
+
+        def progress_for(label: str, total: int) -> Callable[[int], None]:
+            task = bars.add_task(label, total=total or None)
+            return lambda n: bars.advance(task, n)
+
+        yield progress_for
+
+
+@contextmanager
+def spinner(title: str) -> Iterator[Callable[[str], None]]:
+    """A spinner; yields `report(message)`, which logs the message and shows it."""
+    with console.status(title) as status:
+
+        def report(message: str) -> None:
+            console.log(message)
+            status.update(message)
+
+        yield report

@@ -1,0 +1,204 @@
+"""`mnistops data ...`: dataset versions: ingest, add, version, list, pull, diff."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from mnistops.cli._ui import console, err, progress_bars, settings, warn
+from mnistops.settings import Settings
+
+if TYPE_CHECKING:
+    from mnistops.data.ingest import IngestResult
+    from mnistops.data.packs import VersionRecord
+    from mnistops.data.registry import PublishResult
+    from mnistops.flows.events import Announcement
+
+app = typer.Typer(
+    help="Dataset versions: ingest, add, version, list, pull, diff.", no_args_is_help=True
+)
+
+
+@app.command("ingest")
+def ingest(
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--source",
+            help="Folder with the four MNIST .gz IDX files (default: the copy "
+            "shipped with mnistops).",
+        ),
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url", help="Mirror URL of the folder holding the four files; verified by SHA-256."
+        ),
+    ] = None,
+    fast: Annotated[bool, typer.Option("--fast", help="A small subset of every split.")] = False,
+) -> None:
+    """Write MNIST as PNG folders: <data_dir>/MNIST/{train,train_v2,test}/<digit>/<id>.png."""
+    from mnistops.data.ingest import ingest_mnist
+
+    with progress_bars() as progress_for:
+        result = ingest_mnist(settings(), source, url, fast, progress_for)
+    show_ingested(result)
+
+
+def show_ingested(result: IngestResult) -> None:
+    for split, count in result.written.items():
+        console.print(f"{split:<9} {count:>6} files written")
+    console.print(f"PNG folders in {result.root}")
+
+
+@app.command("add")
+def add(
+    folder: Annotated[Path, typer.Argument(help="Folder of label folders: DIR/<digit>/*.png")],
+) -> None:
+    """Merge a folder of labelled 28x28 grayscale PNGs into the training set."""
+    add_images(settings(), folder)
+
+
+def add_images(cfg: Settings, folder: Path) -> None:
+    from mnistops.data import registry
+
+    with progress_bars() as progress_for:
+        added = registry.add_images(cfg, folder, progress_for)
+    total = sum(added.values())
+    per_class = ", ".join(f"{d}: {n}" for d, n in added.items())
+    console.print(f"added {total} images to {cfg.mnist_dir / 'train'} ({per_class or 'none new'})")
+
+
+@app.command("version")
+def version(
+    tag: Annotated[str, typer.Argument(help="Version tag, e.g. v1.0")],
+    message: Annotated[str, typer.Option("-m", "--message", help="What this version is.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing tag.")] = False,
+) -> None:
+    """Validate the dataset, record it with DVC, push it, and tag it.
+
+    Images must be 8-bit grayscale 28x28 PNGs in label folders 0-9: other modes and sizes
+    are refused, not converted. No image may be in both train and test, no class empty.
+    """
+    publish(settings(), tag, message, force)
+
+
+def publish(cfg: Settings, tag: str, message: str, force: bool = False) -> None:
+    """Publish a version with progress bars, show it, and announce it to Prefect."""
+    from mnistops.data import registry
+    from mnistops.flows.events import announce
+
+    with progress_bars() as progress_for:
+        result = registry.publish(cfg, tag, message, force, progress_for, console.log)
+    show_published(result)
+    show_announced(announce(cfg, result.record.tag, result.record.content_hash))
+
+
+def show_published(result: PublishResult) -> None:
+    record = result.record
+    table = Table(title=f"{record.tag}: images per class", header_style="bold", box=None)
+    table.add_column("split")
+    for digit in range(10):
+        table.add_column(str(digit), justify="right")
+    table.add_column("total", justify="right")
+    for split, per in record.counts.items():
+        table.add_row(split, *(str(per[str(d)]) for d in range(10)), str(sum(per.values())))
+    console.print(table)
+    if record.previous:
+        added = sum(c.added for c in result.changes)
+        removed = sum(c.removed for c in result.changes)
+        console.print(f"since {record.previous}: +{added} -{removed} images")
+    console.print(
+        f"published {record.tag} ({record.content_hash[:12]}): {result.new_images} new "
+        f"images in {result.new_objects} new objects, {result.new_bytes / 1e6:.1f} MB sent"
+    )
+
+
+def show_announced(announcement: Announcement) -> None:
+    from mnistops.flows.events import PUBLISHED_EVENT
+
+    if announcement.problem:
+        warn(announcement.problem)
+    elif announcement.listener:
+        console.print(f"event {PUBLISHED_EVENT} sent: {announcement.listener} starts a retraining")
+    else:
+        console.print(
+            f"event {PUBLISHED_EVENT} sent; no deployment listens for it yet"
+            " (`mnistops deploy` creates the retraining deployment)"
+        )
+
+
+@app.command("list")
+def list_versions() -> None:
+    """Show every published version."""
+    show_versions(settings())
+
+
+def show_versions(cfg: Settings) -> None:
+    from mnistops.data import registry
+
+    listing = registry.version_listing(cfg)
+    show_versions_of(listing.records, listing.problems)
+
+
+def show_versions_of(records: list[VersionRecord], problems: list[str]) -> None:
+    """The table of versions, and the records that were skipped as invalid."""
+    table = Table(title="data versions", header_style="bold")
+    for column in ("tag", "date", "message", "train", "test", "content hash"):
+        table.add_column(column)
+    for r in records:
+        table.add_row(
+            r.tag,
+            r.created[:19].replace("T", " "),
+            escape(r.message),
+            str(r.images.get("train", 0)),
+            str(r.images.get("test", 0)),
+            r.content_hash[:12],
+        )
+    console.print(table if records else "no data version published yet")
+    for problem in problems:
+        err.print(f"[yellow]skipped:[/] {escape(problem)}", highlight=False)
+
+
+@app.command("pull")
+def pull(
+    tag: Annotated[str, typer.Argument(help="Version tag, or 'latest'")],
+    to: Annotated[Path, typer.Option("--to", help="Folder to write the PNG folders into.")],
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="If the folder already holds the version, check every file's size "
+            "(default: the count of files per folder).",
+        ),
+    ] = False,
+) -> None:
+    """Write exactly that version as PNG folders (needs only the object store)."""
+    from mnistops.data import registry
+
+    with progress_bars() as progress_for:
+        result = registry.pull(settings(), tag, to, progress_for, verify, console.log)
+    state = "already there" if result.already_there else f"{result.downloaded} objects downloaded"
+    console.print(f"{result.record.tag}: {result.images} images in {result.target} ({state})")
+
+
+@app.command("diff")
+def diff(
+    a: Annotated[str, typer.Argument(help="Older version tag")],
+    b: Annotated[str, typer.Argument(help="Newer version tag")],
+) -> None:
+    """Images added and removed per class from version A to version B."""
+    from mnistops.data import registry
+
+    changes = registry.diff(settings(), a, b)
+    table = Table(title=f"{a} -> {b}", header_style="bold")
+    for column in ("split", "digit", "added", "removed"):
+        table.add_column(column, justify="right")
+    for c in changes:
+        if c.added or c.removed:
+            table.add_row(c.split, str(c.label), f"+{c.added}", f"-{c.removed}")
+    console.print(table if any(c.added or c.removed for c in changes) else "no difference")

@@ -1,0 +1,280 @@
+"""`mnistops train`, `mnistops models`, `mnistops predict`: a tracked training, the
+registered versions, the champion's answers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from mnistops.cli._ui import HYP_OPTIONS, console, progress_bars, settings, spinner
+from mnistops.errors import BadInput, MnistopsError, as_bad_input
+from mnistops.settings import HyperParameters, Settings
+
+if TYPE_CHECKING:
+    from mnistops.tracking.runs import RunOutcome, TrainingHooks
+    from mnistops.train.data import Arrays
+
+
+def hyperparameters(cfg: Settings, given: dict[str, Any]) -> HyperParameters:
+    """hyp.yml's values with the command's options on top, validated (errors name the
+    option, or the key of hyp.yml)."""
+    from pydantic import ValidationError
+
+    from mnistops.train.loop import check_hyperparameters, with_overrides
+
+    chosen = {k: v for k, v in given.items() if v is not None}
+    try:
+        hyp = with_overrides(cfg.hyperparameter, chosen)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = str(error["loc"][0])
+            where = HYP_OPTIONS[field] if field in chosen else cfg.where(f"hyperparameter.{field}")
+            lines.append(f"{where}: {error['msg']}")
+        raise BadInput("invalid hyperparameters:\n  " + "\n  ".join(lines)) from None
+    try:
+        check_hyperparameters(hyp)
+    except MnistopsError as exc:
+        raise as_bad_input(exc) from None
+    return hyp
+
+
+def train(
+    data_version: Annotated[
+        str | None,
+        typer.Option("--data-version", help="Published data version; default: the latest."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="Train on a plain folder (train/<digit>/*.png, test/<digit>/*.png) instead;"
+            " the run is tagged as untracked data.",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(HYP_OPTIONS["model"], help="digitnet or seednet")
+    ] = None,
+    n_epochs: Annotated[int | None, typer.Option(HYP_OPTIONS["n_epochs"])] = None,
+    batch_size: Annotated[int | None, typer.Option(HYP_OPTIONS["batch_size"])] = None,
+    learning_rate: Annotated[
+        float | None,
+        typer.Option(HYP_OPTIONS["learning_rate"], help="Learning rate (the peak one)."),
+    ] = None,
+    random_seed: Annotated[int | None, typer.Option(HYP_OPTIONS["random_seed"])] = None,
+    val_size: Annotated[
+        float | None, typer.Option(HYP_OPTIONS["val_size"], help="In (0, 1).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(HYP_OPTIONS["device"], help="auto, cpu or cuda")
+    ] = None,
+    fast: Annotated[
+        bool,
+        typer.Option("--fast", help="A small share of the training images and 1 epoch."),
+    ] = False,
+) -> None:
+    """Train a classifier on a data version; track it in MLflow; register it; gate champion.
+
+    Defaults come from config/hyp.yml. Runs are tagged phase `experimental`.
+    """
+    cfg = settings()
+    hyp = hyperparameters(
+        cfg,
+        {
+            "model": model,
+            "n_epochs": n_epochs if n_epochs is not None else (1 if fast else None),
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "random_seed": random_seed,
+            "val_size": val_size,
+            "device": device,
+        },
+    )
+    if data_dir is not None and data_version is not None:
+        raise BadInput("--data-version and --data-dir exclude each other")
+    sigterm_interrupts()
+    experiment(cfg, hyp, data_version, data_dir, fast)
+
+
+def experiment(
+    cfg: Settings,
+    hyp: HyperParameters,
+    data_version: str | None,
+    data_dir: Path | None = None,
+    fast: bool = False,
+) -> None:
+    """An experimental training with what the user sees of it: the data loading, the
+    progress per epoch, the result."""
+    from mnistops.tracking.runs import train_and_track
+
+    arrays = training_data(cfg, hyp, data_version, data_dir, fast)
+    announce_training(hyp, arrays)
+    with training_progress(hyp, arrays) as hooks:
+        outcome = train_and_track(cfg, hyp, arrays, "experimental", hooks=hooks)
+    show_outcome(cfg, outcome)
+
+
+def training_data(
+    cfg: Settings,
+    hyp: HyperParameters,
+    data_version: str | None,
+    data_dir: Path | None,
+    fast: bool,
+) -> Arrays:
+    """The arrays to train on, after every check that can refuse them (bad input: 2)."""
+    from mnistops.tracking.server import check_tracking_server
+    from mnistops.train import data
+    from mnistops.train.loop import pick_device
+
+    try:
+        pick_device(hyp.device)
+    except MnistopsError as exc:
+        raise as_bad_input(exc) from None
+    check_tracking_server(cfg)
+    try:
+        with spinner("loading the data...") as report:
+            if data_dir is not None:
+                arrays = data.load_folder(cfg, data_dir, report)
+                console.print(f"[yellow]untracked data[/]: {arrays.source.name}")
+            else:
+                arrays = data.load_version(cfg, data_version or "latest", report)
+    except MnistopsError as exc:
+        raise as_bad_input(exc) from None
+    return arrays.subset(cfg.dataset.fast_fraction, hyp.random_seed) if fast else arrays
+
+
+def sigterm_interrupts() -> None:
+    """SIGTERM ends a training like Ctrl-C does (its MLflow run KILLED), not silently; and
+    Ctrl-C does so even where the shell started us with SIGINT ignored (a background job)."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def announce_training(hyp: HyperParameters, arrays: Arrays) -> None:
+    source = arrays.source
+    console.print(
+        f"training [bold]{hyp.model}[/] on {source.name if source.tracked else 'untracked data'}"
+        f" ({len(arrays.train_y)} training images incl. validation, {len(arrays.test_y)} test),"
+        f" {hyp.n_epochs} epoch{'' if hyp.n_epochs == 1 else 's'}, batch {hyp.batch_size},"
+        f" lr {hyp.learning_rate}"
+    )
+
+
+@contextmanager
+def training_progress(hyp: HyperParameters, arrays: Arrays) -> Iterator[TrainingHooks]:
+    """A progress bar per epoch, a line per finished epoch, the run's URL."""
+    from mnistops.tracking.runs import TrainingHooks
+    from mnistops.train.loop import split_train_val
+
+    train_idx, _ = split_train_val(len(arrays.train_y), hyp.val_size, hyp.random_seed)
+    images = len(train_idx)
+    with progress_bars() as progress_for:
+        bar: dict[str, Callable[[int], None]] = {"advance": progress_for("epoch 1", images)}
+
+        def on_epoch(m: Any) -> None:
+            console.print(
+                f"epoch {m.epoch}/{hyp.n_epochs}: loss {m.train_loss:.4f}"
+                f" acc {m.train_accuracy:.4f} | val loss {m.val_loss:.4f}"
+                f" acc {m.val_accuracy:.4f} | {m.seconds:.1f}s, {m.images_per_s:,.0f} img/s"
+            )
+            if m.epoch < hyp.n_epochs:
+                bar["advance"] = progress_for(f"epoch {m.epoch + 1}", images)
+
+        yield TrainingHooks(
+            on_start=lambda url: console.print(f"MLflow run: {url}"),
+            on_batch=lambda n: bar["advance"](n),
+            on_epoch=on_epoch,
+        )
+
+
+def show_outcome(cfg: Settings, outcome: RunOutcome) -> None:
+    decision = outcome.decision
+    result = outcome.result
+    console.rule("result")
+    console.print(
+        f"test accuracy [bold]{outcome.test_accuracy:.2%}[/] (loss {result.test.loss:.4f}),"
+        f" {result.train_seconds:.0f}s of training at {result.images_per_s:,.0f} images/s"
+    )
+    name = cfg.model_registry.name
+    if decision.moved:
+        console.print(
+            f"[green]{name} v{outcome.model_version} is now champion[/]: {decision.reason}"
+        )
+    else:
+        console.print(
+            f"{name} v{outcome.model_version} registered, tagged challenger;"
+            f" champion stays v{decision.previous_version}: {decision.reason}"
+        )
+    console.print(f"MLflow run: {outcome.run_url}")
+
+
+def models() -> None:
+    """The registered versions of the classifier: test accuracy, data version, aliases."""
+    from mnistops.data.packs import shown
+    from mnistops.tracking.registry import ACCURACY_TAG, CHALLENGER_TAG, registered_versions
+
+    cfg = settings()
+    found, alias_of = registered_versions(cfg)
+    table = Table(title=f"{cfg.model_registry.name} at {cfg.mlflow_uri}")
+    for column in ("version", "created", "model", "test acc", "data", "phase", "aliases"):
+        table.add_column(column, justify="right" if column == "test acc" else "left", no_wrap=True)
+    notes = []
+    for v in found:
+        # Tags are anyone's text who can reach MLflow: shown escaped, never as markup.
+        tags = {k: escape(shown(str(t), 200)) for k, t in (v.tags or {}).items()}
+        accuracy = (v.tags or {}).get(ACCURACY_TAG)
+        try:
+            accuracy_text = f"{float(accuracy):.2%}" if accuracy else ""
+        except ValueError:
+            accuracy_text = tags[ACCURACY_TAG]
+        table.add_row(
+            escape(v.version),
+            time.strftime("%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000)),
+            tags.get("model", ""),
+            accuracy_text,
+            tags.get("data_version", ""),
+            tags.get("phase", ""),
+            ", ".join(escape(shown(a)) for a in alias_of.get(v.version, [])),
+        )
+        if CHALLENGER_TAG in tags:
+            notes.append(f"v{escape(v.version)} challenger: {tags[CHALLENGER_TAG]}")
+    console.print(table if found else "no model registered yet (`mnistops train`)")
+    for note in notes:
+        console.print(note, highlight=False)
+
+
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per line: file, digit, confidence.")
+    ] = False,
+) -> None:
+    """The champion's digit and confidence for each image.
+
+    Any size or colour is accepted and converted the MNIST way: grayscale (transparency on
+    white), inverted if the background is light, cropped to the digit, scaled to 20 px on
+    its longer side, centred by mass in 28x28.
+    """
+    from mnistops.predict import predict as champion_predicts
+
+    for p in champion_predicts(settings(), images):
+        if as_json:
+            print(json.dumps(p.as_dict()))
+        else:
+            console.print(
+                f"{escape(p.file)}: [bold]{p.digit}[/] ({p.confidence:.1%},"
+                f" model v{escape(p.model_version)})"
+            )

@@ -1,0 +1,248 @@
+"""The demo: the whole walkthrough on the local stack, from nothing to a scheduled
+retraining, told as a story in eight stages.
+
+Stack up, MNIST as PNG folders, data version v1.0, a tracked experimental training on
+v1.0, new images and v2.0, the retraining deployment from config/flow.yml, a worker, a
+Quick run on v2.0, then a summary. Every stage calls the same functions as its command;
+what the user sees of it goes through a `Reporter` (the CLI's prints tables and progress
+bars). Safe to re-run: what exists (versions, models, the deployment, the worker) is
+kept and reused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from mnistops.settings import Settings
+
+if TYPE_CHECKING:
+    from mnistops.data.ingest import IngestResult
+    from mnistops.data.packs import VersionRecord
+    from mnistops.data.registry import PublishResult
+    from mnistops.flows.deployment import DeployResult
+    from mnistops.flows.events import Announcement
+    from mnistops.flows.quick_runs import FinishedRun
+    from mnistops.settings import HyperParameters
+    from mnistops.stack import ServiceStatus
+    from mnistops.tracking.runs import RunOutcome, RunRow, TrainingHooks
+    from mnistops.train.data import Arrays
+
+DEMO_EPOCHS = 1
+"""the demo's trainings are short; `mnistops train` uses hyp.yml"""
+
+ProgressFor = Callable[[str, int], Callable[[int], None]]
+
+
+@dataclass(frozen=True)
+class Champion:
+    name: str
+    version: str
+    accuracy: float | None
+    data_version: str | None
+    phase: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Summary:
+    versions: list[VersionRecord]
+    problems: list[str]
+    runs: list[RunRow]
+    champion: Champion | None
+    next_run: str | None
+
+
+class Reporter(Protocol):
+    """What the user sees of the demo."""
+
+    def stage(self, number: int, title: str) -> None: ...
+    def say(self, message: str) -> None: ...
+    def warn(self, message: str) -> None: ...
+    def busy(self, title: str) -> AbstractContextManager[Callable[[str], None]]: ...
+    def progress(self) -> AbstractContextManager[ProgressFor]: ...
+    def training(
+        self, hyp: HyperParameters, arrays: Arrays
+    ) -> AbstractContextManager[TrainingHooks]: ...
+    def stack_ready(self, statuses: list[ServiceStatus]) -> None: ...
+    def ingested(self, result: IngestResult) -> None: ...
+    def published(self, result: PublishResult, announcement: Announcement) -> None: ...
+    def trained(self, outcome: RunOutcome) -> None: ...
+    def deployed(self, result: DeployResult) -> None: ...
+    def run_started(self, run_id: str, url: str) -> None: ...
+    def run_state(self, name: str, message: str) -> None: ...
+    def run_finished(self, run: FinishedRun) -> None: ...
+    def summary(self, summary: Summary) -> None: ...
+
+
+def run_demo(
+    settings: Settings, reporter: Reporter, fast: bool = False, n_epochs: int = DEMO_EPOCHS
+) -> None:
+    """The eight stages and the summary."""
+    from mnistops.data import registry
+
+    n_epochs = 1 if fast else n_epochs
+    reporter.stage(1, "the stack: object store, MLflow tracking, Prefect server")
+    start_stack(settings, reporter)
+    reporter.stage(2, "MNIST as labelled PNG folders")
+    ingest(settings, reporter, fast)
+    published = {r.tag for r in registry.list_versions(settings)}
+    reporter.stage(3, "data version v1.0")
+    publish_once(settings, reporter, "v1.0", published, None)
+    reporter.stage(4, "experimental training on v1.0, tracked in MLflow")
+    experiment(settings, reporter, "v1.0", n_epochs, fast)
+    reporter.stage(5, "new images: data version v2.0")
+    publish_once(settings, reporter, "v2.0", published, "train_v2")
+    reporter.stage(6, "scheduled retraining: the deployment from config/flow.yml")
+    deploy(settings, reporter)
+    reporter.stage(7, f"a worker for work pool {settings.deployment.pool_name}")
+    worker(settings, reporter)
+    reporter.stage(8, "Quick run of the deployment on v2.0")
+    quick_run(settings, reporter, "v2.0", n_epochs, fast)
+    reporter.summary(summary(settings))
+
+
+def start_stack(settings: Settings, reporter: Reporter) -> None:
+    from mnistops import stack
+
+    for warning in stack.exposure(settings):
+        reporter.warn(warning)
+    with reporter.busy("starting the stack...") as report:
+        stack.up(settings, report=report)
+    reporter.stack_ready(stack.status(settings))
+
+
+def ingest(settings: Settings, reporter: Reporter, fast: bool) -> None:
+    from mnistops.data.ingest import ingest_mnist
+
+    with reporter.progress() as progress_for:
+        result = ingest_mnist(settings, fast=fast, progress_for=progress_for)
+    reporter.ingested(result)
+
+
+MESSAGES = {
+    "v1.0": "MNIST: the first training images and the test set",
+    "v2.0": "MNIST: the new training images added",
+}
+
+
+def publish_once(
+    settings: Settings,
+    reporter: Reporter,
+    tag: str,
+    published: set[str],
+    new_images: str | None,
+) -> None:
+    """Publish `tag` unless it exists; first add the images of the split `new_images`."""
+    from mnistops.data import registry
+    from mnistops.flows.events import announce
+
+    if tag in published:
+        reporter.say(f"{tag} exists already: kept")
+        return
+    with reporter.progress() as progress_for:
+        if new_images:
+            added = registry.add_images(settings, settings.mnist_dir / new_images, progress_for)
+            reporter.say(
+                f"added {sum(added.values())} images to {settings.mnist_dir / 'train'}"
+                f" ({', '.join(f'{d}: {n}' for d, n in added.items()) or 'none new'})"
+            )
+        result = registry.publish(settings, tag, MESSAGES[tag], False, progress_for, reporter.say)
+    reporter.published(result, announce(settings, tag, result.record.content_hash))
+
+
+def model_trained_on(settings: Settings, tag: str) -> str | None:
+    """The newest registered version trained on data version `tag`, if any."""
+    from mnistops.tracking.registry import registered_versions
+
+    found, _aliases = registered_versions(settings)
+    return next((v.version for v in found if (v.tags or {}).get("data_version") == tag), None)
+
+
+def experiment(settings: Settings, reporter: Reporter, tag: str, n_epochs: int, fast: bool) -> None:
+    """Train on `tag` unless a registered model was trained on it already."""
+    from mnistops.tracking.runs import train_and_track
+    from mnistops.train import data
+    from mnistops.train.loop import with_overrides
+
+    found = model_trained_on(settings, tag)
+    if found:
+        reporter.say(f"{settings.model_registry.name} v{found} was trained on {tag}: kept")
+        return
+    hyp = with_overrides(settings.hyperparameter, {"n_epochs": n_epochs})
+    with reporter.busy("loading the data...") as report:
+        arrays = data.load_version(settings, tag, report)
+    if fast:
+        arrays = arrays.subset(settings.dataset.fast_fraction, hyp.random_seed)
+    with reporter.training(hyp, arrays) as hooks:
+        outcome = train_and_track(settings, hyp, arrays, "experimental", hooks=hooks)
+    reporter.trained(outcome)
+
+
+def deploy(settings: Settings, reporter: Reporter) -> None:
+    from mnistops.flows.deployment import deploy as deploy_retraining
+
+    reporter.deployed(deploy_retraining(settings))
+
+
+def worker(settings: Settings, reporter: Reporter) -> None:
+    """A detached worker for the deployment's pool, unless one runs already."""
+    from mnistops.flows.workers import running_worker, start_detached
+
+    pool = settings.deployment.pool_name
+    running = running_worker(settings, pool)
+    if running is not None:
+        reporter.say(f"the worker for this pool runs already (pid {running.pid})")
+        return
+    record = start_detached(settings, pool)
+    reporter.say(
+        f"worker for pool {pool} started (pid {record.pid}, log {record.log_path});"
+        " `mnistops stack down` stops it"
+    )
+
+
+def quick_run(settings: Settings, reporter: Reporter, tag: str, n_epochs: int, fast: bool) -> None:
+    """A run of the deployment on `tag`, followed to its end, unless a model learned it."""
+    from mnistops.flows.quick_runs import run_and_wait
+
+    retrained = model_trained_on(settings, tag)
+    if retrained:
+        reporter.say(
+            f"{settings.model_registry.name} v{retrained} was trained on {tag} by an earlier"
+            " run: kept (no new data)"
+        )
+        return
+    parameters = {"data_version": tag, "n_epochs": n_epochs, "fast": fast}
+    reporter.run_finished(
+        run_and_wait(settings, parameters, reporter.run_started, reporter.run_state)
+    )
+
+
+def summary(settings: Settings) -> Summary:
+    """What the demo made: data versions, runs, the champion, the next scheduled run."""
+    from mnistops.clients import mlflow_client
+    from mnistops.data import registry
+    from mnistops.flows.deployment import next_run
+    from mnistops.tracking.registry import CHAMPION_REASON_TAG, accuracy_of, champion
+    from mnistops.tracking.runs import experiment_runs
+
+    listing = registry.version_listing(settings)
+    client = mlflow_client(settings)
+    name = settings.model_registry.name
+    best = champion(client, name)
+    crowned = None
+    if best is not None:
+        tags = best.tags or {}
+        crowned = Champion(
+            name,
+            best.version,
+            accuracy_of(client, best),
+            tags.get("data_version"),
+            tags.get("phase"),
+            tags.get(CHAMPION_REASON_TAG, "set by hand"),
+        )
+    return Summary(
+        listing.records, listing.problems, experiment_runs(settings), crowned, next_run(settings)
+    )

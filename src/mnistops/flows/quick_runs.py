@@ -1,0 +1,112 @@
+"""Quick runs: a run of the deployment now (what the UI's Quick run does), followed
+state by state, and the summary it leaves."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from mnistops.clients import prefect_client
+from mnistops.flows.deployment import DeployError, check_server
+from mnistops.settings import Settings
+
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def quick_run(settings: Settings, parameters: dict[str, Any]) -> tuple[str, str]:
+    """Start a run of the deployment now; (flow run id, its UI URL)."""
+    from prefect.exceptions import ObjectNotFound
+
+    check_server(settings)
+    with prefect_client(settings) as client:
+        try:
+            deployment = client.read_deployment_by_name(settings.deployment.full_name)
+        except ObjectNotFound:
+            raise DeployError(
+                f"no deployment {settings.deployment.full_name} at {settings.prefect_api_url};"
+                " create it with `mnistops deploy`"
+            ) from None
+        run = client.create_flow_run_from_deployment(
+            deployment.id,
+            parameters={"skip_if_unchanged": False, **parameters},
+            tags=["quick-run"],
+        )
+    ui = settings.prefect_api_url.removesuffix("/api")
+    return str(run.id), f"{ui}/runs/flow-run/{run.id}"
+
+
+def follow(
+    settings: Settings,
+    flow_run_id: str,
+    on_state: Callable[[str, str], None],
+    poll_s: float = 1.0,
+    timeout_s: float | None = None,
+):
+    """Report each state change of the flow run until it ends; return the final flow run."""
+
+    last = None
+    began = time.monotonic()
+    with prefect_client(settings) as client:
+        while True:
+            run = client.read_flow_run(UUID(flow_run_id))
+            state = run.state
+            current = (
+                (state.type.value, state.name or state.type.value.title())
+                if state
+                else ("PENDING", "Pending")
+            )
+            if current != last:
+                on_state(current[1], (state.message or "") if state else "")
+                last = current
+            if current[0] in TERMINAL:
+                return run
+            if timeout_s is not None and time.monotonic() - began > timeout_s:
+                raise DeployError(f"flow run {flow_run_id} did not end within {timeout_s:.0f} s")
+            time.sleep(poll_s)
+
+
+def run_summary(settings: Settings, flow_run_id: str) -> str | None:
+    """The markdown artifact the flow run left (its result), if any."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with prefect_client(settings) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)])
+            )
+        )
+    return str(found[-1].data) if found else None
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    run_id: str
+    url: str
+    state: str
+    """the final state's name: Completed, Failed, Crashed, Cancelled"""
+    completed: bool
+    summary: str | None
+    """the markdown the flow run left (its result), if any"""
+
+
+def run_and_wait(
+    settings: Settings,
+    parameters: dict[str, Any],
+    on_started: Callable[[str, str], None] = lambda _id, _url: None,
+    on_state: Callable[[str, str], None] = lambda _name, _message: None,
+) -> FinishedRun:
+    """Start a run of the deployment now and follow it to its end."""
+    run_id, url = quick_run(settings, parameters)
+    on_started(run_id, url)
+    final = follow(settings, run_id, on_state)
+    state = final.state
+    return FinishedRun(
+        run_id,
+        url,
+        state.name if state else "unknown",
+        state is not None and state.type.value == "COMPLETED",
+        run_summary(settings, run_id),
+    )

@@ -1,0 +1,66 @@
+"""Workers: the process that runs the deployment's flow runs from a work pool, and the
+environment it and its flow runs get."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from mnistops.flows.deployment import HEARTBEAT_S, check_server
+from mnistops.settings import Settings
+from mnistops.stack.process import ProcessRecord
+
+# How often a worker asks for work (Prefect's default is 10 s): the delay of a quick run.
+WORKER_POLL_S = 2
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The environment of a worker and of the flow runs it starts: the stack's client
+    variables, absolute paths for state and config (runs start in a temp dir)."""
+    from mnistops.clients import client_env
+
+    env = {**os.environ, **client_env(settings)}
+    env["PREFECT_API_URL"] = settings.prefect_api_url
+    env["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
+    env["PREFECT_WORKER_QUERY_SECONDS"] = str(WORKER_POLL_S)
+    env["PREFECT_WORKER_PREFETCH_SECONDS"] = "5"
+    env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(HEARTBEAT_S)
+    env["MNISTOPS_HOME"] = str(settings.home)
+    env["MNISTOPS_DATA_DIR"] = str(settings.data_dir)
+    folder = settings.config_dir
+    if folder is not None and folder.is_dir():
+        env["MNISTOPS_CONFIG_DIR"] = str(folder)
+    return env
+
+
+def worker_command(pool: str) -> list[str]:
+    prefect = Path(sys.executable).parent / "prefect"
+    return [str(prefect), "worker", "start", "--pool", pool, "--type", "process"]
+
+
+def run_in_foreground(settings: Settings, pool: str) -> NoReturn:
+    """This process becomes a worker for `pool` (Ctrl-C stops it)."""
+    check_server(settings)
+    cmd = worker_command(pool)
+    os.execve(cmd[0], cmd, worker_env(settings))
+
+
+def start_detached(settings: Settings, pool: str) -> ProcessRecord:
+    """A worker for `pool` as a background service of the stack (one per pool)."""
+    from mnistops import stack
+
+    check_server(settings)
+    return stack.start_worker(settings, pool, worker_command(pool), worker_env(settings))
+
+
+def running_worker(settings: Settings, pool: str) -> ProcessRecord | None:
+    """The detached worker of `pool` started from this state dir, if it runs."""
+    from mnistops import stack
+
+    name = f"{stack.WORKER_PREFIX}{pool}"
+    for record in stack.worker_records(settings):
+        if record.name == name and stack.process.is_alive(record):
+            return record
+    return None

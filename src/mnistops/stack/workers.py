@@ -1,0 +1,78 @@
+"""Workers started with `mnistops worker --detach`: background services of the stack,
+stopped by `stack down` and started again by the next `stack up`."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from mnistops.settings import Settings
+from mnistops.stack import process
+from mnistops.stack.credentials import write_private
+from mnistops.stack.state import Report, StackError, log_dir, run_dir, state_lock
+
+WORKER_PREFIX = "worker-"
+
+
+def worker_records(settings: Settings) -> list[process.ProcessRecord]:
+    """The records of the workers started with `mnistops worker --detach`."""
+    folder = run_dir(settings)
+    names = sorted(p.stem for p in folder.glob(f"{WORKER_PREFIX}*.json")) if folder.is_dir() else []
+    return [r for r in (process.read_record(folder, n) for n in names) if r is not None]
+
+
+def spec_path(settings: Settings, name: str) -> Path:
+    """How a detached worker was started (its command, and the variables mnistops set),
+    so that `up` can start again the workers `down` stopped."""
+    return run_dir(settings) / "workers" / f"{name}.json"
+
+
+def mark_for_restart(settings: Settings, name: str, restart: bool) -> None:
+    path = spec_path(settings, name)
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    write_private(path, json.dumps({**spec, "restart": restart}))
+
+
+def restart_workers(settings: Settings, report: Report) -> None:
+    folder = run_dir(settings) / "workers"
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            spec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not spec.get("restart"):
+            continue
+        record = process.read_record(run_dir(settings), path.stem)
+        if record is None or not process.is_alive(record):
+            report(f"starting {path.stem} again (`stack down` stopped it)")
+            env = {**os.environ, **spec["env"]}
+            process.start(
+                path.stem, spec["cmd"], env, run_dir(settings), log_dir(settings), spec["url"]
+            )
+        mark_for_restart(settings, path.stem, False)
+
+
+def start_worker(
+    settings: Settings, pool: str, cmd: list[str], env: dict[str, str]
+) -> process.ProcessRecord:
+    """Start a worker for `pool` as a background service of the stack (one per pool)."""
+    name = f"{WORKER_PREFIX}{pool}"
+    with state_lock(settings):
+        record = process.read_record(run_dir(settings), name)
+        if record is not None and process.is_alive(record):
+            raise StackError(f"a worker for pool '{pool}' is already running (pid {record.pid})")
+        own = {k: v for k, v in env.items() if os.environ.get(k) != v}
+        spec = {"cmd": cmd, "env": own, "url": f"pool {pool}", "restart": False}
+        write_private(spec_path(settings, name), json.dumps(spec))
+        record = process.start(name, cmd, env, run_dir(settings), log_dir(settings), f"pool {pool}")
+    time.sleep(2)
+    if process.exited(record):
+        process.record_path(run_dir(settings), name).unlink(missing_ok=True)
+        log = process.tail(record.log_path)
+        raise StackError(f"the worker for pool '{pool}' exited at start; its log:\n{log}")
+    return record

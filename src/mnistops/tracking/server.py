@@ -1,0 +1,45 @@
+"""The MLflow server: reachable, and taking our login, checked in seconds."""
+
+from __future__ import annotations
+
+from mnistops.clients import mlflow_login
+from mnistops.errors import MnistopsError
+from mnistops.settings import Settings
+
+
+class TrackingError(MnistopsError):
+    """The tracking server or registry failed; the message says which and what to do."""
+
+
+def check_tracking_server(settings: Settings, timeout_s: float = 5.0) -> None:
+    """A clear error, quickly, when the MLflow server cannot be reached or refuses our
+    login."""
+    import httpx
+
+    uri = settings.mlflow_uri
+    if not uri.startswith(("http://", "https://")):
+        return
+    login = mlflow_login(settings)
+    try:
+        response = httpx.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+        if response.status_code == 200:
+            response = httpx.get(
+                f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
+                params={"max_results": 1},
+                auth=login,
+                timeout=timeout_s,
+            )
+    except httpx.HTTPError as exc:
+        raise TrackingError(
+            f"the MLflow server at {uri} cannot be reached ({exc.__class__.__name__});"
+            " start the stack (`mnistops stack up`) or set mlflow.tracking_uri"
+        ) from None
+    if response.status_code in (401, 403):
+        raise TrackingError(
+            f"the MLflow server at {uri} refused "
+            + ("our login" if login else "a request without a login")
+            + ": set mlflow.username and mlflow.password (MNISTOPS_MLFLOW__USERNAME,"
+            " MNISTOPS_MLFLOW__PASSWORD); for a mnistops stack, `mnistops stack env` prints them"
+        )
+    if response.status_code != 200:
+        raise TrackingError(f"the MLflow server at {uri} answered {response.status_code}")
