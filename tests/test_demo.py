@@ -6,11 +6,12 @@ import pytest
 from mlflow import MlflowClient
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
+from mnistops.clients import prefect_client
 from mnistops.data import registry
 from mnistops.settings import Settings
 from mnistops.tracking.registry import CHAMPION_REASON_TAG, champion, versions
 from mnistops.tracking.runs import experiment_runs
-from tests.conftest import prefect_client, run_cli
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
+from mnistops.clients import prefect_client
 from mnistops.stack.credentials import load_keys
-from tests.conftest import prefect_client, run_cli
+from tests.helpers import run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import TEST_OUTPUT
+from tests.helpers import TEST_OUTPUT
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 

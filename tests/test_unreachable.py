@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from mnistops.settings import Settings
-from tests.conftest import client_config, run_cli
+from tests.helpers import client_config, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 

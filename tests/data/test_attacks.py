@@ -14,9 +14,8 @@ from PIL import Image
 
 from mnistops.data import registry
 from mnistops.settings import Settings, load_settings
-from tests.conftest import client_with_v1, run_cli
 from tests.data.test_images import bomb_png
-from tests.helpers import craft_version, put_object
+from tests.helpers import client_with_v1, craft_version, put_object, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 

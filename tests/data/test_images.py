@@ -195,7 +195,7 @@ def test_a_link_inside_the_folder_to_a_regular_file_is_read(dataset: Path, tmp_p
 @pytest.mark.security
 @pytest.mark.bad_input
 def test_data_add_refuses_bad_names_bombs_and_links_by_name(tmp_path: Path) -> None:
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     source = tmp_path / "new"
     good = png(source / "3" / "fine.png")

@@ -16,7 +16,7 @@ from PIL import Image
 from mnistops.clients import s3_client
 from mnistops.data import registry, remote
 from mnistops.settings import Settings, load_settings
-from tests.conftest import cli_command, client_with_v1, run_cli
+from tests.helpers import cli_command, client_with_v1, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 

@@ -19,7 +19,7 @@ from mnistops.clients import s3_client
 from mnistops.data import packs, registry, remote
 from mnistops.settings import Settings, load_settings
 from mnistops.stack import process
-from tests.conftest import cli_paused_at, client_config, finish, kill_service, run_cli
+from tests.helpers import cli_paused_at, client_config, finish, kill_service, run_cli
 
 pytestmark = pytest.mark.integration
 

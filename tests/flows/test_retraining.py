@@ -16,8 +16,9 @@ from mlflow import MlflowClient
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
 from mnistops import stack
+from mnistops.clients import prefect_client
 from mnistops.settings import Settings, load_settings
-from tests.conftest import client_config, prefect_client, run_cli
+from tests.helpers import client_config, run_cli
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from mnistops.stack.credentials import (
     seaweed_identities,
 )
 from mnistops.stack.ports import free_port_config, port_in_use
-from tests.conftest import client_config, run_cli, write_stack_config
+from tests.helpers import client_config, run_cli, write_stack_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
 

@@ -16,7 +16,7 @@ from psycopg2 import sql
 from mnistops import stack
 from mnistops.settings import Settings, load_settings
 from mnistops.stack.postgres import database_name
-from tests.conftest import write_stack_config
+from tests.helpers import write_stack_config
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,10 @@ import pytest
 from mlflow import MlflowClient
 
 from mnistops import stack
+from mnistops.clients import prefect_client
 from mnistops.data import registry
 from mnistops.stack.services import SERVICE_NAMES
-from tests.conftest import kill_service, prefect_client, run_cli
+from tests.helpers import kill_service, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 

@@ -21,7 +21,7 @@ from mnistops.clients import s3_client
 from mnistops.settings import Settings, load_settings
 from mnistops.stack import process
 from mnistops.stack.credentials import S3Keys, load_keys
-from tests.conftest import run_cli, write_stack_config
+from tests.helpers import run_cli, write_stack_config
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from mnistops.settings import Settings
 from mnistops.tracking.registry import ACCURACY_TAG, CHALLENGER_TAG, CHAMPION_REASON_TAG
-from tests.conftest import client_config
+from tests.helpers import client_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.integrity]
 

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from mnistops import stack
 from mnistops.settings import HyperParameters, Settings, load_settings
 from mnistops.tracking.registry import CHALLENGER_TAG, versions
-from tests.conftest import cli_paused_at, client_config, finish, kill_service, run_cli
+from tests.helpers import cli_paused_at, client_config, finish, kill_service, run_cli
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mnistops.clients import CHECKSUM_ENV, s3_client, s3_keys
+from mnistops.clients import library_defaults, s3_client, s3_keys
 from mnistops.data import folders, images, packs, remote
 from mnistops.errors import MnistopsError
 from mnistops.logs import quiet_libraries
@@ -192,7 +192,11 @@ def load_manifest(
     return packs.parse_manifest(cache.read(record.manifest_md5), record)
 
 
-def _changes(old: list[packs.ManifestRow], new: list[packs.ManifestRow]) -> list[ClassChange]:
+def changes_between(
+    old: list[packs.ManifestRow], new: list[packs.ManifestRow]
+) -> list[ClassChange]:
+    """Images added and removed per split and digit (an image is its bytes: a renamed one
+    is neither)."""
     before = Counter((r.split, r.label, r.sha256) for r in old)
     after = Counter((r.split, r.label, r.sha256) for r in new)
     added = Counter((s, d) for (s, d, _), n in (after - before).items() for _ in range(n))
@@ -208,7 +212,7 @@ def diff(settings: Settings, tag_a: str, tag_b: str) -> list[ClassChange]:
     """Images added and removed per class going from version A to version B."""
     rows_a = load_manifest(settings, find_record(settings, tag_a))
     rows_b = load_manifest(settings, find_record(settings, tag_b))
-    return _changes(rows_a, rows_b)
+    return changes_between(rows_a, rows_b)
 
 
 INTERRUPT_AT_ENV = "MNISTOPS_TEST_INTERRUPT_AT"
@@ -275,8 +279,7 @@ def _publish(
 
     if tag == "latest":
         raise RegistryError("'latest' names the newest version; choose another tag (e.g. v1.0)")
-    for key, value in CHECKSUM_ENV.items():
-        os.environ.setdefault(key, value)
+    library_defaults()  # DVC's boto reads the checksum setting from the environment only
     client = _client(settings)
     bucket = _bucket(settings)
     try:
@@ -391,7 +394,7 @@ def _publish(
     new_bytes = sum(cache.path(m).stat().st_size for m in new_md5s)
     return PublishResult(
         record,
-        _changes(_rows_before(settings, record, previous, old_rows, client), rows),
+        changes_between(_rows_before(settings, record, previous, old_rows, client), rows),
         new_images=sum(1 for e in entries if e.sha256 not in known),
         new_objects=len(new_md5s),
         new_bytes=new_bytes,

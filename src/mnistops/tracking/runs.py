@@ -215,7 +215,8 @@ def experiment_id(client: MlflowClient, name: str) -> str:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         experiment = client.get_experiment_by_name(name)
-    assert experiment is not None
+        if experiment is None:
+            raise TrackingError(f"the experiment '{name}' could not be created")
     key, kind = EXPERIMENT_KIND
     if (experiment.tags or {}).get(key) != kind:
         client.set_experiment_tag(experiment.experiment_id, key, kind)

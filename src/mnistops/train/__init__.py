@@ -1,1 +1,2 @@
-"""Training: data versions as arrays (`data`), the classifiers (`models`), the loop (`loop`)."""
+"""Training: a data version as cached arrays (`data`), the classifiers (`models`), the
+training loop and its evaluation (`loop`)."""
