@@ -77,27 +77,41 @@ def test_every_package_says_what_lives_in_it() -> None:
         assert docstring and len(docstring) > 40, init
 
 
+ENVIRON_WRITES = ("update", "setdefault", "pop", "popitem", "clear", "__setitem__")
+
+
+def changes_environ(tree: ast.Module) -> bool:
+    """`os.environ[...] = `, `del os.environ[...]`, `os.environ.update(...)` and the like,
+    or `os.putenv` / `os.unsetenv`."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            if _is_environ(node.value):
+                return True
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            name = node.func.attr
+            if name in ("putenv", "unsetenv") or (
+                name in ENVIRON_WRITES and _is_environ(node.func.value)
+            ):
+                return True
+    return False
+
+
+def _is_environ(node: ast.expr) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == "environ"
+
+
 def test_only_the_clients_and_logs_modules_touch_the_environment() -> None:
-    allowed = {"clients", "logs", "cli"}
-    writers = []
-    for module, tree in modules().items():
-        for node in ast.walk(tree):
-            is_environ = isinstance(node, ast.Attribute) and node.attr == "environ"
-            if not is_environ or module in allowed:
-                continue
-            parent_calls = [
-                n
-                for n in ast.walk(tree)
-                if isinstance(n, ast.Call)
-                and isinstance(n.func, ast.Attribute)
-                and n.func.value is node
-                and n.func.attr in ("update", "setdefault", "pop", "clear", "__setitem__")
-            ]
-            stores = [
-                n
-                for n in ast.walk(tree)
-                if isinstance(n, ast.Subscript) and n.value is node and isinstance(n.ctx, ast.Store)
-            ]
-            if parent_calls or stores:
-                writers.append(module)
-    assert not writers, f"these modules change os.environ: {sorted(set(writers))}"
+    writers = [m for m, tree in modules().items() if changes_environ(tree)]
+    assert sorted(writers) == ["clients", "logs"], writers
+
+
+def test_the_environment_check_sees_every_kind_of_write() -> None:
+    for code in (
+        "os.environ['A'] = '1'",
+        "del os.environ['A']",
+        "os.environ.update(A='1')",
+        "os.environ.setdefault('A', '1')",
+        "os.putenv('A', '1')",
+    ):
+        assert changes_environ(ast.parse(code)), code
+    assert not changes_environ(ast.parse("x = os.environ.get('A')"))

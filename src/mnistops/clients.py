@@ -179,8 +179,7 @@ def prefect_client(settings: Settings) -> Iterator[SyncPrefectClient]:
 
 
 def mlflow_client(settings: Settings) -> MlflowClient:
-    """An MLflow client of the settings' server, with its login. It also makes that
-    server the one MLflow's module-level functions use (logging a model needs them)."""
+    """An MLflow client of the settings' server, with its login."""
     import mlflow
 
     from mnistops import mlflow_plugin
@@ -190,5 +189,16 @@ def mlflow_client(settings: Settings) -> MlflowClient:
     mlflow_plugin.Login.header = (
         "Basic " + base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode() if login else None
     )
-    mlflow.set_tracking_uri(settings.mlflow_uri)
     return mlflow.MlflowClient(settings.mlflow_uri)
+
+
+@contextmanager
+def mlflow_module_functions(settings: Settings) -> Iterator[None]:
+    """MLflow's module-level functions (logging a model has no client form) talk to the
+    settings' server inside this block only. MLflow exports MLFLOW_TRACKING_URI while its
+    tracking URI is set; both are put back when the block ends."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    mlflow_client(settings)
+    with _use_tracking_uri(settings.mlflow_uri):
+        yield

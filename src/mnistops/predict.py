@@ -16,14 +16,18 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mnistops.data.images import MAX_PIXELS, ImageRefused, open_image, read_regular, shown_name
-from mnistops.errors import MnistopsError
+from mnistops.errors import BadInput, MnistopsError
 from mnistops.settings import Settings
 
 __all__ = ["MAX_PIXELS", "PredictError", "Prediction", "load_images", "mnist_like", "predict"]
 
 
 class PredictError(MnistopsError):
-    """An image cannot be read or there is no champion; the message names which."""
+    """There is no champion, or it cannot be loaded; the message names which."""
+
+
+class ImageUnusable(PredictError, BadInput):
+    """An image cannot be read or holds no digit; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -49,15 +53,15 @@ def _open(path: Path) -> Image.Image:
         image = open_image(io.BytesIO(read_regular(path)))
         image.load()
     except FileNotFoundError:
-        raise PredictError(f"{path}: no such file") from None
+        raise ImageUnusable(f"{path}: no such file") from None
     except ImageRefused as exc:
-        raise PredictError(f"{path}: {exc}") from None
+        raise ImageUnusable(f"{path}: {exc}") from None
     except UnidentifiedImageError:
-        raise PredictError(f"{path}: not an image PIL can read (PNG or JPEG expected)") from None
+        raise ImageUnusable(f"{path}: not an image PIL can read (PNG or JPEG expected)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PredictError(f"{path}: refused as a decompression bomb ({exc})") from None
+        raise ImageUnusable(f"{path}: refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise PredictError(f"{path}: the image is corrupt or truncated ({exc})") from None
+        raise ImageUnusable(f"{path}: the image is corrupt or truncated ({exc})") from None
     return image
 
 
@@ -85,7 +89,7 @@ def mnist_like(image: Image.Image, name: str = "image") -> np.ndarray:
     gray = np.clip(gray - np.median(_border(gray)), 0, 255)
     ink = gray > max(gray.max() * 0.2, 1)
     if not ink.any():
-        raise PredictError(f"{name}: the image is blank (no digit found)")
+        raise ImageUnusable(f"{name}: the image is blank (no digit found)")
     rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
     crop = Image.fromarray(gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.uint8))
     scale = 20 / max(crop.size)
@@ -108,7 +112,7 @@ def load_images(paths: list[Path]) -> np.ndarray:
     arrays = []
     for path in paths:
         if not str(path).isprintable():
-            raise PredictError(
+            raise ImageUnusable(
                 f"{shown_name(str(path))}: the file name is not valid UTF-8 or holds a"
                 " control character; rename it"
             )
@@ -159,7 +163,9 @@ def load_champion(settings: Settings):
         folder.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=folder.parent))
         try:
-            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(partial))
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(partial), tracking_uri=settings.mlflow_uri
+            )
             if not (partial / "MLmodel").is_file():
                 raise PredictError(f"{unusable}: its MLmodel file is missing{fix}")
             shutil.rmtree(folder, ignore_errors=True)

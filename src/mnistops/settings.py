@@ -23,7 +23,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from mnistops.errors import BadInput
 
@@ -138,7 +143,7 @@ class DatasetSettings(Section):
 class HyperParameters(Section):
     """`config/hyp.yml`, key `hyperparameter`: the tutorial's keys, then ours."""
 
-    random_seed: int = 42
+    random_seed: int = Field(42, ge=0, le=2**32 - 1)
     val_size: float = Field(0.1, gt=0, lt=1, description="share of train held out to validate")
     shuffle_data: bool = True
     batch_size: int = Field(128, gt=0)
@@ -330,7 +335,9 @@ def default_config_dir() -> Path:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -497,6 +504,11 @@ def load_settings(config_dir: Path | None = None) -> Settings:
     except ValidationError as exc:
         lines = [_describe_error(dict(e), origin, config_dir) for e in exc.errors()]
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
+    except SettingsError as exc:
+        raise ConfigError(
+            f"an {ENV_PREFIX}* environment variable cannot be read ({exc}): a whole section"
+            f" takes JSON; or set one key, e.g. {ENV_PREFIX}S3__PORT=8334"
+        ) from None
     settings.home = _resolve(settings.home, root).absolute()
     settings.data_dir = _resolve(settings.data_dir, root).absolute()
     if settings.dataset.registry is not None:

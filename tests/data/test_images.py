@@ -205,7 +205,7 @@ def test_data_add_refuses_bad_names_bombs_and_links_by_name(tmp_path: Path) -> N
     Path(os.fsdecode(bytes(source) + b"/7/caf\xe9.png")).parent.mkdir()
     Path(os.fsdecode(bytes(source) + b"/7/caf\xe9.png")).write_bytes(good.read_bytes())
     result = run_cli("data", "add", str(source), config_dir=tmp_path, cwd=tmp_path, timeout=60)
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == 2, result.stdout + result.stderr  # bad input
     text = " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
     for expected in ("bomb.png", "decompression bomb", "zero.png", "outside", "caf\\xe9.png"):

@@ -133,7 +133,7 @@ def test_predict_prints_the_champions_digit(trainer: Path, first_run) -> None:
     assert all(set(line) == {"file", "digit", "confidence", "model_version"} for line in lines)
     assert all(0 <= line["digit"] <= 9 and 0 < line["confidence"] <= 1 for line in lines)
     bad = run_cli("predict", str(images[0]), str(trainer / "flow.yml"), config_dir=trainer)
-    assert bad.returncode == 1 and "flow.yml: not an image" in bad.stderr
+    assert bad.returncode == 2 and "flow.yml: not an image" in bad.stderr  # bad input
 
 
 def test_the_champion_gate_both_ways_and_determinism(trainer: Path, first_run) -> None:

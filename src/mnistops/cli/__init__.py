@@ -18,7 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from mnistops.cli import _ui, data, demo, flows, models, stack
-from mnistops.errors import MnistopsError
+from mnistops.errors import INTERRUPTED, MnistopsError
 from mnistops.logs import Verbosity, quiet_libraries
 
 
@@ -30,6 +30,8 @@ class _Root(TyperGroup):
             return super().invoke(ctx)
         except MnistopsError as exc:
             _ui.fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _ui.fail("interrupted", INTERRUPTED)
 
 
 app = typer.Typer(

@@ -3,6 +3,7 @@ progress bars and spinners."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mnistops.settings import Settings, load_settings
+from mnistops.settings import ConfigError, Settings, load_settings
 
 console = Console(log_path=False)
 err = Console(stderr=True, soft_wrap=True)
@@ -44,6 +45,13 @@ class State:
 
 def settings() -> Settings:
     """The settings of this invocation; their notes (ignored keys) printed once."""
+    given = State.config_dir or os.environ.get("MNISTOPS_CONFIG_DIR")
+    if given is not None and not Path(given).is_dir():
+        where = "--config-dir" if State.config_dir else "MNISTOPS_CONFIG_DIR"
+        raise ConfigError(
+            f"{where} {given}: no such folder (the folder of stack.yml, flow.yml, hyp.yml"
+            " and dataset.yml)"
+        )
     loaded = load_settings(State.config_dir)
     if not State.noted:
         State.noted = True

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from mnistops.cli._ui import HYP_OPTIONS, console, settings, shorter
-from mnistops.errors import MnistopsError
+from mnistops.errors import Interrupted, MnistopsError
 from mnistops.settings import Settings
 
 if TYPE_CHECKING:
@@ -112,7 +112,22 @@ def run(
         "device": device,
         "fast": fast or None,
     }
-    start_and_follow(settings(), {k: v for k, v in given.items() if v is not None}, wait)
+    cfg = settings()
+    chosen = {k: v for k, v in given.items() if v is not None}
+    check_run(cfg, chosen)
+    start_and_follow(cfg, chosen, wait)
+
+
+def check_run(cfg: Settings, parameters: dict[str, Any]) -> None:
+    """Refuse before the run exists what its flow would refuse: bad hyperparameters
+    (named by their option) and a data version that is not published (exit 2)."""
+    from mnistops.cli.models import hyperparameters
+    from mnistops.data.registry import find_record
+
+    hyperparameters(cfg, {k: v for k, v in parameters.items() if k in HYP_OPTIONS})
+    tag = parameters.get("data_version")
+    if tag is not None and tag != "latest":
+        find_record(cfg, tag)
 
 
 def start_and_follow(cfg: Settings, parameters: dict[str, Any], wait: bool) -> None:
@@ -122,7 +137,18 @@ def start_and_follow(cfg: Settings, parameters: dict[str, Any], wait: bool) -> N
     if not wait:
         show_run_started(*quick_run(cfg, parameters))
         return
-    show_run_finished(run_and_wait(cfg, parameters, show_run_started, state_printer()))
+    started: list[str] = []
+
+    def on_started(run_id: str, url: str) -> None:
+        started.append(url)
+        show_run_started(run_id, url)
+
+    try:
+        finished = run_and_wait(cfg, parameters, on_started, state_printer())
+    except KeyboardInterrupt:
+        goes_on = f": the flow run goes on ({started[0]})" if started else ""
+        raise Interrupted(f"interrupted{goes_on}") from None
+    show_run_finished(finished)
 
 
 def show_run_started(run_id: str, url: str) -> None:

@@ -140,15 +140,12 @@ def training_data(
     except MnistopsError as exc:
         raise as_bad_input(exc) from None
     check_tracking_server(cfg)
-    try:
-        with spinner("loading the data...") as report:
-            if data_dir is not None:
-                arrays = data.load_folder(cfg, data_dir, report)
-                console.print(f"[yellow]untracked data[/]: {arrays.source.name}")
-            else:
-                arrays = data.load_version(cfg, data_version or "latest", report)
-    except MnistopsError as exc:
-        raise as_bad_input(exc) from None
+    with spinner("loading the data...") as report:
+        if data_dir is not None:
+            arrays = data.load_folder(cfg, data_dir, report)
+            console.print(f"[yellow]untracked data[/]: {arrays.source.name}")
+        else:
+            arrays = data.load_version(cfg, data_version or "latest", report)
     return arrays.subset(cfg.dataset.fast_fraction, hyp.random_seed) if fast else arrays
 
 

@@ -140,18 +140,21 @@ def serve(
 
 @app.command("logs")
 def logs(
-    service: Annotated[str, typer.Argument(help="s3, mlflow or prefect")],
-    lines: Annotated[int, typer.Option("-n", "--lines", help="How many last lines.")] = 50,
+    service: Annotated[
+        str, typer.Argument(help="s3, mlflow, prefect, or a detached worker (worker-POOL)")
+    ],
+    lines: Annotated[int, typer.Option("-n", "--lines", min=1, help="How many last lines.")] = 50,
     follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing.")] = False,
 ) -> None:
-    """Print the last lines of a service's log."""
+    """Print the last lines of a service's log (or a detached worker's)."""
     from mnistops import stack
     from mnistops.stack import process
     from mnistops.stack.services import SERVICE_NAMES
 
     cfg = settings()
-    if service not in SERVICE_NAMES:
-        fail(f"unknown service '{service}'; choose one of: {', '.join(SERVICE_NAMES)}", code=2)
+    known = [*SERVICE_NAMES, *(r.name for r in stack.worker_records(cfg))]
+    if service not in known:
+        fail(f"unknown service '{service}'; choose one of: {', '.join(known)}", code=2)
     path = stack.log_dir(cfg) / f"{service}.log"
     if not path.exists():
         fail(f"no log for {service} yet ({path}); start the stack with `mnistops stack up`")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from mnistops.errors import MnistopsError
+from mnistops.errors import BadInput
 
 VERSION_SPLITS = ("train", "test")
 DIGITS = tuple(str(d) for d in range(10))
@@ -37,7 +37,7 @@ DIGIT_FILE_BYTES = 1 << 20
 Progress = Callable[[int], None]
 
 
-class ImageRefused(MnistopsError, ValueError):
+class ImageRefused(BadInput, ValueError):
     """A file is not read or not decoded: too large, not a regular file, outside its folder."""
 
 
@@ -107,7 +107,7 @@ def open_image(source: Path | io.BytesIO, max_pixels: int = MAX_PIXELS) -> Image
     return image
 
 
-class InvalidDataset(MnistopsError):
+class InvalidDataset(BadInput):
     def __init__(self, problems: list[tuple[Path, str]]):
         self.problems = problems
         shown = "\n".join(

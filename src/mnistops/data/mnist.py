@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnistops.errors import MnistopsError
+from mnistops.errors import BadInput, MnistopsError
 
 FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -26,6 +26,10 @@ FILES = {
 
 class SourceError(MnistopsError):
     """The MNIST files are missing, damaged or not what they claim to be."""
+
+
+class SourceRefused(SourceError, BadInput):
+    """The folder or files given as MNIST's are missing or are not MNIST's."""
 
 
 @dataclass(frozen=True)
@@ -63,12 +67,12 @@ def verify(folder: Path) -> None:
     for name in FILES.values():
         path = folder / name
         if not path.is_file():
-            raise SourceError(
+            raise SourceRefused(
                 f"{path}: missing (need the four MNIST .gz files: {', '.join(FILES.values())})"
             )
         actual = sha256_of(path)
         if actual != sums[name]:
-            raise SourceError(
+            raise SourceRefused(
                 f"{path}: SHA-256 {actual} does not match the expected {sums[name]};"
                 " the file is damaged or not the original MNIST file"
             )
@@ -97,7 +101,7 @@ def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
         data = handle.read()
     zero, dtype, dims = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != 0x08 or dims != expected_dims:
-        raise SourceError(
+        raise SourceRefused(
             f"{path}: not an IDX file of unsigned bytes with {expected_dims} dimensions"
         )
     shape = struct.unpack(f">{dims}I", data[4 : 4 + 4 * dims])

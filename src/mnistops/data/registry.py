@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mnistops.clients import library_defaults, s3_client, s3_keys
 from mnistops.data import folders, images, packs, remote
-from mnistops.errors import MnistopsError
+from mnistops.errors import BadInput, MnistopsError
 from mnistops.logs import quiet_libraries
 from mnistops.settings import Settings
 
@@ -39,6 +39,11 @@ def _no_progress(_label: str, _total: int) -> Callable[[int], None]:
 
 class RegistryError(MnistopsError):
     """A version cannot be made, found or fetched; the message says what to do."""
+
+
+class VersionRefused(RegistryError, BadInput):
+    """What the command was given cannot be used: a bad or unknown tag, a tag that exists
+    already, a dataset identical to the last version, a target folder that is not empty."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,7 @@ def check_tag(tag: str) -> None:
     """A tag typed by a user (or 'latest'): RegistryError if it cannot name a version."""
     problem = None if tag == "latest" else packs.tag_problem(tag)
     if problem:
-        raise RegistryError(problem)
+        raise VersionRefused(problem)
 
 
 def find_record(settings: Settings, tag: str, client=None) -> packs.VersionRecord:
@@ -143,13 +148,13 @@ def find_record(settings: Settings, tag: str, client=None) -> packs.VersionRecor
     if tag == "latest":
         records = remote.list_records(client, _bucket(settings)).records
         if not records:
-            raise RegistryError("no data version is published yet (`mnistops data version v1.0`)")
+            raise VersionRefused("no data version is published yet (`mnistops data version v1.0`)")
         found: packs.VersionRecord | None = records[-1]
     else:
         found = remote.read_record(client, _bucket(settings), tag)
     if found is None:
         known = [r.tag for r in remote.list_records(client, _bucket(settings)).records]
-        raise RegistryError(
+        raise VersionRefused(
             f"no data version '{tag}' in s3://{_bucket(settings)} at {settings.s3_endpoint}"
             f" (published: {', '.join(known) or 'none'})"
         )
@@ -278,7 +283,7 @@ def _publish(
     quiet_libraries()
 
     if tag == "latest":
-        raise RegistryError("'latest' names the newest version; choose another tag (e.g. v1.0)")
+        raise VersionRefused("'latest' names the newest version; choose another tag (e.g. v1.0)")
     library_defaults()  # DVC's boto reads the checksum setting from the environment only
     client = _client(settings)
     bucket = _bucket(settings)
@@ -286,10 +291,10 @@ def _publish(
         existing = remote.read_record(client, bucket, tag)
     except packs.CorruptRecord as exc:
         if not force:
-            raise RegistryError(f"{exc}\nReplace it with --force.") from None
+            raise VersionRefused(f"{exc}\nReplace it with --force.") from None
         existing = None
     if existing is not None and not force:
-        raise RegistryError(
+        raise VersionRefused(
             f"data version '{tag}' exists already (published {existing.created});"
             " choose another tag, or --force to replace it. If its retraining did not"
             " start, start one with `mnistops run`"
@@ -303,7 +308,7 @@ def _publish(
     records = remote.list_records(client, bucket).records
     previous = next((r for r in reversed(records) if r.tag != tag), None)
     if previous is not None and previous.content_hash == digest:
-        raise RegistryError(
+        raise VersionRefused(
             f"nothing changed since {previous.tag}: the dataset in "
             f"{settings.mnist_dir} is identical to it"
         )
@@ -438,7 +443,7 @@ def _changed_folders(target: Path, stamp: dict) -> list[str]:
 
 def _check_unchanged(target: Path, record: packs.VersionRecord, changed: list[str]) -> None:
     if changed:
-        raise RegistryError(
+        raise VersionRefused(
             f"{target} holds {record.tag} but it was changed (first difference: {changed[0]});"
             " remove the folder and pull again"
         )
@@ -451,6 +456,15 @@ class PullResult:
     images: int
     downloaded: int
     already_there: bool
+
+
+def _check_writable(target: Path) -> None:
+    """A pull target must be a folder, or a new one in a folder that can be written."""
+    if target.exists() and not target.is_dir():
+        raise VersionRefused(f"{target} is not a folder: pull into a folder (--to DIR)")
+    parent = next((p for p in target.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise VersionRefused(f"{target}: cannot make a folder there ({parent} is not writable)")
 
 
 def pull(
@@ -470,6 +484,7 @@ def pull(
     presence and size instead.
     """
     check_tag(tag)
+    _check_writable(target)
     stamp = folders.read_stamp(target)
     known = cached_record(settings, tag) if tag != "latest" and not verify else None
     if known and stamp and stamp.get("content_hash") == known.content_hash and "folders" in stamp:
@@ -486,7 +501,7 @@ def pull(
             _check_unchanged(target, record, _changed_folders(target, stamp))
         return PullResult(record, target, stamp["images"], 0, True)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise RegistryError(
+        raise VersionRefused(
             f"{target} exists and is not empty; pull into a new folder or remove it first"
         )
     missing = [m for m in record.files.values() if not cache.has(m)]
@@ -509,7 +524,13 @@ def pull(
         ) from None
     rows = packs.parse_manifest(cache.read(record.manifest_md5), record)
     packs.check_rows(rows, cache)
-    folders.materialize(rows, cache, target, record, progress_for("writing PNGs", len(rows)))
+    try:
+        folders.materialize(rows, cache, target, record, progress_for("writing PNGs", len(rows)))
+    except OSError as exc:
+        raise RegistryError(
+            f"cannot write {record.tag} into {target}: {exc.strerror or exc}; nothing was"
+            " written there"
+        ) from None
     return PullResult(record, target, len(rows), len(missing), False)
 
 
@@ -528,7 +549,7 @@ def add_images(
     """Merge `source/<digit>/*.png` into the training set; validate first, copy all or none."""
     problems: list[tuple[Path, str]] = []
     if not source.is_dir():
-        raise RegistryError(f"{source}: not a folder of label folders 0-9")
+        raise VersionRefused(f"{source}: not a folder of label folders 0-9")
     found = []
     for entry in sorted(source.iterdir()):
         if entry.name.startswith("."):

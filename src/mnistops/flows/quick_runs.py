@@ -70,12 +70,19 @@ def follow(
 
 def run_summary(settings: Settings, flow_run_id: str) -> str | None:
     """The markdown artifact the flow run left (its result), if any."""
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    from mnistops.flows.retrain import SUMMARY_KEY
 
     with prefect_client(settings) as client:
         found = client.read_artifacts(
             artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)])
+                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]),
+                key=ArtifactFilterKey(any_=[SUMMARY_KEY]),
             )
         )
     return str(found[-1].data) if found else None

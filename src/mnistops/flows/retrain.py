@@ -21,6 +21,8 @@ from mnistops.tracking.registry import GateDecision
 from mnistops.train import data, loop
 
 FLOW_TIMEOUT_S = 3 * 3600
+SUMMARY_KEY = "mnist-retraining"
+"""the key of the markdown artifact a flow run leaves: its result"""
 
 
 @task(name="Pulling dataset", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
@@ -207,9 +209,7 @@ def mnist_flow(
         if done_before is not None:
             message = f"nothing new for {arrays.source.name}: {why}; nothing to do"
             print(message)
-            create_markdown_artifact(
-                f"# MNIST retraining\n\nSkipped: {message}.", key="mnist-retraining"
-            )
+            create_markdown_artifact(f"# MNIST retraining\n\nSkipped: {message}.", key=SUMMARY_KEY)
             return {"skipped": True, "reason": message}
         print(f"training: {why}")
     validate_dataset(arrays)
@@ -232,7 +232,7 @@ def mnist_flow(
     runs.end(run)
     create_markdown_artifact(
         _summary(run, arrays.source.name, result.test.accuracy, decision.moved, decision.reason),
-        key="mnist-retraining",
+        key=SUMMARY_KEY,
         description="MNIST retraining result",
     )
     print(

@@ -139,6 +139,13 @@ def serve(settings: Settings, name: str) -> None:
     local = settings.model_copy(update={name: own})
     keys = stack_keys(local, create=True) if name == "s3" else stack_keys(settings, create=False)
     (svc,) = [s for s in all_services(local, keys) if s.name == name]
+    record = process.read_record(run_dir(local), name)
+    if record is not None and process.is_alive(record):
+        raise StackError(
+            f"{svc.title} of this state dir runs already (pid {record.pid}, started by"
+            " `mnistops stack up`); stop it with `mnistops stack down` first"
+        )
+    _check_ports_free(local, [svc], no_report, closing_wait_s=0)
     if local.database_url is not None and name in ("mlflow", "prefect"):
         try:
             postgres.ensure_databases(local, [name])

@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+from mnistops.clients import client_env
 from mnistops.settings import Settings
 from mnistops.stack import process
 from mnistops.stack.credentials import write_private
@@ -50,7 +51,9 @@ def restart_workers(settings: Settings, report: Report) -> None:
         record = process.read_record(run_dir(settings), path.stem)
         if record is None or not process.is_alive(record):
             report(f"starting {path.stem} again (`stack down` stopped it)")
-            env = {**os.environ, **spec["env"]}
+            fresh = client_env(settings)
+            derived = {k: fresh[k] for k in spec.get("derived", []) if k in fresh}
+            env = {**os.environ, **spec["env"], **derived}
             process.start(
                 path.stem, spec["cmd"], env, run_dir(settings), log_dir(settings), spec["url"]
             )
@@ -66,8 +69,16 @@ def start_worker(
         record = process.read_record(run_dir(settings), name)
         if record is not None and process.is_alive(record):
             raise StackError(f"a worker for pool '{pool}' is already running (pid {record.pid})")
-        own = {k: v for k, v in env.items() if os.environ.get(k) != v}
-        spec = {"cmd": cmd, "env": own, "url": f"pool {pool}", "restart": False}
+        # Keys and logins are not kept: a restart takes them fresh from the state dir.
+        derived = set(client_env(settings))
+        own = {k: v for k, v in env.items() if os.environ.get(k) != v and k not in derived}
+        spec = {
+            "cmd": cmd,
+            "env": own,
+            "derived": sorted(derived & set(env)),
+            "url": f"pool {pool}",
+            "restart": False,
+        }
         write_private(spec_path(settings, name), json.dumps(spec))
         record = process.start(name, cmd, env, run_dir(settings), log_dir(settings), f"pool {pool}")
     time.sleep(2)

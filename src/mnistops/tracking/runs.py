@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from mlflow import MlflowClient
 
-from mnistops.clients import mlflow_client
+from mnistops.clients import mlflow_client, mlflow_module_functions
 from mnistops.errors import Interrupted
 from mnistops.settings import HyperParameters, Settings
 from mnistops.tracking import plots
@@ -177,7 +177,7 @@ def _log_pictures(run: TrackedRun, arrays: Arrays, result: TrainResult) -> None:
         plots.close(fig)
 
 
-def _log_model(run: TrackedRun, result: TrainResult, arrays: Arrays) -> Any:
+def _log_model(settings: Settings, run: TrackedRun, result: TrainResult, arrays: Arrays) -> Any:
     import mlflow
     import torch
     from mlflow.models import ModelSignature
@@ -189,14 +189,15 @@ def _log_model(run: TrackedRun, result: TrainResult, arrays: Arrays) -> Any:
     )
     example = (arrays.test_x[:2].astype(np.float32) / 255.0)[:, None]
     model = result.model.to("cpu")
-    return mlflow.pytorch.log_model(
-        model,
-        name="model",
-        signature=signature,
-        input_example=example,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
-        run_id=run.run_id,
-    )
+    with mlflow_module_functions(settings):
+        return mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+            run_id=run.run_id,
+        )
 
 
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -331,7 +332,7 @@ def register_logged(
     from mnistops.stack.locks import champion_lock_name, held
 
     name = settings.model_registry.name
-    model_uri = _logged_model_of(run) or _log_model(run, result, arrays).model_uri
+    model_uri = _logged_model_of(run) or _log_model(settings, run, result, arrays).model_uri
     version, decision = register(
         run.client,
         name,
