@@ -197,8 +197,15 @@ def mlflow_module_functions(settings: Settings) -> Iterator[None]:
     """MLflow's module-level functions (logging a model has no client form) talk to the
     settings' server inside this block only. MLflow exports MLFLOW_TRACKING_URI while its
     tracking URI is set; both are put back when the block ends."""
+    mlflow_client(settings)
+    with mlflow_tracking_uri(settings.mlflow_uri):
+        yield
+
+
+@contextmanager
+def mlflow_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's module-level tracking URI set to `uri` inside the block only."""
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    mlflow_client(settings)
-    with _use_tracking_uri(settings.mlflow_uri):
+    with _use_tracking_uri(uri):
         yield

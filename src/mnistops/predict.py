@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mnistops.clients import mlflow_module_functions
 from mnistops.data.images import MAX_PIXELS, ImageRefused, open_image, read_regular, shown_name
 from mnistops.errors import BadInput, MnistopsError
 from mnistops.settings import Settings
@@ -163,9 +164,11 @@ def load_champion(settings: Settings):
         folder.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=folder.parent))
         try:
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=str(partial), tracking_uri=settings.mlflow_uri
-            )
+            with mlflow_module_functions(settings):
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=uri,
+                    dst_path=str(partial),
+                )
             if not (partial / "MLmodel").is_file():
                 raise PredictError(f"{unusable}: its MLmodel file is missing{fix}")
             shutil.rmtree(folder, ignore_errors=True)

@@ -119,15 +119,12 @@ def run(
 
 
 def check_run(cfg: Settings, parameters: dict[str, Any]) -> None:
-    """Refuse before the run exists what its flow would refuse: bad hyperparameters
-    (named by their option) and a data version that is not published (exit 2)."""
+    """Refuse bad hyperparameters (named by their option, exit 2) before the run exists.
+    The data version is the flow's to find: it may be published before a worker takes
+    the run, and a pull that fails is retried."""
     from mnistops.cli.models import hyperparameters
-    from mnistops.data.registry import find_record
 
     hyperparameters(cfg, {k: v for k, v in parameters.items() if k in HYP_OPTIONS})
-    tag = parameters.get("data_version")
-    if tag is not None and tag != "latest":
-        find_record(cfg, tag)
 
 
 def start_and_follow(cfg: Settings, parameters: dict[str, Any], wait: bool) -> None:

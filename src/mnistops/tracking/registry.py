@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from mnistops.clients import mlflow_tracking_uri
 from mnistops.settings import Settings
 
 CHAMPION = "champion"
@@ -123,7 +124,8 @@ def model_problem(client: MlflowClient, name: str, version: ModelVersion) -> str
 
     try:
         uri = client.get_model_version_download_uri(name, version.version)
-        listed = mlflow.artifacts.list_artifacts(uri, tracking_uri=client.tracking_uri)
+        with mlflow_tracking_uri(client.tracking_uri):
+            listed = mlflow.artifacts.list_artifacts(uri, tracking_uri=client.tracking_uri)
     except Exception:  # noqa: BLE001
         return None
     found = {a.path.rsplit("/", 1)[-1] for a in listed}
