@@ -429,8 +429,8 @@ def train_and_track(
     """
     hooks = hooks or TrainingHooks()
     run = begin(settings, hyp, arrays, phase, extra_tags)
-    hooks.on_start(run.url)
     try:
+        hooks.on_start(run.url)
         fitted = fit_logged(run, hyp, arrays, hooks.on_epoch, hooks.on_batch)
         result = evaluate_logged(run, fitted, arrays)
         version, decision = register_logged(settings, run, hyp, arrays, result)
