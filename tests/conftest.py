@@ -10,7 +10,15 @@ import pytest
 
 from mnistops import stack
 from mnistops.settings import Settings, load_settings
-from tests.helpers import TEST_OUTPUT, run_cli, write_stack_config
+from tests.helpers import (
+    CHROMEDRIVER,
+    CHROMIUM,
+    FLAGS,
+    SHOTS,
+    TEST_OUTPUT,
+    run_cli,
+    write_stack_config,
+)
 
 CLEAN_PREFIXES = ("MNISTOPS_", "MLFLOW_", "PREFECT_", "AWS_")
 KEEP = {"MNISTOPS_TEST_DATABASE_URL"}
@@ -73,3 +81,25 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         "seconds": time.monotonic() - started,
     }
     stack.down(settings)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    """Headless Chromium driven by Selenium (the system's browser: nothing is downloaded)."""
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        message = "no chromium/chromedriver: apt-get install chromium chromium-driver"
+        if os.environ.get("MNISTOPS_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.implicitly_wait(20)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    yield driver
+    driver.quit()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from mlflow import MlflowClient
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
@@ -24,6 +25,7 @@ STAGES = [
     "6. scheduled retraining",
     "7. a worker for work pool",
     "8. Quick run of the deployment on v2.0",
+    "9. the champion served over HTTP",
     "summary",
 ]
 
@@ -90,11 +92,14 @@ def test_demo_tells_the_whole_story(demo_run: dict) -> None:
         settings.mlflow_uri,
         settings.prefect_api_url.removesuffix("/api"),
         settings.s3_endpoint,
+        settings.serve_url,
         "next scheduled run:",
         "mnistops stack down",
         f"champion: {settings.model_registry.name} v{best.version}",
     ):
         assert expected in " ".join(summary.split()), expected
+    served = httpx.get(f"{settings.serve_url}/health", timeout=5).json()
+    assert served == {"status": "ready", "model_version": best.version}
 
 
 def test_demo_again_reuses_what_exists(demo_run: dict) -> None:
@@ -109,7 +114,8 @@ def test_demo_again_reuses_what_exists(demo_run: dict) -> None:
     assert "v2.0 exists already: kept" in text
     assert "was trained on v1.0: kept" in text
     assert ": unchanged;" in text
-    assert "runs already" in text
+    assert "the worker for this pool runs already" in text
+    assert "the prediction service runs already" in text
     assert "no new data" in text
     assert [r.tag for r in registry.list_versions(settings)] == ["v1.0", "v2.0"]
     assert len(experiment_runs(settings)) == 2

@@ -38,6 +38,6 @@ def test_every_variable_and_key_is_documented() -> None:
 
 
 def test_the_screenshots_exist() -> None:
-    for image in ("docs/mlflow-runs.png", "docs/prefect-deployments.png"):
+    for image in ("docs/mlflow-runs.png", "docs/prefect-deployments.png", "docs/serve-draw.png"):
         assert f"]({image})" in README
         assert (Path(__file__).resolve().parent.parent / image).stat().st_size > 10_000

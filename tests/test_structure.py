@@ -22,6 +22,7 @@ LAYERS = [
     ("train",),
     ("tracking",),
     ("flows", "predict"),
+    ("serving",),
     ("demo",),
     ("cli", "__main__"),
 ]

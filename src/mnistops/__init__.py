@@ -2,8 +2,8 @@
 
 One room per concern, imported one way (the README's code map): `settings` and `errors`;
 `clients` for the services; `stack` runs them; `data` versions the dataset; `train` and
-`tracking` make and keep models; `flows` schedules retraining; `predict` answers with the
-champion; `demo` tells the whole story; `cli` is the command over all of them.
+`tracking` make and keep models; `flows` schedules retraining; `predict` and `serving` answer
+with the champion; `demo` tells the whole story; `cli` is the command over all of them.
 """
 
 

@@ -127,6 +127,7 @@ def client_env(settings: Settings) -> dict[str, str]:
         "MNISTOPS_S3__REGION": settings.s3.region,
         "MNISTOPS_MLFLOW__TRACKING_URI": settings.mlflow_uri,
         "MNISTOPS_PREFECT__API_URL": settings.prefect_api_url,
+        "MNISTOPS_SERVE__URL": settings.serve_url,
     }
     keys = s3_keys(settings)
     if keys:

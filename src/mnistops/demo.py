@@ -101,6 +101,8 @@ def run_demo(
     worker(settings, reporter)
     reporter.stage(8, "Quick run of the deployment on v2.0")
     quick_run(settings, reporter, "v2.0", n_epochs, fast)
+    reporter.stage(9, "the champion served over HTTP, following the registry")
+    serve(settings, reporter)
     reporter.summary(summary(settings))
 
 
@@ -217,6 +219,26 @@ def quick_run(settings: Settings, reporter: Reporter, tag: str, n_epochs: int, f
     parameters = {"data_version": tag, "n_epochs": n_epochs, "fast": fast}
     reporter.run_finished(
         run_and_wait(settings, parameters, reporter.run_started, reporter.run_state)
+    )
+
+
+def serve(settings: Settings, reporter: Reporter) -> None:
+    """`mnistops serve --detach`, unless the service of this state dir runs already."""
+    from mnistops.serving import server
+
+    running = server.running(settings)
+    if running is not None:
+        reporter.say(f"the prediction service runs already (pid {running.pid})")
+    else:
+        record = server.start_detached(settings)
+        reporter.say(f"prediction service started (pid {record.pid}, log {record.log_path})")
+    ready = server.wait_ready(settings)
+    if ready is None:
+        reporter.warn(f"the prediction service at {settings.serve_url} is not ready yet")
+        return
+    reporter.say(
+        f"{settings.serve_url} answers with v{ready['model_version']}: draw a digit at"
+        f" {settings.serve_url}/, or POST an image to {settings.serve_url}/predict"
     )
 
 

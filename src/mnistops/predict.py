@@ -8,9 +8,11 @@ mass at the centre.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -51,19 +53,36 @@ def _open(path: Path) -> Image.Image:
     """The image at `path`, decoded; only a regular file is read, and a decompression bomb
     is refused before its pixels are decoded (the same rules as the dataset's)."""
     try:
-        image = open_image(io.BytesIO(read_regular(path)))
-        image.load()
+        data = read_regular(path)
     except FileNotFoundError:
         raise ImageUnusable(f"{path}: no such file") from None
     except ImageRefused as exc:
         raise ImageUnusable(f"{path}: {exc}") from None
+    return decode(data, str(path))
+
+
+def decode(data: bytes, name: str = "image") -> Image.Image:
+    """An image's bytes, decoded; a decompression bomb is refused before its pixels are
+    decoded. ImageUnusable names `name` and what is wrong."""
+    try:
+        image = open_image(io.BytesIO(data))
+        image.load()
+    except ImageRefused as exc:
+        raise ImageUnusable(f"{name}: {exc}") from None
     except UnidentifiedImageError:
-        raise ImageUnusable(f"{path}: not an image PIL can read (PNG or JPEG expected)") from None
+        raise ImageUnusable(f"{name}: not an image PIL can read (PNG or JPEG expected)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageUnusable(f"{path}: refused as a decompression bomb ({exc})") from None
+        raise ImageUnusable(f"{name}: refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageUnusable(f"{path}: the image is corrupt or truncated ({exc})") from None
+        raise ImageUnusable(f"{name}: the image is corrupt or truncated ({exc})") from None
     return image
+
+
+def image_from_bytes(data: bytes, name: str = "image") -> np.ndarray:
+    """A PNG or JPEG's bytes as a 28x28 float32 array, converted the MNIST way: what
+    `mnistops predict` does with a file, and the service with an upload."""
+    with decode(data, name) as image:
+        return mnist_like(ImageOps.exif_transpose(image) or image, name)
 
 
 def _grayscale(image: Image.Image) -> Image.Image:
@@ -122,6 +141,15 @@ def load_images(paths: list[Path]) -> np.ndarray:
     return np.stack(arrays)[:, None].astype(np.float32)
 
 
+def probabilities(model: Any, batch: np.ndarray) -> np.ndarray:
+    """(N, 10) probabilities of a (N, 1, 28, 28) float32 batch in [0, 1] (no gradients)."""
+    import torch
+
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+        return torch.softmax(logits.double(), dim=1).numpy()
+
+
 def champion_uri(settings: Settings) -> tuple[str, str]:
     """(model URI, version) of the current champion."""
     from mnistops.clients import mlflow_client
@@ -143,47 +171,63 @@ def model_cache(settings: Settings, version: str) -> Path:
     return settings.home / "cache" / "models" / settings.model_registry.name / version
 
 
-def load_champion(settings: Settings):
-    """(the champion's model, its version), from the local cache or downloaded once.
-
-    A champion that cannot be loaded (its files missing or damaged) is named with the
-    reason: register a better model, or promote another version, to replace it.
-    """
+def load_version(settings: Settings, version: str) -> Any:
+    """A registered version's PyTorch model, in eval mode: from this machine's cache, or
+    downloaded once through the MLflow server (no S3 keys needed). A version that cannot
+    be loaded (files missing or damaged) raises PredictError naming it and why."""
     import shutil
     import tempfile
 
-    import mlflow
+    import mlflow.pytorch
 
-    uri, version = champion_uri(settings)
+    name = settings.model_registry.name
     folder = model_cache(settings, version)
-    unusable = f"the champion {settings.model_registry.name} v{version} cannot be loaded"
-    fix = (
-        "; the next registered model that loads replaces it (`mnistops train`, or a retraining run)"
-    )
+    unusable = f"{name} v{version} cannot be loaded"
     if not (folder / "MLmodel").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=folder.parent))
         try:
             with mlflow_module_functions(settings):
                 mlflow.artifacts.download_artifacts(
-                    artifact_uri=uri,
+                    artifact_uri=f"models:/{name}/{version}",
                     dst_path=str(partial),
                 )
             if not (partial / "MLmodel").is_file():
-                raise PredictError(f"{unusable}: its MLmodel file is missing{fix}")
+                raise PredictError(f"{unusable}: its MLmodel file is missing")
             shutil.rmtree(folder, ignore_errors=True)
             partial.rename(folder)
         except PredictError:
             raise
         except Exception as exc:  # noqa: BLE001  any download failure: name it, no trace
-            raise PredictError(f"{unusable}: {exc.__class__.__name__}: {exc}{fix}") from None
+            raise PredictError(f"{unusable}: {exc.__class__.__name__}: {exc}") from None
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     try:
-        return mlflow.pyfunc.load_model(str(folder)), version
+        model = mlflow.pytorch.load_model(str(folder), map_location="cpu")
+        with contextlib.suppress(NotImplementedError):  # an exported graph is eval already
+            model.eval()
+        probabilities(model, np.zeros((1, 1, 28, 28), np.float32))
     except Exception as exc:  # noqa: BLE001
         shutil.rmtree(folder, ignore_errors=True)
-        raise PredictError(f"{unusable}: {exc.__class__.__name__}: {exc}{fix}") from None
+        raise PredictError(f"{unusable}: {exc.__class__.__name__}: {exc}") from None
+    return model
+
+
+def load_champion(settings: Settings) -> tuple[Any, str]:
+    """(the champion's model, its version), from the local cache or downloaded once.
+
+    A champion that cannot be loaded (its files missing or damaged) is named with the
+    reason: register a better model, or promote another version, to replace it.
+    """
+    _uri, version = champion_uri(settings)
+    try:
+        return load_version(settings, version), version
+    except PredictError as exc:
+        raise PredictError(
+            f"the champion {exc}; the next registered model that loads replaces it"
+            " (`mnistops train`, or a retraining run), or promote another version"
+            " (`mnistops models promote VERSION`)"
+        ) from None
 
 
 def predict(settings: Settings, paths: list[Path]) -> list[Prediction]:
@@ -193,10 +237,7 @@ def predict(settings: Settings, paths: list[Path]) -> list[Prediction]:
     batch = load_images(paths)
     check_tracking_server(settings)
     model, version = load_champion(settings)
-    logits = np.asarray(model.predict(batch), dtype=np.float64)
-    logits -= logits.max(1, keepdims=True)
-    probs = np.exp(logits)
-    probs /= probs.sum(1, keepdims=True)
+    probs = probabilities(model, batch)
     return [
         Prediction(str(path), int(p.argmax()), float(p.max()), version)
         for path, p in zip(paths, probs, strict=True)

@@ -119,6 +119,27 @@ class PrefectSettings(Section):
     _ports = field_validator("port")(_check_port)
 
 
+class ServeSettings(Section):
+    """`mnistops serve`: the champion over HTTP. `url` set means: use that one (the
+    demo and `stack env` name it), start none."""
+
+    url: str | None = None
+    port: Port = 5060
+    api_key: SecretStr | None = Field(
+        None, description="when set, required as `Authorization: Bearer KEY` (but / and /health)"
+    )
+    poll_s: float = Field(5.0, gt=0, le=60, description="how often the registry is asked")
+    max_batch: int = Field(256, ge=1, le=4096, description="images per request and per pass")
+    max_body_bytes: int = Field(
+        8 << 20, ge=1024, le=256 << 20, description="larger request bodies are refused (413)"
+    )
+    threads: int | None = Field(
+        None, gt=0, description="CPU threads of a forward pass; default 1 (batches are small)"
+    )
+
+    _ports = field_validator("port")(_check_port)
+
+
 class DatasetSettings(Section):
     """`config/dataset.yml`, key `dataset`: how MNIST is split into PNG folders."""
 
@@ -208,6 +229,7 @@ class Settings(BaseSettings):
     s3: S3Settings = S3Settings()
     mlflow: MlflowSettings = MlflowSettings()
     prefect: PrefectSettings = PrefectSettings()
+    serve: ServeSettings = ServeSettings()
     dataset: DatasetSettings = DatasetSettings()
     hyperparameter: HyperParameters = HyperParameters()
     deployment: DeploymentSettings = DeploymentSettings()
@@ -292,6 +314,10 @@ class Settings(BaseSettings):
     @property
     def prefect_api_url(self) -> str:
         return self.prefect.api_url or f"http://{self.client_host}:{self.prefect.port}/api"
+
+    @property
+    def serve_url(self) -> str:
+        return (self.serve.url or f"http://{self.client_host}:{self.serve.port}").rstrip("/")
 
     @property
     def registry_dir(self) -> Path:

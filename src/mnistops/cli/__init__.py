@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from mnistops.cli import _ui, data, demo, flows, models, stack
+from mnistops.cli import _ui, data, demo, flows, models, serve, stack
 from mnistops.errors import INTERRUPTED, MnistopsError
 from mnistops.logs import Verbosity, quiet_libraries
 
@@ -44,7 +44,8 @@ app.add_typer(stack.app, name="stack")
 app.add_typer(data.app, name="data")
 app.command("demo")(demo.demo)
 app.command("train")(models.train)
-app.command("models")(models.models)
+app.add_typer(models.models_app, name="models")
+app.command("serve")(serve.serve)
 app.command("predict")(models.predict)
 app.command("deploy")(flows.deploy)
 app.command("worker")(flows.worker)

@@ -139,12 +139,13 @@ def show_summary(cfg: Settings, summary: Summary) -> None:
     ui = cfg.prefect_api_url.removesuffix("/api")
     console.print(f"MLflow UI:    {cfg.mlflow_uri}")
     console.print(f"Prefect UI:   {ui}  (deployments: {ui}/deployments)")
+    console.print(f"Prediction:   {cfg.serve_url}  (draw a digit; API docs: {cfg.serve_url}/docs)")
     buckets = ", ".join(cfg.s3.buckets.model_dump().values())
     console.print(
         f"object store: {cfg.s3_endpoint}  (buckets: {buckets}; keys: `mnistops stack env`)"
     )
     console.print(
-        "Try: [bold]mnistops predict IMAGE.png[/], [bold]mnistops models[/],"
+        "Try: [bold]mnistops predict IMAGE.png[/], [bold]mnistops models promote N[/],"
         " [bold]mnistops run --wait[/], [bold]mnistops data diff v1.0 v2.0[/]."
     )
     console.print("Stop everything with [bold]mnistops stack down[/] (nothing is lost).")

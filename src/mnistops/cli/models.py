@@ -218,8 +218,23 @@ def show_outcome(cfg: Settings, outcome: RunOutcome) -> None:
     console.print(f"MLflow run: {outcome.run_url}")
 
 
-def models() -> None:
-    """The registered versions of the classifier: test accuracy, data version, aliases."""
+models_app = typer.Typer(
+    help="The registered versions of the classifier; move `champion` by hand.",
+    invoke_without_command=True,
+)
+
+
+@models_app.callback()
+def models(ctx: typer.Context) -> None:
+    """The registered versions of the classifier: test accuracy, data version, aliases.
+
+    `mnistops models promote VERSION` and `mnistops models rollback` move `champion`.
+    """
+    if ctx.invoked_subcommand is None:
+        show_models()
+
+
+def show_models() -> None:
     from mnistops.data.packs import shown
     from mnistops.tracking.registry import ACCURACY_TAG, CHALLENGER_TAG, registered_versions
 
@@ -275,3 +290,38 @@ def predict(
                 f"{escape(p.file)}: [bold]{p.digit}[/] ({p.confidence:.1%},"
                 f" model v{escape(p.model_version)})"
             )
+
+
+@models_app.command("promote")
+def promote(
+    version: Annotated[str, typer.Argument(help="The registered version to serve, e.g. 3")],
+    reason: Annotated[
+        str, typer.Option("-m", "--reason", help="Why (kept on the version's tags).")
+    ] = "by hand",
+) -> None:
+    """Move `champion` to VERSION (a running `mnistops serve` follows within seconds)."""
+    from mnistops.tracking.registry import promote_champion
+
+    cfg = settings()
+    done = promote_champion(cfg, version, reason)
+    shown = f" (was v{done.previous})" if done.previous else ""
+    console.print(
+        f"[green]{cfg.model_registry.name} v{done.version} is now champion[/]{shown}: {done.reason}"
+    )
+
+
+@models_app.command("rollback")
+def rollback(
+    reason: Annotated[
+        str, typer.Option("-m", "--reason", help="Why (kept on the version's tags).")
+    ] = "by hand",
+) -> None:
+    """Move `champion` back to the version the current champion replaced."""
+    from mnistops.tracking.registry import roll_back_champion
+
+    cfg = settings()
+    done = roll_back_champion(cfg, reason)
+    console.print(
+        f"[green]{cfg.model_registry.name} v{done.version} is champion again[/]"
+        f" (was v{done.previous}): {done.reason}"
+    )

@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mnistops.stack.lifecycle import ServiceStatus, down, exposure, reach, serve, status, up
     from mnistops.stack.state import StackError, log_dir, run_dir
-    from mnistops.stack.workers import WORKER_PREFIX, start_worker, worker_records
+    from mnistops.stack.workers import (
+        WORKER_PREFIX,
+        start_background,
+        start_worker,
+        worker_records,
+    )
 
 _HOMES = {
     "ServiceStatus": "lifecycle",
@@ -34,6 +39,7 @@ _HOMES = {
     "log_dir": "state",
     "run_dir": "state",
     "WORKER_PREFIX": "workers",
+    "start_background": "workers",
     "start_worker": "workers",
     "worker_records": "workers",
 }
@@ -47,6 +53,7 @@ __all__ = [
     "reach",
     "run_dir",
     "serve",
+    "start_background",
     "start_worker",
     "status",
     "up",

@@ -15,7 +15,7 @@ from mnistops.settings import Settings
 from mnistops.stack import postgres, process, store_checks, workers
 from mnistops.stack.credentials import tighten
 from mnistops.stack.ports import accepts_connections, port_in_use
-from mnistops.stack.services import SERVICE_NAMES, Service, all_services
+from mnistops.stack.services import SERVICE_NAMES, Service, all_services, http_ok
 from mnistops.stack.state import (
     Report,
     StackError,
@@ -70,6 +70,7 @@ def reach(settings: Settings, name: str) -> str:
         "s3": "S3 keys",
         "mlflow": "login" if settings.mlflow_login_on else "NO LOGIN",
         "prefect": "login" if settings.prefect_login_on else "NO LOGIN",
+        "serve": "API key" if settings.serve.api_key is not None else "NO API KEY",
     }[name]
     return f"any host ({credential})"
 
@@ -266,7 +267,7 @@ def down(settings: Settings, report: Report = no_report) -> list[str]:
     """Stop every service this state dir started, with all their child processes."""
     stopped = []
     with state_lock(settings):
-        for record in workers.worker_records(settings):
+        for record in workers.background_records(settings):
             if process.is_alive(record):
                 report(f"stopping {record.name} (pid {record.pid})")
                 stopped.append(record.name)
@@ -304,19 +305,22 @@ def status(settings: Settings) -> list[ServiceStatus]:
                 reach="external" if svc.external else reach(settings, svc.name),
             )
         )
-    for record in workers.worker_records(settings):
+    for record in workers.background_records(settings):
         alive = process.is_alive(record)
+        serving = record.name == workers.SERVE_NAME
         result.append(
             ServiceStatus(
                 name=record.name,
-                title=f"Prefect worker ({record.name.removeprefix(workers.WORKER_PREFIX)})",
+                title="Prediction service"
+                if serving
+                else f"Prefect worker ({record.name.removeprefix(workers.WORKER_PREFIX)})",
                 url=record.url,
                 external=False,
                 running=alive,
                 pid=record.pid if alive else None,
-                healthy=alive,
+                healthy=alive and (not serving or http_ok(f"{record.url}/health")),
                 log=record.log_path,
-                reach="connects out only",
+                reach=reach(settings, "serve") if serving else "connects out only",
             )
         )
     return result

@@ -74,4 +74,5 @@ def free_port_config(root: Path) -> dict:
         },
         "mlflow": {"port": free_port_pair(taken)},
         "prefect": {"port": free_port_pair(taken)},
+        "serve": {"port": free_port_pair(taken)},
     }

@@ -37,7 +37,7 @@ class Service:
     writes nothing"""
 
 
-def _http_ok(url: str, timeout_s: float = 3.0) -> bool:
+def http_ok(url: str, timeout_s: float = 3.0) -> bool:
     import httpx  # here, not at the top: commands that check no service start faster
 
     try:
@@ -145,7 +145,7 @@ def mlflow_service(settings: Settings, keys: S3Keys | None) -> Service:
         "MLflow tracking",
         uri,
         settings.mlflow.tracking_uri is not None,
-        lambda: _http_ok(f"{uri}/health"),
+        lambda: http_ok(f"{uri}/health"),
         start_timeout_s=120,
     )
     if service.external:
@@ -239,7 +239,7 @@ def prefect_service(settings: Settings) -> Service:
         "Prefect server",
         api.removesuffix("/api"),
         settings.prefect.api_url is not None,
-        lambda: _http_ok(f"{api}/health"),
+        lambda: http_ok(f"{api}/health"),
         start_timeout_s=120,
     )
     if service.external:

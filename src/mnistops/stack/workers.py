@@ -1,5 +1,6 @@
-"""Workers started with `mnistops worker --detach`: background services of the stack,
-stopped by `stack down` and started again by the next `stack up`."""
+"""Background services that commands start beside the stack (`mnistops worker --detach`,
+`mnistops serve --detach`): stopped by `stack down` and started again by the next
+`stack up`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from mnistops.stack.credentials import write_private
 from mnistops.stack.state import Report, StackError, log_dir, run_dir, state_lock
 
 WORKER_PREFIX = "worker-"
+SERVE_NAME = "serve"
 
 
 def worker_records(settings: Settings) -> list[process.ProcessRecord]:
@@ -22,6 +24,12 @@ def worker_records(settings: Settings) -> list[process.ProcessRecord]:
     folder = run_dir(settings)
     names = sorted(p.stem for p in folder.glob(f"{WORKER_PREFIX}*.json")) if folder.is_dir() else []
     return [r for r in (process.read_record(folder, n) for n in names) if r is not None]
+
+
+def background_records(settings: Settings) -> list[process.ProcessRecord]:
+    """The records of every background service: the workers, then the prediction service."""
+    serve = process.read_record(run_dir(settings), SERVE_NAME)
+    return worker_records(settings) + ([serve] if serve is not None else [])
 
 
 def spec_path(settings: Settings, name: str) -> Path:
@@ -64,11 +72,19 @@ def start_worker(
     settings: Settings, pool: str, cmd: list[str], env: dict[str, str]
 ) -> process.ProcessRecord:
     """Start a worker for `pool` as a background service of the stack (one per pool)."""
-    name = f"{WORKER_PREFIX}{pool}"
+    return start_background(
+        settings, f"{WORKER_PREFIX}{pool}", cmd, env, f"pool {pool}", f"a worker for pool '{pool}'"
+    )
+
+
+def start_background(
+    settings: Settings, name: str, cmd: list[str], env: dict[str, str], url: str, what: str
+) -> process.ProcessRecord:
+    """Start `cmd` as the background service `name` of the stack (one of each name)."""
     with state_lock(settings):
         record = process.read_record(run_dir(settings), name)
         if record is not None and process.is_alive(record):
-            raise StackError(f"a worker for pool '{pool}' is already running (pid {record.pid})")
+            raise StackError(f"{what} is already running (pid {record.pid})")
         # Keys and logins are not kept: a restart takes them fresh from the state dir.
         derived = set(client_env(settings))
         own = {k: v for k, v in env.items() if os.environ.get(k) != v and k not in derived}
@@ -76,14 +92,14 @@ def start_worker(
             "cmd": cmd,
             "env": own,
             "derived": sorted(derived & set(env)),
-            "url": f"pool {pool}",
+            "url": url,
             "restart": False,
         }
         write_private(spec_path(settings, name), json.dumps(spec))
-        record = process.start(name, cmd, env, run_dir(settings), log_dir(settings), f"pool {pool}")
+        record = process.start(name, cmd, env, run_dir(settings), log_dir(settings), url)
     time.sleep(2)
     if process.exited(record):
         process.record_path(run_dir(settings), name).unlink(missing_ok=True)
         log = process.tail(record.log_path)
-        raise StackError(f"the worker for pool '{pool}' exited at start; its log:\n{log}")
+        raise StackError(f"{what} exited at start; its log:\n{log}")
     return record

@@ -16,12 +16,17 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from mnistops.clients import mlflow_tracking_uri
+from mnistops.errors import BadInput
 from mnistops.settings import Settings
 
 CHAMPION = "champion"
 CHALLENGER_TAG = "challenger"
 CHAMPION_REASON_TAG = "champion_reason"
 ACCURACY_TAG = "test_accuracy"
+PREVIOUS_TAG = "previous_champion"
+"""on a version that became champion: the version it replaced (what `rollback` goes back to)"""
+PROMOTED_BY_TAG = "promoted_by"
+PROMOTED_AT_TAG = "promoted_at"
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,8 @@ def gate(
             moved, reason = decide(accuracy, previous, margin)
         if moved:
             client.set_model_version_tag(name, version.version, CHAMPION_REASON_TAG, reason)
+            if current is not None:
+                client.set_model_version_tag(name, version.version, PREVIOUS_TAG, current.version)
             client.set_registered_model_alias(name, CHAMPION, version.version)
         else:
             client.set_model_version_tag(name, version.version, CHALLENGER_TAG, reason)
@@ -215,3 +222,97 @@ def registered_versions(settings: Settings) -> tuple[list[ModelVersion], dict[st
         return versions(client, name), aliases(client, name)
     except MlflowException as exc:
         raise TrackingError(f"the model registry at {settings.mlflow_uri}: {exc}") from None
+
+
+class PromotionRefused(BadInput):
+    """`models promote` or `rollback` cannot move the alias; the message says why."""
+
+
+@dataclass(frozen=True)
+class Promotion:
+    version: str
+    previous: str | None
+    reason: str
+
+
+def promote(
+    client: MlflowClient, name: str, version: str, reason: str, user: str, lock: Lock
+) -> Promotion:
+    """Move `champion` to `version` by hand, holding the gate's lock. Refused when the
+    version does not exist, is champion already, or its model cannot be loaded. The
+    version's tags record who, when and why, and the champion it replaced."""
+    import datetime as dt
+
+    with lock():
+        try:
+            target = client.get_model_version(name, version)
+        except MlflowException:
+            known = ", ".join(v.version for v in versions(client, name)) or "none"
+            raise PromotionRefused(
+                f"{name} has no version {version} (registered: {known})"
+            ) from None
+        current = champion(client, name)
+        if current is not None and current.version == target.version:
+            raise PromotionRefused(f"{name} v{version} is champion already")
+        problem = model_problem(client, name, target)
+        if problem is not None:
+            raise PromotionRefused(f"{name} v{version} cannot be served: {problem}")
+        why = f"promoted by {user}: {reason}"
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        for key, value in (
+            (CHAMPION_REASON_TAG, why),
+            (PROMOTED_BY_TAG, user),
+            (PROMOTED_AT_TAG, now),
+            (PREVIOUS_TAG, current.version if current is not None else ""),
+        ):
+            client.set_model_version_tag(name, target.version, key, value)
+        client.set_registered_model_alias(name, CHAMPION, target.version)
+    return Promotion(target.version, current.version if current else None, why)
+
+
+def previous_champion(client: MlflowClient, name: str) -> tuple[str, str]:
+    """(the champion, the version it replaced): what `rollback` goes back to."""
+    current = champion(client, name)
+    if current is None:
+        raise PromotionRefused(f"{name} has no champion: nothing to roll back")
+    previous = (current.tags or {}).get(PREVIOUS_TAG)
+    if not previous:
+        raise PromotionRefused(
+            f"{name} v{current.version} replaced no recorded champion: promote a version"
+            " by hand (`mnistops models promote VERSION`)"
+        )
+    return current.version, previous
+
+
+def _user(settings: Settings) -> str:
+    import getpass
+
+    return settings.developer_name or getpass.getuser()
+
+
+def promote_champion(settings: Settings, version: str, reason: str) -> Promotion:
+    """`promote` on the settings' registry, holding the stack-wide gate lock."""
+    from mnistops.clients import mlflow_client
+    from mnistops.stack.locks import champion_lock_name, held
+    from mnistops.tracking.server import check_tracking_server
+
+    check_tracking_server(settings)
+    name = settings.model_registry.name
+    return promote(
+        mlflow_client(settings),
+        name,
+        version,
+        reason,
+        _user(settings),
+        lambda: held(settings, champion_lock_name(name)),
+    )
+
+
+def roll_back_champion(settings: Settings, reason: str) -> Promotion:
+    """Back to the champion the current one replaced."""
+    from mnistops.clients import mlflow_client
+    from mnistops.tracking.server import check_tracking_server
+
+    check_tracking_server(settings)
+    current, previous = previous_champion(mlflow_client(settings), settings.model_registry.name)
+    return promote_champion(settings, previous, f"rollback from v{current}: {reason}")

@@ -1,0 +1,223 @@
+"""Serving the champion: `mnistops serve` against `mlflow models serve`, side by side in
+one run, on the same champion of one embedded stack.
+
+  baseline: mlflow models serve -m models:/NAME@champion --env-manager local
+            (a JSON tensor of one 1x1x28x28 image per request, what it accepts)
+  ours:     mnistops serve (one PNG per request, converted the MNIST way as it would
+            be from any client)
+The load generator is Debian's `wrk` (a separate, compiled process), single-image POST
+requests for 10 s at concurrency 1, 8 and 32: requests/s and p50/p99 latency. Also the
+time from starting each server to its first ready answer. Goal: at least 5x MLflow's
+requests/s at concurrency 32, p99 under 25 ms at concurrency 8.
+Usage: .venv/bin/python bench/serve.py [--seconds 10] [--fast]
+  --fast: 3-second runs (a smoke test of the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import yaml
+from PIL import Image
+
+from mnistops import stack
+from mnistops.clients import client_env
+from mnistops.settings import load_settings
+from mnistops.stack.ports import free_port_config, free_port_pair
+
+BIN = Path(sys.executable).parent
+CONCURRENCY = (1, 8, 32)
+POST_SCRIPT = """
+local f = io.open("{body}", "rb")
+wrk.method = "POST"
+wrk.body = f:read("*all")
+f:close()
+wrk.headers["Content-Type"] = "{kind}"
+"""
+
+
+def cli(config: Path, *args: str, cwd: Path) -> None:
+    done = subprocess.run(
+        [str(BIN / "mnistops"), "--config-dir", str(config), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"mnistops {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+
+
+def start(command: list[str], env: dict[str, str], ready_url: str, log: Path) -> tuple:
+    """Start a server; (process, seconds until `ready_url` answered 200)."""
+    began = time.perf_counter()
+    proc = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    while time.perf_counter() - began < 300:
+        try:
+            if httpx.get(ready_url, timeout=2).status_code == 200:
+                return proc, time.perf_counter() - began
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"{command[0]} exited:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"{' '.join(command)} not ready in 300 s:\n{log.read_text()[-3000:]}")
+
+
+def wrk(url: str, script: Path, connections: int, seconds: int) -> dict[str, float]:
+    """requests/s, p50 and p99 (ms) and the count of failed requests, from wrk."""
+    done = subprocess.run(
+        [
+            "wrk",
+            f"-t{min(connections, 2)}",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    text = done.stdout
+
+    def ms(label: str) -> float:
+        found = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+        if not found:
+            return float("nan")
+        value, unit = float(found.group(1)), found.group(2)
+        return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    socket = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
+    )
+    failed = int(errors.group(1)) if errors else 0
+    failed += sum(int(n) for n in socket.groups()) if socket else 0
+    return {
+        "rps": float(rps.group(1)) if rps else 0.0,
+        "p50": ms("50%"),
+        "p99": ms("99%"),
+        "failed": failed,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--fast", action="store_true")
+    options = parser.parse_args()
+    seconds = 3 if options.fast else options.seconds
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is missing: apt-get install wrk")
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        root = Path(tmp)
+        config = root / "config"
+        config.mkdir()
+        (config / "stack.yml").write_text(yaml.safe_dump(free_port_config(root)))
+        settings = load_settings(config)
+        print("starting a stack, publishing v1.0 (--fast), training a champion ...", flush=True)
+        stack.up(settings)
+        servers: list[subprocess.Popen] = []
+        try:
+            for args in (
+                ("data", "ingest", "--fast"),
+                ("data", "version", "v1.0", "-m", "v1"),
+                ("train", "--fast"),
+            ):
+                cli(config, *args, cwd=root)
+            image_path = sorted((settings.mnist_dir / "test" / "7").glob("*.png"))[0]
+            pixels = np.asarray(Image.open(image_path), dtype=np.float32) / 255.0
+            tensor = root / "tensor.json"
+            tensor.write_text(json.dumps({"inputs": pixels[None, None].tolist()}))
+            scripts = {
+                "mlflow": (root / "mlflow.lua", tensor, "application/json"),
+                "mnistops": (root / "ours.lua", image_path, "image/png"),
+            }
+            for script, body, kind in scripts.values():
+                script.write_text(POST_SCRIPT.format(body=body, kind=kind))
+            # `mlflow models serve` runs `uvicorn` from PATH: this venv's.
+            env = {**os.environ, **client_env(settings), "PATH": f"{BIN}:{os.environ['PATH']}"}
+            name = settings.model_registry.name
+            ports = {"mlflow": free_port_pair(set()), "mnistops": free_port_pair(set())}
+            commands = {
+                "mlflow": [
+                    str(BIN / "mlflow"),
+                    "models",
+                    "serve",
+                    "-m",
+                    f"models:/{name}@champion",
+                    "--env-manager",
+                    "local",
+                    "--host",
+                    "127.0.0.1",
+                    "-p",
+                    str(ports["mlflow"]),
+                ],
+                "mnistops": [
+                    str(BIN / "mnistops"),
+                    "--config-dir",
+                    str(config),
+                    "serve",
+                    "--port",
+                    str(ports["mnistops"]),
+                ],
+            }
+            ready = {"mlflow": "/ping", "mnistops": "/health"}
+            predict = {"mlflow": "/invocations", "mnistops": "/predict"}
+            figures: dict[str, dict] = {}
+            for server in ("mlflow", "mnistops"):
+                base = f"http://127.0.0.1:{ports[server]}"
+                proc, startup = start(
+                    commands[server], env, base + ready[server], root / f"{server}.log"
+                )
+                servers.append(proc)
+                figures[server] = {"startup": startup}
+                script = scripts[server][0]
+                wrk(base + predict[server], script, 8, 2)  # warm-up
+                for connections in CONCURRENCY:
+                    figures[server][connections] = wrk(
+                        base + predict[server], script, connections, seconds
+                    )
+                proc.terminate()
+                proc.wait(30)
+        finally:
+            for proc in servers:
+                if proc.poll() is None:
+                    proc.kill()
+            stack.down(settings)
+    print(f"\nsingle-image POST, wrk, {seconds} s per row, {os.cpu_count()} cores")
+    print(f"{'server':<10} {'conc.':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7}")
+    for server, rows in figures.items():
+        for connections in CONCURRENCY:
+            row = rows[connections]
+            print(
+                f"{server:<10} {connections:>5} {row['rps']:>9.0f} {row['p50']:>8.2f}"
+                f" {row['p99']:>8.2f} {row['failed']:>7}"
+            )
+    for connections in CONCURRENCY:
+        ratio = figures["mnistops"][connections]["rps"] / max(
+            figures["mlflow"][connections]["rps"], 1e-9
+        )
+        print(f"throughput mnistops / mlflow at concurrency {connections}: {ratio:.1f}x")
+    for server in figures:
+        print(f"start to ready, {server}: {figures[server]['startup']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

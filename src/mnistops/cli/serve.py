@@ -1,0 +1,42 @@
+"""`mnistops serve`: the champion over HTTP, following the registry."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mnistops.cli._ui import console, settings, shorter
+
+
+def serve(
+    port: Annotated[int | None, typer.Option("--port", help="Default: serve.port (5060).")] = None,
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach", help="Run in the background as part of the stack (stopped by stack down)."
+        ),
+    ] = False,
+) -> None:
+    """Serve the champion: POST /predict, a draw-a-digit page at /, /model, /metrics, /docs.
+
+    Loads the `champion` of the registered model through the MLflow server and follows
+    it: when the alias moves, the new version is loaded in the background and swapped in.
+    """
+    from mnistops.serving import server
+
+    cfg = settings()
+    if port is not None:
+        serve_settings = cfg.serve.model_copy(update={"port": port, "url": None})
+        cfg = cfg.model_copy(update={"serve": serve_settings})
+    if not detach:
+        console.print(f"serving the champion at {cfg.serve_url} (Ctrl-C stops it)")
+        server.run(cfg)
+        return
+    record = server.start_detached(cfg)
+    ready = server.wait_ready(cfg)
+    state = f"ready, v{ready['model_version']}" if ready else "not ready yet (no champion?)"
+    console.print(
+        f"prediction service at {cfg.serve_url} ({state}; pid {record.pid},"
+        f" log {shorter(record.log_path)}); `mnistops stack down` stops it"
+    )

@@ -1,0 +1,9 @@
+"""Serving the champion over HTTP, following the registry.
+
+- `champion`: the model in use, and the thread that follows the `champion` alias and
+  swaps a new version in once it has loaded
+- `batching`: concurrent requests answered by one forward pass
+- `metrics`: counters and the latency histogram, in Prometheus's text format
+- `app`: the FastAPI application (/predict, /health, /model, /metrics, the page at /)
+- `server`: uvicorn, in the foreground or as a background service of the stack
+"""

@@ -1,0 +1,88 @@
+"""Running the service: uvicorn in the foreground, or as a background service of the
+stack (`--detach`: pid and log in the state dir, a row in `stack status`, stopped by
+`stack down` and started again by the next `stack up`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import httpx
+
+from mnistops.settings import Settings
+from mnistops.stack.process import ProcessRecord
+from mnistops.stack.workers import SERVE_NAME
+
+
+def run(settings: Settings) -> None:
+    """Serve in this process until it is stopped (Ctrl-C, SIGTERM)."""
+    import torch
+    import uvicorn
+
+    from mnistops.serving.app import create_app
+
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    torch.set_num_threads(settings.serve.threads or 1)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.bind,
+        port=settings.serve.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def command(settings: Settings) -> list[str]:
+    """The command of a detached service: this mnistops, on the settings' port."""
+    return [sys.executable, "-m", "mnistops", "serve", "--port", str(settings.serve.port)]
+
+
+def service_env(settings: Settings) -> dict[str, str]:
+    """The environment of a detached service: where its settings are (it derives the
+    rest from them). No S3 keys: it reads models through the MLflow server."""
+    env = {**os.environ, "MNISTOPS_HOME": str(settings.home)}
+    if settings.config_dir is not None and settings.config_dir.is_dir():
+        env["MNISTOPS_CONFIG_DIR"] = str(settings.config_dir)
+    return env
+
+
+def start_detached(settings: Settings) -> ProcessRecord:
+    """Start the service in the background as part of the stack, one per state dir."""
+    from mnistops import stack
+
+    return stack.start_background(
+        settings,
+        SERVE_NAME,
+        command(settings),
+        service_env(settings),
+        settings.serve_url,
+        "a prediction service",
+    )
+
+
+def wait_ready(settings: Settings, timeout_s: float = 120.0) -> dict[str, object] | None:
+    """The service's /health answer once it is ready; None if it was not within the time."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            answer = httpx.get(f"{settings.serve_url}/health", timeout=2)
+            if answer.status_code == 200:
+                found: dict[str, object] = answer.json()
+                return found
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return None
+
+
+def running(settings: Settings) -> ProcessRecord | None:
+    """The detached service of this state dir, if it runs."""
+    from mnistops.stack import process, run_dir
+
+    record = process.read_record(run_dir(settings), SERVE_NAME)
+    return record if record is not None and process.is_alive(record) else None

@@ -1,0 +1,291 @@
+"""`mnistops serve` against the real stack: it answers like `mnistops predict`, follows
+`champion` with no failed request, refuses bad input by name, asks for its API key, and
+its page predicts a digit drawn with the pointer in Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from mnistops.clients import mlflow_client
+from mnistops.settings import load_settings
+from mnistops.stack.ports import free_port_pair
+from tests.helpers import SHOTS, cli_command, run_cli
+
+pytestmark = [pytest.mark.integration]
+
+
+def free_port() -> int:
+    return free_port_pair(set())
+
+
+@pytest.fixture(scope="module")
+def service(demo_run: dict) -> tuple[str, Path]:
+    """The prediction service `mnistops demo` started (detached, part of its stack), on
+    the demo's champion; v1 and v2 are registered."""
+    settings = demo_run["settings"]
+    ready = httpx.get(f"{settings.serve_url}/health", timeout=10)
+    assert ready.status_code == 200, ready.text
+    return settings.serve_url, demo_run["config_dir"]
+
+
+def wait_serving(url: str, version: str, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if httpx.get(f"{url}/health").json().get("model_version") == version:
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def champion_of(config_dir: Path) -> str:
+    settings = load_settings(config_dir)
+    name = settings.model_registry.name
+    return mlflow_client(settings).get_model_version_by_alias(name, "champion").version
+
+
+def test_it_answers_like_predict(service: tuple[str, Path]) -> None:
+    url, config_dir = service
+    settings = load_settings(config_dir)
+    files = [sorted((settings.mnist_dir / "test" / str(d)).glob("*.png"))[0] for d in range(10)]
+    done = run_cli("predict", "--json", *map(str, files), config_dir=config_dir)
+    assert done.returncode == 0, done.stderr
+    expected = [json.loads(line) for line in done.stdout.splitlines()]
+    for path, want in zip(files, expected, strict=True):
+        got = httpx.post(
+            f"{url}/predict", content=path.read_bytes(), headers={"Content-Type": "image/png"}
+        ).json()
+        assert got["digit"] == want["digit"] and got["model_version"] == want["model_version"]
+        assert got["confidence"] == pytest.approx(want["confidence"], abs=1e-5)
+        assert len(got["probabilities"]) == 10
+        assert sum(got["probabilities"]) == pytest.approx(1, abs=1e-4)
+    upload = httpx.post(f"{url}/predict", files={"file": ("d.png", files[3].read_bytes())})
+    assert upload.status_code == 200 and upload.json()["digit"] == expected[3]["digit"]
+    batch = httpx.post(
+        f"{url}/predict",
+        json={"images": [base64.b64encode(p.read_bytes()).decode() for p in files]},
+    ).json()
+    assert [p["digit"] for p in batch["predictions"]] == [e["digit"] for e in expected]
+    arrays = [np.asarray(Image.open(p)).tolist() for p in files[:2]]
+    assert len(httpx.post(f"{url}/predict", json=arrays).json()["predictions"]) == 2
+    model = httpx.get(f"{url}/model").json()
+    name = settings.model_registry.name
+    assert model["name"] == name and model["alias"] == "champion"
+    assert model["data_version"] in ("v1.0", "v2.0") and 0 < model["test_accuracy"] <= 1
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'mnistops_requests_total{path="/predict",status="200"}' in metrics
+    assert f'mnistops_model_info{{name="{name}",version="{model["version"]}"}} 1' in metrics
+    assert "mnistops_predict_seconds_bucket" in metrics
+    assert httpx.get(f"{url}/openapi.json").json()["paths"]["/predict"]
+
+
+def test_a_moved_champion_is_served_with_no_failed_request(service: tuple[str, Path]) -> None:
+    url, config_dir = service
+    settings = load_settings(config_dir)
+    image = sorted((settings.mnist_dir / "test" / "7").glob("*.png"))[0].read_bytes()
+    before = champion_of(config_dir)
+    other = "2" if before == "1" else "1"
+    seen: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=10) as http:
+            while not stop.is_set():
+                answer = http.post(
+                    f"{url}/predict", content=image, headers={"Content-Type": "image/png"}
+                )
+                seen.append((answer.status_code, answer.json().get("model_version", "")))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1)
+        moved = run_cli("models", "promote", other, "-m", "a test", config_dir=config_dir)
+        assert moved.returncode == 0, moved.stderr
+        began = time.monotonic()
+        while time.monotonic() - began < 15 and (not seen or seen[-1][1] != other):
+            time.sleep(0.2)
+        swap_s = time.monotonic() - began
+        time.sleep(1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert all(status == 200 for status, _ in seen), {s for s, _ in seen}
+    assert seen[-1][1] == other, f"still v{seen[-1][1]} after {swap_s:.1f} s"
+    versions = [v for _, v in seen]
+    assert versions[: versions.index(other)] == [before] * versions.index(other)
+    name = settings.model_registry.name
+    tags = mlflow_client(settings).get_model_version(name, other).tags
+    assert tags["champion_reason"].endswith(": a test") and tags["previous_champion"] == before
+    back = run_cli("models", "rollback", config_dir=config_dir)
+    assert back.returncode == 0 and champion_of(config_dir) == before, back.stderr
+    assert wait_serving(url, before), "the rollback is served within 20 s"
+
+
+def png(size: tuple[int, int] = (28, 28)) -> bytes:
+    out = io.BytesIO()
+    Image.new("L", size, 255).save(out, format="PNG")
+    return out.getvalue()
+
+
+def truncated() -> bytes:
+    """A PNG of noise cut short in the middle of its pixel data."""
+    out = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (200, 200), dtype=np.uint8)
+    Image.fromarray(noise).save(out, format="PNG")
+    return out.getvalue()[: len(out.getvalue()) // 2]
+
+
+def bomb() -> bytes:
+    """A small PNG that declares 50,000 x 50,000 pixels."""
+    good = png((8, 8))
+    ihdr = good.index(b"IHDR")
+    header = b"IHDR" + (50_000).to_bytes(4, "big") * 2 + good[ihdr + 12 : ihdr + 17]
+    crc = zlib.crc32(header).to_bytes(4, "big")
+    return good[:ihdr] + header + crc + good[ihdr + 21 :]
+
+
+BAD = [
+    ("not an image", b"hello", "image/png", 400, "not an image"),
+    ("truncated", truncated(), "image/png", 400, "corrupt or truncated"),
+    ("bomb", bomb(), "image/png", 400, "decompression bomb"),
+    ("blank", png(), "image/png", 400, "blank"),
+    ("empty", b"", "image/png", 400, "empty"),
+    ("not json", b"{", "application/json", 400, "not JSON"),
+    ("wrong shape", json.dumps([[[0] * 27] * 28]).encode(), "application/json", 422, "28x28"),
+    ("out of range", json.dumps([[[300] * 28] * 28]).encode(), "application/json", 422, "0 to 255"),
+    ("not a list", json.dumps({"x": 1}).encode(), "application/json", 422, "list of images"),
+    ("bad base64", json.dumps(["***"]).encode(), "application/json", 422, "not base64"),
+    ("batch too big", json.dumps([[[0] * 28] * 28] * 257).encode(), "application/json", 413, "256"),
+    ("body too big", b"\0" * (9 << 20), "image/png", 413, "bytes"),
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(("case", "body", "kind", "status", "words"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_refused_by_name_and_the_service_goes_on(
+    service: tuple[str, Path], case: str, body: bytes, kind: str, status: int, words: str
+) -> None:
+    url, _ = service
+    answer = httpx.post(f"{url}/predict", content=body, headers={"Content-Type": kind})
+    assert answer.status_code == status, (case, answer.text)
+    assert words in answer.json()["detail"], answer.text
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+@pytest.mark.security
+def test_no_request_reads_a_file_or_url_of_its_choosing(service: tuple[str, Path]) -> None:
+    url, _ = service
+    for name in ("/etc/passwd", "file:///etc/passwd", "http://127.0.0.1:1/x"):
+        for body in (json.dumps([name]), json.dumps({"images": [name]})):
+            answer = httpx.post(
+                f"{url}/predict", content=body, headers={"Content-Type": "application/json"}
+            )
+            assert answer.status_code == 422, answer.text
+        answer = httpx.post(f"{url}/predict", content=name.encode())
+        assert answer.status_code == 400 and "not an image" in answer.text
+
+
+@pytest.mark.security
+def test_the_api_key_is_required_when_set(service: tuple[str, Path]) -> None:
+    _url, config_dir = service
+    port = free_port()
+    key = "k-" + os.urandom(8).hex()
+    env = {**os.environ, "MNISTOPS_SERVE__PORT": str(port), "MNISTOPS_SERVE__API_KEY": key}
+    proc = subprocess.Popen(cli_command(("serve",), config_dir), env=env, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        image = png((28, 28))
+        for path in ("/model", "/metrics", "/openapi.json"):
+            assert httpx.get(f"{url}{path}").status_code == 401, path
+        refused = httpx.post(f"{url}/predict", content=image)
+        assert refused.status_code == 401 and "API key" in refused.json()["detail"]
+        wrong = httpx.get(f"{url}/model", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        good = httpx.get(f"{url}/model", headers={"Authorization": f"Bearer {key}"})
+        assert good.status_code == 200 and good.json()["alias"] == "champion"
+        assert httpx.get(f"{url}/").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_a_champion_that_does_not_load_is_refused_and_the_old_one_serves(
+    service: tuple[str, Path],
+) -> None:
+    url, config_dir = service
+    settings = load_settings(config_dir)
+    client = mlflow_client(settings)
+    name = settings.model_registry.name
+    serving = httpx.get(f"{url}/health").json()["model_version"]
+    run = client.get_model_version(name, serving).run_id
+    # a version whose files are a run's plots: it downloads, but holds no model
+    broken = client.create_model_version(name, source=f"runs:/{run}/plots", run_id=run)
+    client.set_registered_model_alias(name, "champion", broken.version)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and broken.version not in httpx.get(
+            f"{url}/model"
+        ).json().get("refused_versions", {}):
+            time.sleep(0.5)
+        model = httpx.get(f"{url}/model").json()
+        assert broken.version in model["refused_versions"], model
+        assert model["version"] == serving
+    finally:
+        client.set_registered_model_alias(name, "champion", serving)
+        client.delete_model_version(name, broken.version)
+
+
+def test_detached_it_is_part_of_the_stack(service: tuple[str, Path]) -> None:
+    url, config_dir = service
+    status = run_cli("stack", "status", config_dir=config_dir)
+    assert "Prediction service" in status.stdout and "healthy" in status.stdout, status.stdout
+    again = run_cli("serve", "--detach", config_dir=config_dir)
+    assert again.returncode == 1 and "already running" in again.stderr, again.stderr
+    env = run_cli("stack", "env", config_dir=config_dir).stdout
+    assert f"MNISTOPS_SERVE__URL={url}" in env
+
+
+@pytest.mark.browser
+def test_a_digit_drawn_on_the_page_is_predicted(service: tuple[str, Path], browser) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    url, _ = service
+    browser.get(f"{url}/")
+    pad = browser.find_element(By.ID, "pad")
+    strokes = ActionChains(browser)
+    strokes.move_to_element_with_offset(pad, 0, -100).click_and_hold()
+    strokes.move_by_offset(0, 200).release()
+    strokes.perform()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not browser.find_element(By.ID, "digit").text:
+        time.sleep(0.2)
+    digit = browser.find_element(By.ID, "digit").text
+    model = browser.find_element(By.ID, "model").text
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SHOTS / "serve-draw.png"))
+    assert digit.isdigit(), browser.find_element(By.TAG_NAME, "body").text
+    assert "answered by " in model and " v" in model
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 10
