@@ -234,11 +234,11 @@ def serve(settings: Settings, reporter: Reporter) -> None:
         reporter.say(f"prediction service started (pid {record.pid}, log {record.log_path})")
     ready = server.wait_ready(settings)
     if ready is None:
-        reporter.warn(f"the prediction service at {settings.serve_url} is not ready yet")
+        reporter.warn(f"the prediction service at {settings.local_serve_url} is not ready yet")
         return
     reporter.say(
-        f"{settings.serve_url} answers with v{ready['model_version']}: draw a digit at"
-        f" {settings.serve_url}/, or POST an image to {settings.serve_url}/predict"
+        f"{settings.local_serve_url} answers with v{ready['model_version']}: draw a digit at"
+        f" {settings.local_serve_url}/, or POST an image to {settings.local_serve_url}/predict"
     )
 
 

@@ -29,6 +29,11 @@ class PredictError(MnistopsError):
     """There is no champion, or it cannot be loaded; the message names which."""
 
 
+class ModelUnreachable(PredictError):
+    """A version's files could not be downloaded now (a server down, a timeout): worth
+    another try, unlike a version whose files are damaged."""
+
+
 class ImageUnusable(PredictError, BadInput):
     """An image cannot be read or holds no digit; the message names the file."""
 
@@ -199,7 +204,7 @@ def load_version(settings: Settings, version: str) -> Any:
         except PredictError:
             raise
         except Exception as exc:  # noqa: BLE001  any download failure: name it, no trace
-            raise PredictError(f"{unusable}: {exc.__class__.__name__}: {exc}") from None
+            raise ModelUnreachable(f"{unusable}: {exc.__class__.__name__}: {exc}") from None
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     try:

@@ -120,8 +120,8 @@ class PrefectSettings(Section):
 
 
 class ServeSettings(Section):
-    """`mnistops serve`: the champion over HTTP. `url` set means: use that one (the
-    demo and `stack env` name it), start none."""
+    """`mnistops serve`: the champion over HTTP. `url` is where clients find it (`stack
+    env` exports it); `mnistops serve` always answers on `port` of this machine."""
 
     url: str | None = None
     port: Port = 5060
@@ -317,7 +317,13 @@ class Settings(BaseSettings):
 
     @property
     def serve_url(self) -> str:
-        return (self.serve.url or f"http://{self.client_host}:{self.serve.port}").rstrip("/")
+        """Where clients find the prediction service (`serve.url`, else ours)."""
+        return (self.serve.url or self.local_serve_url).rstrip("/")
+
+    @property
+    def local_serve_url(self) -> str:
+        """Where `mnistops serve` on this machine answers (whatever `serve.url` says)."""
+        return f"http://{self.client_host}:{self.serve.port}"
 
     @property
     def registry_dir(self) -> Path:

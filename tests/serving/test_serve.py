@@ -88,7 +88,8 @@ def test_it_answers_like_predict(service: tuple[str, Path]) -> None:
     assert 'mnistops_requests_total{path="/predict",status="200"}' in metrics
     assert f'mnistops_model_info{{name="{name}",version="{model["version"]}"}} 1' in metrics
     assert "mnistops_predict_seconds_bucket" in metrics
-    assert httpx.get(f"{url}/openapi.json").json()["paths"]["/predict"]
+    predict = httpx.get(f"{url}/openapi.json").json()["paths"]["/predict"]["post"]
+    assert "image/png" in predict["requestBody"]["content"]
 
 
 def test_a_moved_champion_is_served_with_no_failed_request(service: tuple[str, Path]) -> None:
@@ -130,10 +131,14 @@ def test_a_moved_champion_is_served_with_no_failed_request(service: tuple[str, P
     assert versions[: versions.index(other)] == [before] * versions.index(other)
     name = settings.model_registry.name
     tags = mlflow_client(settings).get_model_version(name, other).tags
-    assert tags["champion_reason"].endswith(": a test") and tags["previous_champion"] == before
+    assert tags["promoted_reason"].endswith(": a test") and tags["previous_champion"] == before
+    assert tags["promoted_by"] and tags["promoted_at"]
+    kept = mlflow_client(settings).get_model_version(name, before).tags.get("previous_champion")
     back = run_cli("models", "rollback", config_dir=config_dir)
     assert back.returncode == 0 and champion_of(config_dir) == before, back.stderr
     assert wait_serving(url, before), "the rollback is served within 20 s"
+    again = mlflow_client(settings).get_model_version(name, before).tags.get("previous_champion")
+    assert again == kept, "a rollback keeps the history it goes back along"
 
 
 def png(size: tuple[int, int] = (28, 28)) -> bytes:
@@ -170,6 +175,13 @@ BAD = [
     ("out of range", json.dumps([[[300] * 28] * 28]).encode(), "application/json", 422, "0 to 255"),
     ("not a list", json.dumps({"x": 1}).encode(), "application/json", 422, "list of images"),
     ("bad base64", json.dumps(["***"]).encode(), "application/json", 422, "not base64"),
+    (
+        "huge numbers",
+        json.dumps([[[10**400] * 28] * 28]).encode(),
+        "application/json",
+        422,
+        "28x28",
+    ),
     ("batch too big", json.dumps([[[0] * 28] * 28] * 257).encode(), "application/json", 413, "256"),
     ("body too big", b"\0" * (9 << 20), "image/png", 413, "bytes"),
 ]
@@ -185,6 +197,41 @@ def test_bad_input_is_refused_by_name_and_the_service_goes_on(
     assert answer.status_code == status, (case, answer.text)
     assert words in answer.json()["detail"], answer.text
     assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_large_images_and_other_encodings(service: tuple[str, Path]) -> None:
+    """A photo-sized image is converted in a thread while small requests go on; base64
+    may be wrapped, URL-safe or a data: URL; a multipart upload must say its length."""
+    url, config_dir = service
+    settings = load_settings(config_dir)
+    digit = sorted((settings.mnist_dir / "test" / "4").glob("*.png"))[0].read_bytes()
+    big = io.BytesIO()
+    Image.open(io.BytesIO(digit)).resize((3000, 3000)).save(big, format="PNG")
+    answers: list[int] = []
+
+    def large() -> None:
+        answers.append(httpx.post(f"{url}/predict", content=big.getvalue(), timeout=60).status_code)
+
+    thread = threading.Thread(target=large)
+    thread.start()
+    began = time.monotonic()
+    small = [httpx.post(f"{url}/predict", content=digit).status_code for _ in range(5)]
+    assert small == [200] * 5 and time.monotonic() - began < 5
+    thread.join()
+    assert answers == [200]
+    text = base64.b64encode(digit).decode()
+    for encoded in (
+        "\n".join(text[i : i + 76] for i in range(0, len(text), 76)),
+        "data:image/png;base64," + text,
+        base64.urlsafe_b64encode(digit).decode(),
+    ):
+        assert httpx.post(f"{url}/predict", json=[encoded]).status_code == 200
+    chunked = httpx.post(
+        f"{url}/predict",
+        content=iter([b"--b\r\n"]),
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+    )
+    assert chunked.status_code == 411 and "Content-Length" in chunked.json()["detail"]
 
 
 @pytest.mark.security

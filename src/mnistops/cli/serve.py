@@ -30,13 +30,13 @@ def serve(
         serve_settings = cfg.serve.model_copy(update={"port": port, "url": None})
         cfg = cfg.model_copy(update={"serve": serve_settings})
     if not detach:
-        console.print(f"serving the champion at {cfg.serve_url} (Ctrl-C stops it)")
+        console.print(f"serving the champion at {cfg.local_serve_url} (Ctrl-C stops it)")
         server.run(cfg)
         return
     record = server.start_detached(cfg)
     ready = server.wait_ready(cfg)
     state = f"ready, v{ready['model_version']}" if ready else "not ready yet (no champion?)"
     console.print(
-        f"prediction service at {cfg.serve_url} ({state}; pid {record.pid},"
+        f"prediction service at {cfg.local_serve_url} ({state}; pid {record.pid},"
         f" log {shorter(record.log_path)}); `mnistops stack down` stops it"
     )

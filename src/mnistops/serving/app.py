@@ -8,12 +8,16 @@ caps as `mnistops predict` (pixels, body size, batch size).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
+import io
 import json
+import struct
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Any
@@ -22,6 +26,8 @@ import numpy as np
 import orjson
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from PIL import Image
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mnistops.predict import PredictError, image_from_bytes
@@ -29,6 +35,50 @@ from mnistops.serving.batching import Batcher, NoModel
 from mnistops.serving.champion import Follower, Holder
 from mnistops.serving.metrics import Metrics
 from mnistops.settings import Settings
+
+
+class Answer(BaseModel):
+    """The champion's answer for one image."""
+
+    digit: int
+    confidence: float
+    probabilities: list[float]
+    model_name: str
+    model_version: str
+
+
+class BatchAnswer(BaseModel):
+    """The champion's answers for a JSON batch, in its order."""
+
+    predictions: list[dict[str, Any]]
+    model_name: str
+    model_version: str
+
+
+_IMAGE = {"schema": {"type": "string", "format": "binary"}}
+PREDICT_BODY = {
+    "required": True,
+    "content": {
+        "image/png": _IMAGE,
+        "image/jpeg": _IMAGE,
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}},
+                "required": ["file"],
+            }
+        },
+        "application/json": {
+            "schema": {
+                "oneOf": [
+                    {"type": "array", "items": {}},
+                    {"type": "object", "properties": {"images": {"type": "array", "items": {}}}},
+                ],
+                "description": "28x28 arrays of numbers 0-255, or base64 PNG/JPEG strings",
+            }
+        },
+    },
+}
 
 OPEN_PATHS = {"/", "/health"}
 """answered without the API key: the page (it asks for the key) and the health check"""
@@ -71,6 +121,14 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
             ' multipart upload), or JSON: a list (or `{"images": [...]}`) of 28x28 arrays'
             " of 0-255 or of base64-encoded images."
         ),
+        openapi_extra={"requestBody": PREDICT_BODY},
+        responses={
+            200: {"model": Answer, "description": "one image (a batch: `BatchAnswer`)"},
+            400: {"description": "not an image, truncated, blank, a bomb, not JSON"},
+            413: {"description": "the body or the batch is too large"},
+            422: {"description": "JSON of the wrong shape or values"},
+            503: {"description": "no champion is loaded yet"},
+        },
     )
     async def predict(request: Request) -> Response:
         # Only multipart uploads reach this route: the other bodies are answered by
@@ -123,11 +181,20 @@ class Predictor:
         self.max_batch = settings.serve.max_batch
         self.metrics = metrics
         self.state = state
+        self.decoding = ThreadPoolExecutor(2, thread_name_prefix="decode")
 
     async def answer(self, kind: str, body: bytes) -> tuple[int, bytes]:
-        """(HTTP status, JSON body) for a request body of content type `kind`."""
+        """(HTTP status, JSON body) for a request body of content type `kind`.
+
+        A small image is converted right here (a fraction of a millisecond); a batch or a
+        large image in a thread, so that it never holds up the other requests."""
         try:
-            images, single = _images_in(kind, body, self.max_batch)
+            if _heavy(kind, body):
+                images, single = await asyncio.get_running_loop().run_in_executor(
+                    self.decoding, _images_in, kind, body, self.max_batch
+                )
+            else:
+                images, single = _images_in(kind, body, self.max_batch)
             probs, served = await self.state["batcher"].predict(images)
         except HTTPException as exc:
             return exc.status_code, orjson.dumps({"detail": exc.detail})
@@ -167,8 +234,8 @@ class GuardAndMeasure:
         status = {"code": 500}
         if self.key is not None and scope["path"] not in OPEN_PATHS:
             headers = dict(scope["headers"])
-            token = headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
-            if not hmac.compare_digest(token, self.key):
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
                 refused = JSONResponse(
                     {"detail": "an API key is required: Authorization: Bearer KEY"},
                     status_code=401,
@@ -250,6 +317,27 @@ def _too_large(what: str, limit: int) -> bytes:
     return orjson.dumps({"detail": f"{what}: at most {limit} are accepted"})
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+INLINE_PIXELS = 1_000_000
+"""images up to this size are converted on the event loop; larger ones in a thread"""
+
+
+def _heavy(kind: str, body: bytes) -> bool:
+    """A JSON batch, or an image that declares more than INLINE_PIXELS (read from its
+    header, without decoding it)."""
+    if kind in ("application/json", "text/json"):
+        return True
+    if body[:8] == PNG_SIGNATURE and body[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", body[16:24])
+        return width * height > INLINE_PIXELS
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001  not an image: refused quickly where it is read
+        return False
+    return width * height > INLINE_PIXELS
+
+
 def _images_in(kind: str, body: bytes, max_batch: int) -> tuple[np.ndarray, bool]:
     """(N, 1, 28, 28) float32 images of a request body, and whether it sent one image."""
     if not body:
@@ -261,7 +349,11 @@ def _images_in(kind: str, body: bytes, max_batch: int) -> tuple[np.ndarray, bool
 
 async def _uploaded_file(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is None or not declared.isdigit():
+        raise Refused(
+            411, "a multipart upload needs a Content-Length (or send the image as the body)"
+        )
+    if int(declared) > limit:
         raise Refused(413, f"the body is {int(declared)} bytes: at most {limit} are accepted")
     try:
         form = await request.form(max_files=1, max_fields=10, max_part_size=limit)
@@ -303,20 +395,29 @@ def _json_images(body: bytes, max_batch: int) -> np.ndarray:
 def _json_image(item: object, index: int) -> np.ndarray:
     where = f"images[{index}]"
     if isinstance(item, str):
-        try:
-            data = base64.b64decode(item, validate=True)
-        except (binascii.Error, ValueError):
-            raise Refused(422, f"{where}: not base64") from None
-        return _converted(data, where)
+        return _converted(_base64(item, where), where)
     try:
         array = np.asarray(item, dtype=np.float64)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise Refused(422, f"{where}: not a 28x28 array of numbers") from None
     if array.shape != (28, 28):
         raise Refused(422, f"{where}: shape {list(array.shape)}, expected 28x28")
     if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
         raise Refused(422, f"{where}: values must be numbers from 0 to 255")
     return (array / 255.0).astype(np.float32)[None]
+
+
+def _base64(text: str, where: str) -> bytes:
+    """The bytes of base64 text: standard or URL-safe, wrapped or not, or a data: URL."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    compact = "".join(text.split())
+    for altchars in (None, b"-_"):
+        try:
+            return base64.b64decode(compact, altchars=altchars, validate=True)
+        except (binascii.Error, ValueError):
+            continue
+    raise Refused(422, f"{where}: not base64")
 
 
 def _answer(probs: np.ndarray) -> dict[str, Any]:

@@ -100,7 +100,7 @@ class Follower(threading.Thread):
     def check(self) -> None:
         """One look at the registry: load and swap in a new champion, if there is one."""
         from mnistops.clients import mlflow_client
-        from mnistops.predict import PredictError
+        from mnistops.predict import ModelUnreachable, PredictError
         from mnistops.tracking.registry import champion
 
         version = champion(mlflow_client(self.settings), self.settings.model_registry.name)
@@ -112,6 +112,11 @@ class Follower(threading.Thread):
         began = time.monotonic()
         try:
             served = load_served(self.settings, version)
+        except ModelUnreachable as exc:
+            log.warning(
+                "champion v%s cannot be fetched now, tried again soon: %s", version.version, exc
+            )
+            return
         except PredictError as exc:
             self.holder.refused[str(version.version)] = str(exc)
             log.error(

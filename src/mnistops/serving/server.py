@@ -60,7 +60,7 @@ def start_detached(settings: Settings) -> ProcessRecord:
         SERVE_NAME,
         command(settings),
         service_env(settings),
-        settings.serve_url,
+        settings.local_serve_url,
         "a prediction service",
     )
 
@@ -70,7 +70,7 @@ def wait_ready(settings: Settings, timeout_s: float = 120.0) -> dict[str, object
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            answer = httpx.get(f"{settings.serve_url}/health", timeout=2)
+            answer = httpx.get(f"{settings.local_serve_url}/health", timeout=2)
             if answer.status_code == 200:
                 found: dict[str, object] = answer.json()
                 return found

@@ -27,6 +27,7 @@ PREVIOUS_TAG = "previous_champion"
 """on a version that became champion: the version it replaced (what `rollback` goes back to)"""
 PROMOTED_BY_TAG = "promoted_by"
 PROMOTED_AT_TAG = "promoted_at"
+PROMOTED_REASON_TAG = "promoted_reason"
 
 
 @dataclass(frozen=True)
@@ -236,11 +237,19 @@ class Promotion:
 
 
 def promote(
-    client: MlflowClient, name: str, version: str, reason: str, user: str, lock: Lock
+    client: MlflowClient,
+    name: str,
+    version: str,
+    reason: str,
+    user: str,
+    lock: Lock,
+    rollback: bool = False,
 ) -> Promotion:
     """Move `champion` to `version` by hand, holding the gate's lock. Refused when the
     version does not exist, is champion already, or its model cannot be loaded. The
-    version's tags record who, when and why, and the champion it replaced."""
+    version's tags record who, when and why (`promoted_*`), and the champion it replaced
+    (`previous_champion`). A `rollback` keeps the target's own `previous_champion`, so
+    the next rollback goes further back; no promotion overwrites a gate's reason."""
     import datetime as dt
 
     with lock():
@@ -259,12 +268,12 @@ def promote(
             raise PromotionRefused(f"{name} v{version} cannot be served: {problem}")
         why = f"promoted by {user}: {reason}"
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        for key, value in (
-            (CHAMPION_REASON_TAG, why),
-            (PROMOTED_BY_TAG, user),
-            (PROMOTED_AT_TAG, now),
-            (PREVIOUS_TAG, current.version if current is not None else ""),
-        ):
+        tags = {PROMOTED_BY_TAG: user, PROMOTED_AT_TAG: now, PROMOTED_REASON_TAG: why}
+        if CHAMPION_REASON_TAG not in (target.tags or {}):
+            tags[CHAMPION_REASON_TAG] = why
+        if not rollback:
+            tags[PREVIOUS_TAG] = current.version if current is not None else ""
+        for key, value in tags.items():
             client.set_model_version_tag(name, target.version, key, value)
         client.set_registered_model_alias(name, CHAMPION, target.version)
     return Promotion(target.version, current.version if current else None, why)
@@ -290,7 +299,9 @@ def _user(settings: Settings) -> str:
     return settings.developer_name or getpass.getuser()
 
 
-def promote_champion(settings: Settings, version: str, reason: str) -> Promotion:
+def promote_champion(
+    settings: Settings, version: str, reason: str, rollback: bool = False
+) -> Promotion:
     """`promote` on the settings' registry, holding the stack-wide gate lock."""
     from mnistops.clients import mlflow_client
     from mnistops.stack.locks import champion_lock_name, held
@@ -305,6 +316,7 @@ def promote_champion(settings: Settings, version: str, reason: str) -> Promotion
         reason,
         _user(settings),
         lambda: held(settings, champion_lock_name(name)),
+        rollback,
     )
 
 
@@ -315,4 +327,6 @@ def roll_back_champion(settings: Settings, reason: str) -> Promotion:
 
     check_tracking_server(settings)
     current, previous = previous_champion(mlflow_client(settings), settings.model_registry.name)
-    return promote_champion(settings, previous, f"rollback from v{current}: {reason}")
+    return promote_champion(
+        settings, previous, f"rollback from v{current}: {reason}", rollback=True
+    )
