@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -33,6 +33,15 @@ HYP_OPTIONS = {
 """The CLI's short options for hyp.yml's keys. The keys are the names everywhere inside
 (the commands' parameters, the flow's parameters, MLflow's params); this table is the one
 place where an option is translated."""
+
+
+Detach = Annotated[
+    bool,
+    typer.Option(
+        "--detach", help="Run in the background as part of the stack (stopped by stack down)."
+    ),
+]
+"""the option of the commands that can run as a background service of the stack"""
 
 
 class State:

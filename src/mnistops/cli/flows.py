@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mnistops.cli._ui import HYP_OPTIONS, console, settings, shorter
+from mnistops.cli._ui import HYP_OPTIONS, Detach, console, settings, shorter
 from mnistops.errors import Interrupted, MnistopsError
 from mnistops.settings import Settings
 
@@ -53,12 +53,7 @@ def worker(
     pool: Annotated[
         str | None, typer.Option("--pool", help="Work pool; default deployment.pool_name.")
     ] = None,
-    detach: Annotated[
-        bool,
-        typer.Option(
-            "--detach", help="Run in the background as part of the stack (stopped by stack down)."
-        ),
-    ] = False,
+    detach: Detach = False,
 ) -> None:
     """Start a Prefect worker that runs the retraining flow's runs from a work pool.
 

@@ -6,17 +6,12 @@ from typing import Annotated
 
 import typer
 
-from mnistops.cli._ui import console, settings, shorter
+from mnistops.cli._ui import Detach, console, settings, shorter
 
 
 def serve(
     port: Annotated[int | None, typer.Option("--port", help="Default: serve.port (5060).")] = None,
-    detach: Annotated[
-        bool,
-        typer.Option(
-            "--detach", help="Run in the background as part of the stack (stopped by stack down)."
-        ),
-    ] = False,
+    detach: Detach = False,
 ) -> None:
     """Serve the champion: POST /predict, a draw-a-digit page at /, /model, /metrics, /docs.
 
