@@ -155,8 +155,8 @@ def probabilities(model: Any, batch: np.ndarray) -> np.ndarray:
         return torch.softmax(logits.double(), dim=1).numpy()
 
 
-def champion_uri(settings: Settings) -> tuple[str, str]:
-    """(model URI, version) of the current champion."""
+def champion_version(settings: Settings) -> str:
+    """The version the registry's `champion` alias names."""
     from mnistops.clients import mlflow_client
     from mnistops.tracking.registry import champion
 
@@ -167,7 +167,7 @@ def champion_uri(settings: Settings) -> tuple[str, str]:
             f"no model '{name}' has the alias champion yet at {settings.mlflow_uri};"
             " train one first (`mnistops train`)"
         )
-    return f"models:/{name}/{version.version}", version.version
+    return str(version.version)
 
 
 def model_cache(settings: Settings, version: str) -> Path:
@@ -224,7 +224,7 @@ def load_champion(settings: Settings) -> tuple[Any, str]:
     A champion that cannot be loaded (its files missing or damaged) is named with the
     reason: register a better model, or promote another version, to replace it.
     """
-    _uri, version = champion_uri(settings)
+    version = champion_version(settings)
     try:
         return load_version(settings, version), version
     except PredictError as exc:
