@@ -114,20 +114,22 @@ def mlflow_login_env(settings: Settings) -> dict[str, str]:
 
 def client_env(settings: Settings) -> dict[str, str]:
     """Variables with which plain dvc, mlflow, prefect and boto3 clients use this stack,
-    and with which our own commands on another machine find it (no local state needed)."""
+    and with which our own commands on another machine find it (no local state needed):
+    the URLs name the advertised host, so they work wherever that host is reachable."""
+    urls = settings.advertised_urls()
     env = {
-        "AWS_ENDPOINT_URL": settings.s3_endpoint,
+        "AWS_ENDPOINT_URL": urls["s3"],
         "AWS_DEFAULT_REGION": settings.s3.region,
         **CHECKSUM_ENV,
         **NO_TELEMETRY,
-        "MLFLOW_TRACKING_URI": settings.mlflow_uri,
-        "MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint,
-        "PREFECT_API_URL": settings.prefect_api_url,
-        "MNISTOPS_S3__ENDPOINT_URL": settings.s3_endpoint,
+        "MLFLOW_TRACKING_URI": urls["mlflow"],
+        "MLFLOW_S3_ENDPOINT_URL": urls["s3"],
+        "PREFECT_API_URL": urls["prefect"],
+        "MNISTOPS_S3__ENDPOINT_URL": urls["s3"],
         "MNISTOPS_S3__REGION": settings.s3.region,
-        "MNISTOPS_MLFLOW__TRACKING_URI": settings.mlflow_uri,
-        "MNISTOPS_PREFECT__API_URL": settings.prefect_api_url,
-        "MNISTOPS_SERVE__URL": settings.serve_url,
+        "MNISTOPS_MLFLOW__TRACKING_URI": urls["mlflow"],
+        "MNISTOPS_PREFECT__API_URL": urls["prefect"],
+        "MNISTOPS_SERVE__URL": urls["serve"],
     }
     keys = s3_keys(settings)
     if keys:

@@ -128,6 +128,11 @@ class ServeSettings(Section):
     api_key: SecretStr | None = Field(
         None, description="when set, required as `Authorization: Bearer KEY` (but / and /health)"
     )
+    public: bool = Field(
+        False,
+        description="answer without an API key on an address other hosts reach (a warning"
+        " is printed); else such a service refuses to start without serve.api_key",
+    )
     poll_s: float = Field(5.0, gt=0, le=60, description="how often the registry is asked")
     max_batch: int = Field(256, ge=1, le=4096, description="images per request and per pass")
     max_body_bytes: int = Field(
@@ -222,6 +227,13 @@ class Settings(BaseSettings):
     home: Path = Field(Path(".mnistops"), description="state dir: pids, logs, databases, keys")
     data_dir: Path = Path("data")
     bind: str = Field("127.0.0.1", description="address the services listen on")
+    advertise: str | None = Field(
+        None,
+        description="host name or address other machines reach this stack at (the URLs of"
+        " `stack env`, the Prefect UI's API URL, MLflow's allowed hosts); default: bind, or"
+        " this host's primary address when bind is 0.0.0.0",
+        pattern=r"^[A-Za-z0-9.:_-]+$",
+    )
     database_url: SecretStr | None = Field(
         None, description="postgresql://USER:PASSWORD@HOST:PORT for MLflow and Prefect"
     )
@@ -301,7 +313,14 @@ class Settings(BaseSettings):
     @property
     def client_host(self) -> str:
         """The address a client on this machine uses to reach a service bound to `bind`."""
-        return "127.0.0.1" if self.bind in ("0.0.0.0", "::", "") else self.bind
+        return "127.0.0.1" if self.bind in WILDCARDS else self.bind
+
+    @property
+    def advertised_host(self) -> str:
+        """The name or address other machines use to reach this stack (`advertise`)."""
+        if self.advertise:
+            return self.advertise
+        return primary_address() if self.bind in WILDCARDS else self.bind
 
     @property
     def s3_endpoint(self) -> str:
@@ -320,6 +339,17 @@ class Settings(BaseSettings):
         """Where clients find the prediction service (`serve.url`, else ours)."""
         return (self.serve.url or self.local_serve_url).rstrip("/")
 
+    def advertised_urls(self) -> dict[str, str]:
+        """The services' URLs as another machine uses them: an external service's own
+        URL, ours at the advertised host."""
+        host = _url_host(self.advertised_host)
+        return {
+            "s3": self.s3.endpoint_url or f"http://{host}:{self.s3.port}",
+            "mlflow": self.mlflow.tracking_uri or f"http://{host}:{self.mlflow.port}",
+            "prefect": self.prefect.api_url or f"http://{host}:{self.prefect.port}/api",
+            "serve": (self.serve.url or f"http://{host}:{self.serve.port}").rstrip("/"),
+        }
+
     @property
     def local_serve_url(self) -> str:
         """Where `mnistops serve` on this machine answers (whatever `serve.url` says)."""
@@ -332,6 +362,39 @@ class Settings(BaseSettings):
     @property
     def mnist_dir(self) -> Path:
         return self.data_dir / self.dataset.name
+
+
+WILDCARDS = ("0.0.0.0", "::", "")
+"""bind addresses that mean: every interface of this host"""
+
+
+def primary_address() -> str:
+    """This host's address on the network its default route leads to; else the first
+    address of an interface that is up; else 127.0.0.1. Finding the route sends nothing
+    (a UDP socket's connect only picks the source address)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))
+            return str(probe.getsockname()[0])
+    except OSError:
+        pass
+    import psutil
+
+    stats = psutil.net_if_stats()
+    for name, addresses in psutil.net_if_addrs().items():
+        if not (name in stats and stats[name].isup):
+            continue
+        for address in addresses:
+            if address.family == socket.AF_INET and not is_loopback(address.address):
+                return str(address.address)
+    return "127.0.0.1"
+
+
+def _url_host(host: str) -> str:
+    """`host` as it goes into a URL: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def is_loopback(address: str) -> bool:
@@ -482,9 +545,10 @@ def _resolve(path: Path, root: Path) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def _embedded_urls(settings: Settings) -> dict[str, tuple[str, Any]]:
-    """service -> (the URL our own server of it has, its section), for the three."""
-    host = settings.client_host
+def _embedded_urls(settings: Settings, host: str) -> dict[str, tuple[str, Any]]:
+    """service -> (the URL our own server of it has at `host`, its section), for the
+    three."""
+    host = _url_host(host)
     return {
         "s3": (f"http://{host}:{settings.s3.port}", settings.s3),
         "mlflow": (f"http://{host}:{settings.mlflow.port}", settings.mlflow),
@@ -493,6 +557,10 @@ def _embedded_urls(settings: Settings) -> dict[str, tuple[str, Any]]:
 
 
 URL_KEYS = {"s3": "endpoint_url", "mlflow": "tracking_uri", "prefect": "api_url"}
+
+
+def _url_settings(settings: Settings) -> list[tuple[Any, str]]:
+    return [(getattr(settings, name), key) for name, key in URL_KEYS.items()]
 
 
 def _same_url(a: str, b: str) -> bool:
@@ -506,10 +574,13 @@ def _own_services_back(settings: Settings) -> None:
     """A URL that points at the server this very state dir runs (what `stack env`
     exports, then read back in the same shell) is not an external service: `stack
     up/down/status` keep managing it, and its keys and logins come from the state dir."""
-    for name, (own, section) in _embedded_urls(settings).items():
-        url = getattr(section, URL_KEYS[name])
-        if url is not None and _same_url(url, own) and (settings.home / name).is_dir():
-            setattr(section, URL_KEYS[name], None)
+    if all(getattr(section, key) is None for section, key in _url_settings(settings)):
+        return
+    for host in {settings.client_host, settings.advertised_host}:
+        for name, (own, section) in _embedded_urls(settings, host).items():
+            url = getattr(section, URL_KEYS[name])
+            if url is not None and _same_url(url, own) and (settings.home / name).is_dir():
+                setattr(section, URL_KEYS[name], None)
 
 
 def load_settings(config_dir: Path | None = None) -> Settings:

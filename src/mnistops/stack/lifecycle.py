@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 
 from mnistops.errors import BadInput
-from mnistops.settings import Settings
+from mnistops.settings import WILDCARDS, Settings
 from mnistops.stack import postgres, process, store_checks, workers
 from mnistops.stack.credentials import tighten
 from mnistops.stack.ports import accepts_connections, port_in_use
@@ -45,7 +45,8 @@ def exposure(settings: Settings) -> list[str]:
     """One warning for each service we start that other hosts reach without a login."""
     if not settings.beyond_loopback:
         return []
-    open_to = f"any host that can reach {settings.bind}"
+    machine = "this machine" if settings.bind in WILDCARDS else settings.bind
+    open_to = f"any host that can reach {machine}"
     found = []
     if settings.mlflow.tracking_uri is None and not settings.mlflow_login_on:
         found.append(

@@ -157,8 +157,6 @@ def mlflow_service(settings: Settings, keys: S3Keys | None) -> Service:
         backend = postgres.service_url(settings, "mlflow", "psycopg2")
     else:
         backend = f"sqlite:///{mlflow_home / 'mlflow.db'}"
-    host = settings.client_host
-    port = settings.mlflow.port
     service.command = [
         sys.executable,
         "-m",
@@ -167,29 +165,23 @@ def mlflow_service(settings: Settings, keys: S3Keys | None) -> Service:
         "--host",
         settings.bind,
         "--port",
-        str(port),
+        str(settings.mlflow.port),
         "--workers",
         str(settings.mlflow.workers),
         "--serve-artifacts",
         "--artifacts-destination",
         f"s3://{settings.s3.buckets.mlflow}/artifacts",
         "--allowed-hosts",
-        ",".join(
-            [
-                host,
-                f"{host}:{port}",
-                "localhost",
-                f"localhost:{port}",
-                *settings.mlflow.allowed_hosts,
-            ]
-        ),
+        ",".join(allowed_hosts(settings)),
     ]
     service.env = {
         **_base_env(),
         **CHECKSUM_ENV,
         # Passed by environment so that the database password is not on a command line.
         "MLFLOW_BACKEND_STORE_URI": backend,
-        "MLFLOW_S3_ENDPOINT_URL": settings.s3_endpoint,
+        # MLflow hands clients presigned URLs of this endpoint for downloads: the
+        # advertised one, which other machines (and this one) reach.
+        "MLFLOW_S3_ENDPOINT_URL": settings.advertised_urls()["s3"],
         "AWS_DEFAULT_REGION": settings.s3.region,
         # The job consumers (one ~250 MB process each) serve GenAI features we do not use.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
@@ -200,6 +192,17 @@ def mlflow_service(settings: Settings, keys: S3Keys | None) -> Service:
     if settings.mlflow_login_on:
         _with_basic_auth(service, settings, mlflow_home)
     return service
+
+
+def allowed_hosts(settings: Settings) -> list[str]:
+    """The Host headers MLflow answers (it refuses others, against DNS rebinding): how
+    this machine and other machines (the advertised host) name it, and the extra ones."""
+    port = settings.mlflow.port
+    names = dict.fromkeys([settings.client_host, "localhost", settings.advertised_host])
+    return [
+        *(f"{n}{suffix}" for n in names for suffix in ("", f":{port}")),
+        *settings.mlflow.allowed_hosts,
+    ]
 
 
 def _with_basic_auth(service: Service, settings: Settings, mlflow_home: Path) -> None:
@@ -278,7 +281,8 @@ def prefect_service(settings: Settings) -> Service:
         "PREFECT_HOME": str(prefect_home),
         "PREFECT_SERVER_DATABASE_CONNECTION_URL": database,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_API_URL": settings.prefect.ui_api_url or api,
+        # The UI runs in a browser, on whichever machine opens it: the advertised host.
+        "PREFECT_UI_API_URL": settings.prefect.ui_api_url or settings.advertised_urls()["prefect"],
         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
         # Plan scheduled runs every 10 s (default 60): a new deployment's first run
         # appears promptly. Cheap: one query per loop.
