@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from mnistops.cli._ui import Detach, console, settings, shorter
+from mnistops.cli._ui import Detach, console, settings, shorter, warn
 
 
 def serve(
@@ -24,6 +24,9 @@ def serve(
     if port is not None:
         serve_settings = cfg.serve.model_copy(update={"port": port, "url": None})
         cfg = cfg.model_copy(update={"serve": serve_settings})
+    exposed = server.exposure(cfg)
+    if exposed:
+        warn(exposed)
     if not detach:
         console.print(f"serving the champion at {cfg.local_serve_url} (Ctrl-C stops it)")
         server.run(cfg)

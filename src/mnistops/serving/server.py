@@ -11,9 +11,33 @@ import time
 
 import httpx
 
+from mnistops.errors import BadInput
 from mnistops.settings import Settings
 from mnistops.stack.process import ProcessRecord
 from mnistops.stack.workers import SERVE_NAME
+
+
+class ServiceExposed(BadInput):
+    """The service would answer anyone on a network without an API key."""
+
+
+def exposure(settings: Settings) -> str | None:
+    """A warning when the service answers other hosts without a key (`serve.public`);
+    ServiceExposed when it would without anyone having said so."""
+    if not settings.beyond_loopback or settings.serve.api_key is not None:
+        return None
+    where = f"{settings.bind}:{settings.serve.port}"
+    if settings.serve.public:
+        return (
+            f"the prediction service on {where} has no API key (serve.public is true): any"
+            f" host that can reach {settings.bind} can use it"
+        )
+    raise ServiceExposed(
+        f"the prediction service would answer on {where}, beyond loopback, without an API"
+        f" key: set serve.api_key ({settings.where('serve.api_key')}; clients send it as"
+        " `Authorization: Bearer KEY`), or serve.public: true to answer anyone, or bind"
+        " 127.0.0.1"
+    )
 
 
 def run(settings: Settings) -> None:
