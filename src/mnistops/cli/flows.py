@@ -20,9 +20,11 @@ if TYPE_CHECKING:
 def deploy() -> None:
     """Create or update the retraining deployment from config/flow.yml (idempotent).
 
-    Creates the process work pool if missing. The deployment runs the flow `MNIST` on its
-    schedule, on every new data version (a trigger on the event `data version` sends), and
-    on `mnistops run`; at most one run at a time (a second one waits in the queue).
+    Creates the process work pools of deployment.pools that are missing. The deployment
+    runs on deployment.pool_name, training on that pool's device; it runs the flow `MNIST`
+    on its schedule, on every new data version (a trigger on the event `data version`
+    sends), and on `mnistops run`; at most one run at a time (a second one waits in the
+    queue).
     """
     deploy_retraining(settings())
 
@@ -34,11 +36,12 @@ def deploy_retraining(cfg: Settings) -> None:
 
 
 def show_deployed(cfg: Settings, result: DeployResult) -> None:
-    if result.pool_created:
-        console.print(f"work pool {cfg.deployment.pool_name} (process) created")
+    for pool in result.pools_created:
+        console.print(f"work pool {pool} (process, device {cfg.deployment.pools[pool]}) created")
     console.print(
         f"deployment {result.full_name}: [bold]{result.action}[/]; schedule {result.schedule};"
-        f" pool {cfg.deployment.pool_name}, queue {cfg.deployment.queue_name}"
+        f" pool {cfg.deployment.pool_name} (device {cfg.deployment.device}),"
+        f" queue {cfg.deployment.queue_name}"
     )
     console.print("next runs of the schedule: " + ", ".join(result.next_runs))
     if result.next_scheduled:
