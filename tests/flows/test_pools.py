@@ -1,11 +1,12 @@
 """Work pools against the session's Prefect server: `deploy` creates every pool of
 `deployment.pools`, the deployment trains on its pool's device and moves when
-`deployment.pool_name` changes."""
+`deployment.pool_name` changes; a worker is refused a pool the server does not have."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +14,7 @@ import yaml
 from mnistops import stack
 from mnistops.clients import prefect_client
 from mnistops.flows.deployment import deploy
+from mnistops.flows.workers import device_warning
 from mnistops.settings import Settings, load_settings
 from tests.helpers import client_config, run_cli
 
@@ -77,3 +79,45 @@ def test_the_pool_setting_moves_the_deployment(
     on_cpu = load_settings(machine["config"])
     assert deploy(on_cpu).action == "updated"
     assert served(on_cpu) == (machine["cpu"], "cpu")
+
+
+@pytest.mark.integration
+@pytest.mark.bad_input
+def test_a_worker_for_a_pool_the_server_lacks_is_refused(machine: dict) -> None:
+    missing = f"nope-{machine['suffix']}"
+    done = run_cli("worker", "--pool", missing, config_dir=machine["config"], timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    said = " ".join(done.stderr.split())
+    assert f"work pool '{missing}' does not exist" in said
+    assert "run `mnistops deploy` first" in said
+    assert machine["cpu"] in said and machine["gpu"] in said, "the pools that exist are listed"
+    assert "Traceback" not in done.stderr
+    assert missing not in pool_names(load_settings(machine["config"]))
+
+
+@pytest.mark.integration
+def test_a_cuda_pools_worker_without_a_gpu_warns_and_starts(machine: dict) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    config: Path = machine["config"]
+    done = run_cli("worker", "--pool", machine["gpu"], "--detach", config_dir=config, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    said = " ".join(done.stderr.split())
+    assert f"warning: pool {machine['gpu']} trains on device cuda" in said
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"worker for pool {machine['gpu']} started" in done.stdout
+
+
+@pytest.mark.unit
+def test_only_a_cuda_pool_on_a_machine_without_cuda_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    settings = Settings()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no usable CUDA GPU" in (device_warning(settings, "mnist-gpu") or "")
+    assert device_warning(settings, "mnist-cpu") is None
+    assert device_warning(settings, "a-pool-not-in-the-settings") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device_warning(settings, "mnist-gpu") is None

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mnistops.cli._ui import HYP_OPTIONS, Detach, console, settings, shorter
+from mnistops.cli._ui import HYP_OPTIONS, Detach, console, settings, shorter, warn
 from mnistops.errors import Interrupted, MnistopsError
 from mnistops.settings import Settings
 
@@ -61,7 +61,8 @@ def worker(
     """Start a Prefect worker that runs the retraining flow's runs from a work pool.
 
     The flow is part of the installed package, so any machine with mnistops and the
-    variables of `mnistops stack env` can serve the pool.
+    variables of `mnistops stack env` can serve the pool. The pool must exist on the
+    server (`mnistops deploy` creates those of deployment.pools).
     """
     cfg = settings()
     start_worker(cfg, pool or cfg.deployment.pool_name, detach)
@@ -70,8 +71,11 @@ def worker(
 def start_worker(cfg: Settings, pool: str, detach: bool) -> None:
     """A worker for `pool`: in the foreground (this process becomes it), or detached as a
     background service of the stack."""
-    from mnistops.flows.workers import run_in_foreground, start_detached
+    from mnistops.flows.workers import device_warning, run_in_foreground, start_detached
 
+    warning = device_warning(cfg, pool)
+    if warning:
+        warn(warning)
     if not detach:
         console.print(f"worker for pool {pool} (Ctrl-C stops it)")
         run_in_foreground(cfg, pool)
