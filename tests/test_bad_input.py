@@ -40,6 +40,12 @@ CASES = [
         "flow.yml: key 'scheduler.timezone'",
     ),
     ("flow.yml", "scheduler:\n  method: hourly\n", ("deploy",), "flow.yml: key 'scheduler.method'"),
+    (
+        "flow.yml",
+        "deployment:\n  pool_name: gpu\n",
+        ("deploy",),
+        "flow.yml: key 'deployment.pool_name'",
+    ),
 ]
 
 

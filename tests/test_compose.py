@@ -63,6 +63,16 @@ def test_it_has_every_service_of_the_layout() -> None:
     assert services["worker-gpu"]["build"]["args"]["TORCH_INDEX"].endswith("cu128")
 
 
+def test_the_gpu_profile_moves_the_retraining_to_the_gpu_workers_pool() -> None:
+    services = compose()["services"]
+    pool = services["deploy-gpu"]["environment"]["MNISTOPS_DEPLOYMENT__POOL_NAME"]
+    assert services["worker-gpu"]["command"][-2:] == ["--pool", pool]
+    assert load_settings(ROOT / "config").deployment.pools[pool] == "cuda"
+    for worker in ("worker-cpu", "worker-gpu", "deploy-gpu"):
+        after = services[worker]["depends_on"]["deploy"]["condition"]
+        assert after == "service_completed_successfully", f"{worker}: its pool must exist"
+
+
 @pytest.mark.parametrize("name", sorted(OURS))
 def test_our_services_run_a_mnistops_command_that_exists(name: str) -> None:
     service = compose()["services"][name]

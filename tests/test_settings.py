@@ -85,3 +85,71 @@ def test_database_url_override_is_validated(tmp_path: Path) -> None:
     assert with_database_url(settings, "postgresql://u:p@h:5432").database_url is not None
     with pytest.raises(ConfigError, match="--db"):
         with_database_url(settings, "sqlite:///x.db")
+
+
+def write_flow(config_dir: Path, text: str) -> Path:
+    config_dir.mkdir(parents=True, exist_ok=True)
+    path = config_dir / "flow.yml"
+    path.write_text(text)
+    return path
+
+
+def test_two_pools_by_default_and_the_deployment_on_the_cpu_one(tmp_path: Path) -> None:
+    deployment = load_settings(tmp_path).deployment
+    assert deployment.pools == {"mnist-cpu": "cpu", "mnist-gpu": "cuda"}
+    assert (deployment.pool_name, deployment.device) == ("mnist-cpu", "cpu")
+
+
+def test_the_pool_setting_moves_the_deployment_and_its_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MNISTOPS_DEPLOYMENT__POOL_NAME", "mnist-gpu")
+    deployment = load_settings(tmp_path).deployment
+    assert (deployment.pool_name, deployment.device) == ("mnist-gpu", "cuda")
+
+
+def test_pools_of_the_file_replace_the_default_ones(tmp_path: Path) -> None:
+    write_flow(tmp_path, "deployment:\n  pools: {big-gpu: auto}\n  pool_name: big-gpu\n")
+    deployment = load_settings(tmp_path).deployment
+    assert deployment.pools == {"big-gpu": "auto"}
+    assert deployment.device == "auto"
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "deployment:\n  pool_name: nope\n",
+            ["flow.yml: key 'deployment.pool_name'", "'nope'", "(mnist-cpu, mnist-gpu)"],
+        ),
+        (
+            "deployment:\n  pools: {gpu-a: cuda}\n",
+            ["flow.yml: key 'deployment.pool_name'", "'mnist-cpu'", "(gpu-a)"],
+        ),
+        (
+            "deployment:\n  pools: {gpu-a: tpu}\n  pool_name: gpu-a\n",
+            ["flow.yml: key 'deployment.pools.gpu-a'", "'auto', 'cpu' or 'cuda'"],
+        ),
+    ],
+    ids=["pool-not-in-pools", "default-pool-not-in-own-pools", "bad-device"],
+)
+def test_a_bad_pool_names_the_key_and_the_pools(
+    tmp_path: Path, text: str, expected: list[str]
+) -> None:
+    write_flow(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path)
+    message = str(info.value)
+    for fragment in expected:
+        assert fragment in message, message
+    assert len(message.splitlines()) == 2, "one line per error, under the heading"
+
+
+@pytest.mark.bad_input
+def test_a_pool_from_the_environment_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MNISTOPS_DEPLOYMENT__POOL_NAME", "gpu")
+    with pytest.raises(ConfigError, match="environment variable MNISTOPS_DEPLOYMENT__POOL_NAME"):
+        load_settings(tmp_path)

@@ -20,6 +20,7 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -46,6 +47,8 @@ class Section(BaseModel):
 
 
 Port = int
+Device = Literal["auto", "cpu", "cuda"]
+"""where training runs: `auto` is CUDA when there is one"""
 
 
 def _check_port(value: int) -> int:
@@ -179,22 +182,46 @@ class HyperParameters(Section):
     schedule: Literal["constant", "onecycle"] = "onecycle"
     weight_decay: float = Field(0.01, ge=0)
     augment: bool = Field(True, description="random small shifts, turns and zooms while training")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     threads: int | None = Field(None, gt=0, description="CPU threads; default: all cores")
 
 
+DEFAULT_POOLS: dict[str, Device] = {"mnist-cpu": "cpu", "mnist-gpu": "cuda"}
+
+
 class DeploymentSettings(Section):
-    """`config/flow.yml`, key `deployment`: the Prefect deployment of the retraining flow."""
+    """`config/flow.yml`, key `deployment`: the Prefect deployment of the retraining flow,
+    the work pools `deploy` creates and the one the deployment runs on."""
 
     flow_name: str = "MNIST"
     deploy_name: str = "mnist-retraining"
+    # Declared before pool_name: its validator reads the pools.
+    pools: dict[str, Device] = Field(
+        default_factory=DEFAULT_POOLS.copy,
+        description="work pool -> the device its runs train on",
+    )
     pool_name: str = "mnist-cpu"
     queue_name: str = "default"
+
+    @field_validator("pool_name")
+    @classmethod
+    def _one_of_the_pools(cls, value: str, info: ValidationInfo) -> str:
+        pools = info.data.get("pools")
+        if pools is not None and value not in pools:
+            raise ValueError(
+                f"'{value}' is not one of deployment.pools ({', '.join(pools) or 'none'})"
+            )
+        return value
 
     @property
     def full_name(self) -> str:
         """`FLOW/DEPLOYMENT`, how Prefect names the deployment."""
         return f"{self.flow_name}/{self.deploy_name}"
+
+    @property
+    def device(self) -> Device:
+        """The device of the deployment's runs: its pool's."""
+        return self.pools[self.pool_name]
 
 
 class SchedulerSettings(Section):

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from mnistops.flows.deployment import _matches, _runner_deployment, _schema
-from mnistops.settings import Settings
+from mnistops.flows.deployment import _matches, _runner_deployment, _schema, default_parameters
+from mnistops.settings import DeploymentSettings, Device, HyperParameters, Settings
 
 pytestmark = pytest.mark.unit
 
@@ -95,3 +95,30 @@ def test_a_schema_is_compared_without_its_empty_keys() -> None:
     assert _schema({"title": "x", "required": [], "definitions": {}}) == {"title": "x"}
     assert _schema(None) == {}
     assert _schema({"required": ["a"]}) == {"required": ["a"]}
+
+
+def on_pool(pool: str, device: Device = "auto") -> Settings:
+    """The default settings with the deployment on `pool` and hyp.yml's `device`."""
+    return Settings(
+        deployment=DeploymentSettings(pool_name=pool), hyperparameter=HyperParameters(device=device)
+    )
+
+
+@pytest.mark.parametrize(
+    ("pool", "device"), [("mnist-cpu", "cpu"), ("mnist-gpu", "cuda")], ids=["cpu", "gpu"]
+)
+def test_the_deployment_trains_on_its_pools_device(pool: str, device: str) -> None:
+    asked: Device
+    for asked in ("auto", "cpu", "cuda"):
+        parameters = default_parameters(on_pool(pool, asked))
+        assert parameters["hyperparameters"]["device"] == device, f"hyp.yml said {asked}"
+
+
+def test_moving_the_deployment_to_another_pool_is_seen() -> None:
+    on_cpu = _runner_deployment(on_pool("mnist-cpu"))
+    on_gpu = _runner_deployment(on_pool("mnist-gpu"))
+    assert on_gpu.work_pool_name == "mnist-gpu"
+    existing, automations = as_served(on_cpu)
+    assert not _matches(existing, on_gpu, automations)
+    existing.work_pool_name = "mnist-gpu"
+    assert not _matches(existing, on_gpu, automations), "the device parameter changed too"

@@ -28,6 +28,7 @@ def flow_config(suffix: str, **scheduler: object) -> dict:
         "deployment": {
             "flow_name": "MNIST",
             "deploy_name": f"retrain-{suffix}",
+            "pools": {f"pool-{suffix}": "cpu"},
             "pool_name": f"pool-{suffix}",
             "queue_name": "default",
         },

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mnistops.cli._ui import HYP_OPTIONS, Detach, console, settings, shorter
+from mnistops.cli._ui import HYP_OPTIONS, Detach, console, settings, shorter, warn
 from mnistops.errors import Interrupted, MnistopsError
 from mnistops.settings import Settings
 
@@ -20,9 +20,11 @@ if TYPE_CHECKING:
 def deploy() -> None:
     """Create or update the retraining deployment from config/flow.yml (idempotent).
 
-    Creates the process work pool if missing. The deployment runs the flow `MNIST` on its
-    schedule, on every new data version (a trigger on the event `data version` sends), and
-    on `mnistops run`; at most one run at a time (a second one waits in the queue).
+    Creates the process work pools of deployment.pools that are missing. The deployment
+    runs on deployment.pool_name, training on that pool's device; it runs the flow `MNIST`
+    on its schedule, on every new data version (a trigger on the event `data version`
+    sends), and on `mnistops run`; at most one run at a time (a second one waits in the
+    queue).
     """
     deploy_retraining(settings())
 
@@ -34,11 +36,12 @@ def deploy_retraining(cfg: Settings) -> None:
 
 
 def show_deployed(cfg: Settings, result: DeployResult) -> None:
-    if result.pool_created:
-        console.print(f"work pool {cfg.deployment.pool_name} (process) created")
+    for pool in result.pools_created:
+        console.print(f"work pool {pool} (process, device {cfg.deployment.pools[pool]}) created")
     console.print(
         f"deployment {result.full_name}: [bold]{result.action}[/]; schedule {result.schedule};"
-        f" pool {cfg.deployment.pool_name}, queue {cfg.deployment.queue_name}"
+        f" pool {cfg.deployment.pool_name} (device {cfg.deployment.device}),"
+        f" queue {cfg.deployment.queue_name}"
     )
     console.print("next runs of the schedule: " + ", ".join(result.next_runs))
     if result.next_scheduled:
@@ -58,7 +61,8 @@ def worker(
     """Start a Prefect worker that runs the retraining flow's runs from a work pool.
 
     The flow is part of the installed package, so any machine with mnistops and the
-    variables of `mnistops stack env` can serve the pool.
+    variables of `mnistops stack env` can serve the pool. The pool must exist on the
+    server (`mnistops deploy` creates those of deployment.pools).
     """
     cfg = settings()
     start_worker(cfg, pool or cfg.deployment.pool_name, detach)
@@ -67,8 +71,11 @@ def worker(
 def start_worker(cfg: Settings, pool: str, detach: bool) -> None:
     """A worker for `pool`: in the foreground (this process becomes it), or detached as a
     background service of the stack."""
-    from mnistops.flows.workers import run_in_foreground, start_detached
+    from mnistops.flows.workers import device_warning, run_in_foreground, start_detached
 
+    warning = device_warning(cfg, pool)
+    if warning:
+        warn(warning)
     if not detach:
         console.print(f"worker for pool {pool} (Ctrl-C stops it)")
         run_in_foreground(cfg, pool)

@@ -1,7 +1,8 @@
 """The retraining deployment: schedule, work pool, trigger, concurrency, zombie runs.
 
-`deploy` creates the process work pool if missing and creates or updates the deployment
-of the `MNIST` flow with the schedule of `config/flow.yml`, a concurrency limit of 1 (a
+`deploy` creates the process work pools of `deployment.pools` that are missing and creates
+or updates the deployment of the `MNIST` flow, on the pool `deployment.pool_name` and
+training on that pool's device, with the schedule of `config/flow.yml`, a concurrency limit of 1 (a
 run that finds another running waits in the queue: ENQUEUE) and a trigger on the event
 that `mnistops data version` emits. A deployment that already matches is left untouched.
 """
@@ -43,7 +44,7 @@ class DeployResult:
     action: str
     """created, updated or unchanged"""
     schedule: str
-    pool_created: bool
+    pools_created: list[str]
     next_runs: list[str] = dataclasses.field(default_factory=list)
     """when the schedule fires next (computed as the server plans it)"""
     next_scheduled: str | None = None
@@ -52,11 +53,14 @@ class DeployResult:
 
 def default_parameters(settings: Settings) -> dict[str, Any]:
     """What every run of the deployment uses unless it says otherwise: the newest data and
-    the deploying machine's hyp.yml. A run someone asks for (the UI's Quick run,
-    `prefect deployment run`, `mnistops run`) trains."""
+    the deploying machine's hyp.yml, with the device of the deployment's pool (a worker
+    serves the pool of its machine's hardware). A run someone asks for (the UI's Quick
+    run, `prefect deployment run`, `mnistops run`) trains."""
+    hyperparameters = settings.hyperparameter.model_dump()
+    hyperparameters["device"] = settings.deployment.device
     return {
         "data_version": "latest",
-        "hyperparameters": settings.hyperparameter.model_dump(),
+        "hyperparameters": hyperparameters,
         "skip_if_unchanged": False,
     }
 
@@ -104,22 +108,39 @@ def _runner_deployment(settings: Settings):
     )
 
 
-def ensure_pool(settings: Settings, client: SyncPrefectClient) -> bool:
-    """Create the process work pool if it is missing; True if it was created."""
-    from prefect.client.schemas.actions import WorkPoolCreate
+def ensure_pools(settings: Settings, client: SyncPrefectClient) -> list[str]:
+    """Create the process work pools of `deployment.pools` that are missing; the names of
+    those created. A pool of another type is refused before any is created."""
+    missing = [name for name in settings.deployment.pools if not _is_process_pool(client, name)]
+    return [name for name in missing if _create_pool(client, name)]
+
+
+def _is_process_pool(client: SyncPrefectClient, name: str) -> bool:
+    """The pool exists and is a process pool (False: missing; another type: an error)."""
     from prefect.exceptions import ObjectNotFound
 
     try:
-        pool = client.read_work_pool(settings.deployment.pool_name)
+        pool = client.read_work_pool(name)
     except ObjectNotFound:
-        client.create_work_pool(WorkPoolCreate(name=settings.deployment.pool_name, type="process"))
-        return True
+        return False
     if pool.type != "process":
         raise DeployError(
             f"work pool '{pool.name}' exists with type '{pool.type}'; mnistops needs a process"
-            " pool: choose another deployment.pool_name"
+            " pool: rename it in deployment.pools"
         )
-    return False
+    return True
+
+
+def _create_pool(client: SyncPrefectClient, name: str) -> bool:
+    """Create a process pool; False if another `deploy` made it since we looked."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    try:
+        client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+    except ObjectAlreadyExists:
+        return False
+    return True
 
 
 def _trigger_of(automation) -> tuple:
@@ -216,7 +237,7 @@ def _deploy(settings: Settings, client: SyncPrefectClient) -> DeployResult:
     from prefect.exceptions import ObjectNotFound
 
     wanted = _runner_deployment(settings)
-    pool_created = ensure_pool(settings, client)
+    pools_created = ensure_pools(settings, client)
     ensure_zombie_automation(client)
     try:
         existing = client.read_deployment_by_name(settings.deployment.full_name)
@@ -230,7 +251,7 @@ def _deploy(settings: Settings, client: SyncPrefectClient) -> DeployResult:
                 settings.deployment.full_name,
                 "unchanged",
                 describe_schedule(settings),
-                pool_created,
+                pools_created,
             )
     deployment_id = wanted.apply(work_pool_name=settings.deployment.pool_name)
     return DeployResult(
@@ -238,7 +259,7 @@ def _deploy(settings: Settings, client: SyncPrefectClient) -> DeployResult:
         settings.deployment.full_name,
         "updated" if existing is not None else "created",
         describe_schedule(settings),
-        pool_created,
+        pools_created,
     )
 
 

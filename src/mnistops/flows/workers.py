@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from mnistops.errors import BadInput
 from mnistops.flows.deployment import HEARTBEAT_S, check_server
 from mnistops.settings import Settings
 from mnistops.stack.process import ProcessRecord
@@ -40,9 +41,44 @@ def worker_command(pool: str) -> list[str]:
     return [str(prefect), "worker", "start", "--pool", pool, "--type", "process"]
 
 
+def check_pool(settings: Settings, pool: str) -> None:
+    """The server answers and has the work pool: a worker would otherwise create a pool
+    of that name, which no deployment uses."""
+    from prefect.exceptions import ObjectNotFound
+
+    from mnistops.clients import prefect_client
+
+    check_server(settings)
+    with prefect_client(settings) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            existing = sorted(p.name for p in client.read_work_pools())
+            raise BadInput(
+                f"work pool '{pool}' does not exist on the Prefect server at"
+                f" {settings.prefect_api_url}; run `mnistops deploy` first"
+                f" (pools there: {', '.join(existing) or 'none'})"
+            ) from None
+
+
+def device_warning(settings: Settings, pool: str) -> str | None:
+    """A line to show when the pool's runs train on CUDA and this machine has none (they
+    will fail with the training's own message), else None."""
+    if settings.deployment.pools.get(pool) != "cuda":
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return (
+        f"pool {pool} trains on device cuda, but this machine has no usable CUDA GPU"
+        " (torch.cuda.is_available() is False): its runs here will fail"
+    )
+
+
 def run_in_foreground(settings: Settings, pool: str) -> NoReturn:
     """This process becomes a worker for `pool` (Ctrl-C stops it)."""
-    check_server(settings)
+    check_pool(settings, pool)
     cmd = worker_command(pool)
     os.execve(cmd[0], cmd, worker_env(settings))
 
@@ -51,7 +87,7 @@ def start_detached(settings: Settings, pool: str) -> ProcessRecord:
     """A worker for `pool` as a background service of the stack (one per pool)."""
     from mnistops import stack
 
-    check_server(settings)
+    check_pool(settings, pool)
     return stack.start_worker(settings, pool, worker_command(pool), worker_env(settings))
 
 
