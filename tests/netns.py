@@ -104,14 +104,16 @@ class Host:
             tails.append(f"\n--- {log.name}\n" + "\n".join(text))
         return "".join(tails)
 
-    def popen(self, *args: str) -> subprocess.Popen[str]:
+    def popen(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        """`mnistops ARGS` in the background, in a process group of its own."""
         return subprocess.Popen(
             self.argv(sys.executable, "-m", "mnistops", *args),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             cwd=self.root,
-            env={**self.base_env(), **self.env},
+            env={**self.base_env(), **self.env, **(env or {})},
+            start_new_session=True,
         )
 
     def python(self, code: str, *args: str, timeout: float = 120) -> str:

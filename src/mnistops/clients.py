@@ -36,14 +36,29 @@ NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
 # Fail within seconds, not minutes, when the tracking server is gone (MLflow's default
 # retries back off for over a minute).
-MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+MLFLOW_CLIENT_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    # An MLflow 3 server with an S3 artifact store hands out presigned S3 URLs for
+    # downloads, naming the store as the server reaches it (`http://minio:9000` in a
+    # compose network). Our models are small: fetch them through the server, which
+    # every client reaches by definition.
+    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+}
+
+
+TORCH_ENV = {
+    # cuBLAS is deterministic only with a fixed workspace; read when CUDA starts.
+    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+}
 
 
 def library_defaults() -> None:
-    """Telemetry off, S3 checksums only where required, MLflow's retries short: read by
-    the libraries from the environment only, so set there, as defaults that a user's own
-    variables override. Called at the start of every command and flow run."""
-    for key, value in {**NO_TELEMETRY, **CHECKSUM_ENV, **MLFLOW_CLIENT_ENV}.items():
+    """Telemetry off, S3 checksums only where required, MLflow's retries short and its
+    downloads through the server, cuBLAS deterministic: read by the libraries from the
+    environment only, so set there, as defaults that a user's own variables override.
+    Called at the start of every command and flow run."""
+    for key, value in {**NO_TELEMETRY, **CHECKSUM_ENV, **MLFLOW_CLIENT_ENV, **TORCH_ENV}.items():
         os.environ.setdefault(key, value)
 
 
