@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from mnistops.clients import client_env
-from mnistops.settings import Settings
+from mnistops.settings import ENV_PREFIX, Settings
 from mnistops.stack import process
 from mnistops.stack.credentials import write_private
 from mnistops.stack.state import Report, StackError, log_dir, run_dir, state_lock
@@ -86,8 +86,14 @@ def start_background(
         if record is not None and process.is_alive(record):
             raise StackError(f"{what} is already running (pid {record.pid})")
         # Keys and logins are not kept: a restart takes them fresh from the state dir.
+        # The service's own settings are (its API key too, in this 0600 file): a restart
+        # from another shell must not serve without the key it was started with.
         derived = set(client_env(settings))
-        own = {k: v for k, v in env.items() if os.environ.get(k) != v and k not in derived}
+        own = {
+            k: v
+            for k, v in env.items()
+            if k not in derived and (os.environ.get(k) != v or k.startswith(ENV_PREFIX))
+        }
         spec = {
             "cmd": cmd,
             "env": own,
