@@ -189,6 +189,14 @@ class Network:
         must("-n", netns, "link", "set", "lo", "up")
         return host
 
+    def name_hosts(self, host: Host, names: dict[str, str]) -> None:
+        """Names that `host` resolves (its /etc/hosts, as `ip netns exec` mounts it)."""
+        folder = Path("/etc/netns") / host.netns
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = ["127.0.0.1 localhost", *(f"{address} {name}" for name, address in names.items())]
+        (folder / "hosts").write_text("\n".join(lines) + "\n")
+        self.cleanups.append(lambda: shutil.rmtree(folder, ignore_errors=True))
+
     def close(self) -> None:
         for cleanup in reversed(self.cleanups):
             cleanup()

@@ -81,10 +81,38 @@ def test_the_advertised_urls_read_back_are_still_this_stacks_own(
     assert again.prefect.api_url is None
 
 
-@pytest.mark.parametrize("bad", ["host name", "a/b", "x;y"])
+BAD_HOSTS = [
+    "host name",
+    "a/b",
+    "x;y",
+    "$(id)",
+    "http://stack.example",
+    "stack.example:80",
+    "-rf",
+    "...",
+    "1.2.3.4.5",
+    "0.0.0.0",
+    "::",
+]
+
+
+@pytest.mark.parametrize("bad", BAD_HOSTS)
 def test_a_bad_advertise_is_named(tmp_path: Path, bad: str) -> None:
-    with pytest.raises(ConfigError, match="advertise"):
+    with pytest.raises(ConfigError, match="advertise.*(host name or an IP|not an address)"):
         settings_with(tmp_path, f"advertise: '{bad}'\n")
+
+
+@pytest.mark.parametrize("good", ["stack.example.com", "mlflow", "10.0.0.5", "fd00::5"])
+def test_host_names_and_addresses_are_advertised(tmp_path: Path, good: str) -> None:
+    assert settings_with(tmp_path, f"advertise: '{good}'\n").advertised_host == good
+
+
+def test_a_loopback_advertise_beyond_loopback_is_named_at_up(tmp_path: Path) -> None:
+    from mnistops.stack.lifecycle import exposure
+
+    warned = exposure(settings_with(tmp_path, "bind: 0.0.0.0\nadvertise: 127.0.0.1\n"))
+    assert any("loopback address" in w and "works on this machine only" in w for w in warned)
+    assert exposure(settings_with(tmp_path, "advertise: localhost\n")) == []
 
 
 def test_serving_other_hosts_needs_a_key_or_a_decision(tmp_path: Path) -> None:

@@ -55,6 +55,7 @@ CASES = [
     (("deploy",), "Prefect server"),
     (("run", "--wait"), "Prefect server"),
     (("worker",), "Prefect server"),
+    (("stack", "up"), "object store"),
 ]
 
 

@@ -9,6 +9,7 @@ read at import time: call `load_settings()`.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -259,7 +260,6 @@ class Settings(BaseSettings):
         description="host name or address other machines reach this stack at (the URLs of"
         " `stack env`, the Prefect UI's API URL, MLflow's allowed hosts); default: bind, or"
         " this host's primary address when bind is 0.0.0.0",
-        pattern=r"^[A-Za-z0-9.:_-]+$",
     )
     database_url: SecretStr | None = Field(
         None, description="postgresql://USER:PASSWORD@HOST:PORT for MLflow and Prefect"
@@ -300,6 +300,13 @@ class Settings(BaseSettings):
     def notes(self) -> list[str]:
         """What was read but not used (keys of the tutorial's docker layout), one line each."""
         return list(self._notes)
+
+    @field_validator("advertise")
+    @classmethod
+    def _host_to_reach(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_reachable_host(value)
+        return value
 
     @field_validator("database_url")
     @classmethod
@@ -369,7 +376,7 @@ class Settings(BaseSettings):
     def advertised_urls(self) -> dict[str, str]:
         """The services' URLs as another machine uses them: an external service's own
         URL, ours at the advertised host."""
-        host = _url_host(self.advertised_host)
+        host = url_host(self.advertised_host)
         return {
             "s3": self.s3.endpoint_url or f"http://{host}:{self.s3.port}",
             "mlflow": self.mlflow.tracking_uri or f"http://{host}:{self.mlflow.port}",
@@ -419,7 +426,32 @@ def primary_address() -> str:
     return "127.0.0.1"
 
 
-def _url_host(host: str) -> str:
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+
+def check_reachable_host(value: str) -> None:
+    """A host name or an IP address other machines can connect to; ValueError if not."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        last_label = value.rsplit(".", 1)[-1]
+        if len(value) > 253 or not _HOST_NAME.fullmatch(value) or last_label.isdigit():
+            raise ValueError(
+                "must be a host name or an IP address, without scheme or port"
+                " (e.g. stack.example.com or 10.0.0.5)"
+            ) from None
+        return
+    if address.is_unspecified:
+        raise ValueError(
+            f"{value} is where to listen (bind), not an address to reach: give this host's"
+            " name or address"
+        )
+
+
+def url_host(host: str) -> str:
     """`host` as it goes into a URL: an IPv6 address in brackets."""
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
@@ -575,7 +607,7 @@ def _resolve(path: Path, root: Path) -> Path:
 def _embedded_urls(settings: Settings, host: str) -> dict[str, tuple[str, Any]]:
     """service -> (the URL our own server of it has at `host`, its section), for the
     three."""
-    host = _url_host(host)
+    host = url_host(host)
     return {
         "s3": (f"http://{host}:{settings.s3.port}", settings.s3),
         "mlflow": (f"http://{host}:{settings.mlflow.port}", settings.mlflow),

@@ -92,6 +92,7 @@ def test_a_worker_for_a_pool_the_server_lacks_is_refused(machine: dict) -> None:
     assert "run `mnistops deploy` first" in said
     assert machine["cpu"] in said and machine["gpu"] in said, "the pools that exist are listed"
     assert "Traceback" not in done.stderr
+    assert "Ctrl-C stops it" not in done.stdout, "no worker is announced before the refusal"
     assert missing not in pool_names(load_settings(machine["config"]))
 
 

@@ -209,9 +209,19 @@ def test_the_stack_host_lets_in_only_what_has_credentials(machines: Machines) ->
     # MLflow answers to the advertised name; another Host header is refused.
     assert http(c, "GET", f"{mlflow}/health")[0] == 200
 
-    status = a.ok("stack", "status")
+    # Who can reach what is read from the running services, whatever the shell says.
+    claims = {"MNISTOPS_MLFLOW__AUTH": "false", "MNISTOPS_PREFECT__AUTH": "false"}
+    status = a.ok("stack", "status", env=claims)
     text = " ".join(status.split())
     assert "any host (S3 keys)" in text and text.count("any host (login)") == 2, text
+
+    # A name of A that it does not advertise: MLflow refuses it, and the message says so.
+    machines.network.name_hosts(c, {"stack-alias": a.address})
+    alias = f"http://stack-alias:{s.mlflow.port}"
+    renamed = {"MNISTOPS_MLFLOW__TRACKING_URI": alias, "MLFLOW_TRACKING_URI": alias}
+    refused = c.mnistops("models", env=renamed)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "refused the host name" in " ".join(refused.stderr.split()), refused.stderr
     logins_off = {"MNISTOPS_MLFLOW__AUTH": "false", "MNISTOPS_PREFECT__AUTH": "false"}
     warned = a.mnistops("stack", "up", env=logins_off)
     warnings = " ".join(warned.stderr.split())

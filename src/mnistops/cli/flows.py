@@ -73,13 +73,19 @@ def start_worker(cfg: Settings, pool: str, detach: bool) -> None:
     background service of the stack."""
     from mnistops.flows.workers import device_warning, run_in_foreground, start_detached
 
-    warning = device_warning(cfg, pool)
-    if warning:
-        warn(warning)
-    if not detach:
+    def announce_device() -> None:
+        warning = device_warning(cfg, pool)
+        if warning:
+            warn(warning)
+
+    def ready() -> None:
+        announce_device()
         console.print(f"worker for pool {pool} (Ctrl-C stops it)")
-        run_in_foreground(cfg, pool)
+
+    if not detach:
+        run_in_foreground(cfg, pool, ready)
     record = start_detached(cfg, pool)
+    announce_device()
     console.print(
         f"worker for pool {pool} started (pid {record.pid}, log {shorter(record.log_path)});"
         " `mnistops stack down` stops it"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -76,9 +77,13 @@ def device_warning(settings: Settings, pool: str) -> str | None:
     )
 
 
-def run_in_foreground(settings: Settings, pool: str) -> NoReturn:
-    """This process becomes a worker for `pool` (Ctrl-C stops it)."""
+def run_in_foreground(
+    settings: Settings, pool: str, ready: Callable[[], None] = lambda: None
+) -> NoReturn:
+    """This process becomes a worker for `pool` (Ctrl-C stops it); `ready` runs once
+    the pool is known to exist."""
     check_pool(settings, pool)
+    ready()
     cmd = worker_command(pool)
     os.execve(cmd[0], cmd, worker_env(settings))
 

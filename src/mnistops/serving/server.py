@@ -12,7 +12,7 @@ import time
 import httpx
 
 from mnistops.errors import BadInput
-from mnistops.settings import Settings
+from mnistops.settings import Settings, url_host
 from mnistops.stack.process import ProcessRecord
 from mnistops.stack.workers import SERVE_NAME
 
@@ -26,7 +26,7 @@ def exposure(settings: Settings) -> str | None:
     ServiceExposed when it would without anyone having said so."""
     if not settings.beyond_loopback or settings.serve.api_key is not None:
         return None
-    where = f"{settings.bind}:{settings.serve.port}"
+    where = f"{url_host(settings.bind)}:{settings.serve.port}"
     if settings.serve.public:
         return (
             f"the prediction service on {where} has no API key (serve.public is true): any"

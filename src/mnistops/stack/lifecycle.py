@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 
 from mnistops.errors import BadInput
-from mnistops.settings import WILDCARDS, Settings
+from mnistops.settings import WILDCARDS, Settings, is_loopback
 from mnistops.stack import postgres, process, store_checks, workers
 from mnistops.stack.credentials import tighten
 from mnistops.stack.ports import accepts_connections, port_in_use
@@ -48,6 +48,12 @@ def exposure(settings: Settings) -> list[str]:
     machine = "this machine" if settings.bind in WILDCARDS else settings.bind
     open_to = f"any host that can reach {machine}"
     found = []
+    if is_loopback(settings.advertised_host):
+        found.append(
+            f"advertise is {settings.advertised_host}, a loopback address, while the services"
+            " listen beyond loopback: what `stack env` prints works on this machine only; set"
+            " advertise to a name or address the other machines reach"
+        )
     if settings.mlflow.tracking_uri is None and not settings.mlflow_login_on:
         found.append(
             f"MLflow on {settings.bind}:{settings.mlflow.port} has no login (mlflow.auth is"
@@ -63,17 +69,40 @@ def exposure(settings: Settings) -> list[str]:
     return found
 
 
-def reach(settings: Settings, name: str) -> str:
-    """Who can reach a service that this state dir starts, and with what."""
-    if not settings.beyond_loopback:
+CREDENTIAL = {"s3": "S3 keys", "mlflow": "login", "prefect": "login", "serve": "API key"}
+
+UNGUARDED_PROBE = {
+    "mlflow": "/api/2.0/mlflow/experiments/search?max_results=1",
+    "prefect": "/api/admin/version",
+    "serve": "/model",
+}
+"""a request each service answers only with its credential (401 without it)"""
+
+
+def reach(record: process.ProcessRecord | None, name: str, url: str) -> str:
+    """Who can reach a running service, and with what: read from the process itself
+    (the addresses it listens on) and from the service (does it answer a request without
+    its credential?), not from the settings of the shell that asks."""
+    if record is None or not process.is_alive(record):
+        return ""
+    addresses = process.listening_addresses(record)
+    if not addresses:
+        return ""
+    if all(is_loopback(address) for address in addresses):
         return "this host"
-    credential = {
-        "s3": "S3 keys",
-        "mlflow": "login" if settings.mlflow_login_on else "NO LOGIN",
-        "prefect": "login" if settings.prefect_login_on else "NO LOGIN",
-        "serve": "API key" if settings.serve.api_key is not None else "NO API KEY",
-    }[name]
+    credential = CREDENTIAL[name]
+    if name in UNGUARDED_PROBE and _answers_without_credential(url + UNGUARDED_PROBE[name]):
+        credential = f"NO {credential.upper()}"
     return f"any host ({credential})"
+
+
+def _answers_without_credential(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=3).status_code != 401
+    except httpx.HTTPError:
+        return False
 
 
 def up(settings: Settings, report: Report = no_report) -> list[ServiceStatus]:
@@ -303,7 +332,7 @@ def status(settings: Settings) -> list[ServiceStatus]:
                 pid=record.pid if alive and record else None,
                 healthy=(svc.external or alive) and svc.healthy(),
                 log=record.log_path if record else None,
-                reach="external" if svc.external else reach(settings, svc.name),
+                reach="external" if svc.external else reach(record, svc.name, svc.url),
             )
         )
     for record in workers.background_records(settings):
@@ -321,7 +350,7 @@ def status(settings: Settings) -> list[ServiceStatus]:
                 pid=record.pid if alive else None,
                 healthy=alive and (not serving or http_ok(f"{record.url}/health")),
                 log=record.log_path,
-                reach=reach(settings, "serve") if serving else "connects out only",
+                reach=reach(record, "serve", record.url) if serving else "connects out only",
             )
         )
     return result

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -164,17 +165,26 @@ def _signal(proc: psutil.Process, sig: signal.Signals) -> None:
         proc.send_signal(sig)
 
 
-def listening_ports(record: ProcessRecord) -> set[int]:
-    """TCP ports on which the service's process tree listens."""
-    ports: set[int] = set()
+def _listening(record: ProcessRecord) -> Iterator[tuple[str, int]]:
+    """(address, port) of every TCP socket the service's process tree listens on."""
     for proc in process_tree(record):
         try:
-            for conn in proc.net_connections(kind="tcp"):
-                if conn.status == psutil.CONN_LISTEN:
-                    ports.add(conn.laddr.port)
+            connections = proc.net_connections(kind="tcp")
         except psutil.Error:
             continue
-    return ports
+        for conn in connections:
+            if conn.status == psutil.CONN_LISTEN:
+                yield conn.laddr.ip, conn.laddr.port
+
+
+def listening_ports(record: ProcessRecord) -> set[int]:
+    """TCP ports on which the service's process tree listens."""
+    return {port for _address, port in _listening(record)}
+
+
+def listening_addresses(record: ProcessRecord) -> set[str]:
+    """The addresses on which the service's process tree listens (0.0.0.0: all)."""
+    return {address for address, _port in _listening(record)}
 
 
 def tail(path: Path, lines: int = 30) -> str:

@@ -121,6 +121,12 @@ def ensure_buckets(settings: Settings, keys: S3Keys | None) -> None:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
                 raise StackError(f"S3 bucket '{bucket}' at {settings.s3_endpoint}: {exc}") from None
+        except BotoCoreError as exc:
+            raise StackError(
+                f"the object store at {settings.s3_endpoint} cannot be reached"
+                f" ({exc.__class__.__name__}): start it, or correct"
+                f" {settings.where('s3.endpoint_url')}"
+            ) from None
         try:
             client.create_bucket(Bucket=bucket)
             client.head_bucket(Bucket=bucket)

@@ -34,6 +34,13 @@ def check_tracking_server(settings: Settings, timeout_s: float = 5.0) -> None:
             f"the MLflow server at {uri} cannot be reached ({exc.__class__.__name__});"
             " start the stack (`mnistops stack up`) or set mlflow.tracking_uri"
         ) from None
+    if response.status_code == 403 and "Host header" in response.text:
+        raise TrackingError(
+            f"the MLflow server at {uri} refused the host name in that URL (it answers only"
+            " the names it was started with, against DNS rebinding): use the URL that"
+            " `mnistops stack env` prints on the stack host (its `advertise` setting), or add"
+            " the name to mlflow.allowed_hosts there"
+        )
     if response.status_code in (401, 403):
         raise TrackingError(
             f"the MLflow server at {uri} refused "
