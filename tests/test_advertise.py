@@ -93,16 +93,18 @@ BAD_HOSTS = [
     "1.2.3.4.5",
     "0.0.0.0",
     "::",
+    "::ffff:0.0.0.0",
+    "fe80::1%eth0",
 ]
 
 
 @pytest.mark.parametrize("bad", BAD_HOSTS)
 def test_a_bad_advertise_is_named(tmp_path: Path, bad: str) -> None:
-    with pytest.raises(ConfigError, match="advertise.*(host name or an IP|not an address)"):
+    with pytest.raises(ConfigError, match="advertise.*(host name or an IP|not an address|zone)"):
         settings_with(tmp_path, f"advertise: '{bad}'\n")
 
 
-@pytest.mark.parametrize("good", ["stack.example.com", "mlflow", "10.0.0.5", "fd00::5"])
+@pytest.mark.parametrize("good", ["stack.example.com", "stack.example.", "10.0.0.5", "fd00::5"])
 def test_host_names_and_addresses_are_advertised(tmp_path: Path, good: str) -> None:
     assert settings_with(tmp_path, f"advertise: '{good}'\n").advertised_host == good
 
@@ -123,3 +125,23 @@ def test_serving_other_hosts_needs_a_key_or_a_decision(tmp_path: Path) -> None:
     assert exposure(keyed) is None
     public = settings_with(tmp_path, "bind: 198.18.3.1\nserve:\n  public: true\n")
     assert "no API key" in (exposure(public) or "")
+
+
+BAD_URLS = [
+    ("MNISTOPS_MLFLOW__TRACKING_URI", "http://198.18.3.1:5o50", "not a valid URL"),
+    ("MNISTOPS_S3__ENDPOINT_URL", "http://[::1", "not a valid URL"),
+    ("MNISTOPS_S3__ENDPOINT_URL", "ftp://store:21", "http:// or https://"),
+    ("MNISTOPS_PREFECT__API_URL", "http://[::1", "not a valid URL"),
+    ("MNISTOPS_PREFECT__API_URL", "http://:4200/api", "names no host"),
+    ("MNISTOPS_SERVE__URL", "http://serving:99999", "not a valid URL"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "said"), BAD_URLS)
+def test_a_malformed_url_is_named_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, said: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=said) as refused:
+        settings_with(tmp_path, "{}\n")
+    assert variable in str(refused.value)

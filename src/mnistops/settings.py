@@ -58,6 +58,33 @@ def _check_port(value: int) -> int:
     return value
 
 
+def _web_url(value: str | None) -> str | None:
+    """An http(s) URL with a host and, if any, a numeric port."""
+    if value is not None and _checked_url(value).scheme not in ("http", "https"):
+        raise ValueError("must be an http:// or https:// URL, e.g. http://host:9000")
+    return value
+
+
+def _any_url(value: str | None) -> str | None:
+    """A URL; an http(s) one must have a host and, if any, a numeric port."""
+    if value is not None:
+        _checked_url(value)
+    return value
+
+
+def _checked_url(value: str) -> Any:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL ({exc}), e.g. http://host:5000") from None
+    if parts.scheme in ("http", "https") and not parts.hostname:
+        raise ValueError("names no host, e.g. http://host:5000")
+    return parts
+
+
 class Buckets(Section):
     dvc: str = "dvc"
     mlflow: str = "mlflow"
@@ -80,6 +107,7 @@ class S3Settings(Section):
     volume_size_limit_mb: int = Field(64, ge=8, le=30000)
 
     _ports = field_validator("port", "master_port", "volume_port", "filer_port")(_check_port)
+    _url = field_validator("endpoint_url")(_web_url)
 
 
 class MlflowSettings(Section):
@@ -101,6 +129,7 @@ class MlflowSettings(Section):
     password: SecretStr | None = None
 
     _ports = field_validator("port")(_check_port)
+    _url = field_validator("tracking_uri")(_any_url)
 
 
 class PrefectSettings(Section):
@@ -121,6 +150,7 @@ class PrefectSettings(Section):
     )
 
     _ports = field_validator("port")(_check_port)
+    _urls = field_validator("api_url", "ui_api_url")(_web_url)
 
 
 class ServeSettings(Section):
@@ -147,6 +177,7 @@ class ServeSettings(Section):
     )
 
     _ports = field_validator("port")(_check_port)
+    _url = field_validator("url")(_web_url)
 
 
 class DatasetSettings(Section):
@@ -437,6 +468,7 @@ def check_reachable_host(value: str) -> None:
     try:
         address = ipaddress.ip_address(value)
     except ValueError:
+        value = value.removesuffix(".")  # a fully qualified name may end with a dot
         last_label = value.rsplit(".", 1)[-1]
         if len(value) > 253 or not _HOST_NAME.fullmatch(value) or last_label.isdigit():
             raise ValueError(
@@ -444,7 +476,10 @@ def check_reachable_host(value: str) -> None:
                 " (e.g. stack.example.com or 10.0.0.5)"
             ) from None
         return
-    if address.is_unspecified:
+    if getattr(address, "scope_id", None):
+        raise ValueError("an IPv6 address with a zone (%...) is of one link only: give another")
+    mapped = getattr(address, "ipv4_mapped", None)
+    if address.is_unspecified or (mapped is not None and mapped.is_unspecified):
         raise ValueError(
             f"{value} is where to listen (bind), not an address to reach: give this host's"
             " name or address"
