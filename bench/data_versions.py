@@ -21,13 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from pydantic import SecretStr
+from scratch import scratch_settings
 
 from mnistops import stack
 from mnistops.clients import CHECKSUM_ENV, client_env, s3_client, s3_keys
 from mnistops.settings import load_settings
-from mnistops.stack.ports import free_port_config
 
 BIN = Path(sys.executable).parent
 
@@ -134,10 +133,7 @@ def run_mnistops(config_dir: Path, work: Path, env: dict[str, str]) -> dict[str,
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         root = Path(tmp)
-        config = free_port_config(root)
-        (root / "config").mkdir()
-        (root / "config" / "stack.yml").write_text(yaml.safe_dump(config))
-        settings = load_settings(root / "config")
+        settings = scratch_settings(root)
         print("starting a stack and ingesting the full MNIST ...", flush=True)
         stack.up(settings)
         try:

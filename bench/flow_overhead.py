@@ -20,12 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from mlflow import MlflowClient
+from scratch import scratch_settings
 
 from mnistops import stack
-from mnistops.settings import load_settings
-from mnistops.stack.ports import free_port_config
 
 BIN = Path(sys.executable).parent
 
@@ -47,10 +45,8 @@ def cli(config: Path, *args: str, cwd: Path) -> float:
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-flow-") as tmp:
         root = Path(tmp)
+        settings = scratch_settings(root)
         config = root / "config"
-        config.mkdir()
-        (config / "stack.yml").write_text(yaml.safe_dump(free_port_config(root)))
-        settings = load_settings(config)
         os.environ.pop("PREFECT_API_URL", None)
         print("starting a stack, ingesting MNIST, publishing v1.0 ...", flush=True)
         stack.up(settings)

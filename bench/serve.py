@@ -28,13 +28,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import yaml
 from PIL import Image
+from scratch import scratch_settings
 
 from mnistops import stack
 from mnistops.clients import client_env
-from mnistops.settings import load_settings
-from mnistops.stack.ports import free_port_config, free_port_pair
+from mnistops.stack.ports import free_port_pair
 
 BIN = Path(sys.executable).parent
 CONCURRENCY = (1, 8, 32)
@@ -126,10 +125,8 @@ def main() -> int:
         raise SystemExit("wrk is missing: apt-get install wrk")
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         root = Path(tmp)
+        settings = scratch_settings(root)
         config = root / "config"
-        config.mkdir()
-        (config / "stack.yml").write_text(yaml.safe_dump(free_port_config(root)))
-        settings = load_settings(config)
         print("starting a stack, publishing v1.0 (--fast), training a champion ...", flush=True)
         stack.up(settings)
         servers: list[subprocess.Popen] = []

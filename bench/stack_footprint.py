@@ -13,13 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from scratch import scratch_settings
 
 from mnistops import stack
-from mnistops.settings import load_settings
 from mnistops.stack import process
 from mnistops.stack.credentials import ensure_keys
-from mnistops.stack.ports import free_port_config
 from mnistops.stack.services import all_services
 
 MB = 1024 * 1024
@@ -51,15 +49,8 @@ def print_table(title: str, figures: dict[str, tuple[int, int]]) -> int:
     return total
 
 
-def settings_in(root: Path):
-    config_dir = root / "config"
-    config_dir.mkdir()
-    (config_dir / "stack.yml").write_text(yaml.safe_dump(free_port_config(root)))
-    return load_settings(config_dir)
-
-
 def measure_mnistops(root: Path, idle_s: float) -> int:
-    settings = settings_in(root)
+    settings = scratch_settings(root)
     stack.up(settings)
     try:
         time.sleep(idle_s)
@@ -104,7 +95,7 @@ def baseline_command(name: str, command: list[str]) -> list[str]:
 
 
 def measure_baseline(root: Path, idle_s: float) -> int:
-    settings = settings_in(root)
+    settings = scratch_settings(root)
     keys = ensure_keys(settings.home)
     records = []
     try:
