@@ -387,38 +387,48 @@ class Settings(BaseSettings):
             return self.advertise
         return primary_address() if self.bind in WILDCARDS else self.bind
 
+    def own_urls(self, host: str) -> dict[str, str]:
+        """The URLs of the servers this stack starts (and of `mnistops serve`) at `host`."""
+        at = f"http://{url_host(host)}"
+        return {
+            "s3": f"{at}:{self.s3.port}",
+            "mlflow": f"{at}:{self.mlflow.port}",
+            "prefect": f"{at}:{self.prefect.port}/api",
+            "serve": f"{at}:{self.serve.port}",
+        }
+
     @property
     def s3_endpoint(self) -> str:
-        return self.s3.endpoint_url or f"http://{self.client_host}:{self.s3.port}"
+        return self.s3.endpoint_url or self.own_urls(self.client_host)["s3"]
 
     @property
     def mlflow_uri(self) -> str:
-        return self.mlflow.tracking_uri or f"http://{self.client_host}:{self.mlflow.port}"
+        return self.mlflow.tracking_uri or self.own_urls(self.client_host)["mlflow"]
 
     @property
     def prefect_api_url(self) -> str:
-        return self.prefect.api_url or f"http://{self.client_host}:{self.prefect.port}/api"
+        return self.prefect.api_url or self.own_urls(self.client_host)["prefect"]
 
     @property
     def serve_url(self) -> str:
         """Where clients find the prediction service (`serve.url`, else ours)."""
         return (self.serve.url or self.local_serve_url).rstrip("/")
 
-    def advertised_urls(self) -> dict[str, str]:
-        """The services' URLs as another machine uses them: an external service's own
-        URL, ours at the advertised host."""
-        host = url_host(self.advertised_host)
-        return {
-            "s3": self.s3.endpoint_url or f"http://{host}:{self.s3.port}",
-            "mlflow": self.mlflow.tracking_uri or f"http://{host}:{self.mlflow.port}",
-            "prefect": self.prefect.api_url or f"http://{host}:{self.prefect.port}/api",
-            "serve": (self.serve.url or f"http://{host}:{self.serve.port}").rstrip("/"),
-        }
-
     @property
     def local_serve_url(self) -> str:
         """Where `mnistops serve` on this machine answers (whatever `serve.url` says)."""
-        return f"http://{self.client_host}:{self.serve.port}"
+        return self.own_urls(self.client_host)["serve"]
+
+    def advertised_urls(self) -> dict[str, str]:
+        """The services' URLs as another machine uses them: an external service's own
+        URL, ours at the advertised host."""
+        own = self.own_urls(self.advertised_host)
+        return {
+            "s3": self.s3.endpoint_url or own["s3"],
+            "mlflow": self.mlflow.tracking_uri or own["mlflow"],
+            "prefect": self.prefect.api_url or own["prefect"],
+            "serve": (self.serve.url or own["serve"]).rstrip("/"),
+        }
 
     @property
     def registry_dir(self) -> Path:
@@ -642,12 +652,8 @@ def _resolve(path: Path, root: Path) -> Path:
 def _embedded_urls(settings: Settings, host: str) -> dict[str, tuple[str, Any]]:
     """service -> (the URL our own server of it has at `host`, its section), for the
     three."""
-    host = url_host(host)
-    return {
-        "s3": (f"http://{host}:{settings.s3.port}", settings.s3),
-        "mlflow": (f"http://{host}:{settings.mlflow.port}", settings.mlflow),
-        "prefect": (f"http://{host}:{settings.prefect.port}/api", settings.prefect),
-    }
+    own = settings.own_urls(host)
+    return {name: (own[name], getattr(settings, name)) for name in ("s3", "mlflow", "prefect")}
 
 
 URL_KEYS = {"s3": "endpoint_url", "mlflow": "tracking_uri", "prefect": "api_url"}
