@@ -207,13 +207,19 @@ class HyperParameters(Section):
     random_seed: int = Field(42, ge=0, le=2**32 - 1)
     val_size: float = Field(0.1, gt=0, lt=1, description="share of train held out to validate")
     shuffle_data: bool = True
-    batch_size: int = Field(128, gt=0)
-    learning_rate: float = Field(0.003, gt=0)
-    n_epochs: int = Field(6, gt=0)
+    batch_size: int = Field(256, gt=0)
+    learning_rate: float = Field(0.004, gt=0)
+    n_epochs: int = Field(8, gt=0)
     model: str = Field("digitnet", description="seednet (the tutorial's CNN) or digitnet")
     schedule: Literal["constant", "onecycle"] = "onecycle"
     weight_decay: float = Field(0.01, ge=0)
     augment: bool = Field(True, description="random small shifts, turns and zooms while training")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="cross-entropy label smoothing")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="arithmetic of the training steps on the CPU: bf16 where the CPU has it"
+        " natively (auto), else fp32; evaluation is always fp32",
+    )
     device: Device = "auto"
     threads: int | None = Field(None, gt=0, description="CPU threads; default: all cores")
 
@@ -272,6 +278,20 @@ class ModelRegistrySettings(Section):
     name: str = Field("mnist-classifier", pattern=r"^[A-Za-z0-9_.-]+$")
     champion_margin: float = Field(
         0.0, ge=0, le=1, description="test accuracy a new model must gain to become champion"
+    )
+    significance: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="a new model becomes champion only if the exact one-sided McNemar test"
+        " on paired test predictions gives p below this",
+    )
+    max_class_drop: float = Field(
+        0.5,
+        ge=0,
+        le=100,
+        description="most accuracy points any one digit may lose for a new model to become"
+        " champion",
     )
 
 

@@ -83,12 +83,17 @@ def test_fast_subset_keeps_every_test_image(small: Arrays) -> None:
     assert (fast.train_x == small.subset(0.1, seed=3).train_x).all()
 
 
-def test_same_seed_same_metrics(small: Arrays) -> None:
-    hyp = HyperParameters(n_epochs=2, batch_size=32, random_seed=7, threads=2)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_same_seed_same_metrics(small: Arrays, precision: str) -> None:
+    """The default recipe (label smoothing, one-cycle, augmentation) on a small subset, in
+    either arithmetic: the same seed gives the same metrics and the same predictions."""
+    hyp = HyperParameters(n_epochs=2, batch_size=32, random_seed=7, threads=2, precision=precision)
     first, second = train(small, hyp), train(small, hyp)
     assert first.epochs[-1].train_loss == second.epochs[-1].train_loss
     assert [e.val_accuracy for e in first.epochs] == [e.val_accuracy for e in second.epochs]
     assert first.test.accuracy == second.test.accuracy
+    assert (first.test.predicted == second.test.predicted).all()
+    assert (first.test.confidence == second.test.confidence).all()
     assert first.test.accuracy > 0.5
     other = train(small, hyp.model_copy(update={"random_seed": 8}))
     assert other.epochs[-1].train_loss != first.epochs[-1].train_loss

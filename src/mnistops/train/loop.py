@@ -99,7 +99,7 @@ def check_hyperparameters(hyp: HyperParameters) -> None:
         raise TrainingError(f"unknown model '{hyp.model}' (known: {', '.join(models.MODELS)})")
 
 
-def _as_tensor(images: np.ndarray, device: str) -> torch.Tensor:
+def as_tensor(images: np.ndarray, device: str) -> torch.Tensor:
     """(N, 1, 28, 28) floats in [0, 1]; with one channel this layout is channels_last too."""
     tensor = torch.from_numpy(np.array(images)).to(device).unsqueeze(1).float().div_(255.0)
     return tensor.contiguous(memory_format=torch.channels_last)
@@ -153,6 +153,13 @@ def thread_count(hyp: HyperParameters) -> int:
     return hyp.threads or os.cpu_count() or 1
 
 
+def uses_bf16(hyp: HyperParameters, device: str) -> bool:
+    """bf16 training steps: asked for, or `auto` on a CPU with native bf16 (oneDNN)."""
+    if device != "cpu" or hyp.precision == "fp32":
+        return False
+    return hyp.precision == "bf16" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def fit(
     arrays: Arrays,
     hyp: HyperParameters,
@@ -170,9 +177,9 @@ def fit(
     shuffle_rng = np.random.default_rng(hyp.random_seed)
 
     train_idx, val_idx = split_train_val(len(arrays.train_y), hyp.val_size, hyp.random_seed)
-    x_train = _as_tensor(arrays.train_x[train_idx], device)
+    x_train = as_tensor(arrays.train_x[train_idx], device)
     y_train = torch.from_numpy(arrays.train_y[train_idx]).to(device)
-    x_val = _as_tensor(arrays.train_x[val_idx], device)
+    x_val = as_tensor(arrays.train_x[val_idx], device)
     y_val = torch.from_numpy(arrays.train_y[val_idx]).to(device)
 
     # channels_last + a fused optimizer: about 2x the images/s of the defaults on CPU.
@@ -189,6 +196,7 @@ def fit(
         if hyp.schedule == "onecycle"
         else None
     )
+    bf16 = uses_bf16(hyp, device)
     history: list[EpochMetrics] = []
     began = time.perf_counter()
     for epoch in range(1, hyp.n_epochs + 1):
@@ -205,8 +213,9 @@ def fit(
             batch, target = x_train[index], y_train[index]
             if hyp.augment:
                 batch = _augment(batch, generator)
-            logits = model(batch)
-            loss = F.cross_entropy(logits, target)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(batch)
+                loss = F.cross_entropy(logits, target, label_smoothing=hyp.label_smoothing)
             value = loss.item()
             if not math.isfinite(value):
                 raise NonFiniteLoss(epoch)
@@ -241,7 +250,7 @@ def fit(
 def score_on_test(fitted: Fitted, arrays: Arrays) -> TrainResult:
     """The fitted model on the test images (never seen while training)."""
     device = fitted.device
-    x = _as_tensor(arrays.test_x, device)
+    x = as_tensor(arrays.test_x, device)
     evaluation = evaluate(fitted.model, x, torch.from_numpy(arrays.test_y).to(device))
     return TrainResult(**vars(fitted), test=evaluation)
 
