@@ -139,8 +139,20 @@ def exited(record: ProcessRecord) -> bool:
     return not is_alive(record)
 
 
-def stop(record: ProcessRecord, run_dir: Path, grace_s: float = 15.0) -> None:
+STOP_GRACE_S = 15.0
+STORE_STOP_GRACE_S = 3.0
+"""The object store (`weed server`) gets less: after SIGTERM its filer waits the full 15 s
+of its gRPC graceful stop for the metadata subscriptions of the S3 gateway in the same
+process, and stops the volume server only after that (about 10 s more), so a 15 s grace
+ended in SIGKILL before any of the store's own shutdown anyway. What it stored survives
+a killed process: the volume files and the filer's leveldb log are written before a PUT
+returns, and both are read back at the next start."""
+
+
+def stop(record: ProcessRecord, run_dir: Path, grace_s: float | None = None) -> None:
     """SIGTERM the whole group, wait, then SIGKILL whatever is left; no orphans."""
+    if grace_s is None:
+        grace_s = STORE_STOP_GRACE_S if record.name == "s3" else STOP_GRACE_S
     tree = process_tree(record)
     if tree:
         _signal_group(record.pid, signal.SIGTERM)
