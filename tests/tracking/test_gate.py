@@ -11,12 +11,25 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 
-from mnistops.settings import Settings
-from mnistops.tracking.registry import ACCURACY_TAG, CHALLENGER_TAG, CHAMPION_REASON_TAG
-from tests.helpers import client_config
+from mnistops.settings import Settings, load_settings
+from mnistops.stack.locks import champion_lock_name, held
+from mnistops.tracking.predictions import LabelledImages, champion_predictions, log_predictions
+from mnistops.tracking.registry import (
+    ACCURACY_TAG,
+    CHALLENGER_TAG,
+    CHAMPION_REASON_TAG,
+    Candidate,
+    GateDecision,
+    GateRules,
+    register,
+)
+from tests.helpers import client_config, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.integrity]
 
@@ -24,31 +37,75 @@ GATE = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
+    import numpy as np
     from mlflow import MlflowClient
     from mnistops.settings import load_settings
     from mnistops.stack.locks import champion_lock_name, held
-    from mnistops.tracking.registry import gate
+    from mnistops.tracking import predictions as p
+    from mnistops.tracking.registry import Candidate, GateRules, gate
 
-    config_dir, name, number, go = sys.argv[1:]
+    config_dir, name, number, go, test_file = sys.argv[1:]
     settings = load_settings(Path(config_dir))
     client = MlflowClient(settings.mlflow_uri)
     version = client.get_model_version(name, number)
+    with np.load(test_file) as saved:
+        test = p.LabelledImages(saved["images"], saved["labels"])
+    mine = p.stored_predictions(client, version.run_id, test)
+
+    def never(version):
+        raise AssertionError("a stored champion was scored again")
+
+    candidate = Candidate(test.labels, mine, p.champion_predictions(client, test, never))
     while not Path(go).exists():
         time.sleep(0.01)
-    decision = gate(client, name, version, 0.0, lambda: held(settings, champion_lock_name(name)))
+    lock = lambda: held(settings, champion_lock_name(name))
+    decision = gate(client, name, version, candidate, GateRules(), lock)
     print(number, decision.moved, decision.reason)
     """
 )
 
+IMAGES = 1000
 
-def stand_in_model(client: MlflowClient) -> tuple[str, str]:
-    """(run id, source) of a run holding an MLmodel file: what the gate checks a model
-    has. Versions made from it cost no training."""
-    experiment = client.create_experiment(f"gate-{uuid.uuid4().hex[:8]}")
-    run = client.create_run(experiment)
-    client.log_text(run.info.run_id, "flavors: {}\n", "model/MLmodel")
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id, f"{run.info.artifact_uri}/model"
+
+def stand_in_test_set(tmp_path: Path) -> tuple[LabelledImages, Path]:
+    """1,000 labelled stand-in test images (100 of each digit), saved for subprocesses."""
+    rng = np.random.default_rng(7)
+    test = LabelledImages(
+        rng.integers(0, 256, (IMAGES, 28, 28), dtype=np.uint8), np.arange(IMAGES) % 10
+    )
+    path = tmp_path / "test.npz"
+    np.savez(path, images=test.images, labels=test.labels)
+    return test, path
+
+
+def wrong_on(test: LabelledImages, images: np.ndarray) -> np.ndarray:
+    """Predictions right everywhere except on `images`."""
+    predicted = test.labels.copy()
+    predicted[images] = (test.labels[images] + 1) % 10
+    return predicted
+
+
+def stand_in_version(
+    client: MlflowClient, name: str, test: LabelledImages, predicted: np.ndarray
+) -> ModelVersion:
+    """A version whose run holds an MLmodel file (what the gate checks a model has) and
+    test predictions: a model's record without the cost of training one."""
+    experiment = client.get_experiment_by_name(f"gate-{name}")
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(f"gate-{name}")
+    )
+    run = client.create_run(experiment_id)
+    run_id = run.info.run_id
+    client.log_text(run_id, "flavors: {}\n", "model/MLmodel")
+    log_predictions(client, run_id, test, predicted)
+    client.set_terminated(run_id)
+    accuracy = float((predicted == test.labels).mean())
+    return client.create_model_version(
+        name,
+        source=f"{run.info.artifact_uri}/model",
+        run_id=run_id,
+        tags={ACCURACY_TAG: str(accuracy), "run_id": run_id},
+    )
 
 
 @pytest.mark.parametrize(
@@ -62,21 +119,23 @@ def stand_in_model(client: MlflowClient) -> tuple[str, str]:
 def test_concurrent_gates_crown_the_best(
     stack_settings: Settings, tmp_path: Path, accuracies: list[float]
 ) -> None:
+    """Each better model fixes the errors of every worse one (at least 10 images, none
+    broken), so the gate must crown the best whatever order the processes run in."""
     config_dir = client_config(stack_settings, tmp_path)
     client = MlflowClient(stack_settings.mlflow_uri)
     name = f"gate-{uuid.uuid4().hex[:8]}"
     client.create_registered_model(name)
-    run, source = stand_in_model(client)
+    test, test_file = stand_in_test_set(tmp_path)
     numbers = [
-        client.create_model_version(
-            name, source=source, run_id=run, tags={ACCURACY_TAG: str(a)}
+        stand_in_version(
+            client, name, test, wrong_on(test, np.arange(round((1 - a) * IMAGES)))
         ).version
         for a in accuracies
     ]
     go = tmp_path / "go"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", GATE, str(config_dir), name, number, str(go)],
+            [sys.executable, "-c", GATE, str(config_dir), name, number, str(go), str(test_file)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -92,6 +151,94 @@ def test_concurrent_gates_crown_the_best(
     for number in numbers:
         tags = client.get_model_version(name, number).tags
         assert (CHAMPION_REASON_TAG in tags) != (CHALLENGER_TAG in tags), (number, tags)
+
+
+def stand_in_model(client: MlflowClient) -> tuple[str, str]:
+    """(run id, source) of a run holding an MLmodel file, for versions that need no
+    predictions."""
+    experiment = client.create_experiment(f"gate-{uuid.uuid4().hex[:8]}")
+    run = client.create_run(experiment)
+    client.log_text(run.info.run_id, "flavors: {}\n", "model/MLmodel")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id, f"{run.info.artifact_uri}/model"
+
+
+def judge_version(
+    settings: Settings, client: MlflowClient, name: str, test: LabelledImages, predicted: np.ndarray
+) -> tuple[ModelVersion, GateDecision]:
+    """Register a stand-in version with these predictions through the gate, as a training
+    would (`register`, with the stack-wide lock)."""
+    version = stand_in_version(client, name, test, predicted)
+
+    def never(_version: ModelVersion) -> np.ndarray:
+        raise AssertionError("a champion with stored predictions was scored again")
+
+    candidate = Candidate(test.labels, predicted, champion_predictions(client, test, never))
+    return register(
+        client,
+        name,
+        version.source,
+        dict(version.tags),
+        candidate,
+        GateRules(),
+        lambda: held(settings, champion_lock_name(name)),
+    )
+
+
+def test_the_gate_moves_only_for_a_model_better_beyond_noise_on_every_digit(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    """Through the real registry: clearly better moves `champion`; equal with noise and
+    better-but-worse-on-one-digit do not. Each decision and its evidence are on the
+    version's tags and in `mnistops models`."""
+    config_dir = client_config(stack_settings, tmp_path)
+    name = f"judged-{uuid.uuid4().hex[:8]}"
+    (config_dir / "flow.yml").write_text(yaml.safe_dump({"model_registry": {"name": name}}))
+    settings = load_settings(config_dir)
+    client = MlflowClient(stack_settings.mlflow_uri)
+    client.create_registered_model(name)
+    test, _ = stand_in_test_set(tmp_path)
+    first_errors = np.arange(0, 100)  # 10 of each digit
+    first, decision = judge_version(settings, client, name, test, wrong_on(test, first_errors))
+    assert decision.moved and decision.evidence is None
+
+    better, decision = judge_version(
+        settings, client, name, test, wrong_on(test, first_errors[:70])
+    )
+    assert decision.moved and decision.evidence is not None, decision.reason
+    assert (decision.evidence.new_only, decision.evidence.champion_only) == (30, 0)
+    assert client.get_model_version_by_alias(name, "champion").version == better.version
+    assert better.tags["gate_champion"] == first.version
+    assert better.tags["previous_champion"] == first.version
+
+    # Three fewer errors than the champion: 20 of its errors fixed, 17 new ones.
+    noisy = np.concatenate([first_errors[20:70], np.arange(100, 117)])
+    noise, decision = judge_version(settings, client, name, test, wrong_on(test, noisy))
+    assert not decision.moved and "not better beyond noise" in decision.reason
+    assert float(noise.tags["gate_p_value"]) > 0.05
+    assert (noise.tags["gate_new_errors"], noise.tags["gate_champion_errors"]) == ("67", "70")
+
+    # All 70 of the champion's errors fixed, 23 sevens wrong (it had 7): digit 7 -16 points.
+    sevens = np.flatnonzero(test.labels == 7)[20:43]
+    loser, decision = judge_version(settings, client, name, test, wrong_on(test, sevens))
+    assert not decision.moved and "digit 7 got worse" in decision.reason, decision.reason
+    assert decision.evidence is not None and decision.evidence.p_value < 0.05
+    assert loser.tags["gate_worst_class"] == "7"
+    assert client.get_model_version_by_alias(name, "champion").version == better.version
+
+    listing = run_cli("models", config_dir=config_dir)
+    assert listing.returncode == 0, listing.stderr
+    text = " ".join(listing.stdout.split())
+    assert f"v{noise.version} against v{better.version}: p = " in text
+    assert f"v{better.version} against v{first.version}: p = " in text and "moved p=" in text
+    assert "digit 7 got worse" in text and "not better beyond noise" in text
+
+    compared = run_cli("models", "--compare", better.version, loser.version, config_dir=config_dir)
+    assert compared.returncode == 0, compared.stderr
+    assert f"v{loser.version} against v{better.version} on the same test images" in compared.stdout
+    assert "digit 7" in compared.stdout
+    missing = run_cli("models", "--compare", better.version, "999", config_dir=config_dir)
+    assert missing.returncode == 2 and "has no version '999'" in missing.stderr, missing.stderr
 
 
 def test_only_a_judged_version_makes_a_scheduled_run_skip(

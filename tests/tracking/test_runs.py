@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -110,7 +111,15 @@ def test_a_run_keeps_plots_and_a_loadable_model(trainer: Path, first_run) -> Non
         "plots/confusion_matrix.png",
         "plots/training_curves.png",
         "plots/worst_misclassified.png",
+        "plots/evaluation.png",
     }
+    metrics = run.data.metrics
+    digits = [metrics[f"test_accuracy_digit_{d}"] for d in range(10)]
+    assert all(0 <= a <= 1 for a in digits) and 0 <= metrics["test_ece"] < 1
+    for kind in ("rotated", "shifted", "thicker", "thinner", "all"):
+        assert 0 <= metrics[f"robust_accuracy_{kind}"] <= 1, kind
+    stored = [a.path for a in client.list_artifacts(run.info.run_id, "evaluation/test_predictions")]
+    assert len(stored) == 1 and stored[0].endswith(".npz")
     version = client.get_model_version_by_alias(settings.model_registry.name, "champion")
     assert version.run_id == run.info.run_id
     model = mlflow.pyfunc.load_model(f"models:/{settings.model_registry.name}@champion")
@@ -150,7 +159,8 @@ def test_the_champion_gate_both_ways_and_determinism(trainer: Path, first_run) -
     for key in ("test_accuracy", "test_loss", "val_loss", "train_loss"):
         assert repeat.data.metrics[key] == first.data.metrics[key], key
     version = client.get_model_version(name, repeat.data.tags["model_version"])
-    assert "not more than the champion's" in version.tags[CHALLENGER_TAG]
+    assert "not better beyond noise" in version.tags[CHALLENGER_TAG]
+    assert version.tags["gate_p_value"] == "1" and version.tags["gate_champion"] == champion.version
     assert client.get_model_version_by_alias(name, "champion").version == champion.version
 
     better = train(trainer, "--epochs", "3")
@@ -169,6 +179,51 @@ def test_the_champion_gate_both_ways_and_determinism(trainer: Path, first_run) -
     }
     assert rows[moved.version][-1] == "champion", listing.stdout
     assert rows[champion.version][-1] == "" and rows[champion.version][4] == "v1.0"
+    assert rows[moved.version][5].startswith("moved p="), listing.stdout
+    assert f"v{moved.version} against v{champion.version}: p = " in listing.stdout
+    assert "gate against v" in better.stdout and "exact one-sided McNemar" in better.stdout
+
+
+def test_a_champion_without_stored_predictions_is_scored_once(trainer: Path, first_run) -> None:
+    """A champion from before predictions were stored: the gate scores it once on the test
+    images, stores the result on its run, and judges the new model against it."""
+    import torch
+
+    from mnistops.tracking.predictions import ARTIFACT_DIR
+    from mnistops.train import models
+
+    settings, client = client_of(trainer)
+    name = f"old-{uuid.uuid4().hex[:6]}"
+    experiment = client.get_experiment_by_name(settings.experiment_name).experiment_id
+    torch.manual_seed(0)
+    with mlflow.start_run(experiment_id=experiment) as old_run:
+        example = np.zeros((2, 1, 28, 28), np.float32)
+        logged = mlflow.pytorch.log_model(
+            models.digitnet().eval(), name="model", input_example=example
+        )
+    old = mlflow.register_model(logged.model_uri, name)
+    # A random model is right on nearly one digit only: any trained one loses on it.
+    env = {"MNISTOPS_MODEL_REGISTRY__NAME": name, "MNISTOPS_MODEL_REGISTRY__MAX_CLASS_DROP": "100"}
+    promoted = run_cli("models", "promote", old.version, config_dir=trainer, env=env)
+    assert promoted.returncode == 0, promoted.stderr
+    assert not client.list_artifacts(old_run.info.run_id, ARTIFACT_DIR)
+
+    done = run_cli("train", "--epochs", "1", "--batch-size", "32", config_dir=trainer, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "is now champion" in done.stdout, done.stdout
+    assert f"gate against v{old.version}" in done.stdout
+    (stored,) = client.list_artifacts(old_run.info.run_id, ARTIFACT_DIR)
+    from mnistops.tracking.predictions import LabelledImages, read_stored
+    from mnistops.train.data import load_version
+
+    arrays = load_version(settings, "v1.0")
+    test = LabelledImages(arrays.test_x, arrays.test_y)
+    assert stored.path.endswith(f"{test.digest}.npz")
+    predicted, labels = read_stored(client, old_run.info.run_id, test.digest)
+    model = mlflow.pytorch.load_model(logged.model_uri)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(arrays.test_x[:, None] / 255.0).float()).argmax(1)
+    assert (labels == arrays.test_y).all() and (predicted == expected.numpy()).all()
 
 
 @pytest.mark.security

@@ -215,6 +215,16 @@ def show_outcome(cfg: Settings, outcome: RunOutcome) -> None:
             f"{name} v{outcome.model_version} registered, tagged challenger;"
             f" champion stays v{decision.previous_version}: {decision.reason}"
         )
+    if decision.evidence is not None:
+        evidence = decision.evidence
+        console.print(
+            f"gate against v{decision.previous_version}: p = {evidence.p_value:.3g}"
+            f" (exact one-sided McNemar; {evidence.new_only} images fixed,"
+            f" {evidence.champion_only} broken), errors {evidence.new_errors} vs"
+            f" {evidence.champion_errors}, worst digit {evidence.worst_class}"
+            f" {evidence.worst_class_change:+.2f} points",
+            highlight=False,
+        )
     console.print(f"MLflow run: {outcome.run_url}")
 
 
@@ -225,13 +235,59 @@ models_app = typer.Typer(
 
 
 @models_app.callback()
-def models(ctx: typer.Context) -> None:
-    """The registered versions of the classifier: test accuracy, data version, aliases.
+def models(
+    ctx: typer.Context,
+    compare: Annotated[
+        tuple[str, str] | None,
+        typer.Option(
+            "--compare",
+            metavar="A B",
+            help="Two versions side by side: per digit, calibration, robustness, and"
+            " whether B beats A beyond noise.",
+        ),
+    ] = None,
+) -> None:
+    """The registered versions of the classifier: test accuracy, data version, the
+    champion gate's decision (its evidence below the table), aliases.
 
     `mnistops models promote VERSION` and `mnistops models rollback` move `champion`.
     """
-    if ctx.invoked_subcommand is None:
+    if ctx.invoked_subcommand is not None:
+        return
+    if compare is not None:
+        show_comparison(*compare)
+    else:
         show_models()
+
+
+def show_comparison(a: str, b: str) -> None:
+    from mnistops.data.packs import shown
+    from mnistops.tracking.compare import compare_versions
+
+    cfg = settings()
+    found = compare_versions(cfg, a, b)
+    table = Table(title=f"{found.name}: v{found.a} against v{found.b}")
+    table.add_column("")
+    for column in (f"v{found.a}", f"v{found.b}", "change (B - A)"):
+        table.add_column(column, justify="right")
+    for row in found.rows:
+        table.add_row(*(escape(shown(text, 60)) for text in (row.label, row.a, row.b, row.change)))
+    console.print(table)
+    if found.evidence is None:
+        console.print(f"no paired test: {found.why_not_paired}", highlight=False)
+        return
+    evidence = found.evidence
+    rules = cfg.model_registry
+    better = evidence.p_value < rules.significance
+    console.print(
+        f"v{found.b} against v{found.a} on the same test images: {evidence.summary()}",
+        highlight=False,
+    )
+    console.print(
+        f"v{found.b} is {'better' if better else 'not better'} than v{found.a} beyond noise"
+        f" (significance {rules.significance:g})",
+        highlight=False,
+    )
 
 
 def show_models() -> None:
@@ -240,8 +296,9 @@ def show_models() -> None:
 
     cfg = settings()
     found, alias_of = registered_versions(cfg)
-    table = Table(title=f"{cfg.model_registry.name} at {cfg.mlflow_uri}")
-    for column in ("version", "created", "model", "test acc", "data", "phase", "aliases"):
+    table = Table(title=f"{cfg.model_registry.name} at {cfg.mlflow_uri}", pad_edge=False)
+    columns = ("version", "created", "model", "test acc", "data", "gate", "aliases")
+    for column in columns:
         table.add_column(column, justify="right" if column == "test acc" else "left", no_wrap=True)
     notes = []
     for v in found:
@@ -258,14 +315,43 @@ def show_models() -> None:
             tags.get("model", ""),
             accuracy_text,
             tags.get("data_version", ""),
-            tags.get("phase", ""),
+            gate_cell(v.tags or {}),
             ", ".join(escape(shown(a)) for a in alias_of.get(v.version, [])),
         )
         if CHALLENGER_TAG in tags:
             notes.append(f"v{escape(v.version)} challenger: {tags[CHALLENGER_TAG]}")
+        elif (note := gate_note(escape(v.version), tags)) is not None:
+            notes.append(note)
     console.print(table if found else "no model registered yet (`mnistops train`)")
     for note in notes:
         console.print(note, highlight=False)
+
+
+def gate_cell(tags: dict[str, str]) -> str:
+    """The gate's decision in a few characters: moved, kept or first, and the p-value."""
+    from mnistops.tracking.registry import CHALLENGER_TAG, CHAMPION_REASON_TAG, evidence_of
+
+    if CHAMPION_REASON_TAG in tags:
+        if tags[CHAMPION_REASON_TAG].startswith("first model"):
+            return "first"
+        verdict = "moved"
+    elif CHALLENGER_TAG in tags:
+        verdict = "kept"
+    else:
+        return ""
+    evidence = evidence_of(tags)
+    return verdict if evidence is None else f"{verdict} p={evidence.p_value:.1g}"
+
+
+def gate_note(version: str, tags: dict[str, str]) -> str | None:
+    """The gate's evidence for a version, in a sentence (tags escaped by the caller)."""
+    from mnistops.tracking.registry import evidence_of
+
+    evidence = evidence_of(tags)
+    if evidence is None:
+        return None
+    against = tags.get("gate_champion", "?")
+    return f"v{version} against v{against}: {evidence.summary()}"
 
 
 def predict(

@@ -71,9 +71,9 @@ def train_model(run: runs.TrackedRun, hyp: HyperParameters, arrays: data.Arrays)
 
 @task(name="Evaluation", cache_policy=NO_CACHE)
 def evaluate_model(
-    run: runs.TrackedRun, fitted: loop.Fitted, arrays: data.Arrays
+    settings: Settings, run: runs.TrackedRun, fitted: loop.Fitted, arrays: data.Arrays
 ) -> loop.TrainResult:
-    result = runs.evaluate_logged(run, fitted, arrays)
+    result = runs.evaluate_logged(settings, run, fitted, arrays)
     print(f"test accuracy {result.test.accuracy:.4f} (loss {result.test.loss:.4f})")
     return result
 
@@ -117,17 +117,28 @@ def trained_on(settings: Settings, content_hash: str, recipe: str) -> tuple[str 
 
 
 def _summary(
-    run: runs.TrackedRun, data_version: str, accuracy: float, moved: bool, reason: str
+    run: runs.TrackedRun, data_version: str, accuracy: float, decision: GateDecision
 ) -> str:
-    state = "**moved** to this model" if moved else "stayed"
-    return (
-        f"# MNIST retraining\n\n"
-        f"| | |\n|---|---|\n"
-        f"| MLflow run | [{run.run_id}]({run.url}) |\n"
-        f"| data version | {data_version} |\n"
-        f"| test accuracy | {accuracy:.2%} |\n"
-        f"| champion | {state}: {reason} |\n"
-    )
+    state = "**moved** to this model" if decision.moved else "stayed"
+    lines = [
+        "# MNIST retraining\n",
+        "| | |",
+        "|---|---|",
+        f"| MLflow run | [{run.run_id}]({run.url}) |",
+        f"| data version | {data_version} |",
+        f"| test accuracy | {accuracy:.2%} |",
+        f"| champion | {state}: {decision.reason} |",
+    ]
+    evidence = decision.evidence
+    if evidence is not None:
+        lines += [
+            f"| compared with | v{decision.previous_version} (the champion then) |",
+            f"| p-value | {evidence.p_value:.3g} (exact one-sided McNemar) |",
+            f"| errors | {evidence.new_errors} (this model) vs {evidence.champion_errors}"
+            f" (champion); {evidence.new_only} fixed, {evidence.champion_only} broken |",
+            f"| worst digit | {evidence.worst_class}: {evidence.worst_class_change:+.2f} points |",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def flow_run_ended(flow_run_id: str) -> str | None:
@@ -224,14 +235,14 @@ def mnist_flow(
     print(f"MLflow run: {run.url}")
     try:
         fitted = train_model(run, hyp, arrays)
-        result = evaluate_model(run, fitted, arrays)
+        result = evaluate_model(settings, run, fitted, arrays)
         version, decision = register_model(settings, run, hyp, arrays, result)
     except BaseException as exc:
         runs.end(run, exc)
         raise
     runs.end(run)
     create_markdown_artifact(
-        _summary(run, arrays.source.name, result.test.accuracy, decision.moved, decision.reason),
+        _summary(run, arrays.source.name, result.test.accuracy, decision),
         key=SUMMARY_KEY,
         description="MNIST retraining result",
     )

@@ -1,4 +1,5 @@
-"""The pictures every run keeps: confusion matrix, training curves, worst mistakes."""
+"""The pictures every run keeps: confusion matrix, training curves, worst mistakes, and
+the evaluation (per digit, calibration, robustness)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from mnistops.train.evaluation import Report  # noqa: E402
 from mnistops.train.loop import EpochMetrics  # noqa: E402
 
 
@@ -71,6 +73,47 @@ def worst_errors_figure(
         ax.imshow(images[i], cmap="gray_r")
         ax.set_title(f"true {truth[i]}, said {predicted[i]}\n{confidence[i]:.0%}", fontsize=8)
     fig.suptitle(f"worst {len(worst)} of {len(wrong)} misclassified test images", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def evaluation_figure(report: Report) -> Figure:
+    """Accuracy per digit, the reliability plot with its ECE, accuracy per robustness kind."""
+    fig, (digit_ax, cal_ax, robust_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
+    per_class = np.nan_to_num(report.per_class * 100)
+    digit_ax.bar(range(10), per_class, color="tab:blue")
+    low = max(0.0, float(per_class.min()) - 2)
+    digit_ax.set(xticks=range(10), xlabel="digit", ylabel="test accuracy (%)", ylim=(low, 100.5))
+    digit_ax.set_title("accuracy per digit")
+    for digit, value in enumerate(per_class):
+        digit_ax.text(digit, value, f"{value:.1f}", ha="center", va="bottom", fontsize=7)
+    cal_ax.plot([0, 1], [0, 1], "--", color="gray", label="perfectly calibrated")
+    cal_ax.plot(
+        [b.confidence for b in report.bins],
+        [b.accuracy for b in report.bins],
+        "o-",
+        label="this model",
+    )
+    for b in report.bins:
+        cal_ax.annotate(
+            str(b.count),
+            (b.confidence, b.accuracy),
+            fontsize=6,
+            xytext=(3, -9),
+            textcoords="offset points",
+        )
+    cal_ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1.02), ylim=(0, 1.02))
+    cal_ax.set_title(f"reliability (ECE {report.ece:.4f}; labels: answers per bin)")
+    cal_ax.legend(loc="upper left", fontsize=8)
+    kinds = list(report.robustness)
+    values = [100 * report.robustness[k] for k in kinds]
+    robust_ax.bar(kinds, values, color="tab:orange")
+    for i, value in enumerate(values):
+        robust_ax.text(i, value, f"{value:.1f}", ha="center", va="bottom", fontsize=8)
+    robust_ax.set(ylabel="accuracy (%)", ylim=(0, 105))
+    robust_ax.set_title("robustness set (turned, shifted, thicker, thinner)")
+    for ax in (digit_ax, cal_ax, robust_ax):
+        ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig
 

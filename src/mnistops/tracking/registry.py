@@ -1,8 +1,10 @@
 """The model registry: every good run becomes a version; `champion` moves only for a better one.
 
-A version's tags hold what the gate and `mnistops models` need (test accuracy, data
-version, phase, run). The alias is set last, after the model is fully logged and
-registered, so `champion` never points at a half-made version.
+"Better" is judged on paired test predictions (`tracking.significance`): better beyond
+noise, and no digit much worse. A version's tags hold what `mnistops models` shows (test
+accuracy, data version, phase, run, the gate's decision and evidence). The alias is set
+last, after the model is fully logged and registered and the decision recorded, so
+`champion` never points at a half-made version.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -18,6 +21,8 @@ from mlflow.exceptions import MlflowException
 from mnistops.clients import mlflow_tracking_uri
 from mnistops.errors import BadInput
 from mnistops.settings import Settings
+from mnistops.tracking.predictions import ChampionPredictions
+from mnistops.tracking.significance import Paired, judge, paired
 
 CHAMPION = "champion"
 CHALLENGER_TAG = "challenger"
@@ -30,12 +35,44 @@ PROMOTED_AT_TAG = "promoted_at"
 PROMOTED_REASON_TAG = "promoted_reason"
 
 
+GATE_TAGS = (
+    "gate_champion",
+    "gate_p_value",
+    "gate_new_errors",
+    "gate_champion_errors",
+    "gate_new_only",
+    "gate_champion_only",
+    "gate_worst_class",
+    "gate_worst_class_change",
+)
+"""on a judged version: the champion it was compared with and the paired evidence"""
+
+
+@dataclass(frozen=True)
+class GateRules:
+    """When a new version takes `champion` (`model_registry` in config/flow.yml)."""
+
+    significance: float = 0.05
+    max_class_drop: float = 0.5
+    margin: float = 0.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the gate judges: the new version's predictions on the test set, and how to
+    get the champion's predictions on the same images."""
+
+    labels: np.ndarray
+    predicted: np.ndarray
+    champion_predictions: ChampionPredictions
+
+
 @dataclass(frozen=True)
 class GateDecision:
     moved: bool
     reason: str
     previous_version: str | None
-    previous_accuracy: float | None
+    evidence: Paired | None = None
 
 
 def champion(client: MlflowClient, name: str) -> ModelVersion | None:
@@ -62,15 +99,35 @@ def accuracy_of(client: MlflowClient, version: ModelVersion) -> float | None:
     return None
 
 
-def decide(accuracy: float, current: float | None, margin: float) -> tuple[bool, str]:
-    """Whether a version with `accuracy` takes `champion` from one with `current`."""
-    if current is None:
-        return True, "first model: no champion yet"
-    gain = accuracy - current
-    if gain > 0 and gain >= margin:
-        return True, f"test accuracy {accuracy:.4f} beats the champion's {current:.4f}"
-    wanted = "more than" if margin == 0 else f"at least +{margin:.4f} over"
-    return False, f"test accuracy {accuracy:.4f} is not {wanted} the champion's {current:.4f}"
+def evidence_tags(champion_version: str, evidence: Paired) -> dict[str, str]:
+    values = (
+        champion_version,
+        f"{evidence.p_value:.6g}",
+        str(evidence.new_errors),
+        str(evidence.champion_errors),
+        str(evidence.new_only),
+        str(evidence.champion_only),
+        str(evidence.worst_class),
+        f"{evidence.worst_class_change:+.2f}",
+    )
+    return dict(zip(GATE_TAGS, values, strict=True))
+
+
+def evidence_of(tags: dict[str, str]) -> Paired | None:
+    """The gate's evidence as recorded on a version (None for a version never compared
+    with a champion, or one whose tags are not what the gate writes)."""
+    try:
+        return Paired(
+            new_errors=int(tags["gate_new_errors"]),
+            champion_errors=int(tags["gate_champion_errors"]),
+            new_only=int(tags["gate_new_only"]),
+            champion_only=int(tags["gate_champion_only"]),
+            p_value=float(tags["gate_p_value"]),
+            worst_class=int(tags["gate_worst_class"]),
+            worst_class_change=float(tags["gate_worst_class_change"]),
+        )
+    except (KeyError, ValueError):
+        return None
 
 
 Lock = Callable[[], AbstractContextManager[object]]
@@ -79,49 +136,71 @@ Lock = Callable[[], AbstractContextManager[object]]
 def _decided(client: MlflowClient, name: str, version: ModelVersion) -> GateDecision | None:
     """The decision already recorded on a version (a retried registration), if any."""
     tags = version.tags or {}
+    evidence = evidence_of(tags)
+    compared = tags.get("gate_champion")
     if CHAMPION_REASON_TAG in tags:
-        return GateDecision(True, tags[CHAMPION_REASON_TAG], None, None)
+        return GateDecision(True, tags[CHAMPION_REASON_TAG], compared, evidence)
     if CHALLENGER_TAG in tags:
-        return GateDecision(False, tags[CHALLENGER_TAG], None, None)
+        return GateDecision(False, tags[CHALLENGER_TAG], compared, evidence)
     return None
 
 
+def _compare(
+    client: MlflowClient, name: str, current: ModelVersion, candidate: Candidate, rules: GateRules
+) -> tuple[bool, str, Paired | None]:
+    """(moves, why, evidence) of the candidate against the champion `current`."""
+    broken = model_problem(client, name, current)
+    if broken is not None:
+        return (
+            True,
+            f"the champion v{current.version} cannot be loaded ({broken}); this model,"
+            " which can, replaces it",
+            None,
+        )
+    try:
+        theirs = candidate.champion_predictions(current)
+    except Exception as exc:  # noqa: BLE001  never crown a model we could not compare
+        return (
+            False,
+            f"the champion v{current.version} could not be scored on the test images"
+            f" ({exc.__class__.__name__}: {exc}); champion stays: compare by hand and"
+            " promote the better one",
+            None,
+        )
+    evidence = paired(candidate.labels, candidate.predicted, theirs)
+    images = len(candidate.labels)
+    moved, why = judge(evidence, rules.significance, rules.max_class_drop, rules.margin, images)
+    return moved, f"against v{current.version}, {why}", evidence
+
+
 def gate(
-    client: MlflowClient, name: str, version: ModelVersion, margin: float, lock: Lock
+    client: MlflowClient,
+    name: str,
+    version: ModelVersion,
+    candidate: Candidate,
+    rules: GateRules,
+    lock: Lock,
 ) -> GateDecision:
     """Decide whether `version` takes `champion`, holding `lock` (one gate at a time,
-    across machines) from reading the champion to moving the alias."""
-    accuracy = float((version.tags or {})[ACCURACY_TAG])
+    across machines) from reading the champion to moving the alias. The decision and
+    its evidence are written to the version's tags before the alias moves."""
     with lock():
         current = champion(client, name)
-        previous = accuracy_of(client, current) if current else None
-        broken = model_problem(client, name, current) if current else None
-        if current is not None and broken is not None:
-            moved, reason = (
-                True,
-                (
-                    f"the champion v{current.version} cannot be loaded ({broken}); this model,"
-                    " which can, replaces it"
-                ),
-            )
-        elif current is not None and previous is None:
-            moved, reason = (
-                False,
-                (
-                    f"the champion v{current.version} has no recorded test accuracy: compare"
-                    " by hand and promote the better one"
-                ),
-            )
+        evidence = None
+        if current is None:
+            moved, reason = True, "first model: no champion yet"
         else:
-            moved, reason = decide(accuracy, previous, margin)
+            moved, reason, evidence = _compare(client, name, current, candidate, rules)
+        tags = {CHAMPION_REASON_TAG if moved else CHALLENGER_TAG: reason}
+        if current is not None and evidence is not None:
+            tags.update(evidence_tags(current.version, evidence))
+        if moved and current is not None:
+            tags[PREVIOUS_TAG] = current.version
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version.version, key, value)
         if moved:
-            client.set_model_version_tag(name, version.version, CHAMPION_REASON_TAG, reason)
-            if current is not None:
-                client.set_model_version_tag(name, version.version, PREVIOUS_TAG, current.version)
             client.set_registered_model_alias(name, CHAMPION, version.version)
-        else:
-            client.set_model_version_tag(name, version.version, CHALLENGER_TAG, reason)
-    return GateDecision(moved, reason, current.version if current else None, previous)
+    return GateDecision(moved, reason, current.version if current else None, evidence)
 
 
 def model_problem(client: MlflowClient, name: str, version: ModelVersion) -> str | None:
@@ -170,7 +249,8 @@ def register(
     name: str,
     model_uri: str,
     tags: dict[str, str],
-    margin: float,
+    candidate: Candidate,
+    rules: GateRules,
     lock: Lock,
 ) -> tuple[ModelVersion, GateDecision]:
     """Register the run's model as a version of `name`, then apply the champion gate.
@@ -186,7 +266,9 @@ def register(
             if (version.tags or {}).get(key) != value:
                 client.set_model_version_tag(name, version.version, key, value)
     version = client.get_model_version(name, version.version)
-    decision = _decided(client, name, version) or gate(client, name, version, margin, lock)
+    decision = _decided(client, name, version) or gate(
+        client, name, version, candidate, rules, lock
+    )
     return client.get_model_version(name, version.version), decision
 
 

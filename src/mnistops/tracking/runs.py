@@ -23,7 +23,8 @@ from mnistops.clients import mlflow_client, mlflow_module_functions
 from mnistops.errors import Interrupted
 from mnistops.settings import HyperParameters, Settings
 from mnistops.tracking import plots
-from mnistops.tracking.registry import ACCURACY_TAG, GateDecision, register
+from mnistops.tracking.predictions import LabelledImages, champion_predictions, log_predictions
+from mnistops.tracking.registry import ACCURACY_TAG, Candidate, GateDecision, GateRules, register
 from mnistops.tracking.server import TrackingError, check_tracking_server
 from mnistops.train.data import Arrays, DataSource
 from mnistops.train.loop import (
@@ -297,8 +298,11 @@ def fit_logged(
     return fit(arrays, hyp, on_epoch=log_epoch, on_batch=on_batch)
 
 
-def evaluate_logged(run: TrackedRun, fitted: Fitted, arrays: Arrays) -> TrainResult:
-    """Test the model; log test loss and accuracy and the pictures to the run."""
+def evaluate_logged(
+    settings: Settings, run: TrackedRun, fitted: Fitted, arrays: Arrays
+) -> TrainResult:
+    """Test the model; log test loss and accuracy, the evaluation, the test predictions
+    (for the gate) and the pictures to the run."""
     result = score_on_test(fitted, arrays)
     _log_metrics(
         run,
@@ -309,7 +313,26 @@ def evaluate_logged(run: TrackedRun, fitted: Fitted, arrays: Arrays) -> TrainRes
         },
     )
     _log_pictures(run, arrays, result)
+    test = LabelledImages(arrays.test_x, arrays.test_y)
+    log_predictions(run.client, run.run_id, test, result.test.predicted)
+    _log_evaluation(run, settings, test, result)
     return result
+
+
+def _log_evaluation(
+    run: TrackedRun, settings: Settings, test: LabelledImages, result: TrainResult
+) -> None:
+    """Per-digit accuracy, calibration and robustness: metrics, and one figure."""
+    from mnistops.train import evaluation, robustness
+
+    robust = robustness.cached(
+        settings.home / "cache" / "robustness", test.digest, test.images, test.labels
+    )
+    found = evaluation.report(result.model, result.device, test.labels, result.test, robust)
+    _log_metrics(run, found.metrics())
+    fig = plots.evaluation_figure(found)
+    run.client.log_figure(run.run_id, fig, "plots/evaluation.png")
+    plots.close(fig)
 
 
 def _logged_model_of(run: TrackedRun) -> str | None:
@@ -332,6 +355,13 @@ def register_logged(
     from mnistops.stack.locks import champion_lock_name, held
 
     name = settings.model_registry.name
+    rules = settings.model_registry
+    test = LabelledImages(arrays.test_x, arrays.test_y)
+    candidate = Candidate(
+        arrays.test_y,
+        result.test.predicted,
+        champion_predictions(run.client, test),
+    )
     model_uri = _logged_model_of(run) or _log_model(settings, run, result, arrays).model_uri
     version, decision = register(
         run.client,
@@ -347,12 +377,35 @@ def register_logged(
             RECIPE_TAG: recipe_of(hyp, len(arrays.train_y)),
             SUBSET_TAG: str(arrays.subset_of is not None).lower(),
         },
-        settings.model_registry.champion_margin,
+        candidate,
+        GateRules(rules.significance, rules.max_class_drop, rules.champion_margin),
         lambda: held(settings, champion_lock_name(name)),
     )
-    run.client.set_tag(run.run_id, "model_version", version.version)
-    run.client.set_tag(run.run_id, "champion_moved", str(decision.moved).lower())
+    _log_decision(run, version.version, decision)
     return version.version, decision
+
+
+def _log_decision(run: TrackedRun, version: str, decision: GateDecision) -> None:
+    """The gate's decision and evidence on the run too, where the MLflow UI shows them."""
+    from mnistops.tracking.registry import evidence_tags
+
+    tags = {
+        "model_version": version,
+        "champion_moved": str(decision.moved).lower(),
+        "gate_reason": decision.reason[:5000],
+    }
+    if decision.evidence is not None and decision.previous_version is not None:
+        evidence = decision.evidence
+        tags.update(evidence_tags(decision.previous_version, evidence))
+        _log_metrics(
+            run,
+            {
+                "gate_p_value": evidence.p_value,
+                "gate_worst_class_change": evidence.worst_class_change,
+            },
+        )
+    for key, value in tags.items():
+        run.client.set_tag(run.run_id, key, value)
 
 
 INTERRUPTIONS = {"KeyboardInterrupt", "SystemExit", "ExternalSignal"}
@@ -432,7 +485,7 @@ def train_and_track(
     try:
         hooks.on_start(run.url)
         fitted = fit_logged(run, hyp, arrays, hooks.on_epoch, hooks.on_batch)
-        result = evaluate_logged(run, fitted, arrays)
+        result = evaluate_logged(settings, run, fitted, arrays)
         version, decision = register_logged(settings, run, hyp, arrays, result)
     except (KeyboardInterrupt, SystemExit) as exc:
         end(run, exc)
