@@ -7,11 +7,14 @@ its 10,000 test images), written once into a temp dir.
             every epoch by a 4-worker torch DataLoader (the tutorial's training loop);
   seednet:  the same model and hyperparameters in our pipeline (PNGs decoded once into a
             cached uint8 array; epochs read tensors);
-  digitnet: our default model with config/hyp.yml's hyperparameters.
+  default:  the default recipe (config/hyp.yml), over --seeds seeds;
+  previous: the default recipe before it (digitnet, batch 128, lr 3e-3, 6 epochs, fp32,
+            no label smoothing), over the same seeds, alternating with the default so
+            that a change of load on the machine touches both alike.
 
 Training images/s counts the images trained on (validation excluded); wall time is the
 training epochs plus their validation, without the one-off data loading (reported apart).
-Usage: .venv/bin/python bench/train.py [--skip-tutorial]
+Usage: .venv/bin/python bench/train.py [--skip-tutorial] [--seeds 3] [--also KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -124,6 +127,17 @@ def accuracy(model: torch.nn.Module, loader: DataLoader) -> float:
     return correct / total
 
 
+PREVIOUS = {
+    "model": "digitnet",
+    "batch_size": 128,
+    "learning_rate": 0.003,
+    "n_epochs": 6,
+    "label_smoothing": 0.0,
+    "precision": "fp32",
+}
+"""the default recipe until the default changed; the rest as config/hyp.yml"""
+
+
 def run_ours(arrays: data.Arrays, hyp: HyperParameters) -> dict[str, float]:
     result = loop.train(arrays, hyp)
     return {
@@ -133,10 +147,80 @@ def run_ours(arrays: data.Arrays, hyp: HyperParameters) -> dict[str, float]:
     }
 
 
+def recipes(settings: Settings, also: list[str]) -> dict[str, HyperParameters]:
+    """The default and previous recipes, and the default with each `key=value` of `also`
+    (an ablation: what one change of the default does)."""
+    default = settings.hyperparameter
+    found = {"default": default, "previous": default.model_copy(update=PREVIOUS)}
+    for change in also:
+        key, _, value = change.partition("=")
+        found[change] = HyperParameters(**{**default.model_dump(), key: value})
+    return found
+
+
+def compare_recipes(
+    arrays: data.Arrays, settings: Settings, seeds: int, also: list[str]
+) -> dict[str, list]:
+    """Each recipe once per seed, alternating: {recipe: [figures per seed]}."""
+    found: dict[str, list] = {name: [] for name in recipes(settings, also)}
+    for seed in range(seeds):
+        for name, hyp in recipes(settings, also).items():
+            run = hyp.model_copy(update={"random_seed": 42 + seed})
+            print(f"{name} recipe, seed {42 + seed} ...", flush=True)
+            figures = run_ours(arrays, run)
+            print(
+                f"  {figures['test_accuracy']:.2%} in {figures['wall_s']:.1f}s,"
+                f" {figures['images_per_s']:,.0f} img/s",
+                flush=True,
+            )
+            found[name].append(figures)
+    return found
+
+
+def print_recipes(settings: Settings, found: dict[str, list], also: list[str]) -> None:
+    for name, hyp in recipes(settings, also).items():
+        changed = {k: v for k, v in hyp.model_dump().items() if k in PREVIOUS}
+        print(f"{name}: {changed}")
+    width = max(10, *(len(name) + 2 for name in found))
+    print(
+        f"\n{'recipe':<{width}}{'seeds':>6}{'mean acc':>10}{'min':>8}{'max':>8}"
+        f"{'img/s':>9}{'wall mean':>11}{'wall max':>10}"
+    )
+    for name, runs in found.items():
+        acc = np.array([r["test_accuracy"] for r in runs])
+        wall = np.array([r["wall_s"] for r in runs])
+        speed = np.mean([r["images_per_s"] for r in runs])
+        print(
+            f"{name:<{width}}{len(runs):>6}{acc.mean():>10.2%}{acc.min():>8.2%}{acc.max():>8.2%}"
+            f"{speed:>9,.0f}{wall.mean():>10.1f}s{wall.max():>9.1f}s"
+        )
+    default = found["default"]
+    mean = np.mean([r["test_accuracy"] for r in default])
+    slowest = max(r["wall_s"] for r in default)
+    print(
+        f"\ndefault recipe: mean test accuracy {mean:.2%} (target >= 99.50%), slowest"
+        f" training {slowest:.0f}s (target <= 120s); {torch.get_num_threads()} threads"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--skip-tutorial", action="store_true", help="only our two runs")
+    parser.add_argument(
+        "--skip-tutorial", action="store_true", help="only the recipes, not the tutorial's runs"
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="runs per recipe (default 3)")
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also the default recipe with this one change (repeatable), e.g. precision=fp32",
+    )
     args = parser.parse_args()
+    try:
+        recipes(load_settings(), args.also)
+    except ValueError as exc:  # pydantic's ValidationError is one
+        parser.error(f"--also: {exc}")
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = Path(tmp)
@@ -158,18 +242,17 @@ def main() -> int:
         if not args.skip_tutorial:
             print("tutorial recipe (PNG DataLoader, 4 workers) ...", flush=True)
             figures["tutorial recipe"] = run_tutorial(folder)
-        print("seednet, the tutorial's hyperparameters, our pipeline ...", flush=True)
-        figures["seednet, ours"] = run_ours(arrays, HyperParameters(**TUTORIAL))
-        hyp = settings.hyperparameter
-        print(f"digitnet, config/hyp.yml: {hyp.model_dump()} ...", flush=True)
-        figures["digitnet (default)"] = run_ours(arrays, hyp)
+            print("seednet, the tutorial's hyperparameters, our pipeline ...", flush=True)
+            figures["seednet, ours"] = run_ours(arrays, HyperParameters(**TUTORIAL))
+        found = compare_recipes(arrays, settings, args.seeds, args.also)
 
-    print(f"\n{'run':<22}{'train img/s':>12}{'wall':>9}{'test acc':>10}")
-    for name, f in figures.items():
-        print(
-            f"{name:<22}{f['images_per_s']:>12,.0f}{f['wall_s']:>8.1f}s{f['test_accuracy']:>10.2%}"
-        )
-    if "tutorial recipe" in figures:
+    if figures:
+        print(f"\n{'run':<22}{'train img/s':>12}{'wall':>9}{'test acc':>10}")
+        for name, f in figures.items():
+            print(
+                f"{name:<22}{f['images_per_s']:>12,.0f}{f['wall_s']:>8.1f}s"
+                f"{f['test_accuracy']:>10.2%}"
+            )
         base, seed = figures["tutorial recipe"], figures["seednet, ours"]
         speed = seed["images_per_s"] / base["images_per_s"]
         points = 100 * (seed["test_accuracy"] - base["test_accuracy"])
@@ -177,11 +260,7 @@ def main() -> int:
             f"\nseednet ours / tutorial: {speed:.2f}x images/s (target >= 2.5x),"
             f" test accuracy {points:+.2f} points (target within 0.3)"
         )
-    best = figures["digitnet (default)"]
-    print(
-        f"digitnet: {best['test_accuracy']:.2%} test accuracy (target >= 99.40%),"
-        f" {best['wall_s']:.0f}s training (target < 180s); {torch.get_num_threads()} threads"
-    )
+    print_recipes(settings, found, args.also)
     return 0
 
 
