@@ -186,6 +186,11 @@ def test_a_quick_run_from_the_ui_trains(machines: dict) -> None:
     ]
     assert len(trained) == 1 and trained[0].info.status == "FINISHED"
     assert len(mlflow_runs(publisher)) == before + 1
+    # Not the first model: the flow's summary shows the gate's evidence against the champion.
+    with prefect_client(settings) as client:
+        (summary,) = [a for a in client.read_artifacts() if a.flow_run_id == run.id]
+    for row in ("| compared with | v", "| p-value |", "| errors |", "| worst digit |"):
+        assert row in summary.data, summary.data
 
 
 def test_a_failing_task_retries_then_fails_the_run(machines: dict) -> None:

@@ -267,3 +267,59 @@ def test_only_a_judged_version_makes_a_scheduled_run_skip(
     version, why = trained_on(settings, "c" * 64, "r" * 16)
     assert version == judged.version and f"model version {judged.version}" in why
     assert trained_on(settings, "c" * 64, "other-recipe")[0] is None
+
+
+@pytest.mark.security
+def test_crafted_stored_predictions_are_never_trusted(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    """Anyone who can write to MLflow can put a file where a run's predictions go: one of
+    the wrong length, with digits out of range, with pickled objects, or a zip bomb is
+    ignored; the champion is scored again and the good predictions stored."""
+    import io
+    import zipfile
+
+    import torch
+
+    from mnistops.tracking.predictions import ARTIFACT_DIR, artifact_path, read_stored
+
+    client = MlflowClient(stack_settings.mlflow_uri)
+    test, _ = stand_in_test_set(tmp_path)
+    sevens = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    with torch.no_grad():
+        sevens[1].weight.zero_()
+        sevens[1].bias.copy_(torch.eye(10)[7])  # says 7 to every image
+    scored = []
+
+    def load(version: ModelVersion) -> torch.nn.Module:
+        scored.append(version.version)
+        return sevens
+
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("predicted.npy", b"\0" * (80 * 1024 * 1024))
+    crafted = {
+        "short": {"predicted": test.labels[:10], "labels": test.labels[:10]},
+        "out of range": {"predicted": test.labels + 11, "labels": test.labels},
+        "objects": {"predicted": np.array([None] * IMAGES), "labels": test.labels},
+    }
+    files = {}
+    for kind, arrays in crafted.items():
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        files[kind] = buffer.getvalue()
+    files["zip bomb"] = bomb.getvalue()
+    name = f"crafted-{uuid.uuid4().hex[:8]}"
+    client.create_registered_model(name)
+    for kind, content in files.items():
+        version = stand_in_version(client, name, test, test.labels)
+        path = tmp_path / kind.replace(" ", "-") / f"{test.digest}.npz"
+        path.parent.mkdir()
+        path.write_bytes(content)
+        client.log_artifact(version.run_id, str(path), ARTIFACT_DIR)  # over the good one
+        predicted = champion_predictions(client, test, load)(version)
+        assert scored[-1] == version.version, kind
+        assert (predicted == 7).all(), kind
+        stored = read_stored(client, version.run_id, test.digest)
+        assert stored is not None and (stored[0] == 7).all(), kind
+    assert artifact_path(test.digest).startswith(ARTIFACT_DIR)

@@ -68,6 +68,19 @@ def _digits(values: np.ndarray) -> bool:
     )
 
 
+MAX_STORED_BYTES = 64 * 1024 * 1024
+"""the most a stored predictions file may hold unpacked (10,000 images take 20 KB)"""
+
+
+def _small_zip(path: Path) -> bool:
+    """Whether an .npz (a zip) unpacks to a sane size: anyone who can write to MLflow can
+    put a file here, and a zip bomb must not fill the gate's memory."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        return sum(info.file_size for info in archive.infolist()) <= MAX_STORED_BYTES
+
+
 def read_stored(
     client: MlflowClient, run_id: str, digest: str
 ) -> tuple[np.ndarray, np.ndarray] | None:
@@ -86,6 +99,8 @@ def read_stored(
                     dst_path=tmp,
                     tracking_uri=client.tracking_uri,
                 )
+            if not _small_zip(Path(local)):
+                return None
             with np.load(local, allow_pickle=False) as saved:
                 predicted, labels = saved["predicted"], saved["labels"]
         except Exception:  # noqa: BLE001  missing or unreadable: none usable

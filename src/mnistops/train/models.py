@@ -37,18 +37,18 @@ def digitnet() -> nn.Module:
     Designed for 28x28: few channels where the image is large (16 at 28x28, 32 at 14x14),
     more where it is small (64 at 7x7), so no layer does much work on empty margins; batch
     norm lets it train at a high learning rate; one linear layer on the 7x7 map keeps where
-    strokes are, which a global pooling would throw away. Measured on 2 cores against
-    wider variants (24-48-64 channels: about half the images/s, no better accuracy) and
-    deeper ones (3x3 convolutions in pairs: slower per image, no better in 8 epochs).
+    strokes are, which a global pooling would throw away.
 
     What the default recipe adds around it lives in `config/hyp.yml` and the training loop
-    (`train/loop.py`), each kept because it measured better on v2.0 (`bench/train.py`):
-    batch 256 (more images/s than 128 on a CPU), bf16 training steps where the CPU has
-    them natively (about 1.4x the images/s; evaluation stays fp32), label smoothing 0.1
-    (+0.08 points in one comparison), a one-cycle schedule over 8 epochs (10 gave no
-    more), and small random shifts, turns and zooms (digits are never flipped). An
-    exponential average of the weights was tried and dropped: the one-cycle schedule's
-    annealing already settles the weights, and it gave +0.02 points for the extra work.
+    (`train/loop.py`), each kept because it measured better on v2.0 (`bench/train.py`,
+    figures in the README): batch 256 (more images/s than 128 on a CPU), bf16 training
+    steps where the CPU has them natively (1.35x the images/s of fp32 at the same
+    accuracy; evaluation stays fp32), label smoothing 0.1 (+0.15 points in the ablation),
+    a one-cycle schedule over 8 epochs (10 gave no more), and small random shifts, turns
+    and zooms (digits are never flipped). Tried in single exploratory runs and dropped: an
+    average of the weights (EMA; the one-cycle schedule's annealing already settles the
+    weights, and it gained nothing measurable), and a wider network (24-48-64 channels,
+    twice the multiply-adds: no better).
     """
     return nn.Sequential(
         *_conv_block(1, 16, 5),
