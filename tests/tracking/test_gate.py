@@ -229,7 +229,7 @@ def test_the_gate_moves_only_for_a_model_better_beyond_noise_on_every_digit(
     listing = run_cli("models", config_dir=config_dir)
     assert listing.returncode == 0, listing.stderr
     text = " ".join(listing.stdout.split())
-    assert f"v{noise.version} against v{better.version}: p = " in text
+    assert f"v{noise.version} challenger: against v{better.version}, not better beyond" in text
     assert f"v{better.version} against v{first.version}: p = " in text and "moved p=" in text
     assert "digit 7 got worse" in text and "not better beyond noise" in text
 
