@@ -215,6 +215,11 @@ class HyperParameters(Section):
     weight_decay: float = Field(0.01, ge=0)
     augment: bool = Field(True, description="random small shifts, turns and zooms while training")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="cross-entropy label smoothing")
+    calibrate: bool = Field(
+        True,
+        description="fit a temperature on the validation images so that confidence matches"
+        " accuracy (folded into the last layer; the predicted digits do not change)",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="arithmetic of the training steps on the CPU: bf16 where the CPU has it"

@@ -99,6 +99,20 @@ def test_same_seed_same_metrics(small: Arrays, precision: str) -> None:
     assert other.epochs[-1].train_loss != first.epochs[-1].train_loss
 
 
+def test_calibration_makes_confidence_honest_and_keeps_the_digits(small: Arrays) -> None:
+    from mnistops.train.evaluation import calibration
+
+    hyp = HyperParameters(n_epochs=2, batch_size=32, random_seed=7, threads=2)
+    raw = train(small, hyp.model_copy(update={"calibrate": False}))
+    calibrated = train(small, hyp)
+    assert raw.temperature == 1.0 and calibrated.temperature != 1.0
+    assert (raw.test.predicted == calibrated.test.predicted).all()
+    right = raw.test.predicted == small.test_y
+    raw_ece, _ = calibration(raw.test.confidence, right)
+    calibrated_ece, _ = calibration(calibrated.test.confidence, right)
+    assert calibrated_ece < raw_ece
+
+
 def test_a_diverging_run_stops_with_the_epoch(small: Arrays) -> None:
     hyp = HyperParameters(
         model="seednet", learning_rate=1e30, schedule="constant", augment=False, batch_size=16

@@ -310,6 +310,7 @@ def evaluate_logged(
             "test_loss": result.test.loss,
             "test_accuracy": result.test.accuracy,
             "train_seconds": result.train_seconds,
+            "temperature": result.temperature,
         },
     )
     _log_pictures(run, arrays, result)

@@ -60,6 +60,8 @@ class Fitted:
     train_images: int
     val_images: int
     threads: int
+    temperature: float = 1.0
+    """what the logits were divided by so that confidence matches accuracy (1: not scaled)"""
 
     @property
     def images_per_s(self) -> float:
@@ -244,7 +246,44 @@ def fit(
         on_epoch(metrics)
     train_seconds = time.perf_counter() - began
     model = model.to(memory_format=torch.contiguous_format).eval()
-    return Fitted(model, device, history, train_seconds, len(y_train), len(y_val), threads)
+    temperature = fold_temperature(model, x_val, y_val) if hyp.calibrate else 1.0
+    return Fitted(
+        model, device, history, train_seconds, len(y_train), len(y_val), threads, temperature
+    )
+
+
+def best_temperature(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """The T for which softmax(logits / T) fits the labels best (least cross-entropy):
+    temperature scaling, the standard fix for a network that claims more, or less,
+    confidence than it has. Label smoothing trains a model to claim less."""
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), target)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())
+
+
+def fold_temperature(model: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor) -> float:
+    """Fit the temperature on the validation images and divide the last linear layer by
+    it, so the saved model gives honest confidences with no extra step when serving.
+    The predicted digits do not change (one positive scale keeps the largest logit)."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    if not len(y_val):
+        return 1.0
+    with torch.no_grad():
+        logits = torch.cat([model(x_val[i : i + 1000]) for i in range(0, len(y_val), 1000)])
+    temperature = best_temperature(logits.float().cpu(), y_val.cpu())
+    with torch.no_grad():
+        last.weight.div_(temperature)
+        if last.bias is not None:
+            last.bias.div_(temperature)
+    return temperature
 
 
 def score_on_test(fitted: Fitted, arrays: Arrays) -> TrainResult:
