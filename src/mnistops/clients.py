@@ -44,6 +44,8 @@ MLFLOW_CLIENT_ENV = {
     # compose network). Our models are small: fetch them through the server, which
     # every client reaches by definition.
     "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+    # the champion gate downloads small files mid-command: no tqdm bars in our output
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 

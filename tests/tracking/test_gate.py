@@ -237,6 +237,9 @@ def test_the_gate_moves_only_for_a_model_better_beyond_noise_on_every_digit(
     assert compared.returncode == 0, compared.stderr
     assert f"v{loser.version} against v{better.version} on the same test images" in compared.stdout
     assert "digit 7" in compared.stdout
+    client.set_model_version_tag(name, first.version, ACCURACY_TAG, "[bold]abc")  # anyone's
+    odd = run_cli("models", "--compare", first.version, better.version, config_dir=config_dir)
+    assert odd.returncode == 0 and "Traceback" not in odd.stderr, odd.stderr
     missing = run_cli("models", "--compare", better.version, "999", config_dir=config_dir)
     assert missing.returncode == 2 and "has no version '999'" in missing.stderr, missing.stderr
 
@@ -273,9 +276,10 @@ def test_only_a_judged_version_makes_a_scheduled_run_skip(
 def test_crafted_stored_predictions_are_never_trusted(
     stack_settings: Settings, tmp_path: Path
 ) -> None:
-    """Anyone who can write to MLflow can put a file where a run's predictions go: one of
-    the wrong length, with digits out of range, with pickled objects, or a zip bomb is
-    ignored; the champion is scored again and the good predictions stored."""
+    """Anyone who can write to MLflow can put a file where a run's predictions go: one
+    that disagrees with the accuracy the run recorded (a champion made to look wrong
+    everywhere), of the wrong length, with digits out of range, with pickled objects, or
+    a zip bomb is ignored; the champion is scored again and the good predictions stored."""
     import io
     import zipfile
 
@@ -299,6 +303,7 @@ def test_crafted_stored_predictions_are_never_trusted(
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("predicted.npy", b"\0" * (80 * 1024 * 1024))
     crafted = {
+        "a plausible lie": {"predicted": (test.labels + 1) % 10, "labels": test.labels},
         "short": {"predicted": test.labels[:10], "labels": test.labels[:10]},
         "out of range": {"predicted": test.labels + 11, "labels": test.labels},
         "objects": {"predicted": np.array([None] * IMAGES), "labels": test.labels},

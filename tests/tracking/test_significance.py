@@ -7,7 +7,7 @@ from math import comb
 import numpy as np
 import pytest
 
-from mnistops.tracking.significance import judge, mcnemar_p, paired
+from mnistops.tracking.significance import judge, mcnemar_p, p_text, paired
 from mnistops.train.evaluation import per_class_accuracy
 
 pytestmark = pytest.mark.unit
@@ -121,3 +121,20 @@ def test_a_digit_absent_from_the_test_set_is_never_the_worst() -> None:
     assert np.isnan(per_class_accuracy(labels, labels)[5])
     found = paired(labels, np.array([0, 0, 1, 0]), labels)
     assert found.worst_class == 1 and found.worst_class_change == pytest.approx(-50.0)
+
+
+def test_every_failing_rule_is_named() -> None:
+    labels, champion = labels_and_champion(errors=100)
+    new = champion.copy()
+    sevens = np.flatnonzero((labels == 7) & (champion == 7))[:5]
+    new[sevens] = 1  # five more errors, all sevens: not better, digit 7 -0.5 points
+    found = paired(labels, new, champion)
+    moved, reason = judge(found, 0.05, 0.4, 0.01, images=len(labels))
+    assert not moved
+    assert "not better beyond noise" in reason and "digit 7 got worse" in reason
+    assert "champion_margin" in reason
+
+
+def test_a_p_value_below_what_a_float_holds_is_not_shown_as_zero() -> None:
+    assert mcnemar_p(5000, 0) == 0.0
+    assert p_text(0.0) == "< 1e-300" and p_text(0.0123) == "= 0.0123"

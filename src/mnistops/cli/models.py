@@ -216,9 +216,11 @@ def show_outcome(cfg: Settings, outcome: RunOutcome) -> None:
             f" champion stays v{decision.previous_version}: {decision.reason}"
         )
     if decision.evidence is not None:
+        from mnistops.tracking.significance import p_text
+
         evidence = decision.evidence
         console.print(
-            f"gate against v{decision.previous_version}: p = {evidence.p_value:.3g}"
+            f"gate against v{decision.previous_version}: p {p_text(evidence.p_value)}"
             f" (exact one-sided McNemar; {evidence.new_only} images fixed,"
             f" {evidence.champion_only} broken), errors {evidence.new_errors} vs"
             f" {evidence.champion_errors}, worst digit {evidence.worst_class}"
@@ -334,13 +336,17 @@ def gate_cell(tags: dict[str, str]) -> str:
     if CHAMPION_REASON_TAG in tags:
         if tags[CHAMPION_REASON_TAG].startswith("first model"):
             return "first"
+        if tags[CHAMPION_REASON_TAG].startswith("promoted by ") and "gate_p_value" not in tags:
+            return "by hand"
         verdict = "moved"
     elif CHALLENGER_TAG in tags:
         verdict = "kept"
     else:
         return ""
     evidence = evidence_of(tags)
-    return verdict if evidence is None else f"{verdict} p={evidence.p_value:.1g}"
+    if evidence is None:
+        return verdict
+    return f"{verdict} p<1e-300" if evidence.p_value <= 0 else f"{verdict} p={evidence.p_value:.1g}"
 
 
 def gate_note(version: str, tags: dict[str, str]) -> str | None:

@@ -18,6 +18,7 @@ from mnistops.clients import library_defaults, mlflow_client
 from mnistops.settings import HyperParameters, Settings, load_settings
 from mnistops.tracking import runs
 from mnistops.tracking.registry import GateDecision
+from mnistops.tracking.significance import p_text
 from mnistops.train import data, loop
 
 FLOW_TIMEOUT_S = 3 * 3600
@@ -133,7 +134,7 @@ def _summary(
     if evidence is not None:
         lines += [
             f"| compared with | v{decision.previous_version} (the champion then) |",
-            f"| p-value | {evidence.p_value:.3g} (exact one-sided McNemar) |",
+            f"| p-value | p {p_text(evidence.p_value)} (exact one-sided McNemar) |",
             f"| errors | {evidence.new_errors} (this model) vs {evidence.champion_errors}"
             f" (champion); {evidence.new_only} fixed, {evidence.champion_only} broken |",
             f"| worst digit | {evidence.worst_class}: {evidence.worst_class_change:+.2f} points |",

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from mnistops.errors import BadInput
 from mnistops.settings import Settings
-from mnistops.tracking.predictions import read_stored, stored_digests
+from mnistops.tracking.predictions import stored_digests, verified
 from mnistops.tracking.registry import ACCURACY_TAG, aliases, versions
 from mnistops.tracking.significance import Paired, paired
 from mnistops.train.robustness import KINDS
@@ -66,6 +67,14 @@ def _run_data(
     return dict(run.data.metrics), dict(run.data.params)
 
 
+def _number(text: str | None) -> float | None:
+    """A tag's number (tags are anyone's text), or None."""
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
 def _percent(value: float | None) -> str:
     return "" if value is None else f"{value:.2%}"
 
@@ -90,7 +99,7 @@ def _metric_rows(ma: dict[str, float], mb: dict[str, float]) -> list[Row]:
     ):
         a, b = ma.get(key), mb.get(key)
         if a is not None or b is not None:
-            change = "" if a is None or b is None else f"{b - a:+.4g}"
+            change = "" if a is None or b is None else fmt.replace("{:", "{:+").format(b - a)
             rows.append(
                 Row(
                     label,
@@ -107,13 +116,12 @@ def _paired(client: MlflowClient, a: ModelVersion, b: ModelVersion) -> tuple[Pai
         return None, "a version without a run has no stored test predictions"
     common = sorted(set(stored_digests(client, a.run_id)) & set(stored_digests(client, b.run_id)))
     for digest in common:
-        found_a, found_b = (
-            read_stored(client, a.run_id, digest),
-            read_stored(client, b.run_id, digest),
-        )
-        if found_a is not None and found_b is not None and (found_a[1] == found_b[1]).all():
+        found_a, found_b = verified(client, a.run_id, digest), verified(client, b.run_id, digest)
+        if found_a is None or found_b is None:
+            continue
+        if np.array_equal(found_a[1], found_b[1]):
             return paired(found_a[1], found_b[0], found_a[0]), ""
-    return None, "the two runs stored no predictions on the same test images"
+    return None, "the two runs stored no (intact) predictions on the same test images"
 
 
 def compare(client: MlflowClient, name: str, a_number: str, b_number: str) -> Comparison:
@@ -121,10 +129,10 @@ def compare(client: MlflowClient, name: str, a_number: str, b_number: str) -> Co
     (ma, pa), (mb, pb) = _run_data(client, a), _run_data(client, b)
     ta, tb = a.tags or {}, b.tags or {}
     alias_of = aliases(client, name)
-    if ACCURACY_TAG not in ma and ACCURACY_TAG in ta:
-        ma[ACCURACY_TAG] = float(ta[ACCURACY_TAG])
-    if ACCURACY_TAG not in mb and ACCURACY_TAG in tb:
-        mb[ACCURACY_TAG] = float(tb[ACCURACY_TAG])
+    for metrics, tags in ((ma, ta), (mb, tb)):
+        tagged = _number(tags.get(ACCURACY_TAG))
+        if ACCURACY_TAG not in metrics and tagged is not None:
+            metrics[ACCURACY_TAG] = tagged
     rows = [
         Row(
             "aliases",

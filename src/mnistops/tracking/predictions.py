@@ -47,9 +47,16 @@ def artifact_path(digest: str) -> str:
     return f"{ARTIFACT_DIR}/{digest}.npz"
 
 
+def accuracy_metric(digest: str) -> str:
+    """The run metric that vouches for its stored predictions on the test set `digest`."""
+    return f"test_accuracy_on_{digest}"
+
+
 def log_predictions(
     client: MlflowClient, run_id: str, test: LabelledImages, predicted: np.ndarray
 ) -> None:
+    """Store the predictions, then their accuracy as a metric (what they are checked
+    against when read: a file replaced by hand no longer matches it)."""
     with tempfile.TemporaryDirectory(prefix="predictions-") as tmp:
         path = Path(tmp) / f"{test.digest}.npz"
         np.savez(
@@ -58,6 +65,8 @@ def log_predictions(
             labels=np.asarray(test.labels, dtype=np.int8),
         )
         client.log_artifact(run_id, str(path), ARTIFACT_DIR)
+    accuracy = float((np.asarray(predicted) == test.labels).mean()) if len(test.labels) else 0.0
+    client.log_metric(run_id, accuracy_metric(test.digest), accuracy)
 
 
 def _digits(values: np.ndarray) -> bool:
@@ -120,11 +129,31 @@ def stored_digests(client: MlflowClient, run_id: str) -> list[str]:
     return [n.removesuffix(".npz") for n in names if n.endswith(".npz")]
 
 
+def verified(
+    client: MlflowClient, run_id: str, digest: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """`read_stored`, kept only when the predictions' accuracy is the one the run recorded
+    when it stored them (`accuracy_metric`): a file put there by anyone else, or half
+    written, is not used."""
+    found = read_stored(client, run_id, digest)
+    if found is None:
+        return None
+    try:
+        recorded = client.get_run(run_id).data.metrics.get(accuracy_metric(digest))
+    except Exception:  # noqa: BLE001
+        return None
+    predicted, labels = found
+    accuracy = float((predicted == labels).mean()) if len(labels) else 0.0
+    if recorded is None or abs(accuracy - recorded) > 0.5 / max(len(labels), 1):
+        return None
+    return found
+
+
 def stored_predictions(
     client: MlflowClient, run_id: str, test: LabelledImages
 ) -> np.ndarray | None:
     """The run's stored predictions on `test`, or None (then the model is scored again)."""
-    found = read_stored(client, run_id, test.digest)
+    found = verified(client, run_id, test.digest)
     if found is None or not np.array_equal(found[1], test.labels):
         return None
     return found[0]

@@ -41,10 +41,15 @@ class Paired:
 
     def summary(self) -> str:
         return (
-            f"p = {self.p_value:.3g} (McNemar, {self.new_only} fixed, {self.champion_only}"
+            f"p {p_text(self.p_value)} (McNemar, {self.new_only} fixed, {self.champion_only}"
             f" broken), errors {self.new_errors} vs {self.champion_errors}, worst digit"
             f" {self.worst_class} {self.worst_class_change:+.2f} points"
         )
+
+
+def p_text(p_value: float) -> str:
+    """'= 0.0123', or '< 1e-300' where the p-value is below what a float holds."""
+    return f"= {p_value:.3g}" if p_value > 0 else "< 1e-300"
 
 
 def mcnemar_p(new_only: int, champion_only: int) -> float:
@@ -84,18 +89,18 @@ def judge(
 ) -> tuple[bool, str]:
     """Whether the new model takes `champion`: better beyond noise (p < significance),
     no digit worse by more than `max_class_drop` points, and (if set) a plain accuracy
-    gain of at least `margin`. The reason names the first rule that fails."""
-    gain = (evidence.champion_errors - evidence.new_errors) / max(images, 1)
+    gain of at least `margin`. The reason names every rule that fails."""
+    failed = []
     if evidence.p_value >= significance:
-        return False, (f"not better beyond noise: {evidence.summary()}; needs p < {significance:g}")
+        failed.append(f"not better beyond noise (needs p < {significance:g})")
     if -evidence.worst_class_change > max_class_drop + 1e-9:  # exactly the limit passes
-        return False, (
+        failed.append(
             f"digit {evidence.worst_class} got worse by {-evidence.worst_class_change:.2f}"
-            f" points (at most {max_class_drop:g} allowed): {evidence.summary()}"
+            f" points (at most {max_class_drop:g} allowed)"
         )
+    gain = (evidence.champion_errors - evidence.new_errors) / max(images, 1)
     if margin and gain < margin:
-        return False, (
-            f"test accuracy gain {gain:+.4f} is below champion_margin {margin:g}:"
-            f" {evidence.summary()}"
-        )
+        failed.append(f"test accuracy gain {gain:+.4f} is below champion_margin {margin:g}")
+    if failed:
+        return False, f"{'; '.join(failed)}: {evidence.summary()}"
     return True, f"better beyond noise: {evidence.summary()}"
