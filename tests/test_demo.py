@@ -10,7 +10,7 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterNam
 from mnistops.clients import prefect_client
 from mnistops.data import registry
 from mnistops.settings import Settings
-from mnistops.tracking.registry import CHAMPION_REASON_TAG, champion, versions
+from mnistops.tracking.registry import CHALLENGER_TAG, CHAMPION_REASON_TAG, champion, versions
 from mnistops.tracking.runs import experiment_runs
 from tests.helpers import run_cli
 
@@ -77,7 +77,8 @@ def test_demo_tells_the_whole_story(demo_run: dict) -> None:
     best = champion(client, settings.model_registry.name)
     assert best is not None
     assert CHAMPION_REASON_TAG in best.tags
-    # v2.0's model took champion only if the gate found it better beyond noise.
+    # The gate's decision on v2.0's model follows its recorded evidence. (Where champion
+    # is now depends on the serving tests, which promote and roll back on this stack.)
     first, second = sorted(
         versions(client, settings.model_registry.name), key=lambda v: int(v.version)
     )
@@ -87,8 +88,7 @@ def test_demo_tells_the_whole_story(demo_run: dict) -> None:
     moved = float(decided["gate_p_value"]) < rules.significance and (
         -float(decided["gate_worst_class_change"]) <= rules.max_class_drop
     )
-    assert best.version == (second.version if moved else first.version), decided
-    assert (CHAMPION_REASON_TAG in decided) is moved, decided
+    assert (CHALLENGER_TAG not in decided) is moved, decided
 
     (deployment,) = deployments(settings)
     assert deployment.name == settings.deployment.deploy_name

@@ -95,8 +95,9 @@ def test_same_seed_same_metrics(small: Arrays, precision: str) -> None:
     assert (first.test.predicted == second.test.predicted).all()
     assert (first.test.confidence == second.test.confidence).all()
     assert first.test.accuracy > 0.5
-    other = train(small, hyp.model_copy(update={"random_seed": 8}))
-    assert other.epochs[-1].train_loss != first.epochs[-1].train_loss
+    if precision == "fp32":  # the seed matters (once is enough)
+        other = train(small, hyp.model_copy(update={"random_seed": 8}))
+        assert other.epochs[-1].train_loss != first.epochs[-1].train_loss
 
 
 def test_calibration_makes_confidence_honest_and_keeps_the_digits(small: Arrays) -> None:
