@@ -13,6 +13,7 @@ import hashlib
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,9 @@ class LabelledImages:
     images: np.ndarray
     labels: np.ndarray
 
-    @property
+    @cached_property
     def digest(self) -> str:
+        """Hashed once: the gate and the logging steps ask for it many times."""
         return test_set_digest(self.images, self.labels)
 
 
