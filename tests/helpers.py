@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -166,7 +167,7 @@ def client_config(stack_settings: Settings, root: Path, bucket: str | None = Non
     """A config dir for a machine that uses the session's stack from outside: its own state
     dir and data dir, the stack's URLs and keys, and (optionally) its own DVC bucket."""
     from mnistops.clients import s3_client
-    from mnistops.stack.credentials import load_keys
+    from mnistops.stack.credentials import ensure_model_key, load_keys
 
     keys = load_keys(stack_settings.home)
     assert keys is not None
@@ -184,11 +185,32 @@ def client_config(stack_settings: Settings, root: Path, bucket: str | None = Non
         "s3": s3,
         "mlflow": {"tracking_uri": stack_settings.mlflow_uri},
         "prefect": {"api_url": stack_settings.prefect_api_url},
+        "model_registry": {"signing_key": ensure_model_key(stack_settings.home)},
     }
     config_dir = root / "config"
     config_dir.mkdir(parents=True, exist_ok=True)
     (config_dir / "stack.yml").write_text(yaml.safe_dump(config))
     return config_dir
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def write_flow_yml(config_dir: Path, flow: dict[str, Any]) -> None:
+    """flow.yml in a client's config dir, keeping the model signing key that
+    `client_config` wrote (a top-level key lives in one file only, so it moves from
+    stack.yml into flow.yml's `model_registry`)."""
+    stack_config = _read_yaml(config_dir / "stack.yml")
+    kept = stack_config.pop("model_registry", None) or _read_yaml(config_dir / "flow.yml").get(
+        "model_registry", {}
+    )
+    key = kept.get("signing_key")
+    if key:
+        flow = {**flow, "model_registry": {"signing_key": key, **flow.get("model_registry", {})}}
+    if (config_dir / "stack.yml").is_file():
+        (config_dir / "stack.yml").write_text(yaml.safe_dump(stack_config))
+    (config_dir / "flow.yml").write_text(yaml.safe_dump(flow))
 
 
 def client_with_v1(stack_settings: Settings, root: Path) -> Path:

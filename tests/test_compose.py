@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "deploy" / "compose.yml"
 ENV_EXAMPLE = ROOT / "deploy" / "env.example"
 REFERENCE = re.compile(r"\$\{(?P<name>[A-Z_][A-Z0-9_]*)(?::?(?P<op>[-?])(?P<arg>[^}]*))?\}")
-SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH")
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH|KEY")
 URL_PASSWORD = re.compile(r"://[^:/@\s]+:(?P<password>[^@\s]+)@")
 OURS = {"buckets", "mlflow", "prefect", "deploy", "worker-cpu", "deploy-gpu", "worker-gpu"}
 
@@ -51,7 +51,7 @@ def interpolate(value: str, env: dict[str, str]) -> str:
 
 def filled_example() -> dict[str, str]:
     """The example env file with every empty value filled, as a user would."""
-    return {k: v or f"generated-{k.lower()}" for k, v in example_env().items()}
+    return {k: v or f"generated-{k.lower()}-{'x' * 24}" for k, v in example_env().items()}
 
 
 def test_it_has_every_service_of_the_layout() -> None:
@@ -127,7 +127,7 @@ def test_every_reference_is_documented_in_the_example_and_secrets_are_empty() ->
     used = {m["name"] for m in REFERENCE.finditer(COMPOSE.read_text())}
     assert used <= set(documented), f"not in env.example: {sorted(used - set(documented))}"
     required = {m["name"] for m in REFERENCE.finditer(COMPOSE.read_text()) if m["op"] == "?"}
-    assert {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD"} <= required
+    assert {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MODEL_SIGNING_KEY"} <= required
     for key, value in documented.items():
         if SECRET_NAME.search(key):
             assert value == "", f"env.example gives {key} a value: leave it for the user"

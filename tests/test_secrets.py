@@ -1,5 +1,5 @@
-"""No secret leaks: after the whole demo, the generated S3 secret appears in no log, no
-MLflow param or tag, no Prefect parameter and not in `stack status`."""
+"""No secret leaks: after the whole demo, the generated S3 secret and model signing key
+appear in no log, no MLflow param or tag, no Prefect parameter and not in `stack status`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mnistops.clients import prefect_client
-from mnistops.stack.credentials import load_keys
+from mnistops.stack.credentials import load_keys, model_key_path
 from tests.helpers import run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
@@ -16,7 +16,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.security]
 def secrets_of(settings) -> list[str]:
     keys = load_keys(settings.home)
     assert keys is not None and len(keys.secret_access_key) >= 32
-    return [keys.secret_access_key]
+    model_key = model_key_path(settings.home).read_text().strip()
+    assert len(model_key) >= 32
+    return [keys.secret_access_key, model_key]
 
 
 def test_no_secret_in_logs_runs_parameters_or_status(demo_run: dict) -> None:
@@ -55,7 +57,7 @@ def test_no_secret_in_logs_runs_parameters_or_status(demo_run: dict) -> None:
     places["stack status"] = status.stdout + status.stderr
 
     leaks = [where for where, text in places.items() for s in secrets if s in text]
-    assert not leaks, f"the S3 secret appears in: {leaks}"
+    assert not leaks, f"a secret appears in: {leaks}"
     assert "prefect logs" in places and len(places) > 10
 
 

@@ -121,6 +121,20 @@ def mlflow_login(settings: Settings) -> tuple[str, str] | None:
     return None
 
 
+def model_signing_key(settings: Settings) -> bytes | None:
+    """The key that signs registered models' file records: the configured one, or the
+    embedded stack's (made at first use); None with an MLflow server of your own and no
+    `model_registry.signing_key`."""
+    configured = settings.model_registry.signing_key
+    if configured is not None:
+        return configured.get_secret_value().encode()
+    if settings.mlflow.tracking_uri is None:
+        from mnistops.stack.credentials import ensure_model_key
+
+        return ensure_model_key(settings.home).encode()
+    return None
+
+
 def mlflow_login_env(settings: Settings) -> dict[str, str]:
     """MLflow's own client variables for the login (its Python client reads them)."""
     login = mlflow_login(settings)
@@ -159,6 +173,9 @@ def client_env(settings: Settings) -> dict[str, str]:
     if login:
         env.update(mlflow_login_env(settings))
         env["MNISTOPS_MLFLOW__USERNAME"], env["MNISTOPS_MLFLOW__PASSWORD"] = login
+    signing_key = model_signing_key(settings)
+    if signing_key:
+        env["MNISTOPS_MODEL_REGISTRY__SIGNING_KEY"] = signing_key.decode()
     auth = prefect_auth(settings)
     if auth:
         env["PREFECT_API_AUTH_STRING"] = auth

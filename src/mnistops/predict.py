@@ -8,19 +8,21 @@ mass at the centre.
 
 from __future__ import annotations
 
-import contextlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mnistops.clients import mlflow_module_functions
 from mnistops.data.images import MAX_PIXELS, ImageRefused, open_image, read_regular, shown_name
 from mnistops.errors import BadInput, MnistopsError
 from mnistops.settings import Settings
+from mnistops.tracking import model_files
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
 
 __all__ = ["MAX_PIXELS", "PredictError", "Prediction", "load_images", "mnist_like", "predict"]
 
@@ -155,7 +157,7 @@ def probabilities(model: Any, batch: np.ndarray) -> np.ndarray:
         return torch.softmax(logits.double(), dim=1).numpy()
 
 
-def champion_version(settings: Settings) -> str:
+def champion_version(settings: Settings) -> ModelVersion:
     """The version the registry's `champion` alias names."""
     from mnistops.clients import mlflow_client
     from mnistops.tracking.registry import champion
@@ -167,66 +169,75 @@ def champion_version(settings: Settings) -> str:
             f"no model '{name}' has the alias champion yet at {settings.mlflow_uri};"
             " train one first (`mnistops train`)"
         )
-    return str(version.version)
+    return version
 
 
 def model_cache(settings: Settings, version: str) -> Path:
-    """Where this machine keeps a registered version's model files (never changed once
-    registered, so keyed by version)."""
+    """Where this machine keeps a registered version's model files (checked against the
+    version's signed record at every load, so a damaged copy is fetched again)."""
     return settings.home / "cache" / "models" / settings.model_registry.name / version
 
 
-def load_version(settings: Settings, version: str) -> Any:
-    """A registered version's PyTorch model, in eval mode: from this machine's cache, or
-    downloaded once through the MLflow server (no S3 keys needed). A version that cannot
-    be loaded (files missing or damaged) raises PredictError naming it and why."""
+def _fetch(settings: Settings, version: ModelVersion, folder: Path) -> None:
+    """The version's files into `folder`, whole or not at all (a hidden folder beside it,
+    renamed into place)."""
     import shutil
     import tempfile
 
-    import mlflow.pytorch
+    from mnistops.clients import mlflow_client
 
-    name = settings.model_registry.name
-    folder = model_cache(settings, version)
-    unusable = f"{name} v{version} cannot be loaded"
-    if not (folder / "MLmodel").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=folder.parent))
-        try:
-            with mlflow_module_functions(settings):
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{name}/{version}",
-                    dst_path=str(partial),
-                )
-            if not (partial / "MLmodel").is_file():
-                raise PredictError(f"{unusable}: its MLmodel file is missing")
-            shutil.rmtree(folder, ignore_errors=True)
-            partial.rename(folder)
-        except PredictError:
-            raise
-        except Exception as exc:  # noqa: BLE001  any download failure: name it, no trace
-            raise ModelUnreachable(f"{unusable}: {exc.__class__.__name__}: {exc}") from None
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{version.version}.", dir=folder.parent))
     try:
-        model = mlflow.pytorch.load_model(str(folder), map_location="cpu")
-        with contextlib.suppress(NotImplementedError):  # an exported graph is eval already
-            model.eval()
-        probabilities(model, np.zeros((1, 1, 28, 28), np.float32))
-    except Exception as exc:  # noqa: BLE001
+        uri = f"models:/{version.name}/{version.version}"
+        model_files.download(mlflow_client(settings), uri, partial)
         shutil.rmtree(folder, ignore_errors=True)
-        raise PredictError(f"{unusable}: {exc.__class__.__name__}: {exc}") from None
+        partial.rename(folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def load_version(settings: Settings, version: ModelVersion) -> Any:
+    """A registered version's model, in eval mode, loaded the one checked way
+    (`tracking.model_files`): from this machine's cache, or downloaded once through the
+    MLflow server (no S3 keys needed). Nothing from the registry is deserialized before
+    the version's signed record and its files are checked. PredictError names the version
+    and why it is refused; ModelUnreachable, a download that failed now."""
+    import shutil
+
+    from mnistops.clients import model_signing_key
+
+    key = model_signing_key(settings)
+    tags = version.tags or {}
+    unusable = f"{settings.model_registry.name} v{version.version} cannot be loaded"
+    folder = model_cache(settings, str(version.version))
+    try:
+        model_files.signed_record(tags, key)
+        if not folder.is_dir():
+            _fetch(settings, version, folder)
+        try:
+            model = model_files.load_checked(folder, tags, key)
+        except model_files.ModelRefused:
+            _fetch(settings, version, folder)  # a damaged local copy: once more, fresh
+            model = model_files.load_checked(folder, tags, key)
+        probabilities(model, np.zeros((1, 1, 28, 28), np.float32))
+    except model_files.ModelUnavailable as exc:
+        raise ModelUnreachable(f"{unusable}: {exc}") from None
+    except model_files.ModelRefused as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise PredictError(f"{unusable}: {exc}") from None
     return model
 
 
 def load_champion(settings: Settings) -> tuple[Any, str]:
     """(the champion's model, its version), from the local cache or downloaded once.
 
-    A champion that cannot be loaded (its files missing or damaged) is named with the
-    reason: register a better model, or promote another version, to replace it.
+    A champion that cannot be loaded is named with the reason: the next model the gate
+    registers replaces it, or promote another version.
     """
     version = champion_version(settings)
     try:
-        return load_version(settings, version), version
+        return load_version(settings, version), str(version.version)
     except PredictError as exc:
         raise PredictError(
             f"the champion {exc}; the next registered model that loads replaces it"

@@ -175,6 +175,19 @@ class ServeSettings(Section):
     threads: int | None = Field(
         None, gt=0, description="CPU threads of a forward pass; default 1 (batches are small)"
     )
+    request_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="a request whose headers and body have not all arrived within this many"
+        " seconds of the connection (or of the previous answer) is cut",
+    )
+    max_connections: int = Field(
+        10_000,
+        ge=16,
+        description="open connections at most (capped below the process's file limit);"
+        " past it new connections are closed at once",
+    )
 
     _ports = field_validator("port")(_check_port)
     _url = field_validator("url")(_web_url)
@@ -298,6 +311,22 @@ class ModelRegistrySettings(Section):
         description="most accuracy points any one digit may lose for a new model to become"
         " champion",
     )
+    signing_key: SecretStr | None = Field(
+        None,
+        description="the key that signs the file record of every model mnistops registers;"
+        " the same on every machine that trains or loads models. Default with the embedded"
+        " MLflow: generated into <home>/model-signing-key",
+    )
+
+    @field_validator("signing_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError(
+                "the model signing key must be at least 32 characters: generate one, e.g."
+                " `openssl rand -hex 24`"
+            )
+        return value
 
 
 class Settings(BaseSettings):

@@ -18,7 +18,7 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterNam
 from mnistops import stack
 from mnistops.clients import prefect_client
 from mnistops.settings import Settings, load_settings
-from tests.helpers import client_config, run_cli
+from tests.helpers import client_config, run_cli, write_flow_yml
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +54,7 @@ def machines(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
     suffix = uuid.uuid4().hex[:6]
     bucket = f"dvc-{suffix}"
     publisher = client_config(stack_settings, tmp_path_factory.mktemp("publisher"), bucket=bucket)
-    (publisher / "flow.yml").write_text(yaml.safe_dump(flow_config(suffix)))
+    write_flow_yml(publisher, flow_config(suffix))
     (publisher / "hyp.yml").write_text(yaml.safe_dump(FAST_HYP))
     for args in (("data", "ingest", "--fast"), ("data", "version", "v1.0", "-m", "first")):
         done = run_cli(*args, config_dir=publisher)
@@ -65,7 +65,7 @@ def machines(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
     config = yaml.safe_load((worker_config / "stack.yml").read_text())
     config["s3"]["buckets"] = {"dvc": bucket}
     (worker_config / "stack.yml").write_text(yaml.safe_dump(config))
-    (worker_config / "flow.yml").write_text(yaml.safe_dump(flow_config(suffix)))
+    write_flow_yml(worker_config, flow_config(suffix))
     home = worker_root / "home"
     home.mkdir()
     worker_env = {"PATH": os.environ["PATH"], "HOME": str(home)}
@@ -276,11 +276,11 @@ def test_a_schedule_fires_and_skips_when_nothing_is_new(machines: dict, tmp_path
     publisher = machines["publisher"]
     scheduled = tmp_path / "config"
     scheduled.mkdir()
-    for name in ("stack.yml", "hyp.yml"):
+    for name in ("stack.yml", "hyp.yml", "flow.yml"):
         (scheduled / name).write_text((publisher / name).read_text())
     config = flow_config(machines["suffix"], method="interval", interval=5)
     config["deployment"]["deploy_name"] = f"every-5s-{machines['suffix']}"
-    (scheduled / "flow.yml").write_text(yaml.safe_dump(config))
+    write_flow_yml(scheduled, config)
     deployed = run_cli("deploy", config_dir=scheduled)
     assert deployed.returncode == 0, deployed.stderr
     settings = load_settings(scheduled)

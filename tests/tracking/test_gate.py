@@ -4,6 +4,7 @@ the rule picks, every time, and every version records its decision."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import textwrap
@@ -13,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
+from mnistops.clients import model_signing_key
 from mnistops.settings import Settings, load_settings
 from mnistops.stack.locks import champion_lock_name, held
+from mnistops.tracking.model_files import record_tags
 from mnistops.tracking.predictions import LabelledImages, champion_predictions, log_predictions
 from mnistops.tracking.registry import (
     ACCURACY_TAG,
@@ -29,7 +31,7 @@ from mnistops.tracking.registry import (
     GateRules,
     register,
 )
-from tests.helpers import client_config, run_cli
+from tests.helpers import client_config, run_cli, write_flow_yml
 
 pytestmark = [pytest.mark.integration, pytest.mark.integrity]
 
@@ -40,6 +42,7 @@ GATE = textwrap.dedent(
     import numpy as np
     from mlflow import MlflowClient
     from mnistops.settings import load_settings
+    from mnistops.clients import model_signing_key
     from mnistops.stack.locks import champion_lock_name, held
     from mnistops.tracking import predictions as p
     from mnistops.tracking.registry import Candidate, GateRules, gate
@@ -58,7 +61,10 @@ GATE = textwrap.dedent(
         name, number = name_and_number.split("=")
         version = client.get_model_version(name, number)
         mine = p.stored_predictions(client, version.run_id, test)
-        candidate = Candidate(test.labels, mine, p.champion_predictions(client, test, never))
+        candidate = Candidate(
+            test.labels, mine, p.champion_predictions(client, test, never),
+            model_signing_key(settings),
+        )
         candidates.append((name, version, candidate))
     while not Path(go).exists():
         time.sleep(0.01)
@@ -90,26 +96,32 @@ def wrong_on(test: LabelledImages, images: np.ndarray) -> np.ndarray:
     return predicted
 
 
+MLMODEL = "flavors: {}\n"
+KEY = b"a stand-in key for versions no gate judges"
+
+
 def stand_in_version(
-    client: MlflowClient, name: str, test: LabelledImages, predicted: np.ndarray
+    client: MlflowClient, name: str, test: LabelledImages, predicted: np.ndarray, key: bytes
 ) -> ModelVersion:
-    """A version whose run holds an MLmodel file (what the gate checks a model has) and
-    test predictions: a model's record without the cost of training one."""
+    """A version whose run holds an MLmodel file (what the gate checks a model has), a
+    file record signed with the stack's model key, and test predictions: a model's
+    record without the cost of training one."""
     experiment = client.get_experiment_by_name(f"gate-{name}")
     experiment_id = (
         experiment.experiment_id if experiment else client.create_experiment(f"gate-{name}")
     )
     run = client.create_run(experiment_id)
     run_id = run.info.run_id
-    client.log_text(run_id, "flavors: {}\n", "model/MLmodel")
+    client.log_text(run_id, MLMODEL, "model/MLmodel")
     log_predictions(client, run_id, test, predicted)
     client.set_terminated(run_id)
     accuracy = float((predicted == test.labels).mean())
+    record = record_tags(key, {"MLmodel": hashlib.sha256(MLMODEL.encode()).hexdigest()})
     return client.create_model_version(
         name,
         source=f"{run.info.artifact_uri}/model",
         run_id=run_id,
-        tags={ACCURACY_TAG: str(accuracy), "run_id": run_id},
+        tags={ACCURACY_TAG: str(accuracy), "run_id": run_id, **record},
     )
 
 
@@ -126,6 +138,8 @@ def test_concurrent_gates_crown_the_best(stack_settings: Settings, tmp_path: Pat
     whatever order the processes run in."""
     config_dir = client_config(stack_settings, tmp_path)
     client = MlflowClient(stack_settings.mlflow_uri)
+    key = model_signing_key(load_settings(config_dir))
+    assert key is not None
     test, test_file = stand_in_test_set(tmp_path)
     registries: dict[str, tuple[list[float], list[str]]] = {}
     for order, accuracies in ORDERS.items():
@@ -133,7 +147,7 @@ def test_concurrent_gates_crown_the_best(stack_settings: Settings, tmp_path: Pat
         client.create_registered_model(name)
         numbers = [
             stand_in_version(
-                client, name, test, wrong_on(test, np.arange(round((1 - a) * IMAGES)))
+                client, name, test, wrong_on(test, np.arange(round((1 - a) * IMAGES))), key
             ).version
             for a in accuracies
         ]
@@ -183,12 +197,14 @@ def judge_version(
 ) -> tuple[ModelVersion, GateDecision]:
     """Register a stand-in version with these predictions through the gate, as a training
     would (`register`, with the stack-wide lock)."""
-    version = stand_in_version(client, name, test, predicted)
+    key = model_signing_key(settings)
+    assert key is not None
+    version = stand_in_version(client, name, test, predicted, key)
 
     def never(_version: ModelVersion) -> np.ndarray:
         raise AssertionError("a champion with stored predictions was scored again")
 
-    candidate = Candidate(test.labels, predicted, champion_predictions(client, test, never))
+    candidate = Candidate(test.labels, predicted, champion_predictions(client, test, never), key)
     return register(
         client,
         name,
@@ -208,7 +224,7 @@ def test_the_gate_moves_only_for_a_model_better_beyond_noise_on_every_digit(
     version's tags and in `mnistops models`."""
     config_dir = client_config(stack_settings, tmp_path)
     name = f"judged-{uuid.uuid4().hex[:8]}"
-    (config_dir / "flow.yml").write_text(yaml.safe_dump({"model_registry": {"name": name}}))
+    write_flow_yml(config_dir, {"model_registry": {"name": name}})
     settings = load_settings(config_dir)
     client = MlflowClient(stack_settings.mlflow_uri)
     client.create_registered_model(name)
@@ -332,7 +348,7 @@ def test_crafted_stored_predictions_are_never_trusted(
     name = f"crafted-{uuid.uuid4().hex[:8]}"
     client.create_registered_model(name)
     for kind, content in files.items():
-        version = stand_in_version(client, name, test, test.labels)
+        version = stand_in_version(client, name, test, test.labels, KEY)
         path = tmp_path / kind.replace(" ", "-") / f"{test.digest}.npz"
         path.parent.mkdir()
         path.write_bytes(content)

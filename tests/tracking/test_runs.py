@@ -22,7 +22,14 @@ from mlflow import MlflowClient
 from mnistops import stack
 from mnistops.settings import HyperParameters, Settings, load_settings
 from mnistops.tracking.registry import CHALLENGER_TAG, versions
-from tests.helpers import cli_paused_at, client_config, finish, kill_service, run_cli
+from tests.helpers import (
+    cli_paused_at,
+    client_config,
+    finish,
+    kill_service,
+    run_cli,
+    write_flow_yml,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -35,14 +42,13 @@ def trainer(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) 
     root = tmp_path_factory.mktemp("trainer")
     config_dir = client_config(stack_settings, root, bucket=f"dvc-{uuid.uuid4().hex[:8]}")
     suffix = uuid.uuid4().hex[:6]
-    (config_dir / "flow.yml").write_text(
-        yaml.safe_dump(
-            {
-                "experiment_name": f"MNIST-{suffix}",
-                "developer_name": "tester",
-                "model_registry": {"name": f"mnist-classifier-{suffix}"},
-            }
-        )
+    write_flow_yml(
+        config_dir,
+        {
+            "experiment_name": f"MNIST-{suffix}",
+            "developer_name": "tester",
+            "model_registry": {"name": f"mnist-classifier-{suffix}"},
+        },
     )
     for args in (("data", "ingest", "--fast"), ("data", "version", "v1.0", "-m", "first")):
         done = run_cli(*args, config_dir=config_dir)
@@ -184,11 +190,14 @@ def test_the_champion_gate_both_ways_and_determinism(trainer: Path, first_run) -
     assert "gate against v" in better.stdout and "exact one-sided McNemar" in better.stdout
 
 
-def test_a_champion_without_stored_predictions_is_scored_once(trainer: Path, first_run) -> None:
+def test_a_champion_without_stored_predictions_is_scored_once(
+    trainer: Path, first_run, tmp_path: Path
+) -> None:
     """A champion from before predictions were stored: the gate scores it once on the test
     images, stores the result on its run, and judges the new model against it."""
     import torch
 
+    from mnistops.tracking import model_files
     from mnistops.tracking.predictions import ARTIFACT_DIR
     from mnistops.train import models
 
@@ -198,14 +207,25 @@ def test_a_champion_without_stored_predictions_is_scored_once(trainer: Path, fir
     torch.manual_seed(0)
     with mlflow.start_run(experiment_id=experiment) as old_run:
         example = np.zeros((2, 1, 28, 28), np.float32)
+        random_model = models.digitnet().eval()
         logged = mlflow.pytorch.log_model(
-            models.digitnet().eval(), name="model", input_example=example
+            random_model,
+            name="model",
+            input_example=example,
+            extra_files=[str(model_files.save_weights(random_model, tmp_path))],
+            metadata=model_files.metadata("digitnet"),
         )
     old = mlflow.register_model(logged.model_uri, name)
     # A random model is right on nearly one digit only: any trained one loses on it.
     env = {"MNISTOPS_MODEL_REGISTRY__NAME": name, "MNISTOPS_MODEL_REGISTRY__MAX_CLASS_DROP": "100"}
-    promoted = run_cli("models", "promote", old.version, config_dir=trainer, env=env)
+    # registered by hand, in mnistops' format but without its signed record: vouched for
+    unsigned = run_cli("models", "promote", old.version, config_dir=trainer, env=env)
+    assert unsigned.returncode == 2 and "--trust-unsigned" in unsigned.stderr, unsigned.stderr
+    promoted = run_cli(
+        "models", "promote", old.version, "--trust-unsigned", config_dir=trainer, env=env
+    )
     assert promoted.returncode == 0, promoted.stderr
+    assert "model_trusted_by" in client.get_model_version(name, old.version).tags
     assert not client.list_artifacts(old_run.info.run_id, ARTIFACT_DIR)
 
     done = run_cli("train", "--epochs", "1", "--batch-size", "32", config_dir=trainer, env=env)
@@ -428,3 +448,101 @@ def test_an_unusable_champion_is_named_then_replaced(
     assert champion.version != current.version
     assert f"the champion v{current.version} cannot be loaded" in champion.tags["champion_reason"]
     assert run_cli("predict", str(images[0]), config_dir=trainer).returncode == 0
+
+
+@pytest.mark.security
+def test_a_pickled_champion_never_runs_and_the_next_model_replaces_it(
+    trainer: Path, first_run, stack_settings: Settings, tmp_path: Path
+) -> None:
+    """With nothing but the MLflow client, a pickled module whose unpickling runs a
+    command is registered and made champion. `predict`, `models`, `models promote` (with
+    and without --trust-unsigned) and a retraining each name the version and why it is
+    refused; the command never runs; the retraining's model takes `champion`."""
+    from tests.attacker import register_pickled_champion
+
+    settings, client = client_of(trainer)
+    name = settings.model_registry.name
+    marker = tmp_path / "pwned"
+    bad = register_pickled_champion(settings.mlflow_uri, name, marker)
+    image = str(sorted((settings.mnist_dir / "test" / "3").glob("*.png"))[0])
+
+    predicted = run_cli("predict", image, config_dir=trainer)
+    said = " ".join(predicted.stderr.split())
+    assert predicted.returncode == 1 and "Traceback" not in predicted.stderr, said
+    assert f"the champion {name} v{bad} cannot be loaded: not registered by mnistops" in said
+    listed = run_cli("models", config_dir=trainer)
+    assert f"v{bad} refused, never loaded: not registered by mnistops" in " ".join(
+        listed.stdout.split()
+    ), listed.stdout
+    assert client.get_model_version_by_alias(name, "champion").version == bad
+    for extra in ((), ("--trust-unsigned",)):
+        versions_ = [v.version for v in client.search_model_versions(f"name = '{name}'")]
+        other = max((v for v in versions_ if v != bad), key=int)
+        client.set_registered_model_alias(name, "champion", other)
+        promoted = run_cli("models", "promote", bad, *extra, config_dir=trainer)
+        words = " ".join(promoted.stderr.split())
+        assert promoted.returncode == 2 and f"{name} v{bad} cannot be served" in words, words
+        assert ("does not declare mnistops' format" if extra else "not registered") in words
+        assert client.get_model_version_by_alias(name, "champion").version == other
+    client.set_registered_model_alias(name, "champion", bad)
+
+    retrained = train(trainer, "--seed", "11")
+    assert retrained.returncode == 0, retrained.stdout + retrained.stderr
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version != bad
+    reason = champion.tags["champion_reason"]
+    assert f"the champion v{bad} cannot be loaded (not registered by mnistops" in reason, reason
+    assert run_cli("predict", image, config_dir=trainer).returncode == 0
+    assert not marker.exists(), "the attacker's payload ran"
+
+
+@pytest.mark.security
+def test_model_files_changed_in_the_store_or_disguised_are_refused(
+    trainer: Path, first_run, stack_settings: Settings, tmp_path: Path
+) -> None:
+    """Someone with the store's keys rewrites a registered champion's pt2 archive; someone
+    with MLflow access registers a copy of a good model whose MLmodel points its flavor at
+    another file, with the good version's signed tags copied. Both are refused by name;
+    the gate treats such a champion as unusable."""
+    from mnistops.clients import s3_client
+    from mnistops.predict import model_cache
+    from mnistops.tracking.model_files import FILES_TAG, SIGNATURE_TAG
+
+    settings, client = client_of(trainer)
+    name = settings.model_registry.name
+    image = str(sorted((settings.mnist_dir / "test" / "5").glob("*.png"))[0])
+    current = client.get_model_version_by_alias(name, "champion")
+
+    # an MLmodel that points at another file, its signed record copied from `current`
+    files = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{current.version}"))
+    mlmodel = yaml.safe_load((files / "MLmodel").read_text())
+    mlmodel["flavors"]["pytorch"]["model_data"] = "elsewhere"
+    (files / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    run = client.create_run(client.get_experiment_by_name(settings.experiment_name).experiment_id)
+    client.log_artifacts(run.info.run_id, str(files), "model")
+    client.set_terminated(run.info.run_id)
+    copied = {k: current.tags[k] for k in (FILES_TAG, SIGNATURE_TAG)}
+    disguised = client.create_model_version(
+        name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=copied
+    )
+    client.set_registered_model_alias(name, "champion", disguised.version)
+    refused = run_cli("predict", image, config_dir=trainer)
+    said = " ".join(refused.stderr.split())
+    assert refused.returncode == 1 and "MLmodel differs from the file registered" in said, said
+    client.set_registered_model_alias(name, "champion", current.version)
+
+    uri = client.get_model_version_download_uri(name, current.version)
+    key = "artifacts/" + uri.removeprefix("mlflow-artifacts:/").strip("/") + "/data/model.pt2"
+    s3 = s3_client(stack_settings)
+    bucket = stack_settings.s3.buckets.mlflow
+    original = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    s3.put_object(Bucket=bucket, Key=key, Body=original[:-10] + b"0123456789")
+    shutil.rmtree(model_cache(settings, current.version), ignore_errors=True)
+    try:
+        changed = run_cli("predict", image, config_dir=trainer)
+        said = " ".join(changed.stderr.split())
+        assert changed.returncode == 1, said
+        assert "data/model.pt2 differs from the file registered (SHA-256 mismatch)" in said
+    finally:
+        s3.put_object(Bucket=bucket, Key=key, Body=original)
+    assert run_cli("predict", image, config_dir=trainer).returncode == 0

@@ -293,7 +293,9 @@ def show_comparison(a: str, b: str) -> None:
 
 
 def show_models() -> None:
+    from mnistops.clients import model_signing_key
     from mnistops.data.packs import shown
+    from mnistops.tracking.model_files import record_problem
     from mnistops.tracking.registry import ACCURACY_TAG, CHALLENGER_TAG, registered_versions
 
     cfg = settings()
@@ -303,6 +305,7 @@ def show_models() -> None:
     for column in columns:
         table.add_column(column, justify="right" if column == "test acc" else "left", no_wrap=True)
     notes = []
+    key = model_signing_key(cfg)
     for v in found:
         # Tags are anyone's text who can reach MLflow: shown escaped, never as markup.
         tags = {k: escape(shown(str(t), 200)) for k, t in (v.tags or {}).items()}
@@ -320,6 +323,9 @@ def show_models() -> None:
             gate_cell(v.tags or {}),
             ", ".join(escape(shown(a)) for a in alias_of.get(v.version, [])),
         )
+        refused = record_problem(v.tags or {}, key)
+        if refused is not None:
+            notes.append(f"v{escape(v.version)} [red]refused[/], never loaded: {escape(refused)}")
         if CHALLENGER_TAG in tags:
             notes.append(f"v{escape(v.version)} challenger: {tags[CHALLENGER_TAG]}")
         elif (note := gate_note(escape(v.version), tags)) is not None:
@@ -390,12 +396,22 @@ def promote(
     reason: Annotated[
         str, typer.Option("-m", "--reason", help="Why (kept on the version's tags).")
     ] = "by hand",
+    trust_unsigned: Annotated[
+        bool,
+        typer.Option(
+            "--trust-unsigned",
+            help="VERSION was registered without mnistops' signed file record (by hand, or"
+            " by another stack): you vouch for its files as they are now, and they are"
+            " signed. Only a model in mnistops' format can be trusted.",
+        ),
+    ] = False,
 ) -> None:
-    """Move `champion` to VERSION (a running `mnistops serve` follows within seconds)."""
+    """Move `champion` to VERSION (a running `mnistops serve` follows within seconds).
+    The model is downloaded and loaded first; one that does not load is refused."""
     from mnistops.tracking.registry import promote_champion
 
     cfg = settings()
-    done = promote_champion(cfg, version, reason)
+    done = promote_champion(cfg, version, reason, trust_unsigned=trust_unsigned)
     shown = f" (was v{done.previous})" if done.previous else ""
     console.print(
         f"[green]{cfg.model_registry.name} v{done.version} is now champion[/]{shown}: {done.reason}"

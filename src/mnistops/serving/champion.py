@@ -62,7 +62,7 @@ def load_served(settings: Settings, version: Any) -> Served:
     from mnistops.tracking.registry import accuracy_of
 
     client = mlflow_client(settings)
-    module = load_version(settings, version.version)
+    module = load_version(settings, version)
     tags = version.tags or {}
     run_url = None
     if version.run_id:

@@ -162,6 +162,29 @@ def ensure_prefect_auth(home: Path) -> str:
     return value
 
 
+def model_key_path(home: Path) -> Path:
+    return home / "model-signing-key"
+
+
+def ensure_model_key(home: Path) -> str:
+    """The key that signs the file record of every registered model (48 random
+    characters), made once. Anyone who can write to MLflow but lacks it cannot make a
+    version that mnistops loads."""
+    path = model_key_path(home)
+    if path.is_file():
+        value = path.read_text().strip()
+        if len(value) >= MIN_KEY_LENGTH:
+            return value
+        raise CredentialsError(
+            f"the model signing key {path} is damaged. Restore it from a backup; or delete it"
+            " to have a new one made (every registered model must then be trusted again:"
+            " `mnistops models promote VERSION --trust-unsigned`)."
+        )
+    value = _random(48)
+    write_private(path, value)
+    return value
+
+
 @dataclass(frozen=True)
 class MlflowAuth:
     username: str

@@ -177,37 +177,19 @@ def predict_digits(model: Any, images: np.ndarray, batch: int = 1000) -> np.ndar
     return np.concatenate(digits) if digits else np.zeros(0, np.int64)
 
 
-def registered_model(client: MlflowClient, version: ModelVersion) -> Any:
-    """A registered version's PyTorch model, downloaded through the MLflow server."""
-    import mlflow
-
-    from mnistops.clients import mlflow_tracking_uri
-
-    uri = f"models:/{version.name}/{version.version}"
-    with (
-        tempfile.TemporaryDirectory(prefix="champion-") as tmp,
-        mlflow_tracking_uri(client.tracking_uri),
-    ):
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=tmp, tracking_uri=client.tracking_uri
-        )
-        return mlflow.pytorch.load_model(local, map_location="cpu")
-
-
 def champion_predictions(
-    client: MlflowClient, test: LabelledImages, load: Loader | None = None
+    client: MlflowClient, test: LabelledImages, load: Loader
 ) -> ChampionPredictions:
     """A function giving a version's predictions on `test`: stored ones, else the model
-    (`load`, by default downloaded from the registry) scored once and stored on the
-    version's run for the next gate."""
+    (`load`: `tracking.model_files.load_registered`, the one checked way) scored once and
+    stored on the version's run for the next gate."""
 
     def predictions_of(version: ModelVersion) -> np.ndarray:
         if version.run_id:
             stored = stored_predictions(client, version.run_id, test)
             if stored is not None:
                 return stored
-        model = (load or (lambda v: registered_model(client, v)))(version)
-        predicted = predict_digits(model, test.images)
+        predicted = predict_digits(load(version), test.images)
         if version.run_id:
             log_predictions(client, version.run_id, test, predicted)
         return predicted

@@ -18,9 +18,10 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from mnistops.clients import mlflow_tracking_uri
+from mnistops.clients import mlflow_tracking_uri, model_signing_key
 from mnistops.errors import BadInput
 from mnistops.settings import Settings
+from mnistops.tracking.model_files import ModelRefused, record_problem
 from mnistops.tracking.predictions import ChampionPredictions
 from mnistops.tracking.significance import Paired, judge, paired
 
@@ -65,6 +66,8 @@ class Candidate:
     labels: np.ndarray
     predicted: np.ndarray
     champion_predictions: ChampionPredictions
+    signing_key: bytes | None
+    """checks that the champion was registered by mnistops (`tracking.model_files`)"""
 
 
 @dataclass(frozen=True)
@@ -148,23 +151,27 @@ def _decided(client: MlflowClient, name: str, version: ModelVersion) -> GateDeci
 def _compare(
     client: MlflowClient, name: str, current: ModelVersion, candidate: Candidate, rules: GateRules
 ) -> tuple[bool, str, Paired | None]:
-    """(moves, why, evidence) of the candidate against the champion `current`."""
-    broken = model_problem(client, name, current)
+    """(moves, why, evidence) of the candidate against the champion `current`. A champion
+    that cannot be loaded is no champion: any model that can replaces it."""
+    broken = model_problem(client, name, current, candidate.signing_key)
+    if broken is None:
+        try:
+            theirs = candidate.champion_predictions(current)
+        except ModelRefused as exc:
+            broken = str(exc)
+        except Exception as exc:  # noqa: BLE001  never crown a model we could not compare
+            return (
+                False,
+                f"the champion v{current.version} could not be scored on the test images now"
+                f" ({exc.__class__.__name__}: {exc}); champion stays: the next run compares"
+                " again",
+                None,
+            )
     if broken is not None:
         return (
             True,
             f"the champion v{current.version} cannot be loaded ({broken}); this model,"
             " which can, replaces it",
-            None,
-        )
-    try:
-        theirs = candidate.champion_predictions(current)
-    except Exception as exc:  # noqa: BLE001  never crown a model we could not compare
-        return (
-            False,
-            f"the champion v{current.version} could not be scored on the test images"
-            f" ({exc.__class__.__name__}: {exc}); champion stays: compare by hand and"
-            " promote the better one",
             None,
         )
     evidence = paired(candidate.labels, candidate.predicted, theirs)
@@ -203,12 +210,18 @@ def gate(
     return GateDecision(moved, reason, current.version if current else None, evidence)
 
 
-def model_problem(client: MlflowClient, name: str, version: ModelVersion) -> str | None:
-    """Why a version's model cannot be loaded: its MLmodel file is not in the artifact
-    store. None when it is there, and when the store cannot be asked now (a passing
-    failure must never crown a worse model)."""
+def model_problem(
+    client: MlflowClient, name: str, version: ModelVersion, key: bytes | None
+) -> str | None:
+    """Why a version's model will not load, as far as its tags and file list tell (no
+    download): no signed file record, or no MLmodel file in the artifact store. None
+    when neither, and when the store cannot be asked now (a passing failure must never
+    crown a worse model)."""
     import mlflow
 
+    refused = record_problem(version.tags or {}, key)
+    if refused is not None:
+        return refused
     try:
         uri = client.get_model_version_download_uri(name, version.version)
         with mlflow_tracking_uri(client.tracking_uri):
@@ -325,10 +338,14 @@ def promote(
     reason: str,
     user: str,
     lock: Lock,
+    key: bytes | None,
     rollback: bool = False,
+    trust_unsigned: bool = False,
 ) -> Promotion:
     """Move `champion` to `version` by hand, holding the gate's lock. Refused when the
-    version does not exist, is champion already, or its model cannot be loaded. The
+    version does not exist, is champion already, or its model cannot be loaded (it is
+    downloaded and loaded the one checked way first). `trust_unsigned` signs the files of
+    a version registered without mnistops' record, if they are in mnistops' format. The
     version's tags record who, when and why (`promoted_*`), and the champion it replaced
     (`previous_champion`). A `rollback` keeps the target's own `previous_champion`, so
     the next rollback goes further back; no promotion overwrites a gate's reason."""
@@ -345,20 +362,39 @@ def promote(
         current = champion(client, name)
         if current is not None and current.version == target.version:
             raise PromotionRefused(f"{name} v{version} is champion already")
-        problem = model_problem(client, name, target)
-        if problem is not None:
-            raise PromotionRefused(f"{name} v{version} cannot be served: {problem}")
-        why = f"promoted by {user}: {reason}"
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        _check_loads(client, target, key, f"{user} at {now}" if trust_unsigned else None)
+        why = f"promoted by {user}: {reason}"
         tags = {PROMOTED_BY_TAG: user, PROMOTED_AT_TAG: now, PROMOTED_REASON_TAG: why}
         if CHAMPION_REASON_TAG not in (target.tags or {}):
             tags[CHAMPION_REASON_TAG] = why
         if not rollback:
             tags[PREVIOUS_TAG] = current.version if current is not None else ""
-        for key, value in tags.items():
-            client.set_model_version_tag(name, target.version, key, value)
+        for tag, value in tags.items():
+            client.set_model_version_tag(name, target.version, tag, value)
         client.set_registered_model_alias(name, CHAMPION, target.version)
     return Promotion(target.version, current.version if current else None, why)
+
+
+def _check_loads(
+    client: MlflowClient, target: ModelVersion, key: bytes | None, trusted_by: str | None
+) -> None:
+    """PromotionRefused unless the version loads the one checked way; `trusted_by` first
+    signs a version that has no valid record (a person vouches for its files)."""
+    from mnistops.tracking import model_files
+
+    label = f"{target.name} v{target.version}"
+    try:
+        if trusted_by is not None and record_problem(target.tags or {}, key) is not None:
+            if key is None:
+                raise ModelRefused(model_files.no_key_message("settings"))
+            model_files.trust(client, target, key, trusted_by)
+            target = client.get_model_version(target.name, target.version)
+        model_files.load_registered(client, target, key)
+    except ModelRefused as exc:
+        raise PromotionRefused(f"{label} cannot be served: {exc}") from None
+    except model_files.ModelUnavailable as exc:
+        raise PromotionRefused(f"{label} could not be downloaded to check it: {exc}") from None
 
 
 def previous_champion(client: MlflowClient, name: str) -> tuple[str, str]:
@@ -382,7 +418,11 @@ def _user(settings: Settings) -> str:
 
 
 def promote_champion(
-    settings: Settings, version: str, reason: str, rollback: bool = False
+    settings: Settings,
+    version: str,
+    reason: str,
+    rollback: bool = False,
+    trust_unsigned: bool = False,
 ) -> Promotion:
     """`promote` on the settings' registry, holding the stack-wide gate lock."""
     from mnistops.clients import mlflow_client
@@ -398,7 +438,9 @@ def promote_champion(
         reason,
         _user(settings),
         lambda: held(settings, champion_lock_name(name)),
+        model_signing_key(settings),
         rollback,
+        trust_unsigned,
     )
 
 

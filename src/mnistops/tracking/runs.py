@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 from mlflow import MlflowClient
 
-from mnistops.clients import mlflow_client, mlflow_module_functions
-from mnistops.errors import Interrupted
+from mnistops.clients import mlflow_client, mlflow_module_functions, model_signing_key
+from mnistops.errors import BadInput, Interrupted
 from mnistops.settings import HyperParameters, Settings
-from mnistops.tracking import plots
+from mnistops.tracking import model_files, plots
 from mnistops.tracking.predictions import LabelledImages, champion_predictions, log_predictions
 from mnistops.tracking.registry import ACCURACY_TAG, Candidate, GateDecision, GateRules, register
 from mnistops.tracking.server import TrackingError, check_tracking_server
@@ -178,7 +178,14 @@ def _log_pictures(run: TrackedRun, arrays: Arrays, result: TrainResult) -> None:
         plots.close(fig)
 
 
-def _log_model(settings: Settings, run: TrackedRun, result: TrainResult, arrays: Arrays) -> Any:
+def _log_model(
+    settings: Settings, run: TrackedRun, hyp: HyperParameters, result: TrainResult, arrays: Arrays
+) -> Any:
+    """MLflow's PyTorch model (an exported `pt2` archive, for MLflow's own tools) with
+    mnistops' format beside it: the weights as plain arrays and the architecture's name
+    (`tracking.model_files`), the only thing mnistops ever loads."""
+    import tempfile
+
     import mlflow
     import torch
     from mlflow.models import ModelSignature
@@ -190,7 +197,11 @@ def _log_model(settings: Settings, run: TrackedRun, result: TrainResult, arrays:
     )
     example = (arrays.test_x[:2].astype(np.float32) / 255.0)[:, None]
     model = result.model.to("cpu")
-    with mlflow_module_functions(settings):
+    with (
+        tempfile.TemporaryDirectory(prefix="weights-") as tmp,
+        mlflow_module_functions(settings),
+    ):
+        weights = model_files.save_weights(model, Path(tmp))
         return mlflow.pytorch.log_model(
             model,
             name="model",
@@ -198,7 +209,30 @@ def _log_model(settings: Settings, run: TrackedRun, result: TrainResult, arrays:
             input_example=example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
             run_id=run.run_id,
+            serialization_format="pt2",
+            extra_files=[str(weights)],
+            metadata=model_files.metadata(hyp.model),
         )
+
+
+def signing_key(settings: Settings) -> bytes:
+    """The key that signs what this run registers; BadInput before any work without one."""
+    key = model_signing_key(settings)
+    if key is None:
+        raise BadInput(model_files.no_key_message(settings.where("model_registry.signing_key")))
+    return key
+
+
+def model_record(client: MlflowClient, model_uri: str, key: bytes) -> dict[str, str]:
+    """The signed file record of a logged model, made from its files as the server
+    stores them (downloaded back), after checking they are in mnistops' format."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="model-record-") as tmp:
+        folder = model_files.download(client, model_uri, Path(tmp))
+        record = model_files.file_record(folder)
+        model_files.check_format(folder)
+    return model_files.record_tags(key, record)
 
 
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -235,6 +269,7 @@ def begin(
     """Open the run with its tags, params and dataset."""
     from mlflow.entities import Param
 
+    signing_key(settings)
     client = mlflow_client(settings)
     exp_id = experiment_id(client, settings.experiment_name)
     tags = {
@@ -358,12 +393,18 @@ def register_logged(
     name = settings.model_registry.name
     rules = settings.model_registry
     test = LabelledImages(arrays.test_x, arrays.test_y)
+    key = signing_key(settings)
     candidate = Candidate(
         arrays.test_y,
         result.test.predicted,
-        champion_predictions(run.client, test),
+        champion_predictions(
+            run.client, test, lambda v: model_files.load_registered(run.client, v, key)
+        ),
+        key,
     )
-    model_uri = _logged_model_of(run) or _log_model(settings, run, result, arrays).model_uri
+    model_uri = _logged_model_of(run) or _log_model(settings, run, hyp, result, arrays).model_uri
+    record = model_record(run.client, model_uri, key)
+    run.client.set_tag(run.run_id, model_files.FILES_TAG, record[model_files.FILES_TAG])
     version, decision = register(
         run.client,
         name,
@@ -377,6 +418,7 @@ def register_logged(
             "model": hyp.model,
             RECIPE_TAG: recipe_of(hyp, len(arrays.train_y)),
             SUBSET_TAG: str(arrays.subset_of is not None).lower(),
+            **record,
         },
         candidate,
         GateRules(rules.significance, rules.max_class_drop, rules.champion_margin),

@@ -1,0 +1,318 @@
+"""The one way a registered model becomes a model in memory, and the record that allows it.
+
+Anyone who can write to MLflow can register a version and point `champion` at it, and
+MLflow's own loaders run code from what they load: a pickled module (`torch.load`), a
+`python_function` loader module or code path, and even a `torch.export` archive, whose
+pickled weights and constants `torch.export.load` unpickles with `weights_only=False`.
+So mnistops never hands registry files to any of them. It loads one format, the one it
+writes, and only after checking, in this order, without deserializing anything:
+
+1. the version carries a file record (`model_files`: path -> SHA-256) signed with the
+   stack's model key (`model_signature`, HMAC-SHA256): "registered by mnistops";
+2. the downloaded files are exactly the recorded ones, byte for byte: no file added or
+   missing, no link, no changed byte;
+3. the MLmodel file (read as plain YAML) declares our format: the PyTorch flavor on
+   `data/` with our weights file and no code, an exported archive and no pickle;
+4. the weights: a NumPy `.npz` read with `allow_pickle=False` into an architecture that
+   mnistops builds from its own code (`train.models`), named in the MLmodel metadata,
+   every tensor's name, shape and dtype checked.
+
+The `torch.export` archive MLflow keeps beside it is for MLflow's tools (`mlflow models
+serve`, `mlflow.pytorch.load_model`); mnistops never opens it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import stat
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mnistops.errors import MnistopsError
+
+FORMAT = "mnistops-npz-v1"
+WEIGHTS_NAME = "mnistops-weights.npz"
+WEIGHTS_PATH = f"extra_files/{WEIGHTS_NAME}"
+FILES_TAG = "model_files"
+"""on a version (and its run): JSON, path -> SHA-256 of every file of the model"""
+SIGNATURE_TAG = "model_signature"
+"""on a version: HMAC-SHA256 of `model_files` with the stack's model key"""
+TRUSTED_BY_TAG = "model_trusted_by"
+"""on a version registered elsewhere and trusted by hand: who, and when"""
+MLFLOW_ADDED = frozenset({"registered_model_meta"})
+"""written by MLflow's client into every download of `models:/NAME/VERSION`"""
+MAX_WEIGHTS_BYTES = 64 * 1024 * 1024
+"""our models' weights take under 1 MB: a larger archive is refused unopened"""
+
+
+class ModelRefused(MnistopsError):
+    """The files are not a model mnistops wrote, or not the ones it registered; the
+    message names the file and why. Never worth another try."""
+
+
+class ModelUnavailable(MnistopsError):
+    """A version's files could not be downloaded now (a server down, a timeout)."""
+
+
+def metadata(architecture: str) -> dict[str, str]:
+    """What the MLmodel file says of our format (its `metadata` key)."""
+    return {"mnistops_format": FORMAT, "architecture": architecture, "weights": WEIGHTS_PATH}
+
+
+def save_weights(model: Any, folder: Path) -> Path:
+    """The model's weights as `folder/mnistops-weights.npz` (no pickle, plain arrays)."""
+    arrays = {
+        key: value.detach().cpu().contiguous().numpy() for key, value in model.state_dict().items()
+    }
+    path = folder / WEIGHTS_NAME
+    np.savez(path, **arrays)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(folder: Path) -> dict[str, str]:
+    """path -> SHA-256 of every file below `folder` (MLflow's own download marker left
+    out). A link or anything but a regular file is refused by name."""
+    record: dict[str, str] = {}
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in sorted([*dirs, *files]):
+            path = Path(root) / name
+            relative = path.relative_to(folder).as_posix()
+            mode = path.lstat().st_mode
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                raise ModelRefused(f"{relative} is a link or not a regular file")
+            if relative not in MLFLOW_ADDED:
+                record[relative] = _sha256(path)
+    return record
+
+
+def encode_record(record: dict[str, str]) -> str:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"))
+
+
+def sign(key: bytes, record_json: str) -> str:
+    return hmac.new(key, record_json.encode(), hashlib.sha256).hexdigest()
+
+
+def record_tags(key: bytes, record: dict[str, str]) -> dict[str, str]:
+    """The tags that make a version "registered by mnistops"."""
+    encoded = encode_record(record)
+    return {FILES_TAG: encoded, SIGNATURE_TAG: sign(key, encoded)}
+
+
+def no_key_message(where: str) -> str:
+    return (
+        "no model signing key: with an MLflow server of your own, set"
+        f" model_registry.signing_key ({where}) to the same random string of 32 or more"
+        " characters on every machine that trains or loads models"
+    )
+
+
+def signed_record(tags: dict[str, str], key: bytes | None) -> dict[str, str]:
+    """The version's file record, once its signature is checked; ModelRefused says why
+    it is not "registered by mnistops"."""
+    encoded, signature = tags.get(FILES_TAG), tags.get(SIGNATURE_TAG)
+    if not encoded or not signature:
+        raise ModelRefused(
+            "not registered by mnistops (it has no signed file record); if you trust its"
+            " files, `mnistops models promote VERSION --trust-unsigned` records them"
+        )
+    if key is None:
+        raise ModelRefused("its file record cannot be checked: " + no_key_message("settings"))
+    if not hmac.compare_digest(sign(key, encoded), signature):
+        raise ModelRefused(
+            "not registered by mnistops: its file record is not signed with this stack's"
+            " model key (changed by hand, or signed by another stack)"
+        )
+    try:
+        record = json.loads(encoded)
+    except ValueError:
+        raise ModelRefused("its file record is not JSON") from None
+    if not isinstance(record, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in record.items()
+    ):
+        raise ModelRefused("its file record is not a map of paths to hashes")
+    return record
+
+
+def record_problem(tags: dict[str, str], key: bytes | None) -> str | None:
+    """Why a version will be refused, judged from its tags alone (no download); None
+    when its record is signed. The files themselves are checked when loaded."""
+    try:
+        signed_record(tags, key)
+    except ModelRefused as exc:
+        return str(exc)
+    return None
+
+
+def check_files(folder: Path, record: dict[str, str]) -> None:
+    """The downloaded files are exactly the recorded ones, byte for byte."""
+    found = file_record(folder)
+    extra = sorted(set(found) - set(record))
+    if extra:
+        raise ModelRefused(f"{extra[0]} is not one of the files registered with it")
+    missing = sorted(set(record) - set(found))
+    if missing:
+        raise ModelRefused(f"{missing[0]}, registered with it, is missing")
+    for path, digest in sorted(record.items()):
+        if not hmac.compare_digest(found[path], digest):
+            raise ModelRefused(f"{path} differs from the file registered (SHA-256 mismatch)")
+
+
+def _mlmodel(folder: Path) -> dict[str, Any]:
+    import yaml
+
+    path = folder / "MLmodel"
+    if not path.is_file():
+        raise ModelRefused("its MLmodel file is missing")
+    try:
+        found = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ModelRefused(f"MLmodel is not YAML ({exc.__class__.__name__})") from None
+    if not isinstance(found, dict):
+        raise ModelRefused("MLmodel is not a YAML map")
+    return found
+
+
+def check_format(folder: Path) -> str:
+    """The architecture named by an MLmodel that declares our format; ModelRefused for
+    anything else (a pickled module, a loader module or code path, another file)."""
+    found = _mlmodel(folder)
+    meta = found.get("metadata") or {}
+    if not isinstance(meta, dict) or meta.get("mnistops_format") != FORMAT:
+        raise ModelRefused(f"MLmodel does not declare mnistops' format ({FORMAT})")
+    flavors = found.get("flavors")
+    if not isinstance(flavors, dict) or set(flavors) - {"pytorch", "python_function"}:
+        raise ModelRefused("MLmodel declares a flavor other than pytorch and python_function")
+    torch_flavor = flavors.get("pytorch")
+    if not isinstance(torch_flavor, dict) or torch_flavor.get("model_data") != "data":
+        raise ModelRefused("MLmodel's pytorch flavor does not point at data/")
+    if torch_flavor.get("code") or (flavors.get("python_function") or {}).get("code"):
+        raise ModelRefused("MLmodel names a code path: mnistops runs no code from the registry")
+    pyfunc = flavors.get("python_function")
+    if pyfunc is not None and (
+        not isinstance(pyfunc, dict) or pyfunc.get("loader_module") != "mlflow.pytorch"
+    ):
+        raise ModelRefused("MLmodel's python_function flavor names another loader module")
+    if (
+        torch_flavor.get("extra_files") != [{"path": WEIGHTS_PATH}]
+        or meta.get("weights") != WEIGHTS_PATH
+    ):
+        raise ModelRefused(f"MLmodel points at weights other than {WEIGHTS_PATH}")
+    if (folder / "data" / "model.pth").exists() or not (folder / "data" / "model.pt2").is_file():
+        raise ModelRefused("data/ holds a pickled model, not an exported one")
+    architecture = meta.get("architecture")
+    from mnistops.train.models import MODELS
+
+    if architecture not in MODELS:
+        raise ModelRefused(
+            f"MLmodel names the architecture {architecture!r}, not one of mnistops'"
+            f" ({', '.join(MODELS)})"
+        )
+    return str(architecture)
+
+
+def _weights(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if sum(i.file_size for i in archive.infolist()) > MAX_WEIGHTS_BYTES:
+                raise ModelRefused(f"{WEIGHTS_PATH} unpacks to more than 64 MB")
+        with np.load(path, allow_pickle=False) as saved:
+            return {key: saved[key] for key in saved.files}
+    except ModelRefused:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ModelRefused(f"{WEIGHTS_PATH} is not a NumPy archive of arrays ({exc})") from None
+
+
+def build_checked(architecture: str, arrays: dict[str, np.ndarray]) -> Any:
+    """Our architecture with these weights, in eval mode; every name, shape and dtype
+    must be the architecture's own."""
+    import torch
+
+    from mnistops.train.models import build
+
+    model = build(architecture)
+    expected = model.state_dict()
+    if set(arrays) != set(expected):
+        odd = sorted(set(arrays) ^ set(expected))[0]
+        raise ModelRefused(f"{WEIGHTS_PATH} does not fit {architecture}: tensor {odd!r}")
+    state = {}
+    for key, tensor in expected.items():
+        array = arrays[key]
+        if tuple(array.shape) != tuple(tensor.shape) or array.dtype != tensor.numpy().dtype:
+            raise ModelRefused(
+                f"{WEIGHTS_PATH}: {key} is {array.dtype}{list(array.shape)}, {architecture}"
+                f" needs {tensor.numpy().dtype}{list(tensor.shape)}"
+            )
+        state[key] = torch.from_numpy(np.array(array))
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def load_checked(folder: Path, tags: dict[str, str], key: bytes | None) -> Any:
+    """The model in `folder` (a version's downloaded files), after every check above."""
+    record = signed_record(tags, key)
+    check_files(folder, record)
+    architecture = check_format(folder)
+    return build_checked(architecture, _weights(folder / WEIGHTS_PATH))
+
+
+def download(client: Any, uri: str, destination: Path) -> Path:
+    """A model's files (`models:/...`) into `destination`, through the MLflow server."""
+    import mlflow
+
+    from mnistops.clients import mlflow_tracking_uri
+
+    try:
+        with mlflow_tracking_uri(client.tracking_uri):
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(destination), tracking_uri=client.tracking_uri
+            )
+    except Exception as exc:  # noqa: BLE001  any download failure: named, worth a retry
+        raise ModelUnavailable(f"{exc.__class__.__name__}: {exc}") from None
+    return Path(local)
+
+
+def load_registered(client: Any, version: Any, key: bytes | None) -> Any:
+    """A registered version's model, downloaded into a temporary folder and checked:
+    what the gate scores and what `models promote` tries before moving the alias."""
+    import tempfile
+
+    signed_record(version.tags or {}, key)
+    uri = f"models:/{version.name}/{version.version}"
+    with tempfile.TemporaryDirectory(prefix="model-") as tmp:
+        return load_checked(download(client, uri, Path(tmp)), version.tags or {}, key)
+
+
+def trust(client: Any, version: Any, key: bytes, who: str) -> dict[str, str]:
+    """Sign the files a version has now, for a person who vouches for them (`models
+    promote --trust-unsigned`): only a model in mnistops' format can be trusted, and
+    its weights must load. Returns the tags written."""
+    import tempfile
+
+    uri = f"models:/{version.name}/{version.version}"
+    with tempfile.TemporaryDirectory(prefix="model-") as tmp:
+        folder = download(client, uri, Path(tmp))
+        record = file_record(folder)
+        architecture = check_format(folder)
+        build_checked(architecture, _weights(folder / WEIGHTS_PATH))
+    tags = {**record_tags(key, record), TRUSTED_BY_TAG: who}
+    for name, value in tags.items():
+        client.set_model_version_tag(version.name, version.version, name, value)
+    return tags

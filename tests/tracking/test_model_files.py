@@ -1,0 +1,224 @@
+"""The one model loader, on files made here: a model mnistops wrote loads; every way of
+changing, adding or disguising a file is refused by name before anything is unpickled."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mnistops.tracking import model_files as mf
+from mnistops.train.models import build
+
+pytestmark = [pytest.mark.unit, pytest.mark.security]
+
+KEY = b"k" * 40
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    """A model saved as `tracking.runs` logs it (MLflow's pt2 archive, our weights and
+    metadata), and the module it came from."""
+    import mlflow.pytorch
+
+    torch.manual_seed(0)
+    model = build("digitnet").eval()
+    root = tmp_path_factory.mktemp("written")
+    weights = mf.save_weights(model, root)
+    folder = root / "model"
+    mlflow.pytorch.save_model(
+        model,
+        str(folder),
+        input_example=np.zeros((2, 1, 28, 28), np.float32),
+        pip_requirements=["torch"],
+        serialization_format="pt2",
+        extra_files=[str(weights)],
+        metadata=mf.metadata("digitnet"),
+    )
+    return folder, model
+
+
+def copy_of(written: tuple[Path, torch.nn.Module], tmp_path: Path) -> tuple[Path, dict]:
+    """A copy of the written model and its signed tags."""
+    folder = tmp_path / "model"
+    shutil.copytree(written[0], folder)
+    return folder, mf.record_tags(KEY, mf.file_record(folder))
+
+
+def test_a_model_mnistops_wrote_loads_and_predicts_the_same(written, tmp_path: Path) -> None:
+    folder, tags = copy_of(written, tmp_path)
+    loaded = mf.load_checked(folder, tags, KEY)
+    x = torch.rand(5, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.allclose(loaded(x), written[1](x), atol=1e-6)
+    assert mf.record_problem(tags, KEY) is None
+
+
+def _unsigned(folder: Path, tags: dict) -> dict:
+    return {}
+
+
+def _other_key(folder: Path, tags: dict) -> dict:
+    return mf.record_tags(b"x" * 40, mf.file_record(folder))
+
+
+def _edited_record(folder: Path, tags: dict) -> dict:
+    return {**tags, mf.FILES_TAG: tags[mf.FILES_TAG].replace('"MLmodel"', '"MLmodel2"')}
+
+
+def _extra_file(folder: Path, tags: dict) -> dict:
+    (folder / "data" / "model.pth").write_bytes(b"pickled")
+    return tags
+
+
+def _symlink(folder: Path, tags: dict) -> dict:
+    (folder / "requirements.txt").unlink()
+    os.symlink("/etc/passwd", folder / "requirements.txt")
+    return tags
+
+
+def _changed_byte(folder: Path, tags: dict) -> dict:
+    path = folder / "data" / "model.pt2"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    return tags
+
+
+def _missing(folder: Path, tags: dict) -> dict:
+    (folder / mf.WEIGHTS_PATH).unlink()
+    return tags
+
+
+def _resigned(edit: Callable[[dict], None]) -> Callable[[Path, dict], dict]:
+    """The MLmodel edited, then signed as if by mnistops (a key holder's mistake, or a
+    version trusted by hand): the format check still refuses it."""
+
+    def change(folder: Path, tags: dict) -> dict:
+        path = folder / "MLmodel"
+        mlmodel = yaml.safe_load(path.read_text())
+        edit(mlmodel)
+        path.write_text(yaml.safe_dump(mlmodel))
+        return mf.record_tags(KEY, mf.file_record(folder))
+
+    return change
+
+
+def _code_path(m: dict) -> None:
+    m["flavors"]["python_function"]["code"] = "code"
+
+
+def _loader_module(m: dict) -> None:
+    m["flavors"]["python_function"]["loader_module"] = "evil"
+
+
+def _other_weights(m: dict) -> None:
+    m["flavors"]["pytorch"]["extra_files"] = [{"path": "extra_files/other.npz"}]
+
+
+def _not_our_format(m: dict) -> None:
+    del m["metadata"]
+
+
+def _other_architecture(m: dict) -> None:
+    m["metadata"]["architecture"] = "os.system"
+
+
+def _other_flavor(m: dict) -> None:
+    m["flavors"]["sklearn"] = {"pickled_model": "model.pkl"}
+
+
+def _pickled_weights(folder: Path, tags: dict) -> dict:
+    path = folder / mf.WEIGHTS_PATH
+    np.save(folder / "x.npy", np.array([object()], dtype=object), allow_pickle=True)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.write(folder / "x.npy", "evil.npy")
+    (folder / "x.npy").unlink()
+    return mf.record_tags(KEY, mf.file_record(folder))
+
+
+def _wrong_shape(folder: Path, tags: dict) -> dict:
+    path = folder / mf.WEIGHTS_PATH
+    with np.load(path) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    arrays["8.weight"] = np.zeros((3, 3), np.float32)
+    np.savez(path, **arrays)
+    return mf.record_tags(KEY, mf.file_record(folder))
+
+
+CASES = {
+    "unsigned": (_unsigned, "not registered by mnistops (it has no signed file record)"),
+    "another stack's key": (_other_key, "not signed with this stack's model key"),
+    "record edited": (_edited_record, "not signed with this stack's model key"),
+    "a file added": (_extra_file, "data/model.pth is not one of the files registered"),
+    "a link": (_symlink, "requirements.txt is a link"),
+    "a changed byte": (_changed_byte, "data/model.pt2 differs from the file registered"),
+    "a file missing": (_missing, f"{mf.WEIGHTS_PATH}, registered with it, is missing"),
+    "a code path": (_resigned(_code_path), "names a code path"),
+    "a loader module": (_resigned(_loader_module), "names another loader module"),
+    "other weights": (_resigned(_other_weights), "points at weights other than"),
+    "not our format": (_resigned(_not_our_format), "does not declare mnistops' format"),
+    "an unknown architecture": (_resigned(_other_architecture), "'os.system', not one of"),
+    "another flavor": (_resigned(_other_flavor), "a flavor other than pytorch"),
+    "pickled weights": (_pickled_weights, "is not a NumPy archive of arrays"),
+    "weights of the wrong shape": (_wrong_shape, "8.weight is float32[3, 3]"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_other_file_is_refused_by_name(written, tmp_path: Path, case: str) -> None:
+    folder, tags = copy_of(written, tmp_path)
+    change, words = CASES[case]
+    tags = change(folder, tags)
+    with pytest.raises(mf.ModelRefused, match=None) as refused:
+        mf.load_checked(folder, tags, KEY)
+    assert words in str(refused.value), str(refused.value)
+
+
+def test_without_a_key_nothing_is_trusted(written, tmp_path: Path) -> None:
+    folder, tags = copy_of(written, tmp_path)
+    assert "model_registry.signing_key" in (mf.record_problem(tags, None) or "")
+
+
+class Payload:
+    """Unpickling this creates a marker file (it runs a function of our choosing)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_torch_export_load_runs_code_from_an_archive(tmp_path: Path) -> None:
+    """Why mnistops never opens the pt2 archive: `torch.export.load` unpickles its sample
+    inputs with `weights_only=False` once the safe unpickler refuses them (torch's
+    `_export/serde/serialize.py: deserialize_torch_artifact`), and pickled weights and
+    constants too (`export/pt2_archive/_package.py`). A crafted archive runs code on load.
+    If this test ever fails, torch changed that, and the README's Security section must
+    be read again."""
+    import io
+
+    archive = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(torch.nn.Linear(4, 2), (torch.zeros(1, 4),)), archive)
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "crafted.pt2"
+    payload = io.BytesIO()
+    torch.save(Payload(marker), payload)
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(crafted, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("data/sample_inputs/model.pt"):
+                data = payload.getvalue()
+            target.writestr(info, data)
+    with contextlib.suppress(Exception):  # the payload's return value is no sample input
+        torch.export.load(crafted)
+    assert marker.exists()
