@@ -304,6 +304,95 @@ def test_a_champion_that_does_not_load_is_refused_and_the_old_one_serves(
         client.delete_model_version(name, broken.version)
 
 
+@pytest.mark.security
+def test_a_pickled_champion_runs_nothing_and_the_old_one_serves(
+    service: tuple[str, Path], tmp_path: Path
+) -> None:
+    """Someone with only the MLflow client registers a pickled module whose unpickling
+    runs a command, and moves `champion` to it while the service runs: the service
+    refuses it without unpickling (the marker never appears), keeps serving, and says
+    why in /model without any path of this host."""
+    from tests.attacker import register_pickled_champion
+
+    url, config_dir = service
+    settings = load_settings(config_dir)
+    client = mlflow_client(settings)
+    name = settings.model_registry.name
+    serving = httpx.get(f"{url}/health").json()["model_version"]
+    marker = tmp_path / "pwned"
+    bad = register_pickled_champion(settings.mlflow_uri, name, marker)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and bad not in httpx.get(f"{url}/model").json().get(
+            "refused_versions", {}
+        ):
+            time.sleep(0.5)
+        model = httpx.get(f"{url}/model").json()
+        assert "not registered by mnistops" in model["refused_versions"][bad], model
+        assert str(settings.home) not in json.dumps(model), "no host path in /model"
+        assert model["version"] == serving
+        image = sorted((settings.mnist_dir / "test" / "4").glob("*.png"))[0].read_bytes()
+        answer = httpx.post(f"{url}/predict", content=image, headers={"Content-Type": "image/png"})
+        assert answer.status_code == 200 and answer.json()["model_version"] == serving
+    finally:
+        client.set_registered_model_alias(name, "champion", serving)
+        client.delete_model_version(name, bad)
+    assert not marker.exists(), "the attacker's payload ran in the service"
+
+
+@pytest.mark.security
+def test_slow_clients_are_cut_and_others_answered(service: tuple[str, Path]) -> None:
+    """5,000 connections that send part of their headers or of their body, and never the
+    rest, are held open by one client: requests from others are answered meanwhile, and
+    the service closes every slow one within its bound (serve.request_timeout_s, 5 s)."""
+    import resource
+    import selectors
+    import socket
+
+    url, _config_dir = service
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 12000)), hard))
+    slow: list[socket.socket] = []
+    partial = (
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 1000\r\n\r\n\x89PNG",
+    )
+    began = time.monotonic()
+    try:
+        for i in range(5000):
+            sock = socket.create_connection((host, int(port)), timeout=5)
+            sock.sendall(partial[i % 2])
+            slow.append(sock)
+        opened_s = time.monotonic() - began
+        with httpx.Client(timeout=5) as http:
+            answers = [http.get(f"{url}/health").status_code for _ in range(20)]
+        assert answers == [200] * 20
+        closed = 0
+        watching = selectors.DefaultSelector()  # epoll: select() stops at descriptor 1023
+        for sock in slow:
+            watching.register(sock, selectors.EVENT_READ)
+        deadline = began + opened_s + 5 + 10
+        while closed < len(slow) and time.monotonic() < deadline:
+            for event, _mask in watching.select(timeout=0.5):
+                sock = event.fileobj
+                try:
+                    ended = sock.recv(4096) == b""
+                except ConnectionResetError:
+                    ended = True
+                if ended:
+                    watching.unregister(sock)
+                    closed += 1
+        assert closed == len(slow), f"{len(slow) - closed} slow connections still open"
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'mnistops_connections_cut_total{why="slow"}' in metrics
+        assert httpx.get(f"{url}/health").status_code == 200
+    finally:
+        for sock in slow:
+            sock.close()
+
+
 def test_detached_it_is_part_of_the_stack(service: tuple[str, Path]) -> None:
     url, config_dir = service
     status = run_cli("stack", "status", config_dir=config_dir)

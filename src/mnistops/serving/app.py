@@ -170,6 +170,7 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
     paths = {route.path for route in app.routes if hasattr(route, "path")}
     key = serve.api_key.get_secret_value().encode() if serve.api_key is not None else None
     app.add_middleware(GuardAndMeasure, metrics=metrics, paths=paths, key=key, predictor=predictor)
+    app.state.metrics = metrics
     return app
 
 

@@ -16,6 +16,10 @@ class Metrics:
         self.buckets = [0] * len(LATENCY_BUCKETS)
         self.latency_count = 0
         self.latency_sum = 0.0
+        self.connections_timed_out = 0
+        """connections cut because a request did not arrive whole in time (`connections`)"""
+        self.connections_refused = 0
+        """connections closed at once because the service had its most open"""
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         with self.lock:
@@ -70,5 +74,10 @@ class Metrics:
                 "# HELP mnistops_model_swaps_total Champion versions swapped in since start.",
                 "# TYPE mnistops_model_swaps_total counter",
                 f"mnistops_model_swaps_total {swaps}",
+                "# HELP mnistops_connections_cut_total Connections closed by the service:"
+                " a request too slow to arrive, or one connection too many.",
+                "# TYPE mnistops_connections_cut_total counter",
+                f'mnistops_connections_cut_total{{why="slow"}} {self.connections_timed_out}',
+                f'mnistops_connections_cut_total{{why="full"}} {self.connections_refused}',
             ]
         return "\n".join(lines) + "\n"

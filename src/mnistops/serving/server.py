@@ -46,18 +46,25 @@ def run(settings: Settings) -> None:
     import uvicorn
 
     from mnistops.serving.app import create_app
+    from mnistops.serving.connections import bounded_protocol, connection_cap, raise_file_limit
 
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     torch.set_num_threads(settings.serve.threads or 1)
+    app = create_app(settings)
+    serve = settings.serve
+    cap = connection_cap(serve.max_connections, raise_file_limit())
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.bind,
         port=settings.serve.port,
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=max(1, int(serve.request_timeout_s)),
+        backlog=min(cap, 4096),
+        http=bounded_protocol(serve.request_timeout_s, cap, app.state.metrics),
     )
 
 
