@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnistops.data import registry
+from mnistops.data import reader
 from mnistops.settings import Settings, load_settings
 from tests.data.test_images import bomb_png
 from tests.helpers import client_with_v1, craft_version, put_object, run_cli
@@ -80,7 +80,7 @@ def test_a_record_that_lies_about_its_tag_is_skipped(victim: Path, tmp_path: Pat
     assert target.read_text() == "keep"
     latest = run_cli("data", "pull", "latest", "--to", str(tmp_path / "latest"), config_dir=victim)
     assert latest.returncode == 0 and "v1.0: 800 images" in latest.stdout, latest.stderr
-    tags = [r.tag for r in registry.list_versions(settings)]
+    tags = [r.tag for r in reader.list_versions(settings)]
     assert "v1.0" in tags and not {"liar", "broken", "../../../victim"} & set(tags)
 
 
@@ -98,7 +98,7 @@ def test_a_record_lying_about_its_content_poisons_no_cache(victim: Path) -> None
     """A version whose record claims v1.0's content hash (which names v1.0's array cache)
     over other images: refused, and v1.0's cache is not written from it."""
     settings = load_settings(victim)
-    v1 = registry.find_record(settings, "v1.0")
+    v1 = reader.find_record(settings, "v1.0")
     craft_version(
         settings, "hashswap", {}, filler=digit_png(), created=OLD, content_hash=v1.content_hash
     )

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from mnistops.clients import s3_client
-from mnistops.data import registry, remote
+from mnistops.data import reader, registry, remote
 from mnistops.settings import Settings, load_settings
 from tests.helpers import cli_command, client_with_v1, run_cli
 
@@ -64,7 +64,7 @@ def test_ctrl_c_after_each_step_leaves_nothing_or_everything(publisher: Path, st
         assert again.returncode == 0, again.stdout + again.stderr
         recorded, tagged = state(settings, tag)
         assert recorded is not None and recorded == tagged
-    assert registry.find_record(settings, tag).tag == tag
+    assert reader.find_record(settings, tag).tag == tag
 
 
 def test_two_publishers_at_once_agree(publisher: Path) -> None:
@@ -84,7 +84,7 @@ def test_two_publishers_at_once_agree(publisher: Path) -> None:
     assert codes[0] == 0 and codes[1] != 0, results
     loser = next(err for code, _out, err in results if code != 0)
     assert "another `mnistops data version`" in loser or "exists already" in loser, loser
-    record = registry.find_record(settings, "v-race")
+    record = reader.find_record(settings, "v-race")
     winner = next(out for code, out, _err in results if code == 0)
     assert f"publisher {1 if 'publisher 1' in record.message else 2}" == record.message
     assert "published v-race" in winner
@@ -106,16 +106,16 @@ def test_force_keeps_a_versions_place_in_the_history(publisher: Path) -> None:
     assert run_cli("data", "version", "v-old", "-m", "old", config_dir=publisher).returncode == 0
     add_image(settings, "history-b")
     assert run_cli("data", "version", "v-new", "-m", "new", config_dir=publisher).returncode == 0
-    old = registry.find_record(settings, "v-old")
+    old = reader.find_record(settings, "v-old")
     add_image(settings, "history-c")
     forced = run_cli("data", "version", "v-old", "-m", "replaced", "--force", config_dir=publisher)
     assert forced.returncode == 0, forced.stdout + forced.stderr
-    replaced = registry.find_record(settings, "v-old")
+    replaced = reader.find_record(settings, "v-old")
     assert replaced.message == "replaced" and replaced.previous == old.previous
     changes = registry.diff(settings, replaced.previous, "v-old")
     added, removed = sum(c.added for c in changes), sum(c.removed for c in changes)
     assert f"since {replaced.previous}: +{added} -{removed} images" in forced.stdout
     assert replaced.created == old.created
-    assert registry.find_record(settings, "latest").tag == "v-new"
+    assert reader.find_record(settings, "latest").tag == "v-new"
     recorded, tagged = state(settings, "v-old")
     assert recorded == tagged == replaced.commit

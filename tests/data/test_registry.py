@@ -16,7 +16,7 @@ import pytest
 
 from mnistops import stack
 from mnistops.clients import s3_client
-from mnistops.data import packs, registry, remote
+from mnistops.data import packs, reader, registry, remote
 from mnistops.settings import Settings, load_settings
 from mnistops.stack import process
 from tests.helpers import cli_paused_at, client_config, finish, kill_service, run_cli
@@ -174,7 +174,7 @@ def test_publish_v1_then_v2_pull_elsewhere_and_diff(publisher: Path, tmp_path: P
     assert "added 600 images" in added.stdout
     result = registry.publish(settings, "v2.0", "more images")
     expected["v2.0"] = tree_hashes(settings.mnist_dir)
-    v1_record = registry.find_record(settings, "v1.0")
+    v1_record = reader.find_record(settings, "v1.0")
     assert result.record.previous == "v1.0"
     assert result.new_images == 600
     assert set(v1_record.files.values()) - {v1_record.manifest_md5} <= set(
@@ -220,7 +220,7 @@ def test_publish_v1_then_v2_pull_elsewhere_and_diff(publisher: Path, tmp_path: P
 
     replaced = run_cli("data", "version", "v2.0", "-m", "replaced", "--force", config_dir=publisher)
     assert replaced.returncode == 0, replaced.stderr
-    assert registry.find_record(settings, "v2.0").message == "replaced"
+    assert reader.find_record(settings, "v2.0").message == "replaced"
     assert "replaced" in git(settings, "tag", "-n", "v2.0")
 
 
@@ -230,11 +230,11 @@ def test_bad_dataset_publishes_nothing(publisher: Path) -> None:
     bad = settings.mnist_dir / "train" / "4" / "broken.png"
     bad.write_text("not an image")
     try:
-        before = [r.tag for r in registry.list_versions(settings)]
+        before = [r.tag for r in reader.list_versions(settings)]
         result = run_cli("data", "version", "v9.9", "-m", "bad", config_dir=publisher)
         assert result.returncode != 0
         assert str(bad) in result.stderr and "nothing was recorded" in result.stderr
-        assert [r.tag for r in registry.list_versions(settings)] == before
+        assert [r.tag for r in reader.list_versions(settings)] == before
         assert "v9.9" not in git_tags(settings)
     finally:
         bad.unlink()
@@ -243,7 +243,7 @@ def test_bad_dataset_publishes_nothing(publisher: Path) -> None:
 @pytest.mark.integrity
 def test_corrupt_remote_object_is_named_and_never_written(publisher: Path, tmp_path: Path) -> None:
     settings = settings_of(publisher)
-    record = registry.find_record(settings, "v1.0")
+    record = reader.find_record(settings, "v1.0")
     pack = next(m for name, m in record.files.items() if name.startswith("packs/"))
     client = s3_client(settings)
     key = remote.object_key(pack)
@@ -300,7 +300,7 @@ def test_store_killed_while_a_version_is_pushed_then_rerun(
         assert git(settings, "rev-parse", "HEAD") == commit, "nothing committed"
     finally:
         stack.up(stack_settings)
-    assert "v3.0" not in [r.tag for r in registry.list_versions(settings)]
+    assert "v3.0" not in [r.tag for r in reader.list_versions(settings)]
 
     done = run_cli("data", "version", "v3.0", "-m", "store back", config_dir=publisher)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -329,8 +329,8 @@ def test_store_killed_while_a_version_is_pulled_then_rerun(
     publisher: Path, stack_settings: Settings, tmp_path: Path
 ) -> None:
     settings = settings_of(publisher)
-    record = registry.find_record(settings, "v1.0")
-    rows = registry.load_manifest(settings, record)
+    record = reader.find_record(settings, "v1.0")
+    rows = reader.load_manifest(settings, record)
     env = elsewhere(publisher, tmp_path)
     machine = tmp_path / "machine"
     machine.mkdir()

@@ -286,15 +286,15 @@ def test_fuzz_file_names(name: str) -> None:
 def test_a_cached_record_of_an_older_format_is_read_again(tmp_path: Path) -> None:
     """A record this machine kept in an older format is not an error: it is ignored and
     the object store asked again."""
-    from mnistops.data import registry
+    from mnistops.data import reader, registry
     from mnistops.settings import Settings
 
     settings = Settings(home=tmp_path)
     folder = tmp_path / "cache" / "versions"
     folder.mkdir(parents=True)
     (folder / "v1.0.json").write_text(json.dumps(record_dict(format=0)))
-    assert registry.cached_record(settings, "v1.0") is None
+    assert reader.cached_record(settings, "v1.0") is None
     (folder / "v1.0.json").write_text(json.dumps(record_dict()))
-    assert registry.cached_record(settings, "v1.0").tag == "v1.0"
+    assert reader.cached_record(settings, "v1.0").tag == "v1.0"
     with pytest.raises(registry.RegistryError, match="not a usable tag"):
-        registry.cached_record(settings, "../x")
+        reader.cached_record(settings, "../x")

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 from mnistops import stack
 from mnistops.clients import prefect_client
-from mnistops.data import registry
+from mnistops.data import reader
 from mnistops.stack.services import SERVICE_NAMES
 from tests.helpers import kill_service, run_cli
 
@@ -25,7 +25,7 @@ def snapshot(settings) -> dict:
         flow_runs = sorted((str(r.id), r.state_type.value) for r in prefect.read_flow_runs())
     name = settings.model_registry.name
     return {
-        "versions": [(r.tag, r.content_hash) for r in registry.list_versions(settings)],
+        "versions": [(r.tag, r.content_hash) for r in reader.list_versions(settings)],
         "runs": sorted(
             (r.info.run_id, r.info.status) for r in client.search_runs([experiment.experiment_id])
         ),

@@ -139,9 +139,9 @@ def list_versions() -> None:
 
 
 def show_versions(cfg: Settings) -> None:
-    from mnistops.data import registry
+    from mnistops.data import reader
 
-    listing = registry.version_listing(cfg)
+    listing = reader.version_listing(cfg)
     show_versions_of(listing.records, listing.problems)
 
 

@@ -20,9 +20,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mnistops.clients import library_defaults, s3_client, s3_keys
+from mnistops.clients import library_defaults, s3_keys
 from mnistops.data import folders, images, packs, remote
-from mnistops.errors import BadInput, MnistopsError
+from mnistops.data.reader import (
+    RegistryError,
+    VersionRefused,
+    bucket_of,
+    cache_of,
+    cached_record,
+    check_tag,
+    fetch_version,
+    find_record,
+    load_manifest,
+    remember_record,
+    store_client,
+)
 from mnistops.logs import quiet_libraries
 from mnistops.settings import Settings
 
@@ -35,15 +47,6 @@ Report = Callable[[str], None]
 
 def _no_progress(_label: str, _total: int) -> Callable[[int], None]:
     return lambda _k: None
-
-
-class RegistryError(MnistopsError):
-    """A version cannot be made, found or fetched; the message says what to do."""
-
-
-class VersionRefused(RegistryError, BadInput):
-    """What the command was given cannot be used: a bad or unknown tag, a tag that exists
-    already, a dataset identical to the last version, a target folder that is not empty."""
 
 
 @dataclass(frozen=True)
@@ -61,18 +64,6 @@ class PublishResult:
     new_images: int
     new_objects: int
     new_bytes: int
-
-
-def cache_of(settings: Settings) -> packs.ObjectCache:
-    return packs.ObjectCache(settings.home / "cache" / "objects")
-
-
-def _bucket(settings: Settings) -> str:
-    return settings.s3.buckets.dvc
-
-
-def _client(settings: Settings):
-    return s3_client(settings)
 
 
 def _git(registry: Path, *args: str) -> str:
@@ -102,7 +93,7 @@ def ensure_registry(settings: Settings) -> Path:
     repo = Repo(str(registry))
     try:
         with repo.config.edit(level="repo") as conf:
-            conf["remote"][DVC_REMOTE] = {"url": f"s3://{_bucket(settings)}/{remote.DVC_PREFIX}"}
+            conf["remote"][DVC_REMOTE] = {"url": f"s3://{bucket_of(settings)}/{remote.DVC_PREFIX}"}
             conf["core"]["remote"] = DVC_REMOTE
             conf["core"]["autostage"] = True
         # Machine-specific: the endpoint and keys stay out of git (config.local, mode 0600).
@@ -123,78 +114,6 @@ def ensure_registry(settings: Settings) -> Path:
         _git(registry, "add", ".dvc/config")
         _git(registry, "commit", "-q", "-m", "DVC remote: the object store")
     return registry
-
-
-def version_listing(settings: Settings) -> remote.Listing:
-    """The valid published versions, and a message for each record that is not valid."""
-    return remote.list_records(_client(settings), _bucket(settings))
-
-
-def list_versions(settings: Settings) -> list[packs.VersionRecord]:
-    return version_listing(settings).records
-
-
-def check_tag(tag: str) -> None:
-    """A tag typed by a user (or 'latest'): RegistryError if it cannot name a version."""
-    problem = None if tag == "latest" else packs.tag_problem(tag)
-    if problem:
-        raise VersionRefused(problem)
-
-
-def find_record(settings: Settings, tag: str, client=None) -> packs.VersionRecord:
-    """The record of `tag` (or of the newest version: 'latest') read from the object store."""
-    check_tag(tag)
-    client = client or _client(settings)
-    if tag == "latest":
-        records = remote.list_records(client, _bucket(settings)).records
-        if not records:
-            raise VersionRefused("no data version is published yet (`mnistops data version v1.0`)")
-        found: packs.VersionRecord | None = records[-1]
-    else:
-        found = remote.read_record(client, _bucket(settings), tag)
-    if found is None:
-        known = [r.tag for r in remote.list_records(client, _bucket(settings)).records]
-        raise VersionRefused(
-            f"no data version '{tag}' in s3://{_bucket(settings)} at {settings.s3_endpoint}"
-            f" (published: {', '.join(known) or 'none'})"
-        )
-    remember_record(settings, found)
-    return found
-
-
-def _records_dir(settings: Settings) -> Path:
-    return settings.home / "cache" / "versions"
-
-
-def _record_file(settings: Settings, tag: str) -> Path:
-    check_tag(tag)
-    return packs.path_inside(_records_dir(settings), f"{tag}.json")
-
-
-def remember_record(settings: Settings, record: packs.VersionRecord) -> None:
-    """Keep the record of a tag this machine has read or published (for offline no-op pulls)."""
-    target = _record_file(settings, record.tag)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{record.tag}.json.partial")
-    partial.write_text(record.to_json())
-    os.replace(partial, target)
-
-
-def cached_record(settings: Settings, tag: str) -> packs.VersionRecord | None:
-    """The record this machine kept of `tag`; None if none, or if it is not valid (an
-    older format, a damaged file): then the object store is asked again."""
-    try:
-        return packs.record_from_json(_record_file(settings, tag).read_bytes(), tag)
-    except (OSError, packs.StoreError):
-        return None
-
-
-def load_manifest(
-    settings: Settings, record: packs.VersionRecord, client=None
-) -> list[packs.ManifestRow]:
-    cache = cache_of(settings)
-    remote.fetch(client or _client(settings), _bucket(settings), cache, [record.manifest_md5])
-    return packs.parse_manifest(cache.read(record.manifest_md5), record)
 
 
 def changes_between(
@@ -285,8 +204,8 @@ def _publish(
     if tag == "latest":
         raise VersionRefused("'latest' names the newest version; choose another tag (e.g. v1.0)")
     library_defaults()  # DVC's boto reads the checksum setting from the environment only
-    client = _client(settings)
-    bucket = _bucket(settings)
+    client = store_client(settings)
+    bucket = bucket_of(settings)
     try:
         existing = remote.read_record(client, bucket, tag)
     except packs.CorruptRecord as exc:
@@ -490,7 +409,7 @@ def pull(
     if known and stamp and stamp.get("content_hash") == known.content_hash and "folders" in stamp:
         _check_unchanged(target, known, _changed_folders(target, stamp))
         return PullResult(known, target, stamp["images"], 0, True)
-    client = _client(settings)
+    client = store_client(settings)
     record = find_record(settings, tag, client)
     cache = cache_of(settings)
     if stamp and stamp.get("content_hash") == record.content_hash:
@@ -505,25 +424,14 @@ def pull(
             f"{target} exists and is not empty; pull into a new folder or remove it first"
         )
     missing = [m for m in record.files.values() if not cache.has(m)]
-    report(
-        f"downloading {len(missing)} of {len(record.files)} objects of {record.tag}"
-        f" from s3://{_bucket(settings)}/{remote.DVC_PREFIX}"
+    rows = fetch_version(
+        settings,
+        record,
+        f"Nothing was written to {target}",
+        client,
+        progress_for("downloading", len(record.files)),
+        report,
     )
-    try:
-        remote.fetch(
-            client,
-            _bucket(settings),
-            cache,
-            record.files.values(),
-            progress_for("downloading", len(record.files)),
-        )
-    except remote.StoreUnreachable as exc:
-        raise RegistryError(
-            f"{exc}\nNothing was written to {target}. Once the object store is back, run the"
-            " same pull again: the objects already fetched are kept in this machine's cache."
-        ) from None
-    rows = packs.parse_manifest(cache.read(record.manifest_md5), record)
-    packs.check_rows(rows, cache)
     try:
         folders.materialize(rows, cache, target, record, progress_for("writing PNGs", len(rows)))
     except OSError as exc:

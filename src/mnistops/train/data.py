@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnistops.clients import s3_client
-from mnistops.data import images, packs, registry, remote
+from mnistops.data import images, packs, reader
 from mnistops.errors import MnistopsError
 from mnistops.settings import Settings
 
@@ -156,29 +155,16 @@ def _split_arrays(keys_and_blobs: list[tuple[str, bytes]]) -> dict[str, np.ndarr
     return arrays
 
 
-def _version_blobs(settings: Settings, record: packs.VersionRecord, report: Report):
-    """(key, PNG bytes) of every image of a version, from the object cache (re-fetched if bad)."""
-    client = s3_client(settings)
-    bucket = settings.s3.buckets.dvc
-    cache = registry.cache_of(settings)
-    for md5 in record.files.values():
-        if cache.has(md5) and packs.md5_bytes(cache.read(md5)) != md5:
-            report(f"data cache: object {md5} of {record.tag} is corrupt; fetching it again")
-            cache.path(md5).unlink()
-    remote.fetch(client, bucket, cache, record.files.values())
-    rows = sorted(packs.parse_manifest(cache.read(record.manifest_md5), record))
-    packs.check_rows(rows, cache)
-    blobs = {pack: cache.read(pack) for pack in {row.pack for row in rows}}
-    return [(r.key, blobs[r.pack][r.offset : r.offset + r.length]) for r in rows]
-
-
 def load_version(settings: Settings, tag: str, report: Report = lambda _m: None) -> Arrays:
     """The arrays of a published version ('latest' = the newest), fetched through the registry."""
-    record = registry.find_record(settings, tag)
+    record = reader.find_record(settings, tag)
+
+    def decoded() -> dict[str, np.ndarray]:
+        rows = reader.fetch_version(settings, record, "No training started", report=report)
+        return _split_arrays(reader.image_bytes(settings, sorted(rows)))
+
     arrays = _cached_or_built(
-        packs.path_inside(_cache_dir(settings), f"{record.content_hash}.npz"),
-        lambda: _split_arrays(_version_blobs(settings, record, report)),
-        report,
+        packs.path_inside(_cache_dir(settings), f"{record.content_hash}.npz"), decoded, report
     )
     source = DataSource(
         record.tag,
