@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mnistops.stack.credentials import ensure_keys, keys_path, seaweed_identities
+from mnistops.credentials import ensure_keys, keys_path, seaweed_identities
 
 pytestmark = pytest.mark.unit
 

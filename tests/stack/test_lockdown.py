@@ -12,13 +12,13 @@ import pytest
 import yaml
 
 from mnistops import stack
-from mnistops.settings import Settings, load_settings
-from mnistops.stack.credentials import (
+from mnistops.credentials import (
     keys_path,
     mlflow_auth_path,
     prefect_auth_path,
     seaweed_identities,
 )
+from mnistops.settings import Settings, load_settings
 from mnistops.stack.ports import free_port_config, port_in_use
 from tests.helpers import client_config, run_cli, write_stack_config
 

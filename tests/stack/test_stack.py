@@ -18,9 +18,9 @@ from botocore.exceptions import ClientError
 
 from mnistops import stack
 from mnistops.clients import s3_client
+from mnistops.credentials import S3Keys, load_keys
 from mnistops.settings import Settings, load_settings
 from mnistops.stack import process
-from mnistops.stack.credentials import S3Keys, load_keys
 from tests.helpers import run_cli, write_stack_config
 
 pytestmark = pytest.mark.integration

@@ -71,7 +71,7 @@ def main(
 def entry() -> None:
     """The `mnistops` command: private files by default, the tools' telemetry off."""
     from mnistops.clients import library_defaults
-    from mnistops.stack.credentials import PRIVATE_UMASK
+    from mnistops.credentials import PRIVATE_UMASK
 
     os.umask(PRIVATE_UMASK)
     library_defaults()

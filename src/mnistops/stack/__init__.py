@@ -6,10 +6,11 @@ workers started beside them.
 - `store_checks`, `store_security`: the object store locked, its buckets closed
 - `workers`: workers started with `mnistops worker --detach`
 - `state`: the state dir's records, logs and lock; `process`: starting and stopping
-- `credentials`, `ports`, `postgres`, `locks`: keys, free ports, databases, stack-wide locks
+- `ports`, `postgres`, `locks`: free ports, databases, stack-wide locks
+(the generated keys and logins are `mnistops.credentials`, below the clients)
 
 The names below are re-exported, and loaded on first use: a module that only needs,
-say, `mnistops.stack.credentials` does not load the process code and psutil.
+say, `mnistops.stack.ports` does not load the process code and psutil.
 """
 
 from __future__ import annotations

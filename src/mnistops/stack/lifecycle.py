@@ -10,10 +10,10 @@ from pathlib import Path
 
 import psutil
 
+from mnistops.credentials import tighten
 from mnistops.errors import BadInput
 from mnistops.settings import WILDCARDS, Settings, is_loopback
 from mnistops.stack import postgres, process, store_checks, workers
-from mnistops.stack.credentials import tighten
 from mnistops.stack.ports import accepts_connections, port_in_use
 from mnistops.stack.services import SERVICE_NAMES, Service, all_services, http_ok
 from mnistops.stack.state import (

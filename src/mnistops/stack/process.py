@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from mnistops.stack.credentials import PRIVATE_UMASK, write_private
+from mnistops.credentials import PRIVATE_UMASK, write_private
 
 
 @dataclass

@@ -8,15 +8,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mnistops.clients import s3_keys
-from mnistops.errors import MnistopsError
-from mnistops.settings import Settings
-from mnistops.stack.credentials import (
+from mnistops.credentials import (
     CredentialsError,
     S3Keys,
     ensure_keys,
     load_keys,
     make_private_home,
 )
+from mnistops.errors import MnistopsError
+from mnistops.settings import Settings
 
 Report = Callable[[str], None]
 

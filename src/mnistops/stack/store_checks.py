@@ -10,9 +10,9 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from mnistops.clients import s3_client
+from mnistops.credentials import S3Keys
 from mnistops.settings import Settings
 from mnistops.stack import process
-from mnistops.stack.credentials import S3Keys
 from mnistops.stack.state import Report, StackError, run_dir
 
 

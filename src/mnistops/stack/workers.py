@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from mnistops.clients import client_env
+from mnistops.credentials import write_private
 from mnistops.settings import ENV_PREFIX, Settings
 from mnistops.stack import process
-from mnistops.stack.credentials import write_private
 from mnistops.stack.state import Report, StackError, log_dir, run_dir, state_lock
 
 WORKER_PREFIX = "worker-"

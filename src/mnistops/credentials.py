@@ -1,4 +1,7 @@
-"""Access keys for the embedded object store, generated once, kept 0600 in the state dir."""
+"""The local stack's generated secrets, each made once and kept 0600 in the state dir:
+the object store's access keys, the MLflow and Prefect logins, and the model signing
+key. Below the clients (which read them) and the stack (which starts services with
+them)."""
 
 from __future__ import annotations
 
