@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from mnistops.credentials import S3Keys, load_keys
 from mnistops.settings import Settings
-from mnistops.stack.credentials import S3Keys, load_keys
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -102,7 +102,7 @@ def prefect_auth(settings: Settings) -> str | None:
     if settings.prefect.auth_string is not None:
         return settings.prefect.auth_string.get_secret_value()
     if settings.prefect.api_url is None and settings.prefect_login_on:
-        from mnistops.stack.credentials import ensure_prefect_auth
+        from mnistops.credentials import ensure_prefect_auth
 
         return ensure_prefect_auth(settings.home)
     return None
@@ -114,7 +114,7 @@ def mlflow_login(settings: Settings) -> tuple[str, str] | None:
     if mlflow.username and mlflow.password is not None:
         return mlflow.username, mlflow.password.get_secret_value()
     if mlflow.tracking_uri is None and settings.mlflow_login_on:
-        from mnistops.stack.credentials import ensure_mlflow_auth
+        from mnistops.credentials import ensure_mlflow_auth
 
         auth = ensure_mlflow_auth(settings.home)
         return auth.username, auth.password
@@ -129,7 +129,7 @@ def model_signing_key(settings: Settings) -> bytes | None:
     if configured is not None:
         return configured.get_secret_value().encode()
     if settings.mlflow.tracking_uri is None:
-        from mnistops.stack.credentials import ensure_model_key
+        from mnistops.credentials import ensure_model_key
 
         return ensure_model_key(settings.home).encode()
     return None
@@ -242,7 +242,7 @@ def mlflow_module_functions(settings: Settings) -> Iterator[None]:
 @contextmanager
 def mlflow_tracking_uri(uri: str) -> Iterator[None]:
     """MLflow's module-level tracking URI set to `uri` inside the block only."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from mnistops import compat
 
-    with _use_tracking_uri(uri):
+    with compat.mlflow_tracking_uri(uri):
         yield

@@ -70,7 +70,7 @@ AUTOMATIC_RUN_PARAMETERS = {"skip_if_unchanged": True}
 nothing when a registered model already learned this data with this recipe"""
 
 
-def _runner_deployment(settings: Settings):
+def _runner_deployment(settings: Settings) -> Any:
     from prefect.client.schemas.actions import DeploymentScheduleCreate
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.events import DeploymentEventTrigger
@@ -143,15 +143,19 @@ def _create_pool(client: SyncPrefectClient, name: str) -> bool:
     return True
 
 
-def _trigger_of(automation) -> tuple:
+def _trigger_of(automation: Any) -> tuple[list[str], list[Any], bool]:
     """What a deployment trigger's automation does: the events it expects, the
     parameters its run gets, whether it is on."""
     parameters = [getattr(a, "parameters", None) for a in automation.actions]
     return (sorted(automation.trigger.expect), parameters, automation.enabled)
 
 
-def _matches(existing, wanted, automations: list) -> bool:
+def _matches(existing: Any, wanted: Any, automations: list[Any]) -> bool:
     """The deployment on the server is what `deploy` would make: every field it sets."""
+    from prefect.utilities.callables import parameter_schema
+
+    from mnistops.flows.retrain import mnist_flow
+
     (schedule,) = wanted.schedules
     same_schedule = len(existing.schedules) == 1 and (
         existing.schedules[0].schedule.model_dump() == schedule.schedule.model_dump()
@@ -167,7 +171,7 @@ def _matches(existing, wanted, automations: list) -> bool:
         and existing.work_queue_name == wanted.work_queue_name
         and existing.parameters == wanted.parameters
         and _schema(existing.parameter_openapi_schema)
-        == _schema(wanted._parameter_openapi_schema.model_dump())
+        == _schema(parameter_schema(mnist_flow).model_dump())
         and _concurrency_limit(existing) == 1
         and options is not None
         and options.collision_strategy == wanted.concurrency_options.collision_strategy
@@ -182,7 +186,7 @@ def _schema(schema: dict[str, Any] | None) -> dict[str, Any]:
     return {key: value for key, value in (schema or {}).items() if value not in (None, [], {})}
 
 
-def _concurrency_limit(deployment) -> int | None:
+def _concurrency_limit(deployment: Any) -> int | None:
     limit = getattr(deployment, "global_concurrency_limit", None)
     return limit.limit if limit is not None else None
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from mnistops.compat import is_cron_without_dates
 from mnistops.settings import ConfigError, Settings
 
 
@@ -44,7 +45,6 @@ def next_runs(settings: Settings, count: int = 3) -> list[datetime]:
     import datetime as dt
     import re
 
-    from prefect._vendor.croniter.croniter import CroniterBadDateError
     from prefect.server.schemas import schedules as planned
 
     schedule = build_schedule(settings)
@@ -61,11 +61,13 @@ def next_runs(settings: Settings, count: int = 3) -> list[datetime]:
             )
     server = getattr(planned, type(schedule).__name__).model_validate(schedule.model_dump())
     try:
-        dates = asyncio.run(server.get_dates(n=count, start=now))
-    except CroniterBadDateError:
+        dates: list[datetime] = asyncio.run(server.get_dates(n=count, start=now))
+    except Exception as exc:
+        if not is_cron_without_dates(exc):
+            if isinstance(exc, ValueError):
+                raise ConfigError(f"{where}: Prefect cannot plan this schedule ({exc})") from None
+            raise
         dates = []
-    except ValueError as exc:
-        raise ConfigError(f"{where}: Prefect cannot plan this schedule ({exc})") from None
     if not dates:
         raise ConfigError(f"{where}: the schedule never fires again (no date matches it)")
     return dates

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnistops.compat import bf16_is_native
 from mnistops.errors import MnistopsError
 from mnistops.settings import HyperParameters
 from mnistops.train import models
@@ -87,14 +88,6 @@ def pick_device(wanted: str) -> str:
     return wanted
 
 
-def with_overrides(hyp: HyperParameters, *layers: dict[str, object] | None) -> HyperParameters:
-    """`hyp` with each layer's values on top (None values ignored), validated again."""
-    merged = hyp.model_dump()
-    for layer in layers:
-        merged.update({k: v for k, v in (layer or {}).items() if v is not None})
-    return HyperParameters(**merged)
-
-
 def check_hyperparameters(hyp: HyperParameters) -> None:
     """What pydantic does not see: the model name must be one we have."""
     if hyp.model not in models.MODELS:
@@ -159,7 +152,7 @@ def uses_bf16(hyp: HyperParameters, device: str) -> bool:
     """bf16 training steps: asked for, or `auto` on a CPU with native bf16 (oneDNN)."""
     if device != "cpu" or hyp.precision == "fp32":
         return False
-    return hyp.precision == "bf16" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return hyp.precision == "bf16" or bf16_is_native()
 
 
 def fit(

@@ -1,0 +1,94 @@
+"""Every use of a dependency's private API, in one place, each with a way out.
+
+An upgrade of MLflow, Prefect, PyTorch or uvicorn may rename what is private to them.
+Each function here uses the private name only where no public one does the job, and
+falls back to a public way (or a safe default) when the private one is gone;
+`tests/test_compat.py` fails with a clear message when one of them changed, so an
+upgrade is caught by the suite, not in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+@contextmanager
+def mlflow_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's module-level tracking URI set to `uri` inside the block only.
+
+    Private: `mlflow.tracking._tracking_service.utils._use_tracking_uri`, which also puts
+    back the `MLFLOW_TRACKING_URI` variable MLflow exports. Public fallback: set the URI
+    and set the previous one again afterwards."""
+    use = private_tracking_uri_setter()
+    if use is not None:
+        with use(uri):
+            yield
+        return
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def private_tracking_uri_setter() -> Any:
+    """MLflow's `_use_tracking_uri`, or None where this MLflow has none."""
+    try:
+        module = importlib.import_module("mlflow.tracking._tracking_service.utils")
+    except ImportError:
+        return None
+    return getattr(module, "_use_tracking_uri", None)
+
+
+def bf16_is_native() -> bool:
+    """Whether this CPU runs bf16 matrix work natively (oneDNN's own test).
+
+    Private: `torch.ops.mkldnn._is_mkldnn_bf16_supported`; PyTorch has no public
+    equivalent. Without it: False, so training stays fp32, which is always correct."""
+    import torch
+
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if check is None:
+        return False
+    return bool(check())
+
+
+def is_cron_without_dates(exc: BaseException) -> bool:
+    """Whether `exc` is croniter's "no date matches" (Prefect vendors croniter under a
+    private module; its class is matched by name where the module moved)."""
+    try:
+        module = importlib.import_module("prefect._vendor.croniter.croniter")
+        return isinstance(exc, module.CroniterBadDateError)
+    except (ImportError, AttributeError):
+        return type(exc).__name__ == "CroniterBadDateError"
+
+
+HTTP_PROTOCOL_HOOKS = (
+    "connection_made",
+    "connection_lost",
+    "on_message_complete",
+    "on_response_complete",
+)
+"""the methods of uvicorn's httptools protocol that `serving.connections` extends"""
+
+
+def uvicorn_http_protocol() -> type:
+    """uvicorn's httptools HTTP protocol class, which `serving.connections` extends.
+    uvicorn documents `http=` as taking a protocol class, not this class's internals
+    (its `connections`, `cycle`, `loop` and `transport` are used too: the connection
+    tests exercise them). RuntimeError names a hook that is gone, at `serve`'s start."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    missing = [name for name in HTTP_PROTOCOL_HOOKS if not hasattr(HttpToolsProtocol, name)]
+    if missing:
+        raise RuntimeError(
+            f"uvicorn's HttpToolsProtocol has no {', '.join(missing)} any more:"
+            " serving/connections.py must be adapted to this uvicorn"
+        )
+    return HttpToolsProtocol

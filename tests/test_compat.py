@@ -1,0 +1,56 @@
+"""The private APIs of our dependencies that `compat.py` uses are still there, and each
+fallback works: an upgrade that renames one fails here, with the name, not mid-run."""
+
+from __future__ import annotations
+
+import pytest
+
+from mnistops import compat
+
+pytestmark = pytest.mark.unit
+
+
+def test_mlflow_still_has_its_scoped_tracking_uri() -> None:
+    import mlflow
+
+    assert compat.private_tracking_uri_setter() is not None, (
+        "mlflow.tracking._tracking_service.utils._use_tracking_uri is gone:"
+        " compat.mlflow_tracking_uri now uses its public fallback; check it"
+    )
+    before = mlflow.get_tracking_uri()
+    with compat.mlflow_tracking_uri("http://127.0.0.1:1"):
+        assert mlflow.get_tracking_uri() == "http://127.0.0.1:1"
+    assert mlflow.get_tracking_uri() == before
+
+
+def test_the_public_fallback_puts_the_uri_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    monkeypatch.setattr(compat, "private_tracking_uri_setter", lambda: None)
+    before = mlflow.get_tracking_uri()
+    with compat.mlflow_tracking_uri("http://127.0.0.1:2"):
+        assert mlflow.get_tracking_uri() == "http://127.0.0.1:2"
+    assert mlflow.get_tracking_uri() == before
+
+
+def test_torch_still_says_whether_bf16_is_native() -> None:
+    import torch
+
+    assert hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported"), (
+        "torch.ops.mkldnn._is_mkldnn_bf16_supported is gone: compat.bf16_is_native now"
+        " says False everywhere (training in fp32); find its successor"
+    )
+    assert isinstance(compat.bf16_is_native(), bool)
+
+
+def test_prefect_still_vendors_croniter_as_we_catch_it() -> None:
+    import importlib
+
+    module = importlib.import_module("prefect._vendor.croniter.croniter")
+    error = module.CroniterBadDateError("no date")
+    assert compat.is_cron_without_dates(error)
+    assert not compat.is_cron_without_dates(ValueError("other"))
+
+
+def test_uvicorn_still_has_the_protocol_hooks_we_extend() -> None:
+    assert compat.uvicorn_http_protocol().__name__ == "HttpToolsProtocol"
