@@ -92,6 +92,37 @@ def test_it_answers_like_predict(service: tuple[str, Path]) -> None:
     assert "image/png" in predict["requestBody"]["content"]
 
 
+def test_answers_are_what_the_openapi_schema_says(service: tuple[str, Path]) -> None:
+    """/predict's answers, from the fast path and from the route alike, are declared in
+    /openapi.json: the request's content type, the status, and the JSON's schema."""
+    import jsonschema
+
+    url, config_dir = service
+    settings = load_settings(config_dir)
+    spec = httpx.get(f"{url}/openapi.json").json()
+    operation = spec["paths"]["/predict"]["post"]
+    image = sorted((settings.mnist_dir / "test" / "2").glob("*.png"))[0].read_bytes()
+    requests = {
+        "a PNG": dict(content=image, headers={"Content-Type": "image/png"}),
+        "a multipart upload": dict(files={"file": ("d.png", image)}),
+        "a JSON batch": dict(json={"images": [base64.b64encode(image).decode()] * 2}),
+        "a broken PNG": dict(content=image[:40], headers={"Content-Type": "image/png"}),
+        "a JSON of the wrong shape": dict(json={"images": [[1, 2, 3]]}),
+        "too large": dict(content=b"0" * (9 << 20), headers={"Content-Type": "image/png"}),
+    }
+    statuses = set()
+    for case, request in requests.items():
+        answer = httpx.post(f"{url}/predict", timeout=30, **request)
+        sent = answer.request.headers["content-type"].split(";")[0]
+        assert sent in operation["requestBody"]["content"], (case, sent)
+        declared = operation["responses"].get(str(answer.status_code))
+        assert declared is not None, (case, answer.status_code, answer.text)
+        schema = {**declared["content"]["application/json"]["schema"], **spec}
+        jsonschema.validate(answer.json(), schema)
+        statuses.add(answer.status_code)
+    assert statuses == {200, 400, 413, 422}, statuses
+
+
 def test_a_moved_champion_is_served_with_no_failed_request(service: tuple[str, Path]) -> None:
     url, config_dir = service
     settings = load_settings(config_dir)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mnistops.settings import Settings
+from mnistops.tracking.contract import CHAMPION, DATA_VERSION_TAG
 
 log = logging.getLogger("mnistops.serve")
 
@@ -36,7 +37,7 @@ class Served:
         return {
             "name": self.name,
             "version": self.version,
-            "alias": "champion",
+            "alias": CHAMPION,
             "data_version": self.data_version,
             "test_accuracy": self.test_accuracy,
             "run_id": self.run_id,
@@ -71,7 +72,7 @@ def load_served(settings: Settings, version: Any) -> Served:
         settings.model_registry.name,
         str(version.version),
         module,
-        tags.get("data_version"),
+        tags.get(DATA_VERSION_TAG),
         accuracy_of(client, version),
         version.run_id,
         run_url,

@@ -18,8 +18,7 @@ import asyncio
 import resource
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
+from mnistops.compat import uvicorn_http_protocol
 from mnistops.serving.metrics import Metrics
 
 FILES_KEPT_FREE = 256
@@ -44,52 +43,66 @@ def connection_cap(wanted: int, file_limit: int) -> int:
     return max(16, min(wanted, file_limit - FILES_KEPT_FREE))
 
 
-def bounded_protocol(timeout_s: float, max_connections: int, counters: Metrics) -> type:
-    """uvicorn's httptools protocol with a deadline per request and a connection cap."""
+_UVICORN_HTTP: Any = uvicorn_http_protocol()
 
-    class Bounded(HttpToolsProtocol):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._deadline: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            full = len(self.connections) >= max_connections
-            super().connection_made(transport)
-            if full:
-                counters.connections_refused += 1
-                transport.abort()
-                return
-            self._arm()
+class BoundedHttp(_UVICORN_HTTP):  # type: ignore[misc]  # uvicorn's class, checked by compat
+    """uvicorn's httptools protocol with a deadline per request and a connection cap;
+    `bounded_protocol` sets the three class attributes."""
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
+    timeout_s: float = 5.0
+    max_connections: int = 10_000
+    counters: Metrics
 
-        def on_message_complete(self) -> None:
-            self._disarm()  # the request is whole: answering it takes what it takes
-            super().on_message_complete()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()  # the next request on this connection has its own deadline
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        full = len(self.connections) >= self.max_connections
+        super().connection_made(transport)
+        if full:
+            self.counters.connections_refused += 1
+            transport.abort()
+            return
+        self._arm()
 
-        def _arm(self) -> None:
-            self._disarm()
-            self._deadline = self.loop.call_later(timeout_s, self._expire)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
-        def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
+    def on_message_complete(self) -> None:
+        self._disarm()  # the request is whole: answering it takes what it takes
+        super().on_message_complete()
 
-        def _expire(self) -> None:
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()  # the next request on this connection has its own deadline
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.timeout_s, self._expire)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
             self._deadline = None
-            cycle = self.cycle
-            if cycle is not None and not cycle.more_body and not cycle.response_complete:
-                return  # the last request arrived whole (pipelined) and is being answered
-            if not self.transport.is_closing():
-                counters.connections_timed_out += 1
-                self.transport.abort()
 
-    return Bounded
+    def _expire(self) -> None:
+        self._deadline = None
+        cycle = self.cycle
+        if cycle is not None and not cycle.more_body and not cycle.response_complete:
+            return  # the last request arrived whole (pipelined) and is being answered
+        if not self.transport.is_closing():
+            self.counters.connections_timed_out += 1
+            self.transport.abort()
+
+
+def bounded_protocol(timeout_s: float, max_connections: int, counters: Metrics) -> type:
+    """The protocol class for uvicorn's `http=`, with these bounds and counters."""
+    return type(
+        "Bounded",
+        (BoundedHttp,),
+        {"timeout_s": timeout_s, "max_connections": max_connections, "counters": counters},
+    )

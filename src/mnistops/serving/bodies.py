@@ -1,0 +1,196 @@
+"""What a /predict request holds, and the answer made of it.
+
+The body of a request is bytes: a PNG or JPEG (converted the MNIST way, by the same
+function as `mnistops predict`), a multipart upload of one, or JSON images. Everything
+here is decoded in memory with caps (body size, batch size, pixels): nothing a request
+sends is used as a file name or a URL. `Predictor.answer` turns a body into the HTTP
+status and JSON that both the fast path and the route send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import HTTPException, Request
+from PIL import Image
+
+from mnistops.predict import PredictError, image_from_bytes
+from mnistops.serving.batching import NoModel
+from mnistops.serving.metrics import Metrics
+from mnistops.settings import Settings
+
+
+class Refused(HTTPException):
+    """A request the service will not answer; `detail` says why."""
+
+
+class Predictor:
+    """A body in, an answer out: what POST /predict does, whichever way it arrives."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, state: dict[str, Any]) -> None:
+        self.limit = settings.serve.max_body_bytes
+        self.max_batch = settings.serve.max_batch
+        self.metrics = metrics
+        self.state = state
+        self.decoding = ThreadPoolExecutor(2, thread_name_prefix="decode")
+
+    async def answer(self, kind: str, body: bytes) -> tuple[int, bytes]:
+        """(HTTP status, JSON body) for a request body of content type `kind`.
+
+        A small image is converted right here (a fraction of a millisecond); a batch or a
+        large image in a thread, so that it never holds up the other requests."""
+        try:
+            if heavy(kind, body):
+                images, single = await asyncio.get_running_loop().run_in_executor(
+                    self.decoding, images_in, kind, body, self.max_batch
+                )
+            else:
+                images, single = images_in(kind, body, self.max_batch)
+            probs, served = await self.state["batcher"].predict(images)
+        except HTTPException as exc:
+            return exc.status_code, orjson.dumps({"detail": exc.detail})
+        except NoModel:
+            return 503, orjson.dumps({"detail": "no champion is loaded yet"})
+        rows = [answer_row(p) for p in probs]
+        self.metrics.predicted([row["digit"] for row in rows])
+        model = {"model_name": served.name, "model_version": served.version}
+        return 200, orjson.dumps({**rows[0], **model} if single else {"predictions": rows, **model})
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused past `limit` bytes (memory stays bounded)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Refused(413, f"the body is {int(declared)} bytes: at most {limit} are accepted")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Refused(413, f"the body is over {limit} bytes: at most {limit} are accepted")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def too_large(what: str, limit: int) -> bytes:
+    return orjson.dumps({"detail": f"{what}: at most {limit} are accepted"})
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+INLINE_PIXELS = 1_000_000
+"""images up to this size are converted on the event loop; larger ones in a thread"""
+
+
+def heavy(kind: str, body: bytes) -> bool:
+    """A JSON batch, or an image that declares more than INLINE_PIXELS (read from its
+    header, without decoding it)."""
+    if kind in ("application/json", "text/json"):
+        return True
+    if body[:8] == PNG_SIGNATURE and body[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", body[16:24])
+        return bool(width * height > INLINE_PIXELS)
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001  not an image: refused quickly where it is read
+        return False
+    return width * height > INLINE_PIXELS
+
+
+def images_in(kind: str, body: bytes, max_batch: int) -> tuple[np.ndarray, bool]:
+    """(N, 1, 28, 28) float32 images of a request body, and whether it sent one image."""
+    if not body:
+        raise Refused(400, "the body is empty: send a PNG or JPEG, or JSON images")
+    if kind in ("application/json", "text/json"):
+        return _json_images(body, max_batch), False
+    return _converted(body, "the upload")[None], True
+
+
+async def uploaded_file(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is None or not declared.isdigit():
+        raise Refused(
+            411, "a multipart upload needs a Content-Length (or send the image as the body)"
+        )
+    if int(declared) > limit:
+        raise Refused(413, f"the body is {int(declared)} bytes: at most {limit} are accepted")
+    try:
+        form = await request.form(max_files=1, max_fields=10, max_part_size=limit)
+    except Exception as exc:  # noqa: BLE001  a malformed multipart body
+        raise Refused(400, f"the multipart body cannot be read ({exc})") from None
+    uploads = [v for v in form.values() if hasattr(v, "read")]
+    if len(uploads) != 1:
+        raise Refused(400, "send one file in the multipart form (e.g. curl -F file=@digit.png)")
+    data = await uploads[0].read()
+    if len(data) > limit:
+        raise Refused(413, f"the file is over {limit} bytes")
+    return bytes(data)
+
+
+def _converted(data: bytes, name: str) -> np.ndarray:
+    try:
+        return image_from_bytes(data, name)[None].astype(np.float32)
+    except PredictError as exc:
+        raise Refused(400, str(exc)) from None
+
+
+def _json_images(body: bytes, max_batch: int) -> np.ndarray:
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        raise Refused(400, "the body is not JSON") from None
+    items = document.get("images") if isinstance(document, dict) else document
+    if not isinstance(items, list) or not items:
+        raise Refused(
+            422,
+            'expected a non-empty list of images (or {"images": [...]}): each a 28x28'
+            " array of numbers 0-255, or a base64-encoded PNG or JPEG",
+        )
+    if len(items) > max_batch:
+        raise Refused(413, f"a batch of {len(items)} images: at most {max_batch} are accepted")
+    return np.stack([_json_image(item, i) for i, item in enumerate(items)])
+
+
+def _json_image(item: object, index: int) -> np.ndarray:
+    where = f"images[{index}]"
+    if isinstance(item, str):
+        return _converted(_base64(item, where), where)
+    try:
+        array = np.asarray(item, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError):
+        raise Refused(422, f"{where}: not a 28x28 array of numbers") from None
+    if array.shape != (28, 28):
+        raise Refused(422, f"{where}: shape {list(array.shape)}, expected 28x28")
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
+        raise Refused(422, f"{where}: values must be numbers from 0 to 255")
+    return (array / 255.0).astype(np.float32)[None]
+
+
+def _base64(text: str, where: str) -> bytes:
+    """The bytes of base64 text: standard or URL-safe, wrapped or not, or a data: URL."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    compact = "".join(text.split())
+    for altchars in (None, b"-_"):
+        try:
+            return base64.b64decode(compact, altchars=altchars, validate=True)
+        except (binascii.Error, ValueError):
+            continue
+    raise Refused(422, f"{where}: not base64")
+
+
+def answer_row(probs: np.ndarray) -> dict[str, Any]:
+    digit = int(probs.argmax())
+    return {
+        "digit": digit,
+        "confidence": round(float(probs[digit]), 6),
+        "probabilities": [round(float(p), 6) for p in probs],
+    }
