@@ -167,7 +167,7 @@ def client_config(stack_settings: Settings, root: Path, bucket: str | None = Non
     """A config dir for a machine that uses the session's stack from outside: its own state
     dir and data dir, the stack's URLs and keys, and (optionally) its own DVC bucket."""
     from mnistops.clients import s3_client
-    from mnistops.stack.credentials import ensure_model_key, load_keys
+    from mnistops.credentials import ensure_model_key, load_keys
 
     keys = load_keys(stack_settings.home)
     assert keys is not None

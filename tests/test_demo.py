@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
 from mnistops.clients import prefect_client
-from mnistops.data import registry
+from mnistops.data import reader
 from mnistops.settings import Settings
 from mnistops.tracking.registry import CHALLENGER_TAG, CHAMPION_REASON_TAG, champion, versions
 from mnistops.tracking.runs import experiment_runs
@@ -64,7 +64,7 @@ def test_demo_tells_the_whole_story(demo_run: dict) -> None:
     assert "a deployed retraining will start" not in said
     assert "no deployment listens for it yet" in said, "v1.0 is published before deploy"
 
-    assert [r.tag for r in registry.list_versions(settings)] == ["v1.0", "v2.0"]
+    assert [r.tag for r in reader.list_versions(settings)] == ["v1.0", "v2.0"]
 
     runs = experiment_runs(settings)
     assert [(r.phase, r.data_version, r.status) for r in runs] == [
@@ -127,7 +127,7 @@ def test_demo_again_reuses_what_exists(demo_run: dict) -> None:
     assert "the worker for this pool runs already" in text
     assert "the prediction service runs already" in text
     assert "no new data" in text
-    assert [r.tag for r in registry.list_versions(settings)] == ["v1.0", "v2.0"]
+    assert [r.tag for r in reader.list_versions(settings)] == ["v1.0", "v2.0"]
     assert len(experiment_runs(settings)) == 2
     assert (
         len(versions(MlflowClient(settings.mlflow_uri), settings.model_registry.name))

@@ -7,7 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mnistops.clients import prefect_client
-from mnistops.stack.credentials import load_keys, model_key_path
+from mnistops.credentials import load_keys, model_key_path
 from tests.helpers import run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]

@@ -13,14 +13,15 @@ pytestmark = pytest.mark.unit
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "mnistops"
 LAYERS = [
-    ("errors", "logs", "mlflow_plugin"),
+    ("errors", "logs", "mlflow_plugin", "compat"),
     ("settings",),
-    ("stack.credentials",),
+    ("credentials",),
     ("clients",),
     ("stack",),
     ("data",),
     ("train",),
     ("tracking",),
+    ("pipeline",),
     ("flows", "predict"),
     ("serving",),
     ("demo",),

@@ -81,14 +81,14 @@ def run_demo(
     settings: Settings, reporter: Reporter, fast: bool = False, n_epochs: int = DEMO_EPOCHS
 ) -> None:
     """The eight stages and the summary."""
-    from mnistops.data import registry
+    from mnistops.data import reader
 
     n_epochs = 1 if fast else n_epochs
     reporter.stage(1, "the stack: object store, MLflow tracking, Prefect server")
     start_stack(settings, reporter)
     reporter.stage(2, "MNIST as labelled PNG folders")
     ingest(settings, reporter, fast)
-    published = {r.tag for r in registry.list_versions(settings)}
+    published = {r.tag for r in reader.list_versions(settings)}
     reporter.stage(3, "data version v1.0")
     publish_once(settings, reporter, "v1.0", published, None)
     reporter.stage(4, "experimental training on v1.0, tracked in MLflow")
@@ -138,7 +138,7 @@ def publish_once(
     new_images: str | None,
 ) -> None:
     """Publish `tag` unless it exists; first add the images of the split `new_images`."""
-    from mnistops.data import registry
+    from mnistops.data import adding, registry
     from mnistops.flows.events import announce
 
     if tag in published:
@@ -146,7 +146,7 @@ def publish_once(
         return
     with reporter.progress() as progress_for:
         if new_images:
-            added = registry.add_images(settings, settings.mnist_dir / new_images, progress_for)
+            added = adding.add_images(settings, settings.mnist_dir / new_images, progress_for)
             reporter.say(
                 f"added {sum(added.values())} images to {settings.mnist_dir / 'train'}"
                 f" ({', '.join(f'{d}: {n}' for d, n in added.items()) or 'none new'})"
@@ -157,29 +157,30 @@ def publish_once(
 
 def model_trained_on(settings: Settings, tag: str) -> str | None:
     """The newest registered version trained on data version `tag`, if any."""
+    from mnistops.tracking.contract import DATA_VERSION_TAG
     from mnistops.tracking.registry import registered_versions
 
     found, _aliases = registered_versions(settings)
-    return next((v.version for v in found if (v.tags or {}).get("data_version") == tag), None)
+    return next((v.version for v in found if (v.tags or {}).get(DATA_VERSION_TAG) == tag), None)
 
 
 def experiment(settings: Settings, reporter: Reporter, tag: str, n_epochs: int, fast: bool) -> None:
     """Train on `tag` unless a registered model was trained on it already."""
-    from mnistops.tracking.runs import train_and_track
-    from mnistops.train import data
-    from mnistops.train.loop import with_overrides
+    from mnistops import pipeline
 
     found = model_trained_on(settings, tag)
     if found:
         reporter.say(f"{settings.model_registry.name} v{found} was trained on {tag}: kept")
         return
-    hyp = with_overrides(settings.hyperparameter, {"n_epochs": n_epochs})
+    hyp = pipeline.hyperparameters(
+        settings, pipeline.Layer({"n_epochs": n_epochs}, lambda _f: "mnistops demo --epochs")
+    )
+    pipeline.check_ready(settings, hyp)
     with reporter.busy("loading the data...") as report:
-        arrays = data.load_version(settings, tag, report)
-    if fast:
-        arrays = arrays.subset(settings.dataset.fast_fraction, hyp.random_seed)
+        arrays = pipeline.load_data(settings, tag, report=report)
+    arrays = pipeline.preprocess(settings, arrays, fast, hyp)
     with reporter.training(hyp, arrays) as hooks:
-        outcome = train_and_track(settings, hyp, arrays, "experimental", hooks=hooks)
+        outcome = pipeline.train(settings, hyp, arrays, "experimental", hooks=hooks)
     reporter.trained(outcome)
 
 
@@ -245,12 +246,13 @@ def serve(settings: Settings, reporter: Reporter) -> None:
 def summary(settings: Settings) -> Summary:
     """What the demo made: data versions, runs, the champion, the next scheduled run."""
     from mnistops.clients import mlflow_client
-    from mnistops.data import registry
+    from mnistops.data import reader
     from mnistops.flows.deployment import next_run
-    from mnistops.tracking.registry import CHAMPION_REASON_TAG, accuracy_of, champion
+    from mnistops.tracking.contract import CHAMPION_REASON_TAG, DATA_VERSION_TAG, PHASE_TAG
+    from mnistops.tracking.registry import accuracy_of, champion
     from mnistops.tracking.runs import experiment_runs
 
-    listing = registry.version_listing(settings)
+    listing = reader.version_listing(settings)
     client = mlflow_client(settings)
     name = settings.model_registry.name
     best = champion(client, name)
@@ -261,8 +263,8 @@ def summary(settings: Settings) -> Summary:
             name,
             best.version,
             accuracy_of(client, best),
-            tags.get("data_version"),
-            tags.get("phase"),
+            tags.get(DATA_VERSION_TAG),
+            tags.get(PHASE_TAG),
             tags.get(CHAMPION_REASON_TAG, "set by hand"),
         )
     return Summary(

@@ -20,6 +20,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mnistops.clients import model_signing_key
 from mnistops.settings import Settings, load_settings
 from mnistops.stack.locks import champion_lock_name, held
+from mnistops.tracking import contract as c
 from mnistops.tracking.model_files import record_tags
 from mnistops.tracking.predictions import LabelledImages, champion_predictions, log_predictions
 from mnistops.tracking.registry import (
@@ -282,7 +283,7 @@ def test_only_a_judged_version_makes_a_scheduled_run_skip(
     judged at all) does not count as 'already trained': only a judged one does."""
     from mnistops.flows.retrain import trained_on
     from mnistops.settings import load_settings
-    from mnistops.tracking import runs
+    from mnistops.tracking import registration
 
     settings = load_settings(client_config(stack_settings, tmp_path))
     name = f"skip-{uuid.uuid4().hex[:8]}"
@@ -290,10 +291,11 @@ def test_only_a_judged_version_makes_a_scheduled_run_skip(
     client = MlflowClient(stack_settings.mlflow_uri)
     client.create_registered_model(name)
     run, source = stand_in_model(client)
-    learned = {"data_content_hash": "c" * 64, runs.RECIPE_TAG: "r" * 16, runs.SUBSET_TAG: "false"}
+    learned = {c.DATA_HASH_TAG: "c" * 64, c.RECIPE_TAG: "r" * 16, c.SUBSET_TAG: "false"}
     unjudged = client.create_model_version(name, source=source, run_id=run, tags=learned)
     assert trained_on(settings, "c" * 64, "r" * 16)[0] is None
-    client.set_model_version_tag(name, unjudged.version, CHALLENGER_TAG, runs.INTERRUPTED_GATE)
+    interrupted = registration.INTERRUPTED_GATE
+    client.set_model_version_tag(name, unjudged.version, CHALLENGER_TAG, interrupted)
     assert trained_on(settings, "c" * 64, "r" * 16)[0] is None
     judged = client.create_model_version(
         name, source=source, run_id=run, tags={**learned, CHALLENGER_TAG: "not better"}

@@ -396,15 +396,15 @@ def test_mlflow_down_during_training_fails_clearly_and_champion_stays(
 def test_a_flipped_byte_in_the_object_cache_is_named_and_fetched_again(
     trainer: Path, first_run
 ) -> None:
-    from mnistops.data import registry
+    from mnistops.data import reader
     from mnistops.train.data import load_version
 
     settings, _client = client_of(trainer)
     clean = load_version(settings, "v1.0")
     (settings.home / "cache" / "arrays" / f"{clean.source.content_hash}.npz").unlink()
-    record = registry.find_record(settings, "v1.0")
+    record = reader.find_record(settings, "v1.0")
     pack = next(md5 for md5 in record.files.values() if md5 != record.manifest_md5)
-    cached = registry.cache_of(settings).path(pack)
+    cached = reader.cache_of(settings).path(pack)
     data = bytearray(cached.read_bytes())
     data[len(data) // 3] ^= 0x01
     cached.write_bytes(bytes(data))
@@ -412,7 +412,7 @@ def test_a_flipped_byte_in_the_object_cache_is_named_and_fetched_again(
     again = load_version(settings, "v1.0", said.append)
     assert any(pack in line and "corrupt" in line for line in said), said
     assert (again.train_x == clean.train_x).all() and (again.test_x == clean.test_x).all()
-    assert registry.cache_of(settings).path(pack).read_bytes() != bytes(data)
+    assert reader.cache_of(settings).path(pack).read_bytes() != bytes(data)
 
 
 @pytest.mark.integrity
@@ -506,7 +506,7 @@ def test_model_files_changed_in_the_store_or_disguised_are_refused(
     the gate treats such a champion as unusable."""
     from mnistops.clients import s3_client
     from mnistops.predict import model_cache
-    from mnistops.tracking.model_files import FILES_TAG, SIGNATURE_TAG
+    from mnistops.tracking.contract import FILES_TAG, SIGNATURE_TAG
 
     settings, client = client_of(trainer)
     name = settings.model_registry.name

@@ -64,10 +64,10 @@ def add(
 
 
 def add_images(cfg: Settings, folder: Path) -> None:
-    from mnistops.data import registry
+    from mnistops.data import adding
 
     with progress_bars() as progress_for:
-        added = registry.add_images(cfg, folder, progress_for)
+        added = adding.add_images(cfg, folder, progress_for)
     total = sum(added.values())
     per_class = ", ".join(f"{d}: {n}" for d, n in added.items())
     console.print(f"added {total} images to {cfg.mnist_dir / 'train'} ({per_class or 'none new'})")

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mnistops.cli._ui import HYP_OPTIONS, console, progress_bars, settings, spinner
-from mnistops.errors import BadInput, MnistopsError, as_bad_input
+from mnistops.errors import BadInput
 from mnistops.settings import HyperParameters, Settings
 
 if TYPE_CHECKING:
@@ -27,25 +27,9 @@ if TYPE_CHECKING:
 def hyperparameters(cfg: Settings, given: dict[str, Any]) -> HyperParameters:
     """hyp.yml's values with the command's options on top, validated (errors name the
     option, or the key of hyp.yml)."""
-    from pydantic import ValidationError
+    from mnistops import pipeline
 
-    from mnistops.train.loop import check_hyperparameters, with_overrides
-
-    chosen = {k: v for k, v in given.items() if v is not None}
-    try:
-        hyp = with_overrides(cfg.hyperparameter, chosen)
-    except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            field = str(error["loc"][0])
-            where = HYP_OPTIONS[field] if field in chosen else cfg.where(f"hyperparameter.{field}")
-            lines.append(f"{where}: {error['msg']}")
-        raise BadInput("invalid hyperparameters:\n  " + "\n  ".join(lines)) from None
-    try:
-        check_hyperparameters(hyp)
-    except MnistopsError as exc:
-        raise as_bad_input(exc) from None
-    return hyp
+    return pipeline.hyperparameters(cfg, pipeline.Layer(given, HYP_OPTIONS.__getitem__))
 
 
 def train(
@@ -114,39 +98,18 @@ def experiment(
 ) -> None:
     """An experimental training with what the user sees of it: the data loading, the
     progress per epoch, the result."""
-    from mnistops.tracking.runs import train_and_track
+    from mnistops import pipeline
 
-    arrays = training_data(cfg, hyp, data_version, data_dir, fast)
+    pipeline.check_ready(cfg, hyp)
+    with spinner("loading the data...") as report:
+        arrays = pipeline.load_data(cfg, data_version, data_dir, report)
+    if not arrays.source.tracked:
+        console.print(f"[yellow]untracked data[/]: {arrays.source.name}")
+    arrays = pipeline.preprocess(cfg, arrays, fast, hyp)
     announce_training(hyp, arrays)
     with training_progress(hyp, arrays) as hooks:
-        outcome = train_and_track(cfg, hyp, arrays, "experimental", hooks=hooks)
+        outcome = pipeline.train(cfg, hyp, arrays, "experimental", hooks=hooks)
     show_outcome(cfg, outcome)
-
-
-def training_data(
-    cfg: Settings,
-    hyp: HyperParameters,
-    data_version: str | None,
-    data_dir: Path | None,
-    fast: bool,
-) -> Arrays:
-    """The arrays to train on, after every check that can refuse them (bad input: 2)."""
-    from mnistops.tracking.server import check_tracking_server
-    from mnistops.train import data
-    from mnistops.train.loop import pick_device
-
-    try:
-        pick_device(hyp.device)
-    except MnistopsError as exc:
-        raise as_bad_input(exc) from None
-    check_tracking_server(cfg)
-    with spinner("loading the data...") as report:
-        if data_dir is not None:
-            arrays = data.load_folder(cfg, data_dir, report)
-            console.print(f"[yellow]untracked data[/]: {arrays.source.name}")
-        else:
-            arrays = data.load_version(cfg, data_version or "latest", report)
-    return arrays.subset(cfg.dataset.fast_fraction, hyp.random_seed) if fast else arrays
 
 
 def sigterm_interrupts() -> None:
@@ -295,8 +258,14 @@ def show_comparison(a: str, b: str) -> None:
 def show_models() -> None:
     from mnistops.clients import model_signing_key
     from mnistops.data.packs import shown
+    from mnistops.tracking.contract import (
+        ACCURACY_TAG,
+        CHALLENGER_TAG,
+        DATA_VERSION_TAG,
+        MODEL_TAG,
+    )
     from mnistops.tracking.model_files import record_problem
-    from mnistops.tracking.registry import ACCURACY_TAG, CHALLENGER_TAG, registered_versions
+    from mnistops.tracking.registry import registered_versions
 
     cfg = settings()
     found, alias_of = registered_versions(cfg)
@@ -317,9 +286,9 @@ def show_models() -> None:
         table.add_row(
             escape(v.version),
             time.strftime("%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000)),
-            tags.get("model", ""),
+            tags.get(MODEL_TAG, ""),
             accuracy_text,
-            tags.get("data_version", ""),
+            tags.get(DATA_VERSION_TAG, ""),
             gate_cell(v.tags or {}),
             ", ".join(escape(shown(a)) for a in alias_of.get(v.version, [])),
         )
@@ -337,7 +306,8 @@ def show_models() -> None:
 
 def gate_cell(tags: dict[str, str]) -> str:
     """The gate's decision in a few characters: moved, kept or first, and the p-value."""
-    from mnistops.tracking.registry import CHALLENGER_TAG, CHAMPION_REASON_TAG, evidence_of
+    from mnistops.tracking.contract import CHALLENGER_TAG, CHAMPION_REASON_TAG
+    from mnistops.tracking.registry import evidence_of
 
     if CHAMPION_REASON_TAG in tags:
         if tags[CHAMPION_REASON_TAG].startswith("first model"):
@@ -357,12 +327,13 @@ def gate_cell(tags: dict[str, str]) -> str:
 
 def gate_note(version: str, tags: dict[str, str]) -> str | None:
     """The gate's evidence for a version, in a sentence (tags escaped by the caller)."""
+    from mnistops.tracking.contract import GATE_TAGS
     from mnistops.tracking.registry import evidence_of
 
     evidence = evidence_of(tags)
     if evidence is None:
         return None
-    against = tags.get("gate_champion", "?")
+    against = tags.get(GATE_TAGS[0], "?")
     return f"v{version} against v{against}: {evidence.summary()}"
 
 

@@ -5,5 +5,7 @@
 - `packs`: how a version is stored (packs, manifest, record) and read back as untrusted
 - `remote`: a version's objects and record in the object store
 - `folders`: a version written out as PNG folders, all or nothing
-- `registry`: publish, list, pull and diff versions (the DVC project and its git tags)
+- `adding`: new labelled images merged into the training folders (`data add`)
+- `reader`: a published version read back: its record, its objects verified, its manifest
+- `registry`: publish, pull and diff versions (the DVC project and its git tags)
 """

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from mnistops.clients import library_defaults, s3_keys
 from mnistops.data import folders, images, packs, remote
@@ -265,7 +266,7 @@ def _publish(
             repo.push(remote=DVC_REMOTE)
         except packs.StoreError as exc:
             raise RegistryError(f"{exc}\n{unfinished}") from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  DVC's own errors: named, nothing published
             raise RegistryError(
                 f"pushing the data to {settings.s3_endpoint} failed ({type(exc).__name__}:"
                 f" {exc}). {unfinished}"
@@ -330,7 +331,7 @@ def _rows_before(
     record: packs.VersionRecord,
     newest: packs.VersionRecord | None,
     newest_rows: list[packs.ManifestRow],
-    client,
+    client: remote.S3Client,
 ) -> list[packs.ManifestRow]:
     """The manifest of the version the record says came before it (for --force on an
     older tag that is not the newest other version)."""
@@ -354,7 +355,7 @@ def _lay_out_dataset(folder: Path, files: dict[str, str], cache: packs.ObjectCac
         shutil.copyfile(cache.path(md5), target)
 
 
-def _changed_folders(target: Path, stamp: dict) -> list[str]:
+def _changed_folders(target: Path, stamp: dict[str, Any]) -> list[str]:
     counts = folders.folder_counts(target)
     stamped = stamp["folders"]
     return [f for f in sorted(set(counts) | set(stamped)) if counts.get(f) != stamped.get(f)]
@@ -440,60 +441,3 @@ def pull(
             " written there"
         ) from None
     return PullResult(record, target, len(rows), len(missing), False)
-
-
-def _sha256_of(path: Path) -> str:
-    import hashlib
-
-    try:
-        return hashlib.sha256(images.read_regular(path)).hexdigest()
-    except (OSError, images.ImageRefused):
-        return ""
-
-
-def add_images(
-    settings: Settings, source: Path, progress_for: ProgressFor = _no_progress
-) -> dict[int, int]:
-    """Merge `source/<digit>/*.png` into the training set; validate first, copy all or none."""
-    problems: list[tuple[Path, str]] = []
-    if not source.is_dir():
-        raise VersionRefused(f"{source}: not a folder of label folders 0-9")
-    found = []
-    for entry in sorted(source.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if not entry.is_dir() or entry.name not in images.DIGITS:
-            problems.append((entry, "expected only label folders 0-9"))
-            continue
-        found += [p for p in sorted(entry.iterdir()) if not p.name.startswith(".")]
-    results = images.check_files(found, source)
-    progress = progress_for("checking", len(found))
-    for path, (problem, _sha, _pixels) in zip(found, results, strict=True):
-        progress(1)
-        if problem:
-            problems.append((path, problem))
-    hashes = {path: (sha, pixels) for path, (_p, sha, pixels) in zip(found, results, strict=True)}
-    train = settings.mnist_dir / "train"
-    checked = [path for path, (problem, _s, _p) in zip(found, results, strict=True) if not problem]
-    clashes = [
-        (p, f"a different image with this name is in {train / p.parent.name}")
-        for p in checked
-        if (train / p.parent.name / p.name).exists()
-        and _sha256_of(train / p.parent.name / p.name) != hashes[p][0]
-    ]
-    problems += clashes
-    if problems:
-        raise images.InvalidDataset(problems)
-    added: Counter[int] = Counter()
-    copied: list[tuple[Path, str, str]] = []
-    copy_progress = progress_for("adding", len(found))
-    for path in found:
-        target = train / path.parent.name / path.name
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
-            copied.append((target, *hashes[path]))
-            added[int(path.parent.name)] += 1
-        copy_progress(1)
-    images.remember(images.index_path(settings.home), copied)
-    return dict(sorted(added.items()))

@@ -8,16 +8,20 @@ the code. Every step calls the same functions as `mnistops train`.
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Callable
+from typing import Any
+
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 from prefect.runtime import flow_run
 
+from mnistops import pipeline
 from mnistops.clients import library_defaults, mlflow_client
 from mnistops.settings import HyperParameters, Settings, load_settings
-from mnistops.tracking import runs
-from mnistops.tracking.registry import GateDecision
+from mnistops.tracking import contract as c
+from mnistops.tracking import registration, runs
+from mnistops.tracking.runs import RunOutcome, TrainingHooks
 from mnistops.tracking.significance import p_text
 from mnistops.train import data, loop
 
@@ -28,7 +32,7 @@ SUMMARY_KEY = "mnist-retraining"
 
 @task(name="Pulling dataset", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
 def pull_dataset(settings: Settings, data_version: str) -> data.Arrays:
-    arrays = data.load_version(settings, data_version, print)
+    arrays = pipeline.load_data(settings, data_version, report=print)
     print(
         f"data version {arrays.source.name}: {len(arrays.train_y)} training and"
         f" {len(arrays.test_y)} test images (content {arrays.source.content_hash[:12]})"
@@ -38,74 +42,58 @@ def pull_dataset(settings: Settings, data_version: str) -> data.Arrays:
 
 @task(name="Validating dataset", cache_policy=NO_CACHE)
 def validate_dataset(arrays: data.Arrays) -> None:
-    """What training relies on: 28x28 images, labels 0-9, every class present in both splits."""
-    for split, x, y in (
-        ("train", arrays.train_x, arrays.train_y),
-        ("test", arrays.test_x, arrays.test_y),
-    ):
-        if x.shape[1:] != (28, 28) or len(x) != len(y):
-            raise ValueError(f"{split}: images of shape {x.shape[1:]}, expected 28x28")
-        missing = sorted(set(range(10)) - set(np.unique(y).tolist()))
-        if missing:
-            raise ValueError(f"{split}: no image of digit(s) {missing}")
+    pipeline.validate(arrays)
     print("dataset valid: 28x28 images, every digit in train and test")
 
 
 @task(name="Preprocessing", cache_policy=NO_CACHE)
-def preprocess(arrays: data.Arrays, fast: bool, fraction: float, seed: int) -> data.Arrays:
+def preprocess(
+    settings: Settings, arrays: data.Arrays, fast: bool, hyp: HyperParameters
+) -> data.Arrays:
+    arrays = pipeline.preprocess(settings, arrays, fast, hyp)
     if fast:
-        arrays = arrays.subset(fraction, seed)
         print(f"fast mode: {len(arrays.train_y)} training images")
     return arrays
 
 
-@task(name="Model training", cache_policy=NO_CACHE)
-def train_model(run: runs.TrackedRun, hyp: HyperParameters, arrays: data.Arrays) -> loop.Fitted:
+RETRIES = {"Registering model": 2}
+"""the training steps that Prefect tries again (registering is safe to retry)"""
+
+
+def as_task(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """A step of `pipeline.train` as a Prefect task of this flow run."""
+    wrap = task(
+        name=name, cache_policy=NO_CACHE, retries=RETRIES.get(name, 0), retry_delay_seconds=5
+    )
+    return wrap(function)
+
+
+def print_epoch(hyp: HyperParameters) -> Callable[[loop.EpochMetrics], None]:
     def report(m: loop.EpochMetrics) -> None:
         print(
             f"epoch {m.epoch}/{hyp.n_epochs}: loss {m.train_loss:.4f} acc {m.train_accuracy:.4f}"
             f" | val loss {m.val_loss:.4f} acc {m.val_accuracy:.4f} | {m.seconds:.1f}s"
         )
 
-    return runs.fit_logged(run, hyp, arrays, on_epoch=report)
-
-
-@task(name="Evaluation", cache_policy=NO_CACHE)
-def evaluate_model(
-    settings: Settings, run: runs.TrackedRun, fitted: loop.Fitted, arrays: data.Arrays
-) -> loop.TrainResult:
-    result = runs.evaluate_logged(settings, run, fitted, arrays)
-    print(f"test accuracy {result.test.accuracy:.4f} (loss {result.test.loss:.4f})")
-    return result
-
-
-@task(name="Registering model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def register_model(
-    settings: Settings,
-    run: runs.TrackedRun,
-    hyp: HyperParameters,
-    arrays: data.Arrays,
-    result: loop.TrainResult,
-) -> tuple[str, GateDecision]:
-    return runs.register_logged(settings, run, hyp, arrays, result)
+    return report
 
 
 def trained_on(settings: Settings, content_hash: str, recipe: str) -> tuple[str | None, str]:
     """(the registered version already trained on this data with this recipe, or None;
     why). A model trained on a share of the data (`--fast`) never counts."""
-    from mnistops.tracking.registry import CHALLENGER_TAG, CHAMPION_REASON_TAG, versions
+    from mnistops.tracking.registry import versions
 
     client = mlflow_client(settings)
     same_data = []
     for version in versions(client, settings.model_registry.name):
         tags = version.tags or {}
-        if tags.get("data_content_hash") != content_hash or tags.get(runs.SUBSET_TAG) == "true":
+        if tags.get(c.DATA_HASH_TAG) != content_hash or tags.get(c.SUBSET_TAG) == "true":
             continue
-        if CHAMPION_REASON_TAG not in tags and CHALLENGER_TAG not in tags:
+        if c.CHAMPION_REASON_TAG not in tags and c.CHALLENGER_TAG not in tags:
             continue  # registered, but never judged by the gate (an interrupted run)
-        if tags.get(CHALLENGER_TAG) == runs.INTERRUPTED_GATE:
+        if tags.get(c.CHALLENGER_TAG) == registration.INTERRUPTED_GATE:
             continue
-        if tags.get(runs.RECIPE_TAG) == recipe:
+        if tags.get(c.RECIPE_TAG) == recipe:
             return version.version, (
                 f"model version {version.version} was trained on this data"
                 f" ({content_hash[:12]}) with this recipe ({recipe})"
@@ -117,17 +105,16 @@ def trained_on(settings: Settings, content_hash: str, recipe: str) -> tuple[str 
     return None, f"no registered model was trained on all of this data ({content_hash[:12]})"
 
 
-def _summary(
-    run: runs.TrackedRun, data_version: str, accuracy: float, decision: GateDecision
-) -> str:
+def _summary(outcome: RunOutcome) -> str:
+    decision = outcome.decision
     state = "**moved** to this model" if decision.moved else "stayed"
     lines = [
         "# MNIST retraining\n",
         "| | |",
         "|---|---|",
-        f"| MLflow run | [{run.run_id}]({run.url}) |",
-        f"| data version | {data_version} |",
-        f"| test accuracy | {accuracy:.2%} |",
+        f"| MLflow run | [{outcome.run_id}]({outcome.run_url}) |",
+        f"| data version | {outcome.data.name} |",
+        f"| test accuracy | {outcome.test_accuracy:.2%} |",
         f"| champion | {state}: {decision.reason} |",
     ]
     evidence = decision.evidence
@@ -158,7 +145,7 @@ def flow_run_ended(flow_run_id: str) -> str | None:
     return state.name if state is not None and state.is_final() else None
 
 
-def end_own_run(flow, flow_run, state) -> None:  # noqa: ARG001  Prefect passes all three
+def end_own_run(flow: Any, flow_run: Any, state: Any) -> None:
     """on_crashed / on_cancellation: the MLflow run of this flow run is KILLED, not left
     RUNNING. (A run whose process was killed outright is ended by the next flow run.)"""
     settings = load_settings()
@@ -195,23 +182,22 @@ def mnist_flow(
     """
     library_defaults()
     settings = load_settings()
-    hyp = loop.with_overrides(
-        settings.hyperparameter,
-        hyperparameters,
-        {"n_epochs": 1} if fast else None,
-        {
-            "model": model,
-            "n_epochs": n_epochs,
-            "batch_size": batch_size,
-            "learning_rate": learning_rate,
-            "random_seed": random_seed,
-            "val_size": val_size,
-            "device": device,
-        },
+    parameters = {
+        "model": model,
+        "n_epochs": n_epochs,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "random_seed": random_seed,
+        "val_size": val_size,
+        "device": device,
+    }
+    hyp = pipeline.hyperparameters(
+        settings,
+        pipeline.Layer(hyperparameters, lambda f: f"the deployment's hyperparameters.{f}"),
+        pipeline.Layer({"n_epochs": 1} if fast else None, lambda _f: "the parameter fast"),
+        pipeline.Layer(parameters, lambda f: f"the flow run's parameter {f}"),
     )
-    loop.check_hyperparameters(hyp)
-    loop.pick_device(hyp.device)
-    runs.check_tracking_server(settings)
+    pipeline.check_ready(settings, hyp)
     for orphan in runs.end_orphans(settings, flow_run_ended):
         print(f"MLflow run {orphan} of an earlier flow run that ended without it: now KILLED")
     arrays = pull_dataset(settings, data_version)
@@ -225,37 +211,25 @@ def mnist_flow(
             return {"skipped": True, "reason": message}
         print(f"training: {why}")
     validate_dataset(arrays)
-    arrays = preprocess(arrays, fast, settings.dataset.fast_fraction, hyp.random_seed)
-    run = runs.begin(
-        settings,
-        hyp,
-        arrays,
-        "retraining",
-        {"prefect_flow_run_id": str(flow_run.id), "prefect_flow_run_name": str(flow_run.name)},
+    arrays = preprocess(settings, arrays, fast, hyp)
+    tags = {c.FLOW_RUN_ID_TAG: str(flow_run.id), c.FLOW_RUN_NAME_TAG: str(flow_run.name)}
+    hooks = TrainingHooks(
+        on_start=lambda url: print(f"MLflow run: {url}"), on_epoch=print_epoch(hyp)
     )
-    print(f"MLflow run: {run.url}")
-    try:
-        fitted = train_model(run, hyp, arrays)
-        result = evaluate_model(settings, run, fitted, arrays)
-        version, decision = register_model(settings, run, hyp, arrays, result)
-    except BaseException as exc:
-        runs.end(run, exc)
-        raise
-    runs.end(run)
+    outcome = pipeline.train(settings, hyp, arrays, "retraining", tags, hooks, as_task)
     create_markdown_artifact(
-        _summary(run, arrays.source.name, result.test.accuracy, decision),
-        key=SUMMARY_KEY,
-        description="MNIST retraining result",
+        _summary(outcome), key=SUMMARY_KEY, description="MNIST retraining result"
     )
+    decision = outcome.decision
     print(
-        f"model version {version}: test accuracy {result.test.accuracy:.2%};"
+        f"model version {outcome.model_version}: test accuracy {outcome.test_accuracy:.2%};"
         f" champion {'moved' if decision.moved else 'stayed'} ({decision.reason})"
     )
     return {
         "skipped": False,
-        "run_id": run.run_id,
-        "model_version": version,
-        "test_accuracy": result.test.accuracy,
+        "run_id": outcome.run_id,
+        "model_version": outcome.model_version,
+        "test_accuracy": outcome.test_accuracy,
         "champion_moved": decision.moved,
-        "data_version": arrays.source.name,
+        "data_version": outcome.data.name,
     }

@@ -1,6 +1,11 @@
 """MLflow: every training tracked, every good model registered, `champion` guarded.
 
-- `runs`: a tracked training run (through its client and run id), what train and the flow call
+- `contract`: every tag, alias and metric name mnistops writes to MLflow (promised)
+- `runs`: the steps of a tracked training run (through its client and run id), which
+  `pipeline` runs for `mnistops train`, the demo and the flow
+- `registration`: a run's model logged, signed, registered and judged by the gate
+- `model_files`: the one way a registered model is loaded, and the signed record of its
+  files that allows it
 - `registry`: the model registry and its champion gate
 - `significance`: the gate's statistics (paired McNemar test, the worst digit)
 - `predictions`: each run's test predictions, stored for the gate

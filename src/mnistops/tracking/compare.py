@@ -16,8 +16,9 @@ from mlflow.exceptions import MlflowException
 
 from mnistops.errors import BadInput
 from mnistops.settings import Settings
+from mnistops.tracking.contract import ACCURACY_TAG, DATA_VERSION_TAG
 from mnistops.tracking.predictions import stored_digests, verified
-from mnistops.tracking.registry import ACCURACY_TAG, aliases, versions
+from mnistops.tracking.registry import aliases, versions
 from mnistops.tracking.significance import Paired, paired
 from mnistops.train.robustness import KINDS
 
@@ -139,7 +140,7 @@ def compare(client: MlflowClient, name: str, a_number: str, b_number: str) -> Co
             ", ".join(alias_of.get(a.version, [])),
             ", ".join(alias_of.get(b.version, [])),
         ),
-        Row("data version", ta.get("data_version", ""), tb.get("data_version", "")),
+        Row("data version", ta.get(DATA_VERSION_TAG, ""), tb.get(DATA_VERSION_TAG, "")),
         *(Row(p, pa.get(p, ""), pb.get(p, "")) for p in PARAMS if p in pa or p in pb),
         *_metric_rows(ma, mb),
     ]

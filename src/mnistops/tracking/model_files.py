@@ -34,17 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from mnistops.errors import MnistopsError
+from mnistops.errors import BadInput, MnistopsError
+from mnistops.settings import Settings
+from mnistops.tracking.contract import FILES_TAG, SIGNATURE_TAG, TRUSTED_BY_TAG
 
 FORMAT = "mnistops-npz-v1"
 WEIGHTS_NAME = "mnistops-weights.npz"
 WEIGHTS_PATH = f"extra_files/{WEIGHTS_NAME}"
-FILES_TAG = "model_files"
-"""on a version (and its run): JSON, path -> SHA-256 of every file of the model"""
-SIGNATURE_TAG = "model_signature"
-"""on a version: HMAC-SHA256 of `model_files` with the stack's model key"""
-TRUSTED_BY_TAG = "model_trusted_by"
-"""on a version registered elsewhere and trusted by hand: who, and when"""
 MLFLOW_ADDED = frozenset({"registered_model_meta"})
 """written by MLflow's client into every download of `models:/NAME/VERSION`"""
 MAX_WEIGHTS_BYTES = 64 * 1024 * 1024
@@ -121,6 +117,16 @@ def no_key_message(where: str) -> str:
         f" model_registry.signing_key ({where}) to the same random string of 32 or more"
         " characters on every machine that trains or loads models"
     )
+
+
+def signing_key(settings: Settings) -> bytes:
+    """The key that signs what this run registers; BadInput before any work without one."""
+    from mnistops.clients import model_signing_key
+
+    key = model_signing_key(settings)
+    if key is None:
+        raise BadInput(no_key_message(settings.where("model_registry.signing_key")))
+    return key
 
 
 def signed_record(tags: dict[str, str], key: bytes | None) -> dict[str, str]:

@@ -21,32 +21,21 @@ from mlflow.exceptions import MlflowException
 from mnistops.clients import mlflow_tracking_uri, model_signing_key
 from mnistops.errors import BadInput
 from mnistops.settings import Settings
+from mnistops.tracking.contract import (
+    ACCURACY_TAG,
+    CHALLENGER_TAG,
+    CHAMPION,
+    CHAMPION_REASON_TAG,
+    GATE_TAGS,
+    PREVIOUS_TAG,
+    PROMOTED_AT_TAG,
+    PROMOTED_BY_TAG,
+    PROMOTED_REASON_TAG,
+    RUN_ID_TAG,
+)
 from mnistops.tracking.model_files import ModelRefused, record_problem
 from mnistops.tracking.predictions import ChampionPredictions
 from mnistops.tracking.significance import Paired, judge, paired
-
-CHAMPION = "champion"
-CHALLENGER_TAG = "challenger"
-CHAMPION_REASON_TAG = "champion_reason"
-ACCURACY_TAG = "test_accuracy"
-PREVIOUS_TAG = "previous_champion"
-"""on a version that became champion: the version it replaced (what `rollback` goes back to)"""
-PROMOTED_BY_TAG = "promoted_by"
-PROMOTED_AT_TAG = "promoted_at"
-PROMOTED_REASON_TAG = "promoted_reason"
-
-
-GATE_TAGS = (
-    "gate_champion",
-    "gate_p_value",
-    "gate_new_errors",
-    "gate_champion_errors",
-    "gate_new_only",
-    "gate_champion_only",
-    "gate_worst_class",
-    "gate_worst_class_change",
-)
-"""on a judged version: the champion it was compared with and the paired evidence"""
 
 
 @dataclass(frozen=True)
@@ -120,14 +109,17 @@ def evidence_of(tags: dict[str, str]) -> Paired | None:
     """The gate's evidence as recorded on a version (None for a version never compared
     with a champion, or one whose tags are not what the gate writes)."""
     try:
+        (_, p_value, new_errors, champion_errors, new_only, champion_only, worst, change) = (
+            tags[key] for key in GATE_TAGS
+        )
         return Paired(
-            new_errors=int(tags["gate_new_errors"]),
-            champion_errors=int(tags["gate_champion_errors"]),
-            new_only=int(tags["gate_new_only"]),
-            champion_only=int(tags["gate_champion_only"]),
-            p_value=float(tags["gate_p_value"]),
-            worst_class=int(tags["gate_worst_class"]),
-            worst_class_change=float(tags["gate_worst_class_change"]),
+            new_errors=int(new_errors),
+            champion_errors=int(champion_errors),
+            new_only=int(new_only),
+            champion_only=int(champion_only),
+            p_value=float(p_value),
+            worst_class=int(worst),
+            worst_class_change=float(change),
         )
     except (KeyError, ValueError):
         return None
@@ -140,7 +132,7 @@ def _decided(client: MlflowClient, name: str, version: ModelVersion) -> GateDeci
     """The decision already recorded on a version (a retried registration), if any."""
     tags = version.tags or {}
     evidence = evidence_of(tags)
-    compared = tags.get("gate_champion")
+    compared = tags.get(GATE_TAGS[0])
     if CHAMPION_REASON_TAG in tags:
         return GateDecision(True, tags[CHAMPION_REASON_TAG], compared, evidence)
     if CHALLENGER_TAG in tags:
@@ -251,7 +243,7 @@ def _new_version(
     return client.create_model_version(
         name,
         source=model_uri,
-        run_id=tags["run_id"],
+        run_id=tags[RUN_ID_TAG],
         tags=tags,
         model_id=model_uri.removeprefix("models:/"),
     )
@@ -271,7 +263,7 @@ def register(
     Idempotent: a retry finds the version of its own run and finishes it (its tags, the
     gate) instead of registering another; a decision already made is kept.
     """
-    version = version_of_run(client, name, tags["run_id"])
+    version = version_of_run(client, name, tags[RUN_ID_TAG])
     if version is None:
         version = _new_version(client, name, model_uri, tags)
     else:

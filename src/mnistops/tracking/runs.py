@@ -14,23 +14,20 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 from mlflow import MlflowClient
 
-from mnistops.clients import mlflow_client, mlflow_module_functions, model_signing_key
-from mnistops.errors import BadInput, Interrupted
+from mnistops.clients import mlflow_client
 from mnistops.settings import HyperParameters, Settings
+from mnistops.tracking import contract as c
 from mnistops.tracking import model_files, plots
-from mnistops.tracking.predictions import LabelledImages, champion_predictions, log_predictions
-from mnistops.tracking.registry import ACCURACY_TAG, Candidate, GateDecision, GateRules, register
-from mnistops.tracking.server import TrackingError, check_tracking_server
+from mnistops.tracking.predictions import LabelledImages, log_predictions
+from mnistops.tracking.registry import GateDecision
+from mnistops.tracking.server import TrackingError
 from mnistops.train.data import Arrays, DataSource
 from mnistops.train.loop import (
     EpochMetrics,
     Fitted,
-    TrainingError,
     TrainResult,
     fit,
     pick_device,
@@ -91,28 +88,26 @@ def package_version() -> str:
 def run_tags(settings: Settings, source: DataSource, phase: str, device: str) -> dict[str, str]:
     user = settings.developer_name or getpass.getuser()
     tags = {
-        "phase": phase,
-        "device": device,
-        "data_version": source.name if source.tracked else "untracked",
-        "data_content_hash": source.content_hash,
-        "data_tracked": str(source.tracked).lower(),
-        "mnistops_version": package_version(),
-        "user": user,
-        "mlflow.user": user,
+        c.PHASE_TAG: phase,
+        c.DEVICE_TAG: device,
+        c.DATA_VERSION_TAG: source.name if source.tracked else "untracked",
+        c.DATA_HASH_TAG: source.content_hash,
+        c.DATA_TRACKED_TAG: str(source.tracked).lower(),
+        c.PACKAGE_VERSION_TAG: package_version(),
+        c.USER_TAG: user,
+        c.MLFLOW_USER_TAG: user,
     }
     if not source.tracked:
-        tags["data_folder"] = source.name
+        tags[c.DATA_FOLDER_TAG] = source.name
     if source.commit:
-        tags["data_registry_commit"] = source.commit
+        tags[c.DATA_COMMIT_TAG] = source.commit
     commit = code_commit()
     if commit:
-        tags["mlflow.source.git.commit"] = commit
-        tags["code_commit"] = commit
+        tags[c.MLFLOW_COMMIT_TAG] = commit
+        tags[c.CODE_COMMIT_TAG] = commit
     return tags
 
 
-RECIPE_TAG = "recipe"
-SUBSET_TAG = "data_subset"
 NOT_RECIPE = {"device", "threads"}
 """hyperparameters that do not change what is learned"""
 
@@ -140,6 +135,7 @@ def run_params(hyp: HyperParameters, arrays: Arrays, threads: int) -> dict[str, 
 
 def _log_dataset(run: TrackedRun, arrays: Arrays) -> None:
     from mlflow.data.numpy_dataset import from_numpy
+    from mlflow.entities import Dataset as DatasetEntity
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -156,7 +152,7 @@ def _log_dataset(run: TrackedRun, arrays: Arrays) -> None:
         run.run_id,
         datasets=[
             DatasetInput(
-                dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "training")]
+                DatasetEntity(**dataset.to_dict()), [InputTag(MLFLOW_DATASET_CONTEXT, "training")]
             )
         ],
     )
@@ -178,67 +174,6 @@ def _log_pictures(run: TrackedRun, arrays: Arrays, result: TrainResult) -> None:
         plots.close(fig)
 
 
-def _log_model(
-    settings: Settings, run: TrackedRun, hyp: HyperParameters, result: TrainResult, arrays: Arrays
-) -> Any:
-    """MLflow's PyTorch model (an exported `pt2` archive, for MLflow's own tools) with
-    mnistops' format beside it: the weights as plain arrays and the architecture's name
-    (`tracking.model_files`), the only thing mnistops ever loads."""
-    import tempfile
-
-    import mlflow
-    import torch
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
-    )
-    example = (arrays.test_x[:2].astype(np.float32) / 255.0)[:, None]
-    model = result.model.to("cpu")
-    with (
-        tempfile.TemporaryDirectory(prefix="weights-") as tmp,
-        mlflow_module_functions(settings),
-    ):
-        weights = model_files.save_weights(model, Path(tmp))
-        return mlflow.pytorch.log_model(
-            model,
-            name="model",
-            signature=signature,
-            input_example=example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
-            run_id=run.run_id,
-            serialization_format="pt2",
-            extra_files=[str(weights)],
-            metadata=model_files.metadata(hyp.model),
-        )
-
-
-def signing_key(settings: Settings) -> bytes:
-    """The key that signs what this run registers; BadInput before any work without one."""
-    key = model_signing_key(settings)
-    if key is None:
-        raise BadInput(model_files.no_key_message(settings.where("model_registry.signing_key")))
-    return key
-
-
-def model_record(client: MlflowClient, model_uri: str, key: bytes) -> dict[str, str]:
-    """The signed file record of a logged model, made from its files as the server
-    stores them (downloaded back), after checking they are in mnistops' format."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="model-record-") as tmp:
-        folder = model_files.download(client, model_uri, Path(tmp))
-        record = model_files.file_record(folder)
-        model_files.check_format(folder)
-    return model_files.record_tags(key, record)
-
-
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-"""without it, MLflow 3's UI opens an experiment on its GenAI pages, not on its runs"""
-
-
 def experiment_id(client: MlflowClient, name: str) -> str:
     """The experiment's id (made if missing), marked as one of model training."""
     from mlflow.exceptions import MlflowException
@@ -253,7 +188,7 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             raise TrackingError(f"the experiment '{name}' could not be created")
-    key, kind = EXPERIMENT_KIND
+    key, kind = c.EXPERIMENT_KIND
     if (experiment.tags or {}).get(key) != kind:
         client.set_experiment_tag(experiment.experiment_id, key, kind)
     return str(experiment.experiment_id)
@@ -269,7 +204,7 @@ def begin(
     """Open the run with its tags, params and dataset."""
     from mlflow.entities import Param
 
-    signing_key(settings)
+    model_files.signing_key(settings)
     client = mlflow_client(settings)
     exp_id = experiment_id(client, settings.experiment_name)
     tags = {
@@ -283,7 +218,7 @@ def begin(
         f"{settings.mlflow_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}",
         exp_id,
         phase,
-        tags["data_version"],
+        tags[c.DATA_VERSION_TAG],
     )
     try:
         params = run_params(hyp, arrays, thread_count(hyp))
@@ -295,7 +230,7 @@ def begin(
     return tracked
 
 
-def _log_metrics(run: TrackedRun, values: dict[str, float], step: int = 0) -> None:
+def log_metrics(run: TrackedRun, values: dict[str, float], step: int = 0) -> None:
     import time
 
     from mlflow.entities import Metric
@@ -316,7 +251,7 @@ def fit_logged(
     """Train, logging each epoch's metrics to the run as the epoch ends."""
 
     def log_epoch(metrics: EpochMetrics) -> None:
-        _log_metrics(
+        log_metrics(
             run,
             {
                 "train_loss": metrics.train_loss,
@@ -339,11 +274,11 @@ def evaluate_logged(
     """Test the model; log test loss and accuracy, the evaluation, the test predictions
     (for the gate) and the pictures to the run."""
     result = score_on_test(fitted, arrays)
-    _log_metrics(
+    log_metrics(
         run,
         {
             "test_loss": result.test.loss,
-            "test_accuracy": result.test.accuracy,
+            c.TEST_ACCURACY_METRIC: result.test.accuracy,
             "train_seconds": result.train_seconds,
             "temperature": result.temperature,
         },
@@ -365,90 +300,10 @@ def _log_evaluation(
         settings.home / "cache" / "robustness", test.digest, test.images, test.labels
     )
     found = evaluation.report(result.model, result.device, test.labels, result.test, robust)
-    _log_metrics(run, found.metrics())
+    log_metrics(run, found.metrics())
     fig = plots.evaluation_figure(found)
     run.client.log_figure(run.run_id, fig, "plots/evaluation.png")
     plots.close(fig)
-
-
-def _logged_model_of(run: TrackedRun) -> str | None:
-    """The URI of the model this run logged already (a retried registration), if any."""
-    found = run.client.search_logged_models(
-        experiment_ids=[run.experiment_id], filter_string=f"source_run_id = '{run.run_id}'"
-    )
-    ready = [m for m in found if str(m.status).upper().endswith("READY")]
-    return ready[0].model_uri if ready else None
-
-
-def register_logged(
-    settings: Settings, run: TrackedRun, hyp: HyperParameters, arrays: Arrays, result: TrainResult
-) -> tuple[str, GateDecision]:
-    """Log the model, register it as a new version, apply the champion gate.
-
-    Safe to retry (the flow's task does): a model already logged by this run is reused,
-    and a version already registered from it is finished, not registered again.
-    """
-    from mnistops.stack.locks import champion_lock_name, held
-
-    name = settings.model_registry.name
-    rules = settings.model_registry
-    test = LabelledImages(arrays.test_x, arrays.test_y)
-    key = signing_key(settings)
-    candidate = Candidate(
-        arrays.test_y,
-        result.test.predicted,
-        champion_predictions(
-            run.client, test, lambda v: model_files.load_registered(run.client, v, key)
-        ),
-        key,
-    )
-    model_uri = _logged_model_of(run) or _log_model(settings, run, hyp, result, arrays).model_uri
-    record = model_record(run.client, model_uri, key)
-    run.client.set_tag(run.run_id, model_files.FILES_TAG, record[model_files.FILES_TAG])
-    version, decision = register(
-        run.client,
-        name,
-        model_uri,
-        {
-            ACCURACY_TAG: f"{result.test.accuracy:.6f}",
-            "data_version": run.data_version,
-            "data_content_hash": arrays.source.content_hash,
-            "phase": run.phase,
-            "run_id": run.run_id,
-            "model": hyp.model,
-            RECIPE_TAG: recipe_of(hyp, len(arrays.train_y)),
-            SUBSET_TAG: str(arrays.subset_of is not None).lower(),
-            **record,
-        },
-        candidate,
-        GateRules(rules.significance, rules.max_class_drop, rules.champion_margin),
-        lambda: held(settings, champion_lock_name(name)),
-    )
-    _log_decision(run, version.version, decision)
-    return version.version, decision
-
-
-def _log_decision(run: TrackedRun, version: str, decision: GateDecision) -> None:
-    """The gate's decision and evidence on the run too, where the MLflow UI shows them."""
-    from mnistops.tracking.registry import evidence_tags
-
-    tags = {
-        "model_version": version,
-        "champion_moved": str(decision.moved).lower(),
-        "gate_reason": decision.reason[:5000],
-    }
-    if decision.evidence is not None and decision.previous_version is not None:
-        evidence = decision.evidence
-        tags.update(evidence_tags(decision.previous_version, evidence))
-        _log_metrics(
-            run,
-            {
-                "gate_p_value": evidence.p_value,
-                "gate_worst_class_change": evidence.worst_class_change,
-            },
-        )
-    for key, value in tags.items():
-        run.client.set_tag(run.run_id, key, value)
 
 
 INTERRUPTIONS = {"KeyboardInterrupt", "SystemExit", "ExternalSignal"}
@@ -469,7 +324,7 @@ def end(run: TrackedRun, error: BaseException | None = None) -> None:
     )
     # The server may be what failed: the original error is what the caller must see.
     with contextlib.suppress(Exception):
-        run.client.set_tag(run.run_id, "error", message[:5000])
+        run.client.set_tag(run.run_id, c.ERROR_TAG, message[:5000])
     with contextlib.suppress(Exception):
         run.client.set_terminated(run.run_id, status="KILLED" if interrupted else "FAILED")
 
@@ -489,10 +344,10 @@ def end_orphans(settings: Settings, ended: Callable[[str], str | None]) -> list[
     )
     closed = []
     for run in running:
-        state = ended(run.data.tags["prefect_flow_run_id"])
+        state = ended(run.data.tags[c.FLOW_RUN_ID_TAG])
         if state is None:
             continue
-        client.set_tag(run.info.run_id, "error", f"its flow run ended {state}")
+        client.set_tag(run.info.run_id, c.ERROR_TAG, f"its flow run ended {state}")
         client.set_terminated(run.info.run_id, status="KILLED")
         closed.append(run.info.run_id)
     return closed
@@ -506,96 +361,6 @@ class TrainingHooks:
     on_start: Callable[[str], None] = lambda _url: None
     on_batch: Callable[[int], None] = lambda _n: None
     on_epoch: Callable[[EpochMetrics], None] = lambda _m: None
-
-
-def train_and_track(
-    settings: Settings,
-    hyp: HyperParameters,
-    arrays: Arrays,
-    phase: str,
-    extra_tags: dict[str, str] | None = None,
-    hooks: TrainingHooks | None = None,
-) -> RunOutcome:
-    """Train, log everything to one MLflow run, register the model, apply the champion gate.
-
-    A failure marks the run FAILED with the reason as its `error` tag (KILLED when
-    interrupted); nothing is then registered and `champion` does not move. The error
-    raised says so: `Interrupted` for Ctrl-C and SIGTERM, `TrainingError` for a training
-    that failed, `TrackingError` for a server that failed.
-    """
-    hooks = hooks or TrainingHooks()
-    run = begin(settings, hyp, arrays, phase, extra_tags)
-    try:
-        hooks.on_start(run.url)
-        fitted = fit_logged(run, hyp, arrays, hooks.on_epoch, hooks.on_batch)
-        result = evaluate_logged(settings, run, fitted, arrays)
-        version, decision = register_logged(settings, run, hyp, arrays, result)
-    except (KeyboardInterrupt, SystemExit) as exc:
-        end(run, exc)
-        raise Interrupted(f"interrupted: {_settle_interrupted(settings, run)}") from None
-    except TrainingError as exc:
-        end(run, exc)
-        raise TrainingError(f"{exc}; the run is marked FAILED, nothing was registered") from None
-    except Exception as exc:
-        end(run, exc)
-        raise _failure(settings, exc) from None
-    end(run)
-    return RunOutcome(
-        run.run_id, run.url, run.experiment_id, version, decision, arrays.source, result
-    )
-
-
-def _failure(settings: Settings, exc: Exception) -> TrackingError:
-    """What to tell about a training that failed outside the training loop: a server that
-    went away, or the error itself."""
-    try:
-        check_tracking_server(settings)
-    except TrackingError as down:
-        return TrackingError(
-            f"training stopped: {down}. Nothing was registered and champion did not"
-            " move; the run stays RUNNING in MLflow. Start the server again and re-run."
-        )
-    return TrackingError(
-        f"training failed: {exc.__class__.__name__}: {exc}; the run is marked FAILED,"
-        " nothing was registered"
-    )
-
-
-INTERRUPTED_GATE = "its training was interrupted before the champion gate decided"
-
-
-def _settle_interrupted(settings: Settings, run: TrackedRun) -> str:
-    """After Ctrl-C: what became of the run's model. A version registered but not yet
-    through the gate is marked a challenger that never counted (a scheduled run does
-    not skip because of it). Returns a sentence for the user."""
-
-    from mnistops.tracking.registry import (
-        CHALLENGER_TAG,
-        CHAMPION_REASON_TAG,
-        champion,
-        version_of_run,
-    )
-
-    name = settings.model_registry.name
-    try:
-        client = mlflow_client(settings)
-        version = version_of_run(client, name, run.run_id)
-        if version is None:
-            return "the run is marked KILLED, nothing was registered"
-        tags = version.tags or {}
-        if CHAMPION_REASON_TAG not in tags and CHALLENGER_TAG not in tags:
-            client.set_model_version_tag(name, version.version, CHALLENGER_TAG, INTERRUPTED_GATE)
-            return (
-                f"the run is marked KILLED; model version {version.version} was registered"
-                " but not judged by the champion gate (tagged so), champion did not move"
-            )
-        current = champion(client, name)
-        moved = current is not None and current.version == version.version
-        return f"the run is marked KILLED; model version {version.version} was registered and" + (
-            " is champion" if moved else " is a challenger"
-        )
-    except Exception:  # noqa: BLE001  the server may be what failed
-        return "the run is marked KILLED; whether its model was registered is unknown"
 
 
 @dataclass(frozen=True)
@@ -624,11 +389,11 @@ def experiment_runs(settings: Settings) -> list[RunRow]:
         RunRow(
             name=run.info.run_name or run.info.run_id,
             status=run.info.status,
-            phase=run.data.tags.get("phase", ""),
-            data_version=run.data.tags.get("data_version", ""),
+            phase=run.data.tags.get(c.PHASE_TAG, ""),
+            data_version=run.data.tags.get(c.DATA_VERSION_TAG, ""),
             model=run.data.params.get("model", ""),
             epochs=run.data.params.get("n_epochs", ""),
-            test_accuracy=run.data.metrics.get("test_accuracy"),
+            test_accuracy=run.data.metrics.get(c.TEST_ACCURACY_METRIC),
         )
         for run in runs
     ]

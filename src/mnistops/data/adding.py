@@ -1,0 +1,82 @@
+"""New labelled images merged into the training folders (`mnistops data add`): every
+image validated first, and copied all or none."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from mnistops.data.images import (
+    DIGITS,
+    ImageRefused,
+    InvalidDataset,
+    check_files,
+    index_path,
+    read_regular,
+    remember,
+)
+from mnistops.settings import Settings
+
+ProgressFor = Callable[[str, int], Callable[[int], None]]
+
+
+def _no_progress(_label: str, _total: int) -> Callable[[int], None]:
+    return lambda _k: None
+
+
+def _sha256_of(path: Path) -> str:
+    try:
+        return hashlib.sha256(read_regular(path)).hexdigest()
+    except (OSError, ImageRefused):
+        return ""
+
+
+def add_images(
+    settings: Settings, source: Path, progress_for: ProgressFor = _no_progress
+) -> dict[int, int]:
+    """Merge `source/<digit>/*.png` into the training set; validate first, copy all or none."""
+    problems: list[tuple[Path, str]] = []
+    if not source.is_dir():
+        raise InvalidDataset([(source, "not a folder of label folders 0-9")])
+    found = []
+    for entry in sorted(source.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir() or entry.name not in DIGITS:
+            problems.append((entry, "expected only label folders 0-9"))
+            continue
+        found += [p for p in sorted(entry.iterdir()) if not p.name.startswith(".")]
+    results = check_files(found, source)
+    progress = progress_for("checking", len(found))
+    for path, (problem, _sha, _pixels) in zip(found, results, strict=True):
+        progress(1)
+        if problem:
+            problems.append((path, problem))
+    hashes = {path: (sha, pixels) for path, (_p, sha, pixels) in zip(found, results, strict=True)}
+    train = settings.mnist_dir / "train"
+    checked = [path for path, (problem, _s, _p) in zip(found, results, strict=True) if not problem]
+    clashes = [
+        (p, f"a different image with this name is in {train / p.parent.name}")
+        for p in checked
+        if (train / p.parent.name / p.name).exists()
+        and _sha256_of(train / p.parent.name / p.name) != hashes[p][0]
+    ]
+    problems += clashes
+    if problems:
+        raise InvalidDataset(problems)
+    added: Counter[int] = Counter()
+    copied: list[tuple[Path, str, str]] = []
+    copy_progress = progress_for("adding", len(found))
+    for path in found:
+        target = train / path.parent.name / path.name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+            copied.append((target, *hashes[path]))
+            added[int(path.parent.name)] += 1
+        copy_progress(1)
+    remember(index_path(settings.home), copied)
+    return dict(sorted(added.items()))

@@ -1,0 +1,184 @@
+"""Registering a run's model: logged in mnistops' format, its file record signed, the
+version made (or finished, when retried), judged by the champion gate, the decision
+written on the run. And what becomes of a run's model when its training is interrupted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlflow import MlflowClient
+
+from mnistops.clients import mlflow_client, mlflow_module_functions
+from mnistops.settings import HyperParameters, Settings
+from mnistops.tracking import contract as c
+from mnistops.tracking import model_files
+from mnistops.tracking.predictions import LabelledImages, champion_predictions
+from mnistops.tracking.registry import Candidate, GateDecision, GateRules, register
+from mnistops.tracking.runs import TrackedRun, log_metrics, recipe_of
+from mnistops.train.data import Arrays
+from mnistops.train.loop import TrainResult
+
+
+def _log_model(
+    settings: Settings, run: TrackedRun, hyp: HyperParameters, result: TrainResult, arrays: Arrays
+) -> Any:
+    """MLflow's PyTorch model (an exported `pt2` archive, for MLflow's own tools) with
+    mnistops' format beside it: the weights as plain arrays and the architecture's name
+    (`tracking.model_files`), the only thing mnistops ever loads."""
+    import tempfile
+
+    import mlflow
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
+    )
+    example = (arrays.test_x[:2].astype(np.float32) / 255.0)[:, None]
+    model = result.model.to("cpu")
+    with (
+        tempfile.TemporaryDirectory(prefix="weights-") as tmp,
+        mlflow_module_functions(settings),
+    ):
+        weights = model_files.save_weights(model, Path(tmp))
+        return mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+            run_id=run.run_id,
+            serialization_format="pt2",
+            extra_files=[str(weights)],
+            metadata=model_files.metadata(hyp.model),
+        )
+
+
+def model_record(client: MlflowClient, model_uri: str, key: bytes) -> dict[str, str]:
+    """The signed file record of a logged model, made from its files as the server
+    stores them (downloaded back), after checking they are in mnistops' format."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="model-record-") as tmp:
+        folder = model_files.download(client, model_uri, Path(tmp))
+        record = model_files.file_record(folder)
+        model_files.check_format(folder)
+    return model_files.record_tags(key, record)
+
+
+def _logged_model_of(run: TrackedRun) -> str | None:
+    """The URI of the model this run logged already (a retried registration), if any."""
+    found = run.client.search_logged_models(
+        experiment_ids=[run.experiment_id], filter_string=f"source_run_id = '{run.run_id}'"
+    )
+    ready = [m for m in found if str(m.status).upper().endswith("READY")]
+    return ready[0].model_uri if ready else None
+
+
+def register_logged(
+    settings: Settings, run: TrackedRun, hyp: HyperParameters, arrays: Arrays, result: TrainResult
+) -> tuple[str, GateDecision]:
+    """Log the model, register it as a new version, apply the champion gate.
+
+    Safe to retry (the flow's task does): a model already logged by this run is reused,
+    and a version already registered from it is finished, not registered again.
+    """
+    from mnistops.stack.locks import champion_lock_name, held
+
+    name = settings.model_registry.name
+    rules = settings.model_registry
+    test = LabelledImages(arrays.test_x, arrays.test_y)
+    key = model_files.signing_key(settings)
+    candidate = Candidate(
+        arrays.test_y,
+        result.test.predicted,
+        champion_predictions(
+            run.client, test, lambda v: model_files.load_registered(run.client, v, key)
+        ),
+        key,
+    )
+    model_uri = _logged_model_of(run) or _log_model(settings, run, hyp, result, arrays).model_uri
+    record = model_record(run.client, model_uri, key)
+    run.client.set_tag(run.run_id, c.FILES_TAG, record[c.FILES_TAG])
+    version, decision = register(
+        run.client,
+        name,
+        model_uri,
+        {
+            c.ACCURACY_TAG: f"{result.test.accuracy:.6f}",
+            c.DATA_VERSION_TAG: run.data_version,
+            "data_content_hash": arrays.source.content_hash,
+            c.PHASE_TAG: run.phase,
+            c.RUN_ID_TAG: run.run_id,
+            c.MODEL_TAG: hyp.model,
+            c.RECIPE_TAG: recipe_of(hyp, len(arrays.train_y)),
+            c.SUBSET_TAG: str(arrays.subset_of is not None).lower(),
+            **record,
+        },
+        candidate,
+        GateRules(rules.significance, rules.max_class_drop, rules.champion_margin),
+        lambda: held(settings, champion_lock_name(name)),
+    )
+    _log_decision(run, version.version, decision)
+    return version.version, decision
+
+
+def _log_decision(run: TrackedRun, version: str, decision: GateDecision) -> None:
+    """The gate's decision and evidence on the run too, where the MLflow UI shows them."""
+    from mnistops.tracking.registry import evidence_tags
+
+    tags = {
+        c.MODEL_VERSION_TAG: version,
+        c.CHAMPION_MOVED_TAG: str(decision.moved).lower(),
+        c.GATE_REASON_TAG: decision.reason[:5000],
+    }
+    if decision.evidence is not None and decision.previous_version is not None:
+        evidence = decision.evidence
+        tags.update(evidence_tags(decision.previous_version, evidence))
+        log_metrics(
+            run,
+            {
+                c.GATE_P_VALUE_METRIC: evidence.p_value,
+                "gate_worst_class_change": evidence.worst_class_change,
+            },
+        )
+    for key, value in tags.items():
+        run.client.set_tag(run.run_id, key, value)
+
+
+INTERRUPTED_GATE = "its training was interrupted before the champion gate decided"
+
+
+def settle_interrupted(settings: Settings, run: TrackedRun) -> str:
+    """After Ctrl-C: what became of the run's model. A version registered but not yet
+    through the gate is marked a challenger that never counted (a scheduled run does
+    not skip because of it). Returns a sentence for the user."""
+
+    from mnistops.tracking.contract import CHALLENGER_TAG, CHAMPION_REASON_TAG
+    from mnistops.tracking.registry import champion, version_of_run
+
+    name = settings.model_registry.name
+    try:
+        client = mlflow_client(settings)
+        version = version_of_run(client, name, run.run_id)
+        if version is None:
+            return "the run is marked KILLED, nothing was registered"
+        tags = version.tags or {}
+        if CHAMPION_REASON_TAG not in tags and CHALLENGER_TAG not in tags:
+            client.set_model_version_tag(name, version.version, CHALLENGER_TAG, INTERRUPTED_GATE)
+            return (
+                f"the run is marked KILLED; model version {version.version} was registered"
+                " but not judged by the champion gate (tagged so), champion did not move"
+            )
+        current = champion(client, name)
+        moved = current is not None and current.version == version.version
+        return f"the run is marked KILLED; model version {version.version} was registered and" + (
+            " is champion" if moved else " is a challenger"
+        )
+    except Exception:  # noqa: BLE001  the server may be what failed
+        return "the run is marked KILLED; whether its model was registered is unknown"
