@@ -13,11 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 from scratch import scratch_settings
 
 from mnistops import stack
+from mnistops.credentials import ensure_keys
 from mnistops.stack import process
-from mnistops.stack.credentials import ensure_keys
 from mnistops.stack.services import all_services
 
 MB = 1024 * 1024
@@ -32,7 +33,7 @@ def rss_by_service(records: list[process.ProcessRecord]) -> dict[str, tuple[int,
         for proc in tree:
             try:
                 total += proc.memory_info().rss
-            except Exception:
+            except psutil.Error:
                 continue
         result[record.name] = (len(tree), total)
     return result

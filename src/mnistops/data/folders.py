@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from mnistops.data.packs import (
     CorruptRecord,
@@ -24,11 +25,12 @@ from mnistops.data.packs import (
 STAMP = ".mnistops-version.json"
 
 
-def read_stamp(target: Path) -> dict | None:
+def read_stamp(target: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((target / STAMP).read_text())
+        stamp = json.loads((target / STAMP).read_text())
     except (FileNotFoundError, ValueError):
         return None
+    return stamp if isinstance(stamp, dict) else None
 
 
 def materialize(

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -195,7 +196,7 @@ class ScanIndex:
 
     def __init__(self, path: Path | None):
         self.path = path
-        self.entries: dict[str, list] = {}
+        self.entries: dict[str, list[Any]] = {}
         if path is not None and path.is_file():
             try:
                 self.entries = json.loads(path.read_text())

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from mnistops.data.images import DIGIT_FILE_BYTES, ImageEntry, name_problem, read_regular
 from mnistops.errors import MnistopsError
@@ -134,7 +134,7 @@ def tag_problem(tag: object) -> str | None:
     return None
 
 
-def _text(data: dict, key: str, limit: int, allow: str = "") -> str:
+def _text(data: dict[str, Any], key: str, limit: int, allow: str = "") -> str:
     value = data[key]
     if not isinstance(value, str):
         raise ValueError(f"'{key}' must be text, not {type(value).__name__}")

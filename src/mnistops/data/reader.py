@@ -41,7 +41,7 @@ def bucket_of(settings: Settings) -> str:
     return settings.s3.buckets.dvc
 
 
-def store_client(settings: Settings):
+def store_client(settings: Settings) -> remote.S3Client:
     return s3_client(settings)
 
 
@@ -61,7 +61,9 @@ def check_tag(tag: str) -> None:
         raise VersionRefused(problem)
 
 
-def find_record(settings: Settings, tag: str, client=None) -> packs.VersionRecord:
+def find_record(
+    settings: Settings, tag: str, client: remote.S3Client = None
+) -> packs.VersionRecord:
     """The record of `tag` (or of the newest version: 'latest') read from the object store."""
     check_tag(tag)
     client = client or store_client(settings)
@@ -110,7 +112,7 @@ def cached_record(settings: Settings, tag: str) -> packs.VersionRecord | None:
 
 
 def load_manifest(
-    settings: Settings, record: packs.VersionRecord, client=None
+    settings: Settings, record: packs.VersionRecord, client: remote.S3Client = None
 ) -> list[packs.ManifestRow]:
     cache = cache_of(settings)
     remote.fetch(

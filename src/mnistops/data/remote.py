@@ -8,9 +8,11 @@ record is validated (`packs.record_from_json`) before it is used.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -40,29 +42,46 @@ def object_key(md5: str) -> str:
     return f"{DVC_PREFIX}/files/md5/{md5[:2]}/{md5[2:]}"
 
 
-def _store_error(action: str, exc: Exception, endpoint: str) -> StoreError:
-    kind = StoreUnreachable if isinstance(exc, BotoCoreError) else StoreError
-    return kind(f"{action}: the object store at {endpoint} failed: {exc}")
+S3Client = Any
+"""a boto3 S3 client (boto3 ships no types)"""
 
 
-def _read_small(client, bucket: str, key: str) -> bytes:
+def error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+@contextmanager
+def store_errors(action: str, client: S3Client) -> Iterator[None]:
+    """An object-store failure inside the block, as the one error every caller explains:
+    StoreUnreachable when the connection failed (down, killed, wrong endpoint),
+    StoreError when the store answered with an error. `action` says what was tried."""
+    try:
+        yield
+    except (ClientError, BotoCoreError) as exc:
+        kind = StoreUnreachable if isinstance(exc, BotoCoreError) else StoreError
+        raise kind(
+            f"{action}: the object store at {client.meta.endpoint_url} failed: {exc}"
+        ) from None
+
+
+def _read_small(client: S3Client, bucket: str, key: str) -> bytes:
     """An object of at most MAX_RECORD_BYTES (+1, so that a larger one is seen as such)."""
-    return client.get_object(Bucket=bucket, Key=key)["Body"].read(MAX_RECORD_BYTES + 1)
+    body: bytes = client.get_object(Bucket=bucket, Key=key)["Body"].read(MAX_RECORD_BYTES + 1)
+    return body
 
 
-def read_record(client, bucket: str, tag: str) -> VersionRecord | None:
+def read_record(client: S3Client, bucket: str, tag: str) -> VersionRecord | None:
     """The record of `tag`, None if there is none; CorruptRecord if it is invalid."""
     problem = tag_problem(tag)
     if problem:
         raise CorruptRecord(problem)
-    try:
-        body = _read_small(client, bucket, f"{VERSIONS_PREFIX}{tag}.json")
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-            return None
-        raise _store_error(f"reading version {tag}", exc, client.meta.endpoint_url) from None
-    except BotoCoreError as exc:
-        raise _store_error(f"reading version {tag}", exc, client.meta.endpoint_url) from None
+    with store_errors(f"reading version {tag}", client):
+        try:
+            body = _read_small(client, bucket, f"{VERSIONS_PREFIX}{tag}.json")
+        except ClientError as exc:
+            if error_code(exc) in ("NoSuchKey", "404"):
+                return None
+            raise
     return record_from_json(body, tag)
 
 
@@ -75,11 +94,11 @@ class Listing:
     """one message per object of versions/ that was not used, naming it and why"""
 
 
-def list_records(client, bucket: str) -> Listing:
+def list_records(client: S3Client, bucket: str) -> Listing:
     """Every published version, oldest first; an invalid record is named, not used, and
     does not hide the others."""
     listing = Listing()
-    try:
+    with store_errors("listing versions", client):
         pages = client.get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix=VERSIONS_PREFIX
         )
@@ -92,8 +111,6 @@ def list_records(client, bucket: str) -> Listing:
                 listing.records.append(record_from_json(_read_small(client, bucket, key), tag))
             except CorruptRecord as exc:
                 listing.problems.append(f"s3://{bucket}/{shown(key)}: {exc}")
-    except (ClientError, BotoCoreError) as exc:
-        raise _store_error("listing versions", exc, client.meta.endpoint_url) from None
     listing.records.sort(key=lambda r: r.created)
     return listing
 
@@ -102,42 +119,35 @@ class RecordExists(StoreError):
     """Another publisher wrote the record of this tag first."""
 
 
-def write_record(client, bucket: str, record: VersionRecord, create_only: bool = False) -> None:
+def write_record(
+    client: S3Client, bucket: str, record: VersionRecord, create_only: bool = False
+) -> None:
     """Publish the record. `create_only`: only if no record of the tag exists (a
     conditional write: of two publishers of one tag on two machines, one wins)."""
     condition = {"IfNoneMatch": "*"} if create_only else {}
-    try:
-        client.put_object(
-            Bucket=bucket,
-            Key=f"{VERSIONS_PREFIX}{record.tag}.json",
-            Body=record.to_json().encode(),
-            ContentType="application/json",
-            **condition,
-        )
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
-            raise RecordExists(
-                f"data version '{record.tag}' was published by someone else meanwhile;"
-                " nothing of this run was published"
-            ) from None
-        raise _store_error(
-            f"publishing version {record.tag}", exc, client.meta.endpoint_url
-        ) from None
-    except BotoCoreError as exc:
-        raise _store_error(
-            f"publishing version {record.tag}", exc, client.meta.endpoint_url
-        ) from None
+    with store_errors(f"publishing version {record.tag}", client):
+        try:
+            client.put_object(
+                Bucket=bucket,
+                Key=f"{VERSIONS_PREFIX}{record.tag}.json",
+                Body=record.to_json().encode(),
+                ContentType="application/json",
+                **condition,
+            )
+        except ClientError as exc:
+            if error_code(exc) in ("PreconditionFailed", "412"):
+                raise RecordExists(
+                    f"data version '{record.tag}' was published by someone else meanwhile;"
+                    " nothing of this run was published"
+                ) from None
+            raise
 
 
-def download_verified(client, bucket: str, md5: str) -> bytes:
+def download_verified(client: S3Client, bucket: str, md5: str) -> bytes:
     """One object of the remote, checked against its MD5; a mismatch names the object."""
     key = object_key(md5)
-    try:
-        data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except (ClientError, BotoCoreError) as exc:
-        raise _store_error(
-            f"downloading s3://{bucket}/{key}", exc, client.meta.endpoint_url
-        ) from None
+    with store_errors(f"downloading s3://{bucket}/{key}", client):
+        data: bytes = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     if md5_bytes(data) != md5:
         raise StoreError(
             f"s3://{bucket}/{key} is corrupt: its MD5 is {md5_bytes(data)}, expected {md5}."
@@ -155,7 +165,7 @@ def _in_parallel(work: Callable[[str], None], md5s: Iterable[str]) -> None:
 
 
 def fetch(
-    client,
+    client: S3Client,
     bucket: str,
     cache: ObjectCache,
     md5s: Iterable[str],
@@ -174,7 +184,7 @@ def fetch(
 
 
 def upload(
-    client,
+    client: S3Client,
     bucket: str,
     cache: ObjectCache,
     md5s: Iterable[str],
@@ -183,19 +193,15 @@ def upload(
     """Put objects from the cache into the remote under DVC's layout, in parallel."""
 
     def one(md5: str) -> None:
-        try:
+        with store_errors(f"uploading s3://{bucket}/{object_key(md5)}", client):
             client.put_object(Bucket=bucket, Key=object_key(md5), Body=cache.read(md5))
-        except (ClientError, BotoCoreError) as exc:
-            raise _store_error(
-                f"uploading s3://{bucket}/{object_key(md5)}", exc, client.meta.endpoint_url
-            ) from None
         progress(1)
 
     _in_parallel(one, md5s)
 
 
 def verify_remote(
-    client, bucket: str, md5s: Iterable[str], progress: Progress = lambda _k: None
+    client: S3Client, bucket: str, md5s: Iterable[str], progress: Progress = lambda _k: None
 ) -> None:
     """Read every object back from the remote and compare its MD5 (catches servers that
     store checksum trailers or truncate uploads)."""

@@ -44,7 +44,7 @@ def follow(
     on_state: Callable[[str, str], None],
     poll_s: float = 1.0,
     timeout_s: float | None = None,
-):
+) -> Any:
     """Report each state change of the flow run until it ends; return the final flow run."""
 
     last = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import socket
 from pathlib import Path
+from typing import Any
 
 GRPC_OFFSET = 10000
 
@@ -62,7 +63,7 @@ def free_port_pair(taken: set[int], host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no free pair of ports p, p + {GRPC_OFFSET} found for p in {first}-{last}")
 
 
-def free_port_config(root: Path) -> dict:
+def free_port_config(root: Path) -> dict[str, Any]:
     """Stack settings (as in stack.yml) with the state in `root` and every port free."""
     taken: set[int] = set()
     return {

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnistops.clients import CHECKSUM_ENV, NO_TELEMETRY, s3_client
+from mnistops.credentials import S3Keys, seaweed_identities, write_private
 from mnistops.settings import Settings
 from mnistops.stack import postgres
-from mnistops.stack.credentials import S3Keys, seaweed_identities, write_private
 from mnistops.stack.state import StackError
 from mnistops.stack.store_security import ensure_store_security, security_dir
 
@@ -69,7 +69,7 @@ def s3_service(settings: Settings, keys: S3Keys | None) -> Service:
         try:
             s3_client(settings, keys, timeout_s=3).list_buckets()
             return True
-        except Exception:
+        except Exception:  # noqa: BLE001  any failure means "not healthy yet"
             return False
 
     service = Service(
@@ -209,7 +209,7 @@ def _with_basic_auth(service: Service, settings: Settings, mlflow_home: Path) ->
     """MLflow's basic-auth app: users in SQLite beside the server's data, the admin's
     generated password and the CSRF secret passed by environment (never on a command
     line, never MLflow's example password)."""
-    from mnistops.stack.credentials import ensure_mlflow_auth
+    from mnistops.credentials import ensure_mlflow_auth
 
     ini = mlflow_home / "basic_auth.ini"
     make_dirs = service.prepare

@@ -23,7 +23,7 @@ import json
 import secrets
 from pathlib import Path
 
-from mnistops.stack.credentials import CredentialsError, write_private
+from mnistops.credentials import CredentialsError, write_private
 
 NODE_NAME = "seaweedfs-node"
 COMPONENTS = ("master", "volume", "filer", "s3", "admin", "worker")
@@ -110,8 +110,10 @@ def _jwt_keys(folder: Path) -> dict[str, str]:
         return keys
     try:
         keys = json.loads(path.read_text())
-        if set(keys) != set(JWT_SECTIONS) or any(len(str(v)) < 32 for v in keys.values()):
-            raise ValueError("a key is missing or too short")
+        if not isinstance(keys, dict) or set(keys) != set(JWT_SECTIONS):
+            raise ValueError("a key is missing")
+        if any(not isinstance(v, str) or len(v) < 32 for v in keys.values()):
+            raise ValueError("a key is too short")
     except ValueError as exc:
         raise CredentialsError(
             f"the object store's key file {path} is damaged ({exc}). Delete the folder"

@@ -54,11 +54,13 @@ def _neighbours(image: np.ndarray) -> list[np.ndarray]:
 
 
 def _thicker(image: np.ndarray) -> np.ndarray:
-    return np.maximum.reduce(_neighbours(image))
+    thick: np.ndarray = np.maximum.reduce(_neighbours(image))
+    return thick
 
 
 def _thinner(image: np.ndarray) -> np.ndarray:
-    return np.minimum.reduce(_neighbours(image))
+    thin: np.ndarray = np.minimum.reduce(_neighbours(image))
+    return thin
 
 
 def build(images: np.ndarray, labels: np.ndarray) -> RobustnessSet:
