@@ -29,8 +29,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/mnistops demo
 
+# Coverage (branch) of the whole suite, the commands and services it starts included:
+# every Python process writes its own data file, combined and reported at the end.
 test: setup
-	$(BIN)/python -m pytest
+	rm -f .coverage .coverage.*
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage run -m pytest
+	$(BIN)/coverage combine -q
+	$(BIN)/coverage report --format=total | xargs -I{} echo "branch coverage of src/mnistops: {} %"
 
 # The unit tier: pure logic, no services (seconds, not minutes).
 test-fast: setup
