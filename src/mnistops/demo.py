@@ -167,6 +167,7 @@ def model_trained_on(settings: Settings, tag: str) -> str | None:
 def experiment(settings: Settings, reporter: Reporter, tag: str, n_epochs: int, fast: bool) -> None:
     """Train on `tag` unless a registered model was trained on it already."""
     from mnistops import pipeline
+    from mnistops.tracking.contract import EXPERIMENTAL
 
     found = model_trained_on(settings, tag)
     if found:
@@ -175,12 +176,10 @@ def experiment(settings: Settings, reporter: Reporter, tag: str, n_epochs: int, 
     hyp = pipeline.hyperparameters(
         settings, pipeline.Layer({"n_epochs": n_epochs}, lambda _f: "mnistops demo --epochs")
     )
-    pipeline.check_ready(settings, hyp)
     with reporter.busy("loading the data...") as report:
-        arrays = pipeline.load_data(settings, tag, report=report)
-    arrays = pipeline.preprocess(settings, arrays, fast, hyp)
+        arrays = pipeline.prepare(settings, hyp, tag, fast=fast, report=report)
     with reporter.training(hyp, arrays) as hooks:
-        outcome = pipeline.train(settings, hyp, arrays, "experimental", hooks=hooks)
+        outcome = pipeline.train(settings, hyp, arrays, EXPERIMENTAL, hooks=hooks)
     reporter.trained(outcome)
 
 

@@ -129,6 +129,22 @@ def preprocess(
     return arrays.subset(settings.dataset.fast_fraction, hyp.random_seed) if fast else arrays
 
 
+def prepare(
+    settings: Settings,
+    hyp: HyperParameters,
+    data_version: str | None = None,
+    data_dir: Path | None = None,
+    fast: bool = False,
+    report: Report = lambda _m: None,
+) -> data.Arrays:
+    """Steps 2 and 3 in one call (what `mnistops train` and the demo run; the flow runs
+    the same functions as tasks): ready, data loaded, validated and preprocessed."""
+    check_ready(settings, hyp)
+    arrays = load_data(settings, data_version, data_dir, report)
+    validate(arrays)
+    return preprocess(settings, arrays, fast, hyp)
+
+
 def train(
     settings: Settings,
     hyp: HyperParameters,

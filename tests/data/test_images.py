@@ -226,3 +226,23 @@ def test_the_scan_index_keeps_the_entries_of_other_folders(dataset: Path, tmp_pa
     kept = json.loads(index.read_text())
     assert sum(k.startswith(str(dataset)) for k in kept) == 40
     assert sum(k.startswith(str(other)) for k in kept) == 20
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("caf\u00e9.png", "cafe\u0301.png"), ("seven.png", "Seven.png")],
+    ids=["unicode forms", "case"],
+)
+def test_names_that_are_one_file_elsewhere_are_refused_both_named(
+    dataset: Path, tmp_path: Path, first: str, second: str
+) -> None:
+    """café.png written two ways (NFC, NFD), or two names that differ in case, are two
+    files here and one on macOS or Windows: a pull there would lose an image."""
+    png(dataset / "train" / "7" / first)
+    png(dataset / "train" / "7" / second)
+    with pytest.raises(images.InvalidDataset) as refused:
+        images.scan(dataset, tmp_path / "index.json")
+    message = str(refused.value)
+    assert "folds case or Unicode forms" in message, message
+    assert first in message and second in message, message

@@ -125,3 +125,21 @@ def test_a_diff_counts_images_by_their_bytes(tmp_path: Path) -> None:
     assert sum(a + r for a, r in changes.values()) == 2
     fewer = changes_between(old, old[2:])
     assert sum(c.removed for c in fewer) == 2 and sum(c.added for c in fewer) == 0
+
+
+def test_a_manifest_whose_names_collide_when_folded_is_refused(tmp_path: Path) -> None:
+    """Pull refuses a version whose two paths are one file on a disk that folds Unicode
+    forms or case: it names both."""
+    import gzip
+    import json
+
+    rows = [
+        ["train/1/caf\u00e9.png", "a" * 64, "b" * 32, 0, 10],
+        ["train/1/cafe\u0301.png", "c" * 64, "b" * 32, 10, 10],
+    ]
+    manifest = gzip.compress(json.dumps({"columns": packs.MANIFEST_COLUMNS, "rows": rows}).encode())
+    with pytest.raises(packs.CorruptRecord) as refused:
+        packs.parse_manifest(manifest)
+    message = str(refused.value)
+    assert "folds case or Unicode forms" in message, message
+    assert "caf\u00e9.png" in message and "cafe\u0301.png" in message, message

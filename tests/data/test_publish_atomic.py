@@ -119,3 +119,58 @@ def test_force_keeps_a_versions_place_in_the_history(publisher: Path) -> None:
     assert reader.find_record(settings, "latest").tag == "v-new"
     recorded, tagged = state(settings, "v-old")
     assert recorded == tagged == replaced.commit
+
+
+def stopped(pid: int, timeout_s: float = 60) -> None:
+    """Wait until the process has stopped itself (SIGSTOP)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "T":
+            return
+        time.sleep(0.05)
+    raise AssertionError("the command never reached its pause")
+
+
+@pytest.mark.bad_input
+def test_files_changed_during_a_publish_are_named_and_nothing_is_published(
+    publisher: Path,
+) -> None:
+    """Between validation and packing an image is removed and another added, and `data
+    add` is tried on the same folder: the publish stops naming the file (no traceback,
+    nothing recorded or tagged), `data add` is refused while it runs, and the same
+    command then publishes."""
+    import signal
+
+    settings = load_settings(publisher)
+    tag = "v-changed"
+    for name in ("changed-a", "changed-b"):
+        add_image(settings, name)
+    gone = settings.mnist_dir / "train" / "5" / "changed-a.png"
+    env = {**os.environ, registry.PAUSE_AT_ENV: "validated"}
+    proc = subprocess.Popen(
+        cli_command(("data", "version", tag, "-m", "while changing"), publisher),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        stopped(proc.pid)
+        busy = run_cli("data", "add", str(settings.mnist_dir / "train"), config_dir=publisher)
+        assert busy.returncode == 2 and "another `mnistops data add` or" in busy.stderr
+        gone.unlink()
+        add_image(settings, "changed-c")
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=300)
+    said = " ".join(err.split())
+    assert proc.returncode == 2 and "Traceback" not in err, out + err
+    assert f"{gone}: removed or replaced after it was validated" in said, said
+    assert "nothing was published" in said and f"mnistops data version {tag}` again" in said
+    assert state(settings, tag) == (None, None)
+    again = run_cli("data", "version", tag, "-m", "settled", config_dir=publisher)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert reader.find_record(settings, tag).images["train"] > 0

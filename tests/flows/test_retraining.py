@@ -171,7 +171,7 @@ def test_a_quick_run_from_the_ui_trains(machines: dict) -> None:
         )
         assert deployment.parameters["skip_if_unchanged"] is False
         (schedule,) = deployment.schedules
-        assert schedule.parameters == {"skip_if_unchanged": True}
+        assert schedule.parameters == {"skip_if_unchanged": True, "started_by": "the schedule"}
         flow_run = client.create_flow_run_from_deployment(deployment.id)
 
     def finished():
@@ -193,9 +193,12 @@ def test_a_quick_run_from_the_ui_trains(machines: dict) -> None:
         assert row in summary.data, summary.data
 
 
-def test_a_failing_task_retries_then_fails_the_run(machines: dict) -> None:
-    publisher = machines["publisher"]
-    done = run_cli("run", "--data-version", "v9", "--wait", config_dir=publisher, timeout=600)
+def pulling_tries(publisher: Path, data_version: str) -> tuple[int, list[str]]:
+    """Run the deployment on `data_version`, which fails: how often its "Pulling dataset"
+    task ran, and the run's log lines."""
+    done = run_cli(
+        "run", "--data-version", data_version, "--wait", config_dir=publisher, timeout=600
+    )
     assert done.returncode == 1
     assert "Failed" in done.stdout
     flow_run_id = next(
@@ -218,8 +221,31 @@ def test_a_failing_task_retries_then_fails_the_run(machines: dict) -> None:
             log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
         )
     pulling = next(t for t in tasks if t.name.startswith("Pulling dataset"))
-    assert pulling.run_count == 4  # the first try and three retries
-    assert any("no data version 'v9'" in log.message for log in logs)
+    return pulling.run_count, [log.message for log in logs]
+
+
+def test_a_failing_task_retries_only_what_may_pass(machines: dict) -> None:
+    """A version that does not exist is an answer that cannot change: one try. A version
+    whose objects the store cannot give is tried again three times, then fails."""
+    from mnistops.clients import s3_client
+    from mnistops.data import remote
+    from tests.helpers import craft_version
+
+    publisher = machines["publisher"]
+    tries, logs = pulling_tries(publisher, "v9")
+    assert tries == 1, "a refused version is not tried again"
+    assert any("no data version 'v9'" in line for line in logs)
+
+    settings = load_settings(publisher)
+    filler = next((settings.mnist_dir / "test" / "1").glob("*.png")).read_bytes()
+    craft_version(settings, "holes", {}, filler=filler, created="2000-01-01T00:00:00")
+    record = remote.read_record(s3_client(settings), settings.s3.buckets.dvc, "holes")
+    assert record is not None
+    pack = next(m for path, m in record.files.items() if path.startswith("packs/"))
+    s3_client(settings).delete_object(Bucket=settings.s3.buckets.dvc, Key=remote.object_key(pack))
+    tries, logs = pulling_tries(publisher, "holes")
+    assert tries == 4, "the first try and three retries"
+    assert any(remote.object_key(pack) in line for line in logs), logs
 
 
 @pytest.mark.security
@@ -245,7 +271,12 @@ def test_a_crafted_version_fails_the_run_and_writes_nothing_outside(
     assert not outside.exists()
 
 
-def test_a_new_data_version_starts_a_retraining(machines: dict) -> None:
+def test_each_new_data_version_is_trained_by_its_own_run(machines: dict) -> None:
+    """Two versions published one right after the other: the trigger starts a run for
+    each, with the version its event names (not `latest`), and both are trained."""
+    import numpy as np
+    from PIL import Image
+
     publisher = machines["publisher"]
     settings = load_settings(publisher)
     before = {r.id for r in deployment_runs(settings, f"retrain-{machines['suffix']}")}
@@ -256,18 +287,27 @@ def test_a_new_data_version_starts_a_retraining(machines: dict) -> None:
     dep = settings.deployment
     said = " ".join(published.stdout.split())
     assert f"sent: {dep.flow_name}/{dep.deploy_name} starts a retraining" in said
+    pixels = np.random.default_rng(21).integers(0, 255, (28, 28), np.uint8)
+    Image.fromarray(pixels, mode="L").save(settings.mnist_dir / "train" / "7" / "quick.png")
+    right_after = run_cli("data", "version", "v2.1", "-m", "one more", config_dir=publisher)
+    assert right_after.returncode == 0, right_after.stderr
 
-    def triggered_run_completed():
+    def both_triggered_runs_completed() -> dict[str, object] | None:
         runs = [
             r
             for r in deployment_runs(settings, f"retrain-{machines['suffix']}")
             if r.id not in before
         ]
-        return next((r for r in runs if r.state and r.state.is_completed()), None)
+        done = {r.parameters.get("data_version"): r for r in runs if r.state and r.state.is_final()}
+        return done if {"v2.0", "v2.1"} <= set(done) else None
 
-    wait_for(triggered_run_completed, 300, "the run started by the new data version")
-    trained = [r for r in mlflow_runs(publisher) if r.data.tags.get("data_version") == "v2.0"]
-    assert trained and trained[0].data.tags["phase"] == "retraining"
+    finished = wait_for(both_triggered_runs_completed, 420, "a run for each new version")
+    for tag in ("v2.0", "v2.1"):
+        run = finished[tag]
+        assert run.state.is_completed(), (tag, run.state)
+        assert run.parameters["started_by"] == f"the publication of {tag}"
+        trained = [r for r in mlflow_runs(publisher) if r.data.tags.get("data_version") == tag]
+        assert trained and trained[0].data.tags["phase"] == "retraining", tag
 
 
 def test_a_schedule_fires_and_skips_when_nothing_is_new(machines: dict, tmp_path: Path) -> None:

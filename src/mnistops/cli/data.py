@@ -142,16 +142,25 @@ def show_versions(cfg: Settings) -> None:
     from mnistops.data import reader
 
     listing = reader.version_listing(cfg)
-    show_versions_of(listing.records, listing.problems)
+    show_versions_of(listing.records, listing.problems, listing.places, listing.warnings)
 
 
-def show_versions_of(records: list[VersionRecord], problems: list[str]) -> None:
-    """The table of versions, and the records that were skipped as invalid."""
-    table = Table(title="data versions", header_style="bold")
-    for column in ("tag", "date", "message", "train", "test", "content hash"):
+def show_versions_of(
+    records: list[VersionRecord],
+    problems: list[str],
+    places: dict[str, int] | None = None,
+    warnings: list[str] | None = None,
+) -> None:
+    """The table of versions in the order they were published (#: their place, which
+    every host sees; the date is what the publisher's clock said), and the records that
+    were skipped as invalid or whose claims disagree with that order."""
+    table = Table(title="data versions, oldest first", header_style="bold")
+    for column in ("#", "tag", "date", "message", "train", "test", "content hash"):
         table.add_column(column)
     for r in records:
+        place = (places or {}).get(r.tag)
         table.add_row(
+            str(place) if place is not None else "-",
             r.tag,
             r.created[:19].replace("T", " "),
             escape(r.message),
@@ -160,6 +169,8 @@ def show_versions_of(records: list[VersionRecord], problems: list[str]) -> None:
             r.content_hash[:12],
         )
     console.print(table if records else "no data version published yet")
+    for warning in warnings or []:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     for problem in problems:
         err.print(f"[yellow]skipped:[/] {escape(problem)}", highlight=False)
 

@@ -16,7 +16,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from mnistops.cli._ui import HYP_OPTIONS, console, progress_bars, settings, spinner
-from mnistops.errors import BadInput
 from mnistops.settings import HyperParameters, Settings
 
 if TYPE_CHECKING:
@@ -83,8 +82,6 @@ def train(
             "device": device,
         },
     )
-    if data_dir is not None and data_version is not None:
-        raise BadInput("--data-version and --data-dir exclude each other")
     sigterm_interrupts()
     experiment(cfg, hyp, data_version, data_dir, fast)
 
@@ -99,16 +96,15 @@ def experiment(
     """An experimental training with what the user sees of it: the data loading, the
     progress per epoch, the result."""
     from mnistops import pipeline
+    from mnistops.tracking.contract import EXPERIMENTAL
 
-    pipeline.check_ready(cfg, hyp)
     with spinner("loading the data...") as report:
-        arrays = pipeline.load_data(cfg, data_version, data_dir, report)
+        arrays = pipeline.prepare(cfg, hyp, data_version, data_dir, fast, report)
     if not arrays.source.tracked:
         console.print(f"[yellow]untracked data[/]: {arrays.source.name}")
-    arrays = pipeline.preprocess(cfg, arrays, fast, hyp)
     announce_training(hyp, arrays)
     with training_progress(hyp, arrays) as hooks:
-        outcome = pipeline.train(cfg, hyp, arrays, "experimental", hooks=hooks)
+        outcome = pipeline.train(cfg, hyp, arrays, EXPERIMENTAL, hooks=hooks)
     show_outcome(cfg, outcome)
 
 
@@ -306,13 +302,13 @@ def show_models() -> None:
 
 def gate_cell(tags: dict[str, str]) -> str:
     """The gate's decision in a few characters: moved, kept or first, and the p-value."""
-    from mnistops.tracking.contract import CHALLENGER_TAG, CHAMPION_REASON_TAG
+    from mnistops.tracking.contract import CHALLENGER_TAG, CHAMPION_REASON_TAG, GATE_TAGS
     from mnistops.tracking.registry import evidence_of
 
     if CHAMPION_REASON_TAG in tags:
         if tags[CHAMPION_REASON_TAG].startswith("first model"):
             return "first"
-        if tags[CHAMPION_REASON_TAG].startswith("promoted by ") and "gate_p_value" not in tags:
+        if tags[CHAMPION_REASON_TAG].startswith("promoted by ") and GATE_TAGS[1] not in tags:
             return "by hand"
         verdict = "moved"
     elif CHALLENGER_TAG in tags:

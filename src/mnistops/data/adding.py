@@ -14,6 +14,7 @@ from mnistops.data.images import (
     ImageRefused,
     InvalidDataset,
     check_files,
+    dataset_in_use,
     index_path,
     read_regular,
     remember,
@@ -37,7 +38,13 @@ def _sha256_of(path: Path) -> str:
 def add_images(
     settings: Settings, source: Path, progress_for: ProgressFor = _no_progress
 ) -> dict[int, int]:
-    """Merge `source/<digit>/*.png` into the training set; validate first, copy all or none."""
+    """Merge `source/<digit>/*.png` into the training set; validate first, copy all or none.
+    Refused while a `data version` (or another `data add`) uses the dataset folder."""
+    with dataset_in_use(settings.mnist_dir, "data add"):
+        return _add_images(settings, source, progress_for)
+
+
+def _add_images(settings: Settings, source: Path, progress_for: ProgressFor) -> dict[int, int]:
     problems: list[tuple[Path, str]] = []
     if not source.is_dir():
         raise InvalidDataset([(source, "not a folder of label folders 0-9")])

@@ -16,8 +16,9 @@ import os
 import stat
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -281,6 +282,30 @@ def list_files(root: Path, problems: list[tuple[Path, str]]) -> list[tuple[str, 
     return found
 
 
+class DatasetBusy(BadInput):
+    """Another `data add` or `data version` is using the same dataset folder."""
+
+
+@contextmanager
+def dataset_in_use(folder: Path, command: str) -> Iterator[None]:
+    """One `data add` or `data version` at a time on a dataset folder (a lock beside it,
+    released when the process ends, however it ends); the other one is refused."""
+    import fcntl
+
+    lock = folder.parent / f".{folder.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DatasetBusy(
+                f"{folder} is being changed or published by another `mnistops data add` or"
+                f" `mnistops data version`; wait for it to finish, then run `mnistops"
+                f" {command}` again"
+            ) from None
+        yield
+
+
 def scan(
     root: Path, index_path: Path | None = None, progress: Progress = lambda _k: None
 ) -> list[ImageEntry]:
@@ -313,11 +338,32 @@ def scan(
                 index.remember(path, info, sha, pixels)
                 entries.append(ImageEntry(split, label, path.name, sha, pixels, path))
         progress(len(batch))
-    problems += _leaks(entries)
+    problems += _leaks(entries) + _collisions(entries)
     index.save({str(e.path) for e in entries}, root)
     if problems:
         raise InvalidDataset(problems)
     return entries
+
+
+def _collisions(entries: list[ImageEntry]) -> list[tuple[Path, str]]:
+    """Names that are one file on a disk that folds case or Unicode forms (macOS,
+    Windows): pulled there, one image would silently replace the other."""
+    import unicodedata
+
+    first: dict[str, ImageEntry] = {}
+    found = []
+    for entry in sorted(entries, key=lambda e: e.key):
+        folded = unicodedata.normalize("NFC", entry.key).casefold()
+        other = first.setdefault(folded, entry)
+        if other is not entry:
+            found.append(
+                (
+                    entry.path,
+                    f"the same name as {shown_name(str(other.path))} on a disk that folds case"
+                    " or Unicode forms (macOS, Windows): rename one",
+                )
+            )
+    return found
 
 
 def _leaks(entries: list[ImageEntry]) -> list[tuple[Path, str]]:

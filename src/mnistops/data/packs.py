@@ -32,8 +32,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from mnistops.data.images import DIGIT_FILE_BYTES, ImageEntry, name_problem, read_regular
-from mnistops.errors import MnistopsError
+from mnistops.data.images import (
+    DIGIT_FILE_BYTES,
+    ImageEntry,
+    ImageRefused,
+    name_problem,
+    read_regular,
+)
+from mnistops.errors import BadInput, MnistopsError
 
 PACK_BYTES = 4 * 1024 * 1024
 MANIFEST = "manifest.json.gz"
@@ -105,6 +111,11 @@ MAX_COUNT = 10**9
 MAX_MESSAGE = 10_000
 RECORD_REQUIRED = frozenset({"tag", "message", "created", "content_hash", "counts", "files"})
 RECORD_OPTIONAL = frozenset({"previous", "commit", "remote", "format"})
+
+
+class DatasetChanged(BadInput):
+    """A file of the dataset changed between its validation and its packing: what would
+    be pushed is not what was validated."""
 
 
 class CorruptRecord(StoreError):
@@ -307,9 +318,14 @@ def build_packs(
     for entry in sorted(entries, key=lambda e: e.key):
         if entry.sha256 in locations:
             continue
-        data = read_regular(entry.path, DIGIT_FILE_BYTES)
+        try:
+            data = read_regular(entry.path, DIGIT_FILE_BYTES)
+        except (OSError, ImageRefused) as exc:
+            raise DatasetChanged(
+                f"{entry.path}: removed or replaced after it was validated ({exc})"
+            ) from None
         if hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise StoreError(f"{entry.path}: changed while the version was being made; run again")
+            raise DatasetChanged(f"{entry.path}: changed after it was validated")
         pending.append((entry.sha256, data))
         locations[entry.sha256] = Location("", 0, 0)
         size += len(data)
@@ -420,20 +436,34 @@ def parse_manifest(data: bytes, record: VersionRecord | None = None) -> list[Man
     except (ValueError, RecursionError, MemoryError) as exc:
         raise CorruptRecord(f"{where} is invalid ({exc}); it was not used") from None
     rows: list[ManifestRow] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for number, raw in enumerate(raw_rows, 1):
         try:
             row = _manifest_row(raw, packs)
-            if row.key in seen:
+            same = seen.get(folded_key(row.key))
+            if same == row.key:
                 raise ValueError(f"'{row.key}' is listed twice")
+            if same is not None:
+                raise ValueError(
+                    f"'{shown(row.key)}' and '{shown(same)}' are one file on a disk that"
+                    " folds case or Unicode forms (macOS, Windows)"
+                )
         except ValueError as exc:
             message = f"{where} is invalid (row {number}: {exc}); it was not used"
             raise CorruptRecord(message) from None
-        seen.add(row.key)
+        seen[folded_key(row.key)] = row.key
         rows.append(row)
     if record is not None:
         _check_matches_record(rows, record, where)
     return rows
+
+
+def folded_key(key: str) -> str:
+    """What a path is on a disk that folds case and Unicode forms (macOS, Windows): two
+    paths with the same folded key are one file there."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", key).casefold()
 
 
 def rows_content_hash(rows: Iterable[ManifestRow]) -> str:

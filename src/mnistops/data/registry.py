@@ -142,12 +142,16 @@ def diff(settings: Settings, tag_a: str, tag_b: str) -> list[ClassChange]:
 
 INTERRUPT_AT_ENV = "MNISTOPS_TEST_INTERRUPT_AT"
 """tests only: a publish step name; the command gets SIGINT right after that step"""
+PAUSE_AT_ENV = "MNISTOPS_TEST_PAUSE_AT"
+"""tests only: a publish step name; the command stops itself (SIGSTOP) right after it"""
 
 
 def _step_done(step: str) -> None:
     if os.environ.get(INTERRUPT_AT_ENV) == step:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)  # the signal is handled here, as a Ctrl-C between two steps
+    if os.environ.get(PAUSE_AT_ENV) == step:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 @contextlib.contextmanager
@@ -186,7 +190,7 @@ def publish(
     same command finishes the job; after it, the version is complete.
     """
     check_tag(tag)
-    with _publishing(settings):
+    with _publishing(settings), images.dataset_in_use(settings.mnist_dir, "data version"):
         return _publish(settings, tag, message, force, progress_for, report)
 
 
@@ -238,7 +242,7 @@ def _publish(
     if previous:
         remote.fetch(client, bucket, cache, previous.files.values())
     known = {row.sha256: row.location for row in old_rows}
-    locations = packs.build_packs(cache, entries, known)
+    locations = _packed(cache, entries, known, tag)
     manifest_md5 = cache.put(packs.build_manifest(entries, locations))
     rows = packs.parse_manifest(cache.read(manifest_md5))
     files = packs.dataset_files(manifest_md5, rows)
@@ -310,7 +314,7 @@ def _publish(
     _git(registry, "tag", "-a", "-f", tag, "-m", message)
     try:
         _step_done("tagged")
-        remote.write_record(client, bucket, record, create_only=existing is None)
+        _record(client, bucket, record, replacing=existing is not None)
     except BaseException:
         _git(registry, "tag", "-d", tag)
         raise
@@ -324,6 +328,33 @@ def _publish(
         new_objects=len(new_md5s),
         new_bytes=new_bytes,
     )
+
+
+def _packed(
+    cache: packs.ObjectCache,
+    entries: list[images.ImageEntry],
+    known: dict[str, packs.Location],
+    tag: str,
+) -> dict[str, packs.Location]:
+    """The new images packed, exactly as they were validated (a file removed or changed
+    since is refused by name: what is pushed is what was checked)."""
+    try:
+        return packs.build_packs(cache, entries, known)
+    except packs.DatasetChanged as exc:
+        raise VersionRefused(
+            f"{exc}: nothing was published. Run `mnistops data version {tag}` again once"
+            " nothing else changes the folder"
+        ) from None
+
+
+def _record(
+    client: remote.S3Client, bucket: str, record: packs.VersionRecord, replacing: bool
+) -> None:
+    """Publish: the version's place in the order every host sees (a version replaced with
+    --force keeps its own), then its record, which is what makes it a version."""
+    if not replacing or record.tag not in remote.read_order(client, bucket)[0]:
+        remote.claim_place(client, bucket, record.tag)
+    remote.write_record(client, bucket, record, create_only=not replacing)
 
 
 def _rows_before(

@@ -8,6 +8,7 @@ record is validated (`packs.record_from_json`) before it is used.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -31,6 +32,11 @@ from mnistops.data.packs import (
 )
 
 DVC_PREFIX = "registry"
+ORDER_PREFIX = "version-order/"
+"""`<bucket>/version-order/<n>.json` names the n-th publication: `{"tag": ...}`. Each
+number is taken with a conditional write, so every host sees one order of versions,
+whatever its clock says; a version's place is the highest number naming it."""
+MAX_ORDER_TRIES = 1000
 
 
 class StoreUnreachable(StoreError):
@@ -87,11 +93,17 @@ def read_record(client: S3Client, bucket: str, tag: str) -> VersionRecord | None
 
 @dataclass
 class Listing:
-    """The valid versions of a bucket, oldest first, and the objects that are not."""
+    """The valid versions of a bucket in the order they were published, and the objects
+    that are not valid."""
 
     records: list[VersionRecord] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     """one message per object of versions/ that was not used, naming it and why"""
+    places: dict[str, int] = field(default_factory=dict)
+    """tag -> its place in the order of publication (absent: published before versions
+    were numbered, or written by hand: placed before every numbered one, by its date)"""
+    warnings: list[str] = field(default_factory=list)
+    """records whose claimed date or predecessor disagrees with the order of publication"""
 
 
 def list_records(client: S3Client, bucket: str) -> Listing:
@@ -111,8 +123,97 @@ def list_records(client: S3Client, bucket: str) -> Listing:
                 listing.records.append(record_from_json(_read_small(client, bucket, key), tag))
             except CorruptRecord as exc:
                 listing.problems.append(f"s3://{bucket}/{shown(key)}: {exc}")
-    listing.records.sort(key=lambda r: r.created)
+    places, order_problems = read_order(client, bucket)
+    listing.problems += order_problems
+    listing.places = {r.tag: places[r.tag] for r in listing.records if r.tag in places}
+    listing.records.sort(
+        key=lambda r: (
+            (1, listing.places[r.tag], "") if r.tag in listing.places else (0, 0, r.created)
+        )
+    )
+    listing.warnings = order_warnings(listing.records, listing.places)
     return listing
+
+
+def order_warnings(records: list[VersionRecord], places: dict[str, int]) -> list[str]:
+    """What a record claims that the order of publication contradicts: a date earlier than
+    its predecessor's or in the future, or no place at all (then it cannot be `latest`)."""
+    from datetime import UTC, datetime, timedelta
+
+    soon = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
+    warnings = []
+    for before, record in zip([None, *records], records, strict=False):
+        if record.tag not in places:
+            warnings.append(
+                f"{record.tag} has no place in the order of publication (published before"
+                " versions were numbered, or written by hand): listed by its date, first"
+            )
+        elif record.created > soon:
+            warnings.append(
+                f"{record.tag} claims a date in the future ({record.created[:19]}): listed"
+                " where it was published"
+            )
+        elif before is not None and before.tag in places and record.created < before.created:
+            warnings.append(
+                f"{record.tag} claims an earlier date ({record.created[:19]}) than"
+                f" {before.tag} ({before.created[:19]}) but was published after it (a clock"
+                " off on the publishing host?): listed where it was published"
+            )
+    return warnings
+
+
+def _order_numbers(client: S3Client, bucket: str) -> list[tuple[int, str]]:
+    """(number, key) of every object under version-order/ whose name is a number."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=ORDER_PREFIX)
+    found = []
+    for page in pages:
+        for item in page.get("Contents", []):
+            name = item["Key"].removeprefix(ORDER_PREFIX).removesuffix(".json")
+            if name.isdigit() and len(name) == 8:
+                found.append((int(name), item["Key"]))
+    return sorted(found)
+
+
+def read_order(client: S3Client, bucket: str) -> tuple[dict[str, int], list[str]]:
+    """tag -> its place (the highest number naming it), and the order objects that are
+    not valid (named, not used)."""
+    places: dict[str, int] = {}
+    problems = []
+    with store_errors("reading the order of versions", client):
+        for number, key in _order_numbers(client, bucket):
+            try:
+                entry = json.loads(_read_small(client, bucket, key))
+                tag = entry["tag"] if isinstance(entry, dict) else None
+                if not isinstance(tag, str) or tag_problem(tag):
+                    raise ValueError("no valid tag in it")
+            except (ValueError, KeyError) as exc:
+                problems.append(f"s3://{bucket}/{key}: {exc}")
+                continue
+            places[tag] = max(places.get(tag, 0), number)
+    return places, problems
+
+
+def claim_place(client: S3Client, bucket: str, tag: str) -> int:
+    """The next number in the order of publication, taken for `tag` with a conditional
+    write: of two hosts publishing at once, each gets its own number."""
+    with store_errors(f"numbering version {tag}", client):
+        taken = [n for n, _key in _order_numbers(client, bucket)]
+        first = (max(taken) if taken else 0) + 1
+        for number in range(first, first + MAX_ORDER_TRIES):
+            try:
+                client.put_object(
+                    Bucket=bucket,
+                    Key=f"{ORDER_PREFIX}{number:08d}.json",
+                    Body=json.dumps({"tag": tag}).encode(),
+                    ContentType="application/json",
+                    IfNoneMatch="*",
+                )
+            except ClientError as exc:
+                if error_code(exc) in ("PreconditionFailed", "412"):
+                    continue
+                raise
+            return number
+    raise StoreError(f"numbering version {tag}: {MAX_ORDER_TRIES} numbers in a row were taken")
 
 
 class RecordExists(StoreError):

@@ -66,6 +66,14 @@ def default_parameters(settings: Settings) -> dict[str, Any]:
 
 
 AUTOMATIC_RUN_PARAMETERS = {"skip_if_unchanged": True}
+SCHEDULED_RUN_PARAMETERS = {**AUTOMATIC_RUN_PARAMETERS, "started_by": "the schedule"}
+EVENT_RUN_PARAMETERS = {
+    **AUTOMATIC_RUN_PARAMETERS,
+    # the version the event announces, not `latest`: a version published right after
+    # it, or one whose record claims a later date, never hides it
+    "data_version": "{{ event.payload.tag }}",
+    "started_by": "the publication of {{ event.payload.tag }}",
+}
 """what the schedule and the new-data trigger add: a run nobody asked for by hand trains
 nothing when a registered model already learned this data with this recipe"""
 
@@ -85,7 +93,7 @@ def _runner_deployment(settings: Settings) -> Any:
         schedules=[
             DeploymentScheduleCreate(
                 schedule=build_schedule(settings),
-                parameters=AUTOMATIC_RUN_PARAMETERS,
+                parameters=SCHEDULED_RUN_PARAMETERS,
                 slug=SCHEDULE_SLUG,
             )
         ],
@@ -97,7 +105,7 @@ def _runner_deployment(settings: Settings) -> Any:
             DeploymentEventTrigger(
                 name="new data version",
                 expect={PUBLISHED_EVENT},
-                parameters={"data_version": "latest", **AUTOMATIC_RUN_PARAMETERS},
+                parameters=EVENT_RUN_PARAMETERS,
             )
         ],
         description="Retrain the MNIST classifier on the newest data version (mnistops)",

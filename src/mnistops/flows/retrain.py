@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 
 from mnistops import pipeline
 from mnistops.clients import library_defaults, mlflow_client
+from mnistops.errors import BadInput
 from mnistops.settings import HyperParameters, Settings, load_settings
 from mnistops.tracking import contract as c
 from mnistops.tracking import registration, runs
@@ -30,7 +31,19 @@ SUMMARY_KEY = "mnist-retraining"
 """the key of the markdown artifact a flow run leaves: its result"""
 
 
-@task(name="Pulling dataset", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
+def worth_retrying(_task: Any, _task_run: Any, state: Any) -> bool:
+    """Retry what may pass another time (the store or the network failed), never an
+    answer that cannot change: a refused or unknown version, a bad parameter."""
+    return not isinstance(getattr(state, "data", None), BadInput)
+
+
+@task(
+    name="Pulling dataset",
+    retries=3,
+    retry_delay_seconds=[2, 5, 10],
+    retry_condition_fn=worth_retrying,
+    cache_policy=NO_CACHE,
+)
 def pull_dataset(settings: Settings, data_version: str) -> data.Arrays:
     arrays = pipeline.load_data(settings, data_version, report=print)
     print(
@@ -63,7 +76,11 @@ RETRIES = {"Registering model": 2}
 def as_task(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
     """A step of `pipeline.train` as a Prefect task of this flow run."""
     wrap = task(
-        name=name, cache_policy=NO_CACHE, retries=RETRIES.get(name, 0), retry_delay_seconds=5
+        name=name,
+        cache_policy=NO_CACHE,
+        retries=RETRIES.get(name, 0),
+        retry_delay_seconds=5,
+        retry_condition_fn=worth_retrying,
     )
     return wrap(function)
 
@@ -105,7 +122,7 @@ def trained_on(settings: Settings, content_hash: str, recipe: str) -> tuple[str 
     return None, f"no registered model was trained on all of this data ({content_hash[:12]})"
 
 
-def _summary(outcome: RunOutcome) -> str:
+def _summary(outcome: RunOutcome, started_by: str) -> str:
     decision = outcome.decision
     state = "**moved** to this model" if decision.moved else "stayed"
     lines = [
@@ -114,6 +131,7 @@ def _summary(outcome: RunOutcome) -> str:
         "|---|---|",
         f"| MLflow run | [{outcome.run_id}]({outcome.run_url}) |",
         f"| data version | {outcome.data.name} |",
+        f"| started by | {started_by} |",
         f"| test accuracy | {outcome.test_accuracy:.2%} |",
         f"| champion | {state}: {decision.reason} |",
     ]
@@ -171,6 +189,7 @@ def mnist_flow(
     device: str | None = None,
     fast: bool = False,
     skip_if_unchanged: bool = False,
+    started_by: str = "hand",
 ) -> dict[str, object]:
     """Retrain on a data version; register the model; move `champion` if it is better.
 
@@ -178,7 +197,9 @@ def mnist_flow(
     hyp.yml; `model`, `n_epochs`, ... (hyp.yml's keys) override both.
     `skip_if_unchanged` (scheduled and triggered runs): when a registered model was
     already trained on this very data (the champion, or a challenger that lost to it), say
-    so and train nothing.
+    so and train nothing. `started_by` says why the run exists: by hand (a Quick run,
+    `mnistops run`), the schedule, or the publication of the version it trains (the
+    deployment's trigger passes the event's tag as `data_version`).
     """
     library_defaults()
     settings = load_settings()
@@ -201,11 +222,15 @@ def mnist_flow(
     for orphan in runs.end_orphans(settings, flow_run_ended):
         print(f"MLflow run {orphan} of an earlier flow run that ended without it: now KILLED")
     arrays = pull_dataset(settings, data_version)
+    print(f"training data version {arrays.source.name}, started by {started_by}")
     if skip_if_unchanged and not fast:
         recipe = runs.recipe_of(hyp, len(arrays.train_y))
         done_before, why = trained_on(settings, arrays.source.content_hash, recipe)
         if done_before is not None:
-            message = f"nothing new for {arrays.source.name}: {why}; nothing to do"
+            message = (
+                f"nothing new for {arrays.source.name} (started by {started_by}): {why};"
+                " nothing to do"
+            )
             print(message)
             create_markdown_artifact(f"# MNIST retraining\n\nSkipped: {message}.", key=SUMMARY_KEY)
             return {"skipped": True, "reason": message}
@@ -216,9 +241,9 @@ def mnist_flow(
     hooks = TrainingHooks(
         on_start=lambda url: print(f"MLflow run: {url}"), on_epoch=print_epoch(hyp)
     )
-    outcome = pipeline.train(settings, hyp, arrays, "retraining", tags, hooks, as_task)
+    outcome = pipeline.train(settings, hyp, arrays, c.RETRAINING, tags, hooks, as_task)
     create_markdown_artifact(
-        _summary(outcome), key=SUMMARY_KEY, description="MNIST retraining result"
+        _summary(outcome, started_by), key=SUMMARY_KEY, description="MNIST retraining result"
     )
     decision = outcome.decision
     print(
@@ -232,4 +257,5 @@ def mnist_flow(
         "test_accuracy": outcome.test_accuracy,
         "champion_moved": decision.moved,
         "data_version": outcome.data.name,
+        "started_by": started_by,
     }

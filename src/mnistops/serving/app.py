@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from pydantic import BaseModel
 
 from mnistops.serving.batching import Batcher
-from mnistops.serving.bodies import Predictor, read_body, uploaded_file
+from mnistops.serving.bodies import Predictor, uploaded_file
 from mnistops.serving.champion import Follower, Holder
 from mnistops.serving.fast_path import PredictFastPath
 from mnistops.serving.guard import GuardAndMeasure
@@ -129,16 +129,10 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
         },
     )
     async def predict(request: Request) -> Response:
-        # Multipart uploads are answered here; every other body by `PredictFastPath`
-        # (wired below), with the same `Predictor.answer`, before FastAPI's routing.
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind == "multipart/form-data":
-            data = await uploaded_file(request, serve.max_body_bytes)
-            status, body = await predictor.answer("image/*", data)
-        else:
-            status, body = await predictor.answer(
-                kind, await read_body(request, serve.max_body_bytes)
-            )
+        # Only multipart uploads reach this route: every other body is answered by
+        # `PredictFastPath` (wired below) with the same `Predictor.answer`.
+        data = await uploaded_file(request, serve.max_body_bytes)
+        status, body = await predictor.answer("image/*", data)
         return Response(body, status_code=status, media_type="application/json")
 
     @app.get("/health", summary="Ready (200) only when a model is loaded")

@@ -66,20 +66,6 @@ class Predictor:
         return 200, orjson.dumps({**rows[0], **model} if single else {"predictions": rows, **model})
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request's body, refused past `limit` bytes (memory stays bounded)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise Refused(413, f"the body is {int(declared)} bytes: at most {limit} are accepted")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Refused(413, f"the body is over {limit} bytes: at most {limit} are accepted")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def too_large(what: str, limit: int) -> bytes:
     return orjson.dumps({"detail": f"{what}: at most {limit} are accepted"})
 

@@ -1,6 +1,7 @@
 """MLflow: every training tracked, every good model registered, `champion` guarded.
 
-- `contract`: every tag, alias and metric name mnistops writes to MLflow (promised)
+- `contract`: every tag and alias name mnistops writes to MLflow, and the metrics the gate
+  and the summaries read (promised; docs/mlflow.md lists the metrics too)
 - `runs`: the steps of a tracked training run (through its client and run id), which
   `pipeline` runs for `mnistops train`, the demo and the flow
 - `registration`: a run's model logged, signed, registered and judged by the gate

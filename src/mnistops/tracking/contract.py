@@ -16,7 +16,11 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 # Tags of a training run
 PHASE_TAG = "phase"
-"""`experimental` (`mnistops train`) or `retraining` (the Prefect flow)"""
+"""`experimental` (`mnistops train`, the demo) or `retraining` (the Prefect flow)"""
+EXPERIMENTAL = "experimental"
+RETRAINING = "retraining"
+UNTRACKED = "untracked"
+"""the data version of a run on a plain folder"""
 DEVICE_TAG = "device"
 DATA_VERSION_TAG = "data_version"
 """the data version trained on (also on the model version), `untracked` for a folder"""
@@ -82,3 +86,4 @@ TRUSTED_BY_TAG = "model_trusted_by"
 # Metrics of a run (besides per-epoch `train_loss`, `val_accuracy`, ...)
 TEST_ACCURACY_METRIC = ACCURACY_TAG
 GATE_P_VALUE_METRIC = "gate_p_value"
+GATE_WORST_CLASS_METRIC = "gate_worst_class_change"

@@ -112,7 +112,7 @@ def register_logged(
         {
             c.ACCURACY_TAG: f"{result.test.accuracy:.6f}",
             c.DATA_VERSION_TAG: run.data_version,
-            "data_content_hash": arrays.source.content_hash,
+            c.DATA_HASH_TAG: arrays.source.content_hash,
             c.PHASE_TAG: run.phase,
             c.RUN_ID_TAG: run.run_id,
             c.MODEL_TAG: hyp.model,
@@ -144,7 +144,7 @@ def _log_decision(run: TrackedRun, version: str, decision: GateDecision) -> None
             run,
             {
                 c.GATE_P_VALUE_METRIC: evidence.p_value,
-                "gate_worst_class_change": evidence.worst_class_change,
+                c.GATE_WORST_CLASS_METRIC: evidence.worst_class_change,
             },
         )
     for key, value in tags.items():

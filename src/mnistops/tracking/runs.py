@@ -90,7 +90,7 @@ def run_tags(settings: Settings, source: DataSource, phase: str, device: str) ->
     tags = {
         c.PHASE_TAG: phase,
         c.DEVICE_TAG: device,
-        c.DATA_VERSION_TAG: source.name if source.tracked else "untracked",
+        c.DATA_VERSION_TAG: source.name if source.tracked else c.UNTRACKED,
         c.DATA_HASH_TAG: source.content_hash,
         c.DATA_TRACKED_TAG: str(source.tracked).lower(),
         c.PACKAGE_VERSION_TAG: package_version(),
@@ -140,7 +140,7 @@ def _log_dataset(run: TrackedRun, arrays: Arrays) -> None:
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     source = arrays.source
-    label = source.name if source.tracked else "untracked"
+    label = source.name if source.tracked else c.UNTRACKED
     dataset = from_numpy(
         arrays.train_x,
         source=source.uri,
