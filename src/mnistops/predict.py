@@ -208,18 +208,18 @@ def load_version(settings: Settings, version: ModelVersion) -> Any:
     from mnistops.clients import model_signing_key
 
     key = model_signing_key(settings)
-    tags = version.tags or {}
+    tags, source = version.tags or {}, str(version.source)
     unusable = f"{settings.model_registry.name} v{version.version} cannot be loaded"
     folder = model_cache(settings, str(version.version))
     try:
-        model_files.signed_record(tags, key)
+        model_files.signed_record(tags, key, source)
         if not folder.is_dir():
             _fetch(settings, version, folder)
         try:
-            model = model_files.load_checked(folder, tags, key)
+            model = model_files.load_checked(folder, tags, key, source)
         except model_files.ModelRefused:
             _fetch(settings, version, folder)  # a damaged local copy: once more, fresh
-            model = model_files.load_checked(folder, tags, key)
+            model = model_files.load_checked(folder, tags, key, source)
         probabilities(model, np.zeros((1, 1, 28, 28), np.float32))
     except model_files.ModelUnavailable as exc:
         raise ModelUnreachable(f"{unusable}: {exc}") from None

@@ -115,3 +115,12 @@ def test_the_cap_stays_below_the_file_limit() -> None:
     assert connection_cap(10_000, 20_000) == 10_000
     assert connection_cap(10_000, 1_024) == 1_024 - 256
     assert connection_cap(10_000, 100) == 16
+
+
+def test_headers_past_64_kib_are_cut(server) -> None:
+    port, _metrics = server
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (200 * 1024))
+        assert closed_by_server(sock, 2.0), "a 200 KiB header is not held in memory"
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        assert b"200 OK" in request(sock), "ordinary requests are answered"

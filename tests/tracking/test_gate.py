@@ -117,10 +117,11 @@ def stand_in_version(
     log_predictions(client, run_id, test, predicted)
     client.set_terminated(run_id)
     accuracy = float((predicted == test.labels).mean())
-    record = record_tags(key, {"MLmodel": hashlib.sha256(MLMODEL.encode()).hexdigest()})
+    source = f"{run.info.artifact_uri}/model"
+    record = record_tags(key, {"MLmodel": hashlib.sha256(MLMODEL.encode()).hexdigest()}, source)
     return client.create_model_version(
         name,
-        source=f"{run.info.artifact_uri}/model",
+        source=source,
         run_id=run_id,
         tags={ACCURACY_TAG: str(accuracy), "run_id": run_id, **record},
     )

@@ -21,6 +21,8 @@ from mnistops.train.models import build
 pytestmark = [pytest.mark.unit, pytest.mark.security]
 
 KEY = b"k" * 40
+SOURCE = "models:/m-0123456789abcdef"
+"""the logged model the signed record is bound to"""
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +52,16 @@ def copy_of(written: tuple[Path, torch.nn.Module], tmp_path: Path) -> tuple[Path
     """A copy of the written model and its signed tags."""
     folder = tmp_path / "model"
     shutil.copytree(written[0], folder)
-    return folder, mf.record_tags(KEY, mf.file_record(folder))
+    return folder, mf.record_tags(KEY, mf.file_record(folder), SOURCE)
 
 
 def test_a_model_mnistops_wrote_loads_and_predicts_the_same(written, tmp_path: Path) -> None:
     folder, tags = copy_of(written, tmp_path)
-    loaded = mf.load_checked(folder, tags, KEY)
+    loaded = mf.load_checked(folder, tags, KEY, SOURCE)
     x = torch.rand(5, 1, 28, 28)
     with torch.inference_mode():
         assert torch.allclose(loaded(x), written[1](x), atol=1e-6)
-    assert mf.record_problem(tags, KEY) is None
+    assert mf.record_problem(tags, KEY, SOURCE) is None
 
 
 def _unsigned(folder: Path, tags: dict) -> dict:
@@ -67,11 +69,17 @@ def _unsigned(folder: Path, tags: dict) -> dict:
 
 
 def _other_key(folder: Path, tags: dict) -> dict:
-    return mf.record_tags(b"x" * 40, mf.file_record(folder))
+    return mf.record_tags(b"x" * 40, mf.file_record(folder), SOURCE)
 
 
 def _edited_record(folder: Path, tags: dict) -> dict:
     return {**tags, mf.FILES_TAG: tags[mf.FILES_TAG].replace('"MLmodel"', '"MLmodel2"')}
+
+
+def _copied(folder: Path, tags: dict) -> dict:
+    """A good version's signed tags, copied onto a version of another logged model."""
+    other = mf.record_tags(KEY, mf.file_record(folder), "models:/m-other")
+    return other
 
 
 def _extra_file(folder: Path, tags: dict) -> dict:
@@ -107,7 +115,7 @@ def _resigned(edit: Callable[[dict], None]) -> Callable[[Path, dict], dict]:
         mlmodel = yaml.safe_load(path.read_text())
         edit(mlmodel)
         path.write_text(yaml.safe_dump(mlmodel))
-        return mf.record_tags(KEY, mf.file_record(folder))
+        return mf.record_tags(KEY, mf.file_record(folder), SOURCE)
 
     return change
 
@@ -136,13 +144,24 @@ def _other_flavor(m: dict) -> None:
     m["flavors"]["sklearn"] = {"pickled_model": "model.pkl"}
 
 
+def _signed_extra(folder: Path, tags: dict) -> dict:
+    (folder / "evil.py").write_text("import os\n")
+    return mf.record_tags(KEY, mf.file_record(folder), SOURCE)
+
+
+def _raw_member(folder: Path, tags: dict) -> dict:
+    with zipfile.ZipFile(folder / mf.WEIGHTS_PATH, "a") as archive:
+        archive.writestr("evil", b"\x80\x04raw pickle bytes")
+    return mf.record_tags(KEY, mf.file_record(folder), SOURCE)
+
+
 def _pickled_weights(folder: Path, tags: dict) -> dict:
     path = folder / mf.WEIGHTS_PATH
     np.save(folder / "x.npy", np.array([object()], dtype=object), allow_pickle=True)
     with zipfile.ZipFile(path, "a") as archive:
         archive.write(folder / "x.npy", "evil.npy")
     (folder / "x.npy").unlink()
-    return mf.record_tags(KEY, mf.file_record(folder))
+    return mf.record_tags(KEY, mf.file_record(folder), SOURCE)
 
 
 def _wrong_shape(folder: Path, tags: dict) -> dict:
@@ -151,13 +170,16 @@ def _wrong_shape(folder: Path, tags: dict) -> dict:
         arrays = {k: saved[k] for k in saved.files}
     arrays["8.weight"] = np.zeros((3, 3), np.float32)
     np.savez(path, **arrays)
-    return mf.record_tags(KEY, mf.file_record(folder))
+    return mf.record_tags(KEY, mf.file_record(folder), SOURCE)
 
 
 CASES = {
     "unsigned": (_unsigned, "not registered by mnistops (it has no signed file record)"),
     "another stack's key": (_other_key, "not signed with this stack's model key"),
     "record edited": (_edited_record, "not signed with this stack's model key"),
+    "tags copied from another model": (_copied, "not signed with this stack's model key"),
+    "a file outside the format, signed": (_signed_extra, "evil.py is not a file of mnistops'"),
+    "raw bytes in the weights": (_raw_member, "'evil' is not a NumPy array"),
     "a file added": (_extra_file, "data/model.pth is not one of the files registered"),
     "a link": (_symlink, "requirements.txt is a link"),
     "a changed byte": (_changed_byte, "data/model.pt2 differs from the file registered"),
@@ -179,13 +201,13 @@ def test_every_other_file_is_refused_by_name(written, tmp_path: Path, case: str)
     change, words = CASES[case]
     tags = change(folder, tags)
     with pytest.raises(mf.ModelRefused, match=None) as refused:
-        mf.load_checked(folder, tags, KEY)
+        mf.load_checked(folder, tags, KEY, SOURCE)
     assert words in str(refused.value), str(refused.value)
 
 
 def test_without_a_key_nothing_is_trusted(written, tmp_path: Path) -> None:
     folder, tags = copy_of(written, tmp_path)
-    assert "model_registry.signing_key" in (mf.record_problem(tags, None) or "")
+    assert "model_registry.signing_key" in (mf.record_problem(tags, None, SOURCE) or "")
 
 
 class Payload:

@@ -502,8 +502,8 @@ def test_model_files_changed_in_the_store_or_disguised_are_refused(
 ) -> None:
     """Someone with the store's keys rewrites a registered champion's pt2 archive; someone
     with MLflow access registers a copy of a good model whose MLmodel points its flavor at
-    another file, with the good version's signed tags copied. Both are refused by name;
-    the gate treats such a champion as unusable."""
+    another file, with the good version's signed tags copied. Both are refused by name
+    (the copy without being downloaded), and `mnistops models` marks the copy refused."""
     from mnistops.clients import s3_client
     from mnistops.predict import model_cache
     from mnistops.tracking.contract import FILES_TAG, SIGNATURE_TAG
@@ -528,7 +528,10 @@ def test_model_files_changed_in_the_store_or_disguised_are_refused(
     client.set_registered_model_alias(name, "champion", disguised.version)
     refused = run_cli("predict", image, config_dir=trainer)
     said = " ".join(refused.stderr.split())
-    assert refused.returncode == 1 and "MLmodel differs from the file registered" in said, said
+    assert refused.returncode == 1, said
+    assert "not signed with this stack's model key for its files" in said, said
+    listed = " ".join(run_cli("models", config_dir=trainer).stdout.split())
+    assert f"v{disguised.version} refused, never loaded: not registered by mnistops" in listed
     client.set_registered_model_alias(name, "champion", current.version)
 
     uri = client.get_model_version_download_uri(name, current.version)
@@ -546,3 +549,43 @@ def test_model_files_changed_in_the_store_or_disguised_are_refused(
     finally:
         s3.put_object(Bucket=bucket, Key=key, Body=original)
     assert run_cli("predict", image, config_dir=trainer).returncode == 0
+
+
+@pytest.mark.security
+def test_files_changed_on_the_server_while_a_model_is_logged_are_never_signed(
+    trainer: Path, first_run, tmp_path: Path
+) -> None:
+    """Someone with MLflow access overwrites a logged model's weights the moment they are
+    uploaded (a race with the registration): the record mnistops signs is made from its
+    own files, so the change is refused by name and nothing is registered or signed."""
+    from types import SimpleNamespace
+
+    from mnistops.clients import model_signing_key
+    from mnistops.settings import HyperParameters
+    from mnistops.tracking import model_files, registration
+    from mnistops.tracking.runs import TrackedRun
+    from mnistops.train import models
+
+    settings, client = client_of(trainer)
+    evil = tmp_path / "evil" / "extra_files"
+    evil.mkdir(parents=True)
+    model_files.save_weights(models.digitnet(), evil)  # other weights, same names
+
+    class Racing(MlflowClient):
+        def log_model_artifacts(self, model_id: str, local_dir: str, artifact_path=None):
+            super().log_model_artifacts(model_id, local_dir, artifact_path)
+            super().log_model_artifacts(model_id, str(evil.parent))  # the attacker's copy
+
+    experiment = client.get_experiment_by_name(settings.experiment_name).experiment_id
+    run_id = client.create_run(experiment).info.run_id
+    racing = TrackedRun(Racing(settings.mlflow_uri), run_id, "", experiment, "x", "v1.0")
+    trained = SimpleNamespace(model=models.digitnet().eval())
+    arrays = SimpleNamespace(test_x=np.zeros((2, 28, 28), np.uint8))
+    key = model_signing_key(settings)
+    assert key is not None
+    with pytest.raises(model_files.ModelRefused) as refused:
+        registration._log_model(racing, HyperParameters(), trained, arrays, key)  # type: ignore[arg-type]
+    said = str(refused.value)
+    assert "changed on the MLflow server while they were being logged" in said, said
+    assert f"{model_files.WEIGHTS_PATH} differs from the file registered" in said, said
+    client.set_terminated(run_id, "FAILED")

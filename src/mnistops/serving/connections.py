@@ -8,6 +8,7 @@ body slowly, or never: 1,000 such connections stay open as long as their client 
 - a request must arrive whole (headers and body) within `serve.request_timeout_s` of the
   connection, or of the previous answer on a kept-alive connection; else the connection
   is closed. The time the model takes to answer does not count;
+- headers of more than 64 KiB are cut too (httptools sets no limit of its own);
 - at most `serve.max_connections` connections are open (kept below the process's file
   limit); past that a new connection is closed at once, and the open ones are answered.
 """
@@ -21,6 +22,8 @@ from typing import Any
 from mnistops.compat import uvicorn_http_protocol
 from mnistops.serving.metrics import Metrics
 
+MAX_HEADER_BYTES = 64 * 1024
+"""a request whose headers take more is cut (httptools sets no limit of its own)"""
 FILES_KEPT_FREE = 256
 """file descriptors left for the model, logs, the registry's downloads and the loop"""
 
@@ -57,6 +60,21 @@ class BoundedHttp(_UVICORN_HTTP):  # type: ignore[misc]  # uvicorn's class, chec
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
+        self._in_headers = True
+        self._header_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        counting = self._in_headers
+        super().data_received(data)
+        if counting and self._in_headers:
+            self._header_bytes += len(data)
+            if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+                self.counters.connections_timed_out += 1
+                self.transport.abort()
+
+    def on_headers_complete(self) -> None:
+        self._in_headers, self._header_bytes = False, 0
+        super().on_headers_complete()
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         full = len(self.connections) >= self.max_connections
@@ -73,6 +91,7 @@ class BoundedHttp(_UVICORN_HTTP):  # type: ignore[misc]  # uvicorn's class, chec
 
     def on_message_complete(self) -> None:
         self._disarm()  # the request is whole: answering it takes what it takes
+        self._in_headers = True  # what comes next on this connection is a new request
         super().on_message_complete()
 
     def on_response_complete(self) -> None:

@@ -28,6 +28,10 @@ class ProcessRecord:
     create_time: float
     log: str
     url: str
+    start_ticks: int | None = None
+    """when the process started, in clock ticks since boot: unlike `create_time` (wall
+    clock), it does not move when the system clock is set, so a record still finds its
+    process after a clock change"""
 
     @property
     def log_path(self) -> Path:
@@ -49,10 +53,24 @@ def read_record(run_dir: Path, name: str) -> ProcessRecord | None:
         return None
 
 
+def start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _recorded(record: ProcessRecord) -> psutil.Process | None:
     """The process of a record, zombie or not; None if gone or its pid reused by another."""
     try:
         proc = psutil.Process(record.pid)
+    except psutil.Error:
+        return None
+    if record.start_ticks is not None:
+        return proc if start_ticks(record.pid) == record.start_ticks else None
+    try:  # a record written before start_ticks: the wall clock's start time
         return proc if abs(proc.create_time() - record.create_time) <= 1.0 else None
     except psutil.Error:
         return None
@@ -127,6 +145,7 @@ def start(
         create_time=psutil.Process(popen.pid).create_time(),
         log=str(log_path),
         url=url,
+        start_ticks=start_ticks(popen.pid),
     )
     write_private(record_path(run_dir, name), json.dumps(asdict(record)))
     return record

@@ -101,14 +101,16 @@ def encode_record(record: dict[str, str]) -> str:
     return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
 
-def sign(key: bytes, record_json: str) -> str:
-    return hmac.new(key, record_json.encode(), hashlib.sha256).hexdigest()
+def sign(key: bytes, source: str, record_json: str) -> str:
+    """HMAC-SHA256 of the model's source (its logged model, `models:/m-...`) and its file
+    record: tags copied onto a version of other files do not verify."""
+    return hmac.new(key, f"{source}\n{record_json}".encode(), hashlib.sha256).hexdigest()
 
 
-def record_tags(key: bytes, record: dict[str, str]) -> dict[str, str]:
-    """The tags that make a version "registered by mnistops"."""
+def record_tags(key: bytes, record: dict[str, str], source: str) -> dict[str, str]:
+    """The tags that make a version of `source` "registered by mnistops"."""
     encoded = encode_record(record)
-    return {FILES_TAG: encoded, SIGNATURE_TAG: sign(key, encoded)}
+    return {FILES_TAG: encoded, SIGNATURE_TAG: sign(key, source, encoded)}
 
 
 def no_key_message(where: str) -> str:
@@ -129,9 +131,9 @@ def signing_key(settings: Settings) -> bytes:
     return key
 
 
-def signed_record(tags: dict[str, str], key: bytes | None) -> dict[str, str]:
-    """The version's file record, once its signature is checked; ModelRefused says why
-    it is not "registered by mnistops"."""
+def signed_record(tags: dict[str, str], key: bytes | None, source: str) -> dict[str, str]:
+    """The version's file record, once its signature (over `source` and the record) is
+    checked; ModelRefused says why it is not "registered by mnistops"."""
     encoded, signature = tags.get(FILES_TAG), tags.get(SIGNATURE_TAG)
     if not encoded or not signature:
         raise ModelRefused(
@@ -140,10 +142,11 @@ def signed_record(tags: dict[str, str], key: bytes | None) -> dict[str, str]:
         )
     if key is None:
         raise ModelRefused("its file record cannot be checked: " + no_key_message("settings"))
-    if not hmac.compare_digest(sign(key, encoded), signature):
+    if not hmac.compare_digest(sign(key, source, encoded), signature):
         raise ModelRefused(
             "not registered by mnistops: its file record is not signed with this stack's"
-            " model key (changed by hand, or signed by another stack)"
+            " model key for its files (changed or copied by hand, or signed by another"
+            " stack)"
         )
     try:
         record = json.loads(encoded)
@@ -156,11 +159,12 @@ def signed_record(tags: dict[str, str], key: bytes | None) -> dict[str, str]:
     return record
 
 
-def record_problem(tags: dict[str, str], key: bytes | None) -> str | None:
-    """Why a version will be refused, judged from its tags alone (no download); None
-    when its record is signed. The files themselves are checked when loaded."""
+def record_problem(tags: dict[str, str], key: bytes | None, source: str) -> str | None:
+    """Why a version will be refused, judged from its tags and source alone (no
+    download); None when its record is signed for its source. The files themselves are
+    checked when loaded."""
     try:
-        signed_record(tags, key)
+        signed_record(tags, key, source)
     except ModelRefused as exc:
         return str(exc)
     return None
@@ -195,9 +199,37 @@ def _mlmodel(folder: Path) -> dict[str, Any]:
     return found
 
 
+LAYOUT = frozenset(
+    {
+        "MLmodel",
+        "conda.yaml",
+        "python_env.yaml",
+        "requirements.txt",
+        "input_example.json",
+        "serving_input_example.json",
+        "data/model.pt2",
+        WEIGHTS_PATH,
+    }
+)
+"""every file a model in mnistops' format may have (MLflow's PyTorch model and ours)"""
+REQUIRED = frozenset({"MLmodel", "data/model.pt2", WEIGHTS_PATH})
+
+
+def check_layout(folder: Path) -> None:
+    """The files are those of mnistops' format, no other (a link is refused too)."""
+    found = set(file_record(folder))
+    other = sorted(found - LAYOUT)
+    if other:
+        raise ModelRefused(f"{other[0]} is not a file of mnistops' model format")
+    missing = sorted(REQUIRED - found)
+    if missing:
+        raise ModelRefused(f"{missing[0]}, a file of mnistops' model format, is missing")
+
+
 def check_format(folder: Path) -> str:
     """The architecture named by an MLmodel that declares our format; ModelRefused for
     anything else (a pickled module, a loader module or code path, another file)."""
+    check_layout(folder)
     found = _mlmodel(folder)
     meta = found.get("metadata") or {}
     if not isinstance(meta, dict) or meta.get("mnistops_format") != FORMAT:
@@ -239,11 +271,15 @@ def _weights(path: Path) -> dict[str, np.ndarray]:
             if sum(i.file_size for i in archive.infolist()) > MAX_WEIGHTS_BYTES:
                 raise ModelRefused(f"{WEIGHTS_PATH} unpacks to more than 64 MB")
         with np.load(path, allow_pickle=False) as saved:
-            return {key: saved[key] for key in saved.files}
+            arrays = {key: saved[key] for key in saved.files}
     except ModelRefused:
         raise
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ModelRefused(f"{WEIGHTS_PATH} is not a NumPy archive of arrays ({exc})") from None
+    odd = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
+    if odd:
+        raise ModelRefused(f"{WEIGHTS_PATH}: {odd[0]!r} is not a NumPy array")
+    return arrays
 
 
 def build_checked(architecture: str, arrays: dict[str, np.ndarray]) -> Any:
@@ -271,9 +307,9 @@ def build_checked(architecture: str, arrays: dict[str, np.ndarray]) -> Any:
     return model.eval()
 
 
-def load_checked(folder: Path, tags: dict[str, str], key: bytes | None) -> Any:
+def load_checked(folder: Path, tags: dict[str, str], key: bytes | None, source: str) -> Any:
     """The model in `folder` (a version's downloaded files), after every check above."""
-    record = signed_record(tags, key)
+    record = signed_record(tags, key, source)
     check_files(folder, record)
     architecture = check_format(folder)
     return build_checked(architecture, _weights(folder / WEIGHTS_PATH))
@@ -300,10 +336,11 @@ def load_registered(client: Any, version: Any, key: bytes | None) -> Any:
     what the gate scores and what `models promote` tries before moving the alias."""
     import tempfile
 
-    signed_record(version.tags or {}, key)
+    source = str(version.source)
+    signed_record(version.tags or {}, key, source)
     uri = f"models:/{version.name}/{version.version}"
     with tempfile.TemporaryDirectory(prefix="model-") as tmp:
-        return load_checked(download(client, uri, Path(tmp)), version.tags or {}, key)
+        return load_checked(download(client, uri, Path(tmp)), version.tags or {}, key, source)
 
 
 def trust(client: Any, version: Any, key: bytes, who: str) -> dict[str, str]:
@@ -318,7 +355,7 @@ def trust(client: Any, version: Any, key: bytes, who: str) -> dict[str, str]:
         record = file_record(folder)
         architecture = check_format(folder)
         build_checked(architecture, _weights(folder / WEIGHTS_PATH))
-    tags = {**record_tags(key, record), TRUSTED_BY_TAG: who}
+    tags = {**record_tags(key, record, str(version.source)), TRUSTED_BY_TAG: who}
     for name, value in tags.items():
         client.set_model_version_tag(version.name, version.version, name, value)
     return tags

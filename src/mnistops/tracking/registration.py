@@ -6,12 +6,10 @@ written on the run. And what becomes of a run's model when its training is inter
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from mlflow import MlflowClient
 
-from mnistops.clients import mlflow_client, mlflow_module_functions
+from mnistops.clients import mlflow_client
 from mnistops.settings import HyperParameters, Settings
 from mnistops.tracking import contract as c
 from mnistops.tracking import model_files
@@ -23,11 +21,13 @@ from mnistops.train.loop import TrainResult
 
 
 def _log_model(
-    settings: Settings, run: TrackedRun, hyp: HyperParameters, result: TrainResult, arrays: Arrays
-) -> Any:
-    """MLflow's PyTorch model (an exported `pt2` archive, for MLflow's own tools) with
-    mnistops' format beside it: the weights as plain arrays and the architecture's name
-    (`tracking.model_files`), the only thing mnistops ever loads."""
+    run: TrackedRun, hyp: HyperParameters, result: TrainResult, arrays: Arrays, key: bytes
+) -> tuple[str, dict[str, str]]:
+    """(the logged model's URI, its signed file record). The model is saved here first
+    (MLflow's PyTorch format with an exported `pt2` archive, for MLflow's own tools, and
+    mnistops' weights and architecture beside it, the only thing mnistops loads), its
+    record made from these local files, then uploaded and read back: anything changed or
+    added on the server meanwhile is refused, so only what mnistops wrote is signed."""
     import tempfile
 
     import mlflow
@@ -41,43 +41,52 @@ def _log_model(
     )
     example = (arrays.test_x[:2].astype(np.float32) / 255.0)[:, None]
     model = result.model.to("cpu")
-    with (
-        tempfile.TemporaryDirectory(prefix="weights-") as tmp,
-        mlflow_module_functions(settings),
-    ):
+    with tempfile.TemporaryDirectory(prefix="model-") as tmp:
         weights = model_files.save_weights(model, Path(tmp))
-        return mlflow.pytorch.log_model(
+        folder = Path(tmp) / "model"
+        mlflow.pytorch.save_model(
             model,
-            name="model",
+            str(folder),
             signature=signature,
             input_example=example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
-            run_id=run.run_id,
             serialization_format="pt2",
             extra_files=[str(weights)],
             metadata=model_files.metadata(hyp.model),
         )
-
-
-def model_record(client: MlflowClient, model_uri: str, key: bytes) -> dict[str, str]:
-    """The signed file record of a logged model, made from its files as the server
-    stores them (downloaded back), after checking they are in mnistops' format."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="model-record-") as tmp:
-        folder = model_files.download(client, model_uri, Path(tmp))
         record = model_files.file_record(folder)
         model_files.check_format(folder)
-    return model_files.record_tags(key, record)
+        logged = run.client.create_logged_model(
+            run.experiment_id, name="model", source_run_id=run.run_id
+        )
+        run.client.log_model_artifacts(logged.model_id, str(folder))
+    uri = f"models:/{logged.model_id}"
+    with tempfile.TemporaryDirectory(prefix="model-check-") as tmp:
+        stored = model_files.download(run.client, uri, Path(tmp))
+        try:
+            model_files.check_files(stored, record)
+        except model_files.ModelRefused as exc:
+            raise model_files.ModelRefused(
+                f"the model's files changed on the MLflow server while they were being"
+                f" logged ({exc}): nothing was registered, nothing was signed"
+            ) from None
+    run.client.finalize_logged_model(logged.model_id, "READY")
+    return uri, model_files.record_tags(key, record, uri)
 
 
-def _logged_model_of(run: TrackedRun) -> str | None:
-    """The URI of the model this run logged already (a retried registration), if any."""
-    found = run.client.search_logged_models(
-        experiment_ids=[run.experiment_id], filter_string=f"source_run_id = '{run.run_id}'"
-    )
-    ready = [m for m in found if str(m.status).upper().endswith("READY")]
-    return ready[0].model_uri if ready else None
+def _registered_record(run: TrackedRun, name: str) -> tuple[str, dict[str, str]] | None:
+    """(model URI, signed record) of the version this run registered already (a retried
+    registration), if any: it is finished, never logged again."""
+    from mnistops.tracking.registry import version_of_run
+
+    version = version_of_run(run.client, name, run.run_id)
+    tags = (version.tags or {}) if version is not None else {}
+    if version is None or c.FILES_TAG not in tags or c.SIGNATURE_TAG not in tags:
+        return None
+    return str(version.source), {
+        c.FILES_TAG: tags[c.FILES_TAG],
+        c.SIGNATURE_TAG: tags[c.SIGNATURE_TAG],
+    }
 
 
 def register_logged(
@@ -85,8 +94,8 @@ def register_logged(
 ) -> tuple[str, GateDecision]:
     """Log the model, register it as a new version, apply the champion gate.
 
-    Safe to retry (the flow's task does): a model already logged by this run is reused,
-    and a version already registered from it is finished, not registered again.
+    Safe to retry (the flow's task does): a version already registered from this run is
+    finished, not registered again; a model logged but not registered is logged anew.
     """
     from mnistops.stack.locks import champion_lock_name, held
 
@@ -102,8 +111,7 @@ def register_logged(
         ),
         key,
     )
-    model_uri = _logged_model_of(run) or _log_model(settings, run, hyp, result, arrays).model_uri
-    record = model_record(run.client, model_uri, key)
+    model_uri, record = _registered_record(run, name) or _log_model(run, hyp, result, arrays, key)
     run.client.set_tag(run.run_id, c.FILES_TAG, record[c.FILES_TAG])
     version, decision = register(
         run.client,

@@ -211,7 +211,7 @@ def model_problem(
     crown a worse model)."""
     import mlflow
 
-    refused = record_problem(version.tags or {}, key)
+    refused = record_problem(version.tags or {}, key, str(version.source))
     if refused is not None:
         return refused
     try:
@@ -377,7 +377,8 @@ def _check_loads(
 
     label = f"{target.name} v{target.version}"
     try:
-        if trusted_by is not None and record_problem(target.tags or {}, key) is not None:
+        source = str(target.source)
+        if trusted_by is not None and record_problem(target.tags or {}, key, source) is not None:
             if key is None:
                 raise ModelRefused(model_files.no_key_message("settings"))
             model_files.trust(client, target, key, trusted_by)
