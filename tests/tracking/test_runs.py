@@ -482,7 +482,7 @@ def test_a_pickled_champion_never_runs_and_the_next_model_replaces_it(
         promoted = run_cli("models", "promote", bad, *extra, config_dir=trainer)
         words = " ".join(promoted.stderr.split())
         assert promoted.returncode == 2 and f"{name} v{bad} cannot be served" in words, words
-        assert ("does not declare mnistops' format" if extra else "not registered") in words
+        assert ("not a file of mnistops' model format" if extra else "not registered") in words
         assert client.get_model_version_by_alias(name, "champion").version == other
     client.set_registered_model_alias(name, "champion", bad)
 
