@@ -503,7 +503,8 @@ def test_model_files_changed_in_the_store_or_disguised_are_refused(
     """Someone with the store's keys rewrites a registered champion's pt2 archive; someone
     with MLflow access registers a copy of a good model whose MLmodel points its flavor at
     another file, with the good version's signed tags copied. Both are refused by name
-    (the copy without being downloaded), and `mnistops models` marks the copy refused."""
+    (the copy without being downloaded), and `mnistops models` marks the copy refused;
+    the gate says of the rewritten champion what predict says, and replaces it."""
     from mnistops.clients import s3_client
     from mnistops.predict import model_cache
     from mnistops.tracking.contract import FILES_TAG, SIGNATURE_TAG
@@ -546,6 +547,14 @@ def test_model_files_changed_in_the_store_or_disguised_are_refused(
         said = " ".join(changed.stderr.split())
         assert changed.returncode == 1, said
         assert "data/model.pt2 differs from the file registered (SHA-256 mismatch)" in said
+        # the gate says the same of it, and the next model that loads replaces it
+        retrained = train(trainer, "--seed", "12")
+        assert retrained.returncode == 0, retrained.stdout + retrained.stderr
+        champion = client.get_model_version_by_alias(name, "champion")
+        reason = champion.tags["champion_reason"]
+        assert champion.version != current.version, reason
+        assert f"the champion v{current.version} cannot be loaded" in reason, reason
+        assert "data/model.pt2 differs from the file registered" in reason, reason
     finally:
         s3.put_object(Bucket=bucket, Key=key, Body=original)
     assert run_cli("predict", image, config_dir=trainer).returncode == 0

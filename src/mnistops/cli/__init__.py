@@ -11,6 +11,7 @@ never a traceback.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -75,4 +76,8 @@ def entry() -> None:
 
     os.umask(PRIVATE_UMASK)
     library_defaults()
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # A shell starts background jobs with Ctrl-C ignored: every command still stops
+        # cleanly on SIGINT (a publish, a training), as its messages promise.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     app(prog_name="mnistops")

@@ -40,7 +40,7 @@ def add_images(
 ) -> dict[int, int]:
     """Merge `source/<digit>/*.png` into the training set; validate first, copy all or none.
     Refused while a `data version` (or another `data add`) uses the dataset folder."""
-    with dataset_in_use(settings.mnist_dir, "data add"):
+    with dataset_in_use(settings.mnist_dir, settings.home / "locks", "data add"):
         return _add_images(settings, source, progress_for)
 
 

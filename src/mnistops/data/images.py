@@ -287,12 +287,14 @@ class DatasetBusy(BadInput):
 
 
 @contextmanager
-def dataset_in_use(folder: Path, command: str) -> Iterator[None]:
-    """One `data add` or `data version` at a time on a dataset folder (a lock beside it,
-    released when the process ends, however it ends); the other one is refused."""
+def dataset_in_use(folder: Path, locks: Path, command: str) -> Iterator[None]:
+    """One `data add` or `data version` at a time on a dataset folder (a lock in `locks`,
+    the state dir's, named after the folder and released when the process ends, however
+    it ends); the other one is refused. Nothing is written beside the dataset."""
     import fcntl
 
-    lock = folder.parent / f".{folder.name}.lock"
+    name = hashlib.sha256(str(folder.absolute()).encode()).hexdigest()[:16]
+    lock = locks / f"dataset-{name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as handle:
         try:
@@ -353,14 +355,15 @@ def _collisions(entries: list[ImageEntry]) -> list[tuple[Path, str]]:
     first: dict[str, ImageEntry] = {}
     found = []
     for entry in sorted(entries, key=lambda e: e.key):
-        folded = unicodedata.normalize("NFC", entry.key).casefold()
+        folded = unicodedata.normalize("NFC", entry.key).lower()
         other = first.setdefault(folded, entry)
         if other is not entry:
             found.append(
                 (
                     entry.path,
                     f"the same name as {shown_name(str(other.path))} on a disk that folds case"
-                    " or Unicode forms (macOS, Windows): rename one",
+                    f" or Unicode forms (macOS, Windows; written {ascii(entry.name)} and"
+                    f" {ascii(other.name)}): rename one",
                 )
             )
     return found

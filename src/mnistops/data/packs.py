@@ -463,7 +463,7 @@ def folded_key(key: str) -> str:
     paths with the same folded key are one file there."""
     import unicodedata
 
-    return unicodedata.normalize("NFC", key).casefold()
+    return unicodedata.normalize("NFC", key).lower()
 
 
 def rows_content_hash(rows: Iterable[ManifestRow]) -> str:

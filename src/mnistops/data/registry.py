@@ -190,7 +190,8 @@ def publish(
     same command finishes the job; after it, the version is complete.
     """
     check_tag(tag)
-    with _publishing(settings), images.dataset_in_use(settings.mnist_dir, "data version"):
+    locks = settings.home / "locks"
+    with _publishing(settings), images.dataset_in_use(settings.mnist_dir, locks, "data version"):
         return _publish(settings, tag, message, force, progress_for, report)
 
 
@@ -353,7 +354,10 @@ def _record(
     """Publish: the version's place in the order every host sees (a version replaced with
     --force keeps its own), then its record, which is what makes it a version."""
     if not replacing or record.tag not in remote.read_order(client, bucket)[0]:
-        remote.claim_place(client, bucket, record.tag)
+        place = remote.claim_place(client, bucket, record.tag)
+        # the version just before it in the order every host sees (another host may have
+        # published between the start of this publish and now)
+        record.previous = remote.predecessor(client, bucket, record.tag, place)
     remote.write_record(client, bucket, record, create_only=not replacing)
 
 

@@ -142,13 +142,15 @@ def order_warnings(records: list[VersionRecord], places: dict[str, int]) -> list
 
     soon = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
     warnings = []
+    numbered: VersionRecord | None = None
     for before, record in zip([None, *records], records, strict=False):
         if record.tag not in places:
             warnings.append(
                 f"{record.tag} has no place in the order of publication (published before"
                 " versions were numbered, or written by hand): listed by its date, first"
             )
-        elif record.created > soon:
+            continue
+        if record.created > soon:
             warnings.append(
                 f"{record.tag} claims a date in the future ({record.created[:19]}): listed"
                 " where it was published"
@@ -159,6 +161,13 @@ def order_warnings(records: list[VersionRecord], places: dict[str, int]) -> list
                 f" {before.tag} ({before.created[:19]}) but was published after it (a clock"
                 " off on the publishing host?): listed where it was published"
             )
+        if numbered is not None and record.previous != numbered.tag:
+            warnings.append(
+                f"{record.tag} says it follows {record.previous or 'no version'}, but the order"
+                f" of publication puts it after {numbered.tag} (its record, or its place in"
+                " version-order/, written by hand?)"
+            )
+        numbered = record
     return warnings
 
 
@@ -169,7 +178,7 @@ def _order_numbers(client: S3Client, bucket: str) -> list[tuple[int, str]]:
     for page in pages:
         for item in page.get("Contents", []):
             name = item["Key"].removeprefix(ORDER_PREFIX).removesuffix(".json")
-            if name.isdigit() and len(name) == 8:
+            if name.isdigit() and len(name) <= 18:  # 00000001 ... (any number of digits)
                 found.append((int(name), item["Key"]))
     return sorted(found)
 
@@ -191,6 +200,15 @@ def read_order(client: S3Client, bucket: str) -> tuple[dict[str, int], list[str]
                 continue
             places[tag] = max(places.get(tag, 0), number)
     return places, problems
+
+
+def predecessor(client: S3Client, bucket: str, tag: str, place: int) -> str | None:
+    """The tag published just before `place` (a version with a record), if any."""
+    listing = list_records(client, bucket)
+    earlier = [
+        r.tag for r in listing.records if r.tag != tag and listing.places.get(r.tag, 0) < place
+    ]
+    return earlier[-1] if earlier else None
 
 
 def claim_place(client: S3Client, bucket: str, tag: str) -> int:

@@ -222,6 +222,8 @@ def mnist_flow(
     for orphan in runs.end_orphans(settings, flow_run_ended):
         print(f"MLflow run {orphan} of an earlier flow run that ended without it: now KILLED")
     arrays = pull_dataset(settings, data_version)
+    if data_version == "latest":
+        started_by = f"{started_by}, on the newest version (latest)"
     print(f"training data version {arrays.source.name}, started by {started_by}")
     if skip_if_unchanged and not fast:
         recipe = runs.recipe_of(hyp, len(arrays.train_y))

@@ -6,8 +6,10 @@ written on the run. And what becomes of a run's model when its training is inter
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from mlflow.entities.model_registry import ModelVersion
 
 from mnistops.clients import mlflow_client
 from mnistops.settings import HyperParameters, Settings
@@ -103,13 +105,16 @@ def register_logged(
     rules = settings.model_registry
     test = LabelledImages(arrays.test_x, arrays.test_y)
     key = model_files.signing_key(settings)
+
+    def load(version: ModelVersion) -> Any:
+        return model_files.load_registered(run.client, version, key)
+
     candidate = Candidate(
         arrays.test_y,
         result.test.predicted,
-        champion_predictions(
-            run.client, test, lambda v: model_files.load_registered(run.client, v, key)
-        ),
+        champion_predictions(run.client, test, load),
         key,
+        load,
     )
     model_uri, record = _registered_record(run, name) or _log_model(run, hyp, result, arrays, key)
     run.client.set_tag(run.run_id, c.FILES_TAG, record[c.FILES_TAG])

@@ -57,6 +57,9 @@ class Candidate:
     champion_predictions: ChampionPredictions
     signing_key: bytes | None
     """checks that the champion was registered by mnistops (`tracking.model_files`)"""
+    load_champion: Callable[[ModelVersion], object] | None = None
+    """the champion loaded the one checked way (its files downloaded and compared with
+    its record): ModelRefused makes it "no usable champion", as predict would say"""
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,8 @@ def _compare(
     broken = model_problem(client, name, current, candidate.signing_key)
     if broken is None:
         try:
+            if candidate.load_champion is not None:
+                candidate.load_champion(current)
             theirs = candidate.champion_predictions(current)
         except ModelRefused as exc:
             broken = str(exc)
