@@ -22,6 +22,7 @@ LAYERS = [
     ("train",),
     ("tracking",),
     ("pipeline",),
+    ("loop",),
     ("flows", "predict"),
     ("serving",),
     ("demo",),

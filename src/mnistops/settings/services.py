@@ -80,6 +80,42 @@ class PrefectSettings(Section):
     _urls = field_validator("api_url", "ui_api_url")(_web_url)
 
 
+class PredictionLogSettings(Section):
+    """What the service records of its answers and of the feedback on them: batches of
+    records written to the object store (`s3.buckets.dvc`, under `predictions/` and
+    `feedback/`), never on a request's path."""
+
+    enabled: bool = Field(True, description="record every answer of /predict")
+    batch_records: int = Field(
+        2000, ge=1, le=100_000, description="a batch is written when it holds this many records"
+    )
+    batch_s: float = Field(
+        30.0, gt=0, le=3600, description="... or when its oldest record is this many seconds old"
+    )
+    max_buffered: int = Field(
+        50_000,
+        ge=10,
+        le=5_000_000,
+        description="records waiting to be written at most; past it new ones are shed"
+        " (counted in /metrics), an answer never waits",
+    )
+    retention_days: int = Field(
+        30, ge=1, le=3650, description="batches older than this are deleted by the service"
+    )
+    feedback_window_h: float = Field(
+        168.0, gt=0, le=24 * 365, description="how long an answer can be labelled (/feedback)"
+    )
+    feedback_per_minute: int = Field(
+        600, ge=1, le=1_000_000, description="labels accepted per minute at most (429 beyond)"
+    )
+    known_requests: int = Field(
+        100_000,
+        ge=100,
+        le=10_000_000,
+        description="answers the service remembers for /feedback (the oldest are forgotten)",
+    )
+
+
 class ServeSettings(Section):
     """`mnistops serve`: the champion over HTTP. `url` is where clients find it (`stack
     env` exports it); `mnistops serve` always answers on `port` of this machine."""
@@ -115,6 +151,8 @@ class ServeSettings(Section):
         description="open connections at most (capped below the process's file limit);"
         " past it new connections are closed at once",
     )
+
+    log: PredictionLogSettings = PredictionLogSettings()
 
     _ports = field_validator("port")(_check_port)
     _url = field_validator("url")(_web_url)

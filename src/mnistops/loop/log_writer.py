@@ -1,0 +1,221 @@
+"""The service's prediction log: answers and labels buffered in memory and written in
+batches to the object store by one thread, off every request's path.
+
+`record` and `label` only append to a list under a lock: an answer never waits for the
+store. A batch is written when it holds `serve.log.batch_records` records or its oldest
+is `serve.log.batch_s` old, as one Parquet object with one PUT (whole or absent). While
+the store cannot be reached the records stay buffered and are tried again; past
+`serve.log.max_buffered` new records are shed and counted (`/metrics`). A `kill -9`
+loses what was buffered, never a written batch. Once an hour the thread deletes the
+days older than `serve.log.retention_days`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from mnistops.loop import records
+from mnistops.loop.records import Answered, Label
+from mnistops.settings import Settings
+
+log = logging.getLogger("mnistops.serve")
+
+RETRY_S = 5.0
+"""after a failed write, the next try waits this long"""
+RETENTION_EVERY_S = 3600.0
+
+
+@dataclass
+class LogCounts:
+    """What /metrics says of the log."""
+
+    written: int = 0
+    shed: int = 0
+    write_errors: int = 0
+    batches: int = 0
+    labels_written: int = 0
+
+
+class PredictionLog:
+    """Buffers answers and labels; a daemon thread writes them (`start`, `close`)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.config = settings.serve.log
+        self.bucket = settings.s3.buckets.dvc
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.answers: list[Answered] = []
+        self.buffered = 0
+        self.labels: list[Label] = []
+        self.oldest: float | None = None
+        self.counts = LogCounts()
+        self.thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._client: Any = None
+        self._retention_done = 0.0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def record(self, answered: Answered) -> None:
+        """Buffer one answer (never blocks on the store); shed it when the buffer is full."""
+        n = len(answered.images)
+        with self.lock:
+            if self.buffered + n > self.config.max_buffered:
+                self.counts.shed += n
+                return
+            self.answers.append(answered)
+            self.buffered += n
+            if self.oldest is None:
+                self.oldest = time.monotonic()
+            full = self.buffered >= self.config.batch_records
+        if full:
+            self.wake.set()
+
+    def label(self, label: Label) -> None:
+        """Buffer one label from /feedback (labels are few: bounded by its rate limit)."""
+        with self.lock:
+            self.labels.append(label)
+            if self.oldest is None:
+                self.oldest = time.monotonic()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is buffered (a graceful stop loses nothing), then stop the thread."""
+        self.stopping.set()
+        self.wake.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait(self._wait_s())
+            self.wake.clear()
+            stopping = self.stopping.is_set()
+            if stopping or self._due():
+                self._flush()
+            if stopping:
+                return
+            self._retention()
+
+    def _wait_s(self) -> float:
+        with self.lock:
+            if self.oldest is None:
+                return self.config.batch_s
+            return max(0.05, self.oldest + self.config.batch_s - time.monotonic())
+
+    def _due(self) -> bool:
+        with self.lock:
+            if self.oldest is None:
+                return False
+            old = time.monotonic() - self.oldest >= self.config.batch_s
+            return old or self.buffered >= self.config.batch_records
+
+    def _take(self) -> tuple[list[Answered], list[Label]]:
+        with self.lock:
+            answers, labels = self.answers, self.labels
+            self.answers, self.labels, self.buffered, self.oldest = [], [], 0, None
+            return answers, labels
+
+    def _put_back(self, answers: list[Answered], labels: list[Label]) -> None:
+        """A batch that could not be written goes back in front, within the buffer's room."""
+        with self.lock:
+            room = self.config.max_buffered - self.buffered
+            kept: list[Answered] = []
+            for answered in answers:
+                if len(answered.images) <= room:
+                    kept.append(answered)
+                    room -= len(answered.images)
+                else:
+                    self.counts.shed += len(answered.images)
+            self.answers = kept + self.answers
+            self.buffered += sum(len(a.images) for a in kept)
+            self.labels = labels + self.labels
+            self.oldest = time.monotonic() - self.config.batch_s + RETRY_S
+
+    def _flush(self) -> None:
+        answers, labels = self._take()
+        written = 0
+        try:
+            for chunk in _chunks(answers, self.config.batch_records):
+                self._write_answers(chunk)
+                written += len(chunk)
+            if labels:
+                self._write(records.FEEDBACK_PREFIX, records.feedback_parquet(labels))
+                self.counts.labels_written += len(labels)
+                labels = []
+        except Exception as exc:  # noqa: BLE001  the store is down: keep the records, retry
+            self.counts.write_errors += 1
+            self._put_back(answers[written:], labels)
+            self._client = None
+            log.warning(
+                "the prediction log cannot be written to s3://%s (%s); %d records kept,"
+                " tried again in %.0f s",
+                self.bucket,
+                exc,
+                self.buffered,
+                RETRY_S,
+            )
+
+    def _write_answers(self, batch: list[Answered]) -> None:
+        self._write(records.PREDICTIONS_PREFIX, records.predictions_parquet(batch))
+        self.counts.written += sum(len(a.images) for a in batch)
+        self.counts.batches += 1
+
+    def _write(self, prefix: str, body: bytes) -> None:
+        name = records.object_name(prefix, datetime.now(UTC))
+        self._store().put_object(Bucket=self.bucket, Key=name, Body=body)
+
+    def _store(self) -> Any:
+        if self._client is None:
+            from mnistops.clients import s3_client
+
+            self._client = s3_client(self.settings, timeout_s=5.0)
+        return self._client
+
+    def _retention(self) -> None:
+        """Delete the days of batches older than `retention_days`, once an hour."""
+        if time.monotonic() - self._retention_done < RETENTION_EVERY_S:
+            return
+        self._retention_done = time.monotonic()
+        try:
+            delete_before(self._store(), self.bucket, self.config.retention_days)
+        except Exception as exc:  # noqa: BLE001  tried again in an hour
+            log.warning("old prediction-log batches could not be deleted: %s", exc)
+
+
+def _chunks(answers: list[Answered], limit: int) -> list[list[Answered]]:
+    """Consecutive groups of answers of at most `limit` records (at least one answer)."""
+    chunks: list[list[Answered]] = []
+    size = limit
+    for answered in answers:
+        if size + len(answered.images) > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(answered)
+        size += len(answered.images)
+    return chunks
+
+
+def delete_before(client: Any, bucket: str, retention_days: int) -> int:
+    """Delete the batches of days older than `retention_days` (UTC); how many."""
+    cutoff = datetime.now(UTC).date() - timedelta(days=retention_days)
+    deleted = 0
+    for prefix in (records.PREDICTIONS_PREFIX, records.FEEDBACK_PREFIX):
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        old = [
+            item["Key"]
+            for page in pages
+            for item in page.get("Contents", [])
+            if (day := records.day_of(item["Key"])) is not None and day < cutoff
+        ]
+        for start in range(0, len(old), 1000):
+            chunk = [{"Key": key} for key in old[start : start + 1000]]
+            client.delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
+            deleted += len(chunk)
+    return deleted

@@ -1,0 +1,225 @@
+"""The prediction log's and the feedback's records: their Parquet layout, the names of
+their objects in the store, and the checks that every object read back must pass.
+
+An object is one batch, written with one PUT: it is in the store whole or not at all.
+What is read back is checked before it is used (name, size, schema, every value), so a
+crafted object in the bucket is refused by name and never becomes a file name or a path.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+PREDICTIONS_PREFIX = "predictions/"
+FEEDBACK_PREFIX = "feedback/"
+MAX_OBJECT_BYTES = 64 << 20
+"""a batch larger than this is refused unread (2,000 records are about 2 MB)"""
+PIXELS = 28 * 28
+REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
+OBJECT_NAME = re.compile(
+    r"^(predictions|feedback)/(\d{4}-\d{2}-\d{2})/\d{6}-[0-9a-f]{16}\.parquet$"
+)
+
+
+class BatchRefused(Exception):
+    """An object of the log that is not a batch mnistops wrote; the message says why."""
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(16)
+
+
+def object_name(prefix: str, when: datetime) -> str:
+    """`predictions/2026-12-03/142501-<random>.parquet`: by day, so retention and
+    `--since` read only the days they need."""
+    return f"{prefix}{when:%Y-%m-%d}/{when:%H%M%S}-{secrets.token_hex(8)}.parquet"
+
+
+def day_of(name: str) -> date | None:
+    """The day of a batch's object name; None for a name mnistops does not write."""
+    match = OBJECT_NAME.match(name)
+    if match is None:
+        return None
+    try:
+        return date.fromisoformat(match.group(2))
+    except ValueError:
+        return None
+
+
+def prediction_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("time", pa.timestamp("ms", tz="UTC")),
+            ("request_id", pa.string()),
+            ("item", pa.int32()),
+            ("model_name", pa.string()),
+            ("model_version", pa.string()),
+            ("input", pa.binary(PIXELS)),
+            ("digit", pa.int8()),
+            ("confidence", pa.float32()),
+            ("probabilities", pa.list_(pa.float32(), 10)),
+        ]
+    )
+
+
+def feedback_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("time", pa.timestamp("ms", tz="UTC")),
+            ("request_id", pa.string()),
+            ("item", pa.int32()),
+            ("digit", pa.int8()),
+            ("predicted", pa.int8()),
+            ("model_version", pa.string()),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class Answered:
+    """One /predict request as the service logs it: (N, 1, 28, 28) inputs in [0, 1]
+    and their (N, 10) probabilities."""
+
+    time: float
+    request_id: str
+    model_name: str
+    model_version: str
+    images: np.ndarray
+    probabilities: np.ndarray
+
+
+@dataclass(frozen=True)
+class Label:
+    """A digit given through /feedback for one image of an answer."""
+
+    time: float
+    request_id: str
+    item: int
+    digit: int
+    predicted: int
+    model_version: str
+
+
+def as_pixels(images: np.ndarray) -> np.ndarray:
+    """(N, 784) uint8 of inputs in [0, 1]: the 8 bits a PNG of them holds."""
+    flat = np.asarray(images, dtype=np.float32).reshape(len(images), PIXELS)
+    pixels: np.ndarray = np.clip(np.rint(flat * 255.0), 0, 255).astype(np.uint8)
+    return pixels
+
+
+def predictions_parquet(batch: list[Answered]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sizes = [len(a.images) for a in batch]
+    probs = np.concatenate([a.probabilities for a in batch]).astype(np.float32)
+    pixels = as_pixels(np.concatenate([a.images for a in batch]))
+    rows = {
+        "time": [int(a.time * 1000) for a, n in zip(batch, sizes, strict=True) for _ in range(n)],
+        "request_id": [a.request_id for a, n in zip(batch, sizes, strict=True) for _ in range(n)],
+        "item": [i for n in sizes for i in range(n)],
+        "model_name": [a.model_name for a, n in zip(batch, sizes, strict=True) for _ in range(n)],
+        "model_version": [
+            a.model_version for a, n in zip(batch, sizes, strict=True) for _ in range(n)
+        ],
+        "input": [row.tobytes() for row in pixels],
+        "digit": probs.argmax(axis=1).astype(np.int8),
+        "confidence": probs.max(axis=1),
+        "probabilities": list(probs),
+    }
+    table = pa.Table.from_pydict(rows, schema=prediction_schema())
+    return _parquet(table, pq)
+
+
+def feedback_parquet(labels: list[Label]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {
+        "time": [int(label.time * 1000) for label in labels],
+        "request_id": [label.request_id for label in labels],
+        "item": [label.item for label in labels],
+        "digit": [label.digit for label in labels],
+        "predicted": [label.predicted for label in labels],
+        "model_version": [label.model_version for label in labels],
+    }
+    return _parquet(pa.Table.from_pydict(rows, schema=feedback_schema()), pq)
+
+
+def _parquet(table: Any, pq: Any) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def read_batch(name: str, data: bytes) -> pa.Table:
+    """The table of a batch object, checked: the name, the size, the schema, the
+    values. BatchRefused says what is wrong."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    match = OBJECT_NAME.match(name)
+    if match is None:
+        raise BatchRefused("not a name mnistops writes (predictions|feedback/DAY/TIME-ID.parquet)")
+    if len(data) > MAX_OBJECT_BYTES:
+        raise BatchRefused(f"{len(data)} bytes, over the {MAX_OBJECT_BYTES} a batch may have")
+    expected = prediction_schema() if match.group(1) == "predictions" else feedback_schema()
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise BatchRefused(f"not a readable Parquet file ({exc})") from None
+    if not table.schema.remove_metadata().equals(expected):
+        raise BatchRefused(
+            f"its columns are not the log's: found {_columns(table.schema)}, expected"
+            f" {_columns(expected)}"
+        )
+    _check_values(table, match.group(1))
+    return table
+
+
+def _columns(schema: Any) -> str:
+    return ", ".join(f"{field.name}:{field.type}" for field in schema)
+
+
+def _check_values(table: Any, kind: str) -> None:
+    columns = table.to_pydict() if kind == "feedback" else None
+    ids = table.column("request_id").to_pylist()
+    if any(value is None or not REQUEST_ID.match(value) for value in ids):
+        raise BatchRefused("a request_id that is not 32 hexadecimal digits")
+    items = table.column("item").to_numpy(zero_copy_only=False)
+    digits = table.column("digit").to_numpy(zero_copy_only=False)
+    if table.column("item").null_count or (len(items) and (items.min() < 0 or items.max() > 4095)):
+        raise BatchRefused("an item number outside 0-4095")
+    if table.column("digit").null_count or (len(digits) and (digits.min() < 0 or digits.max() > 9)):
+        raise BatchRefused("a digit outside 0-9")
+    if any(table.column(c).null_count for c in table.column_names):
+        raise BatchRefused("a missing value")
+    if columns is not None:
+        predicted = np.asarray(columns["predicted"])
+        if len(predicted) and (predicted.min() < 0 or predicted.max() > 9):
+            raise BatchRefused("a predicted digit outside 0-9")
+        return
+    probs = np.asarray(table.column("probabilities").to_pylist(), dtype=np.float64)
+    if len(probs) and (not np.isfinite(probs).all() or probs.min() < 0 or probs.max() > 1):
+        raise BatchRefused("probabilities outside 0-1")
+
+
+def timestamp(value: datetime | date) -> float:
+    """Seconds since the epoch of a time or of the start of a day (UTC)."""
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    return datetime(value.year, value.month, value.day, tzinfo=UTC).timestamp()

@@ -1,0 +1,161 @@
+"""The prediction log's records and /feedback's checks, as pure logic: batches round-trip
+through Parquet, every crafted batch is refused with its reason, and every bad label
+body is refused naming its field."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mnistops.loop import records
+from mnistops.loop.feedback import FeedbackBook, FeedbackRefused, parse
+from mnistops.loop.log_writer import _chunks
+from mnistops.loop.records import Answered, BatchRefused
+from mnistops.settings import Settings
+
+pytestmark = pytest.mark.unit
+
+NAME = "predictions/2026-12-03/142501-0123456789abcdef.parquet"
+
+
+def answered(n: int, seed: int = 0) -> Answered:
+    rng = np.random.default_rng(seed)
+    images = rng.random((n, 1, 28, 28), dtype=np.float32)
+    logits = rng.random((n, 10))
+    probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+    return Answered(time.time(), records.new_request_id(), "mnist-classifier", "3", images, probs)
+
+
+def test_a_batch_round_trips_with_the_pixels_the_model_saw() -> None:
+    batch = [answered(1, 0), answered(3, 1)]
+    table = records.read_batch(NAME, records.predictions_parquet(batch))
+    assert table.num_rows == 4
+    assert table.column("item").to_pylist() == [0, 0, 1, 2]
+    assert table.column("request_id").to_pylist()[1:] == [batch[1].request_id] * 3
+    pixels = np.frombuffer(table.column("input")[2].as_py(), np.uint8).reshape(28, 28)
+    expected = np.rint(batch[1].images[1, 0] * 255).astype(np.uint8)
+    assert (pixels == expected).all()
+    digits = table.column("digit").to_pylist()
+    assert digits == [int(p.argmax()) for a in batch for p in a.probabilities]
+    probs = np.asarray(table.column("probabilities").to_pylist())
+    assert probs == pytest.approx(np.concatenate([a.probabilities for a in batch]), abs=1e-7)
+
+
+def test_feedback_batches_round_trip() -> None:
+    label = records.Label(time.time(), records.new_request_id(), 2, 7, 1, "4")
+    name = "feedback/2026-12-03/000000-0123456789abcdef.parquet"
+    table = records.read_batch(name, records.feedback_parquet([label]))
+    assert table.to_pylist()[0]["digit"] == 7 and table.to_pylist()[0]["predicted"] == 1
+
+
+def _parquet(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def _tampered(column: str, value: object) -> bytes:
+    rows = records.read_batch(NAME, records.predictions_parquet([answered(2)])).to_pylist()
+    rows[1][column] = value
+    return _parquet(pa.Table.from_pylist(rows, schema=records.prediction_schema()))
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "why"),
+    [
+        ("predictions/../../etc/x.parquet", b"", "not a name mnistops writes"),
+        ("predictions/2026-12-03/x.parquet", b"", "not a name mnistops writes"),
+        (NAME, b"PAR1 not really", "not a readable Parquet file"),
+        (NAME, _parquet(pa.table({"request_id": ["a"]})), "its columns are not the log's"),
+        (NAME, _tampered("request_id", "../../etc/passwd" + "0" * 16), "request_id"),
+        (NAME, _tampered("digit", 11), "a digit outside 0-9"),
+        (NAME, _tampered("item", -1), "an item number outside"),
+        (NAME, _tampered("probabilities", [float("nan")] * 10), "probabilities outside"),
+        (NAME, _tampered("model_version", None), "a missing value"),
+    ],
+)
+def test_a_crafted_batch_is_refused_with_its_reason(name: str, data: bytes, why: str) -> None:
+    with pytest.raises(BatchRefused, match=why):
+        records.read_batch(name, data)
+
+
+def test_a_huge_batch_is_refused_unread() -> None:
+    with pytest.raises(BatchRefused, match="over"):
+        records.read_batch(NAME, b"\0" * (records.MAX_OBJECT_BYTES + 1))
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ([1, 2], "JSON object"),
+        ({"request_id": "x" * 32, "digit": 3}, "request_id"),
+        ({"digit": 3}, "request_id"),
+        ({"request_id": "a" * 32, "digit": 10}, "digit"),
+        ({"request_id": "a" * 32, "digit": -1}, "digit"),
+        ({"request_id": "a" * 32, "digit": True}, "digit"),
+        ({"request_id": "a" * 32, "digit": "7"}, "digit"),
+        ({"request_id": "a" * 32, "digit": 7, "item": -2}, "item"),
+        ({"request_id": "a" * 32, "digit": 7, "path": "/etc"}, "unknown field"),
+    ],
+)
+def test_a_bad_label_names_its_field(body: object, field: str) -> None:
+    with pytest.raises(FeedbackRefused, match=field) as refused:
+        parse(body)
+    assert refused.value.status == 422
+
+
+def book(**log: object) -> FeedbackBook:
+    return FeedbackBook(Settings(serve={"log": log}))
+
+
+def test_the_later_label_wins_and_says_what_it_replaced() -> None:
+    labels = book()
+    rid = records.new_request_id()
+    labels.remember(rid, "3", [4, 9])
+    first, replaced = labels.take({"request_id": rid, "digit": 7})
+    assert (first.digit, first.predicted, replaced) == (7, 4, None)
+    second, replaced = labels.take({"request_id": rid, "digit": 1})
+    assert (second.digit, replaced) == (1, 7)
+    with pytest.raises(FeedbackRefused, match="item 2") as refused:
+        labels.take({"request_id": rid, "digit": 1, "item": 2})
+    assert refused.value.status == 422
+
+
+def test_unknown_forgotten_and_expired_answers_are_404() -> None:
+    labels = book(known_requests=100, feedback_window_h=1)
+    with pytest.raises(FeedbackRefused, match="unknown or expired") as refused:
+        labels.take({"request_id": "a" * 32, "digit": 1})
+    assert refused.value.status == 404
+    ids = [records.new_request_id() for _ in range(101)]
+    for rid in ids:
+        labels.remember(rid, "1", [0])
+    with pytest.raises(FeedbackRefused, match="unknown or expired"):
+        labels.take({"request_id": ids[0], "digit": 1})
+    labels.take({"request_id": ids[-1], "digit": 1})
+    when, version, digits = labels.given[ids[-1]]
+    labels.given[ids[-1]] = (when - 3601, version, digits)
+    with pytest.raises(FeedbackRefused, match="unknown or expired"):
+        labels.take({"request_id": ids[-1], "digit": 2})
+
+
+def test_a_flood_of_labels_is_bounded() -> None:
+    labels = book(feedback_per_minute=5)
+    rid = records.new_request_id()
+    labels.remember(rid, "1", [0])
+    for digit in range(5):
+        labels.take({"request_id": rid, "digit": digit})
+    with pytest.raises(FeedbackRefused, match="feedback_per_minute") as refused:
+        labels.take({"request_id": rid, "digit": 1})
+    assert refused.value.status == 429 and labels.refused == 1
+
+
+def test_batches_hold_at_most_batch_records() -> None:
+    answers = [answered(n) for n in (1, 2, 5, 1, 1)]
+    chunks = _chunks(answers, 3)
+    assert [[len(a.images) for a in chunk] for chunk in chunks] == [[1, 2], [5], [1, 1]]
+    assert [a for chunk in chunks for a in chunk] == answers
