@@ -9,6 +9,9 @@ The load generator is Debian's `wrk` (a separate, compiled process), single-imag
 requests for 10 s at concurrency 1, 8 and 32: requests/s and p50/p99 latency. Also the
 time from starting each server to its first ready answer. Goal: at least 5x MLflow's
 requests/s at concurrency 32, p99 under 25 ms at concurrency 8.
+  no-log:   mnistops serve with its prediction log off (serve.log.enabled false), run
+            right after it: the cost of logging every answer (goal: under 5 % of the
+            requests/s at concurrency 32).
 Usage: .venv/bin/python bench/serve.py [--seconds 10] [--fast]
   --fast: 3-second runs (a smoke test of the script).
 """
@@ -145,12 +148,13 @@ def main() -> int:
                 "mlflow": (root / "mlflow.lua", tensor, "application/json"),
                 "mnistops": (root / "ours.lua", image_path, "image/png"),
             }
+            scripts["no-log"] = scripts["mnistops"]
             for script, body, kind in scripts.values():
                 script.write_text(POST_SCRIPT.format(body=body, kind=kind))
             # `mlflow models serve` runs `uvicorn` from PATH: this venv's.
             env = {**os.environ, **client_env(settings), "PATH": f"{BIN}:{os.environ['PATH']}"}
             name = settings.model_registry.name
-            ports = {"mlflow": free_port_pair(set()), "mnistops": free_port_pair(set())}
+            ports = {server: free_port_pair(set()) for server in ("mlflow", "mnistops", "no-log")}
             commands = {
                 "mlflow": [
                     str(BIN / "mlflow"),
@@ -174,13 +178,19 @@ def main() -> int:
                     str(ports["mnistops"]),
                 ],
             }
-            ready = {"mlflow": "/ping", "mnistops": "/health"}
-            predict = {"mlflow": "/invocations", "mnistops": "/predict"}
+            commands["no-log"] = [*commands["mnistops"][:-1], str(ports["no-log"])]
+            envs = {
+                "mlflow": env,
+                "mnistops": env,
+                "no-log": {**env, "MNISTOPS_SERVE__LOG__ENABLED": "false"},
+            }
+            ready = {"mlflow": "/ping", "mnistops": "/health", "no-log": "/health"}
+            predict = {"mlflow": "/invocations", "mnistops": "/predict", "no-log": "/predict"}
             figures: dict[str, dict] = {}
-            for server in ("mlflow", "mnistops"):
+            for server in ("mlflow", "mnistops", "no-log"):
                 base = f"http://127.0.0.1:{ports[server]}"
                 proc, startup = start(
-                    commands[server], env, base + ready[server], root / f"{server}.log"
+                    commands[server], envs[server], base + ready[server], root / f"{server}.log"
                 )
                 servers.append(proc)
                 figures[server] = {"startup": startup}
@@ -197,6 +207,11 @@ def main() -> int:
                 if proc.poll() is None:
                     proc.kill()
             stack.down(settings)
+    report(figures, seconds)
+    return 0
+
+
+def report(figures: dict[str, dict], seconds: int) -> None:
     print(f"\nsingle-image POST, wrk, {seconds} s per row, {os.cpu_count()} cores")
     print(f"{'server':<10} {'conc.':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7}")
     for server, rows in figures.items():
@@ -211,9 +226,12 @@ def main() -> int:
             figures["mlflow"][connections]["rps"], 1e-9
         )
         print(f"throughput mnistops / mlflow at concurrency {connections}: {ratio:.1f}x")
+    for connections in CONCURRENCY:
+        off = figures["no-log"][connections]["rps"]
+        cost = 100 * (off - figures["mnistops"][connections]["rps"]) / max(off, 1e-9)
+        print(f"cost of the prediction log at concurrency {connections}: {cost:+.1f} %")
     for server in figures:
         print(f"start to ready, {server}: {figures[server]['startup']:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """The `mnistops` command: a thin layer over the package's functions.
 
 One module per command group: `stack`, `data`, `models` (train, models, predict), `flows`
-(deploy, worker, run) and `demo`; `_ui` holds the consoles, progress bars and the
-settings of this invocation. Commands parse their options, call the package and show the
-result. Errors are caught once, here: a `MnistopsError` ends the command with its
-message and its exit code (1: a service or a run failed, 2: bad input or configuration),
-never a traceback.
+(deploy, worker, run), `loop` (predictions) and `demo`; `_ui` holds the consoles,
+progress bars and the settings of this invocation. Commands parse their options, call
+the package and show the result. Errors are caught once, here: a `MnistopsError` ends
+the command with its message and its exit code (1: a service or a run failed, 2: bad
+input or configuration), never a traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from mnistops.cli import _ui, data, demo, flows, models, serve, stack
+from mnistops.cli import _ui, data, demo, flows, loop, models, serve, stack
 from mnistops.errors import INTERRUPTED, MnistopsError
 from mnistops.logs import Verbosity, quiet_libraries
 
@@ -47,6 +47,7 @@ app.command("demo")(demo.demo)
 app.command("train")(models.train)
 app.add_typer(models.models_app, name="models")
 app.command("serve")(serve.serve)
+app.command("predictions")(loop.predictions)
 app.command("predict")(models.predict)
 app.command("deploy")(flows.deploy)
 app.command("worker")(flows.worker)

@@ -57,10 +57,56 @@ def show_ingested(result: IngestResult) -> None:
 
 @app.command("add")
 def add(
-    folder: Annotated[Path, typer.Argument(help="Folder of label folders: DIR/<digit>/*.png")],
+    folder: Annotated[
+        Path | None, typer.Argument(help="Folder of label folders: DIR/<digit>/*.png")
+    ] = None,
+    feedback: Annotated[
+        bool,
+        typer.Option(
+            "--feedback",
+            help="Add the predictions labelled through the service's /feedback instead.",
+        ),
+    ] = False,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="With --feedback: predictions from this date or time on."),
+    ] = None,
 ) -> None:
-    """Merge a folder of labelled 28x28 grayscale PNGs into the training set."""
-    add_images(settings(), folder)
+    """Merge a folder of labelled 28x28 grayscale PNGs (or the labelled predictions of
+    the service, --feedback) into the training set."""
+    if feedback == (folder is not None):
+        raise typer.BadParameter("give a FOLDER, or --feedback (not both)")
+    if since is not None and not feedback:
+        raise typer.BadParameter("--since goes with --feedback")
+    if folder is not None:
+        add_images(settings(), folder)
+    else:
+        add_feedback(settings(), since)
+
+
+def add_feedback(cfg: Settings, since: str | None) -> None:
+    from mnistops.loop.labels import add_feedback as add_labelled
+    from mnistops.loop.store import parse_since
+
+    with progress_bars() as progress_for:
+        report = add_labelled(cfg, parse_since(since), progress_for)
+    for name, why in report.refused:
+        warn(f"s3://{cfg.s3.buckets.dvc}/{escape(name)} refused: {escape(why)}")
+    for name, twin in report.in_test:
+        warn(f"{name} refused: its pixels are those of the test image {escape(twin)}")
+    if report.unmatched:
+        warn(
+            f"{report.unmatched} label(s) name a prediction that is not in the log (shed by a"
+            " full buffer, or not written yet: its batch is written within serve.log.batch_s)"
+        )
+    added = report.added
+    total = sum(added.values())
+    per_class = ", ".join(f"{d}: {n}" for d, n in added.items())
+    console.print(
+        f"{report.labels} labelled prediction(s); added {total} images to"
+        f" {cfg.mnist_dir / 'train'} ({per_class or 'none new'})"
+        + (f", {report.already} already there" if report.already else "")
+    )
 
 
 def add_images(cfg: Settings, folder: Path) -> None:
@@ -207,9 +253,14 @@ def diff(
 
     changes = registry.diff(settings(), a, b)
     table = Table(title=f"{a} -> {b}", header_style="bold")
-    for column in ("split", "digit", "added", "removed"):
+    for column in ("split", "digit", "added", "removed", "from feedback"):
         table.add_column(column, justify="right")
     for c in changes:
         if c.added or c.removed:
-            table.add_row(c.split, str(c.label), f"+{c.added}", f"-{c.removed}")
+            table.add_row(
+                c.split, str(c.label), f"+{c.added}", f"-{c.removed}", str(c.from_feedback)
+            )
     console.print(table if any(c.added or c.removed for c in changes) else "no difference")
+    feedback = sum(c.from_feedback for c in changes)
+    if feedback:
+        console.print(f"{feedback} of the added images came from feedback (/feedback labels)")

@@ -24,8 +24,14 @@ from mnistops.settings import Settings
 ProgressFor = Callable[[str, int], Callable[[int], None]]
 
 
-def _no_progress(_label: str, _total: int) -> Callable[[int], None]:
+def no_progress(_label: str, _total: int) -> Callable[[int], None]:
     return lambda _k: None
+
+
+def _remove_from_other_digits(train: Path, digit: str, name: str) -> None:
+    for other in DIGITS:
+        if other != digit:
+            (train / other / name).unlink(missing_ok=True)
 
 
 def _sha256_of(path: Path) -> str:
@@ -36,15 +42,22 @@ def _sha256_of(path: Path) -> str:
 
 
 def add_images(
-    settings: Settings, source: Path, progress_for: ProgressFor = _no_progress
+    settings: Settings,
+    source: Path,
+    progress_for: ProgressFor = no_progress,
+    relabel: bool = False,
 ) -> dict[int, int]:
     """Merge `source/<digit>/*.png` into the training set; validate first, copy all or none.
-    Refused while a `data version` (or another `data add`) uses the dataset folder."""
+    Refused while a `data version` (or another `data add`) uses the dataset folder.
+    With `relabel`, an image of the same name under another digit is moved: the newer
+    label wins (feedback that was corrected again)."""
     with dataset_in_use(settings.mnist_dir, settings.home / "locks", "data add"):
-        return _add_images(settings, source, progress_for)
+        return _add_images(settings, source, progress_for, relabel)
 
 
-def _add_images(settings: Settings, source: Path, progress_for: ProgressFor) -> dict[int, int]:
+def _add_images(
+    settings: Settings, source: Path, progress_for: ProgressFor, relabel: bool
+) -> dict[int, int]:
     problems: list[tuple[Path, str]] = []
     if not source.is_dir():
         raise InvalidDataset([(source, "not a folder of label folders 0-9")])
@@ -79,6 +92,8 @@ def _add_images(settings: Settings, source: Path, progress_for: ProgressFor) -> 
     copy_progress = progress_for("adding", len(found))
     for path in found:
         target = train / path.parent.name / path.name
+        if relabel:
+            _remove_from_other_digits(train, path.parent.name, path.name)
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)

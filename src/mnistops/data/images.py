@@ -347,6 +347,34 @@ def scan(
     return entries
 
 
+def pixel_hashes(folder: Path, index_path: Path | None = None) -> dict[str, Path]:
+    """pixel hash -> file of every valid image under `folder/<digit>/` (the scan index
+    spares reading the files it knows); unreadable files are left out."""
+    index = ScanIndex(index_path)
+    found: dict[str, Path] = {}
+    unknown: list[tuple[Path, os.stat_result]] = []
+    for digit in DIGITS:
+        label = folder / digit
+        if not label.is_dir():
+            continue
+        for entry in sorted(os.scandir(label), key=lambda e: e.name):
+            path = Path(entry.path)
+            info = path.lstat()
+            known = index.lookup(path, info) if stat.S_ISREG(info.st_mode) else None
+            if known is not None:
+                found.setdefault(known[1], path)
+            elif stat.S_ISREG(info.st_mode):
+                unknown.append((path, info))
+    results = check_files([path for path, _ in unknown], folder)
+    for (path, info), (problem, sha, pixels) in zip(unknown, results, strict=True):
+        if not problem:
+            index.remember(path, info, sha, pixels)
+            found.setdefault(pixels, path)
+    if unknown:
+        index.save(set(index.entries))
+    return found
+
+
 def _collisions(entries: list[ImageEntry]) -> list[tuple[Path, str]]:
     """Names that are one file on a disk that folds case or Unicode forms (macOS,
     Windows): pulled there, one image would silently replace the other."""

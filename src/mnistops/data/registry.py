@@ -56,6 +56,12 @@ class ClassChange:
     label: int
     added: int
     removed: int
+    from_feedback: int = 0
+    """of the added, images labelled through the service's /feedback"""
+
+
+FEEDBACK_NAME = "feedback-"
+"""file names of images added from /feedback labels (`data add --feedback`)"""
 
 
 @dataclass(frozen=True)
@@ -126,8 +132,21 @@ def changes_between(
     after = Counter((r.split, r.label, r.sha256) for r in new)
     added = Counter((s, d) for (s, d, _), n in (after - before).items() for _ in range(n))
     removed = Counter((s, d) for (s, d, _), n in (before - after).items() for _ in range(n))
+    new_keys = after - before
+    feedback = Counter(
+        (r.split, r.label)
+        for r in new
+        if r.key.rsplit("/", 1)[-1].startswith(FEEDBACK_NAME)
+        and new_keys[(r.split, r.label, r.sha256)] > 0
+    )
     return [
-        ClassChange(split, digit, added[(split, digit)], removed[(split, digit)])
+        ClassChange(
+            split,
+            digit,
+            added[(split, digit)],
+            removed[(split, digit)],
+            min(feedback[(split, digit)], added[(split, digit)]),
+        )
         for split in images.VERSION_SPLITS
         for digit in range(10)
     ]

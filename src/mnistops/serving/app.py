@@ -1,5 +1,5 @@
-"""The HTTP API: /predict, /health, /model, /metrics, the draw-a-digit page at /, and
-FastAPI's OpenAPI docs at /docs.
+"""The HTTP API: /predict, /feedback, /health, /model, /metrics, the draw-a-digit page
+at /, and FastAPI's OpenAPI docs at /docs.
 
 Bad input gets a 4xx whose `detail` names the problem; nothing a request sends can make
 the service read a file or a URL: an upload is bytes, decoded in memory with the same
@@ -8,6 +8,7 @@ caps as `mnistops predict` (pixels, body size, batch size).
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -17,6 +18,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 
+from mnistops.loop.feedback import FeedbackBook, FeedbackRefused
+from mnistops.loop.log_writer import PredictionLog
 from mnistops.serving.batching import Batcher
 from mnistops.serving.bodies import Predictor, uploaded_file
 from mnistops.serving.champion import Follower, Holder
@@ -34,6 +37,7 @@ class Answer(BaseModel):
     probabilities: list[float]
     model_name: str
     model_version: str
+    request_id: str
 
 
 class Digit(BaseModel):
@@ -50,6 +54,26 @@ class BatchAnswer(BaseModel):
     predictions: list[Digit]
     model_name: str
     model_version: str
+    request_id: str
+
+
+class FeedbackBody(BaseModel):
+    """The right digit for an answer of /predict (`item`: the image's index in a batch)."""
+
+    request_id: str
+    digit: int
+    item: int = 0
+
+
+class FeedbackAnswer(BaseModel):
+    """A label taken; `replaced` is the earlier label of the same image, if any."""
+
+    request_id: str
+    item: int
+    digit: int
+    predicted: int
+    replaced: int | None
+    detail: str
 
 
 class Problem(BaseModel):
@@ -90,7 +114,9 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
     metrics = Metrics()
     serve = settings.serve
     state: dict[str, Any] = {}
-    predictor = Predictor(settings, metrics, state)
+    log = PredictionLog(settings) if serve.log.enabled else None
+    book = FeedbackBook(settings)
+    predictor = Predictor(settings, metrics, state, log, book)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -99,9 +125,13 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
         batcher = Batcher(holder, serve.max_batch)
         batcher.start()
         state["batcher"] = batcher
+        for started in (log,) if log is not None else ():
+            started.start()
         yield
         follower.stopping.set()
         await batcher.stop()
+        for started in (log,) if log is not None else ():
+            started.close()
 
     app = FastAPI(
         title="mnistops serve",
@@ -132,8 +162,35 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
         # Only multipart uploads reach this route: every other body is answered by
         # `PredictFastPath` (wired below) with the same `Predictor.answer`.
         data = await uploaded_file(request, serve.max_body_bytes)
-        status, body = await predictor.answer("image/*", data)
-        return Response(body, status_code=status, media_type="application/json")
+        status, body, request_id = await predictor.answer("image/*", data)
+        headers = {"X-Request-Id": request_id} if request_id else None
+        return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+    @app.post(
+        "/feedback",
+        summary="The right digit for an answer of /predict",
+        description=(
+            'Body: `{"request_id": "<from the answer>", "digit": 7}` (and `"item": i` for'
+            " the i-th image of a batch). The labelled image becomes training data with"
+            " `mnistops data add --feedback`. Labelling an image again replaces its label."
+        ),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": FeedbackBody.model_json_schema()}},
+            }
+        },
+        responses={
+            200: {"model": FeedbackAnswer, "description": "the label was taken"},
+            400: {"model": Problem, "description": "the body is not JSON"},
+            404: {"model": Problem, "description": "unknown or expired request_id"},
+            413: {"model": Problem, "description": "the body is over 4 KiB"},
+            422: {"model": Problem, "description": "a field is missing or wrong"},
+            429: {"model": Problem, "description": "too many labels this minute"},
+        },
+    )
+    async def feedback(request: Request) -> JSONResponse:
+        return await feedback_answer(request, book, log)
 
     @app.get("/health", summary="Ready (200) only when a model is loaded")
     async def health() -> JSONResponse:
@@ -154,7 +211,7 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
         served = holder.current
         text = metrics.render(
             settings.model_registry.name, served.version if served else None, holder.swaps
-        )
+        ) + loop_metrics(log, book)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/", summary="Draw a digit", response_class=HTMLResponse)
@@ -168,6 +225,81 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
     app.add_middleware(GuardAndMeasure, metrics=metrics, paths=paths, key=key)
     app.state.metrics = metrics
     return app
+
+
+FEEDBACK_BYTES = 4096
+
+
+async def feedback_answer(
+    request: Request, book: FeedbackBook, log: PredictionLog | None
+) -> JSONResponse:
+    """A /feedback request taken into the book and the log, or refused with its 4xx."""
+    try:
+        document = await feedback_document(request)
+        label, replaced = book.take(document)
+    except FeedbackRefused as exc:
+        headers = {"Retry-After": "60"} if exc.status == 429 else None
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
+    if log is not None:
+        log.label(label)
+    detail = f"labelled {label.digit}"
+    if replaced is not None and replaced != label.digit:
+        detail += f", replacing the earlier label {replaced}: the later label wins"
+    if log is None:
+        detail += " (serve.log.enabled is false: not recorded)"
+    answer = FeedbackAnswer(
+        request_id=label.request_id,
+        item=label.item,
+        digit=label.digit,
+        predicted=label.predicted,
+        replaced=replaced,
+        detail=detail,
+    )
+    return JSONResponse(answer.model_dump())
+
+
+async def feedback_document(request: Request) -> object:
+    """The JSON of a /feedback body, read with a 4 KiB cap."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > FEEDBACK_BYTES:
+            raise FeedbackRefused(413, f"the body is over {FEEDBACK_BYTES} bytes")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise FeedbackRefused(
+            400, 'the body is not JSON: send {"request_id": "...", "digit": 7}'
+        ) from None
+
+
+def loop_metrics(log: PredictionLog | None, book: FeedbackBook) -> str:
+    """The prediction log's and /feedback's lines of /metrics."""
+    lines = [
+        "# HELP mnistops_feedback_total Labels sent to /feedback: taken, or refused for"
+        " their rate.",
+        "# TYPE mnistops_feedback_total counter",
+        f'mnistops_feedback_total{{outcome="taken"}} {book.accepted}',
+        f'mnistops_feedback_total{{outcome="rate_limited"}} {book.refused}',
+    ]
+    if log is None:
+        return "\n".join(lines) + "\n"
+    counts = log.counts
+    lines += [
+        "# HELP mnistops_prediction_log_records_total Answered images: written to the"
+        " object store, or shed because the log's buffer was full.",
+        "# TYPE mnistops_prediction_log_records_total counter",
+        f'mnistops_prediction_log_records_total{{outcome="written"}} {counts.written}',
+        f'mnistops_prediction_log_records_total{{outcome="shed"}} {counts.shed}',
+        "# HELP mnistops_prediction_log_buffered Records waiting to be written.",
+        "# TYPE mnistops_prediction_log_buffered gauge",
+        f"mnistops_prediction_log_buffered {log.buffered}",
+        "# HELP mnistops_prediction_log_write_errors_total Batches the store refused"
+        " (kept and tried again).",
+        "# TYPE mnistops_prediction_log_write_errors_total counter",
+        f"mnistops_prediction_log_write_errors_total {counts.write_errors}",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 PAGE = files("mnistops.serving").joinpath("page.html").read_text()

@@ -15,6 +15,7 @@ import binascii
 import io
 import json
 import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,6 +24,9 @@ import orjson
 from fastapi import HTTPException, Request
 from PIL import Image
 
+from mnistops.loop.feedback import FeedbackBook
+from mnistops.loop.log_writer import PredictionLog
+from mnistops.loop.records import Answered, new_request_id
 from mnistops.predict import PredictError, image_from_bytes
 from mnistops.serving.batching import NoModel
 from mnistops.serving.metrics import Metrics
@@ -36,15 +40,26 @@ class Refused(HTTPException):
 class Predictor:
     """A body in, an answer out: what POST /predict does, whichever way it arrives."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, state: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        state: dict[str, Any],
+        log: PredictionLog | None,
+        book: FeedbackBook,
+    ) -> None:
         self.limit = settings.serve.max_body_bytes
         self.max_batch = settings.serve.max_batch
         self.metrics = metrics
         self.state = state
+        self.log = log
+        self.book = book
         self.decoding = ThreadPoolExecutor(2, thread_name_prefix="decode")
 
-    async def answer(self, kind: str, body: bytes) -> tuple[int, bytes]:
-        """(HTTP status, JSON body) for a request body of content type `kind`.
+    async def answer(self, kind: str, body: bytes) -> tuple[int, bytes, str | None]:
+        """(HTTP status, JSON body, request id of an answer) for a request body of
+        content type `kind`. Every answer gets a request id (in its JSON and the
+        `X-Request-Id` header), is remembered for /feedback and is handed to the log.
 
         A small image is converted right here (a fraction of a millisecond); a batch or a
         large image in a thread, so that it never holds up the other requests."""
@@ -57,13 +72,21 @@ class Predictor:
                 images, single = images_in(kind, body, self.max_batch)
             probs, served = await self.state["batcher"].predict(images)
         except HTTPException as exc:
-            return exc.status_code, orjson.dumps({"detail": exc.detail})
+            return exc.status_code, orjson.dumps({"detail": exc.detail}), None
         except NoModel:
-            return 503, orjson.dumps({"detail": "no champion is loaded yet"})
+            return 503, orjson.dumps({"detail": "no champion is loaded yet"}), None
         rows = [answer_row(p) for p in probs]
-        self.metrics.predicted([row["digit"] for row in rows])
+        digits = [row["digit"] for row in rows]
+        self.metrics.predicted(digits)
+        request_id = new_request_id()
+        self.book.remember(request_id, served.version, digits)
+        if self.log is not None:
+            self.log.record(
+                Answered(time.time(), request_id, served.name, served.version, images, probs)
+            )
         model = {"model_name": served.name, "model_version": served.version}
-        return 200, orjson.dumps({**rows[0], **model} if single else {"predictions": rows, **model})
+        answer = {**rows[0], **model} if single else {"predictions": rows, **model}
+        return 200, orjson.dumps({**answer, "request_id": request_id}), request_id
 
 
 def too_large(what: str, limit: int) -> bytes:

@@ -28,36 +28,33 @@ class PredictFastPath:
         if kind == "multipart/form-data":
             await self.app(scope, receive, send)
             return
-        status, body = await self._answer(kind, headers, receive)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
+        status, body, request_id = await self._answer(kind, headers, receive)
+        sent = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        if request_id is not None:
+            sent.append((b"x-request-id", request_id.encode()))
+        await send({"type": "http.response.start", "status": status, "headers": sent})
         await send({"type": "http.response.body", "body": body})
 
     async def _answer(
         self, kind: str, headers: dict[bytes, bytes], receive: Receive
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, bytes, str | None]:
         """The body read with the service's size cap, then answered."""
         limit = self.predictor.limit
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
-            return 413, too_large(f"the body is {int(declared)} bytes", limit)
+            return 413, too_large(f"the body is {int(declared)} bytes", limit), None
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return 400, orjson.dumps({"detail": "the client went away"})
+                return 400, orjson.dumps({"detail": "the client went away"}), None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                return 413, too_large(f"the body is over {limit} bytes", limit)
+                return 413, too_large(f"the body is over {limit} bytes", limit), None
             chunks.append(chunk)
             more = message.get("more_body", False)
         return await self.predictor.answer(kind, b"".join(chunks))

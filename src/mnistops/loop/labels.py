@@ -1,0 +1,136 @@
+"""Labelled predictions become training images (`mnistops data add --feedback`).
+
+The labels of /feedback are joined with the logged inputs they name (the latest label
+of an image wins), written as 28x28 PNGs named `feedback-<request id>-<item>.png` and
+merged into `data/MNIST/train/<digit>/` by the same validation and copy as every other
+image (`data add`). An image whose pixels are those of a test image is refused: the
+test set stays unseen. Names are made of checked hexadecimal ids only.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mnistops.data import adding, images
+from mnistops.data.registry import FEEDBACK_NAME
+from mnistops.loop import records
+from mnistops.loop.store import read_batches
+from mnistops.settings import Settings
+
+
+@dataclass
+class FeedbackAdded:
+    """What `data add --feedback` did."""
+
+    labels: int = 0
+    added: dict[int, int] = field(default_factory=dict)
+    already: int = 0
+    in_test: list[tuple[str, str]] = field(default_factory=list)
+    """(image name, the test file it equals)"""
+    unmatched: int = 0
+    """labels whose prediction is not in the log (shed, or not yet written)"""
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    """objects of the log refused (name, why)"""
+
+
+def image_name(request_id: str, item: int) -> str:
+    return f"{FEEDBACK_NAME}{request_id}-{item}.png"
+
+
+def latest_labels(
+    settings: Settings, since: datetime | None
+) -> tuple[dict[tuple[str, int], int], list[tuple[str, str]]]:
+    """(request id, item) -> the digit of its latest label, and the refused objects."""
+    batches = read_batches(settings, records.FEEDBACK_PREFIX, since)
+    found: dict[tuple[str, int], tuple[int, int]] = {}
+    for table in batches.tables:
+        columns = table.select(["time", "request_id", "item", "digit"]).to_pydict()
+        for when, rid, item, digit in zip(*columns.values(), strict=True):
+            stamp = int(when.timestamp() * 1000)
+            if (rid, item) not in found or found[(rid, item)][0] <= stamp:
+                found[(rid, item)] = (stamp, digit)
+    return {key: digit for key, (_t, digit) in found.items()}, batches.refused
+
+
+def labelled_pixels(
+    settings: Settings, since: datetime | None
+) -> tuple[dict[tuple[str, int], tuple[int, bytes]], FeedbackAdded]:
+    """(request id, item) -> (label, 784 input bytes) of every labelled logged image."""
+    labels, refused = latest_labels(settings, since)
+    report = FeedbackAdded(labels=len(labels), refused=refused)
+    if not labels:
+        return {}, report
+    logged = read_batches(settings, records.PREDICTIONS_PREFIX, since)
+    report.refused += logged.refused
+    found: dict[tuple[str, int], tuple[int, bytes]] = {}
+    for table in logged.tables:
+        columns = table.select(["request_id", "item", "input"]).to_pydict()
+        for rid, item, pixels in zip(*columns.values(), strict=True):
+            if (rid, item) in labels:
+                found[(rid, item)] = (labels[(rid, item)], pixels)
+    report.unmatched = len(labels) - len(found)
+    return found, report
+
+
+def png_of(pixels: bytes) -> bytes:
+    image = Image.fromarray(np.frombuffer(pixels, np.uint8).reshape(28, 28), mode="L")
+    sink = io.BytesIO()
+    image.save(sink, format="PNG")
+    return sink.getvalue()
+
+
+def add_feedback(
+    settings: Settings,
+    since: datetime | None = None,
+    progress_for: adding.ProgressFor | None = None,
+) -> FeedbackAdded:
+    """Merge the labelled predictions (from `since` on) into the training folders."""
+    found, report = labelled_pixels(settings, since)
+    if not found:
+        return report
+    test = images.pixel_hashes(settings.mnist_dir / "test", images.index_path(settings.home))
+    staging = settings.home / "cache"
+    staging.mkdir(parents=True, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="feedback-", dir=staging)
+    try:
+        root = _staged(found, test, report, folder)
+        train = settings.mnist_dir / "train"
+        report.already = sum(
+            1 for path in root.rglob("*.png") if (train / path.parent.name / path.name).exists()
+        )
+        if any(root.rglob("*.png")):
+            report.added = adding.add_images(
+                settings, root, progress_for or adding.no_progress, relabel=True
+            )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return report
+
+
+def _staged(
+    found: dict[tuple[str, int], tuple[int, bytes]],
+    test: dict[str, Path],
+    report: FeedbackAdded,
+    folder: str,
+) -> Path:
+    import hashlib
+
+    root = Path(folder)
+    for digit in range(10):
+        (root / str(digit)).mkdir()
+    for (rid, item), (digit, pixels) in sorted(found.items()):
+        name = image_name(rid, item)
+        twin = test.get(hashlib.sha256(pixels).hexdigest())
+        if twin is not None:
+            report.in_test.append((name, str(twin)))
+            continue
+        (root / str(digit) / name).write_bytes(png_of(pixels))
+    return root

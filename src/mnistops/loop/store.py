@@ -1,0 +1,138 @@
+"""The prediction log read back from the object store: every batch of the days asked
+for, checked (`records.read_batch`); an object that fails is named and skipped, never
+used. `mnistops predictions` summarises what was logged."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+from mnistops.data.remote import store_errors
+from mnistops.loop import records
+from mnistops.settings import Settings
+
+
+@dataclass
+class Batches:
+    """The checked tables of one kind of batch, and the objects refused (name, why)."""
+
+    tables: list[Any] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(table.num_rows for table in self.tables)
+
+
+def read_batches(settings: Settings, prefix: str, since: datetime | None = None) -> Batches:
+    """Every batch under `prefix` of the days from `since` on, rows before `since` left
+    out, in the order they were written."""
+    import pyarrow.compute as pc
+
+    from mnistops.clients import s3_client
+
+    client = s3_client(settings)
+    bucket = settings.s3.buckets.dvc
+    found = Batches()
+    first_day = since.date() if since else None
+    with store_errors(f"reading the prediction log in s3://{bucket}/{prefix}", client):
+        listed = _listed(client, bucket, prefix)
+        for name, size in listed:
+            day = records.day_of(name)
+            if day is None:
+                found.refused.append((name, "not a name mnistops writes"))
+                continue
+            if first_day is not None and day < first_day:
+                continue
+            if size > records.MAX_OBJECT_BYTES:
+                found.refused.append((name, f"{size} bytes, over {records.MAX_OBJECT_BYTES}"))
+                continue
+            data = client.get_object(Bucket=bucket, Key=name)["Body"].read()
+            try:
+                table = records.read_batch(name, data)
+            except records.BatchRefused as exc:
+                found.refused.append((name, str(exc)))
+                continue
+            if since is not None:
+                table = table.filter(pc.greater_equal(table["time"], _utc(since)))
+            found.tables.append(table)
+    return found
+
+
+def _listed(client: Any, bucket: str, prefix: str) -> list[tuple[str, int]]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    items = [
+        (item["Key"], int(item["Size"])) for page in pages for item in page.get("Contents", [])
+    ]
+    return sorted(items)
+
+
+def _utc(when: datetime) -> Any:
+    import pyarrow as pa
+
+    return pa.scalar(int(records.timestamp(when) * 1000), pa.timestamp("ms", tz="UTC"))
+
+
+@dataclass
+class Summary:
+    """What `mnistops predictions` prints."""
+
+    since: datetime | None
+    images: int
+    requests: int
+    per_version: Counter[str]
+    per_digit: Counter[int]
+    labels: int
+    first: datetime | None
+    last: datetime | None
+    refused: list[tuple[str, str]]
+
+
+def summary(settings: Settings, since: datetime | None = None) -> Summary:
+    """How many answers were logged from `since` on, per model version and per digit."""
+    logged = read_batches(settings, records.PREDICTIONS_PREFIX, since)
+    labels = read_batches(settings, records.FEEDBACK_PREFIX, since)
+    per_version: Counter[str] = Counter()
+    per_digit: Counter[int] = Counter()
+    requests: set[str] = set()
+    times: list[datetime] = []
+    for table in logged.tables:
+        names = table.column("model_name").to_pylist()
+        versions = table.column("model_version").to_pylist()
+        per_version.update(f"{n} v{v}" for n, v in zip(names, versions, strict=True))
+        per_digit.update(table.column("digit").to_pylist())
+        requests.update(table.column("request_id").to_pylist())
+        stamps = table.column("time").to_pylist()
+        if stamps:
+            times += [min(stamps), max(stamps)]
+    return Summary(
+        since,
+        logged.rows,
+        len(requests),
+        per_version,
+        per_digit,
+        labels.rows,
+        min(times) if times else None,
+        max(times) if times else None,
+        logged.refused + labels.refused,
+    )
+
+
+def parse_since(text: str | None, option: str = "--since") -> datetime | None:
+    """A date (2026-12-03) or time (2026-12-03T14:00, UTC unless it says) of an option."""
+    from mnistops.errors import BadInput
+
+    if text is None:
+        return None
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            return datetime(day.year, day.month, day.day, tzinfo=UTC)
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadInput(
+            f"{option} {text!r}: expected a date (2026-12-03) or a time (2026-12-03T14:00)"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)

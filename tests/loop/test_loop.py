@@ -1,0 +1,398 @@
+"""The loop against the real stack of `mnistops demo --fast`: a second `mnistops serve`
+on its own port and data folder logs every answer to the object store in batches,
+takes labels through /feedback (from the API and from its page in Chromium), and
+`mnistops data add --feedback` turns them into training images; bad labels get their
+4xx, crafted objects in the bucket are refused by name, a `kill -9` loses no written
+batch."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pytest
+import yaml
+from PIL import Image
+
+from mnistops.loop import records
+from mnistops.loop.labels import image_name
+from mnistops.loop.store import read_batches
+from mnistops.predict import image_from_bytes
+from mnistops.settings import Settings, load_settings
+from mnistops.stack.ports import free_port_pair
+from tests.helpers import SHOTS, cli_command, put_object, run_cli
+
+pytestmark = [pytest.mark.integration, pytest.mark.loop]
+
+
+class Service:
+    """A `mnistops serve` in the foreground of a test, on the demo's stack."""
+
+    def __init__(self, config_dir: Path, root: Path) -> None:
+        self.config_dir = config_dir
+        self.settings = load_settings(config_dir)
+        self.url = self.settings.local_serve_url
+        self.log = root / "serve.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                cli_command(("serve",), self.config_dir), stdout=out, stderr=out
+            )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"no answer from {self.url}: {self.log.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(30)
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
+            if line.rsplit(" ", 1)[0] == name:
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"{name} not in /metrics")
+
+
+@pytest.fixture(scope="module")
+def service(demo_run: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """Its own port, batches of 1 s or 40 records, at most 60 labels a minute, and a copy
+    of the demo's data folder (feedback goes there, not into the demo's)."""
+    root = tmp_path_factory.mktemp("loop")
+    demo: Settings = demo_run["settings"]
+    config_dir = root / "config"
+    shutil.copytree(demo_run["config_dir"], config_dir)
+    shutil.copytree(demo.mnist_dir, root / "data" / demo.dataset.name, symlinks=True)
+    stack_yml = config_dir / "stack.yml"
+    config = yaml.safe_load(stack_yml.read_text())
+    config["home"] = str(demo.home.absolute())
+    config["data_dir"] = str(root / "data")
+    config["serve"] = {
+        **config.get("serve", {}),
+        "port": free_port_pair(set()),
+        "log": {"batch_s": 1, "batch_records": 40, "feedback_per_minute": 60},
+    }
+    stack_yml.write_text(yaml.safe_dump(config))
+    running = Service(config_dir, root)
+    running.start()
+    yield running
+    running.stop()
+
+
+def test_images(settings: Settings, n: int) -> list[Path]:
+    folder = settings.mnist_dir / "test"
+    return [sorted((folder / str(d % 10)).glob("*.png"))[d // 10] for d in range(n)]
+
+
+def logged(settings: Settings, request_ids: set[str], timeout_s: float = 30) -> pa.Table:
+    """The rows of these requests, once every one is in a written batch."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        batches = read_batches(settings, records.PREDICTIONS_PREFIX)
+        rows = pa.concat_tables(batches.tables) if batches.tables else None
+        found = set(rows.column("request_id").to_pylist()) if rows is not None else set()
+        if request_ids <= found or time.monotonic() > deadline:
+            assert request_ids <= found, f"{len(request_ids - found)} requests not logged"
+            assert rows is not None
+            mask = [rid in request_ids for rid in rows.column("request_id").to_pylist()]
+            return rows.filter(pa.array(mask))
+        time.sleep(0.5)
+
+
+def predict(url: str, path: Path) -> dict:
+    answer = httpx.post(
+        f"{url}/predict", content=path.read_bytes(), headers={"Content-Type": "image/png"}
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert answer.headers["X-Request-Id"] == body["request_id"]
+    assert records.REQUEST_ID.match(body["request_id"])
+    return body
+
+
+def test_every_answer_is_logged_in_batches(service: Service) -> None:
+    files = test_images(service.settings, 30)
+    answers = [predict(service.url, path) for path in files]
+    batch = httpx.post(
+        f"{service.url}/predict",
+        json={"images": [(image_from_bytes(p.read_bytes()) * 255).tolist() for p in files[:3]]},
+    )
+    assert batch.status_code == 200 and records.REQUEST_ID.match(batch.json()["request_id"])
+    ids = {a["request_id"] for a in answers} | {batch.json()["request_id"]}
+    assert len(ids) == 31
+    rows = logged(service.settings, ids)
+    assert rows.num_rows == 33
+    by_id = {r["request_id"]: r for r in rows.to_pylist() if r["item"] == 0}
+    for path, answer in zip(files, answers, strict=True):
+        row = by_id[answer["request_id"]]
+        assert row["digit"] == answer["digit"] and row["model_version"] == answer["model_version"]
+        assert row["confidence"] == pytest.approx(answer["confidence"], abs=1e-5)
+        seen = np.rint(image_from_bytes(path.read_bytes()) * 255).astype(np.uint8)
+        assert np.frombuffer(row["input"], np.uint8).reshape(28, 28).tolist() == seen.tolist()
+    names = [
+        item["Key"]
+        for item in service_client(service).list_objects_v2(
+            Bucket=service.settings.s3.buckets.dvc, Prefix="predictions/"
+        )["Contents"]
+    ]
+    assert len(names) < 31, "one object per request"
+    done = run_cli("predictions", config_dir=service.config_dir)
+    assert done.returncode == 0, done.stderr
+    assert "images in" in done.stdout and "mnist-classifier v" in done.stdout
+    future = run_cli("predictions", "--since", "2999-01-01", config_dir=service.config_dir)
+    assert future.returncode == 0 and "no predictions logged" in future.stdout
+    bad = run_cli("predictions", "--since", "yesterday", config_dir=service.config_dir)
+    assert bad.returncode == 2 and "--since 'yesterday'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def service_client(service: Service):
+    from mnistops.clients import s3_client
+
+    return s3_client(service.settings)
+
+
+def label(url: str, body: object) -> httpx.Response:
+    return httpx.post(f"{url}/feedback", json=body)
+
+
+def test_labels_become_training_images(service: Service) -> None:
+    settings = service.settings
+    files = test_images(settings, 12)[2:]
+    answers = [predict(service.url, path) for path in files]
+    # a test image labelled is refused at `data add` (the test set stays unseen): make
+    # the others new by drawing them a little thicker
+    drawn = []
+    for path in files[:6]:
+        image = np.asarray(image_from_bytes(path.read_bytes()))
+        thick = np.maximum(image, np.roll(image, 1, axis=1))
+        answer = httpx.post(f"{service.url}/predict", json=[(thick * 255).round().tolist()])
+        assert answer.status_code == 200, answer.text
+        drawn.append(answer.json())
+    wanted = {}
+    for i, answer in enumerate(drawn):
+        rid = answer["request_id"]
+        first = label(service.url, {"request_id": rid, "digit": (i + 3) % 10})
+        assert first.status_code == 200 and first.json()["replaced"] is None, first.text
+        wanted[rid] = i % 10
+        again = label(service.url, {"request_id": rid, "digit": i % 10, "item": 0})
+        assert again.status_code == 200, again.text
+        if (i + 3) % 10 != i % 10:
+            assert again.json()["replaced"] == (i + 3) % 10
+            assert "the later label wins" in again.json()["detail"]
+    raw = np.asarray(Image.open(files[0])).tolist()
+    as_test = httpx.post(f"{service.url}/predict", json=[raw]).json()["request_id"]
+    in_test = label(service.url, {"request_id": as_test, "digit": 4})
+    assert in_test.status_code == 200
+    logged(settings, set(wanted) | {as_test} | {a["request_id"] for a in answers})
+    deadline = time.monotonic() + 30
+    while read_batches(settings, records.FEEDBACK_PREFIX).rows < 13:
+        assert time.monotonic() < deadline, "labels not written"
+        time.sleep(0.5)
+    train = settings.mnist_dir / "train"
+    done = run_cli("data", "add", "--feedback", config_dir=service.config_dir)
+    assert done.returncode == 0, done.stderr
+    assert "its pixels are those of the test image" in done.stderr, done.stderr
+    for rid, digit in wanted.items():
+        name = image_name(rid, 0)
+        assert (train / str(digit) / name).is_file(), done.stdout
+        others = [d for d in range(10) if d != digit and (train / str(d) / name).exists()]
+        assert not others
+    assert not list(train.glob(f"*/{image_name(as_test, 0)}"))
+    again = run_cli("data", "add", "--feedback", config_dir=service.config_dir)
+    assert again.returncode == 0 and "none new" in again.stdout, again.stdout
+    staging = settings.home / "cache"
+    assert not list(staging.glob("feedback-*")), "staging folder left behind"
+
+
+def test_a_label_corrected_after_data_add_moves_its_image(service: Service) -> None:
+    settings = service.settings
+    image = np.asarray(image_from_bytes(test_images(settings, 1)[0].read_bytes()))
+    shifted = np.roll(image, 2, axis=0)
+    answer = httpx.post(f"{service.url}/predict", json=[(shifted * 255).round().tolist()]).json()
+    rid = answer["request_id"]
+    assert label(service.url, {"request_id": rid, "digit": 2}).status_code == 200
+    logged(settings, {rid})
+    time.sleep(1.5)
+    assert run_cli("data", "add", "--feedback", config_dir=service.config_dir).returncode == 0
+    train = settings.mnist_dir / "train"
+    assert (train / "2" / image_name(rid, 0)).is_file()
+    assert label(service.url, {"request_id": rid, "digit": 5}).status_code == 200
+    time.sleep(1.5)
+    done = run_cli("data", "add", "--feedback", config_dir=service.config_dir)
+    assert done.returncode == 0, done.stderr
+    assert (train / "5" / image_name(rid, 0)).is_file()
+    assert not (train / "2" / image_name(rid, 0)).exists()
+
+
+@pytest.mark.bad_input
+def test_bad_labels_get_a_clear_4xx(service: Service) -> None:
+    rid = predict(service.url, test_images(service.settings, 1)[0])["request_id"]
+    cases = [
+        ({"request_id": "0" * 32, "digit": 1}, 404, "unknown or expired"),
+        ({"request_id": rid, "digit": 10}, 422, "digit"),
+        ({"request_id": rid, "digit": "7"}, 422, "digit"),
+        ({"request_id": rid, "digit": 1, "item": 3}, 422, "item 3"),
+        ({"request_id": "../../etc/passwd", "digit": 1}, 422, "request_id"),
+        ([rid, 1], 422, "JSON object"),
+    ]
+    for body, status, why in cases:
+        answer = label(service.url, body)
+        assert answer.status_code == status and why in answer.json()["detail"], answer.text
+    not_json = httpx.post(f"{service.url}/feedback", content=b"{digit: 1")
+    assert not_json.status_code == 400 and "not JSON" in not_json.json()["detail"]
+    huge = httpx.post(f"{service.url}/feedback", content=b" " * 10_000)
+    assert huge.status_code == 413
+
+
+@pytest.mark.security
+def test_crafted_log_objects_are_refused_by_name(service: Service) -> None:
+    settings = service.settings
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    rows = [
+        {
+            "time": 0,
+            "request_id": "../../../../tmp/owned" + "0" * 11,
+            "item": 0,
+            "digit": 1,
+            "predicted": 1,
+            "model_version": "1",
+        }
+    ]
+    import io
+
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=records.feedback_schema()), sink)
+    crafted = {
+        f"feedback/{day}/000001-{'a' * 16}.parquet": sink.getvalue(),
+        f"predictions/{day}/000002-{'b' * 16}.parquet": b"not parquet at all",
+        f"predictions/{day}/../../evil.parquet": b"x",
+        f"predictions/{day}/000003-{'c' * 16}.parquet": b"\0" * (records.MAX_OBJECT_BYTES + 1),
+    }
+    for key, body in crafted.items():
+        put_object(settings, key, body)
+    try:
+        shown = run_cli("predictions", config_dir=service.config_dir)
+        assert shown.returncode == 0, shown.stderr
+        added = run_cli("data", "add", "--feedback", config_dir=service.config_dir)
+        assert added.returncode == 0, added.stderr
+        for key in crafted:
+            name = key.replace(f"{day}/../../", "")
+            assert name in shown.stderr.replace("\n", "") or key in shown.stderr, shown.stderr
+        assert "request_id" in added.stderr and "not 32 hexadecimal" in added.stderr
+        assert not Path("/tmp/owned").exists()
+        assert not list(settings.mnist_dir.rglob("*owned*"))
+    finally:
+        client = service_client(service)
+        for key in crafted:
+            client.delete_object(Bucket=settings.s3.buckets.dvc, Key=key)
+
+
+@pytest.mark.browser
+def test_the_page_takes_a_correction(service: Service, browser) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{service.url}/")
+    pad = browser.find_element(By.ID, "pad")
+    strokes = ActionChains(browser)
+    strokes.move_to_element_with_offset(pad, -60, -90).click_and_hold()
+    strokes.move_by_offset(120, 0).move_by_offset(-90, 190).release()
+    strokes.perform()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not browser.find_element(By.ID, "wrong").is_displayed():
+        time.sleep(0.2)
+    predicted = browser.find_element(By.ID, "digit").text
+    assert predicted.isdigit()
+    right = 7 if predicted != "7" else 1
+    browser.find_element(By.CSS_SELECTOR, f'#choices button[data-digit="{right}"]').click()
+    deadline = time.monotonic() + 20
+    while (
+        time.monotonic() < deadline
+        and "thank you" not in browser.find_element(By.ID, "message").text
+    ):
+        time.sleep(0.2)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SHOTS / "serve-feedback.png"))
+    assert f"labelled {right}" in browser.find_element(By.ID, "message").text
+    deadline = time.monotonic() + 30
+    while True:
+        batches = read_batches(service.settings, records.FEEDBACK_PREFIX)
+        digits = [r["digit"] for t in batches.tables for r in t.to_pylist()]
+        if digits and digits[-1] == right or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert digits and digits[-1] == right
+    done = run_cli("data", "add", "--feedback", config_dir=service.config_dir)
+    assert done.returncode == 0 and f"{right}: 1" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.bad_input
+def test_a_flood_of_labels_is_bounded(service: Service) -> None:
+    rid = predict(service.url, test_images(service.settings, 1)[0])["request_id"]
+    answers = [label(service.url, {"request_id": rid, "digit": 3}) for _ in range(70)]
+    limited = [a for a in answers if a.status_code == 429]
+    assert limited and all(a.status_code in (200, 429) for a in answers)
+    assert "feedback_per_minute" in limited[0].json()["detail"]
+    assert limited[0].headers["Retry-After"]
+    assert service.metric('mnistops_feedback_total{outcome="rate_limited"}') >= len(limited)
+
+
+@pytest.mark.faults
+def test_kill_9_loses_no_written_batch(service: Service) -> None:
+    settings = service.settings
+    files = test_images(settings, 50)
+    written = [predict(service.url, path)["request_id"] for path in files]
+    logged(settings, set(written))
+    unwritten = [predict(service.url, path)["request_id"] for path in files[:5]]
+    service.stop(signal.SIGKILL)
+    batches = read_batches(settings, records.PREDICTIONS_PREFIX)
+    assert not batches.refused, batches.refused
+    rows = pa.concat_tables(batches.tables)
+    found = set(rows.column("request_id").to_pylist())
+    assert set(written) <= found
+    lost = set(unwritten) - found
+    assert len(lost) <= 5
+    service.start()
+    assert predict(service.url, files[0])["request_id"] not in found
+
+
+def test_retention_deletes_only_the_days_past_it(service: Service) -> None:
+    from mnistops.loop.log_writer import delete_before
+
+    settings = service.settings
+    client = service_client(service)
+    bucket = settings.s3.buckets.dvc
+    old = "predictions/2001-01-01/000000-0000000000000000.parquet"
+    odd = "predictions/2001-01-01/keep-me.txt"
+    for key in (old, odd):
+        put_object(settings, key, b"x")
+    today = read_batches(settings, records.PREDICTIONS_PREFIX).rows
+    try:
+        assert delete_before(client, bucket, 30) >= 1
+        keys = {
+            item["Key"]
+            for item in client.list_objects_v2(Bucket=bucket, Prefix="predictions/")["Contents"]
+        }
+        assert old not in keys and odd in keys, "only names mnistops writes are deleted"
+        assert read_batches(settings, records.PREDICTIONS_PREFIX).rows == today
+    finally:
+        client.delete_object(Bucket=bucket, Key=odd)
