@@ -95,7 +95,7 @@ def service(demo_run: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     running.stop()
 
 
-def test_images(settings: Settings, n: int) -> list[Path]:
+def digit_images(settings: Settings, n: int) -> list[Path]:
     folder = settings.mnist_dir / "test"
     return [sorted((folder / str(d % 10)).glob("*.png"))[d // 10] for d in range(n)]
 
@@ -127,7 +127,7 @@ def predict(url: str, path: Path) -> dict:
 
 
 def test_every_answer_is_logged_in_batches(service: Service) -> None:
-    files = test_images(service.settings, 30)
+    files = digit_images(service.settings, 30)
     answers = [predict(service.url, path) for path in files]
     batch = httpx.post(
         f"{service.url}/predict",
@@ -174,7 +174,7 @@ def label(url: str, body: object) -> httpx.Response:
 
 def test_labels_become_training_images(service: Service) -> None:
     settings = service.settings
-    files = test_images(settings, 12)[2:]
+    files = digit_images(settings, 12)[2:]
     answers = [predict(service.url, path) for path in files]
     # a test image labelled is refused at `data add` (the test set stays unseen): make
     # the others new by drawing them a little thicker
@@ -223,7 +223,7 @@ def test_labels_become_training_images(service: Service) -> None:
 
 def test_a_label_corrected_after_data_add_moves_its_image(service: Service) -> None:
     settings = service.settings
-    image = np.asarray(image_from_bytes(test_images(settings, 1)[0].read_bytes()))
+    image = np.asarray(image_from_bytes(digit_images(settings, 1)[0].read_bytes()))
     shifted = np.roll(image, 2, axis=0)
     answer = httpx.post(f"{service.url}/predict", json=[(shifted * 255).round().tolist()]).json()
     rid = answer["request_id"]
@@ -243,7 +243,7 @@ def test_a_label_corrected_after_data_add_moves_its_image(service: Service) -> N
 
 @pytest.mark.bad_input
 def test_bad_labels_get_a_clear_4xx(service: Service) -> None:
-    rid = predict(service.url, test_images(service.settings, 1)[0])["request_id"]
+    rid = predict(service.url, digit_images(service.settings, 1)[0])["request_id"]
     cases = [
         ({"request_id": "0" * 32, "digit": 1}, 404, "unknown or expired"),
         ({"request_id": rid, "digit": 10}, 422, "digit"),
@@ -284,7 +284,7 @@ def test_crafted_log_objects_are_refused_by_name(service: Service) -> None:
     crafted = {
         f"feedback/{day}/000001-{'a' * 16}.parquet": sink.getvalue(),
         f"predictions/{day}/000002-{'b' * 16}.parquet": b"not parquet at all",
-        f"predictions/{day}/../../evil.parquet": b"x",
+        f"predictions/{day}/..%2F..%2Fevil name.parquet": b"x",
         f"predictions/{day}/000003-{'c' * 16}.parquet": b"\0" * (records.MAX_OBJECT_BYTES + 1),
     }
     for key, body in crafted.items():
@@ -295,8 +295,7 @@ def test_crafted_log_objects_are_refused_by_name(service: Service) -> None:
         added = run_cli("data", "add", "--feedback", config_dir=service.config_dir)
         assert added.returncode == 0, added.stderr
         for key in crafted:
-            name = key.replace(f"{day}/../../", "")
-            assert name in shown.stderr.replace("\n", "") or key in shown.stderr, shown.stderr
+            assert key in shown.stderr.replace("\n", ""), shown.stderr
         assert "request_id" in added.stderr and "not 32 hexadecimal" in added.stderr
         assert not Path("/tmp/owned").exists()
         assert not list(settings.mnist_dir.rglob("*owned*"))
@@ -347,7 +346,7 @@ def test_the_page_takes_a_correction(service: Service, browser) -> None:
 
 @pytest.mark.bad_input
 def test_a_flood_of_labels_is_bounded(service: Service) -> None:
-    rid = predict(service.url, test_images(service.settings, 1)[0])["request_id"]
+    rid = predict(service.url, digit_images(service.settings, 1)[0])["request_id"]
     answers = [label(service.url, {"request_id": rid, "digit": 3}) for _ in range(70)]
     limited = [a for a in answers if a.status_code == 429]
     assert limited and all(a.status_code in (200, 429) for a in answers)
@@ -359,7 +358,7 @@ def test_a_flood_of_labels_is_bounded(service: Service) -> None:
 @pytest.mark.faults
 def test_kill_9_loses_no_written_batch(service: Service) -> None:
     settings = service.settings
-    files = test_images(settings, 50)
+    files = digit_images(settings, 50)
     written = [predict(service.url, path)["request_id"] for path in files]
     logged(settings, set(written))
     unwritten = [predict(service.url, path)["request_id"] for path in files[:5]]
