@@ -93,6 +93,10 @@ class PredictionLog:
             self.thread.join(timeout_s)
 
     def _run(self) -> None:
+        try:
+            self._store()  # boto3 imported and its client made before the first batch
+        except Exception as exc:  # noqa: BLE001  made again at the first write
+            log.warning("the prediction log's object store client: %s", exc)
         while True:
             self.wake.wait(self._wait_s())
             self.wake.clear()

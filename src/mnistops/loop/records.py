@@ -122,26 +122,32 @@ def as_pixels(images: np.ndarray) -> np.ndarray:
 
 
 def predictions_parquet(batch: list[Answered]) -> bytes:
+    """One Parquet object of a batch of answers, built column-wise (the service's writer
+    thread runs it: little time holding the interpreter lock)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    sizes = [len(a.images) for a in batch]
+    sizes = np.array([len(a.images) for a in batch])
+    n = int(sizes.sum())
     probs = np.concatenate([a.probabilities for a in batch]).astype(np.float32)
     pixels = as_pixels(np.concatenate([a.images for a in batch]))
-    rows = {
-        "time": [int(a.time * 1000) for a, n in zip(batch, sizes, strict=True) for _ in range(n)],
-        "request_id": [a.request_id for a, n in zip(batch, sizes, strict=True) for _ in range(n)],
-        "item": [i for n in sizes for i in range(n)],
-        "model_name": [a.model_name for a, n in zip(batch, sizes, strict=True) for _ in range(n)],
-        "model_version": [
-            a.model_version for a, n in zip(batch, sizes, strict=True) for _ in range(n)
-        ],
-        "input": [row.tobytes() for row in pixels],
-        "digit": probs.argmax(axis=1).astype(np.int8),
-        "confidence": probs.max(axis=1),
-        "probabilities": list(probs),
-    }
-    table = pa.Table.from_pydict(rows, schema=prediction_schema())
+
+    def repeated(values: list[object]) -> Any:
+        return pa.array(np.repeat(np.array(values, dtype=object), sizes), pa.string())
+
+    millis = np.repeat(np.array([int(a.time * 1000) for a in batch], np.int64), sizes)
+    columns = [
+        pa.array(millis, pa.timestamp("ms", tz="UTC")),
+        repeated([a.request_id for a in batch]),
+        pa.array(np.concatenate([np.arange(k, dtype=np.int32) for k in sizes])),
+        repeated([a.model_name for a in batch]),
+        repeated([a.model_version for a in batch]),
+        pa.Array.from_buffers(pa.binary(PIXELS), n, [None, pa.py_buffer(pixels.tobytes())]),
+        pa.array(probs.argmax(axis=1).astype(np.int8)),
+        pa.array(probs.max(axis=1)),
+        pa.FixedSizeListArray.from_arrays(pa.array(probs.ravel()), 10),
+    ]
+    table = pa.Table.from_arrays(columns, schema=prediction_schema())
     return _parquet(table, pq)
 
 
