@@ -7,6 +7,7 @@ batch."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import signal
 import subprocess
@@ -17,13 +18,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
 
 from mnistops.loop import records
 from mnistops.loop.labels import image_name
-from mnistops.loop.store import read_batches
+from mnistops.loop.records import Answered
+from mnistops.loop.store import log_signing_key, read_batches
 from mnistops.predict import image_from_bytes
 from mnistops.settings import Settings, load_settings
 from mnistops.stack.ports import free_port_pair
@@ -196,13 +199,16 @@ def test_labels_become_training_images(service: Service) -> None:
         if (i + 3) % 10 != i % 10:
             assert again.json()["replaced"] == (i + 3) % 10
             assert "the later label wins" in again.json()["detail"]
+        same = label(service.url, {"request_id": rid.upper(), "digit": i % 10})
+        assert same.status_code == 200 and same.json()["replaced"] is None, same.text
+        assert "as before" in same.json()["detail"]
     raw = np.asarray(Image.open(files[0])).tolist()
     as_test = httpx.post(f"{service.url}/predict", json=[raw]).json()["request_id"]
     in_test = label(service.url, {"request_id": as_test, "digit": 4})
     assert in_test.status_code == 200
     logged(settings, set(wanted) | {as_test} | {a["request_id"] for a in answers})
     deadline = time.monotonic() + 30
-    while read_batches(settings, records.FEEDBACK_PREFIX).rows < 13:
+    while read_batches(settings, records.FEEDBACK_PREFIX).rows < 19:
         assert time.monotonic() < deadline, "labels not written"
         time.sleep(0.5)
     train = settings.mnist_dir / "train"
@@ -261,48 +267,91 @@ def test_bad_labels_get_a_clear_4xx(service: Service) -> None:
     assert huge.status_code == 413
 
 
+def put_signed(settings: Settings, key: str, body: bytes) -> None:
+    """An object signed with the stack's key, as only a holder of that key can write."""
+    from mnistops.clients import s3_client
+
+    signature = records.batch_signature(records.log_key(log_signing_key(settings)), key, body)
+    s3_client(settings).put_object(
+        Bucket=settings.s3.buckets.dvc, Key=key, Body=body, Metadata={records.SIGNATURE: signature}
+    )
+
+
+def feedback_object(rid: str, digit: int = 1, when: float | None = None) -> bytes:
+    stamp = time.time() if when is None else when
+    return records.feedback_parquet([records.Label(stamp, rid, 0, digit, digit, "1")])
+
+
 @pytest.mark.security
 def test_crafted_log_objects_are_refused_by_name(service: Service) -> None:
+    """Unsigned objects (anyone with the store's keys can write them) never become
+    training data; signed ones (a holder of the signing key) still pass every check."""
     settings = service.settings
     day = time.strftime("%Y-%m-%d", time.gmtime())
-    rows = [
-        {
-            "time": 0,
-            "request_id": "../../../../tmp/owned" + "0" * 11,
-            "item": 0,
-            "digit": 1,
-            "predicted": 1,
-            "model_version": "1",
-        }
-    ]
-    import io
-
-    import pyarrow.parquet as pq
-
+    url = service.url
+    image = np.asarray(image_from_bytes(digit_images(settings, 1)[0].read_bytes()))
+    moved = (np.roll(image, 3, axis=1) * 255).round().tolist()
+    real = httpx.post(f"{url}/predict", json=[moved]).json()["request_id"]
+    blank = httpx.post(f"{url}/predict", json=[[[0] * 28] * 28]).json()["request_id"]
+    for rid in (real, blank):
+        assert label(url, {"request_id": rid, "digit": 8}).status_code == 200
+    logged(settings, {real, blank})
+    forged_rid = records.new_request_id()
+    forged = Answered(time.time(), forged_rid, "mnist-classifier", "1", _noise(), _probs())
+    twin = Answered(time.time(), real, "mnist-classifier", "1", _noise(), _probs())
     sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=records.feedback_schema()), sink)
-    crafted = {
-        f"feedback/{day}/000001-{'a' * 16}.parquet": sink.getvalue(),
+    path_like = {**pq.read_table(io.BytesIO(feedback_object(forged_rid))).to_pylist()[0]}
+    path_like["request_id"] = "../../../../tmp/owned" + "0" * 11
+    pq.write_table(pa.Table.from_pylist([path_like], schema=records.feedback_schema()), sink)
+    unsigned = {
+        f"predictions/{day}/000001-{'d' * 16}.parquet": records.predictions_parquet([forged]),
+        f"feedback/{day}/000001-{'d' * 16}.parquet": feedback_object(forged_rid),
         f"predictions/{day}/000002-{'b' * 16}.parquet": b"not parquet at all",
         f"predictions/{day}/..%2F..%2Fevil name.parquet": b"x",
         f"predictions/{day}/000003-{'c' * 16}.parquet": b"\0" * (records.MAX_OBJECT_BYTES + 1),
     }
-    for key, body in crafted.items():
+    signed = {
+        f"feedback/{day}/000001-{'a' * 16}.parquet": sink.getvalue(),
+        f"predictions/{day}/235959-{'e' * 16}.parquet": records.predictions_parquet([twin]),
+    }
+    for key, body in unsigned.items():
         put_object(settings, key, body)
+    for key, body in signed.items():
+        put_signed(settings, key, body)
     try:
         shown = run_cli("predictions", config_dir=service.config_dir)
         assert shown.returncode == 0, shown.stderr
         added = run_cli("data", "add", "--feedback", config_dir=service.config_dir)
         assert added.returncode == 0, added.stderr
-        for key in crafted:
+        for key in [*unsigned, *list(signed)[:1]]:
             assert key in shown.stderr.replace("\n", ""), shown.stderr
-        assert "request_id" in added.stderr and "not 32 hexadecimal" in added.stderr
+        said = added.stderr.replace("\n", " ")
+        assert said.count("not signed by a mnistops service") == 3, said
+        assert "not 32 lower-case hexadecimal" in said
+        assert f"request {real} item 0 has other pixels" in said, said
+        assert f"{image_name(blank, 0)} refused: nothing is drawn" in said
+        train = settings.mnist_dir / "train"
+        assert not list(train.glob(f"*/{image_name(forged_rid, 0)}"))
+        assert not list(train.glob(f"*/{image_name(blank, 0)}"))
+        kept = np.asarray(Image.open(train / "8" / image_name(real, 0)))
+        first = logged(settings, {real}).column("input")[0].as_py()
+        assert kept.tobytes() == first
         assert not Path("/tmp/owned").exists()
         assert not list(settings.mnist_dir.rglob("*owned*"))
     finally:
         client = service_client(service)
-        for key in crafted:
+        for key in [*unsigned, *signed]:
             client.delete_object(Bucket=settings.s3.buckets.dvc, Key=key)
+
+
+def _noise() -> np.ndarray:
+    return np.random.default_rng(7).random((1, 1, 28, 28), dtype=np.float32)
+
+
+def _probs() -> np.ndarray:
+    probs = np.full((1, 10), 0.05, np.float32)
+    probs[0, 8] = 0.55
+    return probs
 
 
 @pytest.mark.browser

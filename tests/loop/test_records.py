@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import time
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -47,16 +48,23 @@ def test_a_batch_round_trips_with_the_pixels_the_model_saw() -> None:
 
 
 def test_feedback_batches_round_trip() -> None:
+    """An image labelled twice within one batch is two rows: the later one wins."""
     label = records.Label(time.time(), records.new_request_id(), 2, 7, 1, "4")
+    again = records.Label(label.time + 1, label.request_id, 2, 3, 1, "4")
     name = "feedback/2026-12-03/000000-0123456789abcdef.parquet"
-    table = records.read_batch(name, records.feedback_parquet([label]))
+    table = records.read_batch(name, records.feedback_parquet([label, again]))
     assert table.to_pylist()[0]["digit"] == 7 and table.to_pylist()[0]["predicted"] == 1
+    assert table.column("digit").to_pylist() == [7, 3]
 
 
 def _parquet(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink)
     return sink.getvalue()
+
+
+def _first_digit() -> int:
+    return int(answered(2).probabilities[1].argmax())
 
 
 def _tampered(column: str, value: object) -> bytes:
@@ -77,6 +85,13 @@ def _tampered(column: str, value: object) -> bytes:
         (NAME, _tampered("item", -1), "an item number outside"),
         (NAME, _tampered("probabilities", [float("nan")] * 10), "probabilities outside"),
         (NAME, _tampered("model_version", None), "a missing value"),
+        (NAME, _tampered("model_version", "3; rm -rf /"), "model_version"),
+        (NAME, _tampered("model_name", "[red]x\x1b[0m"), "model_name"),
+        (NAME, _tampered("confidence", 0.99999), "confidence"),
+        (NAME, _tampered("digit", 0 if _first_digit() else 1), "most probable"),
+        (NAME, _tampered("time", datetime(2999, 1, 1, tzinfo=UTC)), "a day ahead"),
+        (NAME, _tampered("time", datetime(1970, 1, 2, tzinfo=UTC)), "a time before"),
+        (NAME, _tampered("request_id", None), "a missing value"),
     ],
 )
 def test_a_crafted_batch_is_refused_with_its_reason(name: str, data: bytes, why: str) -> None:
@@ -87,6 +102,45 @@ def test_a_crafted_batch_is_refused_with_its_reason(name: str, data: bytes, why:
 def test_a_huge_batch_is_refused_unread() -> None:
     with pytest.raises(BatchRefused, match="over"):
         records.read_batch(NAME, b"\0" * (records.MAX_OBJECT_BYTES + 1))
+
+
+def test_a_small_object_of_many_rows_is_refused_from_its_footer() -> None:
+    """Half a million repeated rows pack into a few hundred kB; the footer's row count
+    refuses them before a column is unpacked."""
+    one = pa.Table.from_pylist(
+        records.read_batch(NAME, records.predictions_parquet([answered(1)])).to_pylist(),
+        schema=records.prediction_schema(),
+    )
+    many = pa.concat_tables([one] * (records.MAX_ROWS + 1))
+    sink = io.BytesIO()
+    pq.write_table(many, sink, compression="zstd")
+    assert len(sink.getvalue()) < records.MAX_OBJECT_BYTES // 8
+    with pytest.raises(BatchRefused, match=f"{records.MAX_ROWS + 1} rows"):
+        records.read_batch(NAME, sink.getvalue())
+
+
+def test_an_image_logged_twice_in_one_batch_is_refused() -> None:
+    twice = answered(1)
+    with pytest.raises(BatchRefused, match="the same request_id and item twice"):
+        records.read_batch(NAME, records.predictions_parquet([twice, twice]))
+
+
+def test_only_a_batch_signed_with_the_key_under_its_own_name_verifies() -> None:
+    key = records.log_key(b"k" * 32)
+    body = records.predictions_parquet([answered(2)])
+    signed = {records.SIGNATURE: records.batch_signature(key, NAME, body)}
+    records.check_signature(key, NAME, body, signed)
+    other = NAME.replace("0123456789abcdef", "fedcba9876543210")
+    cases = [
+        (key, NAME, body, {}, "not signed"),
+        (records.log_key(b"j" * 32), NAME, body, signed, "does not match"),
+        (key, other, body, signed, "does not match"),
+        (key, NAME, body + b"\0", signed, "does not match"),
+    ]
+    for use, name, data, metadata, why in cases:
+        with pytest.raises(BatchRefused, match=why):
+            records.check_signature(use, name, data, metadata)
+    assert records.log_key(b"k" * 32) != b"k" * 32
 
 
 @pytest.mark.parametrize(
@@ -107,6 +161,18 @@ def test_a_bad_label_names_its_field(body: object, field: str) -> None:
     with pytest.raises(FeedbackRefused, match=field) as refused:
         parse(body)
     assert refused.value.status == 422
+
+
+def test_a_request_id_in_capitals_is_the_same_request() -> None:
+    rid = records.new_request_id()
+    assert parse({"request_id": rid.upper(), "digit": 4})[0] == rid
+
+
+def test_a_buffer_smaller_than_a_batch_is_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="max_buffered .* at least batch_records"):
+        Settings(serve={"log": {"batch_records": 5000, "max_buffered": 1000}})
 
 
 def book(**log: object) -> FeedbackBook:

@@ -92,12 +92,17 @@ def add_feedback(cfg: Settings, since: str | None) -> None:
         report = add_labelled(cfg, parse_since(since), progress_for)
     for name, why in report.refused:
         warn(f"s3://{cfg.s3.buckets.dvc}/{escape(name)} refused: {escape(why)}")
+    for name, why in report.logged_twice:
+        warn(f"s3://{cfg.s3.buckets.dvc}/{escape(name)}: {escape(why)}; the first is used")
     for name, twin in report.in_test:
         warn(f"{name} refused: its pixels are those of the test image {escape(twin)}")
+    for name in report.blank:
+        warn(f"{name} refused: nothing is drawn in it (every pixel the same)")
     if report.unmatched:
         warn(
-            f"{report.unmatched} label(s) name a prediction that is not in the log (shed by a"
-            " full buffer, or not written yet: its batch is written within serve.log.batch_s)"
+            f"{report.unmatched} label(s) name a prediction that is not in the log: shed by a"
+            " full buffer, in a batch refused above, or not written yet (a batch is written"
+            " within serve.log.batch_s)"
         )
     added = report.added
     total = sum(added.values())

@@ -31,7 +31,7 @@ def predictions(
     span = f"{found.first:%Y-%m-%d %H:%M:%S} to {found.last:%Y-%m-%d %H:%M:%S} UTC"
     console.print(
         f"{found.images} images in {found.requests} requests logged ({span}),"
-        f" {found.labels} labelled through /feedback"
+        f" {found.labels} of them labelled through /feedback"
     )
     versions = Table(header_style="bold")
     versions.add_column("model")

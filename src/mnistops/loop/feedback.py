@@ -107,6 +107,8 @@ def parse(document: object) -> tuple[str, int, int]:
             422, f"unknown field(s) {', '.join(map(repr, unknown))}: send request_id, digit, item"
         )
     request_id = document.get("request_id")
+    if isinstance(request_id, str):
+        request_id = request_id.lower()
     if not isinstance(request_id, str) or not REQUEST_ID.match(request_id):
         raise FeedbackRefused(
             422, "request_id: expected the 32 hexadecimal digits of a /predict answer"

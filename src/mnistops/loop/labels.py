@@ -36,7 +36,11 @@ class FeedbackAdded:
     in_test: list[tuple[str, str]] = field(default_factory=list)
     """(image name, the test file it equals)"""
     unmatched: int = 0
-    """labels whose prediction is not in the log (shed, or not yet written)"""
+    """labels whose prediction is not in the log (shed, not yet written, or refused)"""
+    blank: list[str] = field(default_factory=list)
+    """images with nothing drawn (every pixel the same): never training data"""
+    logged_twice: list[tuple[str, str]] = field(default_factory=list)
+    """(object, why) of an image logged again with other pixels: the first is kept"""
     refused: list[tuple[str, str]] = field(default_factory=list)
     """objects of the log refused (name, why)"""
 
@@ -71,11 +75,21 @@ def labelled_pixels(
     logged = read_batches(settings, records.PREDICTIONS_PREFIX, since)
     report.refused += logged.refused
     found: dict[tuple[str, int], tuple[int, bytes]] = {}
-    for table in logged.tables:
+    first_in: dict[tuple[str, int], str] = {}
+    for name, table in zip(logged.names, logged.tables, strict=True):
         columns = table.select(["request_id", "item", "input"]).to_pydict()
         for rid, item, pixels in zip(*columns.values(), strict=True):
-            if (rid, item) in labels:
-                found[(rid, item)] = (labels[(rid, item)], pixels)
+            key = (rid, item)
+            if key not in labels:
+                continue
+            if key in found:
+                if found[key][1] != pixels:
+                    report.logged_twice.append(
+                        (name, f"request {rid} item {item} has other pixels in {first_in[key]}")
+                    )
+                continue
+            found[key] = (labels[key], pixels)
+            first_in[key] = name
     report.unmatched = len(labels) - len(found)
     return found, report
 
@@ -128,6 +142,9 @@ def _staged(
         (root / str(digit)).mkdir()
     for (rid, item), (digit, pixels) in sorted(found.items()):
         name = image_name(rid, item)
+        if min(pixels) == max(pixels):
+            report.blank.append(name)
+            continue
         twin = test.get(hashlib.sha256(pixels).hexdigest())
         if twin is not None:
             report.in_test.append((name, str(twin)))

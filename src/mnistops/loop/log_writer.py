@@ -45,8 +45,11 @@ class PredictionLog:
     """Buffers answers and labels; a daemon thread writes them (`start`, `close`)."""
 
     def __init__(self, settings: Settings) -> None:
+        from mnistops.loop.store import log_signing_key
+
         self.settings = settings
         self.config = settings.serve.log
+        self.key = records.log_key(log_signing_key(settings, doing="signed"))
         self.bucket = settings.s3.buckets.dvc
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -149,10 +152,11 @@ class PredictionLog:
             for chunk in _chunks(answers, self.config.batch_records):
                 self._write_answers(chunk)
                 written += len(chunk)
-            if labels:
-                self._write(records.FEEDBACK_PREFIX, records.feedback_parquet(labels))
-                self.counts.labels_written += len(labels)
-                labels = []
+            while labels:
+                some = labels[: self.config.batch_records]
+                self._write(records.FEEDBACK_PREFIX, records.feedback_parquet(some))
+                self.counts.labels_written += len(some)
+                labels = labels[len(some) :]
         except Exception as exc:  # noqa: BLE001  the store is down: keep the records, retry
             self.counts.write_errors += 1
             self._put_back(answers[written:], labels)
@@ -173,7 +177,8 @@ class PredictionLog:
 
     def _write(self, prefix: str, body: bytes) -> None:
         name = records.object_name(prefix, datetime.now(UTC))
-        self._store().put_object(Bucket=self.bucket, Key=name, Body=body)
+        signature = {records.SIGNATURE: records.batch_signature(self.key, name, body)}
+        self._store().put_object(Bucket=self.bucket, Key=name, Body=body, Metadata=signature)
 
     def _store(self) -> Any:
         if self._client is None:

@@ -2,12 +2,17 @@
 their objects in the store, and the checks that every object read back must pass.
 
 An object is one batch, written with one PUT: it is in the store whole or not at all.
-What is read back is checked before it is used (name, size, schema, every value), so a
-crafted object in the bucket is refused by name and never becomes a file name or a path.
+What is read back is checked before it is used (signature, name, size, rows, schema,
+every value), so a crafted object in the bucket is refused by name and never becomes a
+file name, a path or a training image. The service signs each batch it writes with a
+key derived from the model signing key (`model_registry.signing_key`): whoever can write
+to the bucket without that key cannot make the log say what was never answered.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import re
 import secrets
@@ -24,8 +29,20 @@ PREDICTIONS_PREFIX = "predictions/"
 FEEDBACK_PREFIX = "feedback/"
 MAX_OBJECT_BYTES = 64 << 20
 """a batch larger than this is refused unread (2,000 records are about 2 MB)"""
+MAX_ROWS = 100_000 + 4096
+"""rows a batch may hold: `serve.log.batch_records` (at most 100,000) and one more
+request's images (`serve.max_batch`, at most 4,096)"""
+MAX_TABLE_BYTES = 256 << 20
+"""a batch whose columns would take more than this unpacked is refused unread"""
 PIXELS = 28 * 28
 REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
+MODEL_VERSION = re.compile(r"^[0-9]{1,9}$")
+EARLIEST = datetime(2020, 1, 1, tzinfo=UTC)
+FUTURE_S = 86_400
+"""a record may be at most a day ahead of the reader's clock"""
+SIGNATURE = "mnistops-signature"
+"""the object's user metadata (`x-amz-meta-mnistops-signature`) that signs a batch"""
 OBJECT_NAME = re.compile(
     r"^(predictions|feedback)/(\d{4}-\d{2}-\d{2})/\d{6}-[0-9a-f]{16}\.parquet$"
 )
@@ -33,6 +50,31 @@ OBJECT_NAME = re.compile(
 
 class BatchRefused(Exception):
     """An object of the log that is not a batch mnistops wrote; the message says why."""
+
+
+def log_key(model_key: bytes) -> bytes:
+    """The prediction log's own key, derived from the model signing key, so a batch's
+    signature can never pass for a model's."""
+    return hmac.new(model_key, b"mnistops prediction log", hashlib.sha256).digest()
+
+
+def batch_signature(key: bytes, name: str, body: bytes) -> str:
+    """HMAC-SHA256 of the object's name and bytes: a batch copied under another name
+    does not verify."""
+    digest = hashlib.sha256(body).hexdigest()
+    return hmac.new(key, f"{name}\n{digest}".encode(), hashlib.sha256).hexdigest()
+
+
+def check_signature(key: bytes, name: str, body: bytes, metadata: dict[str, str]) -> None:
+    """BatchRefused unless the object carries the signature of a mnistops service."""
+    given = metadata.get(SIGNATURE, "")
+    if not given:
+        raise BatchRefused("not signed by a mnistops service (no x-amz-meta-mnistops-signature)")
+    if not hmac.compare_digest(given, batch_signature(key, name, body)):
+        raise BatchRefused(
+            "its signature does not match: written with another model_registry.signing_key,"
+            " or changed since"
+        )
 
 
 def new_request_id() -> str:
@@ -185,7 +227,9 @@ def read_batch(name: str, data: bytes) -> pa.Table:
         raise BatchRefused(f"{len(data)} bytes, over the {MAX_OBJECT_BYTES} a batch may have")
     expected = prediction_schema() if match.group(1) == "predictions" else feedback_schema()
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+        _check_size(parquet.metadata)
+        table = parquet.read()
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise BatchRefused(f"not a readable Parquet file ({exc})") from None
     if not table.schema.remove_metadata().equals(expected):
@@ -197,31 +241,71 @@ def read_batch(name: str, data: bytes) -> pa.Table:
     return table
 
 
+def _check_size(metadata: Any) -> None:
+    """Refuse, from the file's footer alone, a batch with too many rows or one that
+    would unpack to too many bytes."""
+    if metadata.num_rows > MAX_ROWS:
+        raise BatchRefused(f"{metadata.num_rows} rows, over the {MAX_ROWS} a batch may have")
+    unpacked = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    if unpacked > MAX_TABLE_BYTES:
+        raise BatchRefused(f"{unpacked} bytes unpacked, over the {MAX_TABLE_BYTES} allowed")
+
+
 def _columns(schema: Any) -> str:
     return ", ".join(f"{field.name}:{field.type}" for field in schema)
 
 
 def _check_values(table: Any, kind: str) -> None:
-    columns = table.to_pydict() if kind == "feedback" else None
-    ids = table.column("request_id").to_pylist()
-    if any(value is None or not REQUEST_ID.match(value) for value in ids):
-        raise BatchRefused("a request_id that is not 32 hexadecimal digits")
-    items = table.column("item").to_numpy(zero_copy_only=False)
-    digits = table.column("digit").to_numpy(zero_copy_only=False)
-    if table.column("item").null_count or (len(items) and (items.min() < 0 or items.max() > 4095)):
-        raise BatchRefused("an item number outside 0-4095")
-    if table.column("digit").null_count or (len(digits) and (digits.min() < 0 or digits.max() > 9)):
-        raise BatchRefused("a digit outside 0-9")
     if any(table.column(c).null_count for c in table.column_names):
         raise BatchRefused("a missing value")
-    if columns is not None:
-        predicted = np.asarray(columns["predicted"])
-        if len(predicted) and (predicted.min() < 0 or predicted.max() > 9):
-            raise BatchRefused("a predicted digit outside 0-9")
-        return
-    probs = np.asarray(table.column("probabilities").to_pylist(), dtype=np.float64)
+    ids = table.column("request_id").to_pylist()
+    if any(not REQUEST_ID.match(value) for value in ids):
+        raise BatchRefused("a request_id that is not 32 lower-case hexadecimal digits")
+    items = _numbers(table, "item")
+    if len(items) and (items.min() < 0 or items.max() > 4095):
+        raise BatchRefused("an item number outside 0-4095")
+    if kind == "predictions" and len(set(zip(ids, items.tolist(), strict=True))) < len(ids):
+        raise BatchRefused("the same request_id and item twice")
+    for column in ("digit", "predicted") if kind == "feedback" else ("digit",):
+        digits = _numbers(table, column)
+        if len(digits) and (digits.min() < 0 or digits.max() > 9):
+            raise BatchRefused(f"a {column} outside 0-9")
+    _check_times(_numbers(table, "time"))
+    if any(not MODEL_VERSION.match(v) for v in table.column("model_version").unique().to_pylist()):
+        raise BatchRefused("a model_version that is not a version number")
+    if kind == "predictions":
+        _check_answers(table)
+
+
+def _check_answers(table: Any) -> None:
+    """The columns only answers have: the model's name, the probabilities, and the
+    confidence and digit that must follow from them."""
+    if any(not MODEL_NAME.match(n) for n in table.column("model_name").unique().to_pylist()):
+        raise BatchRefused("a model_name with other characters than A-Z a-z 0-9 _ . -")
+    flat = table.column("probabilities").combine_chunks().flatten().to_numpy()
+    probs = np.asarray(flat, dtype=np.float32).reshape(-1, 10)
+    confidence = _numbers(table, "confidence")
     if len(probs) and (not np.isfinite(probs).all() or probs.min() < 0 or probs.max() > 1):
         raise BatchRefused("probabilities outside 0-1")
+    if len(probs) and not np.array_equal(probs.max(axis=1), confidence):
+        raise BatchRefused("a confidence that is not the largest of its probabilities")
+    if len(probs) and not np.array_equal(probs.argmax(axis=1), _numbers(table, "digit")):
+        raise BatchRefused("a digit that is not the most probable one")
+
+
+def _numbers(table: Any, column: str) -> np.ndarray:
+    values: np.ndarray = table.column(column).combine_chunks().to_numpy(zero_copy_only=False)
+    if values.dtype.kind == "M":
+        return values.astype("datetime64[ms]").astype(np.int64)
+    return values
+
+
+def _check_times(millis: np.ndarray) -> None:
+    if not len(millis):
+        return
+    latest = (datetime.now(UTC).timestamp() + FUTURE_S) * 1000
+    if millis.min() < EARLIEST.timestamp() * 1000 or millis.max() > latest:
+        raise BatchRefused(f"a time before {EARLIEST:%Y-%m-%d} or more than a day ahead")
 
 
 def timestamp(value: datetime | date) -> float:

@@ -1,6 +1,6 @@
 """The prediction log read back from the object store: every batch of the days asked
-for, checked (`records.read_batch`); an object that fails is named and skipped, never
-used. `mnistops predictions` summarises what was logged."""
+for, its signature and contents checked (`records`); an object that fails is named and
+skipped, never used. `mnistops predictions` summarises what was logged."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ class Batches:
     """The checked tables of one kind of batch, and the objects refused (name, why)."""
 
     tables: list[Any] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    """the object of each table"""
     refused: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -33,6 +35,7 @@ def read_batches(settings: Settings, prefix: str, since: datetime | None = None)
 
     from mnistops.clients import s3_client
 
+    key = records.log_key(log_signing_key(settings))
     client = s3_client(settings)
     bucket = settings.s3.buckets.dvc
     found = Batches()
@@ -49,8 +52,10 @@ def read_batches(settings: Settings, prefix: str, since: datetime | None = None)
             if size > records.MAX_OBJECT_BYTES:
                 found.refused.append((name, f"{size} bytes, over {records.MAX_OBJECT_BYTES}"))
                 continue
-            data = client.get_object(Bucket=bucket, Key=name)["Body"].read()
+            got = client.get_object(Bucket=bucket, Key=name)
+            data = got["Body"].read()
             try:
+                records.check_signature(key, name, data, got.get("Metadata") or {})
                 table = records.read_batch(name, data)
             except records.BatchRefused as exc:
                 found.refused.append((name, str(exc)))
@@ -58,7 +63,21 @@ def read_batches(settings: Settings, prefix: str, since: datetime | None = None)
             if since is not None:
                 table = table.filter(pc.greater_equal(table["time"], _utc(since)))
             found.tables.append(table)
+            found.names.append(name)
     return found
+
+
+def log_signing_key(settings: Settings, doing: str = "checked") -> bytes:
+    """The model signing key, which the log's key is derived from; BadInput without one."""
+    from mnistops.clients import model_signing_key
+    from mnistops.errors import BadInput
+    from mnistops.tracking.model_files import no_key_message
+
+    key = model_signing_key(settings)
+    if key is None:
+        where = settings.where("model_registry.signing_key")
+        raise BadInput(f"the prediction log cannot be {doing}: {no_key_message(where)}")
+    return key
 
 
 def _listed(client: Any, bucket: str, prefix: str) -> list[tuple[str, int]]:
@@ -92,6 +111,8 @@ class Summary:
 
 def summary(settings: Settings, since: datetime | None = None) -> Summary:
     """How many answers were logged from `since` on, per model version and per digit."""
+    import pyarrow.compute as pc
+
     logged = read_batches(settings, records.PREDICTIONS_PREFIX, since)
     labels = read_batches(settings, records.FEEDBACK_PREFIX, since)
     per_version: Counter[str] = Counter()
@@ -99,25 +120,36 @@ def summary(settings: Settings, since: datetime | None = None) -> Summary:
     requests: set[str] = set()
     times: list[datetime] = []
     for table in logged.tables:
-        names = table.column("model_name").to_pylist()
-        versions = table.column("model_version").to_pylist()
-        per_version.update(f"{n} v{v}" for n, v in zip(names, versions, strict=True))
-        per_digit.update(table.column("digit").to_pylist())
-        requests.update(table.column("request_id").to_pylist())
-        stamps = table.column("time").to_pylist()
-        if stamps:
-            times += [min(stamps), max(stamps)]
+        if not table.num_rows:
+            continue
+        joined = pc.binary_join_element_wise(table["model_name"], table["model_version"], " v")
+        per_version.update(_counts(joined))
+        per_digit.update(_counts(table["digit"]))
+        requests.update(table["request_id"].unique().to_pylist())
+        times += [pc.min(table["time"]).as_py(), pc.max(table["time"]).as_py()]
+    labelled = {
+        key
+        for table in labels.tables
+        for key in zip(table["request_id"].to_pylist(), table["item"].to_pylist(), strict=True)
+    }
     return Summary(
         since,
         logged.rows,
         len(requests),
         per_version,
         per_digit,
-        labels.rows,
+        len(labelled),
         min(times) if times else None,
         max(times) if times else None,
         logged.refused + labels.refused,
     )
+
+
+def _counts(column: Any) -> dict[Any, int]:
+    import pyarrow.compute as pc
+
+    counted = pc.value_counts(column).to_pylist()
+    return {entry["values"]: entry["counts"] for entry in counted}
 
 
 def parse_since(text: str | None, option: str = "--since") -> datetime | None:

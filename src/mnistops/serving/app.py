@@ -66,7 +66,8 @@ class FeedbackBody(BaseModel):
 
 
 class FeedbackAnswer(BaseModel):
-    """A label taken; `replaced` is the earlier label of the same image, if any."""
+    """A label taken; `replaced` is the earlier, different label of the same image, if
+    any (labelling an image again with the same digit replaces nothing)."""
 
     request_id: str
     item: int
@@ -243,7 +244,10 @@ async def feedback_answer(
     if log is not None:
         log.label(label)
     detail = f"labelled {label.digit}"
-    if replaced is not None and replaced != label.digit:
+    if replaced == label.digit:
+        detail += ", as before"
+        replaced = None
+    elif replaced is not None:
         detail += f", replacing the earlier label {replaced}: the later label wins"
     if log is None:
         detail += " (serve.log.enabled is false: not recorded)"

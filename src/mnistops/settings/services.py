@@ -7,6 +7,7 @@ from pydantic import (
     Field,
     SecretStr,
     field_validator,
+    model_validator,
 )
 
 from mnistops.settings.base import Port, Section, _any_url, _check_port, _web_url
@@ -114,6 +115,15 @@ class PredictionLogSettings(Section):
         le=10_000_000,
         description="answers the service remembers for /feedback (the oldest are forgotten)",
     )
+
+    @model_validator(mode="after")
+    def _a_batch_fits_the_buffer(self) -> PredictionLogSettings:
+        if self.max_buffered < self.batch_records:
+            raise ValueError(
+                f"max_buffered ({self.max_buffered}) must be at least batch_records"
+                f" ({self.batch_records}): a batch is written from the buffer"
+            )
+        return self
 
 
 class ServeSettings(Section):
