@@ -8,11 +8,8 @@ batch."""
 from __future__ import annotations
 
 import io
-import shutil
 import signal
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from PIL import Image
 
 from mnistops.loop import records
@@ -28,105 +24,18 @@ from mnistops.loop.labels import image_name
 from mnistops.loop.records import Answered
 from mnistops.loop.store import log_signing_key, read_batches
 from mnistops.predict import image_from_bytes
-from mnistops.settings import Settings, load_settings
-from mnistops.stack.ports import free_port_pair
-from tests.helpers import SHOTS, cli_command, put_object, run_cli
+from mnistops.settings import Settings
+from tests.helpers import SHOTS, put_object, run_cli
+from tests.loop.service import (
+    Service,
+    digit_images,
+    label,
+    logged,
+    predict,
+    service_client,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.loop]
-
-
-class Service:
-    """A `mnistops serve` in the foreground of a test, on the demo's stack."""
-
-    def __init__(self, config_dir: Path, root: Path) -> None:
-        self.config_dir = config_dir
-        self.settings = load_settings(config_dir)
-        self.url = self.settings.local_serve_url
-        self.log = root / "serve.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(
-                cli_command(("serve",), self.config_dir), stdout=out, stderr=out
-            )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"no answer from {self.url}: {self.log.read_text()}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(30)
-
-    def metric(self, name: str) -> float:
-        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
-            if line.rsplit(" ", 1)[0] == name:
-                return float(line.rsplit(" ", 1)[1])
-        raise AssertionError(f"{name} not in /metrics")
-
-
-@pytest.fixture(scope="module")
-def service(demo_run: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """Its own port, batches of 1 s or 40 records, at most 60 labels a minute, and a copy
-    of the demo's data folder (feedback goes there, not into the demo's)."""
-    root = tmp_path_factory.mktemp("loop")
-    demo: Settings = demo_run["settings"]
-    config_dir = root / "config"
-    shutil.copytree(demo_run["config_dir"], config_dir)
-    shutil.copytree(demo.mnist_dir, root / "data" / demo.dataset.name, symlinks=True)
-    stack_yml = config_dir / "stack.yml"
-    config = yaml.safe_load(stack_yml.read_text())
-    config["home"] = str(demo.home.absolute())
-    config["data_dir"] = str(root / "data")
-    config["serve"] = {
-        **config.get("serve", {}),
-        "port": free_port_pair(set()),
-        "log": {"batch_s": 1, "batch_records": 40, "feedback_per_minute": 60},
-    }
-    stack_yml.write_text(yaml.safe_dump(config))
-    running = Service(config_dir, root)
-    running.start()
-    yield running
-    running.stop()
-
-
-def digit_images(settings: Settings, n: int) -> list[Path]:
-    folder = settings.mnist_dir / "test"
-    return [sorted((folder / str(d % 10)).glob("*.png"))[d // 10] for d in range(n)]
-
-
-def logged(settings: Settings, request_ids: set[str], timeout_s: float = 30) -> pa.Table:
-    """The rows of these requests, once every one is in a written batch."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        batches = read_batches(settings, records.PREDICTIONS_PREFIX)
-        rows = pa.concat_tables(batches.tables) if batches.tables else None
-        found = set(rows.column("request_id").to_pylist()) if rows is not None else set()
-        if request_ids <= found or time.monotonic() > deadline:
-            assert request_ids <= found, f"{len(request_ids - found)} requests not logged"
-            assert rows is not None
-            mask = [rid in request_ids for rid in rows.column("request_id").to_pylist()]
-            return rows.filter(pa.array(mask))
-        time.sleep(0.5)
-
-
-def predict(url: str, path: Path) -> dict:
-    answer = httpx.post(
-        f"{url}/predict", content=path.read_bytes(), headers={"Content-Type": "image/png"}
-    )
-    assert answer.status_code == 200, answer.text
-    body = answer.json()
-    assert answer.headers["X-Request-Id"] == body["request_id"]
-    assert records.REQUEST_ID.match(body["request_id"])
-    return body
 
 
 def test_every_answer_is_logged_in_batches(service: Service) -> None:
@@ -163,16 +72,6 @@ def test_every_answer_is_logged_in_batches(service: Service) -> None:
     bad = run_cli("predictions", "--since", "yesterday", config_dir=service.config_dir)
     assert bad.returncode == 2 and "--since 'yesterday'" in bad.stderr
     assert "Traceback" not in bad.stderr
-
-
-def service_client(service: Service):
-    from mnistops.clients import s3_client
-
-    return s3_client(service.settings)
-
-
-def label(url: str, body: object) -> httpx.Response:
-    return httpx.post(f"{url}/feedback", json=body)
 
 
 def test_labels_become_training_images(service: Service) -> None:

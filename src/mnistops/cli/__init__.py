@@ -1,7 +1,7 @@
 """The `mnistops` command: a thin layer over the package's functions.
 
 One module per command group: `stack`, `data`, `models` (train, models, predict), `flows`
-(deploy, worker, run), `loop` (predictions) and `demo`; `_ui` holds the consoles,
+(deploy, worker, run), `loop` (predictions, monitor) and `demo`; `_ui` holds the consoles,
 progress bars and the settings of this invocation. Commands parse their options, call
 the package and show the result. Errors are caught once, here: a `MnistopsError` ends
 the command with its message and its exit code (1: a service or a run failed, 2: bad
@@ -48,6 +48,7 @@ app.command("train")(models.train)
 app.add_typer(models.models_app, name="models")
 app.command("serve")(serve.serve)
 app.command("predictions")(loop.predictions)
+app.command("monitor")(loop.monitor)
 app.command("predict")(models.predict)
 app.command("deploy")(flows.deploy)
 app.command("worker")(flows.worker)

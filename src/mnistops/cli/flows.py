@@ -46,6 +46,8 @@ def show_deployed(cfg: Settings, result: DeployResult) -> None:
     console.print("next runs of the schedule: " + ", ".join(result.next_runs))
     if result.next_scheduled:
         console.print(f"next scheduled run: {result.next_scheduled}")
+    if result.monitoring:
+        console.print(f"deployment {result.monitoring}")
     console.print(
         f"start a worker: [bold]mnistops worker --pool {cfg.deployment.pool_name}[/]"
         f"; UI: {cfg.prefect_api_url.removesuffix('/api')}/deployments"
@@ -135,12 +137,15 @@ def check_run(cfg: Settings, parameters: dict[str, Any]) -> None:
     hyperparameters(cfg, {k: v for k, v in parameters.items() if k in HYP_OPTIONS})
 
 
-def start_and_follow(cfg: Settings, parameters: dict[str, Any], wait: bool) -> None:
-    """Start a run of the deployment; with `wait`, report its states, then its summary."""
+def start_and_follow(
+    cfg: Settings, parameters: dict[str, Any], wait: bool, monitoring: bool = False
+) -> None:
+    """Start a run of the deployment (or the monitoring one); with `wait`, report its
+    states, then its summary."""
     from mnistops.flows.quick_runs import quick_run, run_and_wait
 
     if not wait:
-        show_run_started(*quick_run(cfg, parameters))
+        show_run_started(*quick_run(cfg, parameters, monitoring))
         return
     started: list[str] = []
 
@@ -149,7 +154,7 @@ def start_and_follow(cfg: Settings, parameters: dict[str, Any], wait: bool) -> N
         show_run_started(run_id, url)
 
     try:
-        finished = run_and_wait(cfg, parameters, on_started, state_printer())
+        finished = run_and_wait(cfg, parameters, on_started, state_printer(), monitoring)
     except KeyboardInterrupt:
         goes_on = f": the flow run goes on ({started[0]})" if started else ""
         raise Interrupted(f"interrupted{goes_on}") from None

@@ -1,14 +1,18 @@
-"""`mnistops predictions`: what the prediction service logged."""
+"""`mnistops predictions`: what the prediction service logged; `mnistops monitor`: is
+it drifting."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from mnistops.cli._ui import console, settings, warn
+
+if TYPE_CHECKING:
+    from mnistops.loop.monitoring import Monitored
 
 
 def predictions(
@@ -45,3 +49,62 @@ def predictions(
         digits.add_row(str(digit), str(found.per_digit.get(digit, 0)))
     console.print(versions)
     console.print(digits)
+
+
+def monitor(
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the run; exit non-zero unless it completes.")
+    ] = False,
+    here: Annotated[
+        bool,
+        typer.Option("--here", help="Run the same steps in this process (no worker needed)."),
+    ] = False,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="With --here: judge the answers from this date or time on."),
+    ] = None,
+) -> None:
+    """Monitoring now: a run of the deployment `MNIST monitoring` (a worker runs it), or
+    with --here in this process. Judges the answers logged since the last monitoring run
+    against the champion's training data, writes the report (MLflow run and object
+    store) and emits mnistops.monitoring.drift on drift."""
+    from mnistops.cli.flows import start_and_follow
+
+    cfg = settings()
+    if since is not None and not here:
+        raise typer.BadParameter("--since goes with --here")
+    if not here:
+        start_and_follow(cfg, {}, wait, monitoring=True)
+        return
+    from mnistops.flows.monitoring import announce
+    from mnistops.loop.monitoring import monitor as monitor_here
+    from mnistops.loop.store import parse_since
+
+    with console.status("judging the logged answers"):
+        monitored = monitor_here(cfg, since=parse_since(since))
+    for name, why in monitored.refused:
+        warn(f"s3://{cfg.s3.buckets.dvc}/{escape(name)} refused: {escape(why)}")
+    show_monitored(monitored, announce(cfg, monitored))
+
+
+def show_monitored(monitored: Monitored, announced: bool) -> None:
+    from mnistops.loop.monitoring import summary_markdown
+
+    j = monitored.judgement
+    console.print(
+        f"window {monitored.start:%Y-%m-%d %H:%M:%S} to {monitored.end:%Y-%m-%d %H:%M:%S} UTC:"
+        f" {monitored.champion.model_name} v{monitored.champion.version} against its"
+        f" training data {escape(monitored.champion.data_version)}"
+    )
+    if j.tests:
+        tests = Table(header_style="bold")
+        for column in ("test", "effect", "p-value", "flags"):
+            tests.add_column(column, justify="left" if column == "test" else "right")
+        for t in j.tests:
+            flag = "[bold red]drift[/]" if t.flagged else "no"
+            tests.add_row(t.name, f"{t.effect:.3f}", f"{t.p_value:.3g}", flag)
+        console.print(tests)
+    console.print(escape(summary_markdown(j).replace("**", "")))
+    if announced:
+        console.print("emitted mnistops.monitoring.drift")
+    console.print(f"report: {monitored.run_url} (report.html), {monitored.report_uri}")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from mnistops.clients import prefect_auth, prefect_client
 from mnistops.errors import MnistopsError
-from mnistops.flows.events import PUBLISHED_EVENT
+from mnistops.flows.events import DRIFT_EVENT, PUBLISHED_EVENT
 from mnistops.flows.schedules import build_schedule, describe_schedule, next_runs
 from mnistops.settings import Settings
 
@@ -49,6 +49,8 @@ class DeployResult:
     """when the schedule fires next (computed as the server plans it)"""
     next_scheduled: str | None = None
     """the next scheduled flow run the server has planned already, if any"""
+    monitoring: str = ""
+    """the monitoring deployment: its name, created/updated/unchanged, its schedule"""
 
 
 def default_parameters(settings: Settings) -> dict[str, Any]:
@@ -76,12 +78,37 @@ EVENT_RUN_PARAMETERS = {
 }
 """what the schedule and the new-data trigger add: a run nobody asked for by hand trains
 nothing when a registered model already learned this data with this recipe"""
+DRIFT_RUN_PARAMETERS = {
+    **AUTOMATIC_RUN_PARAMETERS,
+    # drift says the world moved, not which data has it: train on the newest version
+    # (nothing is trained when a model already learned it; `data add --feedback` and
+    # `data version` bring what the service saw)
+    "data_version": "latest",
+    "started_by": "drift found by monitoring ({{ event.payload.model }})",
+}
+MONITORING_SLUG = "mnistops-monitoring"
+
+
+def _triggers(settings: Settings) -> list[Any]:
+    from prefect.events import DeploymentEventTrigger
+
+    triggers = [
+        DeploymentEventTrigger(
+            name="new data version", expect={PUBLISHED_EVENT}, parameters=EVENT_RUN_PARAMETERS
+        )
+    ]
+    if settings.monitoring.retrain_on_drift:
+        triggers.append(
+            DeploymentEventTrigger(
+                name="drift", expect={DRIFT_EVENT}, parameters=DRIFT_RUN_PARAMETERS
+            )
+        )
+    return triggers
 
 
 def _runner_deployment(settings: Settings) -> Any:
     from prefect.client.schemas.actions import DeploymentScheduleCreate
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-    from prefect.events import DeploymentEventTrigger
     from prefect.types.entrypoint import EntrypointType
 
     from mnistops.flows.retrain import mnist_flow
@@ -101,18 +128,76 @@ def _runner_deployment(settings: Settings) -> Any:
             limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
         ),
         parameters=default_parameters(settings),
-        triggers=[
-            DeploymentEventTrigger(
-                name="new data version",
-                expect={PUBLISHED_EVENT},
-                parameters=EVENT_RUN_PARAMETERS,
-            )
-        ],
+        triggers=_triggers(settings),
         description="Retrain the MNIST classifier on the newest data version (mnistops)",
         tags=["mnistops"],
         work_pool_name=dep.pool_name,
         work_queue_name=dep.queue_name,
         entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def _monitoring_deployment(settings: Settings) -> Any:
+    """`MNIST monitoring` every `monitoring.interval_s`, on the retraining's pool; one run
+    at a time (a run due while one runs is dropped: the next covers its window)."""
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.client.schemas.schedules import IntervalSchedule
+    from prefect.types.entrypoint import EntrypointType
+
+    from mnistops.flows.monitoring import monitoring_flow
+
+    mon = settings.monitoring
+    return monitoring_flow.with_options(name=mon.flow_name).to_deployment(
+        name=mon.deploy_name,
+        schedules=[
+            DeploymentScheduleCreate(
+                schedule=IntervalSchedule(interval=timedelta(seconds=mon.interval_s)),
+                slug=MONITORING_SLUG,
+            )
+        ],
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+        ),
+        description="Judge the served model's logged answers for drift (mnistops)",
+        tags=["mnistops"],
+        work_pool_name=settings.deployment.pool_name,
+        work_queue_name=settings.deployment.queue_name,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
+def _deploy_monitoring(settings: Settings, client: SyncPrefectClient) -> str:
+    """Create or update the monitoring deployment; what was done, for a message."""
+    from prefect.exceptions import ObjectNotFound
+
+    mon = settings.monitoring
+    wanted = _monitoring_deployment(settings)
+    try:
+        existing = client.read_deployment_by_name(mon.full_name)
+    except ObjectNotFound:
+        existing = None
+    every = f"every {mon.interval_s} s"
+    if existing is not None and _same_monitoring(existing, wanted):
+        return f"{mon.full_name}: unchanged; {every}"
+    wanted.apply(work_pool_name=settings.deployment.pool_name)
+    return f"{mon.full_name}: {'updated' if existing else 'created'}; {every}"
+
+
+def _same_monitoring(existing: Any, wanted: Any) -> bool:
+    (schedule,) = wanted.schedules
+    options = existing.concurrency_options
+    return (
+        len(existing.schedules) == 1
+        and existing.schedules[0].schedule.model_dump() == schedule.schedule.model_dump()
+        and existing.schedules[0].active
+        and existing.entrypoint == wanted.entrypoint
+        and existing.work_pool_name == wanted.work_pool_name
+        and existing.work_queue_name == wanted.work_queue_name
+        and _concurrency_limit(existing) == 1
+        and options is not None
+        and options.collision_strategy == wanted.concurrency_options.collision_strategy
+        and existing.description == wanted.description
     )
 
 
@@ -240,8 +325,12 @@ def deploy(settings: Settings) -> DeployResult:
     check_server(settings)
     with prefect_client(settings) as client:
         result = _deploy(settings, client)
+        monitoring = _deploy_monitoring(settings, client)
     return dataclasses.replace(
-        result, next_runs=[d.isoformat() for d in upcoming], next_scheduled=next_run(settings)
+        result,
+        next_runs=[d.isoformat() for d in upcoming],
+        next_scheduled=next_run(settings),
+        monitoring=monitoring,
     )
 
 

@@ -1,5 +1,5 @@
-"""Events: `data version` tells Prefect a version was published; the deployment's
-trigger starts a retraining on it."""
+"""Events: `data version` tells Prefect a version was published, and monitoring that the
+answers drifted; the retraining deployment's triggers start a run on them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from mnistops.errors import Interrupted
 from mnistops.settings import Settings
 
 PUBLISHED_EVENT = "mnistops.data.version.published"
+DRIFT_EVENT = "mnistops.monitoring.drift"
 
 
 def listening_deployment(settings: Settings) -> str | None:
@@ -33,14 +34,36 @@ def listening_deployment(settings: Settings) -> str | None:
 
 def emit_published(settings: Settings, tag: str, content_hash: str, timeout_s: float = 10) -> None:
     """Tell Prefect a data version was published (its deployment trigger starts a run)."""
+    emit(
+        settings,
+        PUBLISHED_EVENT,
+        {"prefect.resource.id": f"mnistops.data-version.{tag}", "tag": tag},
+        {"tag": tag, "content_hash": content_hash},
+        timeout_s,
+    )
+
+
+def emit_drift(settings: Settings, model: str, figures: dict[str, object]) -> None:
+    """Tell Prefect that monitoring found the answers of `model` (NAME/VERSION) drifted."""
+    emit(
+        settings,
+        DRIFT_EVENT,
+        {"prefect.resource.id": f"mnistops.model.{model.replace('/', '.')}", "model": model},
+        figures,
+    )
+
+
+def emit(
+    settings: Settings,
+    name: str,
+    resource: dict[str, str],
+    payload: dict[str, object],
+    timeout_s: float = 10,
+) -> None:
     from prefect.events import Event
     from prefect.events.clients import get_events_client
 
-    event = Event(
-        event=PUBLISHED_EVENT,
-        resource={"prefect.resource.id": f"mnistops.data-version.{tag}", "tag": tag},
-        payload={"tag": tag, "content_hash": content_hash},
-    )
+    event = Event(event=name, resource=resource, payload=payload)
 
     async def send() -> None:
         async with get_events_client() as client:

@@ -16,22 +16,27 @@ from mnistops.settings import Settings
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-def quick_run(settings: Settings, parameters: dict[str, Any]) -> tuple[str, str]:
-    """Start a run of the deployment now; (flow run id, its UI URL)."""
+def quick_run(
+    settings: Settings, parameters: dict[str, Any], monitoring: bool = False
+) -> tuple[str, str]:
+    """Start a run of the retraining deployment (or the monitoring one) now; (flow run
+    id, its UI URL)."""
     from prefect.exceptions import ObjectNotFound
 
     check_server(settings)
+    name = settings.monitoring.full_name if monitoring else settings.deployment.full_name
+    defaults = {} if monitoring else {"skip_if_unchanged": False}
     with prefect_client(settings) as client:
         try:
-            deployment = client.read_deployment_by_name(settings.deployment.full_name)
+            deployment = client.read_deployment_by_name(name)
         except ObjectNotFound:
             raise DeployError(
-                f"no deployment {settings.deployment.full_name} at {settings.prefect_api_url};"
+                f"no deployment {name} at {settings.prefect_api_url};"
                 " create it with `mnistops deploy`"
             ) from None
         run = client.create_flow_run_from_deployment(
             deployment.id,
-            parameters={"skip_if_unchanged": False, **parameters},
+            parameters={**defaults, **parameters},
             tags=["quick-run"],
         )
     ui = settings.prefect_api_url.removesuffix("/api")
@@ -68,7 +73,7 @@ def follow(
             time.sleep(poll_s)
 
 
-def run_summary(settings: Settings, flow_run_id: str) -> str | None:
+def run_summary(settings: Settings, flow_run_id: str, key: str | None = None) -> str | None:
     """The markdown artifact the flow run left (its result), if any."""
     from prefect.client.schemas.filters import (
         ArtifactFilter,
@@ -82,7 +87,7 @@ def run_summary(settings: Settings, flow_run_id: str) -> str | None:
         found = client.read_artifacts(
             artifact_filter=ArtifactFilter(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]),
-                key=ArtifactFilterKey(any_=[SUMMARY_KEY]),
+                key=ArtifactFilterKey(any_=[key or SUMMARY_KEY]),
             )
         )
     return str(found[-1].data) if found else None
@@ -104,9 +109,12 @@ def run_and_wait(
     parameters: dict[str, Any],
     on_started: Callable[[str, str], None] = lambda _id, _url: None,
     on_state: Callable[[str, str], None] = lambda _name, _message: None,
+    monitoring: bool = False,
 ) -> FinishedRun:
-    """Start a run of the deployment now and follow it to its end."""
-    run_id, url = quick_run(settings, parameters)
+    """Start a run of the deployment (or the monitoring one) now and follow it to its end."""
+    from mnistops.flows.monitoring import SUMMARY_KEY as MONITORING_KEY
+
+    run_id, url = quick_run(settings, parameters, monitoring)
     on_started(run_id, url)
     final = follow(settings, run_id, on_state)
     state = final.state
@@ -115,5 +123,5 @@ def run_and_wait(
         url,
         state.name if state else "unknown",
         state is not None and state.type.value == "COMPLETED",
-        run_summary(settings, run_id),
+        run_summary(settings, run_id, MONITORING_KEY if monitoring else None),
     )

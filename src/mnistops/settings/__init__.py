@@ -16,7 +16,12 @@ One module per concern:
 """
 
 from mnistops.settings.base import ENV_PREFIX, ConfigError, Device
-from mnistops.settings.flow import DeploymentSettings, ModelRegistrySettings, SchedulerSettings
+from mnistops.settings.flow import (
+    DeploymentSettings,
+    ModelRegistrySettings,
+    MonitoringSettings,
+    SchedulerSettings,
+)
 from mnistops.settings.loading import (
     environment_variables,
     load_settings,
@@ -37,6 +42,7 @@ __all__ = [
     "Device",
     "HyperParameters",
     "ModelRegistrySettings",
+    "MonitoringSettings",
     "SchedulerSettings",
     "ServeSettings",
     "Settings",

@@ -99,3 +99,52 @@ class ModelRegistrySettings(Section):
                 " `openssl rand -hex 24`"
             )
         return value
+
+
+class MonitoringSettings(Section):
+    """`config/flow.yml`, key `monitoring`: the flow `MNIST monitoring`, which compares
+    the logged predictions of each window with the champion's training data."""
+
+    flow_name: str = "MNIST monitoring"
+    deploy_name: str = "mnist-monitoring"
+    interval_s: int = Field(3600, ge=60, le=7 * 86400, description="seconds between runs")
+    experiment_name: str = Field(
+        "MNIST-monitoring", min_length=1, description="the MLflow experiment of its runs"
+    )
+    min_predictions: int = Field(
+        100, ge=20, le=1_000_000, description="a window with fewer is reported, never judged"
+    )
+    reference_images: int = Field(
+        5000, ge=500, le=60_000, description="training images the inputs are compared with"
+    )
+    alpha: float = Field(
+        0.001, gt=0, lt=1, description="significance of each test (Bonferroni across them)"
+    )
+    min_effect: float = Field(
+        0.15,
+        gt=0,
+        le=1,
+        description="a shift counts only this large too: the KS statistic of an input"
+        " feature, or the total variation of the predicted digits",
+    )
+    low_confidence: float = Field(0.5, gt=0, lt=1, description="an answer below this is unsure")
+    max_low_confidence_share: float = Field(
+        0.15, gt=0, le=1, description="drift when more answers than this are unsure"
+    )
+    min_feedback: int = Field(
+        20, ge=1, description="labels a window needs before its feedback accuracy is judged"
+    )
+    min_feedback_accuracy: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="an alarm below this share of labelled answers right (people label"
+        " mostly the wrong ones: keep it low)",
+    )
+    retrain_on_drift: bool = Field(
+        True, description="the retraining deployment runs on the newest data on a drift event"
+    )
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.flow_name}/{self.deploy_name}"

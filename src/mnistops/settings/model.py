@@ -18,7 +18,12 @@ from pydantic_settings import (
 )
 
 from mnistops.settings.base import ENV_NESTED, ENV_PREFIX, env_var_for
-from mnistops.settings.flow import DeploymentSettings, ModelRegistrySettings, SchedulerSettings
+from mnistops.settings.flow import (
+    DeploymentSettings,
+    ModelRegistrySettings,
+    MonitoringSettings,
+    SchedulerSettings,
+)
 from mnistops.settings.network import (
     POSTGRES_ONLY,
     WILDCARDS,
@@ -64,6 +69,7 @@ class Settings(BaseSettings):
     experiment_name: str = Field("MNIST", min_length=1)
     developer_name: str | None = Field(None, description="user tag of runs; default: login name")
     model_registry: ModelRegistrySettings = ModelRegistrySettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
     _sources: dict[str, Path] = PrivateAttr(default_factory=dict)
     _notes: list[str] = PrivateAttr(default_factory=list)
     _config_dir: Path | None = PrivateAttr(default=None)

@@ -87,3 +87,17 @@ TRUSTED_BY_TAG = "model_trusted_by"
 TEST_ACCURACY_METRIC = ACCURACY_TAG
 GATE_P_VALUE_METRIC = "gate_p_value"
 GATE_WORST_CLASS_METRIC = "gate_worst_class_change"
+
+# Runs of the monitoring experiment (`monitoring.experiment_name`, MNIST-monitoring)
+WINDOW_START_TAG = "window_start"
+"""the first time of the answers a monitoring run judged (ISO 8601, UTC)"""
+WINDOW_END_TAG = "window_end"
+"""the time its window ended: the next monitoring run starts there"""
+MONITORED_MODEL_TAG = "monitored_model"
+"""`NAME/VERSION` of the champion whose answers were judged"""
+DRIFT_TAG = "drift"
+"""`true` when the window was judged drift (the event `mnistops.monitoring.drift` was due)"""
+REPORT_TAG = "report"
+"""the `s3://` address of the HTML report (also the run's artifact `report.html`)"""
+NOTE_TAG = "mlflow.note.content"
+"""MLflow's own: the run's description, a line of what the window showed"""

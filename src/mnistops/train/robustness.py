@@ -33,12 +33,12 @@ class RobustnessSet:
     """index into KINDS, per image"""
 
 
-def _rotated(image: np.ndarray, degrees: float) -> np.ndarray:
+def rotated(image: np.ndarray, degrees: float) -> np.ndarray:
     turned = Image.fromarray(image).rotate(degrees, resample=Image.Resampling.BILINEAR)
     return np.asarray(turned, dtype=np.uint8)
 
 
-def _shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+def shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """Moved by (dy, dx) pixels, the uncovered edge black (no wrap-around)."""
     out = np.zeros_like(image)
     h, w = image.shape
@@ -50,15 +50,15 @@ def _shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 def _neighbours(image: np.ndarray) -> list[np.ndarray]:
     """The image and its copies moved by one pixel right, down, and both (a 2x2 window)."""
-    return [image, _shifted(image, 0, 1), _shifted(image, 1, 0), _shifted(image, 1, 1)]
+    return [image, shifted(image, 0, 1), shifted(image, 1, 0), shifted(image, 1, 1)]
 
 
-def _thicker(image: np.ndarray) -> np.ndarray:
+def thicker(image: np.ndarray) -> np.ndarray:
     thick: np.ndarray = np.maximum.reduce(_neighbours(image))
     return thick
 
 
-def _thinner(image: np.ndarray) -> np.ndarray:
+def thinner(image: np.ndarray) -> np.ndarray:
     thin: np.ndarray = np.minimum.reduce(_neighbours(image))
     return thin
 
@@ -74,14 +74,14 @@ def build(images: np.ndarray, labels: np.ndarray) -> RobustnessSet:
         for i in chosen:
             image = images[i]
             if name == "rotated":
-                made = _rotated(image, float(rng.uniform(15, 30) * rng.choice([-1, 1])))
+                made = rotated(image, float(rng.uniform(15, 30) * rng.choice([-1, 1])))
             elif name == "shifted":
                 dy, dx = (int(rng.integers(2, 4)) * int(rng.choice([-1, 1])) for _ in range(2))
-                made = _shifted(image, dy, dx)
+                made = shifted(image, dy, dx)
             elif name == "thicker":
-                made = _thicker(image)
+                made = thicker(image)
             else:
-                made = _thinner(image)
+                made = thinner(image)
             out_images.append(made)
             out_labels.append(labels[i])
             out_kinds.append(kind)

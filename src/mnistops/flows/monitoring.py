@@ -1,0 +1,79 @@
+"""The monitoring flow `MNIST monitoring`: judge the answers logged since its last run
+against the champion's training data, leave the report, and announce drift.
+
+Deployed by `mnistops deploy` beside the retraining, on the same work pool, every
+`monitoring.interval_s`; `mnistops monitor` runs it now. The steps are the plain
+function `loop.monitoring.monitor`, which `mnistops monitor --here` and the drift bench
+call too. On drift it emits `mnistops.monitoring.drift`, which the retraining
+deployment takes as a trigger when `monitoring.retrain_on_drift` is on.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NONE as NO_CACHE
+
+from mnistops.clients import library_defaults
+from mnistops.flows.events import emit_drift
+from mnistops.loop.monitoring import Monitored, monitor, summary_markdown
+from mnistops.settings import Settings, load_settings
+
+SUMMARY_KEY = "mnist-monitoring"
+"""the key of the markdown artifact a monitoring run leaves: its result"""
+REPORT_KEY = "mnist-monitoring-report"
+
+
+def drift_payload(monitored: Monitored) -> dict[str, object]:
+    """What the drift event carries: the model, the reasons, the figures, the report."""
+    return {
+        "model": f"{monitored.champion.model_name}/{monitored.champion.version}",
+        "reasons": monitored.judgement.reasons,
+        "window_start": monitored.start.isoformat(),
+        "window_end": monitored.end.isoformat(),
+        "report": monitored.report_uri,
+        "mlflow_run": monitored.run_url,
+        **monitored.figures(),
+    }
+
+
+def announce(settings: Settings, monitored: Monitored) -> bool:
+    """Emit the drift event when the window is drift; whether it was emitted."""
+    if not monitored.judgement.drift:
+        return False
+    payload = drift_payload(monitored)
+    emit_drift(settings, str(payload["model"]), payload)
+    return True
+
+
+def result_markdown(monitored: Monitored, announced: bool) -> str:
+    event = "\n\nEmitted `mnistops.monitoring.drift`." if announced else ""
+    return (
+        f"# MNIST monitoring\n\n{summary_markdown(monitored.judgement)}\n\n"
+        f"Window {monitored.start:%Y-%m-%d %H:%M:%S} to {monitored.end:%Y-%m-%d %H:%M:%S}"
+        f" UTC, {monitored.champion.model_name} v{monitored.champion.version} against"
+        f" {monitored.champion.data_version}. Report: [MLflow run]({monitored.run_url})"
+        f" (`report.html`), `{monitored.report_uri}`.{event}"
+    )
+
+
+@task(name="Judging the window", cache_policy=NO_CACHE)
+def judging(settings: Settings) -> Monitored:
+    return monitor(settings)
+
+
+@flow(name="MNIST monitoring", log_prints=True, timeout_seconds=1800)
+def monitoring_flow() -> dict[str, object]:
+    """Judge the answers logged since the last run; report; emit drift."""
+    library_defaults()
+    settings = load_settings()
+    monitored = judging(settings)
+    for name, why in monitored.refused:
+        print(f"s3://{settings.s3.buckets.dvc}/{name} refused: {why}")
+    announced = announce(settings, monitored)
+    create_link_artifact(
+        monitored.run_url, link_text="the monitoring report (MLflow run)", key=REPORT_KEY
+    )
+    create_markdown_artifact(result_markdown(monitored, announced), key=SUMMARY_KEY)
+    print(summary_markdown(monitored.judgement))
+    return drift_payload(monitored)

@@ -1,0 +1,338 @@
+"""Monitoring: one window of the prediction log against the champion's training data.
+
+A run reads the answers logged since the previous run ended (the first run: the last
+`monitoring.interval_s`), up to a few seconds before now (a batch is written up to
+`serve.log.batch_s` after its answers), and the labels given for answers of that
+window. It compares them with a fixed sample of the champion's training images
+(`drift.judge`), writes an HTML report a person reads (figures and plots) to the object
+store and to an MLflow run of the experiment `monitoring.experiment_name`, whose
+figures are the run's metrics. The window's end is a tag of that run: the next run
+starts there, on any machine.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+
+from mnistops.errors import BadInput
+from mnistops.loop import drift, records
+from mnistops.loop.store import read_batches
+from mnistops.settings import Settings
+from mnistops.tracking import contract as c
+
+REPORT_PREFIX = "monitoring/"
+WRITE_LAG_S = 5.0
+"""beyond `serve.log.batch_s`: how long a batch may take to be written"""
+
+
+@dataclass(frozen=True)
+class Served:
+    """The champion that monitoring compares with, and the data it was trained on."""
+
+    model_name: str
+    version: str
+    data_version: str
+    run_id: str = ""
+
+
+@dataclass
+class Monitored:
+    """One monitoring run: its window, judgement, report and MLflow run."""
+
+    start: datetime
+    end: datetime
+    champion: Served
+    judgement: drift.Judgement
+    report_uri: str
+    run_id: str
+    run_url: str
+    refused: list[tuple[str, str]]
+
+    def figures(self) -> dict[str, float]:
+        """The run's metrics (and the drift event's payload)."""
+        j = self.judgement
+        found: dict[str, float] = {
+            "predictions": j.predictions,
+            "drift": float(j.drift),
+            "low_confidence_share": j.low_confidence_share,
+            "feedback_labels": j.feedback,
+        }
+        if j.feedback_accuracy is not None:
+            found["feedback_accuracy"] = j.feedback_accuracy
+        for test in j.tests:
+            found[f"effect_{_slug(test.name)}"] = test.effect
+        return found
+
+
+def _slug(name: str) -> str:
+    return name.replace(" ", "_").replace("-", "_")
+
+
+def champion_served(settings: Settings) -> Served:
+    """The champion and its training data's version; BadInput when there is none."""
+    from mnistops.clients import mlflow_client
+    from mnistops.tracking.registry import champion
+
+    name = settings.model_registry.name
+    found = champion(mlflow_client(settings), name)
+    if found is None:
+        raise BadInput(
+            f"no champion of {name} yet: monitoring compares the answers with the training"
+            " data of the champion (`mnistops train` makes one)"
+        )
+    data_version = (found.tags or {}).get(c.DATA_VERSION_TAG, "")
+    return Served(name, str(found.version), data_version, found.run_id or "")
+
+
+def reference(settings: Settings, served: Served) -> tuple[drift.Reference, str]:
+    """The champion's training images, as `drift` compares with them, and the version
+    they came from (the newest one when the champion was trained on a plain folder).
+    The predicted digits are compared with the champion's own predictions on its test
+    images (stored by its run), so a model that favours a digit is not drift; with none
+    stored, with the training labels."""
+    from mnistops.train import data
+
+    tag = served.data_version if served.data_version not in ("", c.UNTRACKED) else "latest"
+    arrays = data.load_version(settings, tag)
+    config = settings.monitoring
+    found = drift.reference_of(arrays.train_x, arrays.train_y, config.reference_images)
+    predicted = champion_test_predictions(settings, served.run_id)
+    if predicted is not None:
+        share = np.bincount(predicted.astype(np.int64), minlength=10)[:10] / len(predicted)
+        found = drift.Reference(found.features, share.astype(np.float64), "its test predictions")
+    return found, arrays.source.name
+
+
+def champion_test_predictions(settings: Settings, run_id: str) -> np.ndarray | None:
+    """The digits the champion's run stored for its test images (verified), if any."""
+    from mnistops.clients import mlflow_client
+    from mnistops.tracking import predictions
+
+    if not run_id:
+        return None
+    client = mlflow_client(settings)
+    for digest in predictions.stored_digests(client, run_id):
+        found = predictions.verified(client, run_id, digest)
+        if found is not None and len(found[0]):
+            return found[0]
+    return None
+
+
+def last_window_end(settings: Settings) -> datetime | None:
+    """Where the previous monitoring run's window ended, if there was one."""
+    from mnistops.clients import mlflow_client
+
+    client = mlflow_client(settings)
+    experiment = client.get_experiment_by_name(settings.monitoring.experiment_name)
+    if experiment is None:
+        return None
+    found = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.{c.WINDOW_END_TAG} != ''",
+        order_by=[f"tags.{c.WINDOW_END_TAG} DESC"],
+        max_results=1,
+    )
+    if not found:
+        return None
+    try:
+        return datetime.fromisoformat(found[0].data.tags[c.WINDOW_END_TAG])
+    except ValueError:
+        return None
+
+
+def window(settings: Settings, start: datetime, end: datetime) -> tuple[drift.Window, list[Any]]:
+    """The answers logged in [start, end) and the labels given for them; the refused
+    objects of the log."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    logged = read_batches(settings, records.PREDICTIONS_PREFIX, start)
+    labels = read_batches(settings, records.FEEDBACK_PREFIX, start)
+    end_ms = pa.scalar(int(end.timestamp() * 1000), pa.timestamp("ms", tz="UTC"))
+    tables = [t.filter(pc.less(t["time"], end_ms)) for t in logged.tables]
+    table = pa.concat_tables(tables) if tables else records.prediction_schema().empty_table()
+    pixels = np.frombuffer(
+        b"".join(v for v in table["input"].combine_chunks().to_pylist()), np.uint8
+    ).reshape(-1, records.PIXELS)
+    digits = table["digit"].combine_chunks().to_numpy(zero_copy_only=False)
+    confidences = table["confidence"].combine_chunks().to_numpy(zero_copy_only=False)
+    answered = set(zip(table["request_id"].to_pylist(), table["item"].to_pylist(), strict=True))
+    latest: dict[tuple[str, int], tuple[int, int]] = {}
+    for labelled in labels.tables:
+        for rid, item, digit, predicted in zip(
+            *labelled.select(["request_id", "item", "digit", "predicted"]).to_pydict().values(),
+            strict=True,
+        ):
+            if (rid, item) in answered:
+                latest[(rid, item)] = (digit, predicted)
+    given = np.array(list(latest.values()), np.int64).reshape(-1, 2)
+    found = drift.Window(pixels, digits.astype(np.int64), confidences, given[:, 0], given[:, 1])
+    return found, logged.refused + labels.refused
+
+
+def monitor(
+    settings: Settings, now: datetime | None = None, since: datetime | None = None
+) -> Monitored:
+    """One monitoring run: judge the window since the last run (or `since`), report,
+    record."""
+    served = champion_served(settings)
+    config = settings.monitoring
+    end = (now or datetime.now(UTC)) - timedelta(seconds=settings.serve.log.batch_s + WRITE_LAG_S)
+    start = since or last_window_end(settings) or end - timedelta(seconds=config.interval_s)
+    if start > end:
+        start = end
+    found, refused = window(settings, start, end)
+    ref, ref_version = reference(settings, served)
+    served = Served(served.model_name, served.version, ref_version)
+    judgement = drift.judge(found, ref, config)
+    page = report_html(start, end, served, judgement, found, ref)
+    uri = store_report(settings, page, end)
+    run_id, url = record_run(settings, start, end, served, judgement, page, uri)
+    return Monitored(start, end, served, judgement, uri, run_id, url, refused)
+
+
+def store_report(settings: Settings, page: str, end: datetime) -> str:
+    """The report in the object store, `monitoring/<day>/<time>-<id>.html`."""
+    from mnistops.clients import s3_client
+    from mnistops.data.remote import store_errors
+
+    bucket = settings.s3.buckets.dvc
+    name = f"{REPORT_PREFIX}{end:%Y-%m-%d}/{end:%H%M%S}-{secrets.token_hex(8)}.html"
+    client = s3_client(settings)
+    with store_errors(f"writing the monitoring report to s3://{bucket}/{name}", client):
+        client.put_object(
+            Bucket=bucket, Key=name, Body=page.encode(), ContentType="text/html; charset=utf-8"
+        )
+    return f"s3://{bucket}/{name}"
+
+
+def record_run(
+    settings: Settings,
+    start: datetime,
+    end: datetime,
+    served: Served,
+    judgement: drift.Judgement,
+    page: str,
+    uri: str,
+) -> tuple[str, str]:
+    """An MLflow run of the monitoring experiment: figures, window, report; (id, URL)."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    from mnistops.clients import mlflow_client
+    from mnistops.tracking.runs import experiment_id
+
+    client = mlflow_client(settings)
+    exp_id = experiment_id(client, settings.monitoring.experiment_name)
+    tags = {
+        c.WINDOW_START_TAG: start.isoformat(),
+        c.WINDOW_END_TAG: end.isoformat(),
+        c.MONITORED_MODEL_TAG: f"{served.model_name}/{served.version}",
+        c.DATA_VERSION_TAG: served.data_version,
+        c.DRIFT_TAG: "true" if judgement.drift else "false",
+        c.REPORT_TAG: uri,
+    }
+    run = client.create_run(exp_id, run_name=f"monitoring {end:%Y-%m-%d %H:%M}", tags=tags)
+    run_id = run.info.run_id
+    stamp = int(time.time() * 1000)
+    metrics = Monitored(start, end, served, judgement, uri, "", "", []).figures()
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()],
+        params=[Param("reasons", "; ".join(judgement.reasons)[:6000] or "none")],
+        tags=[RunTag(c.NOTE_TAG, summary_markdown(judgement))],
+    )
+    client.log_text(run_id, page, "report.html")
+    client.set_terminated(run_id)
+    return run_id, f"{settings.mlflow_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+def summary_markdown(judgement: drift.Judgement) -> str:
+    """A few lines of what the window showed."""
+    if not judgement.judged:
+        head = f"{judgement.predictions} answers: too few to judge (monitoring.min_predictions)"
+    elif judgement.drift:
+        head = f"**Drift** in {judgement.predictions} answers: " + "; ".join(judgement.reasons)
+    else:
+        head = f"No drift in {judgement.predictions} answers"
+    feedback = (
+        f"; feedback: {judgement.feedback_accuracy:.0%} right of {judgement.feedback} labelled"
+        if judgement.feedback_accuracy is not None
+        else ""
+    )
+    return f"{head}. Unsure answers: {judgement.low_confidence_share:.1%}{feedback}."
+
+
+def report_html(
+    start: datetime,
+    end: datetime,
+    served: Served,
+    judgement: drift.Judgement,
+    found: drift.Window,
+    ref: drift.Reference,
+) -> str:
+    """A page a person reads: the verdict, the figures, and plots against the reference."""
+    rows = "".join(
+        f"<tr><td>{html.escape(t.name)}</td><td>{t.effect:.3f}</td><td>{t.p_value:.3g}</td>"
+        f"<td>{'<b>drift</b>' if t.flagged else 'no'}</td></tr>"
+        for t in judgement.tests
+    )
+    picture = _plots(judgement, found, ref)
+    verdict = html.escape(summary_markdown(judgement).replace("**", ""))
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>MNIST monitoring {end:%Y-%m-%d %H:%M} UTC</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
+td,th{{padding:2px 10px;text-align:right}}td:first-child{{text-align:left}}</style></head>
+<body><h1>MNIST monitoring</h1>
+<p>Answers logged from {start:%Y-%m-%d %H:%M:%S} to {end:%Y-%m-%d %H:%M:%S} UTC by
+{html.escape(served.model_name)} v{html.escape(served.version)} (champion), against its
+training data {html.escape(served.data_version)}.</p>
+<p><b>{verdict}</b></p>
+<table><tr><th>test</th><th>effect</th><th>p-value</th><th>flags</th></tr>{rows}</table>
+<img alt="distributions against the training data" style="width:100%"
+ src="data:image/png;base64,{picture}">
+</body></html>
+"""
+
+
+def _plots(judgement: drift.Judgement, found: drift.Window, ref: drift.Reference) -> str:
+    """The input features, the predicted digits and the confidences, as a base64 PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 4, figsize=(14, 9))
+    window_features = drift.features(found.pixels) if len(found.pixels) else None
+    for i, name in enumerate(drift.FEATURES):
+        ax = axes.flat[i]
+        ax.hist(ref.features[:, i], bins=30, density=True, alpha=0.5, label="training")
+        if window_features is not None:
+            ax.hist(window_features[:, i], bins=30, density=True, alpha=0.5, label="answers")
+        ax.set_title(name)
+    axes.flat[0].legend()
+    ax = axes.flat[8]
+    ax.bar(np.arange(10) - 0.2, ref.digit_share, 0.4, label=ref.digits_from)
+    ax.bar(np.arange(10) + 0.2, judgement.digit_share, 0.4, label="predicted")
+    ax.set_xticks(range(10))
+    ax.set_title("digits")
+    ax.legend()
+    ax = axes.flat[9]
+    if len(found.confidences):
+        ax.hist(found.confidences, bins=20, range=(0, 1))
+    ax.set_title(f"confidence ({judgement.low_confidence_share:.1%} unsure)")
+    for ax in axes.flat[10:]:
+        ax.axis("off")
+    fig.tight_layout()
+    sink = io.BytesIO()
+    fig.savefig(sink, format="png", dpi=70)
+    plt.close(fig)
+    return base64.b64encode(sink.getvalue()).decode()

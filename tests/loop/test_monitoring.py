@@ -1,0 +1,142 @@
+"""Monitoring against the real stack of `mnistops demo --fast`: streams made from test
+images go through a service of its own; `mnistops monitor --here` judges a clean one as
+no drift and an inverted one as drift, writes the report (MLflow run and object store),
+emits `mnistops.monitoring.drift` only then, and the retraining deployment's trigger
+starts a run; `mnistops monitor --wait` runs the deployed flow on the demo's worker."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from mnistops.clients import mlflow_client, prefect_auth, s3_client
+from mnistops.data import mnist
+from mnistops.flows.deployment import DRIFT_RUN_PARAMETERS
+from mnistops.loop import streams
+from mnistops.settings import Settings
+from mnistops.tracking import contract as c
+from tests.helpers import run_cli
+from tests.loop.service import Service, logged
+
+pytestmark = [pytest.mark.integration, pytest.mark.loop]
+
+
+def send(service: Service, kind: str, n: int = 300) -> set[str]:
+    """A stream of `n` images in requests of 150; their request ids, once logged."""
+    images = streams.stream(mnist.load(mnist.packaged_dir()).test_images, kind, n)
+    ids = set()
+    for start in range(0, n, 150):
+        batch = images[start : start + 150].tolist()  # 0-255, as the page sends
+        answer = httpx.post(f"{service.url}/predict", json=batch, timeout=30)
+        assert answer.status_code == 200, answer.text
+        ids.add(answer.json()["request_id"])
+    logged(service.settings, ids)
+    time.sleep(service.settings.serve.log.batch_s + 5.5)  # past the window's write lag
+    return ids
+
+
+def monitor_since(service: Service, since: datetime) -> Any:
+    done = run_cli("monitor", "--here", "--since", since.isoformat(), config_dir=service.config_dir)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    return done
+
+
+def drift_events(settings: Settings) -> list[dict[str, Any]]:
+    auth = prefect_auth(settings)
+    answer = httpx.post(
+        f"{settings.prefect_api_url}/events/filter",
+        json={"filter": {"event": {"name": ["mnistops.monitoring.drift"]}}, "limit": 50},
+        auth=tuple(auth.split(":", 1)) if auth else None,  # type: ignore[arg-type]
+    )
+    assert answer.status_code == 200, answer.text
+    return list(answer.json()["events"])
+
+
+def latest_monitoring_run(settings: Settings) -> Any:
+    client = mlflow_client(settings)
+    experiment = client.get_experiment_by_name(settings.monitoring.experiment_name)
+    assert experiment is not None
+    assert experiment.tags.get(c.EXPERIMENT_KIND[0]) == c.EXPERIMENT_KIND[1]
+    (run,) = client.search_runs(
+        [experiment.experiment_id], order_by=["start_time DESC"], max_results=1
+    )
+    return run
+
+
+def report_page(settings: Settings, uri: str) -> str:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return str(s3_client(settings).get_object(Bucket=bucket, Key=key)["Body"].read().decode())
+
+
+def test_a_clean_stream_is_no_drift_and_an_inverted_one_is(service: Service) -> None:
+    settings = service.settings
+    events_before = len(drift_events(settings))
+    began = datetime.now(UTC)
+    send(service, "unshifted")
+    clean = monitor_since(service, began)
+    assert "No drift in 300 answers" in clean.stdout, clean.stdout
+    assert "emitted" not in clean.stdout
+    run = latest_monitoring_run(settings)
+    assert run.data.tags[c.DRIFT_TAG] == "false"
+    assert run.data.metrics["predictions"] == 300
+    page = report_page(settings, run.data.tags[c.REPORT_TAG])
+    assert "No drift in 300 answers" in page and "data:image/png;base64," in page
+    artifacts = [a.path for a in mlflow_client(settings).list_artifacts(run.info.run_id)]
+    assert "report.html" in artifacts
+    assert len(drift_events(settings)) == events_before
+
+    shifted_from = datetime.now(UTC)
+    send(service, "inverted")
+    shifted = monitor_since(service, shifted_from)
+    assert "Drift in 300 answers" in shifted.stdout, shifted.stdout
+    assert "emitted mnistops.monitoring.drift" in shifted.stdout
+    run = latest_monitoring_run(settings)
+    assert run.data.tags[c.DRIFT_TAG] == "true" and run.data.metrics["drift"] == 1
+    assert run.data.metrics["effect_mean_intensity"] > 0.9
+    events = drift_events(settings)
+    assert len(events) == events_before + 1
+    payload = events[0]["payload"]
+    assert payload["predictions"] == 300 and payload["reasons"]
+    assert payload["model"].startswith(f"{settings.model_registry.name}/")
+    assert retraining_started_by_drift(settings), "the drift trigger started no retraining"
+
+
+def retraining_started_by_drift(settings: Settings, timeout_s: float = 60) -> bool:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    from mnistops.clients import prefect_client
+
+    started_by = str(DRIFT_RUN_PARAMETERS["started_by"]).split("(")[0].strip()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with prefect_client(settings) as client:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(
+                    name=DeploymentFilterName(any_=[settings.deployment.deploy_name])
+                )
+            )
+        if any(str(r.parameters.get("started_by", "")).startswith(started_by) for r in runs):
+            return True
+        time.sleep(1)
+    return False
+
+
+def test_monitor_runs_the_deployed_flow(service: Service) -> None:
+    done = run_cli("monitor", "--wait", config_dir=service.config_dir, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "MNIST monitoring" in done.stdout and "answers" in done.stdout, done.stdout
+    assert "Completed" in done.stdout
+
+
+@pytest.mark.bad_input
+def test_since_without_here_is_refused(service: Service) -> None:
+    done = run_cli("monitor", "--since", "2026-01-01", config_dir=service.config_dir)
+    assert done.returncode == 2 and "--since goes with --here" in done.stderr
+    bad = run_cli("monitor", "--here", "--since", "soon", config_dir=service.config_dir)
+    assert bad.returncode == 2 and "--since 'soon'" in bad.stderr
+    assert "Traceback" not in bad.stderr
