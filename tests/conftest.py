@@ -26,13 +26,17 @@ KEEP = {"MNISTOPS_TEST_DATABASE_URL"}
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that kill the demo stack's services run after every test that only looks at
-    it, so that a failure to bring it back cannot fail those too."""
-    items.sort(
-        key=lambda item: (
+    it, so that a failure to bring it back cannot fail those too; tests that may start a
+    retraining on it (a drift event) run last, so that no model it registers changes
+    what the others find."""
+
+    def on_demo(item: pytest.Item, marker: str) -> bool:
+        return (
             "demo_run" in getattr(item, "fixturenames", ())
-            and item.get_closest_marker("faults") is not None
+            and item.get_closest_marker(marker) is not None
         )
-    )
+
+    items.sort(key=lambda item: (on_demo(item, "retrains"), on_demo(item, "faults")))
 
 
 @pytest.fixture(autouse=True, scope="session")

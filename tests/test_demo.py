@@ -90,9 +90,14 @@ def test_demo_tells_the_whole_story(demo_run: dict) -> None:
     )
     assert (CHALLENGER_TAG not in decided) is moved, decided
 
-    (deployment,) = deployments(settings)
+    named = {d.name: d for d in deployments(settings)}
+    assert len(named) == 2, named
+    deployment = named[settings.deployment.deploy_name]
+    monitoring = named[settings.monitoring.deploy_name]
     assert deployment.name == settings.deployment.deploy_name
     assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * *"
+    assert monitoring.name == settings.monitoring.deploy_name
+    assert monitoring.schedules[0].schedule.interval.total_seconds() == 3600
     (quick,) = flow_runs(settings)
     assert quick.state.type.value == "COMPLETED"
     assert quick.parameters["data_version"] == "v2.0"
@@ -133,5 +138,5 @@ def test_demo_again_reuses_what_exists(demo_run: dict) -> None:
         len(versions(MlflowClient(settings.mlflow_uri), settings.model_registry.name))
         == model_versions
     )
-    assert len(deployments(settings)) == 1
+    assert len(deployments(settings)) == 2
     assert all(run.state.type.value == "COMPLETED" for run in flow_runs(settings))

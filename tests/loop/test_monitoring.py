@@ -73,6 +73,7 @@ def report_page(settings: Settings, uri: str) -> str:
     return str(s3_client(settings).get_object(Bucket=bucket, Key=key)["Body"].read().decode())
 
 
+@pytest.mark.retrains
 def test_a_clean_stream_is_no_drift_and_an_inverted_one_is(service: Service) -> None:
     settings = service.settings
     events_before = len(drift_events(settings))
@@ -126,6 +127,7 @@ def retraining_started_by_drift(settings: Settings, timeout_s: float = 60) -> bo
     return False
 
 
+@pytest.mark.retrains
 def test_monitor_runs_the_deployed_flow(service: Service) -> None:
     done = run_cli("monitor", "--wait", config_dir=service.config_dir, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
