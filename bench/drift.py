@@ -18,6 +18,7 @@ Usage: .venv/bin/python bench/drift.py [--fast]
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import subprocess
@@ -129,6 +130,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true")
     options = parser.parse_args()
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its "View run" line per run
     clean_n, shifted_n = (1000, 500) if options.fast else (10_000, 1000)
     with tempfile.TemporaryDirectory(prefix="bench-drift-") as tmp:
         root = Path(tmp)
