@@ -128,6 +128,24 @@ def retraining_started_by_drift(settings: Settings, timeout_s: float = 60) -> bo
 
 
 @pytest.mark.retrains
+@pytest.mark.security
+def test_a_window_end_in_the_future_stops_no_later_window(service: Service) -> None:
+    """A monitoring run's `window_end` set far ahead (by hand, or a clock ahead) would
+    otherwise make every later window empty."""
+    settings = service.settings
+    forged = latest_monitoring_run(settings)
+    mlflow_client(settings).set_tag(forged.info.run_id, c.WINDOW_END_TAG, "2099-01-01T00:00:00")
+    done = run_cli("monitor", "--here", config_dir=service.config_dir)
+    assert done.returncode == 0, done.stderr
+    run = latest_monitoring_run(settings)
+    assert run.info.run_id != forged.info.run_id
+    start = datetime.fromisoformat(run.data.tags[c.WINDOW_START_TAG])
+    end = datetime.fromisoformat(run.data.tags[c.WINDOW_END_TAG])
+    assert start <= end < datetime.now(UTC)
+    assert (end - start).total_seconds() <= settings.monitoring.interval_s + 1
+
+
+@pytest.mark.retrains
 def test_monitor_runs_the_deployed_flow(service: Service) -> None:
     done = run_cli("monitor", "--wait", config_dir=service.config_dir, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -127,8 +127,10 @@ def champion_test_predictions(settings: Settings, run_id: str) -> np.ndarray | N
     return None
 
 
-def last_window_end(settings: Settings) -> datetime | None:
-    """Where the previous monitoring run's window ended, if there was one."""
+def last_window_end(settings: Settings, before: datetime) -> datetime | None:
+    """Where the previous monitoring run's window ended: the latest end, no later than
+    `before`, among the newest runs (an end in the future, from a clock ahead or a tag
+    set by hand, is passed over rather than stopping every later window)."""
     from mnistops.clients import mlflow_client
 
     client = mlflow_client(settings)
@@ -138,15 +140,20 @@ def last_window_end(settings: Settings) -> datetime | None:
     found = client.search_runs(
         [experiment.experiment_id],
         filter_string=f"tags.{c.WINDOW_END_TAG} != ''",
-        order_by=[f"tags.{c.WINDOW_END_TAG} DESC"],
-        max_results=1,
+        order_by=["attributes.start_time DESC"],
+        max_results=20,
     )
-    if not found:
-        return None
+    ends = [_utc_time(run.data.tags.get(c.WINDOW_END_TAG, "")) for run in found]
+    usable = [end for end in ends if end is not None and end <= before]
+    return max(usable, default=None)
+
+
+def _utc_time(text: str) -> datetime | None:
     try:
-        return datetime.fromisoformat(found[0].data.tags[c.WINDOW_END_TAG])
+        when = datetime.fromisoformat(text)
     except ValueError:
         return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def window(settings: Settings, start: datetime, end: datetime) -> tuple[drift.Window, list[Any]]:
@@ -187,9 +194,9 @@ def monitor(
     served = champion_served(settings)
     config = settings.monitoring
     end = (now or datetime.now(UTC)) - timedelta(seconds=settings.serve.log.batch_s + WRITE_LAG_S)
-    start = since or last_window_end(settings) or end - timedelta(seconds=config.interval_s)
-    if start > end:
-        start = end
+    previous = last_window_end(settings, end)
+    start = since or previous or end - timedelta(seconds=config.interval_s)
+    start = min(start, end)
     found, refused = window(settings, start, end)
     ref, ref_version = reference(settings, served)
     served = Served(served.model_name, served.version, ref_version)
