@@ -159,11 +159,10 @@ def probabilities(model: Any, batch: np.ndarray) -> np.ndarray:
 
 def champion_version(settings: Settings) -> ModelVersion:
     """The version the registry's `champion` alias names."""
-    from mnistops.clients import mlflow_client
-    from mnistops.tracking.registry import champion
+    from mnistops.tracking.registry import champion_of
 
     name = settings.model_registry.name
-    version = champion(mlflow_client(settings), name)
+    version = champion_of(settings)
     if version is None:
         raise PredictError(
             f"no model '{name}' has the alias champion yet at {settings.mlflow_uri};"

@@ -79,11 +79,10 @@ def _slug(name: str) -> str:
 
 def champion_served(settings: Settings) -> Served:
     """The champion and its training data's version; BadInput when there is none."""
-    from mnistops.clients import mlflow_client
-    from mnistops.tracking.registry import champion
+    from mnistops.tracking.registry import champion_of
 
     name = settings.model_registry.name
-    found = champion(mlflow_client(settings), name)
+    found = champion_of(settings)
     if found is None:
         raise BadInput(
             f"no champion of {name} yet: monitoring compares the answers with the training"

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from mnistops.clients import mlflow_tracking_uri, model_signing_key
+from mnistops.clients import mlflow_client, mlflow_tracking_uri, model_signing_key
 from mnistops.errors import BadInput
 from mnistops.settings import Settings
 from mnistops.tracking.contract import (
@@ -77,6 +77,11 @@ def champion(client: MlflowClient, name: str) -> ModelVersion | None:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
+
+
+def champion_of(settings: Settings) -> ModelVersion | None:
+    """The version `champion` names on the settings' MLflow server, if any."""
+    return champion(mlflow_client(settings), settings.model_registry.name)
 
 
 def accuracy_of(client: MlflowClient, version: ModelVersion) -> float | None:
@@ -305,7 +310,6 @@ def versions(client: MlflowClient, name: str) -> list[ModelVersion]:
 
 def registered_versions(settings: Settings) -> tuple[list[ModelVersion], dict[str, list[str]]]:
     """Every version of the settings' model, newest first, and each version's aliases."""
-    from mnistops.clients import mlflow_client
     from mnistops.tracking.server import TrackingError, check_tracking_server
 
     check_tracking_server(settings)
@@ -423,7 +427,6 @@ def promote_champion(
     trust_unsigned: bool = False,
 ) -> Promotion:
     """`promote` on the settings' registry, holding the stack-wide gate lock."""
-    from mnistops.clients import mlflow_client
     from mnistops.stack.locks import champion_lock_name, held
     from mnistops.tracking.server import check_tracking_server
 
