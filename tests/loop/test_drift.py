@@ -29,7 +29,7 @@ def reference() -> drift.Reference:
 
 
 def window_of(images: np.ndarray, digits: np.ndarray, confidence: float = 0.99) -> drift.Window:
-    return drift.Window(images.reshape(-1, 784), digits, np.full(len(digits), confidence))
+    return drift.Window.of_pixels(images.reshape(-1, 784), digits, np.full(len(digits), confidence))
 
 
 def test_the_unshifted_stream_raises_no_false_alarm_in_10000_answers() -> None:
@@ -81,13 +81,13 @@ def test_unsure_answers_and_bad_feedback_are_reasons() -> None:
     unsure = drift.judge(window_of(images, digits, confidence=0.3), reference(), CONFIG)
     assert any("less than 50% sure" in r for r in unsure.reasons)
     labels = np.arange(30) % 10
-    wrong = drift.Window(
+    wrong = drift.Window.of_pixels(
         images.reshape(-1, 784), digits, np.full(250, 0.99), labels, (labels + 1) % 10
     )
     judged = drift.judge(wrong, reference(), CONFIG)
     assert judged.feedback == 30 and judged.feedback_accuracy == 0
     assert any("feedback says 0% of 30" in r for r in judged.reasons)
-    few = drift.Window(
+    few = drift.Window.of_pixels(
         images.reshape(-1, 784), digits, np.full(250, 0.99), labels[:5], labels[:5] + 1
     )
     assert not drift.judge(few, reference(), CONFIG).drift

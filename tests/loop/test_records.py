@@ -225,3 +225,15 @@ def test_batches_hold_at_most_batch_records() -> None:
     chunks = _chunks(answers, 3)
     assert [[len(a.images) for a in chunk] for chunk in chunks] == [[1, 2], [5], [1, 1]]
     assert [a for chunk in chunks for a in chunk] == answers
+
+
+def test_the_inputs_read_from_a_batch_buffer_are_the_logged_pixels() -> None:
+    """Monitoring reads the inputs from the column's buffer: a slice of it (an offset)
+    gives the same pixels as its rows."""
+    from mnistops.loop.monitoring import _pixels
+
+    table = records.read_batch(NAME, records.predictions_parquet([answered(5)]))
+    inputs = table.column("input").combine_chunks()
+    rows = [np.frombuffer(v, np.uint8) for v in inputs.to_pylist()]
+    assert (_pixels(inputs) == np.stack(rows)).all()
+    assert (_pixels(inputs.slice(2, 2)) == np.stack(rows[2:4])).all()

@@ -69,16 +69,35 @@ class Test:
 
 @dataclass(frozen=True)
 class Window:
-    """What a window of the log holds, as monitoring needs it."""
+    """What a window of the log holds, as monitoring needs it (the inputs as their
+    `features`: a long window is read one batch at a time, its pixels never all held)."""
 
-    pixels: np.ndarray
-    """(N, 784) uint8 inputs"""
+    features: np.ndarray
+    """(N, 8) statistics of the inputs, in FEATURES' order"""
     digits: np.ndarray
     confidences: np.ndarray
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     """digits given through /feedback for answers in the window"""
     labelled_predicted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     """what the model had answered for those"""
+
+    @classmethod
+    def of_pixels(
+        cls,
+        pixels: np.ndarray,
+        digits: np.ndarray,
+        confidences: np.ndarray,
+        labels: np.ndarray | None = None,
+        labelled_predicted: np.ndarray | None = None,
+    ) -> Window:
+        none = np.zeros(0, np.int64)
+        return cls(
+            features(pixels),
+            digits,
+            confidences,
+            none if labels is None else labels,
+            none if labelled_predicted is None else labelled_predicted,
+        )
 
 
 @dataclass(frozen=True)
@@ -158,7 +177,7 @@ def judge(window: Window, reference: Reference, config: MonitoringSettings) -> J
 def _tests(window: Window, reference: Reference, config: MonitoringSettings) -> list[Test]:
     from scipy import stats
 
-    found = features(window.pixels)
+    found = window.features
     bonferroni = config.alpha / (len(FEATURES) + 1)
     tests = []
     for i, name in enumerate(FEATURES):

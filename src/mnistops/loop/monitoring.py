@@ -25,7 +25,7 @@ import numpy as np
 
 from mnistops.errors import BadInput
 from mnistops.loop import drift, records
-from mnistops.loop.store import read_batches
+from mnistops.loop.store import each_batch, read_batches
 from mnistops.settings import Settings
 from mnistops.tracking import contract as c
 
@@ -157,32 +157,47 @@ def _utc_time(text: str) -> datetime | None:
 
 def window(settings: Settings, start: datetime, end: datetime) -> tuple[drift.Window, list[Any]]:
     """The answers logged in [start, end) and the labels given for them; the refused
-    objects of the log."""
+    objects of the log. Read one batch at a time: only each input's statistics are kept."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    logged = read_batches(settings, records.PREDICTIONS_PREFIX, start)
-    labels = read_batches(settings, records.FEEDBACK_PREFIX, start)
+    refused: list[tuple[str, str]] = []
     end_ms = pa.scalar(int(end.timestamp() * 1000), pa.timestamp("ms", tz="UTC"))
-    tables = [t.filter(pc.less(t["time"], end_ms)) for t in logged.tables]
-    table = pa.concat_tables(tables) if tables else records.prediction_schema().empty_table()
-    pixels = np.frombuffer(
-        b"".join(v for v in table["input"].combine_chunks().to_pylist()), np.uint8
-    ).reshape(-1, records.PIXELS)
-    digits = table["digit"].combine_chunks().to_numpy(zero_copy_only=False)
-    confidences = table["confidence"].combine_chunks().to_numpy(zero_copy_only=False)
-    answered = set(zip(table["request_id"].to_pylist(), table["item"].to_pylist(), strict=True))
+    features, digits, confidences = [], [], []
+    answered: set[tuple[str, int]] = set()
+    for _name, table in each_batch(settings, records.PREDICTIONS_PREFIX, start, refused):
+        table = table.filter(pc.less(table["time"], end_ms))
+        if not table.num_rows:
+            continue
+        features.append(drift.features(_pixels(table["input"].combine_chunks())))
+        digits.append(table["digit"].combine_chunks().to_numpy(zero_copy_only=False))
+        confidences.append(table["confidence"].combine_chunks().to_numpy(zero_copy_only=False))
+        answered.update(
+            zip(table["request_id"].to_pylist(), table["item"].to_pylist(), strict=True)
+        )
+    labels = read_batches(settings, records.FEEDBACK_PREFIX, start)
     latest: dict[tuple[str, int], tuple[int, int]] = {}
     for labelled in labels.tables:
-        for rid, item, digit, predicted in zip(
-            *labelled.select(["request_id", "item", "digit", "predicted"]).to_pydict().values(),
-            strict=True,
-        ):
+        columns = labelled.select(["request_id", "item", "digit", "predicted"]).to_pydict()
+        for rid, item, digit, predicted in zip(*columns.values(), strict=True):
             if (rid, item) in answered:
                 latest[(rid, item)] = (digit, predicted)
     given = np.array(list(latest.values()), np.int64).reshape(-1, 2)
-    found = drift.Window(pixels, digits.astype(np.int64), confidences, given[:, 0], given[:, 1])
-    return found, logged.refused + labels.refused
+    found = drift.Window(
+        np.concatenate(features) if features else np.zeros((0, len(drift.FEATURES)), np.float32),
+        np.concatenate(digits).astype(np.int64) if digits else np.zeros(0, np.int64),
+        np.concatenate(confidences) if confidences else np.zeros(0, np.float32),
+        given[:, 0],
+        given[:, 1],
+    )
+    return found, refused + labels.refused
+
+
+def _pixels(inputs: Any) -> np.ndarray:
+    """(N, 784) uint8 of a fixed-size binary array, read from its buffer (no copy)."""
+    start = inputs.offset * records.PIXELS
+    data = np.frombuffer(inputs.buffers()[1], np.uint8)
+    return data[start : start + len(inputs) * records.PIXELS].reshape(-1, records.PIXELS)
 
 
 def monitor(
@@ -317,7 +332,7 @@ def _plots(judgement: drift.Judgement, found: drift.Window, ref: drift.Reference
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(3, 4, figsize=(14, 9))
-    window_features = drift.features(found.pixels) if len(found.pixels) else None
+    window_features = found.features if len(found.features) else None
     for i, name in enumerate(drift.FEATURES):
         ax = axes.flat[i]
         ax.hist(ref.features[:, i], bins=30, density=True, alpha=0.5, label="training")

@@ -5,6 +5,7 @@ skipped, never used. `mnistops predictions` summarises what was logged."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -31,6 +32,19 @@ class Batches:
 def read_batches(settings: Settings, prefix: str, since: datetime | None = None) -> Batches:
     """Every batch under `prefix` of the days from `since` on, rows before `since` left
     out, in the order they were written."""
+    found = Batches()
+    for name, table in each_batch(settings, prefix, since, found.refused):
+        found.tables.append(table)
+        found.names.append(name)
+    return found
+
+
+def each_batch(
+    settings: Settings, prefix: str, since: datetime | None, refused: list[tuple[str, str]]
+) -> Iterator[tuple[str, Any]]:
+    """(object name, checked table) of each batch, one at a time (what reads a long span
+    of the log holds one batch in memory, not all); refused objects are added to
+    `refused` with the reason."""
     import pyarrow.compute as pc
 
     from mnistops.clients import s3_client
@@ -38,33 +52,31 @@ def read_batches(settings: Settings, prefix: str, since: datetime | None = None)
     key = records.log_key(log_signing_key(settings))
     client = s3_client(settings)
     bucket = settings.s3.buckets.dvc
-    found = Batches()
     first_day = since.date() if since else None
     with store_errors(f"reading the prediction log in s3://{bucket}/{prefix}", client):
         listed = _listed(client, bucket, prefix)
-        for name, size in listed:
-            day = records.day_of(name)
-            if day is None:
-                found.refused.append((name, "not a name mnistops writes"))
-                continue
-            if first_day is not None and day < first_day:
-                continue
-            if size > records.MAX_OBJECT_BYTES:
-                found.refused.append((name, f"{size} bytes, over {records.MAX_OBJECT_BYTES}"))
-                continue
+    for name, size in listed:
+        day = records.day_of(name)
+        if day is None:
+            refused.append((name, "not a name mnistops writes"))
+            continue
+        if first_day is not None and day < first_day:
+            continue
+        if size > records.MAX_OBJECT_BYTES:
+            refused.append((name, f"{size} bytes, over {records.MAX_OBJECT_BYTES}"))
+            continue
+        with store_errors(f"reading s3://{bucket}/{name}", client):
             got = client.get_object(Bucket=bucket, Key=name)
             data = got["Body"].read()
-            try:
-                records.check_signature(key, name, data, got.get("Metadata") or {})
-                table = records.read_batch(name, data)
-            except records.BatchRefused as exc:
-                found.refused.append((name, str(exc)))
-                continue
-            if since is not None:
-                table = table.filter(pc.greater_equal(table["time"], _utc(since)))
-            found.tables.append(table)
-            found.names.append(name)
-    return found
+        try:
+            records.check_signature(key, name, data, got.get("Metadata") or {})
+            table = records.read_batch(name, data)
+        except records.BatchRefused as exc:
+            refused.append((name, str(exc)))
+            continue
+        if since is not None:
+            table = table.filter(pc.greater_equal(table["time"], _utc(since)))
+        yield name, table
 
 
 def log_signing_key(settings: Settings, doing: str = "checked") -> bytes:
@@ -113,13 +125,15 @@ def summary(settings: Settings, since: datetime | None = None) -> Summary:
     """How many answers were logged from `since` on, per model version and per digit."""
     import pyarrow.compute as pc
 
-    logged = read_batches(settings, records.PREDICTIONS_PREFIX, since)
     labels = read_batches(settings, records.FEEDBACK_PREFIX, since)
     per_version: Counter[str] = Counter()
     per_digit: Counter[int] = Counter()
     requests: set[str] = set()
     times: list[datetime] = []
-    for table in logged.tables:
+    refused: list[tuple[str, str]] = []
+    images = 0
+    for _name, table in each_batch(settings, records.PREDICTIONS_PREFIX, since, refused):
+        images += table.num_rows
         if not table.num_rows:
             continue
         joined = pc.binary_join_element_wise(table["model_name"], table["model_version"], " v")
@@ -134,14 +148,14 @@ def summary(settings: Settings, since: datetime | None = None) -> Summary:
     }
     return Summary(
         since,
-        logged.rows,
+        images,
         len(requests),
         per_version,
         per_digit,
         len(labelled),
         min(times) if times else None,
         max(times) if times else None,
-        logged.refused + labels.refused,
+        refused + labels.refused,
     )
 
 
