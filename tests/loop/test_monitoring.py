@@ -57,6 +57,15 @@ def drift_events(settings: Settings) -> list[dict[str, Any]]:
     return list(answer.json()["events"])
 
 
+def drift_events_when(settings: Settings, count: int, timeout_s: float = 20) -> list[dict]:
+    """The drift events once there are `count` (the server stores events a moment after
+    it takes them)."""
+    deadline = time.monotonic() + timeout_s
+    while len(events := drift_events(settings)) < count and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return events
+
+
 def latest_monitoring_run(settings: Settings) -> Any:
     client = mlflow_client(settings)
     experiment = client.get_experiment_by_name(settings.monitoring.experiment_name)
@@ -99,7 +108,7 @@ def test_a_clean_stream_is_no_drift_and_an_inverted_one_is(service: Service) -> 
     run = latest_monitoring_run(settings)
     assert run.data.tags[c.DRIFT_TAG] == "true" and run.data.metrics["drift"] == 1
     assert run.data.metrics["effect_mean_intensity"] > 0.9
-    events = drift_events(settings)
+    events = drift_events_when(settings, events_before + 1)
     assert len(events) == events_before + 1
     payload = events[0]["payload"]
     assert payload["predictions"] == 300 and payload["reasons"]
