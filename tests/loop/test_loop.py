@@ -207,6 +207,7 @@ def test_crafted_log_objects_are_refused_by_name(service: Service) -> None:
         f"feedback/{day}/000001-{'d' * 16}.parquet": feedback_object(forged_rid),
         f"predictions/{day}/000002-{'b' * 16}.parquet": b"not parquet at all",
         f"predictions/{day}/..%2F..%2Fevil name.parquet": b"x",
+        f"feedback/{day}/000004-cccc\x1b[31mred.parquet": b"x",
         f"predictions/{day}/000003-{'c' * 16}.parquet": b"\0" * (records.MAX_OBJECT_BYTES + 1),
     }
     signed = {
@@ -223,7 +224,8 @@ def test_crafted_log_objects_are_refused_by_name(service: Service) -> None:
         added = run_cli("data", "add", "--feedback", config_dir=service.config_dir)
         assert added.returncode == 0, added.stderr
         for key in [*unsigned, *list(signed)[:1]]:
-            assert key in shown.stderr.replace("\n", ""), shown.stderr
+            assert key.replace("\x1b", "\\x1b") in shown.stderr.replace("\n", ""), shown.stderr
+        assert "\x1b" not in shown.stderr + added.stderr, "a control character reached the terminal"
         said = added.stderr.replace("\n", " ")
         assert said.count("not signed by a mnistops service") == 3, said
         assert "not 32 lower-case hexadecimal" in said

@@ -304,6 +304,9 @@ def test_only_a_judged_version_makes_a_scheduled_run_skip(
     version, why = trained_on(settings, "c" * 64, "r" * 16)
     assert version == judged.version and f"model version {judged.version}" in why
     assert trained_on(settings, "c" * 64, "other-recipe")[0] is None
+    # the drift trigger's runs: any recipe counts, other data still does not
+    assert trained_on(settings, "c" * 64, "other-recipe", any_recipe=True)[0] == judged.version
+    assert trained_on(settings, "d" * 64, "r" * 16, any_recipe=True)[0] is None
 
 
 @pytest.mark.security

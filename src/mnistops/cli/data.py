@@ -85,15 +85,17 @@ def add(
 
 
 def add_feedback(cfg: Settings, since: str | None) -> None:
+    from mnistops.data.images import shown_name
     from mnistops.loop.labels import add_feedback as add_labelled
     from mnistops.loop.store import parse_since
 
     with progress_bars() as progress_for:
         report = add_labelled(cfg, parse_since(since), progress_for)
     for name, why in report.refused:
-        warn(f"s3://{cfg.s3.buckets.dvc}/{escape(name)} refused: {escape(why)}")
+        warn(f"s3://{cfg.s3.buckets.dvc}/{escape(shown_name(name))} refused: {escape(why)}")
     for name, why in report.logged_twice:
-        warn(f"s3://{cfg.s3.buckets.dvc}/{escape(name)}: {escape(why)}; the first is used")
+        where = f"s3://{cfg.s3.buckets.dvc}/{escape(shown_name(name))}"
+        warn(f"{where}: {escape(why)}; the first is used")
     for name, twin in report.in_test:
         warn(f"{name} refused: its pixels are those of the test image {escape(twin)}")
     for name in report.blank:

@@ -22,12 +22,13 @@ def predictions(
     ] = None,
 ) -> None:
     """How many answers the prediction service logged, per model version and per digit."""
+    from mnistops.data.images import shown_name
     from mnistops.loop.store import parse_since, summary
 
     cfg = settings()
     found = summary(cfg, parse_since(since))
     for name, why in found.refused:
-        warn(f"s3://{cfg.s3.buckets.dvc}/{escape(name)} refused: {escape(why)}")
+        warn(f"s3://{cfg.s3.buckets.dvc}/{escape(shown_name(name))} refused: {escape(why)}")
     where = f"s3://{cfg.s3.buckets.dvc}/predictions/"
     if not found.images:
         console.print(f"no predictions logged{f' since {since}' if since else ''} in {where}")
@@ -76,6 +77,7 @@ def monitor(
     if not here:
         start_and_follow(cfg, {}, wait, monitoring=True)
         return
+    from mnistops.data.images import shown_name
     from mnistops.flows.monitoring import announce
     from mnistops.loop.monitoring import monitor as monitor_here
     from mnistops.loop.store import parse_since
@@ -83,7 +85,7 @@ def monitor(
     with console.status("judging the logged answers"):
         monitored = monitor_here(cfg, since=parse_since(since))
     for name, why in monitored.refused:
-        warn(f"s3://{cfg.s3.buckets.dvc}/{escape(name)} refused: {escape(why)}")
+        warn(f"s3://{cfg.s3.buckets.dvc}/{escape(shown_name(name))} refused: {escape(why)}")
     show_monitored(monitored, announce(cfg, monitored))
 
 

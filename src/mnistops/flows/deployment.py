@@ -81,9 +81,10 @@ nothing when a registered model already learned this data with this recipe"""
 DRIFT_RUN_PARAMETERS = {
     **AUTOMATIC_RUN_PARAMETERS,
     # drift says the world moved, not which data has it: train on the newest version
-    # (nothing is trained when a model already learned it; `data add --feedback` and
-    # `data version` bring what the service saw)
+    # (nothing is trained when a model already learned it, with whatever recipe; `data
+    # add --feedback` and `data version` bring what the service saw)
     "data_version": "latest",
+    "any_recipe": True,
     "started_by": "drift found by monitoring ({{ event.payload.model }})",
 }
 MONITORING_SLUG = "mnistops-monitoring"

@@ -95,9 +95,12 @@ def print_epoch(hyp: HyperParameters) -> Callable[[loop.EpochMetrics], None]:
     return report
 
 
-def trained_on(settings: Settings, content_hash: str, recipe: str) -> tuple[str | None, str]:
-    """(the registered version already trained on this data with this recipe, or None;
-    why). A model trained on a share of the data (`--fast`) never counts."""
+def trained_on(
+    settings: Settings, content_hash: str, recipe: str, any_recipe: bool = False
+) -> tuple[str | None, str]:
+    """(the registered version already trained on this data with this recipe, or with
+    any recipe when `any_recipe`, or None; why). A model trained on a share of the data
+    (`--fast`) never counts."""
     from mnistops.tracking.registry import versions
 
     client = mlflow_client(settings)
@@ -110,10 +113,11 @@ def trained_on(settings: Settings, content_hash: str, recipe: str) -> tuple[str 
             continue  # registered, but never judged by the gate (an interrupted run)
         if tags.get(c.CHALLENGER_TAG) == registration.INTERRUPTED_GATE:
             continue
-        if tags.get(c.RECIPE_TAG) == recipe:
+        if any_recipe or tags.get(c.RECIPE_TAG) == recipe:
+            which = "a recipe" if any_recipe else f"this recipe ({recipe})"
             return version.version, (
                 f"model version {version.version} was trained on this data"
-                f" ({content_hash[:12]}) with this recipe ({recipe})"
+                f" ({content_hash[:12]}) with {which}"
             )
         same_data.append(version.version)
     if same_data:
@@ -189,6 +193,7 @@ def mnist_flow(
     device: str | None = None,
     fast: bool = False,
     skip_if_unchanged: bool = False,
+    any_recipe: bool = False,
     started_by: str = "hand",
 ) -> dict[str, object]:
     """Retrain on a data version; register the model; move `champion` if it is better.
@@ -197,7 +202,8 @@ def mnist_flow(
     hyp.yml; `model`, `n_epochs`, ... (hyp.yml's keys) override both.
     `skip_if_unchanged` (scheduled and triggered runs): when a registered model was
     already trained on this very data (the champion, or a challenger that lost to it), say
-    so and train nothing. `started_by` says why the run exists: by hand (a Quick run,
+    so and train nothing; with `any_recipe` (the drift trigger's runs), a model trained on
+    this data with any recipe counts. `started_by` says why the run exists: by hand (a Quick run,
     `mnistops run`), the schedule, or the publication of the version it trains (the
     deployment's trigger passes the event's tag as `data_version`).
     """
@@ -227,7 +233,7 @@ def mnist_flow(
     print(f"training data version {arrays.source.name}, started by {started_by}")
     if skip_if_unchanged and not fast:
         recipe = runs.recipe_of(hyp, len(arrays.train_y))
-        done_before, why = trained_on(settings, arrays.source.content_hash, recipe)
+        done_before, why = trained_on(settings, arrays.source.content_hash, recipe, any_recipe)
         if done_before is not None:
             message = (
                 f"nothing new for {arrays.source.name} (started by {started_by}): {why};"
