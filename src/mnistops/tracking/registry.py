@@ -447,7 +447,6 @@ def promote_champion(
 
 def roll_back_champion(settings: Settings, reason: str) -> Promotion:
     """Back to the champion the current one replaced."""
-    from mnistops.clients import mlflow_client
     from mnistops.tracking.server import check_tracking_server
 
     check_tracking_server(settings)
