@@ -124,3 +124,22 @@ def test_headers_past_64_kib_are_cut(server) -> None:
         assert closed_by_server(sock, 2.0), "a 200 KiB header is not held in memory"
     with socket.create_connection(("127.0.0.1", port)) as sock:
         assert b"200 OK" in request(sock), "ordinary requests are answered"
+
+
+def test_a_whole_large_request_in_one_read_is_answered(server) -> None:
+    """A request of headers and a body of 65-255 KiB that arrives in one read (one read
+    takes up to 256 KiB) is a body, not headers past 64 KiB: /predict's JSON batches are
+    this large."""
+    port, _metrics = server
+    for size in range(65, 260, 5):
+        body = b"0" * (size * 1024)
+        head = f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head + body)
+            answer = b""
+            while not answer.endswith(b"\r\n\r\nok"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            assert b"200 OK" in answer, "a large request was cut as if its headers were"

@@ -62,11 +62,14 @@ class BoundedHttp(_UVICORN_HTTP):  # type: ignore[misc]  # uvicorn's class, chec
         self._deadline: asyncio.TimerHandle | None = None
         self._in_headers = True
         self._header_bytes = 0
+        self._headers_done = 0
 
     def data_received(self, data: bytes) -> None:
-        counting = self._in_headers
+        counting, done = self._in_headers, self._headers_done
         super().data_received(data)
-        if counting and self._in_headers:
+        # still in the headers of the same request: a read that held a whole request
+        # (headers, body and all) leaves `_in_headers` set for the next one
+        if counting and self._in_headers and self._headers_done == done:
             self._header_bytes += len(data)
             if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
                 self.counters.connections_timed_out += 1
@@ -74,6 +77,7 @@ class BoundedHttp(_UVICORN_HTTP):  # type: ignore[misc]  # uvicorn's class, chec
 
     def on_headers_complete(self) -> None:
         self._in_headers, self._header_bytes = False, 0
+        self._headers_done += 1
         super().on_headers_complete()
 
     def connection_made(self, transport: asyncio.Transport) -> None:
