@@ -26,11 +26,22 @@ STAGES = [
     "7. a worker for work pool",
     "8. Quick run of the deployment on v2.0",
     "9. the champion served over HTTP",
+    "10. the loop",
     "summary",
 ]
 
 
-def flow_runs(settings: Settings) -> list:
+def gate_moved(settings: Settings, decided: dict[str, str]) -> bool:
+    """Whether the gate's recorded evidence says the version should have taken champion."""
+    rules = settings.model_registry
+    return float(decided["gate_p_value"]) < rules.significance and (
+        -float(decided["gate_worst_class_change"]) <= rules.max_class_drop
+    )
+
+
+def flow_runs(settings: Settings, triggered_by: str | None = None) -> list:
+    """The Quick runs of the retraining deployment, or the runs the publication of
+    `triggered_by` started."""
     with prefect_client(settings) as client:
         deployment = client.read_deployment_by_name(
             f"{settings.deployment.flow_name}/{settings.deployment.deploy_name}"
@@ -42,7 +53,13 @@ def flow_runs(settings: Settings) -> list:
                     name=DeploymentFilterName(any_=[settings.deployment.deploy_name])
                 )
             )
-            if run.deployment_id == deployment.id and "quick-run" in (run.tags or [])
+            if run.deployment_id == deployment.id
+            and (
+                "quick-run" in (run.tags or [])
+                if triggered_by is None
+                else run.parameters.get("data_version") == triggered_by
+                and "quick-run" not in (run.tags or [])
+            )
         ]
 
 
@@ -64,12 +81,13 @@ def test_demo_tells_the_whole_story(demo_run: dict) -> None:
     assert "a deployed retraining will start" not in said
     assert "no deployment listens for it yet" in said, "v1.0 is published before deploy"
 
-    assert [r.tag for r in reader.list_versions(settings)] == ["v1.0", "v2.0"]
+    assert [r.tag for r in reader.list_versions(settings)] == ["v1.0", "v2.0", "v3.0"]
 
     runs = experiment_runs(settings)
     assert [(r.phase, r.data_version, r.status) for r in runs] == [
         ("experimental", "v1.0", "FINISHED"),
         ("retraining", "v2.0", "FINISHED"),
+        ("retraining", "v3.0", "FINISHED"),
     ]
     assert all(r.test_accuracy is not None and 0 < r.test_accuracy <= 1 for r in runs)
 
@@ -79,16 +97,15 @@ def test_demo_tells_the_whole_story(demo_run: dict) -> None:
     assert CHAMPION_REASON_TAG in best.tags
     # The gate's decision on v2.0's model follows its recorded evidence. (Where champion
     # is now depends on the serving tests, which promote and roll back on this stack.)
-    first, second = sorted(
+    first, second, third = sorted(
         versions(client, settings.model_registry.name), key=lambda v: int(v.version)
     )
     decided = client.get_model_version(settings.model_registry.name, second.version).tags
     assert decided["gate_champion"] == first.version
-    rules = settings.model_registry
-    moved = float(decided["gate_p_value"]) < rules.significance and (
-        -float(decided["gate_worst_class_change"]) <= rules.max_class_drop
-    )
-    assert (CHALLENGER_TAG not in decided) is moved, decided
+    assert (CHALLENGER_TAG not in decided) is gate_moved(settings, decided), decided
+    after_loop = client.get_model_version(settings.model_registry.name, third.version).tags
+    assert after_loop["gate_champion"] in (first.version, second.version)
+    assert (CHALLENGER_TAG not in after_loop) is gate_moved(settings, after_loop), after_loop
 
     named = {d.name: d for d in deployments(settings)}
     assert len(named) == 2, named
@@ -101,6 +118,10 @@ def test_demo_tells_the_whole_story(demo_run: dict) -> None:
     (quick,) = flow_runs(settings)
     assert quick.state.type.value == "COMPLETED"
     assert quick.parameters["data_version"] == "v2.0"
+    (triggered,) = flow_runs(settings, "v3.0")
+    assert triggered.state.type.value == "COMPLETED"
+    assert triggered.parameters["started_by"] == "the publication of v3.0"
+    assert triggered.parameters["hyperparameters"]["n_epochs"] == 1, "the demo's epochs"
 
     summary = done.stdout[done.stdout.find("summary") :]
     for expected in (
@@ -115,6 +136,27 @@ def test_demo_tells_the_whole_story(demo_run: dict) -> None:
         assert expected in " ".join(summary.split()), expected
     served = httpx.get(f"{settings.serve_url}/health", timeout=5).json()
     assert served == {"status": "ready", "model_version": best.version}
+
+
+def test_the_demo_closes_the_loop(demo_run: dict) -> None:
+    """Stage 10: drawn digits answered, corrected through /feedback, added as images of
+    the labelled digit, published as v3.0 (images from feedback, none of them a test
+    image), the retraining its publication started, and the service on the champion."""
+    done, settings = demo_run["result"], demo_run["settings"]
+    loop = " ".join(
+        done.stdout[done.stdout.find("10. the loop") : done.stdout.find("summary")].split()
+    )
+    assert "300 drawn digits" in loop, loop
+    wrong = int(loop.split(" wrong")[0].rsplit(" ", 1)[1])
+    assert f"{wrong} wrong answers corrected" in loop, loop
+    assert "data version v3.0" in loop or "v3.0" in loop
+    assert "the publication of v3.0" in loop or "Completed" in loop, loop
+    assert "service followed the registry" in loop or "the gate kept" in loop, loop
+    from_feedback = sorted((settings.mnist_dir / "train").glob("*/feedback-*.png"))
+    assert len(from_feedback) >= wrong > 0
+    diff = run_cli("data", "diff", "v2.0", "v3.0", config_dir=demo_run["config_dir"])
+    assert diff.returncode == 0, diff.stderr
+    assert f"{len(from_feedback)} of the added images came from feedback" in diff.stdout
 
 
 def test_demo_again_reuses_what_exists(demo_run: dict) -> None:
@@ -132,8 +174,9 @@ def test_demo_again_reuses_what_exists(demo_run: dict) -> None:
     assert "the worker for this pool runs already" in text
     assert "the prediction service runs already" in text
     assert "no new data" in text
-    assert [r.tag for r in reader.list_versions(settings)] == ["v1.0", "v2.0"]
-    assert len(experiment_runs(settings)) == 2
+    assert "v3.0 exists already: kept" in text
+    assert [r.tag for r in reader.list_versions(settings)] == ["v1.0", "v2.0", "v3.0"]
+    assert len(experiment_runs(settings)) == 3
     assert (
         len(versions(MlflowClient(settings.mlflow_uri), settings.model_registry.name))
         == model_versions

@@ -1,19 +1,23 @@
-"""The demo: the whole walkthrough on the local stack, from nothing to a scheduled
-retraining, told as a story in eight stages.
+"""The demo: the whole walkthrough on the local stack, from nothing to a retraining on
+what the served model saw, told as a story in ten stages.
 
 Stack up, MNIST as PNG folders, data version v1.0, a tracked experimental training on
 v1.0, new images and v2.0, the retraining deployment from config/flow.yml, a worker, a
-Quick run on v2.0, then a summary. Every stage calls the same functions as its command;
-what the user sees of it goes through a `Reporter` (the CLI's prints tables and progress
-bars). Safe to re-run: what exists (versions, models, the deployment, the worker) is
-kept and reused.
+Quick run on v2.0, the champion served, then the loop: drawn digits sent to the service,
+its mistakes corrected through /feedback, the labels become v3.0, the retraining its
+publication triggers, and the champion the service then answers with; a summary. Every
+stage calls the same functions as its command; what the user sees of it goes through a
+`Reporter` (the CLI's prints tables and progress bars). Safe to re-run: what exists
+(versions, models, the deployment, the worker, the service) is kept and reused.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
 from mnistops.settings import Settings
@@ -25,6 +29,7 @@ if TYPE_CHECKING:
     from mnistops.flows.deployment import DeployResult
     from mnistops.flows.events import Announcement
     from mnistops.flows.quick_runs import FinishedRun
+    from mnistops.loop.labels import FeedbackAdded
     from mnistops.settings import HyperParameters
     from mnistops.stack import ServiceStatus
     from mnistops.tracking.runs import RunOutcome, RunRow, TrainingHooks
@@ -74,13 +79,14 @@ class Reporter(Protocol):
     def run_started(self, run_id: str, url: str) -> None: ...
     def run_state(self, name: str, message: str) -> None: ...
     def run_finished(self, run: FinishedRun) -> None: ...
+    def feedback_added(self, report: FeedbackAdded) -> None: ...
     def summary(self, summary: Summary) -> None: ...
 
 
 def run_demo(
     settings: Settings, reporter: Reporter, fast: bool = False, n_epochs: int = DEMO_EPOCHS
 ) -> None:
-    """The eight stages and the summary."""
+    """The ten stages and the summary."""
     from mnistops.data import reader
 
     n_epochs = 1 if fast else n_epochs
@@ -96,13 +102,15 @@ def run_demo(
     reporter.stage(5, "new images: data version v2.0")
     publish_once(settings, reporter, "v2.0", published, "train_v2")
     reporter.stage(6, "scheduled retraining: the deployment from config/flow.yml")
-    deploy(settings, reporter)
+    deploy(settings, reporter, n_epochs)
     reporter.stage(7, f"a worker for work pool {settings.deployment.pool_name}")
     worker(settings, reporter)
     reporter.stage(8, "Quick run of the deployment on v2.0")
     quick_run(settings, reporter, "v2.0", n_epochs, fast)
     reporter.stage(9, "the champion served over HTTP, following the registry")
     serve(settings, reporter)
+    reporter.stage(10, "the loop: what the service saw, labelled, becomes v3.0 and a retraining")
+    the_loop(settings, reporter, published)
     reporter.summary(summary(settings))
 
 
@@ -127,6 +135,7 @@ def ingest(settings: Settings, reporter: Reporter, fast: bool) -> None:
 MESSAGES = {
     "v1.0": "MNIST: the first training images and the test set",
     "v2.0": "MNIST: the new training images added",
+    "v3.0": "MNIST: the digits the service saw, labelled through /feedback",
 }
 
 
@@ -183,10 +192,18 @@ def experiment(settings: Settings, reporter: Reporter, tag: str, n_epochs: int, 
     reporter.trained(outcome)
 
 
-def deploy(settings: Settings, reporter: Reporter) -> None:
+def deploy(settings: Settings, reporter: Reporter, n_epochs: int) -> None:
+    """The deployment, with the demo's short trainings: the loop stage's retraining is
+    one of its runs."""
     from mnistops.flows.deployment import deploy as deploy_retraining
 
-    reporter.deployed(deploy_retraining(settings))
+    hyp = settings.hyperparameter.model_copy(update={"n_epochs": n_epochs})
+    reporter.deployed(deploy_retraining(settings.model_copy(update={"hyperparameter": hyp})))
+    if n_epochs != settings.hyperparameter.n_epochs:
+        reporter.say(
+            f"its runs train {n_epochs} epoch(s), as the demo's do; `mnistops deploy`"
+            f" deploys hyp.yml's {settings.hyperparameter.n_epochs}"
+        )
 
 
 def worker(settings: Settings, reporter: Reporter) -> None:
@@ -240,6 +257,147 @@ def serve(settings: Settings, reporter: Reporter) -> None:
         f"{settings.local_serve_url} answers with v{ready['model_version']}: draw a digit at"
         f" {settings.local_serve_url}/, or POST an image to {settings.local_serve_url}/predict"
     )
+
+
+LOOP_DIGITS = 300
+"""the drawn digits the loop stage sends, in requests of LOOP_REQUEST"""
+LOOP_REQUEST = 50
+CONFIRM_EVERY = 3
+"""a person corrects every wrong answer and confirms every third right one"""
+
+
+def the_loop(settings: Settings, reporter: Reporter, published: set[str]) -> None:
+    """Drawn digits to the service, its mistakes corrected through /feedback, the labels
+    into the training folders and v3.0, the retraining that v3.0's publication starts,
+    and the champion the service answers with after the gate decided."""
+    from mnistops.loop import labels
+
+    if "v3.0" in published:
+        reporter.say("v3.0 exists already: kept")
+        return
+    began = datetime.now(UTC)
+    answered, before = send_drawn(settings, reporter)
+    labelled = label_answers(settings, reporter, answered)
+    with reporter.busy(
+        f"waiting for the service to write its log (a batch every {settings.serve.log.batch_s:g}"
+        " s: serve.log.batch_s)..."
+    ):
+        written = wait_written(settings, began, labelled)
+    if not written:
+        reporter.warn(
+            "the service's log was not written in time: run `mnistops data add --feedback` later"
+        )
+        return
+    with reporter.progress() as progress_for:
+        added = labels.add_feedback(settings, began, progress_for)
+    reporter.feedback_added(added)
+    if not added.added:
+        reporter.warn("no labelled image was new: v3.0 is not published")
+        return
+    publish_once(settings, reporter, "v3.0", published, None)
+    follow_triggered(settings, reporter, "v3.0", began)
+    champion_served(settings, reporter, before)
+
+
+def send_drawn(
+    settings: Settings, reporter: Reporter
+) -> tuple[list[tuple[str, int, int, int]], str]:
+    """LOOP_DIGITS drawn digits to /predict; (request id, item, true digit, answer) of
+    each, and the model version that answered."""
+    from mnistops.loop import client, streams
+
+    images, digits = streams.drawn(settings.mnist_dir / "train", LOOP_DIGITS)
+    answered = []
+    for start in range(0, LOOP_DIGITS, LOOP_REQUEST):
+        answer = client.predict_batch(settings, images[start : start + LOOP_REQUEST])
+        for item, said in enumerate(answer.digits):
+            answered.append((answer.request_id, item, int(digits[start + item]), said))
+    right = sum(truth == said for _rid, _item, truth, said in answered)
+    reporter.say(
+        f"{LOOP_DIGITS} drawn digits (training images drawn thicker) sent to"
+        f" {settings.local_serve_url}/predict in requests of {LOOP_REQUEST}:"
+        f" v{answer.model_version} answered {right} right, {LOOP_DIGITS - right} wrong"
+    )
+    return answered, answer.model_version
+
+
+def label_answers(
+    settings: Settings, reporter: Reporter, answered: list[tuple[str, int, int, int]]
+) -> int:
+    """Correct every wrong answer and confirm every CONFIRM_EVERY-th right one through
+    /feedback; how many labels were given."""
+    from mnistops.loop import client
+
+    corrected = confirmed = seen_right = 0
+    for rid, item, truth, said in answered:
+        if truth != said:
+            corrected += 1
+        else:
+            seen_right += 1
+            if seen_right % CONFIRM_EVERY:
+                continue
+            confirmed += 1
+        client.label(settings, rid, item, truth)
+    reporter.say(
+        f"through {settings.local_serve_url}/feedback: {corrected} wrong answers corrected,"
+        f" {confirmed} right ones confirmed"
+    )
+    return corrected + confirmed
+
+
+def wait_written(settings: Settings, since: datetime, count: int) -> bool:
+    """Whether the log holds `count` labelled predictions from `since` on, within two
+    batch periods."""
+    from mnistops.loop import labels
+
+    deadline = time.monotonic() + 2 * settings.serve.log.batch_s + 30
+    while time.monotonic() < deadline:
+        found, _report = labels.labelled_pixels(settings, since)
+        if len(found) >= count:
+            return True
+        time.sleep(1.0)
+    return False
+
+
+def follow_triggered(settings: Settings, reporter: Reporter, tag: str, since: datetime) -> None:
+    """Follow the retraining the publication of `tag` started to its end."""
+    from mnistops.flows.quick_runs import followed_to_the_end, triggered_run
+
+    with reporter.busy(f"waiting for the trigger's retraining on {tag}..."):
+        started = triggered_run(settings, tag, since)
+    if started is None:
+        reporter.warn(f"no retraining on {tag} started within a minute: see the Prefect UI")
+        return
+    run_id, url = started
+    reporter.run_started(run_id, url)
+    reporter.run_finished(followed_to_the_end(settings, run_id, url, reporter.run_state))
+
+
+def champion_served(settings: Settings, reporter: Reporter, before: str) -> None:
+    """Wait for the service to answer with the registry's champion, and say whether the
+    gate changed it."""
+    from mnistops.clients import mlflow_client
+    from mnistops.serving import server
+    from mnistops.tracking.registry import champion
+
+    best = champion(mlflow_client(settings), settings.model_registry.name)
+    if best is None:
+        return
+    deadline = time.monotonic() + 3 * settings.serve.poll_s + 60
+    served = None
+    while served != best.version and time.monotonic() < deadline:
+        health = server.wait_ready(settings, timeout_s=5)
+        served = health.get("model_version") if health else None
+        time.sleep(0 if served == best.version else 1.0)
+    if served != best.version:
+        reporter.warn(f"the service answers with v{served}, not yet the champion v{best.version}")
+    elif best.version == before:
+        reporter.say(f"the gate kept v{before} champion: the service still answers with it")
+    else:
+        reporter.say(
+            f"the new champion v{best.version} answers at {settings.local_serve_url}: the"
+            f" service followed the registry (it answered with v{before} before)"
+        )
 
 
 def summary(settings: Settings) -> Summary:

@@ -146,6 +146,37 @@ def test_a_label_corrected_after_data_add_moves_its_image(service: Service) -> N
     assert not (train / "2" / image_name(rid, 0)).exists()
 
 
+def test_one_image_never_holds_two_labels(service: Service) -> None:
+    """A training image sent as it is, and one drawing sent twice and labelled with two
+    digits: `data add --feedback` refuses them by name (the first of the two is kept)."""
+    settings = service.settings
+    train = settings.mnist_dir / "train"
+    known = sorted((train / "3").glob("[0-9]*.png"))[0]
+    as_trained = httpx.post(
+        f"{service.url}/predict", json=[np.asarray(Image.open(known)).tolist()]
+    ).json()["request_id"]
+    drawing = np.zeros((28, 28), np.uint8)
+    drawing[6:22, 12:15] = 255
+    twice = [
+        httpx.post(f"{service.url}/predict", json=[drawing.tolist()]).json()["request_id"]
+        for _ in range(2)
+    ]
+    for rid, digit in ((as_trained, 8), (twice[0], 1), (twice[1], 7)):
+        assert label(service.url, {"request_id": rid, "digit": digit}).status_code == 200
+    logged(settings, {as_trained, *twice})
+    time.sleep(settings.serve.log.batch_s + 0.5)
+    done = run_cli("data", "add", "--feedback", config_dir=service.config_dir)
+    assert done.returncode == 0, done.stderr
+    said = " ".join(done.stderr.split())
+    assert f"{image_name(as_trained, 0)} refused: its pixels are those of the training" in said
+    assert known.name in said
+    assert not list(train.glob(f"*/{image_name(as_trained, 0)}"))
+    kept, refused = sorted(twice, key=lambda rid: image_name(rid, 0))
+    assert f"{image_name(refused, 0)} refused" in said and image_name(kept, 0) in said
+    assert len(list(train.glob(f"*/{image_name(kept, 0)}"))) == 1
+    assert not list(train.glob(f"*/{image_name(refused, 0)}"))
+
+
 @pytest.mark.bad_input
 def test_bad_labels_get_a_clear_4xx(service: Service) -> None:
     rid = predict(service.url, digit_images(service.settings, 1)[0])["request_id"]

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from mnistops.data.packs import VersionRecord
     from mnistops.data.registry import PublishResult
     from mnistops.flows.events import Announcement
+    from mnistops.loop.labels import FeedbackAdded
 
 app = typer.Typer(
     help="Dataset versions: ingest, add, version, list, pull, diff.", no_args_is_help=True
@@ -85,12 +86,17 @@ def add(
 
 
 def add_feedback(cfg: Settings, since: str | None) -> None:
-    from mnistops.data.images import shown_name
     from mnistops.loop.labels import add_feedback as add_labelled
     from mnistops.loop.store import parse_since
 
     with progress_bars() as progress_for:
         report = add_labelled(cfg, parse_since(since), progress_for)
+    show_feedback_added(cfg, report)
+
+
+def show_feedback_added(cfg: Settings, report: FeedbackAdded) -> None:
+    from mnistops.data.images import shown_name
+
     for name, why in report.refused:
         warn(f"s3://{cfg.s3.buckets.dvc}/{escape(shown_name(name))} refused: {escape(why)}")
     for name, why in report.logged_twice:
@@ -98,6 +104,11 @@ def add_feedback(cfg: Settings, since: str | None) -> None:
         warn(f"{where}: {escape(why)}; the first is used")
     for name, twin in report.in_test:
         warn(f"{name} refused: its pixels are those of the test image {escape(twin)}")
+    for name, twin in report.in_train:
+        warn(
+            f"{name} refused: its pixels are those of the training image {escape(twin)}"
+            " (one image never holds two labels)"
+        )
     for name in report.blank:
         warn(f"{name} refused: nothing is drawn in it (every pixel the same)")
     if report.unmatched:

@@ -11,7 +11,13 @@ from rich.table import Table
 
 from mnistops.cli import _ui
 from mnistops.cli._ui import console, settings
-from mnistops.cli.data import show_announced, show_ingested, show_published, show_versions_of
+from mnistops.cli.data import (
+    show_announced,
+    show_feedback_added,
+    show_ingested,
+    show_published,
+    show_versions_of,
+)
 from mnistops.cli.flows import show_deployed, show_run_finished, show_run_started, state_printer
 from mnistops.cli.models import (
     announce_training,
@@ -29,6 +35,7 @@ if TYPE_CHECKING:
     from mnistops.flows.deployment import DeployResult
     from mnistops.flows.events import Announcement
     from mnistops.flows.quick_runs import FinishedRun
+    from mnistops.loop.labels import FeedbackAdded
     from mnistops.stack import ServiceStatus
     from mnistops.tracking.runs import RunOutcome, TrainingHooks
     from mnistops.train.data import Arrays
@@ -42,13 +49,17 @@ def demo(
         int, typer.Option(_ui.HYP_OPTIONS["n_epochs"], help="Epochs of the demo's two trainings.")
     ] = DEMO_EPOCHS,
 ) -> None:
-    """The whole walkthrough on the local stack, from nothing to a scheduled retraining.
+    """The whole walkthrough on the local stack, from nothing to a retraining on what the
+    served model saw.
 
     Stack up, MNIST as PNG folders, data version v1.0, a tracked experimental training
     on v1.0, new images and v2.0, the retraining deployment from config/flow.yml, a
-    worker, a Quick run on v2.0, then a summary. Trainings are short (--epochs, default
-    1) to keep the demo quick; `mnistops train` uses hyp.yml. Safe to re-run: what exists
-    (versions, models, the deployment, the worker) is kept and reused.
+    worker, a Quick run on v2.0, the champion served; then the loop: drawn digits sent to
+    the service, its mistakes corrected through /feedback, the labels become v3.0, the
+    retraining v3.0's publication triggers, the gate, and the champion served; a summary.
+    Trainings are short (--epochs, default 1) to keep the demo quick, the deployment's
+    too; `mnistops train` and `mnistops deploy` use hyp.yml. Safe to re-run: what exists
+    (versions, models, the deployment, the worker, the service) is kept and reused.
     """
     cfg = settings()
     sigterm_interrupts()
@@ -109,6 +120,9 @@ class ConsoleReporter:
 
     def run_finished(self, run: FinishedRun) -> None:
         show_run_finished(run)
+
+    def feedback_added(self, report: FeedbackAdded) -> None:
+        show_feedback_added(self.settings, report)
 
     def summary(self, summary: Summary) -> None:
         show_summary(self.settings, summary)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -13,6 +14,7 @@ from mnistops.clients import prefect_client
 from mnistops.flows.deployment import DeployError, check_server
 from mnistops.settings import Settings
 
+CLOCK_MARGIN = timedelta(minutes=5)
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -116,6 +118,19 @@ def run_and_wait(
 
     run_id, url = quick_run(settings, parameters, monitoring)
     on_started(run_id, url)
+    return followed_to_the_end(
+        settings, run_id, url, on_state, MONITORING_KEY if monitoring else None
+    )
+
+
+def followed_to_the_end(
+    settings: Settings,
+    run_id: str,
+    url: str,
+    on_state: Callable[[str, str], None],
+    summary_key: str | None = None,
+) -> FinishedRun:
+    """Follow a started flow run to its end; what it left."""
     final = follow(settings, run_id, on_state)
     state = final.state
     return FinishedRun(
@@ -123,5 +138,39 @@ def run_and_wait(
         url,
         state.name if state else "unknown",
         state is not None and state.type.value == "COMPLETED",
-        run_summary(settings, run_id, MONITORING_KEY if monitoring else None),
+        run_summary(settings, run_id, summary_key),
     )
+
+
+def triggered_run(
+    settings: Settings, data_version: str, after: datetime, timeout_s: float = 60.0
+) -> tuple[str, str] | None:
+    """(flow run id, its UI URL) of the retraining the publication of `data_version`
+    started, once the server's trigger made it; None if it made none within the time.
+    Runs expected to start before `after` (less a margin for the server's clock) are
+    not looked at."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
+    )
+
+    deadline = time.monotonic() + timeout_s
+    ui = settings.prefect_api_url.removesuffix("/api")
+    with prefect_client(settings) as client:
+        while True:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(
+                    name=DeploymentFilterName(any_=[settings.deployment.deploy_name])
+                ),
+                flow_run_filter=FlowRunFilter(
+                    expected_start_time=FlowRunFilterExpectedStartTime(after_=after - CLOCK_MARGIN)
+                ),
+            )
+            for run in runs:
+                if run.parameters.get("data_version") == data_version:
+                    return str(run.id), f"{ui}/runs/flow-run/{run.id}"
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(1.0)

@@ -4,7 +4,9 @@ The labels of /feedback are joined with the logged inputs they name (the latest 
 of an image wins), written as 28x28 PNGs named `feedback-<request id>-<item>.png` and
 merged into `data/MNIST/train/<digit>/` by the same validation and copy as every other
 image (`data add`). An image whose pixels are those of a test image is refused: the
-test set stays unseen. Names are made of checked hexadecimal ids only.
+test set stays unseen. So is one whose pixels are those of another training image (or
+of another labelled image of the same run): one image never holds two labels. Names
+are made of checked hexadecimal ids only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from mnistops.data import adding, images
@@ -35,6 +38,8 @@ class FeedbackAdded:
     already: int = 0
     in_test: list[tuple[str, str]] = field(default_factory=list)
     """(image name, the test file it equals)"""
+    in_train: list[tuple[str, str]] = field(default_factory=list)
+    """(image name, the training image it equals: a file, or another labelled image)"""
     unmatched: int = 0
     """labels whose prediction is not in the log (shed, not yet written, or refused)"""
     blank: list[str] = field(default_factory=list)
@@ -56,9 +61,10 @@ def latest_labels(
     batches = read_batches(settings, records.FEEDBACK_PREFIX, since)
     found: dict[tuple[str, int], tuple[int, int]] = {}
     for table in batches.tables:
-        columns = table.select(["time", "request_id", "item", "digit"]).to_pydict()
-        for when, rid, item, digit in zip(*columns.values(), strict=True):
-            stamp = int(when.timestamp() * 1000)
+        # times as integer milliseconds: turning them into datetimes imports pandas
+        millis = table.column("time").cast(pa.int64()).to_pylist()
+        columns = table.select(["request_id", "item", "digit"]).to_pydict()
+        for stamp, rid, item, digit in zip(millis, *columns.values(), strict=True):
             if (rid, item) not in found or found[(rid, item)][0] <= stamp:
                 found[(rid, item)] = (stamp, digit)
     return {key: digit for key, (_t, digit) in found.items()}, batches.refused
@@ -110,15 +116,17 @@ def add_feedback(
     found, report = labelled_pixels(settings, since)
     if not found:
         return report
-    test = images.pixel_hashes(settings.mnist_dir / "test", images.index_path(settings.home))
+    index = images.index_path(settings.home)
+    test = images.pixel_hashes(settings.mnist_dir / "test", index)
+    train = images.pixel_hashes(settings.mnist_dir / "train", index)
     staging = settings.home / "cache"
     staging.mkdir(parents=True, exist_ok=True)
     folder = tempfile.mkdtemp(prefix="feedback-", dir=staging)
     try:
-        root = _staged(found, test, report, folder)
-        train = settings.mnist_dir / "train"
+        root = _staged(found, test, train, report, folder)
+        folders = settings.mnist_dir / "train"
         report.already = sum(
-            1 for path in root.rglob("*.png") if (train / path.parent.name / path.name).exists()
+            1 for path in root.rglob("*.png") if (folders / path.parent.name / path.name).exists()
         )
         if any(root.rglob("*.png")):
             report.added = adding.add_images(
@@ -132,11 +140,14 @@ def add_feedback(
 def _staged(
     found: dict[tuple[str, int], tuple[int, bytes]],
     test: dict[str, Path],
+    train: dict[str, Path],
     report: FeedbackAdded,
     folder: str,
 ) -> Path:
+    """The labelled images as `folder/<digit>/<name>.png`, less those refused."""
     import hashlib
 
+    staged: dict[str, str] = {}
     root = Path(folder)
     for digit in range(10):
         (root / str(digit)).mkdir()
@@ -145,9 +156,18 @@ def _staged(
         if min(pixels) == max(pixels):
             report.blank.append(name)
             continue
-        twin = test.get(hashlib.sha256(pixels).hexdigest())
+        pixel_hash = hashlib.sha256(pixels).hexdigest()
+        twin = test.get(pixel_hash)
         if twin is not None:
             report.in_test.append((name, str(twin)))
             continue
+        same = train.get(pixel_hash)
+        if same is not None and same.name != name:  # itself: added before, maybe relabelled
+            report.in_train.append((name, str(same)))
+            continue
+        if pixel_hash in staged:
+            report.in_train.append((name, staged[pixel_hash]))
+            continue
+        staged[pixel_hash] = name
         (root / str(digit) / name).write_bytes(png_of(pixels))
     return root
