@@ -279,8 +279,8 @@ def the_loop(settings: Settings, reporter: Reporter, published: set[str]) -> Non
     answered, before = send_drawn(settings, reporter)
     labelled = label_answers(settings, reporter, answered)
     with reporter.busy(
-        f"waiting for the service to write its log (a batch every {settings.serve.log.batch_s:g}"
-        " s: serve.log.batch_s)..."
+        f"waiting for the service to write its log (within {settings.serve.log.label_s:g} s of"
+        " a label: serve.log.label_s)..."
     ):
         written = wait_written(settings, began, labelled)
     if not written:
@@ -346,11 +346,11 @@ def label_answers(
 
 
 def wait_written(settings: Settings, since: datetime, count: int) -> bool:
-    """Whether the log holds `count` labelled predictions from `since` on, within two
-    batch periods."""
+    """Whether the log holds `count` labelled predictions from `since` on, within a
+    few times serve.log.label_s."""
     from mnistops.loop import labels
 
-    deadline = time.monotonic() + 2 * settings.serve.log.batch_s + 30
+    deadline = time.monotonic() + 3 * settings.serve.log.label_s + 30
     while time.monotonic() < deadline:
         found, _report = labels.labelled_pixels(settings, since)
         if len(found) >= count:

@@ -15,7 +15,7 @@ import pytest
 
 from mnistops.loop import records
 from mnistops.loop.feedback import FeedbackBook, FeedbackRefused, parse
-from mnistops.loop.log_writer import _chunks
+from mnistops.loop.log_writer import _chunks, write_due
 from mnistops.loop.records import Answered, BatchRefused
 from mnistops.settings import Settings
 
@@ -237,3 +237,10 @@ def test_the_inputs_read_from_a_batch_buffer_are_the_logged_pixels() -> None:
     rows = [np.frombuffer(v, np.uint8) for v in inputs.to_pylist()]
     assert (_pixels(inputs) == np.stack(rows)).all()
     assert (_pixels(inputs.slice(2, 2)) == np.stack(rows[2:4])).all()
+
+
+def test_a_label_brings_the_write_forward_never_back() -> None:
+    assert write_due(None, None, 30, 5) is None
+    assert write_due(100.0, None, 30, 5) == 130.0
+    assert write_due(100.0, 110.0, 30, 5) == 115.0, "written 5 s after the label"
+    assert write_due(100.0, 128.0, 30, 5) == 130.0, "a late label never delays the batch"

@@ -2,8 +2,10 @@
 batches to the object store by one thread, off every request's path.
 
 `record` and `label` only append to a list under a lock: an answer never waits for the
-store. A batch is written when it holds `serve.log.batch_records` records or its oldest
-is `serve.log.batch_s` old, as one Parquet object with one PUT (whole or absent). While
+store. A batch is written when it holds `serve.log.batch_records` records, its oldest
+is `serve.log.batch_s` old, or a label came `serve.log.label_s` ago (labels are few, and
+someone waits for them in `data add --feedback`), as one Parquet object with one PUT
+(whole or absent). While
 the store cannot be reached the records stay buffered and are tried again; past
 `serve.log.max_buffered` new records are shed and counted (`/metrics`). A `kill -9`
 loses what was buffered, never a written batch. Once an hour the thread deletes the
@@ -58,6 +60,8 @@ class PredictionLog:
         self.buffered = 0
         self.labels: list[Label] = []
         self.oldest: float | None = None
+        self.labelled: float | None = None
+        """when the first label still buffered came"""
         self.counts = LogCounts()
         self.thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self._client: Any = None
@@ -85,8 +89,12 @@ class PredictionLog:
         """Buffer one label from /feedback (labels are few: bounded by its rate limit)."""
         with self.lock:
             self.labels.append(label)
+            now = time.monotonic()
             if self.oldest is None:
-                self.oldest = time.monotonic()
+                self.oldest = now
+            if self.labelled is None:
+                self.labelled = now
+        self.wake.set()  # the writer's next wait counts label_s from now
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Write what is buffered (a graceful stop loses nothing), then stop the thread."""
@@ -110,23 +118,28 @@ class PredictionLog:
                 return
             self._retention()
 
+    def _next_write(self) -> float | None:
+        return write_due(self.oldest, self.labelled, self.config.batch_s, self.config.label_s)
+
     def _wait_s(self) -> float:
         with self.lock:
-            if self.oldest is None:
+            due = self._next_write()
+            if due is None:
                 return self.config.batch_s
-            return max(0.05, self.oldest + self.config.batch_s - time.monotonic())
+            return max(0.05, due - time.monotonic())
 
     def _due(self) -> bool:
         with self.lock:
-            if self.oldest is None:
+            due = self._next_write()
+            if due is None:
                 return False
-            old = time.monotonic() - self.oldest >= self.config.batch_s
-            return old or self.buffered >= self.config.batch_records
+            return time.monotonic() >= due or self.buffered >= self.config.batch_records
 
     def _take(self) -> tuple[list[Answered], list[Label]]:
         with self.lock:
             answers, labels = self.answers, self.labels
             self.answers, self.labels, self.buffered, self.oldest = [], [], 0, None
+            self.labelled = None
             return answers, labels
 
     def _put_back(self, answers: list[Answered], labels: list[Label]) -> None:
@@ -144,6 +157,7 @@ class PredictionLog:
             self.buffered += sum(len(a.images) for a in kept)
             self.labels = labels + self.labels
             self.oldest = time.monotonic() - self.config.batch_s + RETRY_S
+            self.labelled = None
 
     def _flush(self) -> None:
         answers, labels = self._take()
@@ -196,6 +210,17 @@ class PredictionLog:
             delete_before(self._store(), self.bucket, self.config.retention_days)
         except Exception as exc:  # noqa: BLE001  tried again in an hour
             log.warning("old prediction-log batches could not be deleted: %s", exc)
+
+
+def write_due(
+    oldest: float | None, labelled: float | None, batch_s: float, label_s: float
+) -> float | None:
+    """When the buffered records are due to be written (monotonic time), if any are:
+    `batch_s` after the oldest, or `label_s` after the first label if that is sooner."""
+    if oldest is None:
+        return None
+    due = oldest + batch_s
+    return min(due, labelled + label_s) if labelled is not None else due
 
 
 def _chunks(answers: list[Answered], limit: int) -> list[list[Answered]]:

@@ -93,6 +93,13 @@ class PredictionLogSettings(Section):
     batch_s: float = Field(
         30.0, gt=0, le=3600, description="... or when its oldest record is this many seconds old"
     )
+    label_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="... or this many seconds after a label came (with what it labels), so"
+        " `data add --feedback` soon finds it",
+    )
     max_buffered: int = Field(
         50_000,
         ge=10,
