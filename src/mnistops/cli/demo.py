@@ -160,6 +160,8 @@ def show_summary(cfg: Settings, summary: Summary) -> None:
     )
     console.print(
         "Try: [bold]mnistops predict IMAGE.png[/], [bold]mnistops models promote N[/],"
-        " [bold]mnistops run --wait[/], [bold]mnistops data diff v1.0 v2.0[/]."
+        " [bold]mnistops run --wait[/], [bold]mnistops data diff v2.0 v3.0[/],"
+        " [bold]mnistops predictions[/], [bold]mnistops monitor --here[/] (a drift report"
+        " on what the service saw)."
     )
     console.print("Stop everything with [bold]mnistops stack down[/] (nothing is lost).")
