@@ -197,6 +197,7 @@ def test_unknown_forgotten_and_expired_answers_are_404() -> None:
     with pytest.raises(FeedbackRefused, match="unknown or expired") as refused:
         labels.take({"request_id": "a" * 32, "digit": 1})
     assert refused.value.status == 404
+    assert "this service (started " in refused.value.detail, "a restart, not the window"
     ids = [records.new_request_id() for _ in range(101)]
     for rid in ids:
         labels.remember(rid, "1", [0])
@@ -205,8 +206,10 @@ def test_unknown_forgotten_and_expired_answers_are_404() -> None:
     labels.take({"request_id": ids[-1], "digit": 1})
     when, version, digits = labels.given[ids[-1]]
     labels.given[ids[-1]] = (when - 3601, version, digits)
-    with pytest.raises(FeedbackRefused, match="unknown or expired"):
+    labels.started -= 3601
+    with pytest.raises(FeedbackRefused, match="unknown or expired") as expired:
         labels.take({"request_id": ids[-1], "digit": 2})
+    assert "from the last 1 h (serve.log.feedback_window_h)" in expired.value.detail
 
 
 def test_a_flood_of_labels_is_bounded() -> None:

@@ -46,6 +46,7 @@ class FeedbackBook:
         self.minute_count = 0
         self.refused = 0
         self.accepted = 0
+        self.started = time.time()
 
     def remember(self, request_id: str, model_version: str, digits: list[int]) -> None:
         now = time.time()
@@ -64,12 +65,7 @@ class FeedbackBook:
             self._count(now)
             given = self.given.get(request_id)
             if given is None or now - given[0] > self.window_s:
-                raise FeedbackRefused(
-                    404,
-                    f"request_id {request_id} is unknown or expired: only answers of this"
-                    f" service from the last {self.window_s / 3600:g} h can be labelled"
-                    " (serve.log.feedback_window_h)",
-                )
+                raise FeedbackRefused(404, self._unknown(request_id, now))
             _when, version, digits = given
             if item >= len(digits):
                 raise FeedbackRefused(
@@ -81,6 +77,16 @@ class FeedbackBook:
             self.accepted += 1
         label = Label(now, request_id, item, digit, digits[item], version)
         return label, replaced
+
+    def _unknown(self, request_id: str, now: float) -> str:
+        window_h = self.window_s / 3600
+        if now - self.started < self.window_s:
+            since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
+            known = f"this service (started {since}) knows only the answers it gave since"
+        else:
+            known = f"only answers of this service from the last {window_h:g} h"
+            known += " (serve.log.feedback_window_h) can be labelled"
+        return f"request_id {request_id} is unknown or expired: {known}"
 
     def _count(self, now: float) -> None:
         if now - self.minute_start >= 60:
