@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mnistops.settings import ConfigError, Settings, load_settings
+from mnistops.settings import STACK_KEYS, ConfigError, Settings, load_settings
 
 console = Console(log_path=False)
 err = Console(stderr=True, soft_wrap=True)
@@ -52,8 +52,15 @@ class State:
     """the notes of the settings (ignored keys) were printed"""
 
 
-def settings() -> Settings:
-    """The settings of this invocation; their notes (ignored keys) printed once."""
+SERVING_KEYS = STACK_KEYS | {"model_registry"}
+"""what `serve` and the registry's commands (`models ...` but train) read"""
+MODEL_KEYS = SERVING_KEYS | {"experiment_name"}
+
+
+def settings(needs: frozenset[str] | None = None) -> Settings:
+    """The settings of this invocation; their notes (ignored keys) printed once. With
+    `needs` (the top-level keys the command reads), invalid keys elsewhere are set aside
+    with one warning line."""
     given = State.config_dir or os.environ.get("MNISTOPS_CONFIG_DIR")
     if given is not None and not Path(given).is_dir():
         where = "--config-dir" if State.config_dir else "MNISTOPS_CONFIG_DIR"
@@ -61,11 +68,16 @@ def settings() -> Settings:
             f"{where} {given}: no such folder (the folder of stack.yml, flow.yml, hyp.yml"
             " and dataset.yml)"
         )
-    loaded = load_settings(State.config_dir)
+    loaded = load_settings(State.config_dir, needs)
     if not State.noted:
         State.noted = True
         for note in loaded.notes:
             err.print(f"[dim]note:[/] {escape(note)}", highlight=False)
+        if loaded.set_aside:
+            warn(
+                f"not used here, left at their defaults: {'; '.join(loaded.set_aside)}"
+                " (commands that use them refuse until they are fixed)"
+            )
     return loaded
 
 

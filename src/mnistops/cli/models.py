@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mnistops.cli._ui import HYP_OPTIONS, console, progress_bars, settings, spinner
+from mnistops.cli._ui import HYP_OPTIONS, MODEL_KEYS, console, progress_bars, settings, spinner
 from mnistops.settings import HyperParameters, Settings
 
 if TYPE_CHECKING:
@@ -225,7 +225,7 @@ def show_comparison(a: str, b: str) -> None:
     from mnistops.data.packs import shown
     from mnistops.tracking.compare import compare_versions
 
-    cfg = settings()
+    cfg = settings(MODEL_KEYS)
     found = compare_versions(cfg, a, b)
     table = Table(title=f"{found.name}: v{found.a} against v{found.b}")
     table.add_column("")
@@ -263,7 +263,7 @@ def show_models() -> None:
     from mnistops.tracking.model_files import record_problem
     from mnistops.tracking.registry import registered_versions
 
-    cfg = settings()
+    cfg = settings(MODEL_KEYS)
     found, alias_of = registered_versions(cfg)
     table = Table(title=f"{cfg.model_registry.name} at {cfg.mlflow_uri}", pad_edge=False)
     columns = ("version", "created", "model", "test acc", "data", "gate", "aliases")
@@ -347,7 +347,7 @@ def predict(
     """
     from mnistops.predict import predict as champion_predicts
 
-    for p in champion_predicts(settings(), images):
+    for p in champion_predicts(settings(MODEL_KEYS), images):
         if as_json:
             print(json.dumps(p.as_dict()))
         else:
@@ -377,7 +377,7 @@ def promote(
     The model is downloaded and loaded first; one that does not load is refused."""
     from mnistops.tracking.registry import promote_champion
 
-    cfg = settings()
+    cfg = settings(MODEL_KEYS)
     done = promote_champion(cfg, version, reason, trust_unsigned=trust_unsigned)
     shown = f" (was v{done.previous})" if done.previous else ""
     console.print(
@@ -394,7 +394,7 @@ def rollback(
     """Move `champion` back to the version the current champion replaced."""
     from mnistops.tracking.registry import roll_back_champion
 
-    cfg = settings()
+    cfg = settings(MODEL_KEYS)
     done = roll_back_champion(cfg, reason)
     console.print(
         f"[green]{cfg.model_registry.name} v{done.version} is champion again[/]"

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from mnistops.cli._ui import Detach, console, settings, shorter, warn
+from mnistops.cli._ui import SERVING_KEYS, Detach, console, settings, shorter, warn
 
 
 def serve(
@@ -20,7 +20,7 @@ def serve(
     """
     from mnistops.serving import server
 
-    cfg = settings()
+    cfg = settings(SERVING_KEYS)
     if port is not None:
         serve_settings = cfg.serve.model_copy(update={"port": port, "url": None})
         cfg = cfg.model_copy(update={"serve": serve_settings})

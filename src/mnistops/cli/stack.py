@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from mnistops.cli._ui import console, fail, settings, shorter, spinner, warn
-from mnistops.settings import Settings, with_database_url
+from mnistops.settings import STACK_KEYS, Settings, with_database_url
 
 if TYPE_CHECKING:
     from mnistops.stack import ServiceStatus
@@ -31,7 +31,7 @@ def up(
     ] = None,
 ) -> None:
     """Start the S3 store, the MLflow server and the Prefect server; wait until healthy."""
-    cfg = settings()
+    cfg = settings(STACK_KEYS)
     if db:
         cfg = with_database_url(cfg, db)
     start(cfg)
@@ -80,7 +80,7 @@ def down() -> None:
     """Stop every service started from this state dir (children included)."""
     from mnistops import stack
 
-    stopped = stack.down(settings(), report=console.log)
+    stopped = stack.down(settings(STACK_KEYS), report=console.log)
     console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
 
 
@@ -89,7 +89,7 @@ def status() -> None:
     """Show each service: running, pid, URL, healthy. Exit 1 if any is not healthy."""
     from mnistops import stack
 
-    cfg = settings()
+    cfg = settings(STACK_KEYS)
     require_stack(cfg)
     statuses = stack.status(cfg)
     show_services(statuses)
@@ -118,7 +118,7 @@ def env() -> None:
     """Print `export` lines with which dvc, mlflow, prefect, boto3 and mnistops use this stack."""
     from mnistops.clients import client_env
 
-    cfg = settings()
+    cfg = settings(STACK_KEYS)
     require_stack(cfg)
     for key, value in client_env(cfg).items():
         typer.echo(f"export {key}={shlex.quote(value)}")
@@ -135,7 +135,7 @@ def serve(
     """
     from mnistops import stack
 
-    stack.serve(settings(), service)
+    stack.serve(settings(STACK_KEYS), service)
 
 
 @app.command("logs")
@@ -151,7 +151,7 @@ def logs(
     from mnistops.stack import process
     from mnistops.stack.services import SERVICE_NAMES
 
-    cfg = settings()
+    cfg = settings(STACK_KEYS)
     known = [*SERVICE_NAMES, *(r.name for r in stack.worker_records(cfg))]
     if service not in known:
         fail(f"unknown service '{service}'; choose one of: {', '.join(known)}", code=2)

@@ -23,6 +23,7 @@ from mnistops.settings.flow import (
     SchedulerSettings,
 )
 from mnistops.settings.loading import (
+    STACK_KEYS,
     environment_variables,
     load_settings,
     where_looked,
@@ -35,6 +36,7 @@ from mnistops.settings.training import DatasetSettings, HyperParameters
 
 __all__ = [
     "ENV_PREFIX",
+    "STACK_KEYS",
     "WILDCARDS",
     "ConfigError",
     "DatasetSettings",

@@ -95,6 +95,24 @@ def _read_config_files(
     return values, origin
 
 
+def _unneeded(
+    exc: ValidationError, origin: dict[str, Path], needs: frozenset[str] | None
+) -> set[str]:
+    """The top-level keys to set aside: every error is in a file's key outside `needs`
+    (none when one is not: the command refuses as before)."""
+    if needs is None:
+        return set()
+    keys = set()
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        top = str(loc[0]) if loc else ""
+        from_env = any(env_var_for(loc[:n]) in os.environ for n in range(len(loc), 0, -1))
+        if not top or top in needs or top not in origin or from_env:
+            return set()
+        keys.add(top)
+    return keys
+
+
 def _describe_error(err: dict[str, Any], origin: dict[str, Path], config_dir: Path) -> str:
     loc = tuple(err["loc"])
     key = ".".join(str(part) for part in loc)
@@ -182,12 +200,33 @@ def _own_services_back(settings: Settings) -> None:
                 setattr(section, URL_KEYS[name], None)
 
 
-def load_settings(config_dir: Path | None = None) -> Settings:
+STACK_KEYS = frozenset(
+    {
+        "home",
+        "data_dir",
+        "bind",
+        "advertise",
+        "database_url",
+        "database_prefix",
+        "s3",
+        "mlflow",
+        "prefect",
+        "serve",
+    }
+)
+"""the keys of stack.yml: all that the stack's commands read"""
+
+
+def load_settings(config_dir: Path | None = None, needs: frozenset[str] | None = None) -> Settings:
     """Read the config dir and the environment; raise ConfigError naming file and key.
 
     Run from a folder below a project (one that holds `.mnistops/`), the settings are
     that project's: its `config/` and state dir, as `git` finds its repository. An
     explicit `--config-dir`, MNISTOPS_CONFIG_DIR or MNISTOPS_HOME turns the search off.
+
+    With `needs` (the top-level keys a command reads), a file's invalid key outside them
+    is set aside (its section takes the defaults) and named in `set_aside`: a typo in
+    hyp.yml never stops `stack down`. An invalid environment variable always refuses.
     """
     root = Path.cwd()
     explicit_home = os.environ.get(f"{ENV_PREFIX}HOME")
@@ -201,8 +240,17 @@ def load_settings(config_dir: Path | None = None) -> Settings:
     config_dir = config_dir or default_config_dir()
     notes: list[str] = []
     values, origin = _read_config_files(config_dir, notes)
+    set_aside: list[str] = []
+    aside: set[str] = set()
     try:
-        settings = Settings(**values)
+        try:
+            settings = Settings(**values)
+        except ValidationError as exc:
+            aside = _unneeded(exc, origin, needs)
+            if not aside:
+                raise
+            set_aside = [_describe_error(dict(e), origin, config_dir) for e in exc.errors()]
+            settings = Settings(**{k: v for k, v in values.items() if k not in aside})
     except ValidationError as exc:
         lines = [_describe_error(dict(e), origin, config_dir) for e in exc.errors()]
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
@@ -216,7 +264,8 @@ def load_settings(config_dir: Path | None = None) -> Settings:
     if settings.dataset.registry is not None:
         settings.dataset.registry = _resolve(settings.dataset.registry, root).absolute()
     _own_services_back(settings)
-    settings._sources = origin
+    settings._sources = {k: v for k, v in origin.items() if k not in aside}
     settings._notes = notes
+    settings._set_aside = set_aside
     settings._config_dir = config_dir.absolute()
     return settings

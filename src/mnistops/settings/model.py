@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     monitoring: MonitoringSettings = MonitoringSettings()
     _sources: dict[str, Path] = PrivateAttr(default_factory=dict)
     _notes: list[str] = PrivateAttr(default_factory=list)
+    _set_aside: list[str] = PrivateAttr(default_factory=list)
     _config_dir: Path | None = PrivateAttr(default=None)
 
     @property
@@ -94,6 +95,11 @@ class Settings(BaseSettings):
     def notes(self) -> list[str]:
         """What was read but not used (keys of the tutorial's docker layout), one line each."""
         return list(self._notes)
+
+    @property
+    def set_aside(self) -> list[str]:
+        """Invalid keys of files this command does not read, left at their defaults."""
+        return list(self._set_aside)
 
     @field_validator("advertise")
     @classmethod

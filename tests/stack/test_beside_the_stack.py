@@ -1,0 +1,70 @@
+"""A typo in hyp.yml, flow.yml or dataset.yml never stops the stack's own commands: the
+bad key is left at its default with one warning line naming it, and the commands that
+use it still refuse, naming file and key. (Issue: a running stack could not be looked
+at or stopped until the training settings were fixed.)"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mnistops.settings import Settings
+from tests.helpers import run_cli
+
+pytestmark = [pytest.mark.integration, pytest.mark.bad_input]
+
+BROKEN = {
+    "hyp.yml": ("hyperparameter:\n  n_epochs: two\n", "hyperparameter.n_epochs", ("train",)),
+    "flow.yml": ("scheduler:\n  method: weekly\n", "scheduler.method", ("deploy",)),
+    "dataset.yml": ("dataset:\n  train_size: lots\n", "dataset.train_size", ("data", "list")),
+}
+
+
+def broken_config(settings: Settings, tmp_path: Path, name: str) -> Path:
+    assert settings.config_dir is not None
+    config_dir = tmp_path / "config"
+    shutil.copytree(settings.config_dir, config_dir)
+    (config_dir / name).write_text(BROKEN[name][0])
+    return config_dir
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_a_typo_beside_the_stack_never_stops_its_commands(
+    stack_settings: Settings, tmp_path: Path, name: str
+) -> None:
+    config_dir = broken_config(stack_settings, tmp_path, name)
+    _text, key, _command = BROKEN[name]
+    for command in (("stack", "status"), ("stack", "env"), ("stack", "logs", "mlflow")):
+        done = run_cli(*command, config_dir=config_dir)
+        assert done.returncode == 0, (command, done.stderr)
+        assert done.stderr.count("warning:") == 1, done.stderr
+        assert f"{name}: key '{key}'" in " ".join(done.stderr.split())
+    assert "healthy" in run_cli("stack", "status", config_dir=config_dir).stdout
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_the_commands_that_use_it_still_refuse(
+    stack_settings: Settings, tmp_path: Path, name: str
+) -> None:
+    config_dir = broken_config(stack_settings, tmp_path, name)
+    _text, key, command = BROKEN[name]
+    done = run_cli(*command, config_dir=config_dir)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"{name}: key '{key}'" in " ".join(done.stderr.split())
+    assert "Traceback" not in done.stderr
+
+
+def test_stack_down_stops_a_stack_beside_a_bad_hyp_yml(tmp_path: Path) -> None:
+    """The same on a stack of its own, which `stack down` stops."""
+    from tests.helpers import write_stack_config
+
+    config_dir = write_stack_config(tmp_path)
+    up = run_cli("stack", "up", config_dir=config_dir, timeout=300)
+    assert up.returncode == 0, up.stderr
+    (config_dir / "hyp.yml").write_text(BROKEN["hyp.yml"][0])
+    down = run_cli("stack", "down", config_dir=config_dir, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert "stopped:" in down.stdout and "nothing was running" not in down.stdout
+    assert "healthy" not in run_cli("stack", "status", config_dir=config_dir).stdout
