@@ -56,15 +56,28 @@ def test_the_commands_that_use_it_still_refuse(
     assert "Traceback" not in done.stderr
 
 
-def test_stack_down_stops_a_stack_beside_a_bad_hyp_yml(tmp_path: Path) -> None:
-    """The same on a stack of its own, which `stack down` stops."""
+def test_stack_down_stops_a_stack_whatever_its_settings_say(tmp_path: Path) -> None:
+    """On a stack of its own: with a bad hyp.yml and a bad key in stack.yml itself,
+    `stack status` refuses (it needs stack.yml), `stack down` still stops what the
+    state dir's records name."""
+    import yaml
+
     from tests.helpers import write_stack_config
 
     config_dir = write_stack_config(tmp_path)
     up = run_cli("stack", "up", config_dir=config_dir, timeout=300)
     assert up.returncode == 0, up.stderr
+    stack_yml = config_dir / "stack.yml"
+    good = stack_yml.read_text()
     (config_dir / "hyp.yml").write_text(BROKEN["hyp.yml"][0])
+    config = yaml.safe_load(good)
+    config["mlflow"] = {**config["mlflow"], "port": "many"}
+    stack_yml.write_text(yaml.safe_dump(config))
+    status = run_cli("stack", "status", config_dir=config_dir)
+    assert status.returncode == 2 and "stack.yml: key 'mlflow.port'" in status.stderr
     down = run_cli("stack", "down", config_dir=config_dir, timeout=120)
     assert down.returncode == 0, down.stderr
     assert "stopped:" in down.stdout and "nothing was running" not in down.stdout
+    assert "mlflow" in down.stdout and "s3" in down.stdout
+    stack_yml.write_text(good)
     assert "healthy" not in run_cli("stack", "status", config_dir=config_dir).stdout

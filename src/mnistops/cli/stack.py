@@ -13,6 +13,9 @@ from rich.table import Table
 from mnistops.cli._ui import console, fail, settings, shorter, spinner, warn
 from mnistops.settings import STACK_KEYS, Settings, with_database_url
 
+STATE_DIR_KEYS = frozenset({"home"})
+"""all `stack down` needs: it stops what the state dir's records name"""
+
 if TYPE_CHECKING:
     from mnistops.stack import ServiceStatus
 
@@ -80,7 +83,7 @@ def down() -> None:
     """Stop every service started from this state dir (children included)."""
     from mnistops import stack
 
-    stopped = stack.down(settings(STACK_KEYS), report=console.log)
+    stopped = stack.down(settings(STATE_DIR_KEYS), report=console.log)
     console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
 
 

@@ -267,5 +267,6 @@ def load_settings(config_dir: Path | None = None, needs: frozenset[str] | None =
     settings._sources = {k: v for k, v in origin.items() if k not in aside}
     settings._notes = notes
     settings._set_aside = set_aside
+    settings._set_aside_keys = frozenset(aside)
     settings._config_dir = config_dir.absolute()
     return settings

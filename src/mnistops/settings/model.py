@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     _sources: dict[str, Path] = PrivateAttr(default_factory=dict)
     _notes: list[str] = PrivateAttr(default_factory=list)
     _set_aside: list[str] = PrivateAttr(default_factory=list)
+    _set_aside_keys: frozenset[str] = PrivateAttr(default_factory=frozenset)
     _config_dir: Path | None = PrivateAttr(default=None)
 
     @property
@@ -100,6 +101,11 @@ class Settings(BaseSettings):
     def set_aside(self) -> list[str]:
         """Invalid keys of files this command does not read, left at their defaults."""
         return list(self._set_aside)
+
+    @property
+    def set_aside_keys(self) -> frozenset[str]:
+        """The top-level keys left at their defaults because they were invalid."""
+        return self._set_aside_keys
 
     @field_validator("advertise")
     @classmethod

@@ -311,7 +311,8 @@ def down(settings: Settings, report: Report = no_report) -> list[str]:
                 report(f"stopping {name} (pid {service.pid})")
                 stopped.append(name)
             process.stop(service, run_dir(settings))
-            if name == "s3":
+            if name == "s3" and "s3" not in settings.set_aside_keys:
+                # (with the ports unknown, another store's sockets must not be touched)
                 store_checks.remove_store_sockets(settings)
     return stopped
 
