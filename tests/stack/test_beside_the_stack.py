@@ -36,7 +36,12 @@ def test_a_typo_beside_the_stack_never_stops_its_commands(
 ) -> None:
     config_dir = broken_config(stack_settings, tmp_path, name)
     _text, key, _command = BROKEN[name]
-    for command in (("stack", "status"), ("stack", "env"), ("stack", "logs", "mlflow")):
+    for command in (
+        ("stack", "status"),
+        ("stack", "env"),
+        ("stack", "logs", "mlflow"),
+        ("models",),
+    ):
         done = run_cli(*command, config_dir=config_dir)
         assert done.returncode == 0, (command, done.stderr)
         assert done.stderr.count("warning:") == 1, done.stderr
