@@ -215,13 +215,20 @@ def main() -> int:
                 servers.append(proc)
                 figures[server] = {"startup": startup}
                 wrk(bases[server] + predict[server], scripts[server][0], 8, 2)  # warm-up
+            pids = {"mnistops": servers[-2].pid, "no-log": servers[-1].pid}
+            store = store_pid(settings)
             for connections in CONCURRENCY:
                 rounds: dict[str, list[dict[str, float]]] = {"mnistops": [], "no-log": []}
                 for turn in range(options.rounds):
                     order = ("mnistops", "no-log") if turn % 2 == 0 else ("no-log", "mnistops")
                     for server in order:
                         url = bases[server] + predict[server]
-                        rounds[server].append(wrk(url, scripts[server][0], connections, seconds))
+                        before = cpu_seconds(pids[server]), cpu_seconds(store)
+                        row = wrk(url, scripts[server][0], connections, seconds)
+                        answers = max(row["rps"] * seconds, 1.0) / 1000
+                        row["service_cpu"] = (cpu_seconds(pids[server]) - before[0]) / answers
+                        row["store_cpu"] = (cpu_seconds(store) - before[1]) / answers
+                        rounds[server].append(row)
                 for server, rows in rounds.items():
                     figures[server][connections] = median_row(rows)
                     figures[server].setdefault("rounds", {})[connections] = [
@@ -234,6 +241,28 @@ def main() -> int:
             stack.down(settings)
     report(figures, seconds)
     return 0
+
+
+def store_pid(settings: object) -> int | None:
+    """The embedded object store's process (its CPU is what the log costs beside ours)."""
+    from mnistops.stack import process, run_dir
+
+    record = process.read_record(run_dir(settings), "s3")  # type: ignore[arg-type]
+    return record.pid if record is not None else None
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """CPU seconds (user and system) a process and its children used so far."""
+    import psutil
+
+    if pid is None:
+        return 0.0
+    try:
+        top = psutil.Process(pid)
+        found = [top, *top.children(recursive=True)]
+        return sum(sum(p.cpu_times()[:2]) for p in found)
+    except psutil.Error:
+        return 0.0
 
 
 def median_row(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -269,6 +298,13 @@ def report(figures: dict[str, dict], seconds: int) -> None:
             f"cost of the prediction log at concurrency {connections}: {cost:+.1f} %"
             f" (medians; round by round {each} %)"
         )
+    for connections in CONCURRENCY:
+        for server in ("mnistops", "no-log"):
+            row = figures[server][connections]
+            print(
+                f"CPU s per 1,000 answers at concurrency {connections}, {server}: service"
+                f" {row['service_cpu']:.3f}, object store {row['store_cpu']:.3f}"
+            )
     for server in figures:
         print(f"start to ready, {server}: {figures[server]['startup']:.1f} s")
 

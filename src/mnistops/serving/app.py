@@ -8,6 +8,7 @@ caps as `mnistops predict` (pixels, body size, batch size).
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -128,6 +129,10 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
         state["batcher"] = batcher
         for started in (log,) if log is not None else ():
             started.start()
+        # What is loaded by now (torch, MLflow, the app: about a million objects) lives
+        # as long as the service: out of the collector's full passes, which the log's
+        # buffered records would otherwise trigger every few seconds.
+        gc.freeze()
         yield
         follower.stopping.set()
         await batcher.stop()
