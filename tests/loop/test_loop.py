@@ -148,7 +148,8 @@ def test_a_label_corrected_after_data_add_moves_its_image(service: Service) -> N
 
 def test_one_image_never_holds_two_labels(service: Service) -> None:
     """A training image sent as it is, and one drawing sent twice and labelled with two
-    digits: `data add --feedback` refuses them by name (the first of the two is kept)."""
+    digits: `data add --feedback` refuses them by name (both of the two: which label is
+    right is not known)."""
     settings = service.settings
     train = settings.mnist_dir / "train"
     known = sorted((train / "3").glob("[0-9]*.png"))[0]
@@ -171,10 +172,9 @@ def test_one_image_never_holds_two_labels(service: Service) -> None:
     assert f"{image_name(as_trained, 0)} refused: its pixels are those of the training" in said
     assert known.name in said
     assert not list(train.glob(f"*/{image_name(as_trained, 0)}"))
-    kept, refused = sorted(twice, key=lambda rid: image_name(rid, 0))
-    assert f"{image_name(refused, 0)} refused" in said and image_name(kept, 0) in said
-    assert len(list(train.glob(f"*/{image_name(kept, 0)}"))) == 1
-    assert not list(train.glob(f"*/{image_name(refused, 0)}"))
+    for rid in twice:  # labelled 1 and 7: which is right is not known
+        assert f"{image_name(rid, 0)} refused: the same drawing is labelled 1 and 7" in said
+        assert not list(train.glob(f"*/{image_name(rid, 0)}"))
 
 
 @pytest.mark.bad_input

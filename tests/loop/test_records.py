@@ -183,10 +183,16 @@ def test_the_later_label_wins_and_says_what_it_replaced() -> None:
     labels = book()
     rid = records.new_request_id()
     labels.remember(rid, "3", [4, 9])
-    first, replaced = labels.take({"request_id": rid, "digit": 7})
+    with pytest.raises(FeedbackRefused, match="has 2 images; say which") as unsaid:
+        labels.take({"request_id": rid, "digit": 7})
+    assert unsaid.value.status == 422, "a batch's image is never guessed"
+    first, replaced = labels.take({"request_id": rid, "digit": 7, "item": 0})
     assert (first.digit, first.predicted, replaced) == (7, 4, None)
-    second, replaced = labels.take({"request_id": rid, "digit": 1})
+    second, replaced = labels.take({"request_id": rid, "digit": 1, "item": 0})
     assert (second.digit, replaced) == (1, 7)
+    single = records.new_request_id()
+    labels.remember(single, "3", [5])
+    assert labels.take({"request_id": single, "digit": 2})[0].item == 0
     with pytest.raises(FeedbackRefused, match="item 2") as refused:
         labels.take({"request_id": rid, "digit": 1, "item": 2})
     assert refused.value.status == 422

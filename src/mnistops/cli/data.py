@@ -109,6 +109,8 @@ def show_feedback_added(cfg: Settings, report: FeedbackAdded) -> None:
             f"{name} refused: its pixels are those of the training image {escape(twin)}"
             " (one image never holds two labels)"
         )
+    for name, why in report.same_drawing:
+        warn(f"{name} refused: {why}")
     for name in report.blank:
         warn(f"{name} refused: nothing is drawn in it (every pixel the same)")
     if report.unmatched:

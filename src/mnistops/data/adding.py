@@ -28,10 +28,16 @@ def no_progress(_label: str, _total: int) -> Callable[[int], None]:
     return lambda _k: None
 
 
-def _remove_from_other_digits(train: Path, digit: str, name: str) -> None:
+def _remove_from_other_digits(train: Path, digit: str, name: str) -> list[tuple[Path, bytes]]:
+    """Remove the image `name` from the other digits' folders; what was removed (path,
+    bytes: PNGs of a few hundred bytes), to put back if the add is interrupted."""
+    removed = []
     for other in DIGITS:
-        if other != digit:
-            (train / other / name).unlink(missing_ok=True)
+        path = train / other / name
+        if other != digit and path.is_file():
+            removed.append((path, path.read_bytes()))
+            path.unlink()
+    return removed
 
 
 def _sha256_of(path: Path) -> str:
@@ -89,16 +95,29 @@ def _add_images(
         raise InvalidDataset(problems)
     added: Counter[int] = Counter()
     copied: list[tuple[Path, str, str]] = []
+    removed: list[tuple[Path, bytes]] = []
     copy_progress = progress_for("adding", len(found))
-    for path in found:
-        target = train / path.parent.name / path.name
-        if relabel:
-            _remove_from_other_digits(train, path.parent.name, path.name)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
-            copied.append((target, *hashes[path]))
-            added[int(path.parent.name)] += 1
-        copy_progress(1)
+    try:
+        for path in found:
+            target = train / path.parent.name / path.name
+            if relabel:
+                removed += _remove_from_other_digits(train, path.parent.name, path.name)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+                copied.append((target, *hashes[path]))
+                added[int(path.parent.name)] += 1
+            copy_progress(1)
+    except BaseException:  # Ctrl-C or a full disk: all or none, as promised
+        _undo(copied, removed)
+        raise
     remember(index_path(settings.home), copied)
     return dict(sorted(added.items()))
+
+
+def _undo(copied: list[tuple[Path, str, str]], removed: list[tuple[Path, bytes]]) -> None:
+    """Take back an interrupted add: the copies go, the relabelled images return."""
+    for target, _sha, _pixels in copied:
+        target.unlink(missing_ok=True)
+    for path, data in removed:
+        path.write_bytes(data)

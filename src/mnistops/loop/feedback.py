@@ -67,6 +67,11 @@ class FeedbackBook:
             if given is None or now - given[0] > self.window_s:
                 raise FeedbackRefused(404, self._unknown(request_id, now))
             _when, version, digits = given
+            if item is None and len(digits) > 1:
+                raise FeedbackRefused(
+                    422, f"item: that answer has {len(digits)} images; say which (0-based)"
+                )
+            item = item or 0
             if item >= len(digits):
                 raise FeedbackRefused(
                     422, f"item {item}: that answer has {len(digits)} image(s), 0-based"
@@ -102,9 +107,9 @@ class FeedbackBook:
         self.minute_count += 1
 
 
-def parse(document: object) -> tuple[str, int, int]:
-    """(request_id, item, digit) of a /feedback body; FeedbackRefused(422) names the
-    field that is wrong."""
+def parse(document: object) -> tuple[str, int | None, int]:
+    """(request_id, item, digit) of a /feedback body (item None: not given);
+    FeedbackRefused(422) names the field that is wrong."""
     if not isinstance(document, dict):
         raise FeedbackRefused(422, 'expected a JSON object: {"request_id": "...", "digit": 7}')
     unknown = sorted(set(document) - {"request_id", "digit", "item"})
@@ -122,7 +127,9 @@ def parse(document: object) -> tuple[str, int, int]:
     digit = document.get("digit")
     if isinstance(digit, bool) or not isinstance(digit, int) or not 0 <= digit <= 9:
         raise FeedbackRefused(422, f"digit: expected a whole number 0-9, got {digit!r:.40}")
-    item = document.get("item", 0)
+    item = document.get("item")
+    if item is None and "item" not in document:
+        return request_id, None, digit
     if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item <= 4095:
         raise FeedbackRefused(
             422, f"item: expected the 0-based index of the image in a batch, got {item!r:.40}"

@@ -39,7 +39,9 @@ class FeedbackAdded:
     in_test: list[tuple[str, str]] = field(default_factory=list)
     """(image name, the test file it equals)"""
     in_train: list[tuple[str, str]] = field(default_factory=list)
-    """(image name, the training image it equals: a file, or another labelled image)"""
+    """(image name, the training image it equals)"""
+    same_drawing: list[tuple[str, str]] = field(default_factory=list)
+    """(image name, why): one drawing labelled in several requests"""
     unmatched: int = 0
     """labels whose prediction is not in the log (shed, not yet written, or refused)"""
     blank: list[str] = field(default_factory=list)
@@ -144,13 +146,12 @@ def _staged(
     report: FeedbackAdded,
     folder: str,
 ) -> Path:
-    """The labelled images as `folder/<digit>/<name>.png`, less those refused."""
+    """The labelled images as `folder/<digit>/<name>.png`, less those refused. One
+    drawing labelled more than once (sent in several requests) is added once when the
+    labels agree, and not at all when they disagree: which one is right is not known."""
     import hashlib
 
-    staged: dict[str, str] = {}
-    root = Path(folder)
-    for digit in range(10):
-        (root / str(digit)).mkdir()
+    drawings: dict[str, list[tuple[str, int, bytes]]] = {}
     for (rid, item), (digit, pixels) in sorted(found.items()):
         name = image_name(rid, item)
         if min(pixels) == max(pixels):
@@ -165,9 +166,22 @@ def _staged(
         if same is not None and same.name != name:  # itself: added before, maybe relabelled
             report.in_train.append((name, str(same)))
             continue
-        if pixel_hash in staged:
-            report.in_train.append((name, staged[pixel_hash]))
+        drawings.setdefault(pixel_hash, []).append((name, digit, pixels))
+    root = Path(folder)
+    for digit in range(10):
+        (root / str(digit)).mkdir()
+    for copies in drawings.values():
+        first, digit, pixels = copies[0]
+        labels = sorted({label for _name, label, _pixels in copies})
+        if len(labels) > 1:
+            names = ", ".join(name for name, _label, _pixels in copies)
+            shown = " and ".join(map(str, labels))
+            report.same_drawing += [
+                (name, f"the same drawing is labelled {shown} ({names})") for name, *_ in copies
+            ]
             continue
-        staged[pixel_hash] = name
-        (root / str(digit) / name).write_bytes(png_of(pixels))
+        report.same_drawing += [
+            (name, f"the same drawing as {first}, with the same label") for name, *_ in copies[1:]
+        ]
+        (root / str(digit) / first).write_bytes(png_of(pixels))
     return root
