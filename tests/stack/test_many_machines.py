@@ -319,7 +319,9 @@ def test_a_cut_cable_crashes_the_run_and_another_host_runs_the_next(
     )
     took = time.monotonic() - cut_at
     assert final == "CRASHED", final
-    assert took <= 120, (
+    # heartbeat + silence = 105 s, then the server's trigger loop and this 5 s poll; the
+    # rest is room for a loaded machine (one run took 121 s beside a demo on 2 cores)
+    assert took <= 135, (
         f"CRASHED {took:.0f} s after the cut (heartbeat {HEARTBEAT_S} s,"
         f" silence {UNRESPONSIVE_S} s)"
     )
