@@ -178,7 +178,8 @@ def test_demo_again_reuses_what_exists(demo_run: dict) -> None:
     assert "v1.0 exists already: kept" in text
     assert "v2.0 exists already: kept" in text
     assert "was trained on v1.0: kept" in text
-    assert ": unchanged;" in text
+    assert f"{settings.deployment.full_name}: unchanged;" in text
+    assert f"{settings.monitoring.full_name}: unchanged;" in text, "deployed twice, left alone"
     assert "the worker for this pool runs already" in text
     assert "the prediction service runs already" in text
     assert "no new data" in text

@@ -190,7 +190,8 @@ def _same_monitoring(existing: Any, wanted: Any) -> bool:
     options = existing.concurrency_options
     return (
         len(existing.schedules) == 1
-        and existing.schedules[0].schedule.model_dump() == schedule.schedule.model_dump()
+        # the interval, not its anchor: a new schedule is anchored at the time it is made
+        and existing.schedules[0].schedule.interval == schedule.schedule.interval
         and existing.schedules[0].active
         and existing.entrypoint == wanted.entrypoint
         and existing.work_pool_name == wanted.work_pool_name
