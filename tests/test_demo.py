@@ -124,6 +124,8 @@ def test_demo_tells_the_whole_story(demo_run: dict) -> None:
     assert triggered.parameters["hyperparameters"]["n_epochs"] == 1, "the demo's epochs"
 
     summary = done.stdout[done.stdout.find("summary") :]
+    rows = [line for line in summary.splitlines() if "│ v" in line]
+    assert [row.split("│")[1].strip() for row in rows[:3]] == ["1", "2", "3"], rows
     for expected in (
         settings.mlflow_uri,
         settings.prefect_api_url.removesuffix("/api"),

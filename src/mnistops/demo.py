@@ -58,6 +58,9 @@ class Summary:
     runs: list[RunRow]
     champion: Champion | None
     next_run: str | None
+    places: dict[str, int]
+    """each version's place in the order of publication (`data list`'s #)"""
+    warnings: list[str]
 
 
 class Reporter(Protocol):
@@ -425,5 +428,11 @@ def summary(settings: Settings) -> Summary:
             tags.get(CHAMPION_REASON_TAG, "set by hand"),
         )
     return Summary(
-        listing.records, listing.problems, experiment_runs(settings), crowned, next_run(settings)
+        listing.records,
+        listing.problems,
+        experiment_runs(settings),
+        crowned,
+        next_run(settings),
+        listing.places,
+        listing.warnings,
     )

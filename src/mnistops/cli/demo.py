@@ -130,7 +130,7 @@ class ConsoleReporter:
 
 def show_summary(cfg: Settings, summary: Summary) -> None:
     console.rule("[bold]summary")
-    show_versions_of(summary.versions, summary.problems)
+    show_versions_of(summary.versions, summary.problems, summary.places, summary.warnings)
     runs = Table(title=f"MLflow experiment {cfg.experiment_name}")
     for column in ("run", "phase", "data", "model", "epochs", "test acc", "status"):
         runs.add_column(column, justify="right" if column == "test acc" else "left")
