@@ -62,7 +62,12 @@ def server() -> Iterator[tuple[int, Metrics]]:
 
 def request(sock: socket.socket, path: str = "/") -> bytes:
     """One request on a kept-alive connection; the whole answer."""
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return send(sock, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+
+
+def send(sock: socket.socket, whole_request: bytes) -> bytes:
+    """Send a request in one write; its whole answer (until `ok` or the server closes)."""
+    sock.sendall(whole_request)
     answer = b""
     while not answer.endswith(b"\r\n\r\nok"):
         chunk = sock.recv(4096)
@@ -135,11 +140,5 @@ def test_a_whole_large_request_in_one_read_is_answered(server) -> None:
         body = b"0" * (size * 1024)
         head = f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(head + body)
-            answer = b""
-            while not answer.endswith(b"\r\n\r\nok"):
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                answer += chunk
-            assert b"200 OK" in answer, "a large request was cut as if its headers were"
+            answer = send(sock, head + body)
+        assert b"200 OK" in answer, "a large request was cut as if its headers were"

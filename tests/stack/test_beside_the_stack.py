@@ -22,20 +22,20 @@ BROKEN = {
 }
 
 
-def broken_config(settings: Settings, tmp_path: Path, name: str) -> Path:
+def broken_config(settings: Settings, tmp_path: Path, name: str) -> tuple[Path, str]:
+    """A copy of the stack's config dir with `name` broken; (the dir, the bad key)."""
     assert settings.config_dir is not None
     config_dir = tmp_path / "config"
     shutil.copytree(settings.config_dir, config_dir)
     (config_dir / name).write_text(BROKEN[name][0])
-    return config_dir
+    return config_dir, BROKEN[name][1]
 
 
 @pytest.mark.parametrize("name", sorted(BROKEN))
 def test_a_typo_beside_the_stack_never_stops_its_commands(
     stack_settings: Settings, tmp_path: Path, name: str
 ) -> None:
-    config_dir = broken_config(stack_settings, tmp_path, name)
-    _text, key, _command = BROKEN[name]
+    config_dir, key = broken_config(stack_settings, tmp_path, name)
     for command in (
         ("stack", "status"),
         ("stack", "env"),
@@ -53,9 +53,8 @@ def test_a_typo_beside_the_stack_never_stops_its_commands(
 def test_the_commands_that_use_it_still_refuse(
     stack_settings: Settings, tmp_path: Path, name: str
 ) -> None:
-    config_dir = broken_config(stack_settings, tmp_path, name)
-    _text, key, command = BROKEN[name]
-    done = run_cli(*command, config_dir=config_dir)
+    config_dir, key = broken_config(stack_settings, tmp_path, name)
+    done = run_cli(*BROKEN[name][2], config_dir=config_dir)
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"{name}: key '{key}'" in " ".join(done.stderr.split())
     assert "Traceback" not in done.stderr
