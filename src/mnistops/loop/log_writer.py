@@ -1,12 +1,14 @@
 """The service's prediction log: answers and labels buffered in memory and written in
-batches to the object store by one thread, off every request's path.
+batches to the object store by one thread and a writer process, off every request's path.
 
 `record` and `label` only append to a list under a lock: an answer never waits for the
 store. A batch is written when it holds `serve.log.batch_records` records, its oldest
 is `serve.log.batch_s` old, or a label came `serve.log.label_s` ago (labels are few, and
 someone waits for them in `data add --feedback`), as one Parquet object with one PUT
-(whole or absent). While
-the store cannot be reached the records stay buffered and are tried again; past
+(whole or absent). The thread only gathers a batch's
+columns; building the Parquet object, signing it and the PUT happen in the writer
+process (`log_process`), where they never hold this process's interpreter lock while
+requests wait. While the store cannot be reached the records stay buffered and are tried again; past
 `serve.log.max_buffered` new records are shed and counted (`/metrics`). A `kill -9`
 loses what was buffered, never a written batch. Once an hour the thread deletes the
 days older than `serve.log.retention_days`.
@@ -22,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from mnistops.loop import records
+from mnistops.loop.log_process import WriterProcess
 from mnistops.loop.records import Answered, Label
 from mnistops.settings import Settings
 
@@ -49,9 +52,9 @@ class PredictionLog:
     def __init__(self, settings: Settings) -> None:
         from mnistops.loop.store import log_signing_key
 
+        log_signing_key(settings, doing="signed")  # refused at start, not at the first batch
         self.settings = settings
         self.config = settings.serve.log
-        self.key = records.log_key(log_signing_key(settings, doing="signed"))
         self.bucket = settings.s3.buckets.dvc
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -64,7 +67,7 @@ class PredictionLog:
         """when the first label still buffered came"""
         self.counts = LogCounts()
         self.thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
-        self._client: Any = None
+        self.writer = WriterProcess(settings)
         self._retention_done = 0.0
 
     def start(self) -> None:
@@ -105,18 +108,21 @@ class PredictionLog:
 
     def _run(self) -> None:
         try:
-            self._store()  # boto3 imported and its client made before the first batch
-        except Exception as exc:  # noqa: BLE001  made again at the first write
-            log.warning("the prediction log's object store client: %s", exc)
-        while True:
-            self.wake.wait(self._wait_s())
-            self.wake.clear()
-            stopping = self.stopping.is_set()
-            if stopping or self._due():
-                self._flush()
-            if stopping:
-                return
-            self._retention()
+            self.writer.start()  # its imports and client made before the first batch
+        except OSError as exc:
+            log.warning("the prediction log's writer process: %s", exc)
+        try:
+            while True:
+                self.wake.wait(self._wait_s())
+                self.wake.clear()
+                stopping = self.stopping.is_set()
+                if stopping or self._due():
+                    self._flush()
+                if stopping:
+                    return
+                self._retention()
+        finally:
+            self.writer.stop()
 
     def _next_write(self) -> float | None:
         return write_due(self.oldest, self.labelled, self.config.batch_s, self.config.label_s)
@@ -168,13 +174,12 @@ class PredictionLog:
                 written += len(chunk)
             while labels:
                 some = labels[: self.config.batch_records]
-                self._write(records.FEEDBACK_PREFIX, records.feedback_parquet(some))
+                self.writer.call(("labels", some))
                 self.counts.labels_written += len(some)
                 labels = labels[len(some) :]
         except Exception as exc:  # noqa: BLE001  the store is down: keep the records, retry
             self.counts.write_errors += 1
             self._put_back(answers[written:], labels)
-            self._client = None
             log.warning(
                 "the prediction log cannot be written to s3://%s (%s); %d records kept,"
                 " tried again in %.0f s",
@@ -185,21 +190,9 @@ class PredictionLog:
             )
 
     def _write_answers(self, batch: list[Answered]) -> None:
-        self._write(records.PREDICTIONS_PREFIX, records.predictions_parquet(batch))
+        self.writer.call(("answers", records.answer_columns(batch)))
         self.counts.written += sum(len(a.images) for a in batch)
         self.counts.batches += 1
-
-    def _write(self, prefix: str, body: bytes) -> None:
-        name = records.object_name(prefix, datetime.now(UTC))
-        signature = {records.SIGNATURE: records.batch_signature(self.key, name, body)}
-        self._store().put_object(Bucket=self.bucket, Key=name, Body=body, Metadata=signature)
-
-    def _store(self) -> Any:
-        if self._client is None:
-            from mnistops.clients import s3_client
-
-            self._client = s3_client(self.settings, timeout_s=5.0)
-        return self._client
 
     def _retention(self) -> None:
         """Delete the days of batches older than `retention_days`, once an hour."""
@@ -207,7 +200,7 @@ class PredictionLog:
             return
         self._retention_done = time.monotonic()
         try:
-            delete_before(self._store(), self.bucket, self.config.retention_days)
+            self.writer.call(("retain", self.config.retention_days))
         except Exception as exc:  # noqa: BLE001  tried again in an hour
             log.warning("old prediction-log batches could not be deleted: %s", exc)
 

@@ -163,33 +163,67 @@ def as_pixels(images: np.ndarray) -> np.ndarray:
     return pixels
 
 
+@dataclass(frozen=True)
+class AnswerColumns:
+    """A batch of answers as the columns of its Parquet object, made in the service with
+    a few array operations and written by the log's writer process."""
+
+    sizes: np.ndarray
+    """how many images each answer had"""
+    millis: np.ndarray
+    request_ids: list[str]
+    model_names: list[str]
+    model_versions: list[str]
+    pixels: np.ndarray
+    """(N, 784) uint8"""
+    probabilities: np.ndarray
+    """(N, 10) float32"""
+
+
+def answer_columns(batch: list[Answered]) -> AnswerColumns:
+    return AnswerColumns(
+        sizes=np.array([len(a.images) for a in batch], np.int64),
+        millis=np.array([int(a.time * 1000) for a in batch], np.int64),
+        request_ids=[a.request_id for a in batch],
+        model_names=[a.model_name for a in batch],
+        model_versions=[a.model_version for a in batch],
+        pixels=as_pixels(np.concatenate([a.images for a in batch])),
+        probabilities=np.concatenate([a.probabilities for a in batch]).astype(np.float32),
+    )
+
+
 def predictions_parquet(batch: list[Answered]) -> bytes:
-    """One Parquet object of a batch of answers, built column-wise (the service's writer
-    thread runs it: little time holding the interpreter lock)."""
+    """One Parquet object of a batch of answers."""
+    return columns_parquet(answer_columns(batch))
+
+
+def columns_parquet(columns: AnswerColumns) -> bytes:
+    """One Parquet object of a batch of answers' columns, built column-wise."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    sizes = np.array([len(a.images) for a in batch])
+    sizes, probs = columns.sizes, columns.probabilities
     n = int(sizes.sum())
-    probs = np.concatenate([a.probabilities for a in batch]).astype(np.float32)
-    pixels = as_pixels(np.concatenate([a.images for a in batch]))
 
-    def repeated(values: list[object]) -> Any:
+    def repeated(values: list[str]) -> Any:
         return pa.array(np.repeat(np.array(values, dtype=object), sizes), pa.string())
 
-    millis = np.repeat(np.array([int(a.time * 1000) for a in batch], np.int64), sizes)
-    columns = [
-        pa.array(millis, pa.timestamp("ms", tz="UTC")),
-        repeated([a.request_id for a in batch]),
-        pa.array(np.concatenate([np.arange(k, dtype=np.int32) for k in sizes])),
-        repeated([a.model_name for a in batch]),
-        repeated([a.model_version for a in batch]),
-        pa.Array.from_buffers(pa.binary(PIXELS), n, [None, pa.py_buffer(pixels.tobytes())]),
-        pa.array(probs.argmax(axis=1).astype(np.int8)),
-        pa.array(probs.max(axis=1)),
-        pa.FixedSizeListArray.from_arrays(pa.array(probs.ravel()), 10),
-    ]
-    table = pa.Table.from_arrays(columns, schema=prediction_schema())
+    table = pa.Table.from_arrays(
+        [
+            pa.array(np.repeat(columns.millis, sizes), pa.timestamp("ms", tz="UTC")),
+            repeated(columns.request_ids),
+            pa.array(np.concatenate([np.arange(k, dtype=np.int32) for k in sizes])),
+            repeated(columns.model_names),
+            repeated(columns.model_versions),
+            pa.Array.from_buffers(
+                pa.binary(PIXELS), n, [None, pa.py_buffer(columns.pixels.tobytes())]
+            ),
+            pa.array(probs.argmax(axis=1).astype(np.int8)),
+            pa.array(probs.max(axis=1)),
+            pa.FixedSizeListArray.from_arrays(pa.array(probs.ravel()), 10),
+        ],
+        schema=prediction_schema(),
+    )
     return _parquet(table, pq)
 
 

@@ -1,0 +1,167 @@
+"""The prediction log's writer: a process of its own that turns batches into Parquet
+objects, signs them and PUTs them, so that none of that work holds the serving
+process's interpreter lock while requests wait.
+
+The service starts it (`WriterProcess`) with `python -m mnistops.loop.log_process` and
+talks to it over a pipe: one request, one reply (`("written", n)` or `("failed", why)`).
+It exits when the pipe closes, which is also what a `kill -9` of the service does to it:
+a PUT under way is finished (an object is whole or absent), nothing else is started.
+It ignores SIGINT and SIGTERM, which a terminal or `stack down` send to the whole group,
+so that the service's last batch still has a writer when the service stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from typing import Any
+
+from mnistops.loop import records
+
+log = logging.getLogger("mnistops.serve")
+
+REPLY_TIMEOUT_S = 120.0
+"""a writer that has not answered by then is stopped and started again"""
+
+
+class WriterGone(Exception):
+    """The writer process did not answer; the message says what happened."""
+
+
+class WriterProcess:
+    """The service's side of the writer process: `call` sends one request and waits for
+    its reply (on the log's thread, never on a request's path)."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.requests: Connection | None = None
+        self.replies: Connection | None = None
+
+    def call(self, request: tuple[str, Any]) -> Any:
+        """The writer's reply to `request`; WriterGone if it died or hung (it is then
+        started again at the next call), RuntimeError with the writer's reason."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        assert self.requests is not None and self.replies is not None
+        try:
+            self.requests.send(request)
+            if not self.replies.poll(REPLY_TIMEOUT_S):
+                raise WriterGone(f"no answer in {REPLY_TIMEOUT_S:.0f} s")
+            outcome, value = self.replies.recv()
+        except (OSError, EOFError, WriterGone) as exc:
+            self.stop(wait_s=0)
+            why = str(exc) or type(exc).__name__
+            raise WriterGone(f"the log's writer process stopped ({why})") from None
+        if outcome == "failed":
+            raise RuntimeError(value)
+        return value
+
+    def stop(self, wait_s: float = 10.0) -> None:
+        """Close the pipe (the writer exits when it has finished what it was doing)."""
+        for end in (self.requests, self.replies):
+            if end is not None:
+                end.close()
+        self.requests = self.replies = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(wait_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def start(self) -> None:
+        """Start the writer (again); it loads its imports while the service starts."""
+        self.stop(wait_s=0)
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mnistops.loop.log_process", str(to_child_r), str(from_child_w)],
+            pass_fds=(to_child_r, from_child_w),
+            stdin=subprocess.DEVNULL,
+        )
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self.requests = Connection(to_child_w, readable=False)
+        self.replies = Connection(from_child_r, writable=False)
+        self.requests.send(("settings", self.settings))
+        self.requests.send(("ready", None))
+
+
+def serve_requests(requests: Connection, replies: Connection) -> None:
+    """Answer the service's requests until it closes the pipe."""
+    store: Any = None
+    settings: Any = None
+    while True:
+        try:
+            kind, value = requests.recv()
+        except (EOFError, OSError):
+            return
+        if kind == "settings":
+            settings = value
+            continue
+        if kind == "ready":
+            try:
+                store = Store(settings)
+            except Exception as exc:  # noqa: BLE001  made again at the first batch
+                log.warning("the prediction log's object store client: %s", exc)
+            continue
+        try:
+            if store is None:
+                store = Store(settings)
+            reply: tuple[str, Any] = ("written", store.handle(kind, value))
+        except Exception as exc:  # noqa: BLE001  the service keeps the records and retries
+            store = None
+            reply = ("failed", f"{type(exc).__name__}: {exc}")
+        try:
+            replies.send(reply)
+        except OSError:
+            return
+
+
+class Store:
+    """The object store as the writer uses it: signed batches in, old days out."""
+
+    def __init__(self, settings: Any) -> None:
+        from mnistops.clients import s3_client
+        from mnistops.loop.store import log_signing_key
+
+        self.key = records.log_key(log_signing_key(settings, doing="signed"))
+        self.bucket = settings.s3.buckets.dvc
+        self.client = s3_client(settings, timeout_s=5.0)
+
+    def handle(self, kind: str, value: Any) -> int:
+        if kind == "answers":
+            return self.put(records.PREDICTIONS_PREFIX, records.columns_parquet(value))
+        if kind == "labels":
+            return self.put(records.FEEDBACK_PREFIX, records.feedback_parquet(value))
+        if kind == "retain":
+            from mnistops.loop.log_writer import delete_before
+
+            return delete_before(self.client, self.bucket, int(value))
+        raise ValueError(f"unknown request {kind!r}")
+
+    def put(self, prefix: str, body: bytes) -> int:
+        name = records.object_name(prefix, datetime.now(UTC))
+        signature = {records.SIGNATURE: records.batch_signature(self.key, name, body)}
+        self.client.put_object(Bucket=self.bucket, Key=name, Body=body, Metadata=signature)
+        return len(body)
+
+
+def main(argv: list[str]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    requests = Connection(int(argv[0]), writable=False)
+    replies = Connection(int(argv[1]), readable=False)
+    serve_requests(requests, replies)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
