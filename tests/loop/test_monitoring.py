@@ -106,7 +106,9 @@ def test_a_clean_stream_is_no_drift_and_an_inverted_one_is(service: Service) -> 
     assert run.data.tags[c.DRIFT_TAG] == "false"
     assert run.data.metrics["predictions"] == 300
     page = report_page(settings, run.data.tags[c.REPORT_TAG])
-    assert "No drift in 300 answers" in page and "data:image/png;base64," in page
+    assert "No drift: 300 answers look like the data" in page
+    assert "data:image/png;base64," in page and "v1 (champion)" in page
+    assert "What changed" not in page
     artifacts = [a.path for a in mlflow_client(settings).list_artifacts(run.info.run_id)]
     assert "report.html" in artifacts
     assert len(drift_events(settings)) == events_before
@@ -119,6 +121,9 @@ def test_a_clean_stream_is_no_drift_and_an_inverted_one_is(service: Service) -> 
     run = latest_monitoring_run(settings)
     assert run.data.tags[c.DRIFT_TAG] == "true" and run.data.metrics["drift"] == 1
     assert run.data.metrics["effect_mean_intensity"] > 0.9
+    page = report_page(settings, run.data.tags[c.REPORT_TAG])
+    assert "Drift: 300 answers do not look like the data" in page
+    assert "mean intensity (how bright the image is on average) is higher" in page
     events = drift_events_when(settings, events_before + 1)
     assert len(events) == events_before + 1
     payload = events[0]["payload"]

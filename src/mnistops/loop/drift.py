@@ -80,6 +80,8 @@ class Window:
     """digits given through /feedback for answers in the window"""
     labelled_predicted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     """what the model had answered for those"""
+    versions: dict[str, int] = field(default_factory=dict)
+    """answers per model version that gave them"""
 
     @classmethod
     def of_pixels(

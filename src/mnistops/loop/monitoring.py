@@ -12,11 +12,9 @@ starts there, on any machine.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from mnistops.errors import BadInput
-from mnistops.loop import drift, records
+from mnistops.loop import drift, records, report
 from mnistops.loop.store import each_batch, read_batches
 from mnistops.settings import Settings
 from mnistops.tracking import contract as c
@@ -165,6 +163,7 @@ def window(settings: Settings, start: datetime, end: datetime) -> tuple[drift.Wi
     end_ms = pa.scalar(int(end.timestamp() * 1000), pa.timestamp("ms", tz="UTC"))
     features, digits, confidences = [], [], []
     answered: set[tuple[str, int]] = set()
+    versions: Counter[str] = Counter()
     for _name, table in each_batch(settings, records.PREDICTIONS_PREFIX, start, refused):
         table = table.filter(pc.less(table["time"], end_ms))
         if not table.num_rows:
@@ -172,6 +171,7 @@ def window(settings: Settings, start: datetime, end: datetime) -> tuple[drift.Wi
         features.append(drift.features(_pixels(table["input"].combine_chunks())))
         digits.append(table["digit"].combine_chunks().to_numpy(zero_copy_only=False))
         confidences.append(table["confidence"].combine_chunks().to_numpy(zero_copy_only=False))
+        versions.update(table["model_version"].to_pylist())
         answered.update(
             zip(table["request_id"].to_pylist(), table["item"].to_pylist(), strict=True)
         )
@@ -189,6 +189,7 @@ def window(settings: Settings, start: datetime, end: datetime) -> tuple[drift.Wi
         np.concatenate(confidences) if confidences else np.zeros(0, np.float32),
         given[:, 0],
         given[:, 1],
+        dict(versions),
     )
     return found, refused + labels.refused
 
@@ -215,7 +216,13 @@ def monitor(
     ref, ref_version = reference(settings, served)
     served = Served(served.model_name, served.version, ref_version)
     judgement = drift.judge(found, ref, config)
-    page = report_html(start, end, served, judgement, found, ref)
+    page = report.report_html(
+        report.Page(start, end, served.model_name, served.version, ref_version, found.versions),
+        judgement,
+        found,
+        ref,
+        config,
+    )
     uri = store_report(settings, page, end)
     run_id, url = record_run(settings, start, end, served, judgement, page, uri)
     return Monitored(start, end, served, judgement, uri, run_id, url, refused)
@@ -290,70 +297,3 @@ def summary_markdown(judgement: drift.Judgement) -> str:
         else ""
     )
     return f"{head}. Unsure answers: {judgement.low_confidence_share:.1%}{feedback}."
-
-
-def report_html(
-    start: datetime,
-    end: datetime,
-    served: Served,
-    judgement: drift.Judgement,
-    found: drift.Window,
-    ref: drift.Reference,
-) -> str:
-    """A page a person reads: the verdict, the figures, and plots against the reference."""
-    rows = "".join(
-        f"<tr><td>{html.escape(t.name)}</td><td>{t.effect:.3f}</td><td>{t.p_value:.3g}</td>"
-        f"<td>{'<b>drift</b>' if t.flagged else 'no'}</td></tr>"
-        for t in judgement.tests
-    )
-    picture = _plots(judgement, found, ref)
-    verdict = html.escape(summary_markdown(judgement).replace("**", ""))
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>MNIST monitoring {end:%Y-%m-%d %H:%M} UTC</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
-td,th{{padding:2px 10px;text-align:right}}td:first-child{{text-align:left}}</style></head>
-<body><h1>MNIST monitoring</h1>
-<p>Answers logged from {start:%Y-%m-%d %H:%M:%S} to {end:%Y-%m-%d %H:%M:%S} UTC by
-{html.escape(served.model_name)} v{html.escape(served.version)} (champion), against its
-training data {html.escape(served.data_version)}.</p>
-<p><b>{verdict}</b></p>
-<table><tr><th>test</th><th>effect</th><th>p-value</th><th>flags</th></tr>{rows}</table>
-<img alt="distributions against the training data" style="width:100%"
- src="data:image/png;base64,{picture}">
-</body></html>
-"""
-
-
-def _plots(judgement: drift.Judgement, found: drift.Window, ref: drift.Reference) -> str:
-    """The input features, the predicted digits and the confidences, as a base64 PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(3, 4, figsize=(14, 9))
-    window_features = found.features if len(found.features) else None
-    for i, name in enumerate(drift.FEATURES):
-        ax = axes.flat[i]
-        ax.hist(ref.features[:, i], bins=30, density=True, alpha=0.5, label="training")
-        if window_features is not None:
-            ax.hist(window_features[:, i], bins=30, density=True, alpha=0.5, label="answers")
-        ax.set_title(name)
-    axes.flat[0].legend()
-    ax = axes.flat[8]
-    ax.bar(np.arange(10) - 0.2, ref.digit_share, 0.4, label=ref.digits_from)
-    ax.bar(np.arange(10) + 0.2, judgement.digit_share, 0.4, label="predicted")
-    ax.set_xticks(range(10))
-    ax.set_title("digits")
-    ax.legend()
-    ax = axes.flat[9]
-    if len(found.confidences):
-        ax.hist(found.confidences, bins=20, range=(0, 1))
-    ax.set_title(f"confidence ({judgement.low_confidence_share:.1%} unsure)")
-    for ax in axes.flat[10:]:
-        ax.axis("off")
-    fig.tight_layout()
-    sink = io.BytesIO()
-    fig.savefig(sink, format="png", dpi=70)
-    plt.close(fig)
-    return base64.b64encode(sink.getvalue()).decode()
