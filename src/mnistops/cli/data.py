@@ -125,6 +125,7 @@ def show_feedback_added(cfg: Settings, report: FeedbackAdded) -> None:
     console.print(
         f"{report.labels} labelled prediction(s); added {total} images to"
         f" {cfg.mnist_dir / 'train'} ({per_class or 'none new'})"
+        + (f", {report.moved} of them moved from another digit" if report.moved else "")
         + (f", {report.already} already there" if report.already else "")
     )
 

@@ -20,10 +20,11 @@ from mnistops.settings import Settings
 class FeedbackRefused(Exception):
     """A label the service does not take: `status` and `detail` for the answer."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, retry_after_s: int | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.retry_after_s = retry_after_s
 
 
 Given = tuple[float, str, bytes]
@@ -103,6 +104,7 @@ class FeedbackBook:
                 429,
                 f"more than {self.per_minute} labels this minute"
                 f" (serve.log.feedback_per_minute): try again in {wait} s",
+                retry_after_s=wait,
             )
         self.minute_count += 1
 

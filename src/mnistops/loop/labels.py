@@ -36,6 +36,8 @@ class FeedbackAdded:
     labels: int = 0
     added: dict[int, int] = field(default_factory=dict)
     already: int = 0
+    moved: int = 0
+    """of the added: images already in the training set under another digit (relabelled)"""
     in_test: list[tuple[str, str]] = field(default_factory=list)
     """(image name, the test file it equals)"""
     in_train: list[tuple[str, str]] = field(default_factory=list)
@@ -127,9 +129,11 @@ def add_feedback(
     try:
         root = _staged(found, test, train, report, folder)
         folders = settings.mnist_dir / "train"
+        staged = list(root.rglob("*.png"))
         report.already = sum(
-            1 for path in root.rglob("*.png") if (folders / path.parent.name / path.name).exists()
+            1 for path in staged if (folders / path.parent.name / path.name).exists()
         )
+        report.moved = sum(1 for path in staged if _labelled_otherwise(folders, path))
         if any(root.rglob("*.png")):
             report.added = adding.add_images(
                 settings, root, progress_for or adding.no_progress, relabel=True
@@ -137,6 +141,12 @@ def add_feedback(
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return report
+
+
+def _labelled_otherwise(folders: Path, staged: Path) -> bool:
+    """Whether the image is in the training set under another digit (relabelled)."""
+    digit = staged.parent.name
+    return any((folders / str(d) / staged.name).exists() for d in range(10) if str(d) != digit)
 
 
 def _staged(

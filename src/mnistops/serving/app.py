@@ -244,7 +244,8 @@ async def feedback_answer(
         document = await feedback_document(request)
         label, replaced = book.take(document)
     except FeedbackRefused as exc:
-        headers = {"Retry-After": "60"} if exc.status == 429 else None
+        wait = exc.retry_after_s
+        headers = {"Retry-After": str(wait)} if wait is not None else None
         return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
     if log is not None:
         log.label(label)
@@ -275,11 +276,26 @@ async def feedback_document(request: Request) -> object:
         if len(body) > FEEDBACK_BYTES:
             raise FeedbackRefused(413, f"the body is over {FEEDBACK_BYTES} bytes")
     try:
-        return json.loads(body)
+        return json.loads(body, object_pairs_hook=_once_each)
+    except _Repeated as exc:
+        raise FeedbackRefused(422, f"{exc}: give each field once") from None
     except (ValueError, RecursionError):
         raise FeedbackRefused(
             400, 'the body is not JSON: send {"request_id": "...", "digit": 7}'
         ) from None
+
+
+class _Repeated(Exception):
+    """A JSON object that names one field twice (which one would win is a guess)."""
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise _Repeated(f"the field {key[:40]!r} is given twice")
+        found[key] = value
+    return found
 
 
 def loop_metrics(log: PredictionLog | None, book: FeedbackBook) -> str:
