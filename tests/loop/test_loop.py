@@ -8,6 +8,7 @@ batch."""
 from __future__ import annotations
 
 import io
+import os
 import signal
 import time
 from pathlib import Path
@@ -144,6 +145,7 @@ def test_a_label_corrected_after_data_add_moves_its_image(service: Service) -> N
     assert done.returncode == 0, done.stderr
     assert (train / "5" / image_name(rid, 0)).is_file()
     assert not (train / "2" / image_name(rid, 0)).exists()
+    assert "1 of them moved from another digit" in done.stdout, done.stdout
 
 
 def test_one_image_never_holds_two_labels(service: Service) -> None:
@@ -193,6 +195,13 @@ def test_bad_labels_get_a_clear_4xx(service: Service) -> None:
         assert answer.status_code == status and why in answer.json()["detail"], answer.text
     not_json = httpx.post(f"{service.url}/feedback", content=b"{digit: 1")
     assert not_json.status_code == 400 and "not JSON" in not_json.json()["detail"]
+    twice = httpx.post(
+        f"{service.url}/feedback",
+        content=f'{{"request_id": "{rid}", "digit": 3, "digit": 4}}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert twice.status_code == 422, twice.text
+    assert "the field 'digit' is given twice" in twice.json()["detail"]
     huge = httpx.post(f"{service.url}/feedback", content=b" " * 10_000)
     assert huge.status_code == 413
 
@@ -332,7 +341,8 @@ def test_a_flood_of_labels_is_bounded(service: Service) -> None:
     limited = [a for a in answers if a.status_code == 429]
     assert limited and all(a.status_code in (200, 429) for a in answers)
     assert "feedback_per_minute" in limited[0].json()["detail"]
-    assert limited[0].headers["Retry-After"]
+    wait = limited[0].headers["Retry-After"]
+    assert f"try again in {wait} s" in limited[0].json()["detail"]
     assert service.metric('mnistops_feedback_total{outcome="rate_limited"}') >= len(limited)
 
 
@@ -343,7 +353,10 @@ def test_kill_9_loses_no_written_batch(service: Service) -> None:
     written = [predict(service.url, path)["request_id"] for path in files]
     logged(settings, set(written))
     unwritten = [predict(service.url, path)["request_id"] for path in files[:5]]
+    writers = writer_processes(service)
+    assert len(writers) == 1, writers
     service.stop(signal.SIGKILL)
+    gone_within(writers, 15)
     batches = read_batches(settings, records.PREDICTIONS_PREFIX)
     assert not batches.refused, batches.refused
     rows = pa.concat_tables(batches.tables)
@@ -353,6 +366,56 @@ def test_kill_9_loses_no_written_batch(service: Service) -> None:
     assert len(lost) <= 5
     service.start()
     assert predict(service.url, files[0])["request_id"] not in found
+
+
+@pytest.mark.faults
+def test_a_stop_signalled_to_the_writer_too_writes_the_last_batch(service: Service) -> None:
+    """A terminal's Ctrl-C and `stack down` signal the service's whole process group:
+    the writer outlives the signal and writes what the service hands it as it stops."""
+    settings = service.settings
+    files = digit_images(settings, 5)
+    last = {predict(service.url, path)["request_id"] for path in files}
+    writers = writer_processes(service)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        os.kill(writers[0], sig)
+    time.sleep(0.5)
+    assert writer_processes(service) == writers
+    service.stop(signal.SIGTERM)
+    gone_within(writers, 15)
+    logged(settings, last, timeout_s=5)
+    service.start()
+
+
+def writer_processes(service: Service) -> list[int]:
+    """The pids of the service's prediction-log writer processes."""
+    assert service.process is not None
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == service.process.pid and b"mnistops.loop.log_process" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def gone_within(pids: list[int], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while any(running(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"the writer processes {pids} outlived the service"
+        time.sleep(0.2)
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's parent may be slow to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_retention_deletes_only_the_days_past_it(service: Service) -> None:
