@@ -42,6 +42,8 @@ class WriterProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.requests: Connection | None = None
         self.replies: Connection | None = None
+        self.cpu_before_s = 0.0
+        """CPU seconds of the writer processes that stopped"""
 
     def call(self, request: tuple[str, Any]) -> Any:
         """The writer's reply to `request`; WriterGone if it died or hung (it is then
@@ -62,6 +64,21 @@ class WriterProcess:
             raise RuntimeError(value)
         return value
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds the writer processes used so far."""
+        return self.cpu_before_s + self._cpu_now()
+
+    def _cpu_now(self) -> float:
+        import psutil
+
+        if self.proc is None:
+            return 0.0
+        try:
+            times = psutil.Process(self.proc.pid).cpu_times()
+        except psutil.Error:
+            return 0.0
+        return float(times.user + times.system)
+
     def stop(self, wait_s: float = 10.0) -> None:
         """Close the pipe (the writer exits when it has finished what it was doing)."""
         for end in (self.requests, self.replies):
@@ -69,6 +86,7 @@ class WriterProcess:
                 end.close()
         self.requests = self.replies = None
         if self.proc is not None:
+            self.cpu_before_s += self._cpu_now()
             try:
                 self.proc.wait(wait_s)
             except subprocess.TimeoutExpired:

@@ -68,6 +68,8 @@ class PredictionLog:
         self.counts = LogCounts()
         self.thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self.writer = WriterProcess(settings)
+        self.thread_cpu_s = 0.0
+        """CPU seconds the writer thread used (/metrics)"""
         self._retention_done = 0.0
 
     def start(self) -> None:
@@ -118,6 +120,7 @@ class PredictionLog:
                 stopping = self.stopping.is_set()
                 if stopping or self._due():
                     self._flush()
+                self.thread_cpu_s = time.thread_time()
                 if stopping:
                     return
                 self._retention()

@@ -323,6 +323,12 @@ def loop_metrics(log: PredictionLog | None, book: FeedbackBook) -> str:
         " (kept and tried again).",
         "# TYPE mnistops_prediction_log_write_errors_total counter",
         f"mnistops_prediction_log_write_errors_total {counts.write_errors}",
+        "# HELP mnistops_prediction_log_cpu_seconds_total CPU the log used: its thread in"
+        " the service, and its writer process.",
+        "# TYPE mnistops_prediction_log_cpu_seconds_total counter",
+        f'mnistops_prediction_log_cpu_seconds_total{{part="thread"}} {log.thread_cpu_s:.3f}',
+        f'mnistops_prediction_log_cpu_seconds_total{{part="writer"}}'
+        f" {log.writer.cpu_seconds():.3f}",
     ]
     return "\n".join(lines) + "\n"
 
