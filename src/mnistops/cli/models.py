@@ -375,7 +375,7 @@ def promote(
 ) -> None:
     """Move `champion` to VERSION (a running `mnistops serve` follows within seconds).
     The model is downloaded and loaded first; one that does not load is refused."""
-    from mnistops.tracking.registry import promote_champion
+    from mnistops.tracking.promotion import promote_champion
 
     cfg = settings(MODEL_KEYS)
     done = promote_champion(cfg, version, reason, trust_unsigned=trust_unsigned)
@@ -392,7 +392,7 @@ def rollback(
     ] = "by hand",
 ) -> None:
     """Move `champion` back to the version the current champion replaced."""
-    from mnistops.tracking.registry import roll_back_champion
+    from mnistops.tracking.promotion import roll_back_champion
 
     cfg = settings(MODEL_KEYS)
     done = roll_back_champion(cfg, reason)
