@@ -113,7 +113,7 @@ def run_mnistops(config_dir: Path, work: Path, env: dict[str, str]) -> dict[str,
     figures["pull cached"], _ = timed([*pull, str(worker / "b")], worker, worker_env)
     figures["pull again"], _ = timed([*pull, str(worker / "b")], worker, worker_env)
     # The same check in-process, without the interpreter's start-up and imports.
-    from mnistops.data import registry
+    from mnistops.data import pulling
 
     worker_settings = load_settings(config_dir).model_copy(update={"home": worker / ".mnistops"})
     keys = s3_keys(settings)
@@ -125,7 +125,7 @@ def run_mnistops(config_dir: Path, work: Path, env: dict[str, str]) -> dict[str,
         }
     )
     began = time.perf_counter()
-    assert registry.pull(worker_settings, "v2.0", worker / "b").already_there
+    assert pulling.pull(worker_settings, "v2.0", worker / "b").already_there
     figures["pull again in-process"] = time.perf_counter() - began
     return figures
 

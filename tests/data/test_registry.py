@@ -16,7 +16,7 @@ import pytest
 
 from mnistops import stack
 from mnistops.clients import s3_client
-from mnistops.data import packs, reader, registry, remote
+from mnistops.data import packs, pulling, reader, registry, remote
 from mnistops.settings import Settings, load_settings
 from mnistops.stack import process
 from tests.helpers import cli_paused_at, client_config, finish, kill_service, run_cli
@@ -256,7 +256,7 @@ def test_corrupt_remote_object_is_named_and_never_written(publisher: Path, tmp_p
     fresh = settings.model_copy(update={"home": tmp_path / "fresh-home"})
     try:
         with pytest.raises(packs.StoreError) as info:
-            registry.pull(fresh, "v1.0", tmp_path / "out")
+            pulling.pull(fresh, "v1.0", tmp_path / "out")
         assert key in str(info.value) and "corrupt" in str(info.value)
         assert not (tmp_path / "out").exists()
         assert not packs.ObjectCache(tmp_path / "fresh-home" / "cache" / "objects").has(pack)

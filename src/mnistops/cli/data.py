@@ -256,10 +256,10 @@ def pull(
     ] = False,
 ) -> None:
     """Write exactly that version as PNG folders (needs only the object store)."""
-    from mnistops.data import registry
+    from mnistops.data import pulling
 
     with progress_bars() as progress_for:
-        result = registry.pull(settings(), tag, to, progress_for, verify, console.log)
+        result = pulling.pull(settings(), tag, to, progress_for, verify, console.log)
     state = "already there" if result.already_there else f"{result.downloaded} objects downloaded"
     console.print(f"{result.record.tag}: {result.images} images in {result.target} ({state})")
 
