@@ -279,10 +279,27 @@ def test_crafted_log_objects_are_refused_by_name(service: Service) -> None:
         assert kept.tobytes() == first
         assert not Path("/tmp/owned").exists()
         assert not list(settings.mnist_dir.rglob("*owned*"))
+        assert "predictions --quarantine" in shown.stderr.replace("\n", " ")
+        refused = [*unsigned, *list(signed)[:1]]
+        moved = run_cli("predictions", "--quarantine", config_dir=service.config_dir)
+        assert moved.returncode == 0, moved.stderr
+        assert moved.stdout.count("moved s3://") == len(refused), moved.stdout
+        aside = quarantined(service)
+        assert len(aside) == len(refused) and all(len(key) == 11 + 64 for key in aside), aside
+        again = run_cli("predictions", config_dir=service.config_dir)
+        assert again.returncode == 0 and "refused" not in again.stderr, again.stderr
+        assert logged(settings, {real}).column("input")[0].as_py() == first
     finally:
         client = service_client(service)
-        for key in [*unsigned, *signed]:
+        for key in [*unsigned, *signed, *quarantined(service)]:
             client.delete_object(Bucket=settings.s3.buckets.dvc, Key=key)
+
+
+def quarantined(service: Service) -> list[str]:
+    listed = service_client(service).list_objects_v2(
+        Bucket=service.settings.s3.buckets.dvc, Prefix="quarantine/"
+    )
+    return [item["Key"] for item in listed.get("Contents", [])]
 
 
 def _noise() -> np.ndarray:

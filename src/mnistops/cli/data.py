@@ -99,6 +99,8 @@ def show_feedback_added(cfg: Settings, report: FeedbackAdded) -> None:
 
     for name, why in report.refused:
         warn(f"s3://{cfg.s3.buckets.dvc}/{escape(shown_name(name))} refused: {escape(why)}")
+    if report.refused:
+        warn("`mnistops predictions --quarantine` moves the refused objects out of the way")
     for name, why in report.logged_twice:
         where = f"s3://{cfg.s3.buckets.dvc}/{escape(shown_name(name))}"
         warn(f"{where}: {escape(why)}; the first is used")

@@ -20,15 +20,30 @@ def predictions(
         str | None,
         typer.Option("--since", help="From this date (2026-12-03) or time (UTC) on."),
     ] = None,
+    quarantine: Annotated[
+        bool,
+        typer.Option(
+            "--quarantine",
+            help="Move the refused objects of the log to quarantine/ in the bucket.",
+        ),
+    ] = False,
 ) -> None:
     """How many answers the prediction service logged, per model version and per digit."""
     from mnistops.data.images import shown_name
-    from mnistops.loop.store import parse_since, summary
+    from mnistops.loop import store
 
     cfg = settings()
-    found = summary(cfg, parse_since(since))
+    bucket = cfg.s3.buckets.dvc
+    found = store.summary(cfg, store.parse_since(since))
     for name, why in found.refused:
-        warn(f"s3://{cfg.s3.buckets.dvc}/{escape(shown_name(name))} refused: {escape(why)}")
+        warn(f"s3://{bucket}/{escape(shown_name(name))} refused: {escape(why)}")
+    if quarantine:
+        for name, target in store.quarantine(cfg, found.refused):
+            console.print(
+                f"moved s3://{bucket}/{escape(shown_name(name))} to s3://{bucket}/{target}"
+            )
+    elif found.refused:
+        warn("`mnistops predictions --quarantine` moves the refused objects out of the way")
     where = f"s3://{cfg.s3.buckets.dvc}/predictions/"
     if not found.images:
         console.print(f"no predictions logged{f' since {since}' if since else ''} in {where}")

@@ -1,9 +1,12 @@
 """The prediction log read back from the object store: every batch of the days asked
 for, its signature and contents checked (`records`); an object that fails is named and
-skipped, never used. `mnistops predictions` summarises what was logged."""
+skipped, never used. `mnistops predictions` summarises what was logged, and with
+`--quarantine` moves the refused objects aside."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,6 +16,9 @@ from typing import Any
 from mnistops.data.remote import store_errors
 from mnistops.loop import records
 from mnistops.settings import Settings
+
+QUARANTINE_PREFIX = "quarantine/"
+"""refused objects of the log are moved here, out of every reader's way"""
 
 
 @dataclass
@@ -182,3 +188,39 @@ def parse_since(text: str | None, option: str = "--since") -> datetime | None:
             f"{option} {text!r}: expected a date (2026-12-03) or a time (2026-12-03T14:00)"
         ) from None
     return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def quarantine(settings: Settings, refused: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Move refused objects of the log to `quarantine/<sha256 of the name>` (a name of
+    our own: a crafted name never becomes a key that readers might resolve), their name
+    and why in the object's metadata; (object, where it went) of each. Copy first, then
+    delete: interrupted, it is done again the same way."""
+    from mnistops.clients import s3_client
+
+    client = s3_client(settings)
+    bucket = settings.s3.buckets.dvc
+    moved = []
+    for name, why in refused:
+        if not name.startswith((records.PREDICTIONS_PREFIX, records.FEEDBACK_PREFIX)):
+            continue
+        raw = name.encode("utf-8", "surrogateescape")
+        target = QUARANTINE_PREFIX + hashlib.sha256(raw).hexdigest()
+        metadata = {
+            "mnistops-name": base64.urlsafe_b64encode(raw[:700]).decode(),
+            "mnistops-refused": _printable(why)[:500],
+        }
+        with store_errors(f"moving a refused object of the log to s3://{bucket}/{target}", client):
+            client.copy_object(
+                Bucket=bucket,
+                Key=target,
+                CopySource={"Bucket": bucket, "Key": name},
+                Metadata=metadata,
+                MetadataDirective="REPLACE",
+            )
+            client.delete_object(Bucket=bucket, Key=name)
+        moved.append((name, target))
+    return moved
+
+
+def _printable(text: str) -> str:
+    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)
