@@ -13,6 +13,7 @@ from typing import Any
 from mnistops.data import folders, packs
 from mnistops.data.reader import (
     RegistryError,
+    Report,
     VersionRefused,
     cache_of,
     cached_record,
@@ -25,7 +26,6 @@ from mnistops.data.reader import (
 from mnistops.settings import Settings
 
 ProgressFor = Callable[[str, int], Callable[[int], None]]
-Report = Callable[[str], None]
 
 
 def _no_progress(_label: str, _total: int) -> Callable[[int], None]:
