@@ -1,17 +1,22 @@
 """A typo in hyp.yml, flow.yml or dataset.yml never stops the stack's own commands: the
-bad key is left at its default with one warning line naming it, and the commands that
-use it still refuse, naming file and key. (Issue: a running stack could not be looked
-at or stopped until the training settings were fixed.)"""
+bad key is left at its default with one warning line naming it (`stack up`, `status`,
+`env`, `logs`, `models`, `serve`), and the commands that use it still refuse, naming
+file and key. (Issue: a running stack could not be looked at or stopped until the
+training settings were fixed.)"""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from mnistops.settings import Settings
-from tests.helpers import run_cli
+from mnistops.stack.ports import free_port_pair
+from tests.helpers import cli_command, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.bad_input]
 
@@ -37,6 +42,7 @@ def test_a_typo_beside_the_stack_never_stops_its_commands(
 ) -> None:
     config_dir, key = broken_config(stack_settings, tmp_path, name)
     for command in (
+        ("stack", "up"),
         ("stack", "status"),
         ("stack", "env"),
         ("stack", "logs", "mlflow"),
@@ -47,6 +53,33 @@ def test_a_typo_beside_the_stack_never_stops_its_commands(
         assert done.stderr.count("warning:") == 1, done.stderr
         assert f"{name}: key '{key}'" in " ".join(done.stderr.split())
     assert "healthy" in run_cli("stack", "status", config_dir=config_dir).stdout
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_serve_starts_beside_a_typo(stack_settings: Settings, tmp_path: Path, name: str) -> None:
+    config_dir, key = broken_config(stack_settings, tmp_path, name)
+    port = free_port_pair(set())
+    service = subprocess.Popen(
+        cli_command(("serve", "--port", str(port)), config_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        answered = False
+        deadline = time.monotonic() + 90
+        while not answered and service.poll() is None and time.monotonic() < deadline:
+            try:
+                answered = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code < 600
+            except httpx.HTTPError:
+                time.sleep(0.3)
+    finally:
+        service.terminate()
+        _out, err = service.communicate(timeout=60)
+    assert answered, err
+    said = " ".join(err.split())
+    assert said.count(f"{name}: key '{key}'") == 1, err
+    assert "invalid settings" not in said and "Traceback" not in said, err
 
 
 @pytest.mark.parametrize("name", sorted(BROKEN))
