@@ -22,7 +22,7 @@ import yaml
 
 from mnistops import stack
 from mnistops.clients import s3_client
-from mnistops.data import packs, remote
+from mnistops.data import manifests, packs, remote
 from mnistops.settings import Settings
 from mnistops.stack.ports import free_port_config
 
@@ -60,7 +60,9 @@ def craft_version(
         split, digit = (path.split("/") + ["", ""])[:2]
         if split in counts and digit in counts[split]:
             counts[split][digit] += 1
-    manifest = gzip.compress(json.dumps({"columns": packs.MANIFEST_COLUMNS, "rows": rows}).encode())
+    manifest = gzip.compress(
+        json.dumps({"columns": manifests.MANIFEST_COLUMNS, "rows": rows}).encode()
+    )
     manifest_md5 = packs.md5_bytes(manifest)
     put_object(settings, remote.object_key(pack_md5), pack)
     put_object(settings, remote.object_key(manifest_md5), manifest)
@@ -68,7 +70,7 @@ def craft_version(
         "tag": tag,
         "message": "crafted",
         "created": "2099-01-01T00:00:00+00:00",
-        "content_hash": packs.rows_content_hash(packs.ManifestRow._make(r) for r in rows),
+        "content_hash": manifests.rows_content_hash(manifests.ManifestRow._make(r) for r in rows),
         "counts": counts,
         "files": {packs.MANIFEST: manifest_md5, f"packs/{pack_md5}.pack": pack_md5},
         "previous": None,

@@ -31,6 +31,15 @@ class Interrupted(MnistopsError):
     exit_code = INTERRUPTED
 
 
+class PredictError(MnistopsError):
+    """There is no champion, or it cannot be loaded, or an image cannot be used; the
+    message names which."""
+
+
+class ImageUnusable(PredictError, BadInput):
+    """An image cannot be read or holds no digit; the message names the file."""
+
+
 def as_bad_input(exc: MnistopsError) -> BadInput:
     """The same message, as bad input: a check of what a command was given (the data
     version to train on, its hyperparameters) failed before any work started."""

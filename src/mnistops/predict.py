@@ -8,16 +8,16 @@ mass at the centre.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-from mnistops.data.images import MAX_PIXELS, ImageRefused, open_image, read_regular, shown_name
-from mnistops.errors import BadInput, MnistopsError
+from mnistops.data.conversion import decode, mnist_like
+from mnistops.data.images import MAX_PIXELS, ImageRefused, read_regular, shown_name
+from mnistops.errors import ImageUnusable, PredictError
 from mnistops.settings import Settings
 from mnistops.tracking import model_files
 
@@ -27,17 +27,9 @@ if TYPE_CHECKING:
 __all__ = ["MAX_PIXELS", "PredictError", "Prediction", "load_images", "mnist_like", "predict"]
 
 
-class PredictError(MnistopsError):
-    """There is no champion, or it cannot be loaded; the message names which."""
-
-
 class ModelUnreachable(PredictError):
     """A version's files could not be downloaded now (a server down, a timeout): worth
     another try, unlike a version whose files are damaged."""
-
-
-class ImageUnusable(PredictError, BadInput):
-    """An image cannot be read or holds no digit; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -66,72 +58,6 @@ def _open(path: Path) -> Image.Image:
     except ImageRefused as exc:
         raise ImageUnusable(f"{path}: {exc}") from None
     return decode(data, str(path))
-
-
-def decode(data: bytes, name: str = "image") -> Image.Image:
-    """An image's bytes, decoded; a decompression bomb is refused before its pixels are
-    decoded. ImageUnusable names `name` and what is wrong."""
-    try:
-        image = open_image(io.BytesIO(data))
-        image.load()
-    except ImageRefused as exc:
-        raise ImageUnusable(f"{name}: {exc}") from None
-    except UnidentifiedImageError:
-        raise ImageUnusable(f"{name}: not an image PIL can read (PNG or JPEG expected)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageUnusable(f"{name}: refused as a decompression bomb ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageUnusable(f"{name}: the image is corrupt or truncated ({exc})") from None
-    return image
-
-
-def image_from_bytes(data: bytes, name: str = "image") -> np.ndarray:
-    """A PNG or JPEG's bytes as a 28x28 float32 array, converted the MNIST way: what
-    `mnistops predict` does with a file, and the service with an upload."""
-    with decode(data, name) as image:
-        return mnist_like(ImageOps.exif_transpose(image) or image, name)
-
-
-def _grayscale(image: Image.Image) -> Image.Image:
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        top = array.max() or 1.0
-        return Image.fromarray((array / top * 255).astype(np.uint8))
-    return image.convert("L")
-
-
-def _border(gray: np.ndarray) -> np.ndarray:
-    return np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-
-
-def mnist_like(image: Image.Image, name: str = "image") -> np.ndarray:
-    """A 28x28 float32 array in [0, 1], white digit on black, as MNIST draws them."""
-    gray = np.asarray(_grayscale(image), dtype=np.float32)
-    if np.median(_border(gray)) > 127:
-        gray = 255 - gray
-    gray = np.clip(gray - np.median(_border(gray)), 0, 255)
-    ink = gray > max(gray.max() * 0.2, 1)
-    if not ink.any():
-        raise ImageUnusable(f"{name}: the image is blank (no digit found)")
-    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
-    crop = Image.fromarray(gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.uint8))
-    scale = 20 / max(crop.size)
-    size = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
-    digit = np.asarray(crop.resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
-    canvas = np.zeros((28, 28), np.float32)
-    top, left = (28 - size[1]) // 2, (28 - size[0]) // 2
-    canvas[top : top + size[1], left : left + size[0]] = digit
-    total = canvas.sum()
-    if total > 0:
-        ys, xs = np.indices(canvas.shape)
-        dy = int(round(14 - (ys * canvas).sum() / total))
-        dx = int(round(14 - (xs * canvas).sum() / total))
-        canvas = np.roll(canvas, (np.clip(dy, -4, 4), np.clip(dx, -4, 4)), axis=(0, 1))
-    return np.clip(canvas, 0, 255) / 255.0
 
 
 def load_images(paths: list[Path]) -> np.ndarray:

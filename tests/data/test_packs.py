@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnistops.data import folders, packs
+from mnistops.data import folders, manifests, packs
 from mnistops.data.images import ImageEntry
 from mnistops.data.registry import changes_between
 
@@ -43,11 +43,11 @@ def dataset(root: Path, per_class: int = 2, offset: int = 0) -> list[ImageEntry]
 def stored(tmp_path: Path, entries: list[ImageEntry]) -> tuple[packs.ObjectCache, bytes]:
     cache = packs.ObjectCache(tmp_path / "cache")
     locations = packs.build_packs(cache, entries, {})
-    return cache, packs.build_manifest(entries, locations)
+    return cache, manifests.build_manifest(entries, locations)
 
 
 def record_for(entries: list[ImageEntry], manifest: bytes) -> packs.VersionRecord:
-    rows = packs.parse_manifest(manifest)
+    rows = manifests.parse_manifest(manifest)
     counts = {s: {str(d): 0 for d in range(10)} for s in ("train", "test")}
     for entry in entries:
         counts[entry.split][str(entry.label)] += 1
@@ -57,7 +57,7 @@ def record_for(entries: list[ImageEntry], manifest: bytes) -> packs.VersionRecor
         created="2026-11-27T12:00:00+00:00",
         content_hash=packs.content_hash(entries),
         counts=counts,
-        files=packs.dataset_files(packs.md5_bytes(manifest), rows),
+        files=manifests.dataset_files(packs.md5_bytes(manifest), rows),
         format=packs.FORMAT,
     )
 
@@ -68,11 +68,11 @@ def test_a_manifest_round_trips_through_its_record(tmp_path: Path) -> None:
     record = record_for(entries, manifest)
     again = packs.record_from_json(record.to_json(), "v1.0")
     assert again == record
-    rows = packs.parse_manifest(manifest, again)
+    rows = manifests.parse_manifest(manifest, again)
     assert sorted(row.key for row in rows) == sorted(e.key for e in entries)
-    assert packs.rows_content_hash(rows) == packs.content_hash(entries)
-    packs.check_rows(rows, cache)
-    assert packs.build_manifest(entries, packs.build_packs(cache, entries, {})) == manifest
+    assert manifests.rows_content_hash(rows) == packs.content_hash(entries)
+    manifests.check_rows(rows, cache)
+    assert manifests.build_manifest(entries, packs.build_packs(cache, entries, {})) == manifest
 
 
 def test_a_new_version_packs_only_the_new_images(tmp_path: Path) -> None:
@@ -90,7 +90,7 @@ def test_pulled_folders_hold_the_bytes_that_were_published(tmp_path: Path) -> No
     entries = dataset(tmp_path / "data")
     cache, manifest = stored(tmp_path, entries)
     record = record_for(entries, manifest)
-    rows = packs.parse_manifest(manifest, record)
+    rows = manifests.parse_manifest(manifest, record)
     target = tmp_path / "pulled"
     folders.materialize(rows, cache, target, record)
     for entry in entries:
@@ -105,7 +105,7 @@ def test_a_failed_pull_leaves_no_half_written_folder(tmp_path: Path) -> None:
     entries = dataset(tmp_path / "data")
     cache, manifest = stored(tmp_path, entries)
     record = record_for(entries, manifest)
-    rows = packs.parse_manifest(manifest, record)
+    rows = manifests.parse_manifest(manifest, record)
     cache.path(rows[0].pack).unlink()
     with pytest.raises(FileNotFoundError):
         folders.materialize(rows, cache, tmp_path / "pulled", record)
@@ -115,7 +115,7 @@ def test_a_failed_pull_leaves_no_half_written_folder(tmp_path: Path) -> None:
 def test_a_diff_counts_images_by_their_bytes(tmp_path: Path) -> None:
     entries = dataset(tmp_path / "data")
     _cache, manifest = stored(tmp_path, entries)
-    old = packs.parse_manifest(manifest)
+    old = manifests.parse_manifest(manifest)
     renamed = [row._replace(key=row.key.replace(".png", "-renamed.png")) for row in old]
     assert not any(c.added or c.removed for c in changes_between(old, renamed))
     first = next(i for i, row in enumerate(old) if row.key.startswith("train/0/"))
@@ -137,9 +137,11 @@ def test_a_manifest_whose_names_collide_when_folded_is_refused(tmp_path: Path) -
         ["train/1/caf\u00e9.png", "a" * 64, "b" * 32, 0, 10],
         ["train/1/cafe\u0301.png", "c" * 64, "b" * 32, 10, 10],
     ]
-    manifest = gzip.compress(json.dumps({"columns": packs.MANIFEST_COLUMNS, "rows": rows}).encode())
+    manifest = gzip.compress(
+        json.dumps({"columns": manifests.MANIFEST_COLUMNS, "rows": rows}).encode()
+    )
     with pytest.raises(packs.CorruptRecord) as refused:
-        packs.parse_manifest(manifest)
+        manifests.parse_manifest(manifest)
     message = str(refused.value)
     assert "folds case or Unicode forms" in message, message
     assert "caf\u00e9.png" in message and "cafe\u0301.png" in message, message

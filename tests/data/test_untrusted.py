@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mnistops.data import images, packs
+from mnistops.data import images, manifests, packs
 
 pytestmark = [pytest.mark.unit, pytest.mark.security]
 
@@ -47,7 +47,7 @@ def counts_with(split: str, digit: str, value: object) -> dict:
 
 
 def manifest(rows: list, columns: list | None = None) -> bytes:
-    document = {"columns": columns or packs.MANIFEST_COLUMNS, "rows": rows}
+    document = {"columns": columns or manifests.MANIFEST_COLUMNS, "rows": rows}
     return gzip.compress(json.dumps(document).encode())
 
 
@@ -132,30 +132,30 @@ def good_row(path: str = "train/3/1.png", offset: int = 0, length: int = 10) -> 
 )
 def test_a_crafted_manifest_row_is_refused(row: list, reason: str) -> None:
     with pytest.raises(packs.CorruptRecord) as info:
-        packs.parse_manifest(manifest([good_row("test/1/ok.png"), row]))
+        manifests.parse_manifest(manifest([good_row("test/1/ok.png"), row]))
     assert reason in str(info.value) and "row 2" in str(info.value), info.value
 
 
 def test_manifest_refuses_duplicates_foreign_packs_layouts_and_bombs() -> None:
     twice = manifest([good_row(), good_row()])
     with pytest.raises(packs.CorruptRecord, match="listed twice"):
-        packs.parse_manifest(twice)
+        manifests.parse_manifest(twice)
     record = packs.record_from_json(json.dumps(record_dict()), "v1.0")
     with pytest.raises(packs.CorruptRecord, match="not one of the version's files"):
-        packs.parse_manifest(manifest([good_row()]), record)
+        manifests.parse_manifest(manifest([good_row()]), record)
     with pytest.raises(packs.CorruptRecord, match="unknown manifest layout"):
-        packs.parse_manifest(manifest([], columns=["path"]))
+        manifests.parse_manifest(manifest([], columns=["path"]))
     with pytest.raises(packs.CorruptRecord, match="not gzip"):
-        packs.parse_manifest(b"plain text")
+        manifests.parse_manifest(b"plain text")
     bomb = zlib.compressobj(9, zlib.DEFLATED, 31)
     data = bomb.compress(b"\0" * (packs.MAX_MANIFEST_BYTES + 1)) + bomb.flush()
     assert len(data) < 1 << 20
     with pytest.raises(packs.CorruptRecord, match="decompresses to more than"):
-        packs.parse_manifest(data)
+        manifests.parse_manifest(data)
     dense = gzip.compress(b'{"rows": [' + b"[]," * 8_000_000 + b'[]], "columns": []}')
     assert len(dense) < 1 << 20
     with pytest.raises(packs.CorruptRecord, match="far more JSON values"):
-        packs.parse_manifest(dense)
+        manifests.parse_manifest(dense)
 
 
 def test_a_manifest_must_hold_what_its_record_says() -> None:
@@ -165,37 +165,37 @@ def test_a_manifest_must_hold_what_its_record_says() -> None:
         for d in range(10)
     ]
     counts = {split: {str(d): 1 for d in range(10)} for split in ("train", "test")}
-    parsed = [packs.ManifestRow._make(r) for r in rows]
-    content = packs.rows_content_hash(parsed)
+    parsed = [manifests.ManifestRow._make(r) for r in rows]
+    content = manifests.rows_content_hash(parsed)
     record = packs.record_from_json(
         json.dumps(record_dict(counts=counts, content_hash=content)), "v1.0"
     )
-    assert packs.parse_manifest(manifest(rows), record) == parsed
+    assert manifests.parse_manifest(manifest(rows), record) == parsed
     with pytest.raises(packs.CorruptRecord, match="images per class"):
-        packs.parse_manifest(manifest(rows[1:]), record)
+        manifests.parse_manifest(manifest(rows[1:]), record)
     lying = packs.record_from_json(json.dumps(record_dict(counts=counts)), "v1.0")
     with pytest.raises(packs.CorruptRecord, match="content hash"):
-        packs.parse_manifest(manifest(rows), lying)
+        manifests.parse_manifest(manifest(rows), lying)
 
 
 def test_rows_outside_their_pack_are_refused(tmp_path: Path) -> None:
     cache = packs.ObjectCache(tmp_path)
     pack = cache.put(b"0123456789")
-    rows = [packs.ManifestRow("train/1/a.png", SHA, pack, 5, 10)]
+    rows = [manifests.ManifestRow("train/1/a.png", SHA, pack, 5, 10)]
     with pytest.raises(packs.CorruptRecord, match="outside pack"):
-        packs.check_rows(rows, cache)
+        manifests.check_rows(rows, cache)
 
 
 def test_paths_and_object_ids_stay_inside_their_folder(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
-    assert packs.path_inside(root, "train/1/a.png") == root / "train/1/a.png"
+    assert manifests.path_inside(root, "train/1/a.png") == root / "train/1/a.png"
     for bad in ("../x", "train/../../x", "/etc/passwd"):
         with pytest.raises(packs.CorruptRecord, match="outside"):
-            packs.path_inside(root, bad)
+            manifests.path_inside(root, bad)
     os.symlink(tmp_path, root / "link")
     with pytest.raises(packs.CorruptRecord, match="outside"):
-        packs.path_inside(root, "link/x")
+        manifests.path_inside(root, "link/x")
     cache = packs.ObjectCache(root)
     for bad in ("../../../../tmp/xx", "a" * 31, "A" * 32, "g" * 32):
         with pytest.raises(packs.CorruptRecord, match="not an object id"):
@@ -256,7 +256,7 @@ paths = st.lists(path_parts, min_size=1, max_size=5).map("/".join) | st.text(max
 )
 def test_fuzz_manifest_rows_never_lead_outside(rows: list) -> None:
     try:
-        parsed = packs.parse_manifest(manifest(rows))
+        parsed = manifests.parse_manifest(manifest(rows))
     except packs.CorruptRecord:
         return
     root = "/dest"
@@ -271,7 +271,7 @@ def test_fuzz_manifest_rows_never_lead_outside(rows: list) -> None:
 def test_fuzz_manifest_bytes(data: bytes) -> None:
     for candidate in (data, gzip.compress(data)):
         with contextlib.suppress(packs.CorruptRecord):
-            packs.parse_manifest(candidate)
+            manifests.parse_manifest(candidate)
 
 
 @FUZZ

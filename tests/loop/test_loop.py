@@ -21,11 +21,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from mnistops.data.conversion import image_from_bytes
 from mnistops.loop import records
 from mnistops.loop.labels import image_name
 from mnistops.loop.records import Answered
 from mnistops.loop.store import log_signing_key, read_batches
-from mnistops.predict import image_from_bytes
 from mnistops.settings import Settings
 from tests.helpers import SHOTS, put_object, run_cli
 from tests.loop.service import (
@@ -108,10 +108,14 @@ def test_labels_become_training_images(service: Service) -> None:
     as_test = httpx.post(f"{service.url}/predict", json=[raw]).json()["request_id"]
     in_test = label(service.url, {"request_id": as_test, "digit": 4})
     assert in_test.status_code == 200
+    # test PNGs uploaded unchanged: the service's conversion moves a few pixels of many
+    for path, answer in zip(files, answers, strict=True):
+        true = int(path.parent.name)
+        assert label(service.url, {"request_id": answer["request_id"], "digit": true}).is_success
     logged(settings, set(wanted) | {as_test} | {a["request_id"] for a in answers})
     deadline = time.monotonic() + 30
     # the demo's loop stage labelled answers on this stack before: count this test's
-    while read_batches(settings, records.FEEDBACK_PREFIX, began).rows < 19:
+    while read_batches(settings, records.FEEDBACK_PREFIX, began).rows < 19 + len(answers):
         assert time.monotonic() < deadline, "labels not written"
         time.sleep(0.5)
     train = settings.mnist_dir / "train"
@@ -124,6 +128,8 @@ def test_labels_become_training_images(service: Service) -> None:
         others = [d for d in range(10) if d != digit and (train / str(d) / name).exists()]
         assert not others
     assert not list(train.glob(f"*/{image_name(as_test, 0)}"))
+    for answer in answers:
+        assert not list(train.glob(f"*/{image_name(answer['request_id'], 0)}")), done.stderr
     again = run_cli("data", "add", "--feedback", config_dir=service.config_dir)
     assert again.returncode == 0 and "none new" in again.stdout, again.stdout
     staging = settings.home / "cache"
@@ -403,6 +409,31 @@ def test_a_stop_signalled_to_the_writer_too_writes_the_last_batch(service: Servi
     service.stop(signal.SIGTERM)
     gone_within(writers, 15)
     logged(settings, last, timeout_s=5)
+    service.start()
+
+
+@pytest.mark.faults
+def test_a_stop_while_the_store_hangs_says_what_is_lost(service: Service) -> None:
+    """The service stops within its grace period, takes its writer with it, and its log
+    says how many records it could not write."""
+    from mnistops.stack import process, run_dir
+
+    store = process.read_record(run_dir(service.settings), "s3")
+    assert store is not None
+    writers = writer_processes(service)
+    os.kill(store.pid, signal.SIGSTOP)
+    try:
+        for path in digit_images(service.settings, 5):
+            predict(service.url, path)
+        began = time.monotonic()
+        service.stop(signal.SIGTERM)
+        stopped_s = time.monotonic() - began
+        gone_within(writers, 15)
+    finally:
+        os.kill(store.pid, signal.SIGCONT)
+    said = service.log.read_text()
+    assert "records of the prediction log are lost" in said, said[-2000:]
+    assert stopped_s < 25, stopped_s
     service.start()
 
 

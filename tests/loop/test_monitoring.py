@@ -123,7 +123,8 @@ def test_a_clean_stream_is_no_drift_and_an_inverted_one_is(service: Service) -> 
     assert run.data.metrics["effect_mean_intensity"] > 0.9
     page = report_page(settings, run.data.tags[c.REPORT_TAG])
     assert "Drift: 300 answers do not look like the data" in page
-    assert "mean intensity (how bright the image is on average) is higher" in page
+    assert "mean intensity (how bright the image is on average): 100% of the answers are" in page
+    assert "higher than 99 % of the training images" in page
     events = drift_events_when(settings, events_before + 1)
     assert len(events) == events_before + 1
     payload = events[0]["payload"]

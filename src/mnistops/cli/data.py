@@ -105,7 +105,10 @@ def show_feedback_added(cfg: Settings, report: FeedbackAdded) -> None:
         where = f"s3://{cfg.s3.buckets.dvc}/{escape(shown_name(name))}"
         warn(f"{where}: {escape(why)}; the first is used")
     for name, twin in report.in_test:
-        warn(f"{name} refused: its pixels are those of the test image {escape(twin)}")
+        warn(
+            f"{name} refused: its pixels are those of the test image {escape(twin)}, as"
+            " sent or as the service converts it (the test set stays unseen)"
+        )
     for name, twin in report.in_train:
         warn(
             f"{name} refused: its pixels are those of the training image {escape(twin)}"

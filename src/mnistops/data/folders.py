@@ -11,16 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mnistops.data.packs import (
-    CorruptRecord,
-    ManifestRow,
-    ObjectCache,
-    Progress,
-    VersionRecord,
-    image_path_problem,
-    path_inside,
-    shown,
-)
+from mnistops.data.manifests import ManifestRow, image_path_problem, path_inside
+from mnistops.data.packs import CorruptRecord, ObjectCache, Progress, VersionRecord, shown
 
 STAMP = ".mnistops-version.json"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mnistops.clients import s3_client
-from mnistops.data import packs, remote
+from mnistops.data import manifests, packs, remote
 from mnistops.errors import BadInput, MnistopsError
 from mnistops.settings import Settings
 
@@ -90,7 +90,7 @@ def _records_dir(settings: Settings) -> Path:
 
 def _record_file(settings: Settings, tag: str) -> Path:
     check_tag(tag)
-    return packs.path_inside(_records_dir(settings), f"{tag}.json")
+    return manifests.path_inside(_records_dir(settings), f"{tag}.json")
 
 
 def remember_record(settings: Settings, record: packs.VersionRecord) -> None:
@@ -113,12 +113,12 @@ def cached_record(settings: Settings, tag: str) -> packs.VersionRecord | None:
 
 def load_manifest(
     settings: Settings, record: packs.VersionRecord, client: remote.S3Client = None
-) -> list[packs.ManifestRow]:
+) -> list[manifests.ManifestRow]:
     cache = cache_of(settings)
     remote.fetch(
         client or store_client(settings), bucket_of(settings), cache, [record.manifest_md5]
     )
-    return packs.parse_manifest(cache.read(record.manifest_md5), record)
+    return manifests.parse_manifest(cache.read(record.manifest_md5), record)
 
 
 def fetch_version(
@@ -128,7 +128,7 @@ def fetch_version(
     client: Any = None,
     progress: Progress = lambda _k: None,
     report: Report = lambda _m: None,
-) -> list[packs.ManifestRow]:
+) -> list[manifests.ManifestRow]:
     """Every object of the version in this machine's cache, each checked against its
     MD5, and the version's manifest rows, checked against the packs. `nothing_done` says
     what the caller did not do when the store cannot be reached ("Nothing was written to
@@ -157,12 +157,12 @@ def fetch_version(
             f"{exc}\n{nothing_done}. Once the object store is back, run the same command"
             " again: the objects already fetched are kept in this machine's cache."
         ) from None
-    rows = packs.parse_manifest(cache.read(record.manifest_md5), record)
-    packs.check_rows(rows, cache)
+    rows = manifests.parse_manifest(cache.read(record.manifest_md5), record)
+    manifests.check_rows(rows, cache)
     return rows
 
 
-def image_bytes(settings: Settings, rows: list[packs.ManifestRow]) -> list[tuple[str, bytes]]:
+def image_bytes(settings: Settings, rows: list[manifests.ManifestRow]) -> list[tuple[str, bytes]]:
     """(key, PNG bytes) of every row, in order, from the packs in the cache."""
     cache = cache_of(settings)
     blobs = {pack: cache.read(pack) for pack in {row.pack for row in rows}}

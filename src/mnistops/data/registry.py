@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mnistops.clients import library_defaults, s3_keys
-from mnistops.data import images, packs, remote
+from mnistops.data import images, manifests, packs, remote
 from mnistops.data.reader import (
     RegistryError,
     VersionRefused,
@@ -121,7 +121,7 @@ def ensure_registry(settings: Settings) -> Path:
 
 
 def changes_between(
-    old: list[packs.ManifestRow], new: list[packs.ManifestRow]
+    old: list[manifests.ManifestRow], new: list[manifests.ManifestRow]
 ) -> list[ClassChange]:
     """Images added and removed per split and digit (an image is its bytes: a renamed one
     is neither)."""
@@ -260,9 +260,9 @@ def _publish(
         remote.fetch(client, bucket, cache, previous.files.values())
     known = {row.sha256: row.location for row in old_rows}
     locations = _packed(cache, entries, known, tag)
-    manifest_md5 = cache.put(packs.build_manifest(entries, locations))
-    rows = packs.parse_manifest(cache.read(manifest_md5))
-    files = packs.dataset_files(manifest_md5, rows)
+    manifest_md5 = cache.put(manifests.build_manifest(entries, locations))
+    rows = manifests.parse_manifest(cache.read(manifest_md5))
+    files = manifests.dataset_files(manifest_md5, rows)
     stored = set(previous.files.values()) if previous else set()
     new_md5s = [m for m in files.values() if m not in stored]
 
@@ -381,9 +381,9 @@ def _rows_before(
     settings: Settings,
     record: packs.VersionRecord,
     newest: packs.VersionRecord | None,
-    newest_rows: list[packs.ManifestRow],
+    newest_rows: list[manifests.ManifestRow],
     client: remote.S3Client,
-) -> list[packs.ManifestRow]:
+) -> list[manifests.ManifestRow]:
     """The manifest of the version the record says came before it (for --force on an
     older tag that is not the newest other version)."""
     if record.previous is None:

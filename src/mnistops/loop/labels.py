@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from mnistops.data import adding, images
+from mnistops.data import adding, conversion, images
 from mnistops.data.registry import FEEDBACK_NAME
 from mnistops.loop import records
 from mnistops.loop.store import read_batches
@@ -122,6 +122,11 @@ def add_feedback(
         return report
     index = images.index_path(settings.home)
     test = images.pixel_hashes(settings.mnist_dir / "test", index)
+    served = conversion.served_hashes(
+        settings.mnist_dir / "test", settings.home / "cache" / "served-test-images.json"
+    )
+    for digest, path in served.items():
+        test.setdefault(digest, path)
     train = images.pixel_hashes(settings.mnist_dir / "train", index)
     staging = settings.home / "cache"
     staging.mkdir(parents=True, exist_ok=True)

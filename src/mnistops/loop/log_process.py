@@ -44,10 +44,17 @@ class WriterProcess:
         self.replies: Connection | None = None
         self.cpu_before_s = 0.0
         """CPU seconds of the writer processes that stopped"""
+        self.cpu_seen_s = 0.0
+        """the CPU seconds last read of the one running"""
 
     def call(self, request: tuple[str, Any]) -> Any:
         """The writer's reply to `request`; WriterGone if it died or hung (it is then
         started again at the next call), RuntimeError with the writer's reason."""
+        if self.proc is not None and self.proc.poll() is not None:
+            log.warning(
+                "the prediction log's writer process had exited (code %s): started again",
+                self.proc.returncode,
+            )
         if self.proc is None or self.proc.poll() is not None:
             self.start()
         assert self.requests is not None and self.replies is not None
@@ -71,13 +78,21 @@ class WriterProcess:
     def _cpu_now(self) -> float:
         import psutil
 
-        if self.proc is None:
+        proc = self.proc
+        if proc is None:
             return 0.0
         try:
-            times = psutil.Process(self.proc.pid).cpu_times()
+            times = psutil.Process(proc.pid).cpu_times()
         except psutil.Error:
-            return 0.0
-        return float(times.user + times.system)
+            return self.cpu_seen_s  # gone: what it had used when last seen
+        self.cpu_seen_s = max(self.cpu_seen_s, float(times.user + times.system))
+        return self.cpu_seen_s
+
+    def kill(self) -> None:
+        """Stop the writer now, whatever it is doing (the service stops without it)."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     def stop(self, wait_s: float = 10.0) -> None:
         """Close the pipe (the writer exits when it has finished what it was doing)."""
@@ -87,6 +102,7 @@ class WriterProcess:
         self.requests = self.replies = None
         if self.proc is not None:
             self.cpu_before_s += self._cpu_now()
+            self.cpu_seen_s = 0.0
             try:
                 self.proc.wait(wait_s)
             except subprocess.TimeoutExpired:

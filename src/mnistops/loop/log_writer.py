@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from mnistops.loop import records
-from mnistops.loop.log_process import WriterProcess
+from mnistops.loop.log_process import WriterGone, WriterProcess
 from mnistops.loop.records import Answered, Label
 from mnistops.settings import Settings
 
@@ -68,6 +68,9 @@ class PredictionLog:
         self.counts = LogCounts()
         self.thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self.writer = WriterProcess(settings)
+        self.in_flight = 0
+        """records handed to the writer and not yet written"""
+        self.lost_said = False
         self.thread_cpu_s = 0.0
         """CPU seconds the writer thread used (/metrics)"""
         self._retention_done = 0.0
@@ -102,11 +105,27 @@ class PredictionLog:
         self.wake.set()  # the writer's next wait counts label_s from now
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Write what is buffered (a graceful stop loses nothing), then stop the thread."""
+        """Write what is buffered (a graceful stop loses nothing while the store answers),
+        then stop the thread. What cannot be written within `timeout_s` is lost, and the
+        log says how much; the writer process is stopped with the service."""
         self.stopping.set()
         self.wake.set()
         if self.thread.is_alive():
             self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            self._say_lost(
+                f"the object store or the log's writer did not answer in {timeout_s:g} s"
+            )
+            self.writer.kill()
+
+    def _say_lost(self, why: str) -> None:
+        with self.lock:
+            lost = sum(len(a.images) for a in self.answers) + len(self.labels) + self.in_flight
+            said, self.lost_said = self.lost_said, True
+        if lost and not said:
+            log.warning(
+                "the service stops: %d records of the prediction log are lost (%s)", lost, why
+            )
 
     def _run(self) -> None:
         try:
@@ -122,6 +141,7 @@ class PredictionLog:
                     self._flush()
                 self.thread_cpu_s = time.thread_time()
                 if stopping:
+                    self._say_lost("they could not be written as it stopped")
                     return
                 self._retention()
         finally:
@@ -170,27 +190,33 @@ class PredictionLog:
 
     def _flush(self) -> None:
         answers, labels = self._take()
+        self.in_flight = sum(len(a.images) for a in answers) + len(labels)
         written = 0
         try:
             for chunk in _chunks(answers, self.config.batch_records):
                 self._write_answers(chunk)
                 written += len(chunk)
+                self.in_flight -= sum(len(a.images) for a in chunk)
             while labels:
                 some = labels[: self.config.batch_records]
                 self.writer.call(("labels", some))
                 self.counts.labels_written += len(some)
                 labels = labels[len(some) :]
+                self.in_flight -= len(some)
         except Exception as exc:  # noqa: BLE001  the store is down: keep the records, retry
             self.counts.write_errors += 1
             self._put_back(answers[written:], labels)
+            where = "" if isinstance(exc, WriterGone) else f" to s3://{self.bucket}"
             log.warning(
-                "the prediction log cannot be written to s3://%s (%s); %d records kept,"
-                " tried again in %.0f s",
-                self.bucket,
+                "the prediction log cannot be written%s (%s); %d records kept, tried again"
+                " in %.0f s",
+                where,
                 exc,
                 self.buffered,
                 RETRY_S,
             )
+        finally:
+            self.in_flight = 0
 
     def _write_answers(self, batch: list[Answered]) -> None:
         self.writer.call(("answers", records.answer_columns(batch)))

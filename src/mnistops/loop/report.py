@@ -17,15 +17,20 @@ from mnistops.settings.flow import MonitoringSettings
 
 MEANINGS = {
     "mean intensity": "how bright the image is on average",
-    "ink share": "the share of pixels that are ink (brighter than half)",
+    "ink share": "the share of pixels that are ink, brighter than half",
     "centre x": "where the ink's centre is, in pixels from the left",
     "centre y": "where the ink's centre is, in pixels from the top",
     "spread x": "how wide the ink spreads around its centre, in pixels",
     "spread y": "how tall the ink spreads around its centre, in pixels",
-    "slant": "how much the strokes lean (correlation of x and y of the ink)",
+    "slant": "how the strokes lean: higher leans more like \\, lower more like /",
     "ink at the border": "the share of the ink in the outer 3 pixels of the image",
     "predicted digits": "which digits the model answers",
 }
+
+
+TAIL_SHARE = 0.05
+"""below this share of answers beyond training's 1st or 99th percentile, a shift is told
+by its spread"""
 
 
 @dataclass(frozen=True)
@@ -79,10 +84,12 @@ v{html.escape(page.champion)} (the champion now) was trained on
 {_quality(judgement, config)}
 <h2>Each comparison</h2>
 {_table(judgement, found, ref)}
-<p><small>"Difference" is the Kolmogorov-Smirnov distance for the image statistics: the
-largest gap between the two cumulative distributions, 0 when they are the same, 1 when
-they do not overlap; for the predicted digits it is the share of answers that would have
-to change digit to match the expected shares. A row flags drift only when the difference
+<p><small>The distance of the distributions is not the gap of the medians beside it. For
+the image statistics it is the Kolmogorov-Smirnov distance: the largest gap between the
+two cumulative distributions, 0 when they are the same, 1 when they do not overlap (a
+fifth of the answers moved far away gives about 0.2, whatever the medians do); for the
+predicted digits it is the share of answers that would have to change digit to match
+the expected shares. A row flags drift only when the difference
 is at least {config.min_effect:g} (monitoring.min_effect) <em>and</em> the p-value is below
 {config.alpha:g} / {len(drift.FEATURES) + 1} (monitoring.alpha, shared by the
 {len(drift.FEATURES) + 1} comparisons): with thousands of answers, tiny harmless
@@ -128,10 +135,21 @@ def _is_test_reason(reason: str, judgement: drift.Judgement) -> bool:
 
 
 def _direction(name: str, found: drift.Window, ref: drift.Reference) -> str:
+    """Which way a statistic moved, by the answers beyond the training data's middle 98 %
+    (a shift of a part of the answers moves the tails long before the median)."""
     i = drift.FEATURES.index(name)
-    now, before = float(np.median(found.features[:, i])), float(np.median(ref.features[:, i]))
-    way = "higher" if now > before else "lower"
-    return f"{name} ({MEANINGS[name]}) is {way}: median {now:.3g}, in training {before:.3g}"
+    now, before = found.features[:, i], ref.features[:, i]
+    low, high = np.percentile(before, [1, 99])
+    above, below = float((now > high).mean()), float((now < low).mean())
+    way, share = ("higher", above) if above >= below else ("lower", below)
+    medians = f"median {np.median(now):.3g}, in training {np.median(before):.3g}"
+    if share < TAIL_SHARE:
+        spread = "narrower" if np.std(now) < np.std(before) else "wider"
+        return f"{name} ({MEANINGS[name]}): the answers spread {spread} than training's; {medians}"
+    return (
+        f"{name} ({MEANINGS[name]}): {share:.0%} of the answers are {way} than 99 % of the"
+        f" training images (1 % would be expected); {medians}"
+    )
 
 
 def _answered_by(page: Page) -> str:
@@ -178,12 +196,12 @@ def _table(judgement: drift.Judgement, found: drift.Window, ref: drift.Reference
         flag = '<span class="flag">drift</span>' if test.flagged else "no"
         rows.append(
             f"<tr><td>{html.escape(test.name)}<br><small>{html.escape(MEANINGS[test.name])}"
-            f"</small></td>{medians}<td>{test.effect:.3f}</td><td>{_p(test.p_value)}</td>"
+            f"</small></td>{medians}<td>{test.effect:.4f}</td><td>{_p(test.p_value)}</td>"
             f"<td>{flag}</td></tr>"
         )
     head = (
         "<tr><th>compared</th><th>training (median)</th><th>answers (median)</th>"
-        "<th>difference</th><th>p-value</th><th>drift?</th></tr>"
+        "<th>distance of the distributions</th><th>p-value</th><th>drift?</th></tr>"
     )
     return f"<table>{head}{''.join(rows)}</table>"
 

@@ -24,10 +24,11 @@ import orjson
 from fastapi import HTTPException, Request
 from PIL import Image
 
+from mnistops.data.conversion import image_from_bytes
+from mnistops.errors import PredictError
 from mnistops.loop.feedback import FeedbackBook
 from mnistops.loop.log_writer import PredictionLog
 from mnistops.loop.records import Answered, new_request_id
-from mnistops.predict import PredictError, image_from_bytes
 from mnistops.serving.batching import NoModel
 from mnistops.serving.metrics import Metrics
 from mnistops.settings import Settings

@@ -101,7 +101,8 @@ class Follower(threading.Thread):
     def check(self) -> None:
         """One look at the registry: load and swap in a new champion, if there is one."""
         from mnistops.clients import mlflow_client
-        from mnistops.predict import ModelUnreachable, PredictError
+        from mnistops.errors import PredictError
+        from mnistops.predict import ModelUnreachable
         from mnistops.tracking.registry import champion
 
         version = champion(mlflow_client(self.settings), self.settings.model_registry.name)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnistops.data import images, packs, reader
+from mnistops.data import images, manifests, packs, reader
 from mnistops.errors import MnistopsError
 from mnistops.settings import Settings
 
@@ -164,7 +164,7 @@ def load_version(settings: Settings, tag: str, report: Report = lambda _m: None)
         return _split_arrays(reader.image_bytes(settings, sorted(rows)))
 
     arrays = _cached_or_built(
-        packs.path_inside(_cache_dir(settings), f"{record.content_hash}.npz"), decoded, report
+        manifests.path_inside(_cache_dir(settings), f"{record.content_hash}.npz"), decoded, report
     )
     source = DataSource(
         record.tag,
