@@ -110,3 +110,15 @@ def test_features_follow_what_was_done_to_the_image() -> None:
     assert a[names.index("ink share")] == pytest.approx(32 / 784)
     inverted = drift.features((255 - image)[None])[0]
     assert inverted[names.index("mean intensity")] > 0.9
+
+
+def test_an_input_sent_again_weighs_once() -> None:
+    from mnistops.loop.monitoring import _first_seen
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 784), dtype=np.uint8)
+    seen: set[bytes] = set()
+    first = _first_seen(images[[0, 1, 0, 2]], seen)
+    assert first.tolist() == [True, True, False, True]
+    later = _first_seen(images[[2, 3, 3, 4]], seen)
+    assert later.tolist() == [False, True, False, True]

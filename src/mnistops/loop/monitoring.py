@@ -12,6 +12,7 @@ starts there, on any machine.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections import Counter
@@ -155,7 +156,8 @@ def _utc_time(text: str) -> datetime | None:
 
 def window(settings: Settings, start: datetime, end: datetime) -> tuple[drift.Window, list[Any]]:
     """The answers logged in [start, end) and the labels given for them; the refused
-    objects of the log. Read one batch at a time: only each input's statistics are kept."""
+    objects of the log. Read one batch at a time: only each input's statistics are kept,
+    once per distinct input."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -164,13 +166,17 @@ def window(settings: Settings, start: datetime, end: datetime) -> tuple[drift.Wi
     features, digits, confidences = [], [], []
     answered: set[tuple[str, int]] = set()
     versions: Counter[str] = Counter()
+    seen: set[bytes] = set()
     for _name, table in each_batch(settings, records.PREDICTIONS_PREFIX, start, refused):
         table = table.filter(pc.less(table["time"], end_ms))
         if not table.num_rows:
             continue
-        features.append(drift.features(_pixels(table["input"].combine_chunks())))
-        digits.append(table["digit"].combine_chunks().to_numpy(zero_copy_only=False))
-        confidences.append(table["confidence"].combine_chunks().to_numpy(zero_copy_only=False))
+        pixels = _pixels(table["input"].combine_chunks())
+        new = _first_seen(pixels, seen)
+        features.append(drift.features(pixels[new]))
+        digits.append(table["digit"].combine_chunks().to_numpy(zero_copy_only=False)[new])
+        confidence = table["confidence"].combine_chunks().to_numpy(zero_copy_only=False)
+        confidences.append(confidence[new])
         versions.update(table["model_version"].to_pylist())
         answered.update(
             zip(table["request_id"].to_pylist(), table["item"].to_pylist(), strict=True)
@@ -192,6 +198,18 @@ def window(settings: Settings, start: datetime, end: datetime) -> tuple[drift.Wi
         dict(versions),
     )
     return found, refused + labels.refused
+
+
+def _first_seen(pixels: np.ndarray, seen: set[bytes]) -> np.ndarray:
+    """Which rows hold an input not seen before in the window (added to `seen`): the
+    same image sent again (a client's retries) weighs once in the comparisons."""
+    new = np.zeros(len(pixels), bool)
+    for i, row in enumerate(pixels):
+        digest = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+        if digest not in seen:
+            seen.add(digest)
+            new[i] = True
+    return new
 
 
 def _pixels(inputs: Any) -> np.ndarray:
