@@ -195,6 +195,7 @@ def test_bad_labels_get_a_clear_4xx(service: Service) -> None:
         ({"request_id": "0" * 32, "digit": 1}, 404, "unknown or expired"),
         ({"request_id": rid, "digit": 10}, 422, "digit"),
         ({"request_id": rid, "digit": "7"}, 422, "digit"),
+        ({"request_id": rid}, 422, "digit: missing"),
         ({"request_id": rid, "digit": 1, "item": 3}, 422, "item 3"),
         ({"request_id": "../../etc/passwd", "digit": 1}, 422, "request_id"),
         ([rid, 1], 422, "JSON object"),

@@ -186,3 +186,8 @@ def test_since_without_here_is_refused(service: Service) -> None:
     bad = run_cli("monitor", "--here", "--since", "soon", config_dir=service.config_dir)
     assert bad.returncode == 2 and "--since 'soon'" in bad.stderr
     assert "Traceback" not in bad.stderr
+    later = run_cli("monitor", "--here", "--since", "2099-01-01", config_dir=service.config_dir)
+    assert later.returncode == 2, later.stdout + later.stderr
+    assert "--since 2099-01-01T00:00:00 is after the newest answers" in " ".join(
+        later.stderr.split()
+    )

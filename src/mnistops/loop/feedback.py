@@ -126,6 +126,8 @@ def parse(document: object) -> tuple[str, int | None, int]:
         raise FeedbackRefused(
             422, "request_id: expected the 32 hexadecimal digits of a /predict answer"
         )
+    if "digit" not in document:
+        raise FeedbackRefused(422, "digit: missing; send the right digit, a whole number 0-9")
     digit = document.get("digit")
     if isinstance(digit, bool) or not isinstance(digit, int) or not 0 <= digit <= 9:
         raise FeedbackRefused(422, f"digit: expected a whole number 0-9, got {digit!r:.40}")

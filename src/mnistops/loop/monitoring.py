@@ -224,9 +224,14 @@ def monitor(
 ) -> Monitored:
     """One monitoring run: judge the window since the last run (or `since`), report,
     record."""
-    served = champion_served(settings)
     config = settings.monitoring
     end = (now or datetime.now(UTC)) - timedelta(seconds=settings.serve.log.batch_s + WRITE_LAG_S)
+    if since is not None and since > end:
+        raise BadInput(
+            f"--since {since:%Y-%m-%dT%H:%M:%S} is after the newest answers a window may"
+            f" hold ({end:%Y-%m-%dT%H:%M:%S} UTC): give an earlier time"
+        )
+    served = champion_served(settings)
     previous = last_window_end(settings, end)
     start = since or previous or end - timedelta(seconds=config.interval_s)
     start = min(start, end)
@@ -314,4 +319,6 @@ def summary_markdown(judgement: drift.Judgement) -> str:
         if judgement.feedback_accuracy is not None
         else ""
     )
+    if not judgement.predictions:
+        return f"{head}{feedback}."
     return f"{head}. Unsure answers: {judgement.low_confidence_share:.1%}{feedback}."
