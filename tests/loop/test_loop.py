@@ -112,6 +112,13 @@ def test_labels_become_training_images(service: Service) -> None:
     for path, answer in zip(files, answers, strict=True):
         true = int(path.parent.name)
         assert label(service.url, {"request_id": answer["request_id"], "digit": true}).is_success
+    sink = io.BytesIO()
+    Image.open(files[1]).save(sink, format="JPEG", quality=95)
+    jpeg = httpx.post(
+        f"{service.url}/predict", content=sink.getvalue(), headers={"Content-Type": "image/jpeg"}
+    ).json()["request_id"]
+    assert label(service.url, {"request_id": jpeg, "digit": int(files[1].parent.name)}).is_success
+    answers.append({"request_id": jpeg})
     logged(settings, set(wanted) | {as_test} | {a["request_id"] for a in answers})
     deadline = time.monotonic() + 30
     # the demo's loop stage labelled answers on this stack before: count this test's
@@ -122,6 +129,9 @@ def test_labels_become_training_images(service: Service) -> None:
     done = run_cli("data", "add", "--feedback", config_dir=service.config_dir)
     assert done.returncode == 0, done.stderr
     assert "its pixels are those of the test image" in done.stderr, done.stderr
+    assert f"{image_name(jpeg, 0)} refused: it is nearly the test image" in " ".join(
+        done.stderr.split()
+    ), done.stderr
     for rid, digit in wanted.items():
         name = image_name(rid, 0)
         assert (train / str(digit) / name).is_file(), done.stdout

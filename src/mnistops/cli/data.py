@@ -109,6 +109,11 @@ def show_feedback_added(cfg: Settings, report: FeedbackAdded) -> None:
             f"{name} refused: its pixels are those of the test image {escape(twin)}, as"
             " sent or as the service converts it (the test set stays unseen)"
         )
+    for name, twin, rms in report.near_test:
+        warn(
+            f"{name} refused: it is nearly the test image {escape(twin)} ({rms:.1f} grey levels"
+            " apart, root mean square; different digits are about 50 apart)"
+        )
     for name, twin in report.in_train:
         warn(
             f"{name} refused: its pixels are those of the training image {escape(twin)}"

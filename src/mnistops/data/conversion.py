@@ -5,15 +5,12 @@ check that keeps test images out of feedback all use this one conversion."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mnistops.data.images import ImageRefused, open_image, read_regular
+from mnistops.data.images import ImageRefused, open_image
 from mnistops.errors import ImageUnusable
 
 
@@ -87,43 +84,3 @@ def served_pixels(data: bytes, name: str = "image") -> bytes:
     """The 784 bytes the service logs for an upload of `data` (8 bits a pixel)."""
     converted = image_from_bytes(data, name)
     return bytes(np.clip(np.rint(converted * 255.0), 0, 255).astype(np.uint8).tobytes())
-
-
-def served_hashes(folder: Path, cache: Path) -> dict[str, Path]:
-    """SHA-256 of the served pixels -> file, for every PNG under `folder/<digit>/`: what
-    the service logs when that file is uploaded unchanged (the conversion moves a few
-    pixels of an MNIST image). Kept in `cache` by file, size and time: the conversion
-    takes about half a millisecond an image. Unusable files are left out."""
-    known = _read_cache(cache)
-    fresh: dict[str, list[object]] = {}
-    found: dict[str, Path] = {}
-    for path in sorted(folder.glob("[0-9]/*.png")):
-        try:
-            info = path.stat()
-        except OSError:
-            continue
-        stamp = [info.st_size, info.st_mtime_ns]
-        entry = known.get(str(path))
-        if entry is not None and entry[:2] == stamp:
-            digest = str(entry[2])
-        else:
-            try:
-                digest = hashlib.sha256(served_pixels(read_regular(path), str(path))).hexdigest()
-            except (ImageUnusable, ImageRefused, OSError):
-                continue
-        fresh[str(path)] = [*stamp, digest]
-        found.setdefault(digest, path)
-    if fresh != known:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(".partial")
-        partial.write_text(json.dumps(fresh))
-        partial.replace(cache)
-    return found
-
-
-def _read_cache(cache: Path) -> dict[str, list[object]]:
-    try:
-        data = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from mnistops.data import adding, conversion, images
+from mnistops.data import adding, images, unseen
 from mnistops.data.registry import FEEDBACK_NAME
 from mnistops.loop import records
 from mnistops.loop.store import read_batches
@@ -40,6 +40,8 @@ class FeedbackAdded:
     """of the added: images already in the training set under another digit (relabelled)"""
     in_test: list[tuple[str, str]] = field(default_factory=list)
     """(image name, the test file it equals)"""
+    near_test: list[tuple[str, str, float]] = field(default_factory=list)
+    """(image name, the test file it nearly is, RMS grey levels apart)"""
     in_train: list[tuple[str, str]] = field(default_factory=list)
     """(image name, the training image it equals)"""
     same_drawing: list[tuple[str, str]] = field(default_factory=list)
@@ -122,17 +124,17 @@ def add_feedback(
         return report
     index = images.index_path(settings.home)
     test = images.pixel_hashes(settings.mnist_dir / "test", index)
-    served = conversion.served_hashes(
-        settings.mnist_dir / "test", settings.home / "cache" / "served-test-images.json"
+    test_set = unseen.test_images(
+        settings.mnist_dir / "test", settings.home / "cache" / "test-images.npz"
     )
-    for digest, path in served.items():
+    for digest, path in test_set.hashes().items():
         test.setdefault(digest, path)
     train = images.pixel_hashes(settings.mnist_dir / "train", index)
     staging = settings.home / "cache"
     staging.mkdir(parents=True, exist_ok=True)
     folder = tempfile.mkdtemp(prefix="feedback-", dir=staging)
     try:
-        root = _staged(found, test, train, report, folder)
+        root = _staged(found, (test, test_set), train, report, folder)
         folders = settings.mnist_dir / "train"
         staged = list(root.rglob("*.png"))
         report.already = sum(
@@ -154,9 +156,24 @@ def _labelled_otherwise(folders: Path, staged: Path) -> bool:
     return any((folders / str(d) / staged.name).exists() for d in range(10) if str(d) != digit)
 
 
+def _refuse_near_test(
+    drawings: dict[str, list[tuple[str, int, bytes]]],
+    test_set: unseen.TestImages,
+    report: FeedbackAdded,
+) -> None:
+    """Take out the drawings that are nearly a test image (re-encoded, resized)."""
+    keys = list(drawings)
+    candidates = np.array(
+        [np.frombuffer(drawings[k][0][2], np.uint8) for k in keys], np.uint8
+    ).reshape(-1, 784)
+    for key, (twin, rms) in zip(keys, unseen.nearest(test_set, candidates), strict=True):
+        if rms <= unseen.NEAR_RMS:
+            report.near_test += [(name, str(twin), rms) for name, *_ in drawings.pop(key)]
+
+
 def _staged(
     found: dict[tuple[str, int], tuple[int, bytes]],
-    test: dict[str, Path],
+    tests: tuple[dict[str, Path], unseen.TestImages],
     train: dict[str, Path],
     report: FeedbackAdded,
     folder: str,
@@ -166,6 +183,7 @@ def _staged(
     labels agree, and not at all when they disagree: which one is right is not known."""
     import hashlib
 
+    test, test_set = tests
     drawings: dict[str, list[tuple[str, int, bytes]]] = {}
     for (rid, item), (digit, pixels) in sorted(found.items()):
         name = image_name(rid, item)
@@ -182,6 +200,7 @@ def _staged(
             report.in_train.append((name, str(same)))
             continue
         drawings.setdefault(pixel_hash, []).append((name, digit, pixels))
+    _refuse_near_test(drawings, test_set, report)
     root = Path(folder)
     for digit in range(10):
         (root / str(digit)).mkdir()
