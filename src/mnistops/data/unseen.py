@@ -15,11 +15,13 @@ and scale change): the check stops copies, not a determined forger.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from mnistops.data.conversion import served_pixels
 from mnistops.data.images import ImageRefused, read_regular
@@ -93,10 +95,6 @@ def nearest(test: TestImages, candidates: np.ndarray) -> list[tuple[Path, float]
 
 
 def _raw_pixels(data: bytes) -> np.ndarray:
-    import io
-
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as image:
         pixels = np.asarray(image.convert("L"), dtype=np.uint8)
     if pixels.shape != (28, 28):

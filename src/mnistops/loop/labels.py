@@ -123,12 +123,10 @@ def add_feedback(
     if not found:
         return report
     index = images.index_path(settings.home)
-    test = images.pixel_hashes(settings.mnist_dir / "test", index)
     test_set = unseen.test_images(
         settings.mnist_dir / "test", settings.home / "cache" / "test-images.npz"
     )
-    for digest, path in test_set.hashes().items():
-        test.setdefault(digest, path)
+    test = test_set.hashes()  # as they are and as the service converts them
     train = images.pixel_hashes(settings.mnist_dir / "train", index)
     staging = settings.home / "cache"
     staging.mkdir(parents=True, exist_ok=True)
