@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from mnistops.settings import ConfigError, load_settings, with_database_url
+from mnistops.settings import ConfigError, Settings, load_settings, with_database_url
+from mnistops.settings.sources import read_config_dir, reading
 
 pytestmark = pytest.mark.unit
 
@@ -33,6 +34,25 @@ def test_yaml_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert settings.mlflow.port == 6002, "environment wins over the file"
     assert settings.mlflow.workers == 2, "the rest of the section still comes from the file"
     assert settings.s3.region == "eu-west-1"
+
+
+def test_the_files_are_a_settings_source_below_arguments_and_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path, "home: state\nmlflow:\n  port: 6001\n  workers: 2\nexperiment_name: A\n")
+    read = read_config_dir(tmp_path, root=tmp_path / "project")
+    monkeypatch.setenv("MNISTOPS_MLFLOW__WORKERS", "3")
+    with reading(read):
+        settings = Settings(experiment_name="B")
+    assert settings.experiment_name == "B", "an argument wins over the file"
+    assert (settings.mlflow.port, settings.mlflow.workers) == (6001, 3), "env wins over file"
+    assert settings.home == tmp_path / "project" / "state", "a relative path is the project's"
+    assert settings.where("mlflow.port") == f"{tmp_path / 'stack.yml'}: key 'mlflow.port'"
+    outside = Settings()
+    assert outside.mlflow.port == 5050 and outside.home == Path(".mnistops"), (
+        "built outside a reading, the settings are the defaults and the environment"
+    )
+    assert outside.config_dir is None and outside.notes == []
 
 
 def test_config_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,8 +11,9 @@ One module per concern:
 - `training`: `dataset.yml` and `hyp.yml`
 - `flow`: `flow.yml`: the deployment, its schedule, the model registry and its gate
 - `network`: this host's addresses, loopback, reachable names, database URLs
+- `sources`: the config dir's YAML files as a pydantic-settings source
 - `model`: `Settings`, every section, and the URLs derived from them
-- `loading`: `load_settings`: the config dir found, YAML merged, errors named
+- `loading`: `load_settings`: the config dir found, read, errors named
 """
 
 from mnistops.settings.base import ENV_PREFIX, ConfigError, Device

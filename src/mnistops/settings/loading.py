@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import (
     BaseModel,
     SecretStr,
@@ -18,9 +17,10 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from mnistops.settings.base import CONFIG_FILES, ENV_PREFIX, ConfigError, env_var_for
+from mnistops.settings.base import ENV_PREFIX, ConfigError, env_var_for
 from mnistops.settings.model import Settings
 from mnistops.settings.network import POSTGRES_ONLY, _is_postgres_url
+from mnistops.settings.sources import read_config_dir, reading
 
 
 def with_database_url(settings: Settings, url: str) -> Settings:
@@ -33,66 +33,6 @@ def with_database_url(settings: Settings, url: str) -> Settings:
 def default_config_dir() -> Path:
     """`$MNISTOPS_CONFIG_DIR`, else `./config`."""
     return Path(os.environ.get(f"{ENV_PREFIX}CONFIG_DIR", "config"))
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: must be a mapping of keys to values, got {type(data).__name__}")
-    return data
-
-
-LAYOUT_ONLY_KEYS = {
-    "RFS_NAME": "the tutorial's remote file system block of its docker layout; a worker"
-    " here runs the flow from the installed package",
-    "flow_py_name": "the tutorial's flow file; the flow is part of the installed package",
-    "dvc_remote": "the DVC remote is the stack's object store (s3.buckets.dvc)",
-    "train_data_path": "the data is read from a published version, or data_dir for ingest",
-}
-"""keys of the tutorial's files that meant something only for its docker layout"""
-
-
-def _drop_layout_keys(path: Path, data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
-    """The file's keys without LAYOUT_ONLY_KEYS (top level, or in a section), each noted."""
-    kept: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in LAYOUT_ONLY_KEYS:
-            notes.append(f"{path}: key '{key}' is ignored: {LAYOUT_ONLY_KEYS[key]}")
-            continue
-        if isinstance(value, dict):
-            for inner in [k for k in value if k in LAYOUT_ONLY_KEYS]:
-                notes.append(f"{path}: key '{key}.{inner}' is ignored: {LAYOUT_ONLY_KEYS[inner]}")
-            value = {k: v for k, v in value.items() if k not in LAYOUT_ONLY_KEYS}
-        kept[key] = value
-    return kept
-
-
-def _read_config_files(
-    config_dir: Path, notes: list[str] | None = None
-) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Merge the top-level keys of every config file; remember which file set each."""
-    values: dict[str, Any] = {}
-    origin: dict[str, Path] = {}
-    for name in CONFIG_FILES:
-        path = config_dir / name
-        if not path.is_file():
-            continue
-        read = _drop_layout_keys(path, _read_yaml(path), notes if notes is not None else [])
-        for key, value in read.items():
-            if key in origin:
-                raise ConfigError(f"{path}: key '{key}' is already set in {origin[key]}")
-            values[key] = value
-            origin[key] = path
-    return values, origin
 
 
 def _unneeded(
@@ -161,45 +101,6 @@ def where_looked(start: Path | None = None) -> str:
     return f"{start / STATE_DIR} and the {STATE_DIR} of every folder above it"
 
 
-def _resolve(path: Path, root: Path) -> Path:
-    path = path.expanduser()
-    return path if path.is_absolute() else root / path
-
-
-def _embedded_urls(settings: Settings, host: str) -> dict[str, tuple[str, Any]]:
-    """service -> (the URL our own server of it has at `host`, its section), for the
-    three."""
-    own = settings.own_urls(host)
-    return {name: (own[name], getattr(settings, name)) for name in ("s3", "mlflow", "prefect")}
-
-
-URL_KEYS = {"s3": "endpoint_url", "mlflow": "tracking_uri", "prefect": "api_url"}
-
-
-def _url_settings(settings: Settings) -> list[tuple[Any, str]]:
-    return [(getattr(settings, name), key) for name, key in URL_KEYS.items()]
-
-
-def _same_url(a: str, b: str) -> bool:
-    def norm(url: str) -> str:
-        return url.rstrip("/").replace("://localhost:", "://127.0.0.1:")
-
-    return norm(a) == norm(b)
-
-
-def _own_services_back(settings: Settings) -> None:
-    """A URL that points at the server this very state dir runs (what `stack env`
-    exports, then read back in the same shell) is not an external service: `stack
-    up/down/status` keep managing it, and its keys and logins come from the state dir."""
-    if all(getattr(section, key) is None for section, key in _url_settings(settings)):
-        return
-    for host in {settings.client_host, settings.advertised_host}:
-        for name, (own, section) in _embedded_urls(settings, host).items():
-            url = getattr(section, URL_KEYS[name])
-            if url is not None and _same_url(url, own) and (settings.home / name).is_dir():
-                setattr(section, URL_KEYS[name], None)
-
-
 STACK_KEYS = frozenset(
     {
         "home",
@@ -238,35 +139,23 @@ def load_settings(config_dir: Path | None = None, needs: frozenset[str] | None =
         root = found or project_root(root) or root
         config_dir = root / "config"
     config_dir = config_dir or default_config_dir()
-    notes: list[str] = []
-    values, origin = _read_config_files(config_dir, notes)
-    set_aside: list[str] = []
-    aside: set[str] = set()
+    read = read_config_dir(config_dir, root)
     try:
         try:
-            settings = Settings(**values)
+            with reading(read):
+                return Settings()
         except ValidationError as exc:
-            aside = _unneeded(exc, origin, needs)
+            aside = _unneeded(exc, read.origin, needs)
             if not aside:
                 raise
-            set_aside = [_describe_error(dict(e), origin, config_dir) for e in exc.errors()]
-            settings = Settings(**{k: v for k, v in values.items() if k not in aside})
+            errors = [_describe_error(dict(e), read.origin, config_dir) for e in exc.errors()]
+            with reading(read.without(aside, errors)):
+                return Settings()
     except ValidationError as exc:
-        lines = [_describe_error(dict(e), origin, config_dir) for e in exc.errors()]
+        lines = [_describe_error(dict(e), read.origin, config_dir) for e in exc.errors()]
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
     except SettingsError as exc:
         raise ConfigError(
             f"an {ENV_PREFIX}* environment variable cannot be read ({exc}): a whole section"
             f" takes JSON; or set one key, e.g. {ENV_PREFIX}S3__PORT=8334"
         ) from None
-    settings.home = _resolve(settings.home, root).absolute()
-    settings.data_dir = _resolve(settings.data_dir, root).absolute()
-    if settings.dataset.registry is not None:
-        settings.dataset.registry = _resolve(settings.dataset.registry, root).absolute()
-    _own_services_back(settings)
-    settings._sources = {k: v for k, v in origin.items() if k not in aside}
-    settings._notes = notes
-    settings._set_aside = set_aside
-    settings._set_aside_keys = frozenset(aside)
-    settings._config_dir = config_dir.absolute()
-    return settings

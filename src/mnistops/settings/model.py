@@ -10,6 +10,7 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -34,7 +35,11 @@ from mnistops.settings.network import (
     url_host,
 )
 from mnistops.settings.services import MlflowSettings, PrefectSettings, S3Settings, ServeSettings
+from mnistops.settings.sources import ConfigDirSource, ConfigRead, current_read
 from mnistops.settings.training import DatasetSettings, HyperParameters
+
+URL_KEYS = {"s3": "endpoint_url", "mlflow": "tracking_uri", "prefect": "api_url"}
+"""each service's setting that points at an external server of it"""
 
 
 class Settings(BaseSettings):
@@ -70,16 +75,12 @@ class Settings(BaseSettings):
     developer_name: str | None = Field(None, description="user tag of runs; default: login name")
     model_registry: ModelRegistrySettings = ModelRegistrySettings()
     monitoring: MonitoringSettings = MonitoringSettings()
-    _sources: dict[str, Path] = PrivateAttr(default_factory=dict)
-    _notes: list[str] = PrivateAttr(default_factory=list)
-    _set_aside: list[str] = PrivateAttr(default_factory=list)
-    _set_aside_keys: frozenset[str] = PrivateAttr(default_factory=frozenset)
-    _config_dir: Path | None = PrivateAttr(default=None)
+    _read: ConfigRead | None = PrivateAttr(default=None)
 
     @property
     def config_dir(self) -> Path | None:
         """The folder of YAML files these settings were read from (None: not from files)."""
-        return self._config_dir
+        return self._read.config_dir if self._read else None
 
     def where(self, key: str) -> str:
         """Where the setting `key` (dotted) is written, for a message: its file and key,
@@ -89,23 +90,23 @@ class Settings(BaseSettings):
         variable = next((name for name in variables if name in os.environ), None)
         if variable:
             return f"environment variable {variable}"
-        source = self._sources.get(loc[0])
+        source = self._read.kept_origin.get(loc[0]) if self._read else None
         return f"{source}: key '{key}'" if source else f"key '{key}'"
 
     @property
     def notes(self) -> list[str]:
         """What was read but not used (keys of the tutorial's docker layout), one line each."""
-        return list(self._notes)
+        return list(self._read.notes) if self._read else []
 
     @property
     def set_aside(self) -> list[str]:
         """Invalid keys of files this command does not read, left at their defaults."""
-        return list(self._set_aside)
+        return list(self._read.set_aside) if self._read else []
 
     @property
     def set_aside_keys(self) -> frozenset[str]:
         """The top-level keys left at their defaults because they were invalid."""
-        return self._set_aside_keys
+        return self._read.set_aside_keys if self._read else frozenset()
 
     @field_validator("advertise")
     @classmethod
@@ -130,8 +131,40 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # YAML values arrive as init kwargs; environment variables must win over them.
-        return (env_settings, init_settings)
+        # Highest first: arguments, the environment, the config dir's YAML files.
+        return (init_settings, env_settings, ConfigDirSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _placed_in_project(self) -> Settings:
+        """Read from a config dir: relative paths are under its project, a URL that
+        names this state dir's own server is ours, and where each key came from is
+        kept for messages."""
+        read = current_read()
+        if read is None:
+            return self
+        self.home = _under(self.home, read.root)
+        self.data_dir = _under(self.data_dir, read.root)
+        if self.dataset.registry is not None:
+            registry = _under(self.dataset.registry, read.root)
+            self.dataset = self.dataset.model_copy(update={"registry": registry})
+        self._own_servers_as_ours()
+        self._read = read
+        return self
+
+    def _own_servers_as_ours(self) -> None:
+        """A URL that points at the server this very state dir runs (what `stack env`
+        exports, then read back in the same shell) is not an external service: `stack
+        up/down/status` keep managing it, and its keys and logins come from the state
+        dir."""
+        if all(getattr(getattr(self, name), key) is None for name, key in URL_KEYS.items()):
+            return
+        for host in {self.client_host, self.advertised_host}:
+            own = self.own_urls(host)
+            for name, key in URL_KEYS.items():
+                section = getattr(self, name)
+                url = getattr(section, key)
+                if url is not None and _same_url(url, own[name]) and (self.home / name).is_dir():
+                    setattr(self, name, section.model_copy(update={key: None}))
 
     @property
     def beyond_loopback(self) -> bool:
@@ -212,3 +245,16 @@ class Settings(BaseSettings):
     @property
     def mnist_dir(self) -> Path:
         return self.data_dir / self.dataset.name
+
+
+def _under(path: Path, root: Path) -> Path:
+    """`path` (`~` expanded), placed under `root` when relative."""
+    path = path.expanduser()
+    return (path if path.is_absolute() else root / path).absolute()
+
+
+def _same_url(a: str, b: str) -> bool:
+    def norm(url: str) -> str:
+        return url.rstrip("/").replace("://localhost:", "://127.0.0.1:")
+
+    return norm(a) == norm(b)
