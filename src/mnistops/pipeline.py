@@ -49,6 +49,12 @@ class Layer:
     where: Callable[[str], str]
 
 
+def fast_recipe(fast: bool, where: str) -> Layer:
+    """What `fast` (`--fast`, the flow's parameter) means for the recipe: one epoch, a
+    layer below the values given explicitly."""
+    return Layer({"n_epochs": 1} if fast else None, lambda _field: where)
+
+
 class DataInvalid(BadInput):
     """The arrays of a version are not what training needs; the message says what."""
 

@@ -23,12 +23,16 @@ if TYPE_CHECKING:
     from mnistops.train.data import Arrays
 
 
-def hyperparameters(cfg: Settings, given: dict[str, Any]) -> HyperParameters:
-    """hyp.yml's values with the command's options on top, validated (errors name the
-    option, or the key of hyp.yml)."""
+def hyperparameters(cfg: Settings, given: dict[str, Any], fast: bool = False) -> HyperParameters:
+    """hyp.yml's values with `--fast` and the command's options on top, validated (errors
+    name the option, or the key of hyp.yml)."""
     from mnistops import pipeline
 
-    return pipeline.hyperparameters(cfg, pipeline.Layer(given, HYP_OPTIONS.__getitem__))
+    return pipeline.hyperparameters(
+        cfg,
+        pipeline.fast_recipe(fast, "the option --fast"),
+        pipeline.Layer(given, HYP_OPTIONS.__getitem__),
+    )
 
 
 def train(
@@ -74,13 +78,14 @@ def train(
         cfg,
         {
             "model": model,
-            "n_epochs": n_epochs if n_epochs is not None else (1 if fast else None),
+            "n_epochs": n_epochs,
             "batch_size": batch_size,
             "learning_rate": learning_rate,
             "random_seed": random_seed,
             "val_size": val_size,
             "device": device,
         },
+        fast,
     )
     sigterm_interrupts()
     experiment(cfg, hyp, data_version, data_dir, fast)

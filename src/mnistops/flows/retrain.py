@@ -221,7 +221,7 @@ def mnist_flow(
     hyp = pipeline.hyperparameters(
         settings,
         pipeline.Layer(hyperparameters, lambda f: f"the deployment's hyperparameters.{f}"),
-        pipeline.Layer({"n_epochs": 1} if fast else None, lambda _f: "the parameter fast"),
+        pipeline.fast_recipe(fast, "the flow run's parameter fast"),
         pipeline.Layer(parameters, lambda f: f"the flow run's parameter {f}"),
     )
     pipeline.check_ready(settings, hyp)
