@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mnistops.data.remote import UNREACHABLE_ADVICE
 from mnistops.settings import Settings
 from tests.helpers import client_config, run_cli
 
@@ -86,3 +87,20 @@ def test_wrong_s3_keys_are_a_clear_error(stack_settings: Settings, tmp_path: Pat
     assert "Traceback" not in done.stderr
     message = " ".join(done.stderr.split())
     assert "object store" in message and "SignatureDoesNotMatch" in message, message
+
+
+def test_pull_and_training_explain_an_unreachable_store_alike(
+    stack_settings: Settings, closed_port: int, tmp_path: Path
+) -> None:
+    """The MLflow server answers, the object store does not: `data pull` and `train` (its
+    data is read the same way) give the one explanation, with what to do."""
+    config_dir = client_config(stack_settings, tmp_path)
+    config = yaml.safe_load((config_dir / "stack.yml").read_text())
+    config["s3"]["endpoint_url"] = f"http://127.0.0.1:{closed_port}"
+    (config_dir / "stack.yml").write_text(yaml.safe_dump(config))
+    for args in (("data", "pull", "v1.0", "--to", "pulled"), ("train", "--data-version", "v1.0")):
+        done = run_cli(*args, config_dir=config_dir, cwd=tmp_path, timeout=60)
+        message = " ".join(done.stderr.split())
+        assert done.returncode != 0 and "Traceback" not in done.stderr, message
+        assert f"object store at http://127.0.0.1:{closed_port} cannot be reached" in message
+        assert UNREACHABLE_ADVICE in message, message

@@ -154,8 +154,7 @@ def fetch_version(
         )
     except remote.StoreUnreachable as exc:
         raise RegistryError(
-            f"{exc}\n{nothing_done}. Once the object store is back, run the same command"
-            " again: the objects already fetched are kept in this machine's cache."
+            f"{exc}\n{nothing_done}; the objects already fetched are kept in this machine's cache."
         ) from None
     rows = manifests.parse_manifest(cache.read(record.manifest_md5), record)
     manifests.check_rows(rows, cache)

@@ -63,11 +63,22 @@ def store_errors(action: str, client: S3Client) -> Iterator[None]:
     StoreError when the store answered with an error. `action` says what was tried."""
     try:
         yield
-    except (ClientError, BotoCoreError) as exc:
-        kind = StoreUnreachable if isinstance(exc, BotoCoreError) else StoreError
-        raise kind(
+    except BotoCoreError as exc:
+        raise StoreUnreachable(
+            f"{action}: the object store at {client.meta.endpoint_url} cannot be reached:"
+            f" {exc}\n{UNREACHABLE_ADVICE}"
+        ) from None
+    except ClientError as exc:
+        raise StoreError(
             f"{action}: the object store at {client.meta.endpoint_url} failed: {exc}"
         ) from None
+
+
+UNREACHABLE_ADVICE = (
+    "Is it running? `mnistops stack status` shows the stack's store (`mnistops stack up`"
+    " starts it); an external one is s3.endpoint_url. Once it answers, run the same"
+    " command again."
+)
 
 
 def _read_small(client: S3Client, bucket: str, key: str) -> bytes:
