@@ -8,8 +8,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from prefect.utilities.callables import parameter_schema
 
 from mnistops.flows.deployment import _matches, _runner_deployment, _schema, default_parameters
+from mnistops.flows.retrain import mnist_flow
 from mnistops.settings import DeploymentSettings, Device, HyperParameters, Settings
 
 pytestmark = pytest.mark.unit
@@ -30,7 +32,7 @@ def as_served(wanted: Any) -> tuple[SimpleNamespace, list[SimpleNamespace]]:
         parameters=copy.deepcopy(wanted.parameters),
         parameter_openapi_schema={
             k: v
-            for k, v in wanted._parameter_openapi_schema.model_dump().items()
+            for k, v in parameter_schema(mnist_flow).model_dump().items()
             if k not in ("required", "definitions")
         },
         global_concurrency_limit=SimpleNamespace(limit=1),
