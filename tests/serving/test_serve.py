@@ -123,6 +123,58 @@ def test_answers_are_what_the_openapi_schema_says(service: tuple[str, Path]) -> 
     assert statuses == {200, 400, 413, 422}, statuses
 
 
+def test_requests_are_refused_or_answered_as_the_openapi_schema_says(
+    service: tuple[str, Path],
+) -> None:
+    """A request body the schema of /openapi.json calls invalid is refused (422, or 413
+    for a batch over the limit); one it calls valid is answered: what a client generator
+    reads is what the service does, for JSON, for content types and for multipart."""
+    import jsonschema
+
+    url, config_dir = service
+    settings = load_settings(config_dir)
+    body = httpx.get(f"{url}/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]
+    image = sorted((settings.mnist_dir / "test" / "3").glob("*.png"))[0].read_bytes()
+    png = base64.b64encode(image).decode()
+    zeros = [[0] * 28 for _ in range(28)]
+    bodies = {
+        "an empty object": {},
+        "an object without images": {"foo": 1},
+        "an empty list": [],
+        "a list of numbers": [1, 2, 3],
+        "an array 28x27": [[0] * 27 for _ in range(28)],
+        "a value over 255": [[*[0] * 27, 256], *zeros[1:]],
+        "a negative value": [[-1, *[0] * 27], *zeros[1:]],
+        "a batch over the limit": [zeros] * (settings.serve.max_batch + 1),
+        "an array 28x28": [zeros],
+        "images of an array and a PNG": {"images": [zeros, png]},
+        "images beside another key": {"images": [png], "note": "kept aside"},
+        "a list of PNGs": [png, png],
+    }
+    schema = body["content"]["application/json"]["schema"]
+    for case, document in bodies.items():
+        valid = jsonschema.Draft202012Validator(schema).is_valid(document)
+        answer = httpx.post(f"{url}/predict", json=document, timeout=30)
+        assert (answer.status_code == 200) == valid, (case, valid, answer.status_code)
+        assert valid or answer.status_code in (413, 422), (case, answer.text)
+    plain = httpx.post(f"{url}/predict", content=image, headers={"Content-Type": "text/plain"})
+    assert plain.status_code == 200 and "*/*" in body["content"], "any other type: an image"
+    form = body["content"]["multipart/form-data"]["schema"]
+    for field in ("file", "upload"):
+        upload = httpx.post(f"{url}/predict", files={field: ("d.png", image)}, timeout=30)
+        assert upload.status_code == 200, (field, upload.text)
+        jsonschema.validate({field: "d.png"}, form)
+    no_file = b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n--b--\r\n'
+    empty = httpx.post(
+        f"{url}/predict",
+        content=no_file,
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+        timeout=30,
+    )
+    assert empty.status_code == 400, empty.text
+    assert not jsonschema.Draft202012Validator(form).is_valid({}), "a form without a file"
+
+
 def test_a_moved_champion_is_served_with_no_failed_request(service: tuple[str, Path]) -> None:
     url, config_dir = service
     settings = load_settings(config_dir)

@@ -85,29 +85,52 @@ class Problem(BaseModel):
 
 
 _IMAGE = {"schema": {"type": "string", "format": "binary"}}
-PREDICT_BODY = {
-    "required": True,
-    "content": {
-        "image/png": _IMAGE,
-        "image/jpeg": _IMAGE,
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "properties": {"file": {"type": "string", "format": "binary"}},
-                "required": ["file"],
-            }
+_PIXELS = {"type": "number", "minimum": 0, "maximum": 255}
+
+
+def _rows(items: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "array", "minItems": 28, "maxItems": 28, "items": items}
+
+
+def predict_body(max_batch: int) -> dict[str, Any]:
+    """/predict's request body as the service takes it (`bodies.images_in`): the schema
+    a client generator reads is what is refused (422, 413) or answered."""
+    one = {
+        "oneOf": [
+            {"type": "string", "description": "a base64 PNG or JPEG (or a data: URL)"},
+            _rows(_rows(_PIXELS)),
+        ]
+    }
+    images = {"type": "array", "minItems": 1, "maxItems": max_batch, "items": one}
+    wrapped = {"type": "object", "required": ["images"], "properties": {"images": images}}
+    as_json = {
+        "schema": {
+            "oneOf": [images, wrapped],
+            "description": "28x28 arrays of numbers 0-255, or base64 PNG/JPEG strings",
+        }
+    }
+    return {
+        "required": True,
+        "content": {
+            "image/png": _IMAGE,
+            "image/jpeg": _IMAGE,
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "additionalProperties": {"type": "string", "format": "binary"},
+                    "minProperties": 1,
+                    "description": "one file, as `file` (any field name is taken)",
+                }
+            },
+            "application/json": as_json,
+            "text/json": as_json,
+            "*/*": {
+                **_IMAGE,
+                "description": "any other content type: the body is an image file's bytes",
+            },
         },
-        "application/json": {
-            "schema": {
-                "oneOf": [
-                    {"type": "array", "items": {}},
-                    {"type": "object", "properties": {"images": {"type": "array", "items": {}}}},
-                ],
-                "description": "28x28 arrays of numbers 0-255, or base64 PNG/JPEG strings",
-            }
-        },
-    },
-}
+    }
 
 
 def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
@@ -153,7 +176,7 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
             ' multipart upload), or JSON: a list (or `{"images": [...]}`) of 28x28 arrays'
             " of 0-255 or of base64-encoded images."
         ),
-        openapi_extra={"requestBody": PREDICT_BODY},
+        openapi_extra={"requestBody": predict_body(serve.max_batch)},
         responses={
             200: {"model": Answer | BatchAnswer, "description": "one image, or a batch"},
             400: {"model": Problem, "description": "not an image, truncated, blank, a bomb"},
