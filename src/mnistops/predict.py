@@ -24,6 +24,11 @@ from mnistops.tracking import model_files
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
+    from mnistops.tracking.champion import AliasedVersion
+
+    Registered = ModelVersion | AliasedVersion
+    """a registered version, as MLflow's client or the alias reader gives it"""
+
 __all__ = ["MAX_PIXELS", "PredictError", "Prediction", "load_images", "mnist_like", "predict"]
 
 
@@ -83,9 +88,9 @@ def probabilities(model: Any, batch: np.ndarray) -> np.ndarray:
         return torch.softmax(logits.double(), dim=1).numpy()
 
 
-def champion_version(settings: Settings) -> ModelVersion:
+def champion_version(settings: Settings) -> AliasedVersion:
     """The version the registry's `champion` alias names."""
-    from mnistops.tracking.registry import champion_of
+    from mnistops.tracking.champion import champion_of
 
     name = settings.model_registry.name
     version = champion_of(settings)
@@ -103,7 +108,7 @@ def model_cache(settings: Settings, version: str) -> Path:
     return settings.home / "cache" / "models" / settings.model_registry.name / version
 
 
-def _fetch(settings: Settings, version: ModelVersion, folder: Path) -> None:
+def _fetch(settings: Settings, version: Registered, folder: Path) -> None:
     """The version's files into `folder`, whole or not at all (a hidden folder beside it,
     renamed into place)."""
     import shutil
@@ -122,7 +127,7 @@ def _fetch(settings: Settings, version: ModelVersion, folder: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def load_version(settings: Settings, version: ModelVersion) -> Any:
+def load_version(settings: Settings, version: Registered) -> Any:
     """A registered version's model, in eval mode, loaded the one checked way
     (`tracking.model_files`): from this machine's cache, or downloaded once through the
     MLflow server (no S3 keys needed). Nothing from the registry is deserialized before

@@ -151,6 +151,53 @@ def test_predict_prints_the_champions_digit(trainer: Path, first_run) -> None:
     assert bad.returncode == 2 and "flow.yml: not an image" in bad.stderr  # bad input
 
 
+def test_the_alias_read_over_rest_is_what_mlflows_client_reads(trainer: Path, first_run) -> None:
+    """`tracking.champion` (MLflow's REST API, for predict and monitoring) names the same
+    version, source, run and tags as MLflow's own client; a model without the alias, or a
+    server that is not MLflow, is said plainly."""
+    import http.server
+    import threading
+
+    from mnistops.tracking.champion import champion_of
+    from mnistops.tracking.server import TrackingError
+
+    settings, client = client_of(trainer)
+    found = champion_of(settings)
+    expected = client.get_model_version_by_alias(settings.model_registry.name, "champion")
+    assert found is not None
+    assert (found.name, found.version, found.source, found.run_id, found.tags) == (
+        expected.name,
+        str(expected.version),
+        expected.source,
+        expected.run_id,
+        expected.tags,
+    )
+    unknown = settings.model_registry.model_copy(update={"name": "no-such-model"})
+    assert champion_of(settings.model_copy(update={"model_registry": unknown})) is None
+
+    class NotMlflow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"model_version": {"tags": 3}}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotMlflow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        elsewhere = settings.mlflow.model_copy(
+            update={"tracking_uri": f"http://127.0.0.1:{server.server_port}"}
+        )
+        with pytest.raises(TrackingError, match="is it an MLflow server"):
+            champion_of(settings.model_copy(update={"mlflow": elsewhere}))
+    finally:
+        server.shutdown()
+
+
 def test_the_champion_gate_both_ways_and_determinism(trainer: Path, first_run) -> None:
     settings, client = client_of(trainer)
     name = settings.model_registry.name

@@ -78,7 +78,7 @@ def _slug(name: str) -> str:
 
 def champion_served(settings: Settings) -> Served:
     """The champion and its training data's version; BadInput when there is none."""
-    from mnistops.tracking.registry import champion_of
+    from mnistops.tracking.champion import champion_of
 
     name = settings.model_registry.name
     found = champion_of(settings)

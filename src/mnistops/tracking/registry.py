@@ -75,11 +75,6 @@ def champion(client: MlflowClient, name: str) -> ModelVersion | None:
         raise
 
 
-def champion_of(settings: Settings) -> ModelVersion | None:
-    """The version `champion` names on the settings' MLflow server, if any."""
-    return champion(mlflow_client(settings), settings.model_registry.name)
-
-
 def accuracy_of(client: MlflowClient, version: ModelVersion) -> float | None:
     """A version's test accuracy: its tag, else its run's metric (a version registered by
     hand has no tag); None if neither is known."""

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from functools import cache
+from typing import TYPE_CHECKING
+
 from mnistops.clients import mlflow_login
 from mnistops.errors import MnistopsError
 from mnistops.settings import Settings
 
+if TYPE_CHECKING:
+    import httpx
+
 
 class TrackingError(MnistopsError):
     """The tracking server or registry failed; the message says which and what to do."""
+
+
+@cache
+def rest_client() -> httpx.Client:
+    """One HTTP client for this process's REST calls to MLflow: each new one builds its
+    TLS context again (a tenth of a second)."""
+    import httpx
+
+    return httpx.Client()
 
 
 def check_tracking_server(settings: Settings, timeout_s: float = 5.0) -> None:
@@ -21,9 +36,9 @@ def check_tracking_server(settings: Settings, timeout_s: float = 5.0) -> None:
         return
     login = mlflow_login(settings)
     try:
-        response = httpx.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+        response = rest_client().get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
         if response.status_code == 200:
-            response = httpx.get(
+            response = rest_client().get(
                 f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
                 params={"max_results": 1},
                 auth=login,
