@@ -91,8 +91,9 @@ def run_demo(
 ) -> None:
     """The ten stages and the summary."""
     from mnistops.data import reader
+    from mnistops.pipeline import FAST_EPOCHS
 
-    n_epochs = 1 if fast else n_epochs
+    n_epochs = FAST_EPOCHS if fast else n_epochs
     reporter.stage(1, "the stack: object store, MLflow tracking, Prefect server")
     start_stack(settings, reporter)
     reporter.stage(2, "MNIST as labelled PNG folders")

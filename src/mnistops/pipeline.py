@@ -49,10 +49,14 @@ class Layer:
     where: Callable[[str], str]
 
 
+FAST_EPOCHS = 1
+"""what `--fast` (and the flow's parameter `fast`) trains for"""
+
+
 def fast_recipe(fast: bool, where: str) -> Layer:
-    """What `fast` (`--fast`, the flow's parameter) means for the recipe: one epoch, a
-    layer below the values given explicitly."""
-    return Layer({"n_epochs": 1} if fast else None, lambda _field: where)
+    """What `fast` means for the recipe: FAST_EPOCHS, a layer below the values given
+    explicitly."""
+    return Layer({"n_epochs": FAST_EPOCHS} if fast else None, lambda _field: where)
 
 
 class DataInvalid(BadInput):
