@@ -55,6 +55,23 @@ def test_the_files_are_a_settings_source_below_arguments_and_environment(
     assert outside.config_dir is None and outside.notes == []
 
 
+def test_a_project_with_its_own_state_dir_is_found_from_a_folder_below(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`home: mystate` in the project's stack.yml: a command run in a subfolder finds the
+    project by its config/ and uses that state dir, not defaults of the subfolder."""
+    write(tmp_path / "project" / "config", "home: mystate\nserve:\n  port: 13999\n")
+    below = tmp_path / "project" / "src" / "deep"
+    below.mkdir(parents=True)
+    monkeypatch.chdir(below)
+    monkeypatch.delenv("MNISTOPS_HOME", raising=False)
+    monkeypatch.delenv("MNISTOPS_CONFIG_DIR", raising=False)
+    settings = load_settings()
+    assert settings.home == tmp_path / "project" / "mystate"
+    assert settings.serve.port == 13999
+    assert settings.config_dir == tmp_path / "project" / "config"
+
+
 def test_config_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write(tmp_path / "elsewhere", "prefect:\n  port: 4300\n")
     monkeypatch.setenv("MNISTOPS_CONFIG_DIR", str(tmp_path / "elsewhere"))

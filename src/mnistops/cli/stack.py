@@ -107,7 +107,8 @@ def require_stack(cfg: Settings) -> None:
 
     if cfg.s3.endpoint_url is not None or (cfg.home / "credentials.json").is_file():
         return
-    looked = where_looked() if cfg.home.parent == Path.cwd().absolute() else str(cfg.home)
+    default_home = cfg.home.name == ".mnistops" and cfg.home.parent == Path.cwd().absolute()
+    looked = where_looked() if default_home else str(cfg.home)
     fail(
         f"no mnistops stack found: looked for its state dir (with the S3 keys) in {looked}."
         " Run this in the folder where you ran `mnistops stack up` (or below it), set"

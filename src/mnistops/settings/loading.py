@@ -17,7 +17,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from mnistops.settings.base import ENV_PREFIX, ConfigError, env_var_for
+from mnistops.settings.base import CONFIG_FILES, ENV_PREFIX, ConfigError, env_var_for
 from mnistops.settings.model import Settings
 from mnistops.settings.network import POSTGRES_ONLY, _is_postgres_url
 from mnistops.settings.sources import read_config_dir, reading
@@ -90,15 +90,25 @@ def environment_variables() -> list[str]:
 STATE_DIR = ".mnistops"
 
 
+def is_project(folder: Path) -> bool:
+    """A folder holds a state dir, or a `config/` with one of mnistops' settings files."""
+    return (folder / STATE_DIR).is_dir() or any(
+        (folder / "config" / name).is_file() for name in CONFIG_FILES
+    )
+
+
 def project_root(start: Path | None = None) -> Path | None:
-    """The nearest folder, from `start` (the working dir) up, that holds a state dir."""
+    """The nearest folder, from `start` (the working dir) up, that is a project."""
     start = (start or Path.cwd()).absolute()
-    return next((f for f in (start, *start.parents) if (f / STATE_DIR).is_dir()), None)
+    return next((f for f in (start, *start.parents) if is_project(f)), None)
 
 
 def where_looked(start: Path | None = None) -> str:
     start = (start or Path.cwd()).absolute()
-    return f"{start / STATE_DIR} and the {STATE_DIR} of every folder above it"
+    return (
+        f"{start / STATE_DIR} and the {STATE_DIR} of every folder above it (or the state"
+        f" dir named by the nearest config/stack.yml)"
+    )
 
 
 STACK_KEYS = frozenset(
@@ -121,7 +131,8 @@ STACK_KEYS = frozenset(
 def load_settings(config_dir: Path | None = None, needs: frozenset[str] | None = None) -> Settings:
     """Read the config dir and the environment; raise ConfigError naming file and key.
 
-    Run from a folder below a project (one that holds `.mnistops/`), the settings are
+    Run from a folder below a project (one that holds `.mnistops/` or a `config/` with
+    mnistops' files), the settings are
     that project's: its `config/` and state dir, as `git` finds its repository. An
     explicit `--config-dir`, MNISTOPS_CONFIG_DIR or MNISTOPS_HOME turns the search off.
 
