@@ -137,8 +137,10 @@ async def uploaded_file(request: Request, limit: int) -> bytes:
     except Exception as exc:  # noqa: BLE001  a malformed multipart body
         raise Refused(400, f"the multipart body cannot be read ({exc})") from None
     uploads = [v for v in form.values() if hasattr(v, "read")]
-    if len(uploads) != 1:
-        raise Refused(400, "send one file in the multipart form (e.g. curl -F file=@digit.png)")
+    if len(uploads) != 1 or len(form) != 1:
+        raise Refused(
+            400, "send one file and nothing else in the multipart form (curl -F file=@digit.png)"
+        )
     data = await uploads[0].read()
     if len(data) > limit:
         raise Refused(413, f"the file is over {limit} bytes")
@@ -174,14 +176,24 @@ def _json_image(item: object, index: int) -> np.ndarray:
     if isinstance(item, str):
         return _converted(_base64(item, where), where)
     try:
-        array = np.asarray(item, dtype=np.float64)
+        array = np.asarray(item)
     except (ValueError, TypeError, OverflowError):
         raise Refused(422, f"{where}: not a 28x28 array of numbers") from None
+    if array.dtype.kind not in "iuf" or _has_bool(item):
+        raise Refused(422, f"{where}: not a 28x28 array of numbers (JSON numbers 0-255)")
+    array = array.astype(np.float64)
     if array.shape != (28, 28):
         raise Refused(422, f"{where}: shape {list(array.shape)}, expected 28x28")
     if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
         raise Refused(422, f"{where}: values must be numbers from 0 to 255")
     return (array / 255.0).astype(np.float32)[None]
+
+
+def _has_bool(item: object) -> bool:
+    """JSON true/false among the rows (NumPy reads them as 1 and 0 beside numbers)."""
+    return isinstance(item, list) and any(
+        isinstance(v, bool) for row in item if isinstance(row, list) for v in row
+    )
 
 
 def _base64(text: str, where: str) -> bytes:
