@@ -142,10 +142,13 @@ def test_requests_are_refused_or_answered_as_the_openapi_schema_says(
         "an object without images": {"foo": 1},
         "an empty list": [],
         "a list of numbers": [1, 2, 3],
-        "an array 28x27": [[0] * 27 for _ in range(28)],
-        "a value over 255": [[*[0] * 27, 256], *zeros[1:]],
-        "a negative value": [[-1, *[0] * 27], *zeros[1:]],
+        "an array 28x27": [[[0] * 27 for _ in range(28)]],
+        "a value over 255": [[[*[0] * 27, 256], *zeros[1:]]],
+        "a negative value": [[[-1, *[0] * 27], *zeros[1:]]],
         "a batch over the limit": [zeros] * (settings.serve.max_batch + 1),
+        "an array of booleans": [[[True] * 28 for _ in range(28)]],
+        "an array of numbers as text": [[["1"] * 28 for _ in range(28)]],
+        "a boolean among numbers": [[[0.5, True, *[0] * 26], *zeros[1:]]],
         "an array 28x28": [zeros],
         "images of an array and a PNG": {"images": [zeros, png]},
         "images beside another key": {"images": [png], "note": "kept aside"},
@@ -164,6 +167,11 @@ def test_requests_are_refused_or_answered_as_the_openapi_schema_says(
         upload = httpx.post(f"{url}/predict", files={field: ("d.png", image)}, timeout=30)
         assert upload.status_code == 200, (field, upload.text)
         jsonschema.validate({field: "d.png"}, form)
+    two = httpx.post(
+        f"{url}/predict", files=[("a", ("a.png", image)), ("b", ("b.png", image))], timeout=30
+    )
+    assert two.status_code == 400, two.text
+    assert not jsonschema.Draft202012Validator(form).is_valid({"a": "a.png", "b": "b.png"})
     no_file = b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n--b--\r\n'
     empty = httpx.post(
         f"{url}/predict",
@@ -173,6 +181,24 @@ def test_requests_are_refused_or_answered_as_the_openapi_schema_says(
     )
     assert empty.status_code == 400, empty.text
     assert not jsonschema.Draft202012Validator(form).is_valid({}), "a form without a file"
+
+
+def test_the_api_docs_load_nothing_from_elsewhere(service: tuple[str, Path]) -> None:
+    """/docs and /redoc name only the service's own files (offline, nothing from a CDN),
+    and each of those files is served."""
+    import re
+
+    url, _config_dir = service
+    for page in ("/docs", "/redoc"):
+        html = httpx.get(f"{url}{page}", timeout=10)
+        assert html.status_code == 200, (page, html.status_code)
+        linked = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html.text)
+        linked += re.findall(r"""url:\s*['"]([^'"]+)['"]""", html.text)
+        assert linked and not [u for u in linked if "//" in u], (page, linked)
+        assert "openapi.json" in html.text
+        for path in linked:
+            got = httpx.get(f"{url}{path}", timeout=10)
+            assert got.status_code == 200 and len(got.content) > 100, (page, path)
 
 
 def test_a_moved_champion_is_served_with_no_failed_request(service: tuple[str, Path]) -> None:
@@ -484,6 +510,18 @@ def test_detached_it_is_part_of_the_stack(service: tuple[str, Path]) -> None:
     assert again.returncode == 1 and "already running" in again.stderr, again.stderr
     env = run_cli("stack", "env", config_dir=config_dir).stdout
     assert f"MNISTOPS_SERVE__URL={url}" in env
+
+
+@pytest.mark.browser
+def test_the_api_docs_render_in_a_browser_offline(service: tuple[str, Path], browser) -> None:
+    """Swagger UI at /docs lists the service's operations in Chromium, from the files the
+    service serves (the test machine reaches no CDN)."""
+    from selenium.webdriver.common.by import By
+
+    url, _config_dir = service
+    browser.get(f"{url}/docs")
+    paths = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")]
+    assert "/predict" in paths and "/feedback" in paths, paths
 
 
 @pytest.mark.browser

@@ -1,5 +1,6 @@
 """The HTTP API: /predict, /feedback, /health, /model, /metrics, the draw-a-digit page
-at /, and FastAPI's OpenAPI docs at /docs.
+at /, and the OpenAPI docs at /docs (Swagger UI) and /redoc, served from files in the
+package so that they work offline.
 
 Bad input gets a 4xx whose `detail` names the problem; nothing a request sends can make
 the service read a file or a URL: an upload is bytes, decoded in memory with the same
@@ -17,6 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 
 from mnistops.loop.feedback import FeedbackBook, FeedbackRefused
@@ -120,7 +122,8 @@ def predict_body(max_batch: int) -> dict[str, Any]:
                     "properties": {"file": {"type": "string", "format": "binary"}},
                     "additionalProperties": {"type": "string", "format": "binary"},
                     "minProperties": 1,
-                    "description": "one file, as `file` (any field name is taken)",
+                    "maxProperties": 1,
+                    "description": "one file and nothing else, as `file` (any field name is taken)",
                 }
             },
             "application/json": as_json,
@@ -162,7 +165,9 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
         for started in (log,) if log is not None else ():
             started.close()
 
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from the package's files, not a CDN.
+    app = FastAPIOffline(
+        swagger_ui_parameters={"validatorUrl": None},  # no badge from validator.swagger.io
         title="mnistops serve",
         summary=f"The champion of {settings.model_registry.name}, following the registry.",
         lifespan=lifespan,
