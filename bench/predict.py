@@ -1,0 +1,84 @@
+"""`mnistops predict IMG`: seconds end to end for one image with the champion cached,
+on one embedded stack of its own (v1.0 --fast, one --fast training).
+
+Beside it, in the same run, what bounds it and what it no longer pays:
+  floor:    `python -c "import torch"` (the model runs in PyTorch: no faster than this)
+  before:   importing what `predict` imported to read the champion alias through MLflow's
+            client (`mnistops.tracking.registry`: MLflow, the gate's scipy, torch), on
+            top of the CLI: the cost of the old path's imports alone
+Each row is the median of --runs (5) runs, after one warm-up run that downloads the
+champion into this machine's cache. Goal (issue: fast where users wait): 1.5 s.
+Usage: .venv/bin/python bench/predict.py [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from drift import cpu_name
+from scratch import scratch_settings
+
+from mnistops import stack
+from mnistops.compat import bf16_is_native
+
+BIN = Path(sys.executable).parent
+
+
+def seconds(command: list[str], cwd: Path, runs: int) -> float:
+    """The median wall time of `command` over `runs` runs (each must succeed)."""
+    times = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+        times.append(time.perf_counter() - began)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}")
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    runs = parser.parse_args().runs
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
+        root = Path(tmp)
+        settings = scratch_settings(root)
+        mnistops = [str(BIN / "mnistops"), "--config-dir", str(root / "config")]
+        print("starting a stack, publishing v1.0 (--fast), training a champion ...", flush=True)
+        stack.up(settings)
+        try:
+            for args in (
+                ("data", "ingest", "--fast"),
+                ("data", "version", "v1.0", "-m", "v1"),
+                ("train", "--fast"),
+            ):
+                seconds([*mnistops, *args], root, 1)
+            image = sorted((settings.mnist_dir / "test" / "7").glob("*.png"))[0]
+            predict = [*mnistops, "predict", str(image)]
+            seconds(predict, root, 1)
+            python = [sys.executable, "-c"]
+            rows = {
+                "mnistops predict IMG (champion cached)": seconds(predict, root, runs),
+                "floor: import torch": seconds([*python, "import torch"], root, runs),
+                "before: the CLI + the MLflow-client path's imports": seconds(
+                    [*python, "import mnistops.cli, mnistops.tracking.registry"], root, runs
+                ),
+            }
+        finally:
+            stack.down(settings)
+    native = "native bf16" if bf16_is_native() else "no native bf16"
+    print(f"\n{cpu_name()} ({native}), {os.cpu_count()} cores; median of {runs} runs")
+    for label, value in rows.items():
+        print(f"  {label:<52} {value:5.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
