@@ -106,10 +106,48 @@ def _dynamic(node: ast.Call, names: set[str], module: str, is_package: bool) -> 
         level = len(text) - len(text.lstrip("."))
         base = package.split(".")[: len(package.split(".")) - (level - 1)]
         text = ".".join([*base, text.lstrip(".")])
-    fromlist = next((k.value for k in node.keywords if k.arg == "fromlist"), None)
+    level = _argument(node, 4, "level")
+    if called == "__import__" and level is not None:
+        if not (isinstance(level, ast.Constant) and isinstance(level.value, int)):
+            return {UNREADABLE}
+        text = _resolved(text, level.value, module, is_package)
+    fromlist = _argument(node, 3, "fromlist") if called == "__import__" else None
     if isinstance(fromlist, (ast.List, ast.Tuple)):
         return {f"{text}.{_literal(e, module, is_package) or UNREADABLE}" for e in fromlist.elts}
     return {text}
+
+
+def _argument(node: ast.Call, position: int, keyword: str) -> ast.expr | None:
+    """A call's argument, given by position or by keyword."""
+    if len(node.args) > position:
+        return node.args[position]
+    return next((k.value for k in node.keywords if k.arg == keyword), None)
+
+
+EVALUATING = {"exec", "eval", "compile"}
+"""builtins that run code from text: an import in them cannot be read"""
+
+
+def _escapes(tree: ast.Module, names: set[str]) -> bool:
+    """An importing function used other than by a direct call (`f = import_module`,
+    `getattr(importlib, "import_module")`, passed as an argument), or code run from
+    text: imports the rule cannot follow."""
+    called = {
+        id(node.func)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute))
+    }
+    for node in ast.walk(tree):
+        is_call = isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+        if is_call and node.func.id in EVALUATING:
+            return True
+        named = getattr(node, "attr", None) if isinstance(node, ast.Attribute) else None
+        named = node.id if isinstance(node, ast.Name) else named
+        if named in names and id(node) not in called:
+            return True
+        if isinstance(node, ast.Constant) and node.value in names:
+            return True
+    return False
 
 
 def imported(tree: ast.Module, module: str = "", is_package: bool = False) -> set[str]:
@@ -126,6 +164,8 @@ def imported(tree: ast.Module, module: str = "", is_package: bool = False) -> se
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.Call):
             names |= _dynamic(node, importing, module, is_package)
+    if _escapes(tree, importing):
+        names.add(UNREADABLE)
     return {
         n if n == UNREADABLE else n.removeprefix("mnistops.")
         for n in names
@@ -161,6 +201,14 @@ def test_imports_run_one_way() -> None:
         ("data.remote", "__import__(f'mnistops.cli.{name}')"),
         ("data.remote", "importlib.import_module(name)"),
         ("data.remote", "importlib.import_module(f'mnistops.{name}')"),
+        ("data.remote", "__import__('mnistops', globals(), locals(), ['cli'])"),
+        ("data.remote", "__import__('cli', globals(), None, ['main'], 2)"),
+        ("data.remote", "__import__('cli', globals(), level=2)"),
+        ("data.remote", "im = importlib.import_module\nim('mnistops.cli')"),
+        ("data.remote", "getattr(importlib, 'import_module')('mnistops.cli')"),
+        ("data.remote", "importlib.__dict__['import_module']('mnistops.cli')"),
+        ("data.remote", "(lambda f: f('mnistops.cli'))(importlib.import_module)"),
+        ("data.remote", "exec('import mnistops.cli')"),
     ],
 )
 def test_an_upward_import_is_seen_however_written(module: str, line: str) -> None:
