@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from mnistops.clients import mlflow_client
 from mnistops.settings import load_settings
@@ -88,6 +89,10 @@ def test_it_answers_like_predict(service: tuple[str, Path]) -> None:
     assert 'mnistops_requests_total{path="/predict",status="200"}' in metrics
     assert f'mnistops_model_info{{name="{name}",version="{model["version"]}"}} 1' in metrics
     assert "mnistops_predict_seconds_bucket" in metrics
+    families = {f.name: f.type for f in text_string_to_metric_families(metrics)}
+    assert families["mnistops_predict_seconds"] == "histogram"
+    assert families["mnistops_requests"] == families["mnistops_feedback"] == "counter"
+    assert families["mnistops_model_info"] == "gauge"
     predict = httpx.get(f"{url}/openapi.json").json()["paths"]["/predict"]["post"]
     assert "image/png" in predict["requestBody"]["content"]
 

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi_offline import FastAPIOffline
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import BaseModel
 
 from mnistops.loop.feedback import FeedbackBook, FeedbackRefused
@@ -28,7 +29,7 @@ from mnistops.serving.bodies import Predictor, uploaded_file
 from mnistops.serving.champion import Follower, Holder
 from mnistops.serving.fast_path import PredictFastPath
 from mnistops.serving.guard import GuardAndMeasure
-from mnistops.serving.metrics import Metrics
+from mnistops.serving.metrics import CONTENT_TYPE, Metrics, exposition
 from mnistops.settings import Settings
 
 
@@ -240,13 +241,14 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
             raise HTTPException(503, "no champion is loaded yet")
         return {**served.describe(), "refused_versions": holder.refused}
 
+    name = settings.model_registry.name
+    rendered = exposition(
+        lambda: service_families(metrics, holder, name), lambda: loop_families(log, book)
+    )
+
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
-    async def prometheus() -> PlainTextResponse:
-        served = holder.current
-        text = metrics.render(
-            settings.model_registry.name, served.version if served else None, holder.swaps
-        ) + loop_metrics(log, book)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+    async def prometheus() -> Response:
+        return Response(rendered(), media_type=CONTENT_TYPE)
 
     @app.get("/", summary="Draw a digit", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
@@ -326,39 +328,51 @@ def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
-def loop_metrics(log: PredictionLog | None, book: FeedbackBook) -> str:
-    """The prediction log's and /feedback's lines of /metrics."""
-    lines = [
-        "# HELP mnistops_feedback_total Labels sent to /feedback: taken, or refused for"
-        " their rate.",
-        "# TYPE mnistops_feedback_total counter",
-        f'mnistops_feedback_total{{outcome="taken"}} {book.accepted}',
-        f'mnistops_feedback_total{{outcome="rate_limited"}} {book.refused}',
-    ]
+def service_families(metrics: Metrics, holder: Holder, name: str) -> list[Metric]:
+    """The service's own families of /metrics, with the version it serves now."""
+    served = holder.current
+    return metrics.families(name, served.version if served else None, holder.swaps)
+
+
+def loop_families(log: PredictionLog | None, book: FeedbackBook) -> list[Metric]:
+    """The prediction log's and /feedback's families of /metrics."""
+    feedback = CounterMetricFamily(
+        "mnistops_feedback",
+        "Labels sent to /feedback: taken, or refused for their rate.",
+        labels=["outcome"],
+    )
+    feedback.add_metric(["taken"], book.accepted)
+    feedback.add_metric(["rate_limited"], book.refused)
     if log is None:
-        return "\n".join(lines) + "\n"
+        return [feedback]
     counts = log.counts
-    lines += [
-        "# HELP mnistops_prediction_log_records_total Answered images: written to the"
-        " object store, or shed because the log's buffer was full.",
-        "# TYPE mnistops_prediction_log_records_total counter",
-        f'mnistops_prediction_log_records_total{{outcome="written"}} {counts.written}',
-        f'mnistops_prediction_log_records_total{{outcome="shed"}} {counts.shed}',
-        "# HELP mnistops_prediction_log_buffered Records waiting to be written.",
-        "# TYPE mnistops_prediction_log_buffered gauge",
-        f"mnistops_prediction_log_buffered {log.buffered}",
-        "# HELP mnistops_prediction_log_write_errors_total Batches the store refused"
-        " (kept and tried again).",
-        "# TYPE mnistops_prediction_log_write_errors_total counter",
-        f"mnistops_prediction_log_write_errors_total {counts.write_errors}",
-        "# HELP mnistops_prediction_log_cpu_seconds_total CPU the log used: its thread in"
-        " the service, and its writer process.",
-        "# TYPE mnistops_prediction_log_cpu_seconds_total counter",
-        f'mnistops_prediction_log_cpu_seconds_total{{part="thread"}} {log.thread_cpu_s:.3f}',
-        f'mnistops_prediction_log_cpu_seconds_total{{part="writer"}}'
-        f" {log.writer.cpu_seconds():.3f}",
+    records = CounterMetricFamily(
+        "mnistops_prediction_log_records",
+        "Answered images: written to the object store, or shed because the log's buffer was full.",
+        labels=["outcome"],
+    )
+    records.add_metric(["written"], counts.written)
+    records.add_metric(["shed"], counts.shed)
+    cpu = CounterMetricFamily(
+        "mnistops_prediction_log_cpu_seconds",
+        "CPU the log used: its thread in the service, and its writer process.",
+        labels=["part"],
+    )
+    cpu.add_metric(["thread"], log.thread_cpu_s)
+    cpu.add_metric(["writer"], log.writer.cpu_seconds())
+    return [
+        feedback,
+        records,
+        GaugeMetricFamily(
+            "mnistops_prediction_log_buffered", "Records waiting to be written.", log.buffered
+        ),
+        CounterMetricFamily(
+            "mnistops_prediction_log_write_errors",
+            "Batches the store refused (kept and tried again).",
+            counts.write_errors,
+        ),
+        cpu,
     ]
-    return "\n".join(lines) + "\n"
 
 
 PAGE = files("mnistops.serving").joinpath("page.html").read_text()
