@@ -25,7 +25,16 @@ ENV_EXAMPLE = ROOT / "deploy" / "env.example"
 REFERENCE = re.compile(r"\$\{(?P<name>[A-Z_][A-Z0-9_]*)(?::?(?P<op>[-?])(?P<arg>[^}]*))?\}")
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH|KEY")
 URL_PASSWORD = re.compile(r"://[^:/@\s]+:(?P<password>[^@\s]+)@")
-OURS = {"buckets", "mlflow", "prefect", "deploy", "worker-cpu", "deploy-gpu", "worker-gpu"}
+OURS = {
+    "buckets",
+    "mlflow",
+    "prefect",
+    "deploy",
+    "worker-cpu",
+    "deploy-gpu",
+    "worker-gpu",
+    "serve",
+}
 
 
 def compose() -> dict:
@@ -56,7 +65,7 @@ def filled_example() -> dict[str, str]:
 
 def test_it_has_every_service_of_the_layout() -> None:
     services = compose()["services"]
-    assert set(services) == {"postgres", "minio"} | OURS
+    assert set(services) == {"postgres", "minio", "prometheus"} | OURS
     assert services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0][
         "capabilities"
     ] == ["gpu"]
@@ -132,3 +141,28 @@ def test_every_reference_is_documented_in_the_example_and_secrets_are_empty() ->
         if SECRET_NAME.search(key):
             assert value == "", f"env.example gives {key} a value: leave it for the user"
     assert "deploy/.env" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_prometheus_scrapes_the_services_metrics_with_its_key(tmp_path: Path) -> None:
+    """deploy/prometheus.yml names the compose service `serve` at its port, the app's
+    /metrics route, and the API key compose mounts for Prometheus."""
+    from mnistops.serving.app import create_app
+
+    layout = compose()
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    (job,) = scrape["scrape_configs"]
+    serve = layout["services"]["serve"]
+    port = serve["environment"]["MNISTOPS_SERVE__PORT"]
+    assert job["static_configs"][0]["targets"] == [f"serve:{port}"]
+    settings = load_settings(ROOT / "config").model_copy(update={"home": tmp_path})
+    routes = {r.path for r in create_app(settings).routes}
+    assert job["metrics_path"] in routes
+    prometheus = layout["services"]["prometheus"]
+    assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+    (secret,) = prometheus["secrets"]
+    assert job["authorization"] == {
+        "type": "Bearer",
+        "credentials_file": f"/run/secrets/{secret}",
+    }
+    key = serve["environment"]["MNISTOPS_SERVE__API_KEY"]
+    assert key == "${" + layout["secrets"][secret]["environment"] + ":?set it in deploy/.env}"
