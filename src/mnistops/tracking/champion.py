@@ -13,10 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mnistops.clients import mlflow_login
 from mnistops.settings import Settings
 from mnistops.tracking.contract import CHAMPION
-from mnistops.tracking.server import TrackingError, rest_client
+from mnistops.tracking.server import TrackingError, rest_get
 
 NOT_THERE = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 """MLflow's error codes for a model or alias that does not exist"""
@@ -38,20 +37,12 @@ def champion_of(settings: Settings, timeout_s: float = 10.0) -> AliasedVersion |
     uri, name = settings.mlflow_uri.rstrip("/"), settings.model_registry.name
     if not uri.startswith(("http://", "https://")):
         return _through_the_client(settings)
-    import httpx
-
-    try:
-        answer = rest_client().get(
-            f"{uri}/api/2.0/mlflow/registered-models/alias",
-            params={"name": name, "alias": CHAMPION},
-            auth=mlflow_login(settings),
-            timeout=timeout_s,
-        )
-    except httpx.HTTPError as exc:
-        raise TrackingError(
-            f"the MLflow server at {uri} cannot be reached ({exc.__class__.__name__});"
-            " start the stack (`mnistops stack up`) or set mlflow.tracking_uri"
-        ) from None
+    answer = rest_get(
+        settings,
+        "/api/2.0/mlflow/registered-models/alias",
+        {"name": name, "alias": CHAMPION},
+        timeout_s,
+    )
     document = _json(answer)
     if answer.status_code != 200:
         if document.get("error_code") in NOT_THERE:

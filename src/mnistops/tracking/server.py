@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mnistops.clients import mlflow_login
 from mnistops.errors import MnistopsError
@@ -26,29 +26,37 @@ def rest_client() -> httpx.Client:
     return httpx.Client()
 
 
-def check_tracking_server(settings: Settings, timeout_s: float = 5.0) -> None:
-    """A clear error, quickly, when the MLflow server cannot be reached or refuses our
-    login."""
+def rest_get(
+    settings: Settings, path: str, params: dict[str, Any] | None = None, timeout_s: float = 5.0
+) -> httpx.Response:
+    """GET `path` of the settings' MLflow server with our login; TrackingError naming
+    the server, and what to do, when it cannot be reached."""
     import httpx
 
-    uri = settings.mlflow_uri
-    if not uri.startswith(("http://", "https://")):
-        return
-    login = mlflow_login(settings)
+    uri = settings.mlflow_uri.rstrip("/")
     try:
-        response = rest_client().get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
-        if response.status_code == 200:
-            response = rest_client().get(
-                f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
-                params={"max_results": 1},
-                auth=login,
-                timeout=timeout_s,
-            )
+        return rest_client().get(
+            f"{uri}{path}", params=params, auth=mlflow_login(settings), timeout=timeout_s
+        )
     except httpx.HTTPError as exc:
         raise TrackingError(
             f"the MLflow server at {uri} cannot be reached ({exc.__class__.__name__});"
             " start the stack (`mnistops stack up`) or set mlflow.tracking_uri"
         ) from None
+
+
+def check_tracking_server(settings: Settings, timeout_s: float = 5.0) -> None:
+    """A clear error, quickly, when the MLflow server cannot be reached or refuses our
+    login."""
+
+    uri = settings.mlflow_uri
+    if not uri.startswith(("http://", "https://")):
+        return
+    login = mlflow_login(settings)
+    response = rest_get(settings, "/health", timeout_s=timeout_s)
+    if response.status_code == 200:
+        search = "/api/2.0/mlflow/experiments/search"
+        response = rest_get(settings, search, {"max_results": 1}, timeout_s)
     if response.status_code == 403 and "Host header" in response.text:
         raise TrackingError(
             f"the MLflow server at {uri} refused the host name in that URL (it answers only"
