@@ -29,7 +29,7 @@ from mnistops.serving.bodies import Predictor, uploaded_file
 from mnistops.serving.champion import Follower, Holder
 from mnistops.serving.fast_path import PredictFastPath
 from mnistops.serving.guard import GuardAndMeasure
-from mnistops.serving.metrics import CONTENT_TYPE, Metrics, exposition
+from mnistops.serving.metrics import CONTENT_TYPE, Metrics, exposition, labelled
 from mnistops.settings import Settings
 
 
@@ -336,30 +336,27 @@ def service_families(metrics: Metrics, holder: Holder, name: str) -> list[Metric
 
 def loop_families(log: PredictionLog | None, book: FeedbackBook) -> list[Metric]:
     """The prediction log's and /feedback's families of /metrics."""
-    feedback = CounterMetricFamily(
+    feedback = labelled(
         "mnistops_feedback",
         "Labels sent to /feedback: taken, or refused for their rate.",
-        labels=["outcome"],
+        "outcome",
+        {"taken": book.accepted, "rate_limited": book.refused},
     )
-    feedback.add_metric(["taken"], book.accepted)
-    feedback.add_metric(["rate_limited"], book.refused)
     if log is None:
         return [feedback]
     counts = log.counts
-    records = CounterMetricFamily(
+    records = labelled(
         "mnistops_prediction_log_records",
         "Answered images: written to the object store, or shed because the log's buffer was full.",
-        labels=["outcome"],
+        "outcome",
+        {"written": counts.written, "shed": counts.shed},
     )
-    records.add_metric(["written"], counts.written)
-    records.add_metric(["shed"], counts.shed)
-    cpu = CounterMetricFamily(
+    cpu = labelled(
         "mnistops_prediction_log_cpu_seconds",
         "CPU the log used: its thread in the service, and its writer process.",
-        labels=["part"],
+        "part",
+        {"thread": log.thread_cpu_s, "writer": log.writer.cpu_seconds()},
     )
-    cpu.add_metric(["thread"], log.thread_cpu_s)
-    cpu.add_metric(["writer"], log.writer.cpu_seconds())
     return [
         feedback,
         records,

@@ -25,6 +25,14 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 """the text format every Prometheus version reads (what `generate_latest` writes)"""
 
 
+def labelled(name: str, documentation: str, label: str, values: dict[str, float]) -> Metric:
+    """A counter family with one sample per value of its one label."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in values.items():
+        family.add_metric([value], count)
+    return family
+
+
 class Metrics:
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -70,19 +78,19 @@ class Metrics:
                 + [("+Inf", self.latency_count)],
                 self.latency_sum,
             )
-            predictions = CounterMetricFamily(
-                "mnistops_predictions", "Predicted digits.", labels=["digit"]
+            predictions = labelled(
+                "mnistops_predictions",
+                "Predicted digits.",
+                "digit",
+                {str(digit): self.predictions[digit] for digit in range(10)},
             )
-            for digit in range(10):
-                predictions.add_metric([str(digit)], self.predictions[digit])
-            cut = CounterMetricFamily(
+            cut = labelled(
                 "mnistops_connections_cut",
                 "Connections closed by the service: a request too slow to arrive, or one"
                 " connection too many.",
-                labels=["why"],
+                "why",
+                {"slow": self.connections_timed_out, "full": self.connections_refused},
             )
-            cut.add_metric(["slow"], self.connections_timed_out)
-            cut.add_metric(["full"], self.connections_refused)
         info = GaugeMetricFamily(
             "mnistops_model_info",
             "The model version that answers (1 while loaded).",
