@@ -15,10 +15,7 @@ from typing import Any
 
 from mnistops.settings import Settings
 from mnistops.tracking.contract import CHAMPION
-from mnistops.tracking.server import TrackingError, rest_get
-
-NOT_THERE = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
-"""MLflow's error codes for a model or alias that does not exist"""
+from mnistops.tracking.server import NOT_THERE, TrackingError, rest_get
 
 
 @dataclass(frozen=True)

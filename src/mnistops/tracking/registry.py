@@ -31,6 +31,7 @@ from mnistops.tracking.contract import (
 )
 from mnistops.tracking.model_files import ModelRefused, record_problem
 from mnistops.tracking.predictions import ChampionPredictions
+from mnistops.tracking.server import NOT_THERE
 from mnistops.tracking.significance import Paired, judge, paired
 
 
@@ -70,7 +71,7 @@ def champion(client: MlflowClient, name: str) -> ModelVersion | None:
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        if exc.error_code in NOT_THERE:
             return None
         raise
 

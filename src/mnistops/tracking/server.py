@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     import httpx
 
 
+NOT_THERE = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+"""MLflow's error codes for a model or alias that does not exist"""
+
+
 class TrackingError(MnistopsError):
     """The tracking server or registry failed; the message says which and what to do."""
 
