@@ -20,6 +20,7 @@ from mnistops.data.images import MAX_PIXELS, ImageRefused, read_regular, shown_n
 from mnistops.errors import ImageUnusable, PredictError
 from mnistops.settings import Settings
 from mnistops.tracking import model_files
+from mnistops.train.runtime import NumpyNet
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -80,7 +81,10 @@ def load_images(paths: list[Path]) -> np.ndarray:
 
 
 def probabilities(model: Any, batch: np.ndarray) -> np.ndarray:
-    """(N, 10) probabilities of a (N, 1, 28, 28) float32 batch in [0, 1] (no gradients)."""
+    """(N, 10) probabilities of a (N, 1, 28, 28) float32 batch in [0, 1] (no gradients),
+    from a model of `model_files.load_for_answers`: NumPy's, or PyTorch's."""
+    if isinstance(model, NumpyNet):
+        return model.probabilities(batch)
     import torch
 
     with torch.inference_mode():
@@ -146,10 +150,10 @@ def load_version(settings: Settings, version: Registered) -> Any:
         if not folder.is_dir():
             _fetch(settings, version, folder)
         try:
-            model = model_files.load_checked(folder, tags, key, source)
+            model = model_files.load_for_answers(folder, tags, key, source)
         except model_files.ModelRefused:
             _fetch(settings, version, folder)  # a damaged local copy: once more, fresh
-            model = model_files.load_checked(folder, tags, key, source)
+            model = model_files.load_for_answers(folder, tags, key, source)
         probabilities(model, np.zeros((1, 1, 28, 28), np.float32))
     except model_files.ModelUnavailable as exc:
         raise ModelUnreachable(f"{unusable}: {exc}") from None

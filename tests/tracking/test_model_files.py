@@ -15,8 +15,10 @@ import pytest
 import torch
 import yaml
 
+from mnistops.predict import probabilities
 from mnistops.tracking import model_files as mf
 from mnistops.train.models import build
+from mnistops.train.runtime import NumpyNet
 
 pytestmark = [pytest.mark.unit, pytest.mark.security]
 
@@ -200,9 +202,64 @@ def test_every_other_file_is_refused_by_name(written, tmp_path: Path, case: str)
     folder, tags = copy_of(written, tmp_path)
     change, words = CASES[case]
     tags = change(folder, tags)
-    with pytest.raises(mf.ModelRefused, match=None) as refused:
-        mf.load_checked(folder, tags, KEY, SOURCE)
-    assert words in str(refused.value), str(refused.value)
+    for load in (mf.load_checked, mf.load_for_answers):
+        with pytest.raises(mf.ModelRefused, match=None) as refused:
+            load(folder, tags, KEY, SOURCE)
+        assert words in str(refused.value), str(refused.value)
+
+
+def _claims_the_numpy_check(folder: Path, tags: dict) -> dict:
+    path = folder / "MLmodel"
+    mlmodel = yaml.safe_load(path.read_text())
+    mlmodel["metadata"][mf.NUMPY_CHECK] = "10000/10000"
+    path.write_text(yaml.safe_dump(mlmodel))
+    return tags
+
+
+def test_a_check_written_into_a_signed_model_is_refused(written, tmp_path: Path) -> None:
+    folder, tags = copy_of(written, tmp_path)
+    tags = _claims_the_numpy_check(folder, tags)
+    with pytest.raises(mf.ModelRefused, match="MLmodel differs from the file registered"):
+        mf.load_for_answers(folder, tags, KEY, SOURCE)
+
+
+@pytest.mark.parametrize(
+    ("check", "runtime"),
+    [
+        ("10000/10000", NumpyNet),
+        (None, torch.nn.Module),
+        ("9999/10000", torch.nn.Module),
+        ("0/0", torch.nn.Module),
+        ("x/x", torch.nn.Module),
+    ],
+)
+def test_numpy_answers_only_for_a_version_that_passed_its_check(
+    written, tmp_path: Path, check: str | None, runtime: type
+) -> None:
+    """The runtime `predict` and `serve` use: NumPy where the signed metadata records the
+    same digits as PyTorch on every test image, else PyTorch; the same answers either way."""
+    folder = tmp_path / "model"
+    shutil.copytree(written[0], folder)
+    path = folder / "MLmodel"
+    mlmodel = yaml.safe_load(path.read_text())
+    mlmodel["metadata"] = mf.metadata("digitnet", check)
+    path.write_text(yaml.safe_dump(mlmodel))
+    tags = mf.record_tags(KEY, mf.file_record(folder), SOURCE)
+    loaded = mf.load_for_answers(folder, tags, KEY, SOURCE)
+    assert isinstance(loaded, runtime)
+    x = torch.rand(5, 1, 28, 28)
+    with torch.inference_mode():
+        expected = written[1](x).numpy()
+    np.testing.assert_allclose(probabilities(loaded, x.numpy()).argmax(1), expected.argmax(1))
+
+
+def test_the_check_at_registration_compares_numpy_with_pytorch(written) -> None:
+    images = (np.random.default_rng(0).random((300, 28, 28)) * 255).astype(np.uint8)
+    with torch.inference_mode():
+        digits = written[1](torch.from_numpy(images[:, None] / np.float32(255))).argmax(1)
+    weights = written[0] / mf.WEIGHTS_PATH
+    assert mf.numpy_check(weights, "digitnet", images, digits.numpy()) == "300/300"
+    assert mf.numpy_check(weights, "digitnet", images, (digits.numpy() + 1) % 10) == "0/300"
 
 
 def test_without_a_key_nothing_is_trusted(written, tmp_path: Path) -> None:

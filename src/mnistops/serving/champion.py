@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mnistops.settings import Settings
+from mnistops.tracking.champion import AliasedVersion
 from mnistops.tracking.contract import CHAMPION, DATA_VERSION_TAG
+from mnistops.train.runtime import NumpyNet
 
 log = logging.getLogger("mnistops.serve")
 
@@ -56,15 +58,16 @@ class Holder:
         """versions that failed to load, and why (not tried again)"""
 
 
-def load_served(settings: Settings, version: Any) -> Served:
-    """Load a registered version (an MLflow ModelVersion) for serving."""
-    from mnistops.clients import mlflow_client
+def load_served(settings: Settings, version: AliasedVersion) -> Served:
+    """Load a registered version (as `tracking.champion` reads it) for serving."""
     from mnistops.predict import load_version
-    from mnistops.tracking.registry import accuracy_of
+    from mnistops.tracking.champion import accuracy_of
 
-    client = mlflow_client(settings)
     module = load_version(settings, version)
-    tags = version.tags or {}
+    if not isinstance(module, NumpyNet):
+        import torch  # a version registered before the NumPy check: PyTorch answers
+
+        torch.set_num_threads(settings.serve.threads or 1)
     run_url = None
     if version.run_id:
         run_url = f"{settings.mlflow_uri.rstrip('/')}/#/runs/{version.run_id}"
@@ -72,8 +75,8 @@ def load_served(settings: Settings, version: Any) -> Served:
         settings.model_registry.name,
         str(version.version),
         module,
-        tags.get(DATA_VERSION_TAG),
-        accuracy_of(client, version),
+        version.tags.get(DATA_VERSION_TAG),
+        accuracy_of(settings, version),
         version.run_id,
         run_url,
     )
@@ -100,12 +103,11 @@ class Follower(threading.Thread):
 
     def check(self) -> None:
         """One look at the registry: load and swap in a new champion, if there is one."""
-        from mnistops.clients import mlflow_client
         from mnistops.errors import PredictError
         from mnistops.predict import ModelUnreachable
-        from mnistops.tracking.registry import champion
+        from mnistops.tracking.champion import champion_of
 
-        version = champion(mlflow_client(self.settings), self.settings.model_registry.name)
+        version = champion_of(self.settings)
         current = self.holder.current
         if version is None or (current is not None and current.version == str(version.version)):
             return

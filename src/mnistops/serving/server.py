@@ -42,8 +42,8 @@ def exposure(settings: Settings) -> str | None:
 
 def run(settings: Settings) -> None:
     """Serve in this process until it is stopped (Ctrl-C, SIGTERM)."""
-    import torch
     import uvicorn
+    from threadpoolctl import threadpool_limits
 
     from mnistops.serving.app import create_app
     from mnistops.serving.connections import bounded_protocol, connection_cap, raise_file_limit
@@ -51,7 +51,7 @@ def run(settings: Settings) -> None:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    torch.set_num_threads(settings.serve.threads or 1)
+    threadpool_limits(settings.serve.threads or 1)
     app = create_app(settings)
     serve = settings.serve
     cap = connection_cap(serve.max_connections, raise_file_limit())

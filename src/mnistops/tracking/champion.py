@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mnistops.settings import Settings
-from mnistops.tracking.contract import CHAMPION
+from mnistops.tracking.contract import ACCURACY_TAG, CHAMPION
 from mnistops.tracking.server import NOT_THERE, TrackingError, rest_get
 
 
@@ -49,6 +49,25 @@ def champion_of(settings: Settings, timeout_s: float = 10.0) -> AliasedVersion |
             f" {name}@{CHAMPION}: {document.get('message') or answer.text[:200]}"
         )
     return from_rest(document.get("model_version") or {}, uri)
+
+
+def accuracy_of(settings: Settings, version: AliasedVersion) -> float | None:
+    """A version's test accuracy: its tag, else its run's metric (a version registered by
+    hand has no tag); None if neither is known or the server cannot say now."""
+    value = version.tags.get(ACCURACY_TAG)
+    if value is not None:
+        return float(value)
+    if not version.run_id or not settings.mlflow_uri.startswith(("http://", "https://")):
+        return None
+    try:
+        answer = rest_get(settings, "/api/2.0/mlflow/runs/get", {"run_id": version.run_id})
+    except TrackingError:
+        return None
+    metrics = ((_json(answer).get("run") or {}).get("data") or {}).get("metrics") or []
+    found = [
+        m.get("value") for m in metrics if isinstance(m, dict) and m.get("key") == ACCURACY_TAG
+    ]
+    return float(found[-1]) if found and isinstance(found[-1], int | float) else None
 
 
 def from_rest(version: dict[str, Any], uri: str) -> AliasedVersion:

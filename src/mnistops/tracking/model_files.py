@@ -14,8 +14,12 @@ writes, and only after checking, in this order, without deserializing anything:
 3. the MLmodel file (read as plain YAML) declares our format: the PyTorch flavor on
    `data/` with our weights file and no code, an exported archive and no pickle;
 4. the weights: a NumPy `.npz` read with `allow_pickle=False` into an architecture that
-   mnistops builds from its own code (`train.models`), named in the MLmodel metadata,
-   every tensor's name, shape and dtype checked.
+   mnistops builds from its own code (`train.architecture`), named in the MLmodel
+   metadata, every tensor's name, shape and dtype checked.
+
+`predict` and `serve` then run the weights with NumPy (`train.runtime`) when the MLmodel
+metadata, signed with the rest, records that NumPy gave PyTorch's digits on the whole test
+set at registration (`numpy_runtime`); otherwise, with PyTorch.
 
 The `torch.export` archive MLflow keeps beside it is for MLflow's tools (`mlflow models
 serve`, `mlflow.pytorch.load_model`); mnistops never opens it.
@@ -37,6 +41,7 @@ import numpy as np
 from mnistops.errors import BadInput, MnistopsError
 from mnistops.settings import Settings
 from mnistops.tracking.contract import FILES_TAG, SIGNATURE_TAG, TRUSTED_BY_TAG
+from mnistops.train.architecture import ARCHITECTURES, tensors
 
 FORMAT = "mnistops-npz-v1"
 WEIGHTS_NAME = "mnistops-weights.npz"
@@ -56,9 +61,32 @@ class ModelUnavailable(MnistopsError):
     """A version's files could not be downloaded now (a server down, a timeout)."""
 
 
-def metadata(architecture: str) -> dict[str, str]:
+NUMPY_CHECK = "numpy_runtime"
+"""the MLmodel metadata key of the check that lets `predict` and `serve` run the weights
+with NumPy (`train.runtime`): "<same digits>/<test images>" against PyTorch's digits"""
+
+
+def metadata(architecture: str, numpy_check: str | None = None) -> dict[str, str]:
     """What the MLmodel file says of our format (its `metadata` key)."""
-    return {"mnistops_format": FORMAT, "architecture": architecture, "weights": WEIGHTS_PATH}
+    found = {"mnistops_format": FORMAT, "architecture": architecture, "weights": WEIGHTS_PATH}
+    if numpy_check is not None:
+        found[NUMPY_CHECK] = numpy_check
+    return found
+
+
+def numpy_check(weights: Path, architecture: str, images: np.ndarray, digits: np.ndarray) -> str:
+    """The NumPy runtime's digits for `images` (the test set) against PyTorch's `digits`,
+    as the metadata records it."""
+    from mnistops.train.runtime import agreement, compile_net
+
+    net = compile_net(architecture, _weights(weights))
+    return f"{agreement(net, images, digits)}/{len(images)}"
+
+
+def _numpy_checked(meta: dict[str, Any]) -> bool:
+    """The version passed the NumPy check at registration: every test digit the same."""
+    same, _, total = str(meta.get(NUMPY_CHECK, "")).partition("/")
+    return same.isdigit() and same == total and int(total) > 0
 
 
 def save_weights(model: Any, folder: Path) -> Path:
@@ -229,6 +257,10 @@ def check_layout(folder: Path) -> None:
 def check_format(folder: Path) -> str:
     """The architecture named by an MLmodel that declares our format; ModelRefused for
     anything else (a pickled module, a loader module or code path, another file)."""
+    return str(_checked_metadata(folder)["architecture"])
+
+
+def _checked_metadata(folder: Path) -> dict[str, Any]:
     check_layout(folder)
     found = _mlmodel(folder)
     meta = found.get("metadata") or {}
@@ -255,14 +287,12 @@ def check_format(folder: Path) -> str:
     if (folder / "data" / "model.pth").exists() or not (folder / "data" / "model.pt2").is_file():
         raise ModelRefused("data/ holds a pickled model, not an exported one")
     architecture = meta.get("architecture")
-    from mnistops.train.models import MODELS
-
-    if architecture not in MODELS:
+    if architecture not in ARCHITECTURES:
         raise ModelRefused(
             f"MLmodel names the architecture {architecture!r}, not one of mnistops'"
-            f" ({', '.join(MODELS)})"
+            f" ({', '.join(ARCHITECTURES)})"
         )
-    return str(architecture)
+    return meta
 
 
 def _weights(path: Path) -> dict[str, np.ndarray]:
@@ -282,37 +312,57 @@ def _weights(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def check_weights(architecture: str, arrays: dict[str, np.ndarray]) -> None:
+    """Every name, shape and dtype must be the architecture's own."""
+    expected = tensors(architecture)
+    if set(arrays) != set(expected):
+        odd = sorted(set(arrays) ^ set(expected))[0]
+        raise ModelRefused(f"{WEIGHTS_PATH} does not fit {architecture}: tensor {odd!r}")
+    for key, (dtype, shape) in expected.items():
+        array = arrays[key]
+        if tuple(array.shape) != shape or array.dtype != dtype:
+            raise ModelRefused(
+                f"{WEIGHTS_PATH}: {key} is {array.dtype}{list(array.shape)}, {architecture}"
+                f" needs {dtype}{list(shape)}"
+            )
+
+
 def build_checked(architecture: str, arrays: dict[str, np.ndarray]) -> Any:
-    """Our architecture with these weights, in eval mode; every name, shape and dtype
-    must be the architecture's own."""
+    """Our architecture with these weights, as a PyTorch module in eval mode."""
     import torch
 
     from mnistops.train.models import build
 
+    check_weights(architecture, arrays)
     model = build(architecture)
-    expected = model.state_dict()
-    if set(arrays) != set(expected):
-        odd = sorted(set(arrays) ^ set(expected))[0]
-        raise ModelRefused(f"{WEIGHTS_PATH} does not fit {architecture}: tensor {odd!r}")
-    state = {}
-    for key, tensor in expected.items():
-        array = arrays[key]
-        if tuple(array.shape) != tuple(tensor.shape) or array.dtype != tensor.numpy().dtype:
-            raise ModelRefused(
-                f"{WEIGHTS_PATH}: {key} is {array.dtype}{list(array.shape)}, {architecture}"
-                f" needs {tensor.numpy().dtype}{list(tensor.shape)}"
-            )
-        state[key] = torch.from_numpy(np.array(array))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
     return model.eval()
 
 
 def load_checked(folder: Path, tags: dict[str, str], key: bytes | None, source: str) -> Any:
-    """The model in `folder` (a version's downloaded files), after every check above."""
+    """The model in `folder` (a version's downloaded files), after every check above, as
+    a PyTorch module (what the gate scores)."""
     record = signed_record(tags, key, source)
     check_files(folder, record)
     architecture = check_format(folder)
     return build_checked(architecture, _weights(folder / WEIGHTS_PATH))
+
+
+def load_for_answers(folder: Path, tags: dict[str, str], key: bytes | None, source: str) -> Any:
+    """The same model, after the same checks, in the fastest faithful way: run by NumPy
+    (`train.runtime`, no PyTorch import) when it gave PyTorch's digits on the whole test
+    set at registration, else as a PyTorch module (a version registered before the check
+    existed). What `predict` and `serve` answer with."""
+    record = signed_record(tags, key, source)
+    check_files(folder, record)
+    meta = _checked_metadata(folder)
+    arrays = _weights(folder / WEIGHTS_PATH)
+    if not _numpy_checked(meta):
+        return build_checked(meta["architecture"], arrays)
+    from mnistops.train.runtime import compile_net
+
+    check_weights(meta["architecture"], arrays)
+    return compile_net(meta["architecture"], arrays)
 
 
 def download(client: Any, uri: str, destination: Path) -> Path:

@@ -45,6 +45,9 @@ def _log_model(
     model = result.model.to("cpu")
     with tempfile.TemporaryDirectory(prefix="model-") as tmp:
         weights = model_files.save_weights(model, Path(tmp))
+        checked = model_files.numpy_check(
+            weights, hyp.model, arrays.test_x, np.asarray(result.test.predicted)
+        )
         folder = Path(tmp) / "model"
         mlflow.pytorch.save_model(
             model,
@@ -54,7 +57,7 @@ def _log_model(
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
             serialization_format="pt2",
             extra_files=[str(weights)],
-            metadata=model_files.metadata(hyp.model),
+            metadata=model_files.metadata(hyp.model, checked),
         )
         record = model_files.file_record(folder)
         model_files.check_format(folder)

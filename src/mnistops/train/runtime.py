@@ -1,0 +1,165 @@
+"""A registered model's weights run by NumPy alone: what `predict` and `serve` answer with.
+
+Importing PyTorch takes most of a second and a half and 300 MB of memory, for a forward
+pass of a few small matrix products. Here each layer of `train.architecture` becomes one
+NumPy step on channels-last activations (N, H, W, C): a convolution is one matrix product
+over its patches, with the batch norm after it folded into its weights and bias; the
+linear layer's columns are reordered once, so that flattening channels-last gives
+PyTorch's order. Inference only: dropout is the identity, batch norm uses its running
+statistics, as in PyTorch's eval mode.
+
+Whether it computes what PyTorch computes is checked when a model is registered: its
+digits on the whole test set are compared with PyTorch's (`verify`), and only a model
+that passed is served this way (`tracking.model_files`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from mnistops.train import architecture as a
+
+Step = Callable[[np.ndarray], np.ndarray]
+CHUNK = 64
+"""images per pass: bounds the patches' memory (a 5x5 convolution's are 25x the input)"""
+
+
+def _convolution(weight: np.ndarray, bias: np.ndarray) -> Step:
+    outputs, inputs, kernel, _ = weight.shape
+    pad = kernel // 2
+    matrix = np.ascontiguousarray(weight.reshape(outputs, inputs * kernel * kernel).T)
+
+    def step(x: np.ndarray) -> np.ndarray:
+        n, h, w, c = x.shape
+        padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        patches = sliding_window_view(padded, (kernel, kernel), axis=(1, 2))
+        out: np.ndarray = patches.reshape(n * h * w, c * kernel * kernel) @ matrix
+        out += bias
+        return out.reshape(n, h, w, outputs)
+
+    return step
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    found: np.ndarray = np.maximum(x, 0, out=x)
+    return found
+
+
+def _leaky(slope: float) -> Step:
+    def step(x: np.ndarray) -> np.ndarray:
+        found: np.ndarray = np.where(x > 0, x, x * np.float32(slope))
+        return found
+
+    return step
+
+
+def _max_pool(size: int) -> Step:
+    def step(x: np.ndarray) -> np.ndarray:
+        n, h, w, c = x.shape
+        found: np.ndarray = x.reshape(n, h // size, size, w // size, size, c).max(axis=(2, 4))
+        return found
+
+    return step
+
+
+def _linear(weight: np.ndarray, bias: np.ndarray, before: tuple[int, int, int] | None) -> Step:
+    """`before`: the (C, H, W) map flattened into this layer, whose columns are then
+    reordered for channels-last input."""
+    if before is not None:
+        c, h, w = before
+        weight = weight.reshape(-1, c, h, w).transpose(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    matrix = np.ascontiguousarray(weight.T)
+
+    def step(x: np.ndarray) -> np.ndarray:
+        found: np.ndarray = x.reshape(x.shape[0], -1) @ matrix + bias
+        return found
+
+    return step
+
+
+@dataclass
+class NumpyNet:
+    """(N, 1, 28, 28) float32 images in [0, 1] -> (N, 10) float32 logits."""
+
+    architecture: str
+    steps: list[Step]
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32).transpose(0, 2, 3, 1)
+        parts = []
+        for start in range(0, len(x), CHUNK):
+            part = x[start : start + CHUNK]
+            for step in self.steps:
+                part = step(part)
+            parts.append(part)
+        return np.concatenate(parts) if parts else np.zeros((0, 10), np.float32)
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 10) float64 softmax of the logits."""
+        logits = self(batch).astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        np.exp(logits, out=logits)
+        found: np.ndarray = logits / logits.sum(axis=1, keepdims=True)
+        return found
+
+
+def compile_net(architecture: str, weights: dict[str, np.ndarray]) -> NumpyNet:
+    """The architecture's steps with these weights (checked by the caller against
+    `architecture.tensors`)."""
+    layers = a.ARCHITECTURES[architecture]
+    steps: list[Step] = []
+    shape = (1, 28, 28)
+    flattened: tuple[int, int, int] | None = None
+    for index, layer in enumerate(layers):
+        if isinstance(layer, a.Conv):
+            weight = weights[f"{index}.weight"].astype(np.float32)
+            bias = (
+                weights[f"{index}.bias"].astype(np.float32)
+                if layer.bias
+                else np.zeros(layer.outputs, np.float32)
+            )
+            follower = layers[index + 1] if index + 1 < len(layers) else None
+            if isinstance(follower, a.BatchNorm):
+                weight, bias = _fold(weight, bias, weights, index + 1, follower.eps)
+            steps.append(_convolution(weight, bias))
+            shape = (layer.outputs, shape[1], shape[2])
+        elif isinstance(layer, a.ReLU):
+            steps.append(_relu)
+        elif isinstance(layer, a.LeakyReLU):
+            steps.append(_leaky(layer.slope))
+        elif isinstance(layer, a.MaxPool):
+            steps.append(_max_pool(layer.size))
+            shape = (shape[0], shape[1] // layer.size, shape[2] // layer.size)
+        elif isinstance(layer, a.Flatten):
+            flattened = shape
+        elif isinstance(layer, a.Linear):
+            weight = weights[f"{index}.weight"].astype(np.float32)
+            steps.append(_linear(weight, weights[f"{index}.bias"].astype(np.float32), flattened))
+            flattened = None
+    return NumpyNet(architecture, steps)
+
+
+def _fold(
+    weight: np.ndarray, bias: np.ndarray, weights: dict[str, np.ndarray], index: int, eps: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """A convolution followed by batch norm (eval mode) as one convolution."""
+    scale = weights[f"{index}.weight"] / np.sqrt(weights[f"{index}.running_var"] + eps)
+    shift = weights[f"{index}.bias"] - weights[f"{index}.running_mean"] * scale
+    return (
+        (weight * scale[:, None, None, None]).astype(np.float32),
+        (bias * scale + shift).astype(np.float32),
+    )
+
+
+def agreement(net: NumpyNet, images: np.ndarray, digits: np.ndarray) -> int:
+    """How many of `images` ((N, 28, 28) uint8) get from `net` the digits PyTorch gave
+    (`digits`)."""
+    found = [
+        net(images[start : start + 1000, None].astype(np.float32) / 255.0).argmax(axis=1)
+        for start in range(0, len(images), 1000)
+    ]
+    return int((np.concatenate(found) == digits).sum()) if found else 0
