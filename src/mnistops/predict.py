@@ -80,16 +80,30 @@ def load_images(paths: list[Path]) -> np.ndarray:
     return np.stack(arrays)[:, None].astype(np.float32)
 
 
-def probabilities(model: Any, batch: np.ndarray) -> np.ndarray:
-    """(N, 10) probabilities of a (N, 1, 28, 28) float32 batch in [0, 1] (no gradients),
+def logits(model: Any, batch: np.ndarray) -> np.ndarray:
+    """(N, 10) float32 logits of a (N, 1, 28, 28) float32 batch in [0, 1] (no gradients),
     from a model of `model_files.load_for_answers`: NumPy's, or PyTorch's."""
     if isinstance(model, NumpyNet):
-        return model.probabilities(batch)
+        return model(batch)
     import torch
 
     with torch.inference_mode():
-        logits = model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
-        return torch.softmax(logits.double(), dim=1).numpy()
+        found: np.ndarray = model(torch.from_numpy(np.ascontiguousarray(batch, np.float32))).numpy()
+        return found
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """(N, 10) float64 probabilities of (N, 10) logits."""
+    shifted = logits.astype(np.float64)
+    shifted -= shifted.max(axis=1, keepdims=True)
+    np.exp(shifted, out=shifted)
+    found: np.ndarray = shifted / shifted.sum(axis=1, keepdims=True)
+    return found
+
+
+def probabilities(model: Any, batch: np.ndarray) -> np.ndarray:
+    """(N, 10) probabilities of a (N, 1, 28, 28) float32 batch in [0, 1]."""
+    return softmax(logits(model, batch))
 
 
 def champion_version(settings: Settings) -> AliasedVersion:
@@ -112,19 +126,21 @@ def model_cache(settings: Settings, version: str) -> Path:
     return settings.home / "cache" / "models" / settings.model_registry.name / version
 
 
-def _fetch(settings: Settings, version: Registered, folder: Path) -> None:
+def _fetch(settings: Settings, version: Registered, record: dict[str, str], folder: Path) -> None:
     """The version's files into `folder`, whole or not at all (a hidden folder beside it,
-    renamed into place)."""
+    renamed into place): over MLflow's REST API where it can (`fetch_recorded`), else
+    with MLflow's client."""
     import shutil
     import tempfile
-
-    from mnistops.clients import mlflow_client
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{version.version}.", dir=folder.parent))
     try:
-        uri = f"models:/{version.name}/{version.version}"
-        model_files.download(mlflow_client(settings), uri, partial)
+        if not model_files.fetch_recorded(settings, str(version.source), record, partial):
+            from mnistops.clients import mlflow_client
+
+            uri = f"models:/{version.name}/{version.version}"
+            model_files.download(mlflow_client(settings), uri, partial)
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)
     finally:
@@ -146,13 +162,13 @@ def load_version(settings: Settings, version: Registered) -> Any:
     unusable = f"{settings.model_registry.name} v{version.version} cannot be loaded"
     folder = model_cache(settings, str(version.version))
     try:
-        model_files.signed_record(tags, key, source)
+        record = model_files.signed_record(tags, key, source)
         if not folder.is_dir():
-            _fetch(settings, version, folder)
+            _fetch(settings, version, record, folder)
         try:
             model = model_files.load_for_answers(folder, tags, key, source)
         except model_files.ModelRefused:
-            _fetch(settings, version, folder)  # a damaged local copy: once more, fresh
+            _fetch(settings, version, record, folder)  # a damaged local copy: once more, fresh
             model = model_files.load_for_answers(folder, tags, key, source)
         probabilities(model, np.zeros((1, 1, 28, 28), np.float32))
     except model_files.ModelUnavailable as exc:

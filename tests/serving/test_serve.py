@@ -387,6 +387,14 @@ def test_the_api_key_is_required_when_set(service: tuple[str, Path]) -> None:
         good = httpx.get(f"{url}/model", headers={"Authorization": f"Bearer {key}"})
         assert good.status_code == 200 and good.json()["alias"] == "champion"
         assert httpx.get(f"{url}/").status_code == 200
+        name = load_settings(config_dir).model_registry.name
+        images = {"inputs": np.zeros((1, 1, 28, 28)).tolist()}
+        for path in ("/invocations", f"/v2/models/{name}/infer"):
+            assert httpx.post(f"{url}{path}", json=images).status_code == 401, path
+        for path in ("/ping", "/v2/health/live", "/v2/health/ready"):
+            assert httpx.get(f"{url}{path}").status_code == 200, path
+        keyed = {"Authorization": f"Bearer {key}"}
+        assert httpx.post(f"{url}/invocations", json=images, headers=keyed).status_code == 200
     finally:
         proc.terminate()
         proc.wait(30)

@@ -25,11 +25,12 @@ from pydantic import BaseModel
 from mnistops.loop.feedback import FeedbackBook, FeedbackRefused
 from mnistops.loop.log_writer import PredictionLog
 from mnistops.serving.batching import Batcher
-from mnistops.serving.bodies import Predictor, uploaded_file
+from mnistops.serving.bodies import Predictor, Refused, capped_body, uploaded_file
 from mnistops.serving.champion import Follower, Holder
 from mnistops.serving.fast_path import PredictFastPath
 from mnistops.serving.guard import GuardAndMeasure
 from mnistops.serving.metrics import CONTENT_TYPE, Metrics, exposition, labelled
+from mnistops.serving.protocols import add_routes
 from mnistops.settings import Settings
 
 
@@ -254,7 +255,8 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE)
 
-    paths = {route.path for route in app.routes if hasattr(route, "path")}
+    standard = add_routes(app, predictor, holder, name)
+    paths = standard | {route.path for route in app.routes if hasattr(route, "path")}
     key = serve.api_key.get_secret_value().encode() if serve.api_key is not None else None
     # Outermost last: the key and the metrics first, then the fast path of /predict.
     app.add_middleware(PredictFastPath, predictor=predictor)
@@ -300,11 +302,10 @@ async def feedback_answer(
 
 async def feedback_document(request: Request) -> object:
     """The JSON of a /feedback body, read with a 4 KiB cap."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > FEEDBACK_BYTES:
-            raise FeedbackRefused(413, f"the body is over {FEEDBACK_BYTES} bytes")
+    try:
+        body = await capped_body(request, FEEDBACK_BYTES)
+    except Refused:
+        raise FeedbackRefused(413, f"the body is over {FEEDBACK_BYTES} bytes") from None
     try:
         return json.loads(body, object_pairs_hook=_once_each)
     except _Repeated as exc:

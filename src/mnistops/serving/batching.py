@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from mnistops.predict import probabilities
+from mnistops.predict import logits
 from mnistops.serving.champion import Holder, Served
 
 
@@ -39,7 +39,7 @@ class Batcher:
         self.pool.shutdown(wait=False)
 
     async def predict(self, images: np.ndarray) -> tuple[np.ndarray, Served]:
-        """(N, 10) probabilities of (N, 1, 28, 28) images, and the model that answered."""
+        """(N, 10) logits of (N, 1, 28, 28) images, and the model that answered."""
         if self.holder.current is None:
             raise NoModel
         future: asyncio.Future[tuple[np.ndarray, Served]] = (
@@ -65,7 +65,7 @@ class Batcher:
                 continue
             batch = np.concatenate([images for images, _ in waiting])
             try:
-                probs = await loop.run_in_executor(self.pool, probabilities, served.module, batch)
+                found = await loop.run_in_executor(self.pool, logits, served.module, batch)
             except Exception as exc:  # noqa: BLE001  handed to every waiting request
                 for _images, future in waiting:
                     if not future.done():
@@ -74,5 +74,5 @@ class Batcher:
             start = 0
             for images, future in waiting:
                 if not future.done():
-                    future.set_result((probs[start : start + len(images)], served))
+                    future.set_result((found[start : start + len(images)], served))
                 start += len(images)

@@ -17,6 +17,7 @@ import json
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,13 +30,26 @@ from mnistops.errors import PredictError
 from mnistops.loop.feedback import FeedbackBook
 from mnistops.loop.log_writer import PredictionLog
 from mnistops.loop.records import Answered, new_request_id
+from mnistops.predict import softmax
 from mnistops.serving.batching import NoModel
+from mnistops.serving.champion import Served
 from mnistops.serving.metrics import Metrics
 from mnistops.settings import Settings
 
 
 class Refused(HTTPException):
     """A request the service will not answer; `detail` says why."""
+
+
+@dataclass(frozen=True)
+class Answers:
+    """A request's answers: the model's logits, their probabilities, the model that gave
+    them, and the request id that /feedback takes."""
+
+    logits: np.ndarray
+    probabilities: np.ndarray
+    served: Served
+    request_id: str
 
 
 class Predictor:
@@ -57,6 +71,22 @@ class Predictor:
         self.book = book
         self.decoding = ThreadPoolExecutor(2, thread_name_prefix="decode")
 
+    async def answered(self, images: np.ndarray) -> Answers:
+        """The champion's answers for (N, 1, 28, 28) images in [0, 1], whichever protocol
+        asked: counted in /metrics, remembered for /feedback, handed to the log. NoModel
+        before a champion has loaded."""
+        logits, served = await self.state["batcher"].predict(images)
+        probs = softmax(logits)
+        digits = [int(digit) for digit in probs.argmax(axis=1)]
+        self.metrics.predicted(digits)
+        request_id = new_request_id()
+        self.book.remember(request_id, served.version, digits)
+        if self.log is not None:
+            self.log.record(
+                Answered(time.time(), request_id, served.name, served.version, images, probs)
+            )
+        return Answers(logits, probs, served, request_id)
+
     async def answer(self, kind: str, body: bytes) -> tuple[int, bytes, str | None]:
         """(HTTP status, JSON body, request id of an answer) for a request body of
         content type `kind`. Every answer gets a request id (in its JSON and the
@@ -71,23 +101,29 @@ class Predictor:
                 )
             else:
                 images, single = images_in(kind, body, self.max_batch)
-            probs, served = await self.state["batcher"].predict(images)
+            answered = await self.answered(images)
         except HTTPException as exc:
             return exc.status_code, orjson.dumps({"detail": exc.detail}), None
         except NoModel:
             return 503, orjson.dumps({"detail": "no champion is loaded yet"}), None
-        rows = [answer_row(p) for p in probs]
-        digits = [row["digit"] for row in rows]
-        self.metrics.predicted(digits)
-        request_id = new_request_id()
-        self.book.remember(request_id, served.version, digits)
-        if self.log is not None:
-            self.log.record(
-                Answered(time.time(), request_id, served.name, served.version, images, probs)
-            )
+        rows = [answer_row(p) for p in answered.probabilities]
+        served, request_id = answered.served, answered.request_id
         model = {"model_name": served.name, "model_version": served.version}
         answer = {**rows[0], **model} if single else {"predictions": rows, **model}
         return 200, orjson.dumps({**answer, "request_id": request_id}), request_id
+
+
+async def capped_body(request: Request, limit: int) -> bytes:
+    """A request's body, read with a cap: Refused (413) past `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise Refused(413, f"the body is {int(declared)} bytes: at most {limit} are accepted")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise Refused(413, f"the body is over {limit} bytes: at most {limit} are accepted")
+    return bytes(body)
 
 
 def too_large(what: str, limit: int) -> bytes:

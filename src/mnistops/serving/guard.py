@@ -12,8 +12,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mnistops.serving.metrics import Metrics
 
-OPEN_PATHS = {"/", "/health"}
-"""answered without the API key: the page (it asks for the key) and the health check"""
+OPEN_PATHS = {"/", "/health", "/ping", "/v2/health/live", "/v2/health/ready"}
+"""answered without the API key: the page (it asks for the key) and the health checks"""
 
 
 class GuardAndMeasure:

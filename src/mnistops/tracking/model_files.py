@@ -381,6 +381,42 @@ def download(client: Any, uri: str, destination: Path) -> Path:
     return Path(local)
 
 
+LOGGED_MODEL_FILES = "/ajax-api/2.0/mlflow/logged-models/{}/artifacts/files"
+"""the MLflow server's route for one file of a logged model (what its UI downloads)"""
+
+
+def fetch_recorded(settings: Settings, source: str, record: dict[str, str], into: Path) -> bool:
+    """The files a version's signed record lists, each fetched over the MLflow server's
+    REST API, without importing MLflow's client (a second of import and 100 MB in a
+    lean process). False where that route does not apply (a tracking URI that is not
+    http(s), a source that is not a logged model): use `download`. ModelUnavailable
+    when the server cannot give a file now; the checks that follow refuse anything else.
+    """
+    from mnistops.tracking.server import TrackingError, rest_get
+
+    model_id = source.removeprefix("models:/")
+    if not settings.mlflow_uri.startswith(("http://", "https://")) or not (
+        source.startswith("models:/m-") and model_id.replace("-", "").isalnum()
+    ):
+        return False
+    route = LOGGED_MODEL_FILES.format(model_id)
+    for name in record:
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or not parts:
+            raise ModelRefused(f"the record names {name!r}, a path outside the model")
+        try:
+            answer = rest_get(settings, route, {"artifact_file_path": name}, timeout_s=60)
+        except TrackingError as exc:
+            raise ModelUnavailable(str(exc)) from None
+        if answer.status_code >= 500 or answer.status_code == 429:
+            raise ModelUnavailable(f"the MLflow server answered {answer.status_code} for {name}")
+        if answer.status_code == 200:
+            target = into.joinpath(*parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(answer.content)
+    return True
+
+
 def load_registered(client: Any, version: Any, key: bytes | None) -> Any:
     """A registered version's model, downloaded into a temporary folder and checked:
     what the gate scores and what `models promote` tries before moving the alias."""

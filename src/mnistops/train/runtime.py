@@ -98,14 +98,6 @@ class NumpyNet:
             parts.append(part)
         return np.concatenate(parts) if parts else np.zeros((0, 10), np.float32)
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 10) float64 softmax of the logits."""
-        logits = self(batch).astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        np.exp(logits, out=logits)
-        found: np.ndarray = logits / logits.sum(axis=1, keepdims=True)
-        return found
-
 
 def compile_net(architecture: str, weights: dict[str, np.ndarray]) -> NumpyNet:
     """The architecture's steps with these weights (checked by the caller against

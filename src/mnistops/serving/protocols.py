@@ -1,0 +1,371 @@
+"""The standard protocols beside /predict, for clients nobody here wrote:
+
+- MLflow's scoring protocol, `POST /invocations`: what `mlflow models serve` answers for
+  this model, so that a client written for it only changes its URL;
+- the Open Inference Protocol (V2) of KServe and Triton, `/v2/...`, with its binary
+  tensor extension (what `tritonclient` sends by default).
+
+Both take the model's own input, as its MLflow signature says: (N, 1, 28, 28) pixels
+scaled to [0, 1] (V2 also takes UINT8 pixels 0-255), and answer with its logits. Every
+answer goes through `Predictor.answered`, as /predict's do: the same batcher, /metrics,
+/feedback book (the `X-Request-Id` header) and prediction log.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from enum import Enum
+from importlib.metadata import version as package_version
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request, Response
+
+from mnistops.serving.batching import NoModel
+from mnistops.serving.bodies import Answers, Predictor, Refused, capped_body
+from mnistops.serving.champion import Holder
+
+PIXELS = 28 * 28
+MLFLOW_KEYS = ("inputs", "instances", "dataframe_split", "dataframe_records")
+V2_TYPES = {"FP32": np.float32, "FP64": np.float64, "UINT8": np.uint8}
+V2_INPUT = "images"
+V2_OUTPUTS = {
+    "logits": "FP32",
+    "probabilities": "FP32",
+    "digit": "INT64",
+}
+HEADER_LENGTH = "inference-header-content-length"
+
+
+class Unusable(Exception):
+    """A request of a standard protocol that cannot be answered; the message says why."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def scaled_images(array: np.ndarray, where: str, max_batch: int) -> np.ndarray:
+    """(N, 1, 28, 28) float32 images of an array of N items of 784 pixels in [0, 1]."""
+    if array.ndim == 0 or len(array) == 0:
+        raise Unusable(f"{where}: no images (send N images of 28x28 pixels)")
+    if len(array) > max_batch:
+        raise Unusable(f"{where}: {len(array)} images, at most {max_batch} are accepted", 413)
+    if array.size != len(array) * PIXELS:
+        shape = list(array.shape[1:])
+        raise Unusable(f"{where}: each image is {shape}, expected 28x28 (784 pixels)")
+    images = array.reshape(len(array), 1, 28, 28).astype(np.float32)
+    if not np.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+        raise Unusable(
+            f"{where}: pixels are scaled to [0, 1] for this model, as its MLflow signature"
+            " says (for pixels 0-255, POST them to /predict)"
+        )
+    return images
+
+
+def _numbers(rows: object, where: str) -> np.ndarray:
+    try:
+        array = np.asarray(rows, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError):
+        raise Unusable(f"{where}: not a list of images of equal size, of numbers") from None
+    return array
+
+
+def mlflow_images(document: object, max_batch: int) -> np.ndarray:
+    """The images of an MLflow scoring request: `inputs` or `instances` (N images of
+    1x28x28, 28x28 or 784 numbers), `dataframe_split` or `dataframe_records` (a column
+    holding each image's 784 numbers, as `mlflow models serve` takes them for this
+    model, or 784 columns of one pixel each)."""
+    if not isinstance(document, dict):
+        raise Unusable(f"the body is not a JSON object with one of {', '.join(MLFLOW_KEYS)}")
+    given = [key for key in MLFLOW_KEYS if key in document]
+    if len(given) != 1:
+        raise Unusable(f"give exactly one of {', '.join(MLFLOW_KEYS)} (found {len(given)})")
+    key = given[0]
+    data = document[key]
+    if key == "dataframe_split":
+        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            raise Unusable('dataframe_split: expected {"columns": [...], "data": [[...], ...]}')
+        data = data["data"]
+    elif key == "dataframe_records":
+        if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+            raise Unusable("dataframe_records: expected a list of {column: value} objects")
+        data = [list(row.values()) for row in data]
+    elif not isinstance(data, list):
+        raise Unusable(f"{key}: expected a list of images (this model has one unnamed input)")
+    return scaled_images(_numbers(data, key), key, max_batch)
+
+
+def mlflow_answer(answers: Answers) -> bytes:
+    """MLflow's answer: the model's output, one row of 10 logits per image."""
+    return orjson.dumps({"predictions": answers.logits}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def v2_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+    """(the JSON header, the binary data after it) of a V2 inference request."""
+    if header_length is None:
+        header, binary = body, b""
+    else:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise Unusable("Inference-Header-Content-Length is not the length of a JSON header")
+        header, binary = body[: int(header_length)], body[int(header_length) :]
+    try:
+        document = json.loads(header)
+    except (ValueError, RecursionError):
+        raise Unusable("the inference request is not JSON") from None
+    if not isinstance(document, dict):
+        raise Unusable("the inference request is not a JSON object")
+    return document, binary
+
+
+def v2_images(document: dict[str, Any], binary: bytes, max_batch: int) -> np.ndarray:
+    """The images of a V2 request's one input tensor: shape [N, 1, 28, 28] (or [N, 28, 28],
+    [N, 784]), FP32/FP64 in [0, 1] or UINT8 0-255, its data as JSON or binary."""
+    inputs = document.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise Unusable(f"inputs: expected one tensor ({V2_INPUT!r}, shape [N, 1, 28, 28])")
+    tensor = inputs[0]
+    where = f"inputs[0] ({str(tensor.get('name'))[:40]!r})"
+    kind, shape = tensor.get("datatype"), tensor.get("shape")
+    if kind not in V2_TYPES:
+        raise Unusable(
+            f"{where}: datatype {str(kind)[:20]!r}, expected one of {', '.join(V2_TYPES)}"
+        )
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise Unusable(f"{where}: shape must be a list of sizes, e.g. [N, 1, 28, 28]")
+    dtype = np.dtype(V2_TYPES[kind]).newbyteorder("<")
+    count = int(np.prod(shape))
+    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if size != len(binary) or size != count * dtype.itemsize:
+            raise Unusable(f"{where}: binary_data_size does not match its shape and the body")
+        array = np.frombuffer(binary, dtype=dtype)
+    else:
+        array = _numbers(tensor.get("data"), where).ravel()
+        if kind == "UINT8" and (array.size and (array.min() < 0 or array.max() > 255)):
+            raise Unusable(f"{where}: UINT8 values are 0-255")
+    if array.size != count:
+        raise Unusable(f"{where}: {array.size} values for the shape {shape}")
+    array = array.reshape(shape)
+    if kind == "UINT8":
+        array = array.astype(np.float32) / 255
+    return scaled_images(array, where, max_batch)
+
+
+def v2_output_names(document: dict[str, Any]) -> list[str]:
+    """The outputs the request names (all three when it names none)."""
+    asked = document.get("outputs")
+    if asked is None:
+        return list(V2_OUTPUTS)
+    if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
+        raise Unusable('outputs: expected a list of {"name": ...}')
+    names = [str(output.get("name")) for output in asked]
+    unknown = [name for name in names if name not in V2_OUTPUTS]
+    if unknown:
+        raise Unusable(f"outputs: no output {unknown[0][:40]!r} (known: {', '.join(V2_OUTPUTS)})")
+    return names
+
+
+def _binary_asked(document: dict[str, Any], name: str) -> bool:
+    for output in document.get("outputs") or []:
+        if output.get("name") == name:
+            return bool((output.get("parameters") or {}).get("binary_data", False))
+    return bool((document.get("parameters") or {}).get("binary_data_output", False))
+
+
+def v2_answer(document: dict[str, Any], answers: Answers) -> tuple[bytes, int | None]:
+    """(the response body, the length of its JSON header when binary data follows it)."""
+    found = {
+        "logits": answers.logits.astype(np.float32),
+        "probabilities": answers.probabilities.astype(np.float32),
+        "digit": answers.probabilities.argmax(axis=1).astype(np.int64),
+    }
+    outputs, binary = [], b""
+    for name in v2_output_names(document):
+        array = found[name]
+        output: dict[str, Any] = {
+            "name": name,
+            "datatype": V2_OUTPUTS[name],
+            "shape": list(array.shape),
+        }
+        if _binary_asked(document, name):
+            data = array.astype(array.dtype.newbyteorder("<")).tobytes()
+            output["parameters"] = {"binary_data_size": len(data)}
+            binary += data
+        else:
+            output["data"] = array.ravel().tolist()
+        outputs.append(output)
+    served = answers.served
+    header = {
+        "model_name": served.name,
+        "model_version": served.version,
+        "outputs": outputs,
+        "parameters": {"request_id": answers.request_id},
+    }
+    if isinstance(document.get("id"), str):
+        header["id"] = document["id"]
+    body = orjson.dumps(header)
+    return body + binary, (len(body) if binary else None)
+
+
+def model_metadata(holder: Holder, name: str) -> dict[str, Any]:
+    served = holder.current
+    return {
+        "name": name,
+        "versions": [served.version] if served is not None else [],
+        "platform": "mnistops",
+        "inputs": [{"name": V2_INPUT, "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
+        "outputs": [
+            {"name": output, "datatype": kind, "shape": [-1, 10] if output != "digit" else [-1]}
+            for output, kind in V2_OUTPUTS.items()
+        ],
+    }
+
+
+def _error(status: int, message: str, mlflow: bool) -> Response:
+    """An error as each protocol words it: MLflow's `error_code`/`message`, V2's `error`."""
+    content = {"error_code": "BAD_REQUEST", "message": message} if mlflow else {"error": message}
+    return Response(orjson.dumps(content), status, media_type="application/json")
+
+
+async def _answered(
+    request: Request, predictor: Predictor, images_of: Callable[[bytes], np.ndarray], mlflow: bool
+) -> Answers | Response:
+    """The answers for the images of the request's body, or the protocol's error."""
+    try:
+        body = await capped_body(request, predictor.limit)
+        return await predictor.answered(images_of(body))
+    except Unusable as exc:
+        return _error(exc.status, str(exc), mlflow)
+    except Refused as exc:
+        return _error(exc.status_code, str(exc.detail), mlflow)
+    except NoModel:
+        return _error(503, "no champion is loaded yet", mlflow)
+
+
+TAGS: list[str | Enum] = ["standard protocols"]
+
+
+def add_routes(app: FastAPI, predictor: Predictor, holder: Holder, name: str) -> set[str]:
+    """/invocations and the V2 routes; returns their paths (for /metrics' labels)."""
+    add_mlflow_routes(app, predictor, holder)
+    return {"/invocations", "/ping", "/version", *add_v2_routes(app, predictor, holder, name)}
+
+
+def add_mlflow_routes(app: FastAPI, predictor: Predictor, holder: Holder) -> None:
+    """/invocations, and the checks of readiness and version that MLflow's client uses."""
+
+    def images_of(body: bytes) -> np.ndarray:
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError):
+            raise Unusable("the body is not JSON") from None
+        return mlflow_images(document, predictor.max_batch)
+
+    @app.post(
+        "/invocations",
+        summary="MLflow's scoring protocol (as `mlflow models serve`)",
+        description=(
+            "Body: `inputs` or `instances` (N images of 1x28x28 pixels in [0, 1]), or"
+            " `dataframe_split`/`dataframe_records` (a column of 784 pixels per image, or"
+            ' 784 columns). Answer: `{"predictions": [[10 logits], ...]}`.'
+        ),
+        tags=TAGS,
+    )
+    async def invocations(request: Request) -> Response:
+        answers = await _answered(request, predictor, images_of, mlflow=True)
+        if isinstance(answers, Response):
+            return answers
+        headers = {"X-Request-Id": answers.request_id}
+        return Response(mlflow_answer(answers), media_type="application/json", headers=headers)
+
+    @app.get("/ping", summary="MLflow's readiness check: a model is loaded", tags=TAGS)
+    async def ping() -> Response:
+        return Response(b"\n", 200 if holder.current is not None else 503)
+
+    @app.get("/version", summary="The server's version (as MLflow's /version)", tags=TAGS)
+    async def version() -> Response:
+        return Response(f"mnistops {package_version('mnistops')}", media_type="text/plain")
+
+
+def add_v2_routes(app: FastAPI, predictor: Predictor, holder: Holder, name: str) -> set[str]:
+    """The Open Inference Protocol's routes for the one model this service serves."""
+    model_path = f"/v2/models/{name}"
+
+    @app.get("/v2", summary="V2: the server's metadata", tags=TAGS)
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": "mnistops", "version": "2", "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live", summary="V2: live", tags=TAGS)
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    def ready_answer() -> Response:
+        ready = holder.current is not None
+        return Response(orjson.dumps({"ready": ready}), 200 if ready else 503)
+
+    @app.get("/v2/health/ready", summary="V2: a model is loaded", tags=TAGS)
+    async def ready() -> Response:
+        return ready_answer()
+
+    def unknown(model: str, version: str | None) -> Response | None:
+        if model != name:
+            return _error(404, f"unknown model {model[:60]!r}: this service serves {name!r}", False)
+        served = holder.current
+        if version is not None and (served is None or version != served.version):
+            now = f"v{served.version} is champion" if served else "no version is loaded yet"
+            return _error(404, f"{name} version {version[:20]!r} is not served ({now})", False)
+        return None
+
+    @app.get("/v2/models/{model}", summary="V2: the model's metadata", tags=TAGS)
+    @app.get("/v2/models/{model}/versions/{version}", include_in_schema=False)
+    async def metadata(model: str, version: str | None = None) -> Response:
+        return unknown(model, version) or Response(
+            orjson.dumps(model_metadata(holder, name)), media_type="application/json"
+        )
+
+    @app.get("/v2/models/{model}/ready", summary="V2: the model is loaded", tags=TAGS)
+    @app.get("/v2/models/{model}/versions/{version}/ready", include_in_schema=False)
+    async def model_ready(model: str, version: str | None = None) -> Response:
+        return unknown(model, version) or ready_answer()
+
+    @app.post("/v2/models/{model}/infer", summary="V2: inference", tags=TAGS)
+    @app.post("/v2/models/{model}/versions/{version}/infer", include_in_schema=False)
+    async def infer(request: Request, model: str, version: str | None = None) -> Response:
+        return unknown(model, version) or await v2_inference(request, predictor)
+
+    return {
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
+        model_path,
+        f"{model_path}/ready",
+        f"{model_path}/infer",
+    }
+
+
+async def v2_inference(request: Request, predictor: Predictor) -> Response:
+    """POST .../infer: JSON, or a JSON header and binary tensors after it."""
+    parsed: dict[str, Any] = {}
+
+    def images_of(body: bytes) -> np.ndarray:
+        document, binary = v2_request(body, request.headers.get(HEADER_LENGTH))
+        parsed.update(document)
+        v2_output_names(document)
+        return v2_images(document, binary, predictor.max_batch)
+
+    answers = await _answered(request, predictor, images_of, mlflow=False)
+    if isinstance(answers, Response):
+        return answers
+    body, header = v2_answer(parsed, answers)
+    headers = {"X-Request-Id": answers.request_id}
+    if header is None:
+        return Response(body, media_type="application/json", headers=headers)
+    headers["Inference-Header-Content-Length"] = str(header)
+    return Response(body, media_type="application/octet-stream", headers=headers)
