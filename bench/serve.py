@@ -7,8 +7,9 @@ one run, on the same champion of one embedded stack.
             be from any client)
 The load generator is Debian's `wrk` (a separate, compiled process), single-image POST
 requests for 10 s a round at concurrency 1, 8 and 32: requests/s and p50/p99 latency. Also the
-time from starting each server to its first ready answer. Goal: at least 5x MLflow's
-requests/s at concurrency 32, p99 under 25 ms at concurrency 8.
+time from starting each server to its first ready answer, and its idle memory. Goals:
+at least 10x MLflow's requests/s at concurrency 32, p99 under 10 ms at concurrency 8,
+ready within 3 s, under 200 MB idle.
   no-log:   mnistops serve with its prediction log off (serve.log.enabled false),
             running beside it; the two are loaded in alternating rounds (--rounds, 3)
             and each row is the median round: the cost of logging every answer (goal:
@@ -198,7 +199,7 @@ def main() -> int:
                 commands["mlflow"], envs["mlflow"], bases["mlflow"] + "/ping", root / "mlflow.log"
             )
             servers.append(proc)
-            figures["mlflow"] = {"startup": startup}
+            figures["mlflow"] = {"startup": startup, "rss": idle_rss(proc.pid)}
             url = bases["mlflow"] + predict["mlflow"]
             wrk(url, scripts["mlflow"][0], 8, 2)  # warm-up
             for connections in CONCURRENCY:
@@ -217,7 +218,7 @@ def main() -> int:
                     root / f"{server}.log",
                 )
                 servers.append(proc)
-                figures[server] = {"startup": startup}
+                figures[server] = {"startup": startup, "rss": idle_rss(proc.pid)}
                 wrk(bases[server] + predict[server], scripts[server][0], 8, 2)  # warm-up
             pids = {"mnistops": servers[-2].pid, "no-log": servers[-1].pid}
             store = store_pid(settings)
@@ -261,6 +262,18 @@ def store_pid(settings: object) -> int | None:
 
     record = process.read_record(run_dir(settings), "s3")  # type: ignore[arg-type]
     return record.pid if record is not None else None
+
+
+def idle_rss(pid: int) -> tuple[float, float]:
+    """(MB resident in the server's own process, MB in its child processes), once ready
+    and before any load: for mnistops serve the children are the prediction log's writer
+    process; for mlflow models serve, its uvicorn worker."""
+    import psutil
+
+    time.sleep(1)
+    top = psutil.Process(pid)
+    children = top.children(recursive=True)
+    return top.memory_info().rss / 2**20, sum(c.memory_info().rss for c in children) / 2**20
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -332,7 +345,11 @@ def report(figures: dict[str, dict], seconds: int) -> None:
                 f" {row['log_cpu']:.3f}), object store {row['store_cpu']:.3f}"
             )
     for server in figures:
-        print(f"start to ready, {server}: {figures[server]['startup']:.1f} s")
+        own, children = figures[server]["rss"]
+        print(
+            f"start to ready, {server}: {figures[server]['startup']:.1f} s; idle memory"
+            f" (RSS): {own:.0f} MB, and {children:.0f} MB in its child processes"
+        )
 
 
 if __name__ == "__main__":

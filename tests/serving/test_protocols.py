@@ -195,6 +195,13 @@ def _v2(shape: list, datatype: str = "FP32", **extra: object) -> dict:
                         "data": [0.5] * count, **extra}]}  # fmt: skip
 
 
+def _nested(depth: int) -> list:
+    found: list = [0.5]
+    for _ in range(depth):
+        found = [found]
+    return found
+
+
 BAD_V2 = {
     "two tensors": ({"inputs": [_v2([1, 784])["inputs"][0]] * 2}, None, 400, "one tensor"),
     "a string datatype": (_v2([1, 784], "BYTES"), None, 400, "datatype 'BYTES'"),
@@ -211,6 +218,12 @@ BAD_V2 = {
                                          "parameters": {"binary_data_size": 10}}]}, "0", 400,
                             "binary_data_size"),
     "over the batch limit": (_v2([300, 784]), None, 413, "at most"),
+    "a shape whose product overflows 64 bits": (
+        {"inputs": [{"name": "images", "shape": [2**62, 4], "datatype": "FP32", "data": []}]},
+        None, 400, "0 values for the shape"),
+    "nested 70 deep (past NumPy's 64 dimensions)": (
+        _v2([1, 784]) | {"inputs": [{**_v2([1, 784])["inputs"][0], "data": _nested(70)}]},
+        None, 400, "of numbers"),
 }  # fmt: skip
 
 

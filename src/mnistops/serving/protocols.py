@@ -13,7 +13,9 @@ answer goes through `Predictor.answered`, as /predict's do: the same batcher, /m
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 from collections.abc import Callable
 from enum import Enum
 from importlib.metadata import version as package_version
@@ -68,7 +70,7 @@ def scaled_images(array: np.ndarray, where: str, max_batch: int) -> np.ndarray:
 def _numbers(rows: object, where: str) -> np.ndarray:
     try:
         array = np.asarray(rows, dtype=np.float64)
-    except (ValueError, TypeError, OverflowError):
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise Unusable(f"{where}: not a list of images of equal size, of numbers") from None
     return array
 
@@ -140,7 +142,7 @@ def v2_images(document: dict[str, Any], binary: bytes, max_batch: int) -> np.nda
     ):
         raise Unusable(f"{where}: shape must be a list of sizes, e.g. [N, 1, 28, 28]")
     dtype = np.dtype(V2_TYPES[kind]).newbyteorder("<")
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     size = (tensor.get("parameters") or {}).get("binary_data_size")
     if size is not None:
         if size != len(binary) or size != count * dtype.itemsize:
@@ -240,7 +242,11 @@ async def _answered(
     """The answers for the images of the request's body, or the protocol's error."""
     try:
         body = await capped_body(request, predictor.limit)
-        return await predictor.answered(images_of(body))
+        # parsed in a thread, as /predict's JSON: a large body never holds up the others
+        images = await asyncio.get_running_loop().run_in_executor(
+            predictor.decoding, images_of, body
+        )
+        return await predictor.answered(images)
     except Unusable as exc:
         return _error(exc.status, str(exc), mlflow)
     except Refused as exc:

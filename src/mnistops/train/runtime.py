@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from mnistops.train import architecture as a
 
@@ -28,18 +27,33 @@ CHUNK = 64
 """images per pass: bounds the patches' memory (a 5x5 convolution's are 25x the input)"""
 
 
-def _convolution(weight: np.ndarray, bias: np.ndarray) -> Step:
+def _patch_index(height: int, width: int, channels: int, kernel: int) -> np.ndarray:
+    """For each output pixel, the flat positions in the zero-padded (H, W, C) input of its
+    kernel x kernel x C patch, in (row, column, channel) order."""
+    pad = kernel // 2
+    rows, columns = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    dy, dx = np.meshgrid(np.arange(kernel), np.arange(kernel), indexing="ij")
+    corner = (rows[:, :, None, None] + dy) * (width + 2 * pad) + columns[:, :, None, None] + dx
+    found: np.ndarray = (corner * channels)[..., None] + np.arange(channels)
+    return found.reshape(height * width, kernel * kernel * channels)
+
+
+def _convolution(weight: np.ndarray, bias: np.ndarray, height: int, width: int) -> Step:
+    """One matrix product over the patches, gathered by a precomputed index (a few times
+    faster than a sliding-window view for these sizes)."""
     outputs, inputs, kernel, _ = weight.shape
     pad = kernel // 2
-    matrix = np.ascontiguousarray(weight.reshape(outputs, inputs * kernel * kernel).T)
+    index = _patch_index(height, width, inputs, kernel)
+    matrix = np.ascontiguousarray(weight.transpose(2, 3, 1, 0).reshape(-1, outputs))
 
     def step(x: np.ndarray) -> np.ndarray:
-        n, h, w, c = x.shape
-        padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        patches = sliding_window_view(padded, (kernel, kernel), axis=(1, 2))
-        out: np.ndarray = patches.reshape(n * h * w, c * kernel * kernel) @ matrix
+        n = len(x)
+        padded = np.zeros((n, height + 2 * pad, width + 2 * pad, inputs), np.float32)
+        padded[:, pad : pad + height, pad : pad + width] = x
+        patches = np.take(padded.reshape(n, -1), index, axis=1)
+        out: np.ndarray = patches.reshape(n * height * width, -1) @ matrix
         out += bias
-        return out.reshape(n, h, w, outputs)
+        return out.reshape(n, height, width, outputs)
 
     return step
 
@@ -58,9 +72,18 @@ def _leaky(slope: float) -> Step:
 
 
 def _max_pool(size: int) -> Step:
+    """The maximum of each size x size block: rows first, then columns, as element-wise
+    maxima of strided views (several times faster than a reshape and `max` over axes)."""
+
     def step(x: np.ndarray) -> np.ndarray:
-        n, h, w, c = x.shape
-        found: np.ndarray = x.reshape(n, h // size, size, w // size, size, c).max(axis=(2, 4))
+        n, h, w, _ = x.shape
+        x = x[:, : h - h % size, : w - w % size]
+        rows = x[:, 0::size]
+        for offset in range(1, size):
+            rows = np.maximum(rows, x[:, offset::size])
+        found: np.ndarray = rows[:, :, 0::size]
+        for offset in range(1, size):
+            found = np.maximum(found, rows[:, :, offset::size])
         return found
 
     return step
@@ -117,7 +140,7 @@ def compile_net(architecture: str, weights: dict[str, np.ndarray]) -> NumpyNet:
             follower = layers[index + 1] if index + 1 < len(layers) else None
             if isinstance(follower, a.BatchNorm):
                 weight, bias = _fold(weight, bias, weights, index + 1, follower.eps)
-            steps.append(_convolution(weight, bias))
+            steps.append(_convolution(weight, bias, shape[1], shape[2]))
             shape = (layer.outputs, shape[1], shape[2])
         elif isinstance(layer, a.ReLU):
             steps.append(_relu)
