@@ -406,24 +406,22 @@ def champion_served(settings: Settings, reporter: Reporter, before: str) -> None
 
 def summary(settings: Settings) -> Summary:
     """What the demo made: data versions, runs, the champion, the next scheduled run."""
-    from mnistops.clients import mlflow_client
     from mnistops.data import reader
     from mnistops.flows.deployment import next_run
+    from mnistops.tracking.champion import accuracy_of, champion_of
     from mnistops.tracking.contract import CHAMPION_REASON_TAG, DATA_VERSION_TAG, PHASE_TAG
-    from mnistops.tracking.registry import accuracy_of, champion
     from mnistops.tracking.runs import experiment_runs
 
     listing = reader.version_listing(settings)
-    client = mlflow_client(settings)
     name = settings.model_registry.name
-    best = champion(client, name)
+    best = champion_of(settings)
     crowned = None
     if best is not None:
-        tags = best.tags or {}
+        tags = best.tags
         crowned = Champion(
             name,
             best.version,
-            accuracy_of(client, best),
+            accuracy_of(settings, best),
             tags.get(DATA_VERSION_TAG),
             tags.get(PHASE_TAG),
             tags.get(CHAMPION_REASON_TAG, "set by hand"),

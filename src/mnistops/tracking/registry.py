@@ -21,7 +21,6 @@ from mlflow.exceptions import MlflowException
 from mnistops.clients import mlflow_client, mlflow_tracking_uri
 from mnistops.settings import Settings
 from mnistops.tracking.contract import (
-    ACCURACY_TAG,
     CHALLENGER_TAG,
     CHAMPION,
     CHAMPION_REASON_TAG,
@@ -74,21 +73,6 @@ def champion(client: MlflowClient, name: str) -> ModelVersion | None:
         if exc.error_code in NOT_THERE:
             return None
         raise
-
-
-def accuracy_of(client: MlflowClient, version: ModelVersion) -> float | None:
-    """A version's test accuracy: its tag, else its run's metric (a version registered by
-    hand has no tag); None if neither is known."""
-    value = (version.tags or {}).get(ACCURACY_TAG)
-    if value is not None:
-        return float(value)
-    if version.run_id:
-        try:
-            metric = client.get_run(version.run_id).data.metrics.get(ACCURACY_TAG)
-        except MlflowException:
-            return None
-        return float(metric) if metric is not None else None
-    return None
 
 
 def evidence_tags(champion_version: str, evidence: Paired) -> dict[str, str]:
