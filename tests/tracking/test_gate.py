@@ -21,10 +21,10 @@ from mnistops.clients import model_signing_key
 from mnistops.settings import Settings, load_settings
 from mnistops.stack.locks import champion_lock_name, held
 from mnistops.tracking import contract as c
+from mnistops.tracking.contract import ACCURACY_TAG
 from mnistops.tracking.model_files import record_tags
 from mnistops.tracking.predictions import LabelledImages, champion_predictions, log_predictions
 from mnistops.tracking.registry import (
-    ACCURACY_TAG,
     CHALLENGER_TAG,
     CHAMPION_REASON_TAG,
     Candidate,

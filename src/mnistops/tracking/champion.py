@@ -60,7 +60,7 @@ def accuracy_of(settings: Settings, version: AliasedVersion) -> float | None:
     if not version.run_id or not settings.mlflow_uri.startswith(("http://", "https://")):
         return None
     try:
-        answer = rest_get(settings, "/api/2.0/mlflow/runs/get", {"run_id": version.run_id})
+        answer = rest_get(settings, "/api/2.0/mlflow/runs/get", dict(run_id=version.run_id))
     except TrackingError:
         return None
     metrics = ((_json(answer).get("run") or {}).get("data") or {}).get("metrics") or []
