@@ -136,6 +136,17 @@ def test_a_run_keeps_plots_and_a_loadable_model(trainer: Path, first_run) -> Non
     logits = model.predict(arrays.test_x.astype("float32")[:, None] / 255.0)
     accuracy = float((logits.argmax(1) == arrays.test_y).mean())
     assert accuracy == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)
+    # the NumPy runtime was checked on the whole test set, and is what answers: the same
+    # digits as MLflow's own loader of the exported archive
+    assert model.metadata.metadata["numpy_runtime"] == f"{len(arrays.test_y)}/{len(arrays.test_y)}"
+    from mnistops.predict import load_version as load_for_answers
+    from mnistops.predict import logits as answers_of
+    from mnistops.train.runtime import NumpyNet
+
+    answering = load_for_answers(settings, version)
+    assert isinstance(answering, NumpyNet)
+    ours = answers_of(answering, arrays.test_x.astype("float32")[:, None] / 255.0)
+    assert (ours.argmax(1) == logits.argmax(1)).all()
 
 
 def test_predict_prints_the_champions_digit(trainer: Path, first_run) -> None:
@@ -635,7 +646,9 @@ def test_files_changed_on_the_server_while_a_model_is_logged_are_never_signed(
     experiment = client.get_experiment_by_name(settings.experiment_name).experiment_id
     run_id = client.create_run(experiment).info.run_id
     racing = TrackedRun(Racing(settings.mlflow_uri), run_id, "", experiment, "x", "v1.0")
-    trained = SimpleNamespace(model=models.digitnet().eval())
+    trained = SimpleNamespace(
+        model=models.digitnet().eval(), test=SimpleNamespace(predicted=np.zeros(2, np.int64))
+    )
     arrays = SimpleNamespace(test_x=np.zeros((2, 28, 28), np.uint8))
     key = model_signing_key(settings)
     assert key is not None
