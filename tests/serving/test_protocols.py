@@ -4,6 +4,7 @@ same bodies) and `tritonclient` for the Open Inference Protocol (V2)."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
@@ -139,6 +140,9 @@ def test_tritonclient_speaks_v2_with_it(served: dict) -> None:
     assert result.as_numpy("logits").shape == (40, 10)
     with pytest.raises(Exception, match="is not served"):
         client.infer(name, [tensor], model_version="999")
+    for algorithm in ("gzip", "deflate"):
+        packed = client.infer(name, [tensor], request_compression_algorithm=algorithm)
+        assert packed.as_numpy("digit").tolist() == expected, algorithm
 
 
 def test_their_answers_are_logged_and_can_be_labelled(served: dict) -> None:
@@ -159,6 +163,12 @@ def test_their_answers_are_logged_and_can_be_labelled(served: dict) -> None:
         assert taken.status_code == 200, taken.text
     assert v2.json()["parameters"]["request_id"] == v2.headers["x-request-id"]
     after = httpx.get(f"{url}/metrics").text
+
+    def timed(text: str) -> float:
+        line = next(x for x in text.splitlines() if x.startswith("mnistops_predict_seconds_count"))
+        return float(line.split()[-1])
+
+    assert timed(after) >= timed(before) + 2  # both answers are in the latency histogram
     for path in ("/invocations", f"/v2/models/{name}/infer"):
         line = f'mnistops_requests_total{{path="{path}",status="200"}}'
         assert line in after and after.count(line) == 1, path
@@ -218,9 +228,27 @@ BAD_V2 = {
                                          "parameters": {"binary_data_size": 10}}]}, "0", 400,
                             "binary_data_size"),
     "over the batch limit": (_v2([300, 784]), None, 413, "at most"),
+    "a shape of 100,000 sizes (its product would hold the interpreter for seconds)": (
+        {"inputs": [{"name": "images", "shape": [3] * 100_000, "datatype": "FP32", "data": [0]}]},
+        None, 400, "shape must be 1 to 4 sizes"),
+    "a datatype that is a list": (
+        {"inputs": [{**_v2([1, 784])["inputs"][0], "datatype": ["FP32"]}]}, None, 400,
+        "datatype"),
+    "input parameters that are not an object": (
+        {"inputs": [{**_v2([1, 784])["inputs"][0], "parameters": [1]}]}, None, 400,
+        "parameters must be a JSON object"),
+    "output parameters that are not an object": (
+        _v2([1, 784]) | {"outputs": [{"name": "digit", "parameters": "x"}]}, None, 400,
+        "parameters must be a JSON object"),
+    "request parameters that are not an object": (
+        _v2([1, 784]) | {"parameters": [1]}, None, 400, "parameters must be a JSON object"),
+    "one output asked for 4,000 times": (
+        _v2([1, 784]) | {"outputs": [{"name": "logits"}] * 4000}, None, 400, "once"),
+    "a header length in superscript digits": (_v2([1, 784]), "²", 400,
+                                              "Inference-Header-Content-Length"),
     "a shape whose product overflows 64 bits": (
         {"inputs": [{"name": "images", "shape": [2**62, 4], "datatype": "FP32", "data": []}]},
-        None, 400, "0 values for the shape"),
+        None, 400, "shape must be 1 to 4 sizes"),
     "nested 70 deep (past NumPy's 64 dimensions)": (
         _v2([1, 784]) | {"inputs": [{**_v2([1, 784])["inputs"][0], "data": _nested(70)}]},
         None, 400, "of numbers"),
@@ -235,6 +263,15 @@ def test_a_bad_inference_request_gets_a_v2_error(served: dict, case: str) -> Non
     document, header_length, status, words = BAD_V2[case]
     body = json.dumps(document).encode()
     headers = {"Content-Type": "application/json"}
+    if header_length == "²":
+        headers = {"Content-Type": "application/json", "Inference-Header-Content-Length": "²"}
+        answer = httpx.post(
+            f"{served['url']}/v2/models/{served['name']}/infer",
+            content=body,
+            headers={k: v.encode() for k, v in headers.items()},
+        )
+        assert answer.status_code == status and words in answer.json()["error"], answer.text
+        return
     if header_length is not None:
         headers["Inference-Header-Content-Length"] = (
             str(len(body)) if header_length == "0" else header_length
@@ -251,6 +288,24 @@ def test_other_models_and_large_bodies_are_refused(served: dict) -> None:
     other = httpx.post(f"{url}/v2/models/other/infer", json=_v2([1, 784]))
     assert other.status_code == 404 and f"serves '{name}'" in other.json()["error"]
     assert httpx.get(f"{url}/v2/models/other").status_code == 404
+    # FastAPI's own refusals under /v2 are in V2's words too (tritonclient reads `error`)
+    assert httpx.get(f"{url}/v2/nothing").json()["error"] == "Not Found"
+    wrong_method = httpx.get(f"{url}/v2/models/{name}/infer")
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+    assert "detail" in httpx.get(f"{url}/nothing").json()  # elsewhere, FastAPI's own
+    bomb = gzip.compress(b" " * (20 << 20))
+    packed = httpx.post(
+        f"{url}/invocations",
+        content=bomb,
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert packed.status_code == 413 and "unpacks to over" in packed.json()["message"]
+    brotli = httpx.post(
+        f"{url}/invocations",
+        content=b"{}",
+        headers={"Content-Type": "application/json", "Content-Encoding": "br"},
+    )
+    assert brotli.status_code == 415 and "gzip, deflate or none" in brotli.json()["message"]
     huge = httpx.post(
         f"{url}/invocations", content=b"[" * (9 << 20), headers={"Content-Type": "application/json"}
     )

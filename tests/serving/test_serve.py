@@ -84,6 +84,7 @@ def test_it_answers_like_predict(service: tuple[str, Path]) -> None:
     model = httpx.get(f"{url}/model").json()
     name = settings.model_registry.name
     assert model["name"] == name and model["alias"] == "champion"
+    assert model["runtime"] == "numpy"  # the demo's models passed the check at registration
     assert model["data_version"] in ("v1.0", "v2.0", "v3.0") and 0 < model["test_accuracy"] <= 1
     metrics = httpx.get(f"{url}/metrics").text
     assert 'mnistops_requests_total{path="/predict",status="200"}' in metrics
@@ -389,8 +390,9 @@ def test_the_api_key_is_required_when_set(service: tuple[str, Path]) -> None:
         assert httpx.get(f"{url}/").status_code == 200
         name = load_settings(config_dir).model_registry.name
         images = {"inputs": np.zeros((1, 1, 28, 28)).tolist()}
-        for path in ("/invocations", f"/v2/models/{name}/infer"):
-            assert httpx.post(f"{url}{path}", json=images).status_code == 401, path
+        for path, words in (("/invocations", "message"), (f"/v2/models/{name}/infer", "error")):
+            refused = httpx.post(f"{url}{path}", json=images)
+            assert refused.status_code == 401 and "API key" in refused.json()[words], path
         for path in ("/ping", "/v2/health/live", "/v2/health/ready"):
             assert httpx.get(f"{url}{path}").status_code == 200, path
         keyed = {"Authorization": f"Bearer {key}"}

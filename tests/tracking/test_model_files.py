@@ -227,6 +227,8 @@ def test_a_check_written_into_a_signed_model_is_refused(written, tmp_path: Path)
     ("check", "runtime"),
     [
         ("10000/10000", NumpyNet),
+        ("10000/10000, 1 tied within float rounding", NumpyNet),
+        ("9999/10000, 1 tied within float rounding", torch.nn.Module),
         (None, torch.nn.Module),
         ("9999/10000", torch.nn.Module),
         ("0/0", torch.nn.Module),

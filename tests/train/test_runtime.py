@@ -68,7 +68,21 @@ def test_agreement_counts_the_same_digits_on_real_images() -> None:
     with torch.inference_mode():
         digits = model(torch.from_numpy(images[:, None].astype(np.float32) / 255)).argmax(1)
     net = runtime.compile_net("digitnet", {k: v.numpy() for k, v in model.state_dict().items()})
-    assert runtime.agreement(net, images, digits.numpy()) == 500
+    assert runtime.agreement(net, images, digits.numpy()) == (500, 0)
     wrong = digits.numpy().copy()
     wrong[:3] = (wrong[:3] + 1) % 10
-    assert runtime.agreement(net, images, wrong) == 497
+    assert runtime.agreement(net, images, wrong) == (497, 0)
+
+
+def test_a_tie_within_float_rounding_is_no_disagreement() -> None:
+    """A model whose logits are all but equal (a --fast model's): PyTorch's digit there is
+    float rounding's choice, so another digit of the tie counts as agreeing, and is
+    counted as a tie; a digit far from the top does not."""
+    model = random_weights("digitnet", seed=2)
+    weights = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    weights["13.weight"] *= 0
+    weights["13.bias"] = np.array([1, 1 + 1e-6, 0, 0, 0, 0, 0, 0, 0, 0], np.float32)
+    net = runtime.compile_net("digitnet", weights)
+    images = np.zeros((4, 28, 28), np.uint8)
+    assert runtime.agreement(net, images, np.array([1, 1, 0, 0])) == (4, 2)
+    assert runtime.agreement(net, images, np.array([1, 1, 2, 2])) == (2, 0)

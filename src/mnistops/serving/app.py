@@ -141,7 +141,8 @@ def predict_body(max_batch: int) -> dict[str, Any]:
 def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
     """The application; with its lifespan, a follower of `champion` and the batcher."""
     holder = holder or Holder()
-    metrics = Metrics()
+    name = settings.model_registry.name
+    metrics = Metrics(frozenset({"/predict", "/invocations", f"/v2/models/{name}/infer"}))
     serve = settings.serve
     state: dict[str, Any] = {}
     log = PredictionLog(settings) if serve.log.enabled else None
@@ -242,7 +243,6 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
             raise HTTPException(503, "no champion is loaded yet")
         return {**served.describe(), "refused_versions": holder.refused}
 
-    name = settings.model_registry.name
     rendered = exposition(
         lambda: service_families(metrics, holder, name), lambda: loop_families(log, book)
     )

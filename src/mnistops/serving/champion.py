@@ -45,6 +45,7 @@ class Served:
             "run_id": self.run_id,
             "run_url": self.run_url,
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+            "runtime": "numpy" if isinstance(self.module, NumpyNet) else "pytorch",
         }
 
 

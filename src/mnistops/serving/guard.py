@@ -16,6 +16,16 @@ OPEN_PATHS = {"/", "/health", "/ping", "/v2/health/live", "/v2/health/ready"}
 """answered without the API key: the page (it asks for the key) and the health checks"""
 
 
+def refusal(path: str, message: str) -> dict[str, str]:
+    """A refusal as the path's protocol words it: V2's `error`, MLflow's `error_code` and
+    `message`, FastAPI's `detail` elsewhere."""
+    if path.startswith("/v2"):
+        return {"error": message}
+    if path == "/invocations":
+        return {"error_code": "UNAUTHENTICATED", "message": message}
+    return {"detail": message}
+
+
 class GuardAndMeasure:
     """Refuses a request without the API key (401) and measures every answer."""
 
@@ -33,7 +43,7 @@ class GuardAndMeasure:
         path = scope["path"] if scope["path"] in self.paths else "other"
         if self.key is not None and scope["path"] not in OPEN_PATHS and not self._allowed(scope):
             refused = JSONResponse(
-                {"detail": "an API key is required: Authorization: Bearer KEY"},
+                refusal(scope["path"], "an API key is required: Authorization: Bearer KEY"),
                 status_code=401,
                 headers={"WWW-Authenticate": "Bearer"},
             )

@@ -34,7 +34,9 @@ def labelled(name: str, documentation: str, label: str, values: dict[str, float]
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, timed: frozenset[str] = frozenset({"/predict"})) -> None:
+        self.timed = timed
+        """the paths whose latency the histogram takes: every way to ask for a prediction"""
         self.lock = threading.Lock()
         self.requests: Counter[tuple[str, int]] = Counter()
         self.predictions: Counter[int] = Counter()
@@ -49,7 +51,7 @@ class Metrics:
     def observe(self, path: str, status: int, seconds: float) -> None:
         with self.lock:
             self.requests[(path, status)] += 1
-            if path == "/predict":
+            if path in self.timed:
                 self.latency_count += 1
                 self.latency_sum += seconds
                 for i, bound in enumerate(LATENCY_BUCKETS):
@@ -70,7 +72,8 @@ class Metrics:
                 requests.add_metric([path, str(status)], n)
             errors = sum(n for (_p, status), n in self.requests.items() if status >= 400)
             latency = HistogramMetricFamily(
-                "mnistops_predict_seconds", "Latency of /predict requests."
+                "mnistops_predict_seconds",
+                "Latency of prediction requests: /predict, /invocations and V2's infer.",
             )
             latency.add_metric(
                 [],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import zlib
 from collections.abc import Callable
 from enum import Enum
 from importlib.metadata import version as package_version
@@ -24,6 +25,8 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mnistops.serving.batching import NoModel
 from mnistops.serving.bodies import Answers, Predictor, Refused, capped_body
@@ -110,7 +113,9 @@ def v2_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
     if header_length is None:
         header, binary = body, b""
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(
+            body
+        ):
             raise Unusable("Inference-Header-Content-Length is not the length of a JSON header")
         header, binary = body[: int(header_length)], body[int(header_length) :]
     try:
@@ -122,6 +127,28 @@ def v2_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
     return document, binary
 
 
+def _parameters(part: dict[str, Any], where: str) -> dict[str, Any]:
+    found = part.get("parameters") or {}
+    if not isinstance(found, dict):
+        raise Unusable(f"{where}: parameters must be a JSON object")
+    return found
+
+
+def _v2_shape(tensor: dict[str, Any], where: str, max_batch: int) -> list[int]:
+    """The tensor's shape, bounded before anything is computed from it: at most 4 sizes,
+    none over a whole batch's pixels."""
+    shape = tensor.get("shape")
+    most = max_batch * PIXELS
+    if (
+        not isinstance(shape, list)
+        or not 1 <= len(shape) <= 4
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape)
+        or not all(0 <= n <= most for n in shape)
+    ):
+        raise Unusable(f"{where}: shape must be 1 to 4 sizes from 0 to {most}, e.g. [N, 1, 28, 28]")
+    return shape
+
+
 def v2_images(document: dict[str, Any], binary: bytes, max_batch: int) -> np.ndarray:
     """The images of a V2 request's one input tensor: shape [N, 1, 28, 28] (or [N, 28, 28],
     [N, 784]), FP32/FP64 in [0, 1] or UINT8 0-255, its data as JSON or binary."""
@@ -130,20 +157,15 @@ def v2_images(document: dict[str, Any], binary: bytes, max_batch: int) -> np.nda
         raise Unusable(f"inputs: expected one tensor ({V2_INPUT!r}, shape [N, 1, 28, 28])")
     tensor = inputs[0]
     where = f"inputs[0] ({str(tensor.get('name'))[:40]!r})"
-    kind, shape = tensor.get("datatype"), tensor.get("shape")
-    if kind not in V2_TYPES:
+    kind = tensor.get("datatype")
+    if not isinstance(kind, str) or kind not in V2_TYPES:
         raise Unusable(
             f"{where}: datatype {str(kind)[:20]!r}, expected one of {', '.join(V2_TYPES)}"
         )
-    if (
-        not isinstance(shape, list)
-        or not shape
-        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
-    ):
-        raise Unusable(f"{where}: shape must be a list of sizes, e.g. [N, 1, 28, 28]")
+    shape = _v2_shape(tensor, where, max_batch)
     dtype = np.dtype(V2_TYPES[kind]).newbyteorder("<")
     count = math.prod(shape)
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    size = _parameters(tensor, where).get("binary_data_size")
     if size is not None:
         if size != len(binary) or size != count * dtype.itemsize:
             raise Unusable(f"{where}: binary_data_size does not match its shape and the body")
@@ -161,20 +183,28 @@ def v2_images(document: dict[str, Any], binary: bytes, max_batch: int) -> np.nda
 
 
 def v2_output_names(document: dict[str, Any]) -> list[str]:
-    """The outputs the request names (all three when it names none)."""
+    """The outputs the request names, each at most once (all three when it names none);
+    its parameters are checked here too, before any answer is computed."""
+    _parameters(document, "parameters")
     asked = document.get("outputs")
     if asked is None:
         return list(V2_OUTPUTS)
     if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
         raise Unusable('outputs: expected a list of {"name": ...}')
-    names = [str(output.get("name")) for output in asked]
+    names = [str(output.get("name"))[:40] for output in asked]
+    for index, output in enumerate(asked):
+        _parameters(output, f"outputs[{index}]")
     unknown = [name for name in names if name not in V2_OUTPUTS]
     if unknown:
-        raise Unusable(f"outputs: no output {unknown[0][:40]!r} (known: {', '.join(V2_OUTPUTS)})")
+        raise Unusable(f"outputs: no output {unknown[0]!r} (known: {', '.join(V2_OUTPUTS)})")
+    if len(set(names)) != len(names):
+        raise Unusable("outputs: each output may be asked for once")
     return names
 
 
 def _binary_asked(document: dict[str, Any], name: str) -> bool:
+    """Whether output `name` goes as binary data (parameters checked by
+    `v2_output_names`)."""
     for output in document.get("outputs") or []:
         if output.get("name") == name:
             return bool((output.get("parameters") or {}).get("binary_data", False))
@@ -236,12 +266,32 @@ def _error(status: int, message: str, mlflow: bool) -> Response:
     return Response(orjson.dumps(content), status, media_type="application/json")
 
 
+def decompressed(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """A body sent with `Content-Encoding: gzip` or `deflate` (as tritonclient's request
+    compression sends it), unpacked to at most `limit` bytes (413 past it: a small bomb
+    never becomes a large body)."""
+    kind = (encoding or "identity").strip().lower()
+    if kind == "identity":
+        return body
+    if kind not in ("gzip", "deflate"):
+        raise Unusable(f"Content-Encoding {kind[:20]!r} is not taken: gzip, deflate or none", 415)
+    unpacker = zlib.decompressobj(zlib.MAX_WBITS | 32)  # a gzip or zlib header
+    try:
+        found = unpacker.decompress(body, limit + 1)
+    except zlib.error:
+        raise Unusable(f"the body is not {kind} data") from None
+    if len(found) > limit or unpacker.unconsumed_tail:
+        raise Unusable(f"the body unpacks to over {limit} bytes: at most {limit} are accepted", 413)
+    return found
+
+
 async def _answered(
     request: Request, predictor: Predictor, images_of: Callable[[bytes], np.ndarray], mlflow: bool
 ) -> Answers | Response:
     """The answers for the images of the request's body, or the protocol's error."""
     try:
         body = await capped_body(request, predictor.limit)
+        body = decompressed(body, request.headers.get("content-encoding"), predictor.limit)
         # parsed in a thread, as /predict's JSON: a large body never holds up the others
         images = await asyncio.get_running_loop().run_in_executor(
             predictor.decoding, images_of, body
@@ -300,9 +350,18 @@ def add_mlflow_routes(app: FastAPI, predictor: Predictor, holder: Holder) -> Non
         return Response(f"mnistops {package_version('mnistops')}", media_type="text/plain")
 
 
+async def v2_worded(request: Request, exc: Exception) -> Response:
+    """FastAPI's own 404s and 405s, in V2's words under /v2 (tritonclient reads `error`)."""
+    assert isinstance(exc, StarletteHTTPException)
+    if not request.url.path.startswith("/v2"):
+        return await http_exception_handler(request, exc)
+    return _error(exc.status_code, str(exc.detail), mlflow=False)
+
+
 def add_v2_routes(app: FastAPI, predictor: Predictor, holder: Holder, name: str) -> set[str]:
     """The Open Inference Protocol's routes for the one model this service serves."""
     model_path = f"/v2/models/{name}"
+    app.add_exception_handler(StarletteHTTPException, v2_worded)
 
     @app.get("/v2", summary="V2: the server's metadata", tags=TAGS)
     async def server_metadata() -> dict[str, Any]:
