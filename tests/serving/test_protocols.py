@@ -306,9 +306,35 @@ def test_other_models_and_large_bodies_are_refused(served: dict) -> None:
         headers={"Content-Type": "application/json", "Content-Encoding": "br"},
     )
     assert brotli.status_code == 415 and "gzip, deflate or none" in brotli.json()["message"]
+
     huge = httpx.post(
         f"{url}/invocations", content=b"[" * (9 << 20), headers={"Content-Type": "application/json"}
     )
     assert huge.status_code == 413 and "at most" in huge.json()["message"]
     limit = load_settings(served["settings"].config_dir).serve.max_body_bytes
     assert str(limit) in huge.json()["message"]
+
+
+def test_an_upload_abandoned_midway_leaves_no_traceback(served: dict) -> None:
+    """A client that declares a body and goes away: refused quietly, not a traceback in
+    serve.log per connection (which a client could use to fill the disk)."""
+    import socket
+    import time
+
+    settings, name = served["settings"], served["name"]
+    log = settings.home / "logs" / "serve.log"
+    before = log.stat().st_size
+    host, port = settings.serve_url.removeprefix("http://").rsplit(":", 1)
+    for path in ("/invocations", f"/v2/models/{name}/infer"):
+        for _ in range(5):
+            with socket.create_connection((host, int(port)), timeout=5) as client:
+                client.sendall(
+                    f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    "Content-Length: 100\r\n\r\n{".encode()
+                )
+    time.sleep(1)
+    assert httpx.get(f"{settings.serve_url}/health").status_code == 200
+    with log.open("rb") as handle:
+        handle.seek(before)
+        written = handle.read().decode(errors="replace")
+    assert "Traceback" not in written and "ClientDisconnect" not in written, written[-3000:]

@@ -24,6 +24,7 @@ import numpy as np
 import orjson
 from fastapi import HTTPException, Request
 from PIL import Image
+from starlette.requests import ClientDisconnect
 
 from mnistops.data.conversion import image_from_bytes
 from mnistops.errors import PredictError
@@ -119,10 +120,13 @@ async def capped_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise Refused(413, f"the body is {int(declared)} bytes: at most {limit} are accepted")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise Refused(413, f"the body is over {limit} bytes: at most {limit} are accepted")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise Refused(413, f"the body is over {limit} bytes: at most {limit} are accepted")
+    except ClientDisconnect:
+        raise Refused(400, "the client went away before its body arrived") from None
     return bytes(body)
 
 

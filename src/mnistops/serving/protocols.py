@@ -61,7 +61,8 @@ def scaled_images(array: np.ndarray, where: str, max_batch: int) -> np.ndarray:
     if array.size != len(array) * PIXELS:
         shape = list(array.shape[1:])
         raise Unusable(f"{where}: each image is {shape}, expected 28x28 (784 pixels)")
-    images = array.reshape(len(array), 1, 28, 28).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # 1e308 becomes inf: refused below
+        images = array.reshape(len(array), 1, 28, 28).astype(np.float32)
     if not np.isfinite(images).all() or images.min() < 0 or images.max() > 1:
         raise Unusable(
             f"{where}: pixels are scaled to [0, 1] for this model, as its MLflow signature"
