@@ -341,13 +341,20 @@ def build_checked(architecture: str, arrays: dict[str, np.ndarray]) -> Any:
     return model.eval()
 
 
+def _checked_files(
+    folder: Path, tags: dict[str, str], key: bytes | None, source: str
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(MLmodel metadata, weights) of the model in `folder` (a version's downloaded
+    files), after the record, file and format checks above."""
+    check_files(folder, signed_record(tags, key, source))
+    return _checked_metadata(folder), _weights(folder / WEIGHTS_PATH)
+
+
 def load_checked(folder: Path, tags: dict[str, str], key: bytes | None, source: str) -> Any:
-    """The model in `folder` (a version's downloaded files), after every check above, as
-    a PyTorch module (what the gate scores)."""
-    record = signed_record(tags, key, source)
-    check_files(folder, record)
-    architecture = check_format(folder)
-    return build_checked(architecture, _weights(folder / WEIGHTS_PATH))
+    """The model in `folder`, after every check above, as a PyTorch module (what the gate
+    scores)."""
+    meta, arrays = _checked_files(folder, tags, key, source)
+    return build_checked(meta["architecture"], arrays)
 
 
 def load_for_answers(folder: Path, tags: dict[str, str], key: bytes | None, source: str) -> Any:
@@ -355,10 +362,7 @@ def load_for_answers(folder: Path, tags: dict[str, str], key: bytes | None, sour
     (`train.runtime`, no PyTorch import) when it gave PyTorch's digits on the whole test
     set at registration, else as a PyTorch module (a version registered before the check
     existed). What `predict` and `serve` answer with."""
-    record = signed_record(tags, key, source)
-    check_files(folder, record)
-    meta = _checked_metadata(folder)
-    arrays = _weights(folder / WEIGHTS_PATH)
+    meta, arrays = _checked_files(folder, tags, key, source)
     if not numpy_checked(meta):
         return build_checked(meta["architecture"], arrays)
     from mnistops.train.runtime import compile_net
