@@ -29,11 +29,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/mnistops demo
 
-# Coverage (branch) of the whole suite, the commands and services it starts included:
-# every Python process writes its own data file, combined and reported at the end.
+# Coverage (branch) of the whole suite and the commands it starts: every Python process
+# writes its own data file, combined and reported at the end. The suite runs in
+# TEST_WORKERS processes: most of its time is waiting on services, so more workers than
+# cores pays. Each group of tests (a file, or all tests on the demo's stack) stays on one
+# worker, so a module's stack starts once (tests/conftest.py: test_group).
+TEST_WORKERS ?= 3
 test: setup
 	rm -f .coverage .coverage.*
-	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage run -m pytest
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage run -m pytest \
+		-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 	$(BIN)/coverage combine -q
 	$(BIN)/coverage report --format=total | xargs -I{} echo "branch coverage of src/mnistops: {} %"
 

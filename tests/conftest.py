@@ -24,19 +24,40 @@ CLEAN_PREFIXES = ("MNISTOPS_", "MLFLOW_", "PREFECT_", "AWS_")
 KEEP = {"MNISTOPS_TEST_DATABASE_URL"}
 
 
+DEMO_GROUP = "demo"
+
+
+def test_group(item: pytest.Item) -> str:
+    """The worker group (pytest-xdist's `loadgroup`) a test runs in: every test on the
+    demo's stack in one, so that the demo runs once; any other test with its file, so
+    that a module's stack starts once."""
+    if "demo_run" in getattr(item, "fixturenames", ()):
+        return DEMO_GROUP
+    return item.nodeid.split("::")[0]
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that kill the demo stack's services run after every test that only looks at
-    it, so that a failure to bring it back cannot fail those too; tests that may start a
-    retraining on it (a drift event) run last, so that no model it registers changes
-    what the others find."""
+    """Groups that hold a test marked `slow` (and the demo's) are handed to the workers
+    first, so that no long group starts last. Within the demo's group, tests that kill
+    its services run after every test that only looks at it, so that a failure to bring
+    it back cannot fail those too; tests that may start a retraining on it (a drift
+    event) run last, so that no model it registers changes what the others find."""
+    groups = {item.nodeid: test_group(item) for item in items}
+    slow = {DEMO_GROUP} | {groups[i.nodeid] for i in items if i.get_closest_marker("slow")}
 
     def on_demo(item: pytest.Item, marker: str) -> bool:
-        return (
-            "demo_run" in getattr(item, "fixturenames", ())
-            and item.get_closest_marker(marker) is not None
-        )
+        return groups[item.nodeid] == DEMO_GROUP and item.get_closest_marker(marker) is not None
 
-    items.sort(key=lambda item: (on_demo(item, "retrains"), on_demo(item, "faults")))
+    items.sort(
+        key=lambda item: (
+            groups[item.nodeid] not in slow,
+            on_demo(item, "retrains"),
+            on_demo(item, "faults"),
+        )
+    )
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
 
 
 @pytest.fixture(autouse=True, scope="session")

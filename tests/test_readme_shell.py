@@ -47,6 +47,9 @@ def sections(output: str) -> dict[str, str]:
     return {part.split("\n", 1)[0]: part.split("\n", 1)[1] for part in parts}
 
 
+@pytest.mark.slow(
+    "every command of the README's shell in order: a stack up, an ingest, a training, a deploy"
+)
 def test_the_readme_shell(tmp_path: Path) -> None:
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     (project / "config").mkdir(parents=True)

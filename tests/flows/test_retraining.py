@@ -224,6 +224,7 @@ def pulling_tries(publisher: Path, data_version: str) -> tuple[int, list[str]]:
     return pulling.run_count, [log.message for log in logs]
 
 
+@pytest.mark.slow("Prefect's retries of a task wait between tries, on a worker that polls")
 def test_a_failing_task_retries_only_what_may_pass(machines: dict) -> None:
     """A version that does not exist is an answer that cannot change: one try. A version
     whose objects the store cannot give is tried again three times, then fails."""
@@ -271,6 +272,7 @@ def test_a_crafted_version_fails_the_run_and_writes_nothing_outside(
     assert not outside.exists()
 
 
+@pytest.mark.slow("two versions, two runs picked up by the worker, two trainings")
 def test_each_new_data_version_is_trained_by_its_own_run(machines: dict) -> None:
     """Two versions published one right after the other: the trigger starts a run for
     each, with the version its event names (not `latest`), and both are trained."""
@@ -359,6 +361,7 @@ def test_forcing_cuda_without_a_gpu_fails_the_run_clearly(machines: dict) -> Non
     assert any("no usable CUDA GPU" in log.message for log in logs)
 
 
+@pytest.mark.slow("two trainings one after the other, the second waiting for the first")
 @pytest.mark.faults
 def test_two_quick_runs_at_once_never_train_in_parallel(machines: dict) -> None:
     """The deployment's limit of 1 (ENQUEUE): the second run waits for the first."""

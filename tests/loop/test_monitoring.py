@@ -82,6 +82,9 @@ def report_page(settings: Settings, uri: str) -> str:
     return str(s3_client(settings).get_object(Bucket=bucket, Key=key)["Body"].read().decode())
 
 
+@pytest.mark.slow(
+    "two streams of answers fill the log's windows, then a drift event starts a retraining"
+)
 @pytest.mark.retrains
 def test_a_clean_stream_is_no_drift_and_an_inverted_one_is(service: Service) -> None:
     settings = service.settings
@@ -171,6 +174,7 @@ def test_a_window_end_in_the_future_stops_no_later_window(service: Service) -> N
     assert (end - start).total_seconds() <= settings.monitoring.interval_s + 1
 
 
+@pytest.mark.slow("the monitoring flow runs on a worker, through Prefect")
 @pytest.mark.retrains
 def test_monitor_runs_the_deployed_flow(service: Service) -> None:
     done = run_cli("monitor", "--wait", config_dir=service.config_dir, timeout=240)

@@ -230,6 +230,7 @@ def test_the_stack_host_lets_in_only_what_has_credentials(machines: Machines) ->
     assert "has no login" in warnings and "any host that can reach this machine" in warnings
 
 
+@pytest.mark.slow("another host's worker trains a version, then a new version's event trains again")
 def test_a_worker_host_pulls_and_runs_the_retraining(machines: Machines) -> None:
     b, c = machines.b, machines.c
     c.ok("data", "ingest", "--fast", timeout=300)
@@ -254,6 +255,7 @@ print(mlflow.artifacts.download_artifacts(champion, dst_path=sys.argv[1]))
 """
 
 
+@pytest.mark.slow("two models are trained and promoted while another host serves them")
 def test_a_serving_host_follows_the_champion(machines: Machines) -> None:
     c, d = machines.c, machines.d
     serve_url = f"http://{d.address}:{ServeSettings().port}"  # D: the default port
@@ -285,6 +287,9 @@ def test_a_serving_host_follows_the_champion(machines: Machines) -> None:
     wait(lambda: 2 in registered(c)["versions"], 420, "the triggered retraining's model")
 
 
+@pytest.mark.slow(
+    "a run is CRASHED only after 30 s of heartbeat and 75 s of silence; two hosts train"
+)
 def test_a_cut_cable_crashes_the_run_and_another_host_runs_the_next(
     machines: Machines,
 ) -> None:
@@ -331,6 +336,7 @@ def test_a_cut_cable_crashes_the_run_and_another_host_runs_the_next(
     assert status == "KILLED" and "CRASHED" in error.upper(), (status, error)
 
 
+@pytest.mark.slow("the stack host's services are stopped and started again mid-pull")
 def test_a_pull_while_the_stack_host_restarts_leaves_nothing_half_written(
     machines: Machines,
 ) -> None:

@@ -51,6 +51,7 @@ def pg_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         conn.close()
 
 
+@pytest.mark.slow("the stack is started twice on PostgreSQL, migrations included")
 def test_postgres_stack_creates_databases_and_keeps_data(pg_settings: Settings) -> None:
     assert DATABASE_URL is not None
     stack.up(pg_settings)

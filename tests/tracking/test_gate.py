@@ -133,6 +133,7 @@ ORDERS = {
 }
 
 
+@pytest.mark.slow("eight processes import MLflow and judge at once on two cores")
 def test_concurrent_gates_crown_the_best(stack_settings: Settings, tmp_path: Path) -> None:
     """Eight processes judge at once, one version each in two registries whose best
     version comes in the middle or first. Each better model fixes the errors of every

@@ -210,6 +210,7 @@ def test_the_alias_read_over_rest_is_what_mlflows_client_reads(trainer: Path, fi
         server.shutdown()
 
 
+@pytest.mark.slow("three trainings: a better, a worse and a repeated one")
 def test_the_champion_gate_both_ways_and_determinism(trainer: Path, first_run) -> None:
     settings, client = client_of(trainer)
     name = settings.model_registry.name
@@ -249,6 +250,9 @@ def test_the_champion_gate_both_ways_and_determinism(trainer: Path, first_run) -
     assert "gate against v" in better.stdout and "exact one-sided McNemar" in better.stdout
 
 
+@pytest.mark.slow(
+    "the champion is scored on the test images, then a new model is trained and judged"
+)
 def test_a_champion_without_stored_predictions_is_scored_once(
     trainer: Path, first_run, tmp_path: Path
 ) -> None:
@@ -413,6 +417,9 @@ def test_a_damaged_array_cache_is_named_and_rebuilt(trainer: Path, first_run) ->
     assert load_version(settings, "v1.0", said.append) is not None and len(said) == 1
 
 
+@pytest.mark.slow(
+    "MLflow is stopped mid-training, the client's retries run out, then it is started again"
+)
 @pytest.mark.faults
 def test_mlflow_down_during_training_fails_clearly_and_champion_stays(
     trainer: Path, first_run, stack_settings: Settings
@@ -509,6 +516,7 @@ def test_an_unusable_champion_is_named_then_replaced(
     assert run_cli("predict", str(images[0]), config_dir=trainer).returncode == 0
 
 
+@pytest.mark.slow("five commands refuse the champion, then a retraining replaces it")
 @pytest.mark.security
 def test_a_pickled_champion_never_runs_and_the_next_model_replaces_it(
     trainer: Path, first_run, stack_settings: Settings, tmp_path: Path

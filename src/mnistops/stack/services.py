@@ -48,8 +48,9 @@ def http_ok(url: str, timeout_s: float = 3.0) -> bool:
 
 def _base_env() -> dict[str, str]:
     """The caller's environment without variables that would point a server elsewhere,
-    and with the tools' telemetry off."""
-    drop = ("MLFLOW_", "PREFECT_", "AWS_", "MNISTOPS_")
+    and with the tools' telemetry off. A caller's coverage run is not passed on either:
+    the servers run none of our code, and its tracer would only slow them."""
+    drop = ("MLFLOW_", "PREFECT_", "AWS_", "MNISTOPS_", "COVERAGE_")
     kept = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     return {**kept, **NO_TELEMETRY}
 
