@@ -18,9 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binomtest
-
-from mnistops.train.evaluation import per_class_accuracy
 
 
 @dataclass(frozen=True)
@@ -57,6 +54,8 @@ def mcnemar_p(new_only: int, champion_only: int) -> float:
     discordant = new_only + champion_only
     if discordant == 0:
         return 1.0
+    from scipy.stats import binomtest  # here: listing models needs neither scipy nor torch
+
     return float(binomtest(new_only, discordant, 0.5, alternative="greater").pvalue)
 
 
@@ -67,6 +66,8 @@ def paired(labels: np.ndarray, new: np.ndarray, champion: np.ndarray) -> Paired:
             f"paired predictions need one per test image: {len(labels)} labels,"
             f" {len(new)} new, {len(champion)} champion"
         )
+    from mnistops.train.evaluation import per_class_accuracy
+
     new_right, old_right = new == labels, champion == labels
     new_only = int((new_right & ~old_right).sum())
     champion_only = int((old_right & ~new_right).sum())
