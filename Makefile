@@ -33,7 +33,7 @@ demo: setup
 # writes its own data file, combined and reported at the end. The suite runs in
 # TEST_WORKERS processes: most of its time is waiting on services, so more workers than
 # cores pays. Each group of tests (a file, or all tests on the demo's stack) stays on one
-# worker, so a module's stack starts once (tests/conftest.py: test_group).
+# worker, so a module's stack starts once (tests/conftest.py: worker_group).
 TEST_WORKERS ?= 3
 test: setup
 	rm -f .coverage .coverage.*

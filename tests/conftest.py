@@ -27,7 +27,7 @@ KEEP = {"MNISTOPS_TEST_DATABASE_URL"}
 DEMO_GROUP = "demo"
 
 
-def test_group(item: pytest.Item) -> str:
+def worker_group(item: pytest.Item) -> str:
     """The worker group (pytest-xdist's `loadgroup`) a test runs in: every test on the
     demo's stack in one, so that the demo runs once; any other test with its file, so
     that a module's stack starts once."""
@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     its services run after every test that only looks at it, so that a failure to bring
     it back cannot fail those too; tests that may start a retraining on it (a drift
     event) run last, so that no model it registers changes what the others find."""
-    groups = {item.nodeid: test_group(item) for item in items}
+    groups = {item.nodeid: worker_group(item) for item in items}
     slow = {DEMO_GROUP} | {groups[i.nodeid] for i in items if i.get_closest_marker("slow")}
 
     def on_demo(item: pytest.Item, marker: str) -> bool:
