@@ -19,7 +19,7 @@ from mnistops.data.conversion import decode, mnist_like
 from mnistops.data.images import MAX_PIXELS, ImageRefused, read_regular, shown_name
 from mnistops.errors import ImageUnusable, PredictError
 from mnistops.settings import Settings
-from mnistops.tracking import model_files
+from mnistops.tracking import model_fetch, model_files
 from mnistops.train.runtime import NumpyNet
 
 if TYPE_CHECKING:
@@ -136,11 +136,11 @@ def _fetch(settings: Settings, version: Registered, record: dict[str, str], fold
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{version.version}.", dir=folder.parent))
     try:
-        if not model_files.fetch_recorded(settings, str(version.source), record, partial):
+        if not model_fetch.fetch_recorded(settings, str(version.source), record, partial):
             from mnistops.clients import mlflow_client
 
             uri = f"models:/{version.name}/{version.version}"
-            model_files.download(mlflow_client(settings), uri, partial)
+            model_fetch.download(mlflow_client(settings), uri, partial)
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)
     finally:

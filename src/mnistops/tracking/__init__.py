@@ -7,6 +7,8 @@
 - `registration`: a run's model logged, signed, registered and judged by the gate
 - `model_files`: the one way a registered model is loaded, and the signed record of its
   files that allows it
+- `model_fetch`: a version's files brought from the server (MLflow's client, or its REST
+  route file by file), then loaded checked or signed for a person who vouches
 - `registry`: the model registry and its champion gate
 - `significance`: the gate's statistics (paired McNemar test, the worst digit)
 - `predictions`: each run's test predictions, stored for the gate

@@ -40,7 +40,7 @@ import numpy as np
 
 from mnistops.errors import BadInput, MnistopsError
 from mnistops.settings import Settings
-from mnistops.tracking.contract import FILES_TAG, SIGNATURE_TAG, TRUSTED_BY_TAG
+from mnistops.tracking.contract import FILES_TAG, SIGNATURE_TAG
 from mnistops.train.architecture import ARCHITECTURES, tensors
 
 FORMAT = "mnistops-npz-v1"
@@ -79,7 +79,7 @@ def numpy_check(weights: Path, architecture: str, images: np.ndarray, digits: np
     as the metadata records it."""
     from mnistops.train.runtime import agreement, compile_net
 
-    net = compile_net(architecture, _weights(weights))
+    net = compile_net(architecture, read_weights(weights))
     same, ties = agreement(net, images, digits)
     return f"{same}/{len(images)}" + (f", {ties} tied within float rounding" if ties else "")
 
@@ -297,7 +297,7 @@ def _checked_metadata(folder: Path) -> dict[str, Any]:
     return meta
 
 
-def _weights(path: Path) -> dict[str, np.ndarray]:
+def read_weights(path: Path) -> dict[str, np.ndarray]:
     try:
         with zipfile.ZipFile(path) as archive:
             if sum(i.file_size for i in archive.infolist()) > MAX_WEIGHTS_BYTES:
@@ -347,7 +347,7 @@ def _checked_files(
     """(MLmodel metadata, weights) of the model in `folder` (a version's downloaded
     files), after the record, file and format checks above."""
     check_files(folder, signed_record(tags, key, source))
-    return _checked_metadata(folder), _weights(folder / WEIGHTS_PATH)
+    return _checked_metadata(folder), read_weights(folder / WEIGHTS_PATH)
 
 
 def load_checked(folder: Path, tags: dict[str, str], key: bytes | None, source: str) -> Any:
@@ -369,85 +369,3 @@ def load_for_answers(folder: Path, tags: dict[str, str], key: bytes | None, sour
 
     check_weights(meta["architecture"], arrays)
     return compile_net(meta["architecture"], arrays)
-
-
-def download(client: Any, uri: str, destination: Path) -> Path:
-    """A model's files (`models:/...`) into `destination`, through the MLflow server."""
-    import mlflow
-
-    from mnistops.clients import mlflow_tracking_uri
-
-    try:
-        with mlflow_tracking_uri(client.tracking_uri):
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=str(destination), tracking_uri=client.tracking_uri
-            )
-    except Exception as exc:  # noqa: BLE001  any download failure: named, worth a retry
-        raise ModelUnavailable(f"{exc.__class__.__name__}: {exc}") from None
-    return Path(local)
-
-
-LOGGED_MODEL_FILES = "/ajax-api/2.0/mlflow/logged-models/{}/artifacts/files"
-"""the MLflow server's route for one file of a logged model (what its UI downloads)"""
-
-
-def fetch_recorded(settings: Settings, source: str, record: dict[str, str], into: Path) -> bool:
-    """The files a version's signed record lists, each fetched over the MLflow server's
-    REST API, without importing MLflow's client (a second of import and 100 MB in a
-    lean process). False where that route does not apply (a tracking URI that is not
-    http(s), a source that is not a logged model): use `download`. ModelUnavailable
-    when the server cannot give a file now; the checks that follow refuse anything else.
-    """
-    from mnistops.tracking.server import TrackingError, rest_get
-
-    model_id = source.removeprefix("models:/")
-    if not settings.mlflow_uri.startswith(("http://", "https://")) or not (
-        source.startswith("models:/m-") and model_id.replace("-", "").isalnum()
-    ):
-        return False
-    route = LOGGED_MODEL_FILES.format(model_id)
-    for name in record:
-        parts = Path(name).parts
-        if Path(name).is_absolute() or ".." in parts or not parts:
-            raise ModelRefused(f"the record names {name!r}, a path outside the model")
-        try:
-            answer = rest_get(settings, route, {"artifact_file_path": name}, timeout_s=60)
-        except TrackingError as exc:
-            raise ModelUnavailable(str(exc)) from None
-        if answer.status_code >= 500 or answer.status_code == 429:
-            raise ModelUnavailable(f"the MLflow server answered {answer.status_code} for {name}")
-        if answer.status_code == 200:
-            target = into.joinpath(*parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(answer.content)
-    return True
-
-
-def load_registered(client: Any, version: Any, key: bytes | None) -> Any:
-    """A registered version's model, downloaded into a temporary folder and checked:
-    what the gate scores and what `models promote` tries before moving the alias."""
-    import tempfile
-
-    source = str(version.source)
-    signed_record(version.tags or {}, key, source)
-    uri = f"models:/{version.name}/{version.version}"
-    with tempfile.TemporaryDirectory(prefix="model-") as tmp:
-        return load_checked(download(client, uri, Path(tmp)), version.tags or {}, key, source)
-
-
-def trust(client: Any, version: Any, key: bytes, who: str) -> dict[str, str]:
-    """Sign the files a version has now, for a person who vouches for them (`models
-    promote --trust-unsigned`): only a model in mnistops' format can be trusted, and
-    its weights must load. Returns the tags written."""
-    import tempfile
-
-    uri = f"models:/{version.name}/{version.version}"
-    with tempfile.TemporaryDirectory(prefix="model-") as tmp:
-        folder = download(client, uri, Path(tmp))
-        record = file_record(folder)
-        architecture = check_format(folder)
-        build_checked(architecture, _weights(folder / WEIGHTS_PATH))
-    tags = {**record_tags(key, record, str(version.source)), TRUSTED_BY_TAG: who}
-    for name, value in tags.items():
-        client.set_model_version_tag(version.name, version.version, name, value)
-    return tags

@@ -181,7 +181,7 @@ def champion_predictions(
     client: MlflowClient, test: LabelledImages, load: Loader
 ) -> ChampionPredictions:
     """A function giving a version's predictions on `test`: stored ones, else the model
-    (`load`: `tracking.model_files.load_registered`, the one checked way) scored once and
+    (`load`: `tracking.model_fetch.load_registered`, the one checked way) scored once and
     stored on the version's run for the next gate."""
 
     def predictions_of(version: ModelVersion) -> np.ndarray:

@@ -86,7 +86,7 @@ def _check_loads(
 ) -> None:
     """PromotionRefused unless the version loads the one checked way; `trusted_by` first
     signs a version that has no valid record (a person vouches for its files)."""
-    from mnistops.tracking import model_files
+    from mnistops.tracking import model_fetch, model_files
 
     label = f"{target.name} v{target.version}"
     try:
@@ -94,9 +94,9 @@ def _check_loads(
         if trusted_by is not None and record_problem(target.tags or {}, key, source) is not None:
             if key is None:
                 raise ModelRefused(model_files.no_key_message("settings"))
-            model_files.trust(client, target, key, trusted_by)
+            model_fetch.trust(client, target, key, trusted_by)
             target = client.get_model_version(target.name, target.version)
-        model_files.load_registered(client, target, key)
+        model_fetch.load_registered(client, target, key)
     except ModelRefused as exc:
         raise PromotionRefused(f"{label} cannot be served: {exc}") from None
     except model_files.ModelUnavailable as exc:

@@ -14,7 +14,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mnistops.clients import mlflow_client
 from mnistops.settings import HyperParameters, Settings
 from mnistops.tracking import contract as c
-from mnistops.tracking import model_files
+from mnistops.tracking import model_fetch, model_files
 from mnistops.tracking.predictions import LabelledImages, champion_predictions
 from mnistops.tracking.registry import Candidate, GateDecision, GateRules, register
 from mnistops.tracking.runs import TrackedRun, log_metrics, recipe_of
@@ -67,7 +67,7 @@ def _log_model(
         run.client.log_model_artifacts(logged.model_id, str(folder))
     uri = f"models:/{logged.model_id}"
     with tempfile.TemporaryDirectory(prefix="model-check-") as tmp:
-        stored = model_files.download(run.client, uri, Path(tmp))
+        stored = model_fetch.download(run.client, uri, Path(tmp))
         try:
             model_files.check_files(stored, record)
         except model_files.ModelRefused as exc:
@@ -110,7 +110,7 @@ def register_logged(
     key = model_files.signing_key(settings)
 
     def load(version: ModelVersion) -> Any:
-        return model_files.load_registered(run.client, version, key)
+        return model_fetch.load_registered(run.client, version, key)
 
     candidate = Candidate(
         arrays.test_y,
