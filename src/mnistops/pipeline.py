@@ -19,17 +19,21 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from mnistops.errors import BadInput, Interrupted, MnistopsError, as_bad_input
 from mnistops.settings import HyperParameters, Settings
-from mnistops.tracking import registration, runs
-from mnistops.tracking.runs import RunOutcome, TrainingHooks
-from mnistops.tracking.server import TrackingError, check_tracking_server
-from mnistops.train import data
-from mnistops.train.loop import TrainingError, check_hyperparameters, pick_device
+from mnistops.train.architecture import unknown_model
+
+if TYPE_CHECKING:
+    from mnistops.tracking.runs import RunOutcome, TrainingHooks
+    from mnistops.train import data
+
+# The steps import torch, MLflow and the gate where they run: `mnistops run` and the
+# flow's parameter checks call `hyperparameters` alone, and should not pay seconds of
+# imports for it.
 
 T = TypeVar("T")
 Report = Callable[[str], None]
@@ -89,15 +93,17 @@ def hyperparameters(settings: Settings, *layers: Layer) -> HyperParameters:
             for error in exc.errors()
         ]
         raise BadInput("invalid hyperparameters:\n  " + "\n  ".join(lines)) from None
-    try:
-        check_hyperparameters(hyp)
-    except MnistopsError as exc:
-        raise BadInput(f"{where('model')}: {exc}") from None
+    why = unknown_model(hyp.model)
+    if why:
+        raise BadInput(f"{where('model')}: {why}")
     return hyp
 
 
 def check_ready(settings: Settings, hyp: HyperParameters) -> None:
     """The device exists (else bad input) and the tracking server answers."""
+    from mnistops.tracking.server import check_tracking_server
+    from mnistops.train.loop import pick_device
+
     try:
         pick_device(hyp.device)
     except MnistopsError as exc:
@@ -112,6 +118,8 @@ def load_data(
     report: Report = lambda _m: None,
 ) -> data.Arrays:
     """The arrays of a published version ('latest' by default) or of a plain folder."""
+    from mnistops.train import data
+
     if data_dir is not None and data_version is not None:
         raise BadInput("--data-version and --data-dir exclude each other")
     if data_dir is not None:
@@ -171,7 +179,10 @@ def train(
     raised says so: `Interrupted` for Ctrl-C and SIGTERM, `TrainingError` for a training
     that failed, `TrackingError` for a server that failed.
     """
-    hooks = hooks or TrainingHooks()
+    from mnistops.tracking import registration, runs
+    from mnistops.train.loop import TrainingError
+
+    hooks = hooks or runs.TrainingHooks()
     run = runs.begin(settings, hyp, arrays, phase, extra_tags)
     try:
         hooks.on_start(run.url)
@@ -196,7 +207,7 @@ def train(
         runs.end(run, exc)
         raise
     runs.end(run)
-    return RunOutcome(
+    return runs.RunOutcome(
         run.run_id, run.url, run.experiment_id, version, decision, arrays.source, result
     )
 
@@ -204,6 +215,8 @@ def train(
 def _failure(settings: Settings, exc: Exception) -> MnistopsError:
     """What to tell about a training that failed outside the training loop: a server that
     went away, or the error itself."""
+    from mnistops.tracking.server import TrackingError, check_tracking_server
+
     try:
         check_tracking_server(settings)
     except TrackingError as down:

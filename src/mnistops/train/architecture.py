@@ -111,6 +111,14 @@ twice the multiply-adds: no better).
 
 ARCHITECTURES: dict[str, tuple[Layer, ...]] = {"digitnet": DIGITNET, "seednet": SEEDNET}
 
+
+def unknown_model(name: str) -> str | None:
+    """Why `name` is no model we have; None when it is one."""
+    if name in ARCHITECTURES:
+        return None
+    return f"unknown model '{name}' (known: {', '.join(ARCHITECTURES)})"
+
+
 FLOAT = np.dtype(np.float32)
 
 

@@ -17,6 +17,7 @@ from mnistops.compat import bf16_is_native
 from mnistops.errors import MnistopsError
 from mnistops.settings import HyperParameters
 from mnistops.train import models
+from mnistops.train.architecture import unknown_model
 from mnistops.train.data import Arrays
 
 
@@ -90,8 +91,9 @@ def pick_device(wanted: str) -> str:
 
 def check_hyperparameters(hyp: HyperParameters) -> None:
     """What pydantic does not see: the model name must be one we have."""
-    if hyp.model not in models.MODELS:
-        raise TrainingError(f"unknown model '{hyp.model}' (known: {', '.join(models.MODELS)})")
+    why = unknown_model(hyp.model)
+    if why:
+        raise TrainingError(why)
 
 
 def as_tensor(images: np.ndarray, device: str) -> torch.Tensor:
