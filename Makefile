@@ -34,7 +34,7 @@ demo: setup
 # TEST_WORKERS processes: most of its time is waiting on services, so more workers than
 # cores pays. Each group of tests (a file, or all tests on the demo's stack) stays on one
 # worker, so a module's stack starts once (tests/conftest.py: worker_group).
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 4
 test: setup
 	rm -f .coverage .coverage.*
 	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage run -m pytest \
