@@ -32,8 +32,9 @@ demo: setup
 # Coverage (branch) of the whole suite and the commands it starts: every Python process
 # writes its own data file, combined and reported at the end. The suite runs in
 # TEST_WORKERS processes: most of its time is waiting on services, so more workers than
-# cores pays. Each group of tests (a file, or all tests on the demo's stack) stays on one
-# worker, so a module's stack starts once (tests/conftest.py: worker_group).
+# cores pays (four measured best: README, Tests). Each group of tests (a file, or all the
+# tests on the demo's stack) stays on one worker, so a module's stack starts once
+# (tests/conftest.py: worker_group).
 TEST_WORKERS ?= 4
 test: setup
 	rm -f .coverage .coverage.*
