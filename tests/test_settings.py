@@ -190,3 +190,84 @@ def test_a_pool_from_the_environment_is_named(
     monkeypatch.setenv("MNISTOPS_DEPLOYMENT__POOL_NAME", "gpu")
     with pytest.raises(ConfigError, match="environment variable MNISTOPS_DEPLOYMENT__POOL_NAME"):
         load_settings(tmp_path)
+
+
+NOT_YAML = {
+    "broken syntax": b"hyperparameter: [unclosed\n",
+    "a list": b"- a\n- b\n",
+    "binary": bytes(range(128, 256)) * 2,
+}
+
+
+def a_project(tmp_path: Path) -> Path:
+    """A config dir like the repository's: every file, `model_registry` and
+    `experiment_name` in flow.yml."""
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    (config_dir / "stack.yml").write_text("mlflow:\n  port: 6001\n")
+    (config_dir / "flow.yml").write_text(
+        "experiment_name: mnist\nmodel_registry:\n  name: digits\n"
+    )
+    (config_dir / "hyp.yml").write_text("hyperparameter:\n  n_epochs: 2\n")
+    (config_dir / "dataset.yml").write_text("dataset:\n  fast_fraction: 0.05\n")
+    return config_dir
+
+
+@pytest.mark.parametrize("content", NOT_YAML.values(), ids=list(NOT_YAML))
+@pytest.mark.parametrize("name", ["hyp.yml", "dataset.yml", "flow.yml"])
+def test_a_file_that_is_no_settings_at_all_is_set_aside_by_the_stack_commands(
+    tmp_path: Path, name: str, content: bytes
+) -> None:
+    """Not only a bad value: a file that is not YAML, or not a mapping, stops only the
+    commands that may need what it holds, and names itself in the one warning."""
+    from mnistops.settings import STACK_KEYS, STATE_DIR_KEYS
+
+    config_dir = a_project(tmp_path)
+    (config_dir / name).write_bytes(content)
+    for needs in (STATE_DIR_KEYS, STACK_KEYS):
+        settings = load_settings(config_dir, needs)
+        assert settings.mlflow.port == 6001, "stack.yml is still read"
+        assert len(settings.set_aside) == 1 and name in settings.set_aside[0]
+        assert "\n" not in settings.set_aside[0], "one warning line"
+    serving = STACK_KEYS | {"model_registry", "experiment_name"}
+    if name == "flow.yml":  # it holds what `models` reads
+        with pytest.raises(ConfigError, match=name):
+            load_settings(config_dir, serving)
+    else:
+        assert load_settings(config_dir, serving).model_registry.name == "digits"
+    with pytest.raises(ConfigError, match=name):
+        load_settings(config_dir)
+
+
+def test_a_key_set_in_two_files_stops_only_the_commands_that_read_it(tmp_path: Path) -> None:
+    from mnistops.settings import STACK_KEYS
+
+    config_dir = a_project(tmp_path)
+    with (config_dir / "hyp.yml").open("a") as hyp:
+        hyp.write("experiment_name: other\n")
+    settings = load_settings(config_dir, STACK_KEYS)
+    assert "key 'experiment_name' is already set" in settings.set_aside[0]
+    with pytest.raises(ConfigError, match="key 'experiment_name' is already set"):
+        load_settings(config_dir, STACK_KEYS | {"experiment_name"})
+    with pytest.raises(ConfigError, match="key 'experiment_name' is already set"):
+        load_settings(config_dir)
+
+
+@pytest.mark.parametrize("content", NOT_YAML.values(), ids=list(NOT_YAML))
+def test_stack_down_finds_the_state_dir_of_a_stack_yml_that_is_no_yaml(
+    tmp_path: Path, content: bytes
+) -> None:
+    """Only `stack down` reads past a broken stack.yml: from its `home:` line when it has
+    one, else the default state dir; every other command refuses, naming the file."""
+    from mnistops.settings import STACK_KEYS, STATE_DIR_KEYS
+
+    config_dir = a_project(tmp_path)
+    stack_yml = config_dir / "stack.yml"
+    stack_yml.write_bytes(content)
+    assert load_settings(config_dir, STATE_DIR_KEYS).home.name == ".mnistops"
+    stack_yml.write_bytes(b"home: " + str(tmp_path / "state").encode() + b"  # ours\n" + content)
+    down = load_settings(config_dir, STATE_DIR_KEYS)
+    assert down.home == tmp_path / "state" and "stack.yml" in down.set_aside[0]
+    for needs in (STACK_KEYS, None):
+        with pytest.raises(ConfigError, match="stack.yml"):
+            load_settings(config_dir, needs)

@@ -55,6 +55,35 @@ def test_a_typo_beside_the_stack_never_stops_its_commands(
     assert "healthy" in run_cli("stack", "status", config_dir=config_dir).stdout
 
 
+NOT_YAML = {
+    "hyp.yml": (b"hyperparameter: [unclosed\n", "not valid YAML", ("train",)),
+    "flow.yml": (b"- a\n- b\n", "must be a mapping", ("deploy",)),
+    "dataset.yml": (bytes(range(128, 256)), "not UTF-8 text", ("data", "list")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_YAML))
+def test_a_file_that_is_no_yaml_beside_the_stack_never_stops_its_commands(
+    stack_settings: Settings, tmp_path: Path, name: str
+) -> None:
+    """Not a typo but a file that cannot be read at all: the stack's commands still
+    work with one warning naming the file; the commands that use it refuse."""
+    assert stack_settings.config_dir is not None
+    config_dir = tmp_path / "config"
+    shutil.copytree(stack_settings.config_dir, config_dir)
+    content, problem, user = NOT_YAML[name]
+    (config_dir / name).write_bytes(content)
+    for command in (("stack", "status"), ("stack", "env"), ("stack", "logs", "mlflow")):
+        done = run_cli(*command, config_dir=config_dir)
+        assert done.returncode == 0, (command, done.stderr)
+        said = " ".join(done.stderr.split())
+        assert done.stderr.count("warning:") == 1 and f"{name}: {problem}" in said, said
+    refused = run_cli(*user, config_dir=config_dir)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"{name}: {problem}" in " ".join(refused.stderr.split())
+    assert "Traceback" not in refused.stderr
+
+
 @pytest.mark.parametrize("name", sorted(BROKEN))
 def test_serve_starts_beside_a_typo(stack_settings: Settings, tmp_path: Path, name: str) -> None:
     config_dir, key = broken_config(stack_settings, tmp_path, name)
@@ -94,9 +123,9 @@ def test_the_commands_that_use_it_still_refuse(
 
 
 def test_stack_down_stops_a_stack_whatever_its_settings_say(tmp_path: Path) -> None:
-    """On a stack of its own: with a bad hyp.yml and a bad key in stack.yml itself,
-    `stack status` refuses (it needs stack.yml), `stack down` still stops what the
-    state dir's records name."""
+    """On a stack of its own: with a bad hyp.yml and a bad key in stack.yml itself, or a
+    stack.yml that is no YAML, `stack status` refuses (it needs stack.yml), `stack down`
+    still stops what the state dir's records name."""
     import yaml
 
     from tests.helpers import write_stack_config
@@ -116,5 +145,19 @@ def test_stack_down_stops_a_stack_whatever_its_settings_say(tmp_path: Path) -> N
     assert down.returncode == 0, down.stderr
     assert "stopped:" in down.stdout and "nothing was running" not in down.stdout
     assert "mlflow" in down.stdout and "s3" in down.stdout
+    stack_yml.write_text(good)
+    assert "healthy" not in run_cli("stack", "status", config_dir=config_dir).stdout
+
+    # A stack.yml that is no YAML at all: `stack down` takes the state dir from its
+    # `home:` line; every other stack command refuses, naming the file.
+    assert run_cli("stack", "up", config_dir=config_dir, timeout=300).returncode == 0
+    stack_yml.write_text(good + "broken: [\n")
+    status = run_cli("stack", "status", config_dir=config_dir)
+    assert status.returncode == 2 and "stack.yml: not valid YAML" in status.stderr
+    assert "Traceback" not in status.stderr
+    down = run_cli("stack", "down", config_dir=config_dir, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert "mlflow" in down.stdout and "s3" in down.stdout, down.stdout
+    assert " ".join(down.stderr.split()).count("stack.yml: not valid YAML") == 1, down.stderr
     stack_yml.write_text(good)
     assert "healthy" not in run_cli("stack", "status", config_dir=config_dir).stdout

@@ -11,10 +11,7 @@ import typer
 from rich.table import Table
 
 from mnistops.cli._ui import console, fail, settings, shorter, spinner, warn
-from mnistops.settings import STACK_KEYS, Settings, with_database_url
-
-STATE_DIR_KEYS = frozenset({"home"})
-"""all `stack down` needs: it stops what the state dir's records name"""
+from mnistops.settings import STACK_KEYS, STATE_DIR_KEYS, Settings, with_database_url
 
 if TYPE_CHECKING:
     from mnistops.stack import ServiceStatus

@@ -25,6 +25,7 @@ from mnistops.settings.flow import (
 )
 from mnistops.settings.loading import (
     STACK_KEYS,
+    STATE_DIR_KEYS,
     environment_variables,
     load_settings,
     where_looked,
@@ -38,6 +39,7 @@ from mnistops.settings.training import DatasetSettings, HyperParameters
 __all__ = [
     "ENV_PREFIX",
     "STACK_KEYS",
+    "STATE_DIR_KEYS",
     "WILDCARDS",
     "ConfigError",
     "DatasetSettings",

@@ -5,6 +5,8 @@ file or variable and the key."""
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from pydantic_settings import (
 from mnistops.settings.base import CONFIG_FILES, ENV_PREFIX, ConfigError, env_var_for
 from mnistops.settings.model import Settings
 from mnistops.settings.network import POSTGRES_ONLY, _is_postgres_url
-from mnistops.settings.sources import read_config_dir, reading
+from mnistops.settings.sources import ConfigRead, read_config_dir, reading
 
 
 def with_database_url(settings: Settings, url: str) -> Settings:
@@ -33,6 +35,51 @@ def with_database_url(settings: Settings, url: str) -> Settings:
 def default_config_dir() -> Path:
     """`$MNISTOPS_CONFIG_DIR`, else `./config`."""
     return Path(os.environ.get(f"{ENV_PREFIX}CONFIG_DIR", "config"))
+
+
+STATE_DIR_KEYS = frozenset({"home"})
+"""all `stack down` needs: it stops what the state dir's records name"""
+
+
+def _judged(read: ConfigRead, needs: frozenset[str] | None) -> ConfigRead:
+    """The reading, once each file that could not be read and each key set twice is
+    judged against what the command reads: refused (raised) when it may hold something
+    the command needs, else set aside with its error, for the one warning line.
+
+    A file other than stack.yml may be skipped when every key the command needs beyond
+    the stack's is set by another file; stack.yml only by `stack down`, which needs
+    only the state dir (MNISTOPS_HOME, or the default)."""
+    if needs is None:
+        return read
+    errors: list[str] = []
+    for key, clash in read.clashes:
+        if key in needs:
+            raise clash
+        errors.append(" ".join(str(clash).split()))
+    for name, problem in read.unreadable:
+        if name == "stack.yml":
+            skippable = needs <= STATE_DIR_KEYS
+            read = _with_home_line(read, read.config_dir / name)
+        else:
+            skippable = needs - STACK_KEYS <= set(read.origin)
+        if not skippable:
+            raise problem
+        errors.append(" ".join(f"{problem} (the whole file)".split()))
+    return read.without(set(), errors) if errors else read
+
+
+HOME_LINE = re.compile(r"^home:[ \t]*([^#\s][^#\n]*?)[ \t]*(?:#.*)?$", re.MULTILINE)
+
+
+def _with_home_line(read: ConfigRead, path: Path) -> ConfigRead:
+    """The reading with the state dir of a stack.yml that is no YAML, from its one
+    top-level `home:` line, so that `stack down` finds what that stack runs."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    found = HOME_LINE.findall(text)
+    if len(found) != 1 or "home" in read.origin:
+        return read
+    home = found[0].strip("'\"")
+    return replace(read, values={**read.values, "home": home}, origin={**read.origin, "home": path})
 
 
 def _unneeded(
@@ -150,7 +197,7 @@ def load_settings(config_dir: Path | None = None, needs: frozenset[str] | None =
         root = found or project_root(root) or root
         config_dir = root / "config"
     config_dir = config_dir or default_config_dir()
-    read = read_config_dir(config_dir, root)
+    read = _judged(read_config_dir(config_dir, root, lenient=needs is not None), needs)
     try:
         try:
             with reading(read):

@@ -46,10 +46,18 @@ class ConfigRead:
     set_aside: tuple[str, ...] = ()
     """the errors of the keys left at their defaults (a command that does not read them)"""
     set_aside_keys: frozenset[str] = frozenset()
+    unreadable: tuple[tuple[str, ConfigError], ...] = ()
+    """(file name, why) of each file that could not be read (only when reading leniently)"""
+    clashes: tuple[tuple[str, ConfigError], ...] = ()
+    """(key, why) of each top-level key set in two files (only when reading leniently)"""
 
     def without(self, keys: set[str], errors: list[str]) -> ConfigRead:
         """The same reading with the top-level `keys` left out, their `errors` kept."""
-        return replace(self, set_aside=tuple(errors), set_aside_keys=frozenset(keys))
+        return replace(
+            self,
+            set_aside=self.set_aside + tuple(errors),
+            set_aside_keys=self.set_aside_keys | frozenset(keys),
+        )
 
     @property
     def kept(self) -> dict[str, Any]:
@@ -91,21 +99,49 @@ class ConfigDirSource(PydanticBaseSettingsSource):
         return dict(read.kept) if read else {}
 
 
-def read_config_dir(config_dir: Path, root: Path) -> ConfigRead:
-    """Merge the top-level keys of every config file; remember which file set each."""
+def read_config_dir(config_dir: Path, root: Path, lenient: bool = False) -> ConfigRead:
+    """Merge the top-level keys of every config file; remember which file set each.
+
+    `lenient`: a file that cannot be read, and a key set in two files, are listed in
+    `unreadable` and `clashes` (the key left out) instead of raised, for the caller to
+    judge against what its command reads."""
     values: dict[str, Any] = {}
     origin: dict[str, Path] = {}
     notes: list[str] = []
+    unreadable: list[tuple[str, ConfigError]] = []
+    clashes: dict[str, ConfigError] = {}
     for name in CONFIG_FILES:
         path = config_dir / name
         if not path.is_file():
             continue
-        for key, value in _drop_layout_keys(path, _read_yaml(path), notes).items():
-            if key in origin:
-                raise ConfigError(f"{path}: key '{key}' is already set in {origin[key]}")
+        try:
+            data = _read_yaml(path)
+        except ConfigError as exc:
+            if not lenient:
+                raise
+            unreadable.append((name, exc))
+            continue
+        for key, value in _drop_layout_keys(path, data, notes).items():
+            if key in origin or key in clashes:
+                where = origin.get(key) or "another file"
+                clash = ConfigError(f"{path}: key '{key}' is already set in {where}")
+                if not lenient:
+                    raise clash
+                clashes.setdefault(key, clash)
+                values.pop(key, None)
+                origin.pop(key, None)
+                continue
             values[key] = value
             origin[key] = path
-    return ConfigRead(config_dir.absolute(), root, values, origin, tuple(notes))
+    return ConfigRead(
+        config_dir.absolute(),
+        root,
+        values,
+        origin,
+        tuple(notes),
+        unreadable=tuple(unreadable),
+        clashes=tuple(clashes.items()),
+    )
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
