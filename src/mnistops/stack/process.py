@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -42,15 +43,49 @@ def record_path(run_dir: Path, name: str) -> Path:
     return run_dir / f"{name}.json"
 
 
+RECORD_MAX_BYTES = 64 * 1024
+
+
 def read_record(run_dir: Path, name: str) -> ProcessRecord | None:
+    """The record of `name`; None when there is none. Anything else at its path (not a
+    regular file, not a record, a pid that cannot be ours) is removed as garbage: a
+    stale or crafted file must neither hang nor break the stack's commands."""
     path = record_path(run_dir, name)
     try:
-        return ProcessRecord(**json.loads(path.read_text()))
+        record = ProcessRecord(**json.loads(_read_regular(path)))
+        if not _plausible(record):
+            raise ValueError(record)
     except FileNotFoundError:
         return None
-    except (ValueError, TypeError):
+    except (OSError, ValueError, TypeError):
         path.unlink(missing_ok=True)
         return None
+    return record
+
+
+def _read_regular(path: Path) -> bytes:
+    """A regular file's bytes, without following a link or blocking on a FIFO."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        return os.read(fd, RECORD_MAX_BYTES)
+    finally:
+        os.close(fd)
+
+
+def _plausible(record: ProcessRecord) -> bool:
+    def number(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    return (
+        all(isinstance(v, str) for v in (record.name, record.log, record.url))
+        and isinstance(record.pid, int)
+        and not isinstance(record.pid, bool)
+        and record.pid > 1
+        and number(record.create_time)
+        and (record.start_ticks is None or number(record.start_ticks))
+    )
 
 
 def start_ticks(pid: int) -> int | None:
@@ -63,10 +98,15 @@ def start_ticks(pid: int) -> int | None:
 
 
 def _recorded(record: ProcessRecord) -> psutil.Process | None:
-    """The process of a record, zombie or not; None if gone or its pid reused by another."""
+    """The process of a record, zombie or not; None if gone or its pid reused by another.
+
+    It must lead its own session, as every process `start` starts does: a record that
+    names another process of this user (its start time is public in /proc) finds none."""
     try:
         proc = psutil.Process(record.pid)
-    except psutil.Error:
+        if os.getsid(record.pid) != record.pid:
+            return None
+    except (psutil.Error, OSError):
         return None
     if record.start_ticks is not None:
         return proc if start_ticks(record.pid) == record.start_ticks else None
