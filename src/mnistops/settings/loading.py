@@ -59,7 +59,8 @@ def _judged(read: ConfigRead, needs: frozenset[str] | None) -> ConfigRead:
     for name, problem in read.unreadable:
         if name == "stack.yml":
             skippable = needs <= STATE_DIR_KEYS
-            read = _with_home_line(read, read.config_dir / name)
+            if skippable:
+                read = _with_home_line(read, read.config_dir / name)
         else:
             skippable = needs - STACK_KEYS <= set(read.origin)
         if not skippable:

@@ -32,10 +32,10 @@ def _module(layer: a.Layer) -> nn.Module:
 
 
 def build(name: str) -> nn.Module:
-    try:
-        layers = a.ARCHITECTURES[name]
-    except KeyError:
-        raise ValueError(f"unknown model '{name}' (known: {', '.join(MODELS)})") from None
+    why = a.unknown_model(name)
+    if why:
+        raise ValueError(why)
+    layers = a.ARCHITECTURES[name]
     return nn.Sequential(*(_module(layer) for layer in layers))
 
 
