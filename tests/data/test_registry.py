@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
-import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,8 +19,8 @@ from mnistops import stack
 from mnistops.clients import s3_client
 from mnistops.data import packs, pulling, reader, registry, remote
 from mnistops.settings import Settings, load_settings
-from mnistops.stack import process
-from tests.helpers import cli_paused_at, client_config, finish, kill_service, run_cli
+from tests.held_proxy import held_proxy
+from tests.helpers import cli_command, client_config, kill_service, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -264,15 +265,37 @@ def test_corrupt_remote_object_is_named_and_never_written(publisher: Path, tmp_p
         client.put_object(Bucket=settings.s3.buckets.dvc, Key=key, Body=original)
 
 
-def freeze_then_kill_store(stack_settings: Settings, proc: subprocess.Popen[str]) -> None:
-    """The store stops answering while the paused command goes on sending to it (its
-    requests are accepted and left unanswered), then dies: a crash in mid-transfer."""
-    record = process.read_record(stack.run_dir(stack_settings), "s3")
-    assert record is not None
-    os.killpg(os.getpgid(record.pid), signal.SIGSTOP)
-    os.killpg(proc.pid, signal.SIGCONT)
-    time.sleep(1.5)
-    kill_service(stack_settings, "s3")
+@contextmanager
+def store_dies_at(
+    stack_settings: Settings, proc: Callable[[str], subprocess.Popen[str]], method: bytes
+) -> Iterator[subprocess.Popen[str]]:
+    """The command started by `proc` (given the store's URL) reaches the store through a
+    proxy that holds its first request to send or fetch an object; the store dies while
+    the command waits on that request's answer: a crash in mid-transfer. The command's
+    own speed cannot win that race. The stack is started again at the end."""
+    try:
+        with held_proxy(stack_settings.s3.port, method, b"/files/md5/") as proxy:
+            started = proc(proxy.url)
+            try:
+                assert proxy.held.wait(120), f"it never sent a {method!r} of an object"
+                kill_service(stack_settings, "s3")
+                yield started
+            finally:
+                started.kill()
+    finally:
+        stack.up(stack_settings)
+
+
+def started(*args: str, endpoint: str, env: dict[str, str], **where: Any) -> subprocess.Popen[str]:
+    """A `mnistops` command that uses the object store at `endpoint`."""
+    return subprocess.Popen(
+        cli_command(args, where.pop("config_dir", None)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**env, "AWS_ENDPOINT_URL": endpoint, "MNISTOPS_S3__ENDPOINT_URL": endpoint},
+        **where,
+    )
 
 
 @pytest.mark.faults
@@ -284,22 +307,22 @@ def test_store_killed_while_a_version_is_pushed_then_rerun(
         next((settings.mnist_dir / "train_v2" / "1").glob("*.png")).read_bytes()
     )
     commit = git(settings, "rev-parse", "HEAD")
-    try:
-        with cli_paused_at(
-            "data", "version", "v3.0", "-m", "store dies", config_dir=publisher, marker="pushing"
-        ) as proc:
-            freeze_then_kill_store(stack_settings, proc)
-            killed = time.monotonic()
-        code, output = finish(proc, timeout=120)
+    version = ("data", "version", "v3.0", "-m", "store dies")
+    with store_dies_at(
+        stack_settings,
+        lambda url: started(*version, endpoint=url, env=dict(os.environ), config_dir=publisher),
+        b"PUT ",
+    ) as proc:
+        killed = time.monotonic()
+        output, _ = proc.communicate(timeout=120)
         took = time.monotonic() - killed
-        assert code == 1, output
+        assert proc.returncode == 1, output
+        assert "pushing" in output, output
         assert "object store" in output and "Nothing was tagged" in output, output
         assert "Traceback" not in output
         assert took < 30, f"{took:.0f} s to give up"
         assert "v3.0" not in git_tags(settings)
         assert git(settings, "rev-parse", "HEAD") == commit, "nothing committed"
-    finally:
-        stack.up(stack_settings)
     assert "v3.0" not in [r.tag for r in reader.list_versions(settings)]
 
     done = run_cli("data", "version", "v3.0", "-m", "store back", config_dir=publisher)
@@ -335,13 +358,15 @@ def test_store_killed_while_a_version_is_pulled_then_rerun(
     machine = tmp_path / "machine"
     machine.mkdir()
     target = tmp_path / "pulled" / "v1.0"
-    with cli_paused_at(
-        "data", "pull", "v1.0", "--to", str(target), env=env, cwd=machine, marker="downloading"
+    pull = ("data", "pull", "v1.0", "--to", str(target))
+    with store_dies_at(
+        stack_settings,
+        lambda url: started(*pull, endpoint=url, env=env, cwd=machine),
+        b"GET ",
     ) as proc:
-        freeze_then_kill_store(stack_settings, proc)
-    try:
-        code, output = finish(proc, timeout=120)
-        assert code == 1, output
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 1, output
+        assert "downloading" in output, output
         assert "object store" in output and f"Nothing was written to {target}" in output, output
         assert "Traceback" not in output
         assert not target.exists()
@@ -350,8 +375,6 @@ def test_store_killed_while_a_version_is_pulled_then_rerun(
         kept = [p for p in cache.root.rglob("*") if p.is_file()] if cache.root.exists() else []
         for path in kept:
             assert packs.md5_bytes(path.read_bytes()) == path.parent.name + path.name, path
-    finally:
-        stack.up(stack_settings)
 
     again = run_cli("data", "pull", "v1.0", "--to", str(target), env=env, cwd=machine)
     assert again.returncode == 0, again.stdout + again.stderr
