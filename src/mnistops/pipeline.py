@@ -175,11 +175,14 @@ def train(
     """Train, log everything to one MLflow run, register the model, apply the champion gate.
 
     A failure marks the run FAILED with the reason as its `error` tag (KILLED when
-    interrupted); nothing is then registered and `champion` does not move. The error
+    interrupted; RUNNING when the server went away, which one quick probe tells: the
+    marks would only wait out the client's retries); nothing is then registered and
+    `champion` does not move. The error
     raised says so: `Interrupted` for Ctrl-C and SIGTERM, `TrainingError` for a training
     that failed, `TrackingError` for a server that failed.
     """
     from mnistops.tracking import registration, runs
+    from mnistops.tracking.server import TrackingError
     from mnistops.train.loop import TrainingError
 
     hooks = hooks or runs.TrainingHooks()
@@ -201,8 +204,15 @@ def train(
         runs.end(run, exc)
         raise TrainingError(f"{exc}; the run is marked FAILED, nothing was registered") from None
     except Exception as exc:  # noqa: BLE001  any other failure: the run ends, one message
+        down = _server_down(settings)
+        if down is not None:
+            # Marking the run would only wait out the client's retries twice more.
+            raise down from None
         runs.end(run, exc)
-        raise _failure(settings, exc) from None
+        raise TrackingError(
+            f"training failed: {exc.__class__.__name__}: {exc}; the run is marked FAILED,"
+            " nothing was registered"
+        ) from None
     except BaseException as exc:  # a flow run cancelled or crashed: its signal goes on
         runs.end(run, exc)
         raise
@@ -212,9 +222,9 @@ def train(
     )
 
 
-def _failure(settings: Settings, exc: Exception) -> MnistopsError:
-    """What to tell about a training that failed outside the training loop: a server that
-    went away, or the error itself."""
+def _server_down(settings: Settings) -> MnistopsError | None:
+    """Why a training that failed outside the training loop stopped, when the reason is
+    the tracking server gone away (one quick probe); None when the server answers."""
     from mnistops.tracking.server import TrackingError, check_tracking_server
 
     try:
@@ -224,7 +234,4 @@ def _failure(settings: Settings, exc: Exception) -> MnistopsError:
             f"training stopped: {down}. Nothing was registered and champion did not"
             " move; the run stays RUNNING in MLflow. Start the server again and re-run."
         )
-    return TrackingError(
-        f"training failed: {exc.__class__.__name__}: {exc}; the run is marked FAILED,"
-        " nothing was registered"
-    )
+    return None
