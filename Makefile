@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mnistops-installed
 
-.PHONY: setup demo test test-fast lint bench
+.PHONY: setup demo test test-fast coverage lint bench
 
 setup: $(STAMP)
 
@@ -29,16 +29,22 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/mnistops demo
 
-# Coverage (branch) of the whole suite and the commands it starts: every Python process
-# writes its own data file, combined and reported at the end. The suite runs in
-# TEST_WORKERS processes: most of its time is waiting on services, so more workers than
-# cores pays (four measured best: README, Tests). Each group of tests (a file, or all the
-# tests on the demo's stack) stays on one worker, so a module's stack starts once
-# (tests/conftest.py: worker_group).
+# The whole suite, in TEST_WORKERS processes: most of its time is waiting on services,
+# so more workers than cores pays (four measured best: README, Tests). Each group of
+# tests (a file, or all the tests on the demo's stack) stays on one worker, so a
+# module's stack starts once (tests/conftest.py: worker_group).
 # OMP_WAIT_POLICY: the workers run more trainings at once than there are cores, and an
 # OpenMP thread that spins while it waits for its partner burns the time others need.
 TEST_WORKERS ?= 4
 test: setup
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest \
+		-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+
+# The same suite under coverage (branch) of src/mnistops, the `mnistops` commands and
+# workers it starts included: every Python process writes its own data file, combined
+# and reported at the end. Its tracer costs a third more CPU in every process of ours,
+# on a suite bound by its two cores, so it has a target of its own (README, Tests).
+coverage: setup
 	rm -f .coverage .coverage.*
 	OMP_WAIT_POLICY=PASSIVE COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage run -m pytest \
 		-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
