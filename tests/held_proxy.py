@@ -1,6 +1,9 @@
 """A TCP proxy in front of a server that holds one chosen request in flight, so that a
 test can break the server at an exact point of a command's transfer, with no race: the
-command is waiting on the server's answer when the server dies, whatever its speed."""
+command is waiting on the server's answer when the server dies, whatever its speed.
+
+Run as a script (`python held_proxy.py HOST PORT METHOD PATH_PART`: standard library
+only) on another host of the network tests, it prints its URL, then `held`."""
 
 from __future__ import annotations
 
@@ -18,8 +21,10 @@ class HeldProxy:
     and its client waits. A connection ends when the server ends it (its process dies);
     a new one to a dead server is closed at once, as a refused connection would be."""
 
-    def __init__(self, port: int, method: bytes, path_part: bytes, nth: int = 1) -> None:
-        self.upstream = ("127.0.0.1", port)
+    def __init__(
+        self, port: int, method: bytes, path_part: bytes, nth: int = 1, host: str = "127.0.0.1"
+    ) -> None:
+        self.upstream = (host, port)
         self.method, self.path_part, self.nth = method, path_part, nth
         self.seen = 0
         self.held = threading.Event()
@@ -84,3 +89,17 @@ def held_proxy(port: int, method: bytes, path_part: bytes, nth: int = 1) -> Iter
         yield proxy
     finally:
         proxy.close()
+
+
+def main(host: str, port: str, method: str, path_part: str) -> None:
+    proxy = HeldProxy(int(port), f"{method} ".encode(), path_part.encode(), host=host)
+    print(proxy.url, flush=True)
+    proxy.held.wait()
+    print("held", flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(*sys.argv[1:])

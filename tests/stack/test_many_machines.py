@@ -16,13 +16,15 @@ The tests run in order and share the hosts (one stack start for all of them).
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
+import select
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -32,6 +34,23 @@ from mnistops.settings import ServeSettings, Settings, load_settings
 from mnistops.stack.ports import free_port_config
 from tests.netns import Host, Network, Postgres, parse_exports, require_namespaces, start_postgres
 from tests.netns import wait_for as wait
+
+HELD_PROXY = Path(__file__).resolve().parent.parent / "held_proxy.py"
+
+
+def line_of(
+    proc: subprocess.Popen[str], timeout_s: float, meanwhile: subprocess.Popen[str] | None = None
+) -> str:
+    """The next line `proc` prints, waiting at most `timeout_s`, and only while the
+    process `meanwhile` (which should make it print) runs."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    while not select.select([proc.stdout], [], [], 1)[0]:
+        if meanwhile is not None and meanwhile.poll() is not None:
+            raise AssertionError(f"it ended first:\n{meanwhile.communicate()[0]}")
+        assert time.monotonic() < deadline, f"nothing printed in {timeout_s:.0f} s"
+    return proc.stdout.readline().strip()
+
 
 pytestmark = [pytest.mark.integration, pytest.mark.network]
 
@@ -344,30 +363,31 @@ def test_a_cut_cable_crashes_the_run_and_another_host_runs_the_next(
 def test_a_pull_while_the_stack_host_restarts_leaves_nothing_half_written(
     machines: Machines,
 ) -> None:
-    """B, back with a new disk, pulls v2.0; it is frozen once it has read the version
-    and is about to fetch the objects, A's services go down, B goes on: the pull fails,
-    saying nothing was written. With A back up, the same pull completes."""
+    """B, back with a new disk, pulls v2.0 through a proxy of its own that holds its
+    first request for an object; while B waits on it, A's services go down: the pull
+    fails, saying nothing was written. With A back up, the same pull completes."""
     a, b = machines.a, machines.b
     b.kill_everything()  # B's cut-off processes: the machine is rebooted
     b.reconnect()
     new_disk = {"MNISTOPS_HOME": str(b.root / "new-disk")}  # no cached objects
-    pull = b.popen("data", "pull", "v2.0", "--to", "v2", env=new_disk)
-    assert pull.stdout is not None
-    seen = []
-    for line in pull.stdout:
-        seen.append(line)
-        if "downloading" in line:
-            break
-    else:
-        raise AssertionError("the pull never started downloading:\n" + "".join(seen))
-    os.killpg(pull.pid, signal.SIGSTOP)
+    store = urlsplit(machines.exported["MNISTOPS_S3__ENDPOINT_URL"])
+    proxy = subprocess.Popen(
+        b.argv(sys.executable, str(HELD_PROXY), str(store.hostname), str(store.port), "GET")
+        + ["/files/md5/"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
+        url = line_of(proxy, timeout_s=60)
+        through = {"MNISTOPS_S3__ENDPOINT_URL": url, "AWS_ENDPOINT_URL": url}
+        pull = b.popen("data", "pull", "v2.0", "--to", "v2", env={**new_disk, **through})
+        assert line_of(proxy, timeout_s=300, meanwhile=pull) == "held", "no object asked for"
         a.ok("stack", "down", timeout=120)
+        output, _ = pull.communicate(timeout=300)
     finally:
-        os.killpg(pull.pid, signal.SIGCONT)
-    rest, _ = pull.communicate(timeout=300)
-    output = "".join(seen) + rest
+        proxy.kill()
     assert pull.returncode == 1, output
+    assert "downloading" in output, output
     assert "Traceback" not in output and "Nothing was written" in output, output
     assert not (b.root / "v2").exists()
     assert [p.name for p in b.root.iterdir() if ".partial" in p.name] == []
