@@ -9,24 +9,19 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-
-METHODS = (b"GET ", b"PUT ", b"POST ", b"HEAD ", b"DELETE ")
+from contextlib import suppress
+from typing import Any
 
 
 class HeldProxy:
-    """Passes every byte on, both ways, until the `nth` request whose first line starts
+    """Passes every byte on, both ways, until the first request whose first line starts
     with `method` and holds `path_part`: that request is never sent on (`held` is set),
     and its client waits. A connection ends when the server ends it (its process dies);
     a new one to a dead server is closed at once, as a refused connection would be."""
 
-    def __init__(
-        self, port: int, method: bytes, path_part: bytes, nth: int = 1, host: str = "127.0.0.1"
-    ) -> None:
+    def __init__(self, port: int, method: bytes, path_part: bytes, host: str = "127.0.0.1") -> None:
         self.upstream = (host, port)
-        self.method, self.path_part, self.nth = method, path_part, nth
-        self.seen = 0
+        self.method, self.path_part = method, path_part
         self.held = threading.Event()
         self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -55,18 +50,19 @@ class HeldProxy:
         self._pipe(client, server, watch=True)
 
     def _holds(self, chunk: bytes) -> bool:
+        """The first request of its kind (a chunk that starts with its request line)."""
         line = chunk.split(b"\r\n", 1)[0]
         if not (line.startswith(self.method) and self.path_part in line):
             return False
         with self.lock:
-            self.seen += 1
-            return self.seen == self.nth
+            first = not self.held.is_set()
+            self.held.set()
+            return first
 
     def _pipe(self, source: socket.socket, sink: socket.socket, watch: bool = False) -> None:
         with suppress(OSError):
             while chunk := source.recv(65536):
-                if watch and chunk.startswith(METHODS) and self._holds(chunk):
-                    self.held.set()
+                if watch and self._holds(chunk):
                     return
                 sink.sendall(chunk)
         if not watch:
@@ -74,21 +70,15 @@ class HeldProxy:
             with suppress(OSError):
                 sink.shutdown(socket.SHUT_RDWR)
 
-    def close(self) -> None:
+    def __enter__(self) -> HeldProxy:
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
         self.listener.close()
         with self.lock:
             for sock in self.sockets:
                 with suppress(OSError):
                     sock.close()
-
-
-@contextmanager
-def held_proxy(port: int, method: bytes, path_part: bytes, nth: int = 1) -> Iterator[HeldProxy]:
-    proxy = HeldProxy(port, method, path_part, nth)
-    try:
-        yield proxy
-    finally:
-        proxy.close()
 
 
 def main(host: str, port: str, method: str, path_part: str) -> None:

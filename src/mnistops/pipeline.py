@@ -175,11 +175,11 @@ def train(
     """Train, log everything to one MLflow run, register the model, apply the champion gate.
 
     A failure marks the run FAILED with the reason as its `error` tag (KILLED when
-    interrupted; RUNNING when the server went away, which one quick probe tells: the
-    marks would only wait out the client's retries); nothing is then registered and
-    `champion` does not move. The error
-    raised says so: `Interrupted` for Ctrl-C and SIGTERM, `TrainingError` for a training
-    that failed, `TrackingError` for a server that failed.
+    interrupted; left RUNNING when the server went away, which one quick probe tells:
+    marking it would only wait out the client's retries); nothing is then registered
+    and `champion` does not move. The error raised says so: `Interrupted` for Ctrl-C and
+    SIGTERM, `TrainingError` for a training that failed, `TrackingError` for a server
+    that failed.
     """
     from mnistops.tracking import registration, runs
     from mnistops.tracking.server import TrackingError

@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,7 +18,7 @@ from mnistops import stack
 from mnistops.clients import s3_client
 from mnistops.data import packs, pulling, reader, registry, remote
 from mnistops.settings import Settings, load_settings
-from tests.held_proxy import held_proxy
+from tests.held_proxy import HeldProxy
 from tests.helpers import cli_command, client_config, kill_service, run_cli
 
 pytestmark = pytest.mark.integration
@@ -274,7 +273,7 @@ def store_dies_at(
     the command waits on that request's answer: a crash in mid-transfer. The command's
     own speed cannot win that race. The stack is started again at the end."""
     try:
-        with held_proxy(stack_settings.s3.port, method, b"/files/md5/") as proxy:
+        with HeldProxy(stack_settings.s3.port, method, b"/files/md5/") as proxy:
             started = proc(proxy.url)
             try:
                 assert proxy.held.wait(120), f"it never sent a {method!r} of an object"
@@ -286,15 +285,21 @@ def store_dies_at(
         stack.up(stack_settings)
 
 
-def started(*args: str, endpoint: str, env: dict[str, str], **where: Any) -> subprocess.Popen[str]:
+def started(
+    *args: str,
+    endpoint: str,
+    env: dict[str, str],
+    config_dir: Path | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[str]:
     """A `mnistops` command that uses the object store at `endpoint`."""
     return subprocess.Popen(
-        cli_command(args, where.pop("config_dir", None)),
+        cli_command(args, config_dir),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env={**env, "AWS_ENDPOINT_URL": endpoint, "MNISTOPS_S3__ENDPOINT_URL": endpoint},
-        **where,
+        cwd=cwd,
     )
 
 

@@ -372,8 +372,14 @@ def test_a_pull_while_the_stack_host_restarts_leaves_nothing_half_written(
     new_disk = {"MNISTOPS_HOME": str(b.root / "new-disk")}  # no cached objects
     store = urlsplit(machines.exported["MNISTOPS_S3__ENDPOINT_URL"])
     proxy = subprocess.Popen(
-        b.argv(sys.executable, str(HELD_PROXY), str(store.hostname), str(store.port), "GET")
-        + ["/files/md5/"],
+        b.argv(
+            sys.executable,
+            str(HELD_PROXY),
+            str(store.hostname),
+            str(store.port),
+            "GET",
+            "/files/md5/",
+        ),
         stdout=subprocess.PIPE,
         text=True,
     )
