@@ -5,7 +5,7 @@ Beside it, in the same run, what it no longer pays:
   torch:    the CLI and `import torch`: the least a prediction run by PyTorch costs (the
             model now runs in NumPy, `train.runtime`, once checked at registration)
   before:   importing what `predict` imported to read the champion alias through MLflow's
-            client (`mnistops.tracking.registry`: MLflow, the gate's scipy, torch), on
+            client (`mnistops.tracking.registry`: MLflow and torch), on
             top of the CLI: the cost of the old path's imports alone
 Each row is the median of --runs (5) runs, after one warm-up run that downloads the
 champion into this machine's cache. Goal (issue: fast where users wait): 1.5 s.
