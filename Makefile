@@ -5,26 +5,38 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mnistops-installed
+DEV_STAMP := $(VENV)/.mnistops-dev-installed
 
-.PHONY: setup demo test test-fast coverage lint bench
+.PHONY: setup setup-dev demo test test-fast coverage lint bench
 
+# `setup`: what mnistops needs to run (`make demo`); `setup-dev` adds the test and lint
+# tools on top (every other target).
 setup: $(STAMP)
+setup-dev: $(DEV_STAMP)
 
 # Reinstalls only when the dependencies change; constraints.txt pins a known-good set
 # so that the resolver does not spend minutes on boto3/botocore/aiobotocore.
 # pip installs torch (it finds a local CPU wheel where one is provided, see pip.conf's
 # find-links) and uv; uv installs the rest, about 5x faster than pip. Bytecode is
 # compiled at install, in parallel: where PYTHONDONTWRITEBYTECODE is set, every process
-# would otherwise compile mlflow, prefect and torch again (seconds per command).
+# would otherwise compile mlflow, prefect and torch again (seconds per command). Torch's
+# is compiled while uv downloads and installs the rest (a few of its files are templates
+# that do not compile: that exit code is ignored).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile \
 		-c constraints.txt 'torch==2.13.0' uv 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib/python3*/site-packages/torch >/dev/null & \
+	compiling=$$!; \
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python \
+		-c constraints.txt -e .; \
+	wait $$compiling || true
+	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
 	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python \
 		-c constraints.txt -e '.[dev]'
-	# (a few of torch's files are templates that do not compile: its exit code is ignored)
-	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib/python3*/site-packages/torch >/dev/null || true
-	touch $(STAMP)
+	touch $(DEV_STAMP)
 
 demo: setup
 	$(BIN)/mnistops demo
@@ -36,7 +48,7 @@ demo: setup
 # OMP_WAIT_POLICY: the workers run more trainings at once than there are cores, and an
 # OpenMP thread that spins while it waits for its partner burns the time others need.
 TEST_WORKERS ?= 4
-test: setup
+test: setup-dev
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest \
 		-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
@@ -44,7 +56,7 @@ test: setup
 # workers it starts included: every Python process writes its own data file, combined
 # and reported at the end. Its tracer costs a third more CPU in every process of ours,
 # on a suite bound by its two cores, so it has a target of its own (README, Tests).
-coverage: setup
+coverage: setup-dev
 	rm -f .coverage .coverage.*
 	OMP_WAIT_POLICY=PASSIVE COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage run -m pytest \
 		-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
@@ -52,14 +64,14 @@ coverage: setup
 	$(BIN)/coverage report --format=total | xargs -I{} echo "branch coverage of src/mnistops: {} %"
 
 # The unit tier: pure logic, no services (seconds, not minutes).
-test-fast: setup
+test-fast: setup-dev
 	$(BIN)/python -m pytest -m unit -q
 
 # The same checks as .pre-commit-config.yaml: ruff, then the type checker on src/.
-lint: setup
+lint: setup-dev
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-bench: setup
+bench: setup-dev
 	$(BIN)/python bench/stack_footprint.py
