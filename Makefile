@@ -17,29 +17,29 @@ setup-dev: $(DEV_STAMP)
 # Reinstalls only when the dependencies change; constraints.txt pins a known-good set
 # so that the resolver does not spend minutes on boto3/botocore/aiobotocore.
 # pip installs torch (it finds a local CPU wheel where one is provided, see pip.conf's
-# find-links) and uv; uv installs the rest, about 5x faster than pip. Bytecode is
-# compiled at install, in parallel: where PYTHONDONTWRITEBYTECODE is set, every process
-# would otherwise compile mlflow, prefect and torch again (seconds per command). Torch's
-# is compiled while uv downloads and installs the rest (a few of its files are templates
-# that do not compile: that exit code is ignored).
+# find-links) and uv; uv installs the rest, about 5x faster than pip.
+# Bytecode: `setup` compiles none (compiling every installed file took 19 s of a first
+# `make demo`; the demo writes the bytecode of what it imports, about 8 s of it, see
+# `demo`). `setup-dev` compiles all of it, in parallel: where PYTHONDONTWRITEBYTECODE
+# is set, every process of the suite would otherwise compile mlflow, prefect and torch
+# again (seconds per process); a few of torch's files are templates that do not
+# compile, so that exit code is ignored.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile \
 		-c constraints.txt 'torch==2.13.0' uv 2>&1 | { grep -v 'is ignored: it is neither' || true; }
-	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib/python3*/site-packages/torch >/dev/null & \
-	compiling=$$!; \
-	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python \
-		-c constraints.txt -e .; \
-	wait $$compiling || true
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e .
 	touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP)
-	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python \
-		-c constraints.txt -e '.[dev]'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib/python3*/site-packages >/dev/null || true
 	touch $(DEV_STAMP)
 
+# The demo's processes write the bytecode of what they import, into .venv (and src/),
+# even where PYTHONDONTWRITEBYTECODE is set: later commands start faster.
 demo: setup
-	$(BIN)/mnistops demo
+	PYTHONDONTWRITEBYTECODE= $(BIN)/mnistops demo
 
 # The whole suite, in TEST_WORKERS processes: most of its time is waiting on services,
 # so more workers than cores pays (four measured best: README, Tests). Each group of
