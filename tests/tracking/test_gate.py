@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.integrity]
 
 GATE = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     from pathlib import Path
     import numpy as np
     from mlflow import MlflowClient
@@ -67,6 +67,7 @@ GATE = textwrap.dedent(
             model_signing_key(settings),
         )
         candidates.append((name, version, candidate))
+    Path(go).with_name(f"ready-{os.getpid()}").touch()
     while not Path(go).exists():
         time.sleep(0.01)
     for name, version, candidate in candidates:
@@ -134,6 +135,17 @@ ORDERS = {
 
 
 @pytest.mark.slow("eight processes import MLflow and judge at once on two cores")
+def wait_all_ready(procs: list[subprocess.Popen[str]], folder: Path) -> None:
+    """Until every judge has said it is ready (a file `ready-PID`); one that ended first
+    fails the test with what it printed."""
+    deadline = time.monotonic() + 300
+    while len(list(folder.glob("ready-*"))) < len(procs):
+        ended = [p for p in procs if p.poll() is not None]
+        assert not ended, ended[0].communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "the judges were not ready in 300 s"
+        time.sleep(0.1)
+
+
 def test_concurrent_gates_crown_the_best(stack_settings: Settings, tmp_path: Path) -> None:
     """Eight processes judge at once, one version each in two registries whose best
     version comes in the middle or first. Each better model fixes the errors of every
@@ -173,7 +185,7 @@ def test_concurrent_gates_crown_the_best(stack_settings: Settings, tmp_path: Pat
         )
         for i in range(len(ORDERS["best-first"]))
     ]
-    time.sleep(8)  # every process has imported what it needs and waits for "go"
+    wait_all_ready(procs, tmp_path)  # each has imported what it needs and waits for "go"
     go.touch()
     outputs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _out, err in outputs]
