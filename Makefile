@@ -25,7 +25,8 @@ setup-dev: $(DEV_STAMP)
 # again (seconds per process); a few of torch's files are templates that do not
 # compile, so that exit code is ignored.
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# (a venv cut off before its pip was in is made again, not reused)
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile \
 		-c constraints.txt 'torch==2.13.0' uv 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e .

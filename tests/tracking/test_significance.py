@@ -43,6 +43,12 @@ def test_the_p_value_agrees_with_scipys_binomial_test(fixed: int, broken: int) -
         assert ours < 1e-280
 
 
+@pytest.mark.parametrize(("fixed", "broken"), [(5, -1), (-1, 5)])
+def test_a_negative_count_is_refused(fixed: int, broken: int) -> None:
+    with pytest.raises(ValueError, match="negative"):
+        mcnemar_p(fixed, broken)
+
+
 def test_no_discordant_image_is_no_evidence() -> None:
     assert mcnemar_p(0, 0) == 1.0
 

@@ -56,6 +56,8 @@ def mcnemar_p(new_only: int, champion_only: int) -> float:
     Counted in whole numbers, sum of C(n, k) for k >= new_only over 2**n, each term from
     the one before, then divided once: exact up to that one rounding, 0.0 only where the
     value is below what a float holds, and no SciPy import (about 1 s) in every gate."""
+    if new_only < 0 or champion_only < 0:
+        raise ValueError(f"counts of images cannot be negative: {new_only}, {champion_only}")
     discordant = new_only + champion_only
     if discordant == 0:
         return 1.0
