@@ -8,7 +8,6 @@ import hashlib
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from mnistops.tracking.registry import (
     register,
 )
 from tests.helpers import client_config, run_cli, write_flow_yml
+from tests.netns import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.integrity]
 
@@ -134,18 +134,19 @@ ORDERS = {
 }
 
 
-@pytest.mark.slow("eight processes import MLflow and judge at once on two cores")
 def wait_all_ready(procs: list[subprocess.Popen[str]], folder: Path) -> None:
     """Until every judge has said it is ready (a file `ready-PID`); one that ended first
     fails the test with what it printed."""
-    deadline = time.monotonic() + 300
-    while len(list(folder.glob("ready-*"))) < len(procs):
+
+    def all_ready() -> bool:
         ended = [p for p in procs if p.poll() is not None]
         assert not ended, ended[0].communicate()[1][-2000:]
-        assert time.monotonic() < deadline, "the judges were not ready in 300 s"
-        time.sleep(0.1)
+        return len(list(folder.glob("ready-*"))) == len(procs)
+
+    wait_for(all_ready, 300, "every judge ready", every=0.1)
 
 
+@pytest.mark.slow("eight processes import MLflow and judge at once on two cores")
 def test_concurrent_gates_crown_the_best(stack_settings: Settings, tmp_path: Path) -> None:
     """Eight processes judge at once, one version each in two registries whose best
     version comes in the middle or first. Each better model fixes the errors of every
