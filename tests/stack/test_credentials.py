@@ -21,3 +21,24 @@ def test_keys_are_generated_once_and_private(tmp_path: Path) -> None:
 def test_identities_have_no_anonymous_access(tmp_path: Path) -> None:
     identities = json.loads(seaweed_identities(ensure_keys(tmp_path)))["identities"]
     assert [i["name"] for i in identities] == ["mnistops"]
+
+
+@pytest.mark.parametrize(("configured", "expected"), [("", 60), ("  auth_cache_s: 0\n", 0)])
+def test_mlflows_login_app_reads_how_long_it_trusts_a_login(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, configured: str, expected: int
+) -> None:
+    """The ini the stack writes for MLflow's basic-auth app, read by MLflow's own reader."""
+    from mlflow.server.auth.config import read_auth_config
+
+    from mnistops.settings import load_settings
+    from mnistops.stack.services import mlflow_service
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "stack.yml").write_text(f"mlflow:\n  auth: true\n{configured}")
+    service = mlflow_service(load_settings(tmp_path / "config"), None)
+    service.prepare()
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", service.env["MLFLOW_AUTH_CONFIG_PATH"])
+    config = read_auth_config()
+    assert config.auth_cache_ttl_seconds == expected
+    assert config.default_permission == "NO_PERMISSIONS"

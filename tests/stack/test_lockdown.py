@@ -160,6 +160,11 @@ def test_mlflow_with_a_login_refuses_clients_without_it(tmp_path: Path, stack_se
         search = f"{settings.mlflow_uri}/api/2.0/mlflow/experiments/search?max_results=1"
         assert httpx.get(search, timeout=10).status_code == 401
         assert httpx.get(search, auth=("admin", password), timeout=10).status_code == 200
+        # The login app trusts a checked login for a while (mlflow.auth_cache_s): what
+        # it trusts is that user with that password, never a guess made after it.
+        for guess in (("admin", password[:-1]), ("admin", password + "x"), ("root", password)):
+            assert httpx.get(search, auth=guess, timeout=10).status_code == 401, guess
+        assert httpx.get(search, auth=("admin", password), timeout=10).status_code == 200
 
         models = run_cli("models", config_dir=config_dir)
         assert models.returncode == 0, models.stdout + models.stderr

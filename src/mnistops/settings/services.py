@@ -53,6 +53,13 @@ class MlflowSettings(Section):
         description="the embedded server asks for a login (generated, in the state dir);"
         " default: on when bind is not a loopback address",
     )
+    auth_cache_s: int = Field(
+        60,
+        ge=0,
+        le=3600,
+        description="how long the embedded server's login app trusts a login it checked"
+        " (MLflow's `auth_cache_ttl_seconds`); 0 checks the password hash at every request",
+    )
     username: str | None = Field(None, description="login of an MLflow server that asks for one")
     password: SecretStr | None = None
 

@@ -209,7 +209,10 @@ def allowed_hosts(settings: Settings) -> list[str]:
 def _with_basic_auth(service: Service, settings: Settings, mlflow_home: Path) -> None:
     """MLflow's basic-auth app: users in SQLite beside the server's data, the admin's
     generated password and the CSRF secret passed by environment (never on a command
-    line, never MLflow's example password)."""
+    line, never MLflow's example password). A login it checked is trusted for
+    `mlflow.auth_cache_s`: each check is a scrypt hash (~0.1 s of CPU), which at every
+    request made that server the busiest process of a stack; a wrong password is never
+    cached, so guessing stays as slow as before."""
     from mnistops.credentials import ensure_mlflow_auth
 
     ini = mlflow_home / "basic_auth.ini"
@@ -224,7 +227,8 @@ def _with_basic_auth(service: Service, settings: Settings, mlflow_home: Path) ->
             "default_permission = NO_PERMISSIONS\n"
             f"database_uri = sqlite:///{mlflow_home / 'basic_auth.db'}\n"
             f"admin_username = {auth.username}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            f"auth_cache_ttl_seconds = {settings.mlflow.auth_cache_s}\n",
         )
         return {
             "MLFLOW_AUTH_ADMIN_PASSWORD": auth.password,
