@@ -9,7 +9,7 @@ the code. Every step calls the same functions as `mnistops train`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -21,10 +21,15 @@ from mnistops.clients import library_defaults, mlflow_client
 from mnistops.errors import BadInput
 from mnistops.settings import HyperParameters, Settings, load_settings
 from mnistops.tracking import contract as c
-from mnistops.tracking import registration, runs
-from mnistops.tracking.runs import RunOutcome, TrainingHooks
 from mnistops.tracking.significance import p_text
-from mnistops.train import data, loop
+
+if TYPE_CHECKING:
+    from mnistops.tracking.runs import RunOutcome
+    from mnistops.train import data, loop
+
+# Torch and MLflow are imported where the flow run trains, not here: `mnistops deploy`
+# and `mnistops run --wait` import this module for the flow's signature and its
+# artifact key, and pay seconds of CPU for nothing otherwise.
 
 FLOW_TIMEOUT_S = 3 * 3600
 SUMMARY_KEY = "mnist-retraining"
@@ -101,6 +106,7 @@ def trained_on(
     """(the registered version already trained on this data with this recipe, or with
     any recipe when `any_recipe`, or None; why). A model trained on a share of the data
     (`--fast`) never counts."""
+    from mnistops.tracking import registration
     from mnistops.tracking.registry import versions
 
     client = mlflow_client(settings)
@@ -170,6 +176,8 @@ def flow_run_ended(flow_run_id: str) -> str | None:
 def end_own_run(flow: Any, flow_run: Any, state: Any) -> None:
     """on_crashed / on_cancellation: the MLflow run of this flow run is KILLED, not left
     RUNNING. (A run whose process was killed outright is ended by the next flow run.)"""
+    from mnistops.tracking import runs
+
     settings = load_settings()
     runs.end_orphans(settings, lambda fid: state.name if fid == str(flow_run.id) else None)
 
@@ -207,6 +215,8 @@ def mnist_flow(
     `mnistops run`), the schedule, or the publication of the version it trains (the
     deployment's trigger passes the event's tag as `data_version`).
     """
+    from mnistops.tracking import runs
+
     library_defaults()
     settings = load_settings()
     parameters = {
@@ -246,7 +256,7 @@ def mnist_flow(
     validate_dataset(arrays)
     arrays = preprocess(settings, arrays, fast, hyp)
     tags = {c.FLOW_RUN_ID_TAG: str(flow_run.id), c.FLOW_RUN_NAME_TAG: str(flow_run.name)}
-    hooks = TrainingHooks(
+    hooks = runs.TrainingHooks(
         on_start=lambda url: print(f"MLflow run: {url}"), on_epoch=print_epoch(hyp)
     )
     outcome = pipeline.train(settings, hyp, arrays, c.RETRAINING, tags, hooks, as_task)
