@@ -27,8 +27,12 @@ def test_identities_have_no_anonymous_access(tmp_path: Path) -> None:
 def test_mlflows_login_app_reads_how_long_it_trusts_a_login(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, configured: str, expected: int
 ) -> None:
-    """The ini the stack writes for MLflow's basic-auth app, read by MLflow's own reader."""
-    from mlflow.server.auth.config import read_auth_config
+    """The ini the stack writes for MLflow's basic-auth app, read by MLflow's own reader
+    (in a process of its own, as the server reads it: importing MLflow's auth app here
+    would build that app inside the test run)."""
+    import os
+    import subprocess
+    import sys
 
     from mnistops.settings import load_settings
     from mnistops.stack.services import mlflow_service
@@ -38,7 +42,14 @@ def test_mlflows_login_app_reads_how_long_it_trusts_a_login(
     (tmp_path / "config" / "stack.yml").write_text(f"mlflow:\n  auth: true\n{configured}")
     service = mlflow_service(load_settings(tmp_path / "config"), None)
     service.prepare()
-    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", service.env["MLFLOW_AUTH_CONFIG_PATH"])
-    config = read_auth_config()
-    assert config.auth_cache_ttl_seconds == expected
-    assert config.default_permission == "NO_PERMISSIONS"
+    code = (
+        "from mlflow.server.auth.config import read_auth_config\n"
+        "c = read_auth_config()\n"
+        "print(c.auth_cache_ttl_seconds, c.default_permission)"
+    )
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": service.env["MLFLOW_AUTH_CONFIG_PATH"]}
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(expected), "NO_PERMISSIONS"]
