@@ -28,3 +28,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in LOUD:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "Still processing items: 1 items remaining..." at the end of a command that held
+    # the gate's lock: Prefect sending its last event before the process ends, as it
+    # should. Its errors still show.
+    logging.getLogger("EventsWorker").setLevel(logging.ERROR)

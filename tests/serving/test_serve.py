@@ -231,6 +231,7 @@ def test_a_moved_champion_is_served_with_no_failed_request(service: tuple[str, P
         time.sleep(1)
         moved = run_cli("models", "promote", other, "-m", "a test", config_dir=config_dir)
         assert moved.returncode == 0, moved.stderr
+        assert "WARNING" not in moved.stdout + moved.stderr, moved.stdout + moved.stderr
         began = time.monotonic()
         while time.monotonic() - began < 15 and (not seen or seen[-1][1] != other):
             time.sleep(0.2)
