@@ -18,6 +18,7 @@ from mnistops.tracking.model_files import (
     check_format,
     file_record,
     load_checked,
+    load_for_answers,
     read_weights,
     record_tags,
     signed_record,
@@ -76,16 +77,19 @@ def fetch_recorded(settings: Settings, source: str, record: dict[str, str], into
     return True
 
 
-def load_registered(client: Any, version: Any, key: bytes | None) -> Any:
-    """A registered version's model, downloaded into a temporary folder and checked:
-    what the gate scores and what `models promote` tries before moving the alias."""
+def load_registered(client: Any, version: Any, key: bytes | None, for_answers: bool = False) -> Any:
+    """A registered version's model, downloaded into a temporary folder and checked: as a
+    PyTorch module, what the gate scores; or `for_answers`, as `predict` and `serve` will
+    load it (NumPy where checked at registration), what `models promote` tries before
+    moving the alias."""
     import tempfile
 
     source = str(version.source)
     signed_record(version.tags or {}, key, source)
     uri = f"models:/{version.name}/{version.version}"
+    load = load_for_answers if for_answers else load_checked
     with tempfile.TemporaryDirectory(prefix="model-") as tmp:
-        return load_checked(download(client, uri, Path(tmp)), version.tags or {}, key, source)
+        return load(download(client, uri, Path(tmp)), version.tags or {}, key, source)
 
 
 def trust(client: Any, version: Any, key: bytes, who: str) -> dict[str, str]:

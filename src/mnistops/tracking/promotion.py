@@ -84,7 +84,8 @@ def promote(
 def _check_loads(
     client: MlflowClient, target: ModelVersion, key: bytes | None, trusted_by: str | None
 ) -> None:
-    """PromotionRefused unless the version loads the one checked way; `trusted_by` first
+    """PromotionRefused unless the version loads the one checked way, as the service will
+    load it; `trusted_by` first
     signs a version that has no valid record (a person vouches for its files)."""
     from mnistops.tracking import model_fetch, model_files
 
@@ -96,7 +97,7 @@ def _check_loads(
                 raise ModelRefused(model_files.no_key_message("settings"))
             model_fetch.trust(client, target, key, trusted_by)
             target = client.get_model_version(target.name, target.version)
-        model_fetch.load_registered(client, target, key)
+        model_fetch.load_registered(client, target, key, for_answers=True)
     except ModelRefused as exc:
         raise PromotionRefused(f"{label} cannot be served: {exc}") from None
     except model_files.ModelUnavailable as exc:
