@@ -271,3 +271,118 @@ def test_stack_down_finds_the_state_dir_of_a_stack_yml_that_is_no_yaml(
     for needs in (STACK_KEYS, None):
         with pytest.raises(ConfigError, match="stack.yml"):
             load_settings(config_dir, needs)
+
+
+BAD_VARIABLES = {
+    "a wrong value": ("MNISTOPS_HYPERPARAMETER__N_EPOCHS", "two"),
+    "a section that is no JSON": ("MNISTOPS_DATASET", "{bad"),
+    "a misspelled name": ("MNISTOPS_HYPERPARAMTER__N_EPOCHS", "3"),
+}
+
+
+@pytest.mark.parametrize(("variable", "value"), BAD_VARIABLES.values(), ids=list(BAD_VARIABLES))
+def test_a_bad_variable_beside_the_stack_never_stops_its_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """The same as a typo in a file, set in the environment: the stack's commands (and
+    `stack down` above all) read past it with one warning line naming the variable; the
+    commands that read every key refuse, naming it."""
+    from mnistops.settings import STACK_KEYS, STATE_DIR_KEYS
+
+    config_dir = a_project(tmp_path)
+    monkeypatch.setenv(variable, value)
+    for needs in (STATE_DIR_KEYS, STACK_KEYS, STACK_KEYS | {"model_registry"}):
+        settings = load_settings(config_dir, needs)
+        assert settings.mlflow.port == 6001, "stack.yml is still read"
+        assert len(settings.set_aside) == 1 and variable in settings.set_aside[0]
+        assert "\n" not in settings.set_aside[0], "one warning line"
+    with pytest.raises(ConfigError, match=variable):
+        load_settings(config_dir)
+
+
+def test_a_misspelled_variable_says_which_it_resembles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_dir = a_project(tmp_path)
+    monkeypatch.setenv("MNISTOPS_S3_PORT", "9000")
+    with pytest.raises(ConfigError, match="did you mean MNISTOPS_S3__PORT"):
+        load_settings(config_dir)
+    monkeypatch.delenv("MNISTOPS_S3_PORT")
+    monkeypatch.setenv("MNISTOPS_TEST_DATABASE_URL", "postgresql://x@127.0.0.1")
+    monkeypatch.setenv("MNISTOPS_REQUIRE_BROWSER", "1")
+    assert load_settings(config_dir).set_aside == [], "names of no key's shape pass"
+
+
+def test_a_bad_variable_of_a_key_the_command_reads_still_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mnistops.settings import STACK_KEYS
+
+    config_dir = a_project(tmp_path)
+    monkeypatch.setenv("MNISTOPS_S3", "{bad")
+    with pytest.raises(ConfigError, match="environment variable MNISTOPS_S3 cannot be read"):
+        load_settings(config_dir, STACK_KEYS)
+    monkeypatch.setenv("MNISTOPS_S3", '{"port": "x"}')
+    with pytest.raises(ConfigError, match="MNISTOPS_S3"):
+        load_settings(config_dir, STACK_KEYS)
+
+
+def test_an_unknown_stack_key_stops_the_stack_but_not_its_stop(tmp_path: Path) -> None:
+    """`mlfow:` in stack.yml is a typo of a key `stack up` reads: refused, with the key it
+    resembles; `stack down` (the state dir only) reads past it. `hyperparamter:` in hyp.yml
+    resembles a key the stack does not read: set aside for the stack, refused by train."""
+    from mnistops.settings import STACK_KEYS, STATE_DIR_KEYS
+
+    config_dir = a_project(tmp_path)
+    with (config_dir / "stack.yml").open("a") as stack_yml:
+        stack_yml.write("mlfow:\n  port: 7001\n")
+    with pytest.raises(ConfigError, match=r"key 'mlfow': unknown key \(did you mean 'mlflow'\?\)"):
+        load_settings(config_dir, STACK_KEYS)
+    assert "mlfow" in load_settings(config_dir, STATE_DIR_KEYS).set_aside[0]
+
+    (tmp_path / "other").mkdir()
+    config_dir = a_project(tmp_path / "other")
+    with (config_dir / "stack.yml").open("a") as stack_yml:
+        stack_yml.write("extra_thing: 1\n")
+    with pytest.raises(ConfigError, match="key 'extra_thing': unknown key"):
+        load_settings(config_dir, STACK_KEYS)
+
+    (tmp_path / "third").mkdir()
+    config_dir = a_project(tmp_path / "third")
+    (config_dir / "hyp.yml").write_text("hyperparamter:\n  n_epochs: 3\n")
+    assert "did you mean 'hyperparameter'" in load_settings(config_dir, STACK_KEYS).set_aside[0]
+    with pytest.raises(ConfigError, match="hyperparamter"):
+        load_settings(config_dir)
+
+
+def test_a_config_path_that_is_no_regular_file_is_refused_not_skipped(tmp_path: Path) -> None:
+    """A folder, a FIFO (reading it would wait forever) or a link to a device is no
+    settings file: refused by the commands that read it, set aside by the others, never
+    read as if absent."""
+    import os
+
+    from mnistops.settings import STACK_KEYS, STATE_DIR_KEYS
+
+    config_dir = a_project(tmp_path)
+    hyp = config_dir / "hyp.yml"
+    hyp.unlink()
+    for make in (hyp.mkdir, lambda: os.mkfifo(hyp), lambda: hyp.symlink_to("/dev/zero")):
+        make()
+        with pytest.raises(ConfigError, match="hyp.yml: not a regular file"):
+            load_settings(config_dir)
+        assert "not a regular file" in load_settings(config_dir, STACK_KEYS).set_aside[0]
+        hyp.rmdir() if hyp.is_dir() and not hyp.is_symlink() else hyp.unlink()
+    stack_yml = config_dir / "stack.yml"
+    stack_yml.unlink()
+    os.mkfifo(stack_yml)
+    with pytest.raises(ConfigError, match="stack.yml: not a regular file"):
+        load_settings(config_dir, STACK_KEYS)
+    assert load_settings(config_dir, STATE_DIR_KEYS).home.name == ".mnistops"
+
+
+def test_a_yaml_error_is_one_line(tmp_path: Path) -> None:
+    write(tmp_path, "mlflow: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path)
+    assert "\n" not in str(info.value), str(info.value)
+    assert "stack.yml: not valid YAML (line 2, column 1): while parsing" in str(info.value)

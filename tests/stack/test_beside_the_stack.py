@@ -6,6 +6,7 @@ training settings were fixed.)"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -122,6 +123,33 @@ def test_the_commands_that_use_it_still_refuse(
     assert "Traceback" not in done.stderr
 
 
+BAD_VARIABLES = {
+    "MNISTOPS_HYPERPARAMETER__N_EPOCHS": "two",
+    "MNISTOPS_DATASET": "{not json",
+    "MNISTOPS_HYPERPARAMTER__BATCH_SIZE": "64",
+}
+
+
+def test_bad_variables_beside_the_stack_never_stop_its_commands(
+    stack_settings: Settings,
+) -> None:
+    """The issue's typo set in the environment instead (a wrong value, a section that is
+    no JSON, a misspelled name): the stack's commands work with one warning naming them;
+    `train` refuses, naming them."""
+    env = {**os.environ, **BAD_VARIABLES}
+    config_dir = stack_settings.config_dir
+    for command in (("stack", "status"), ("stack", "env"), ("models",)):
+        done = run_cli(*command, config_dir=config_dir, env=env)
+        assert done.returncode == 0, (command, done.stderr)
+        said = " ".join(done.stderr.split())
+        assert done.stderr.count("warning:") == 1, done.stderr
+        assert all(name in said for name in BAD_VARIABLES), said
+    refused = run_cli("train", "--fast", config_dir=config_dir, env=env)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "MNISTOPS_HYPERPARAMTER__BATCH_SIZE" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_stack_down_stops_a_stack_whatever_its_settings_say(tmp_path: Path) -> None:
     """On a stack of its own: with a bad hyp.yml and a bad key in stack.yml itself, or a
     stack.yml that is no YAML, `stack status` refuses (it needs stack.yml), `stack down`
@@ -155,9 +183,13 @@ def test_stack_down_stops_a_stack_whatever_its_settings_say(tmp_path: Path) -> N
     status = run_cli("stack", "status", config_dir=config_dir)
     assert status.returncode == 2 and "stack.yml: not valid YAML" in status.stderr
     assert "Traceback" not in status.stderr
-    down = run_cli("stack", "down", config_dir=config_dir, timeout=120)
+    # ... and variables that no command could read, as well: still stopped.
+    env = {**os.environ, **BAD_VARIABLES}
+    down = run_cli("stack", "down", config_dir=config_dir, env=env, timeout=120)
     assert down.returncode == 0, down.stderr
     assert "mlflow" in down.stdout and "s3" in down.stdout, down.stdout
-    assert " ".join(down.stderr.split()).count("stack.yml: not valid YAML") == 1, down.stderr
+    said = " ".join(down.stderr.split())
+    assert said.count("stack.yml: not valid YAML") == 1, down.stderr
+    assert down.stderr.count("warning:") == 1 and all(name in said for name in BAD_VARIABLES)
     stack_yml.write_text(good)
     assert "healthy" not in run_cli("stack", "status", config_dir=config_dir).stdout

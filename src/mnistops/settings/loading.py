@@ -75,6 +75,8 @@ HOME_LINE = re.compile(r"^home:[ \t]*([^#\s][^#\n]*?)[ \t]*(?:#.*)?$", re.MULTIL
 def _with_home_line(read: ConfigRead, path: Path) -> ConfigRead:
     """The reading with the state dir of a stack.yml that is no YAML, from its one
     top-level `home:` line, so that `stack down` finds what that stack runs."""
+    if not path.is_file():
+        return read
     text = path.read_bytes().decode("utf-8", errors="replace")
     found = HOME_LINE.findall(text)
     if len(found) != 1 or "home" in read.origin:
@@ -86,8 +88,11 @@ def _with_home_line(read: ConfigRead, path: Path) -> ConfigRead:
 def _unneeded(
     exc: ValidationError, origin: dict[str, Path], needs: frozenset[str] | None
 ) -> set[str]:
-    """The top-level keys to set aside: every error is in a file's key outside `needs`
-    (none when one is not: the command refuses as before)."""
+    """The top-level keys to set aside: every error is in a key outside `needs`, from a
+    file or a variable (none when one is not: the command refuses as before). An
+    unknown top-level key counts as the key it most resembles (`mlfow` as `mlflow`); one
+    like no key counts as needed when stack.yml holds it, unless the command needs only
+    the state dir (`stack down`)."""
     if needs is None:
         return set()
     keys = set()
@@ -95,10 +100,22 @@ def _unneeded(
         loc = tuple(error["loc"])
         top = str(loc[0]) if loc else ""
         from_env = any(env_var_for(loc[:n]) in os.environ for n in range(len(loc), 0, -1))
-        if not top or top in needs or top not in origin or from_env:
+        if not top or top in needs or (top not in origin and not from_env):
             return set()
+        if error["type"] == "extra_forbidden" and len(loc) == 1 and needs > STATE_DIR_KEYS:
+            meant = _closest_key(top)
+            if meant in needs or (meant is None and origin.get(top, Path()).name == "stack.yml"):
+                return set()
         keys.add(top)
     return keys
+
+
+def _closest_key(key: str) -> str | None:
+    """The top-level key of the settings that `key` most resembles, if any."""
+    import difflib
+
+    found = difflib.get_close_matches(key, list(Settings.model_fields), n=1, cutoff=0.75)
+    return found[0] if found else None
 
 
 def _describe_error(err: dict[str, Any], origin: dict[str, Path], config_dir: Path) -> str:
@@ -114,7 +131,9 @@ def _describe_error(err: dict[str, Any], origin: dict[str, Path], config_dir: Pa
         where = f"key '{key}' (in {config_dir}/*.yml or {env_var_for(loc)})"
     message = err["msg"]
     if err["type"] == "extra_forbidden":
-        message = "unknown key; see the README's configuration section for the keys allowed"
+        meant = _closest_key(key) if len(loc) == 1 else None
+        hint = f" (did you mean '{meant}'?)" if meant else ""
+        message = f"unknown key{hint}; see the README's configuration section for the keys allowed"
     return f"{where}: {message}"
 
 
@@ -186,7 +205,7 @@ def load_settings(config_dir: Path | None = None, needs: frozenset[str] | None =
 
     With `needs` (the top-level keys a command reads), a file's invalid key outside them
     is set aside (its section takes the defaults) and named in `set_aside`: a typo in
-    hyp.yml never stops `stack down`. An invalid environment variable always refuses.
+    hyp.yml never stops `stack down`; nor does one in MNISTOPS_HYPERPARAMETER__*.
     """
     root = Path.cwd()
     explicit_home = os.environ.get(f"{ENV_PREFIX}HOME")
@@ -199,6 +218,59 @@ def load_settings(config_dir: Path | None = None, needs: frozenset[str] | None =
         config_dir = root / "config"
     config_dir = config_dir or default_config_dir()
     read = _judged(read_config_dir(config_dir, root, lenient=needs is not None), needs)
+    misspelled = _misspelled_variables()
+    if misspelled and needs is None:
+        raise ConfigError("; ".join(misspelled))
+    if misspelled:
+        read = read.without(set(), misspelled)
+    # A variable that cannot be parsed at all (a section that is no JSON) stops the
+    # reading of the environment: set aside, one at a time, where the command does not
+    # read its key; refused where it does.
+    for _ in Settings.model_fields:
+        try:
+            return _built(read, needs)
+        except SettingsError as exc:
+            problem, key = _unreadable_variable(exc)
+            if needs is None or key is None or key in needs or key in read.set_aside_keys:
+                raise ConfigError(problem) from None
+            read = read.without({key}, [problem])
+    raise ConfigError("the environment's MNISTOPS_* variables cannot be read")
+
+
+def _misspelled_variables() -> list[str]:
+    """A line for each MNISTOPS_* variable that sets nothing but is all but the name of
+    one that does (pydantic-settings ignores an unknown name: the key would silently
+    keep its value)."""
+    import difflib
+
+    known = environment_variables()
+    lines = []
+    for name in sorted(os.environ):
+        if not name.startswith(ENV_PREFIX) or name in known:
+            continue
+        meant = difflib.get_close_matches(name, known, n=1, cutoff=0.9)
+        if meant:
+            lines.append(
+                f"environment variable {name} sets nothing: did you mean {meant[0]}?"
+                " (rename it, or unset it)"
+            )
+    return lines
+
+
+def _unreadable_variable(exc: SettingsError) -> tuple[str, str | None]:
+    """(the message, the top-level key) of a variable pydantic-settings could not parse."""
+    field = re.search(r'field "(\w+)"', str(exc))
+    key = field.group(1) if field else None
+    name = f"{ENV_PREFIX}{key.upper()}" if key else f"an {ENV_PREFIX}* variable"
+    return (
+        f"environment variable {name} cannot be read: a whole section takes a JSON object,"
+        f" e.g. {ENV_PREFIX}S3='{{\"port\": 8334}}'; or set one key, e.g. {ENV_PREFIX}S3__PORT=8334"
+    ), key
+
+
+def _built(read: ConfigRead, needs: frozenset[str] | None) -> Settings:
+    """The settings from `read` and the environment; keys outside `needs` whose value is
+    invalid set aside (see `_unneeded`), else ConfigError naming every bad key."""
     try:
         try:
             with reading(read):
@@ -207,14 +279,9 @@ def load_settings(config_dir: Path | None = None, needs: frozenset[str] | None =
             aside = _unneeded(exc, read.origin, needs)
             if not aside:
                 raise
-            errors = [_describe_error(dict(e), read.origin, config_dir) for e in exc.errors()]
+            errors = [_describe_error(dict(e), read.origin, read.config_dir) for e in exc.errors()]
             with reading(read.without(aside, errors)):
                 return Settings()
     except ValidationError as exc:
-        lines = [_describe_error(dict(e), read.origin, config_dir) for e in exc.errors()]
+        lines = [_describe_error(dict(e), read.origin, read.config_dir) for e in exc.errors()]
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
-    except SettingsError as exc:
-        raise ConfigError(
-            f"an {ENV_PREFIX}* environment variable cannot be read ({exc}): a whole section"
-            f" takes JSON; or set one key, e.g. {ENV_PREFIX}S3__PORT=8334"
-        ) from None

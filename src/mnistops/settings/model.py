@@ -35,7 +35,7 @@ from mnistops.settings.network import (
     url_host,
 )
 from mnistops.settings.services import MlflowSettings, PrefectSettings, S3Settings, ServeSettings
-from mnistops.settings.sources import ConfigDirSource, ConfigRead, current_read
+from mnistops.settings.sources import ConfigDirSource, ConfigRead, KeptEnvSource, current_read
 from mnistops.settings.training import DatasetSettings, HyperParameters
 
 URL_KEYS = {"s3": "endpoint_url", "mlflow": "tracking_uri", "prefect": "api_url"}
@@ -132,7 +132,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Highest first: arguments, the environment, the config dir's YAML files.
-        return (init_settings, env_settings, ConfigDirSource(settings_cls))
+        return (init_settings, KeptEnvSource(settings_cls), ConfigDirSource(settings_cls))
 
     @model_validator(mode="after")
     def _placed_in_project(self) -> Settings:

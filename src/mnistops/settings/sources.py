@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 from pydantic.fields import FieldInfo
-from pydantic_settings import PydanticBaseSettingsSource
+from pydantic_settings import EnvSettingsSource, PydanticBaseSettingsSource
 
 from mnistops.settings.base import CONFIG_FILES, ConfigError
 
@@ -52,7 +52,8 @@ class ConfigRead:
     """(key, why) of each top-level key set in two files (only when reading leniently)"""
 
     def without(self, keys: set[str], errors: list[str]) -> ConfigRead:
-        """The same reading with the top-level `keys` left out, their `errors` kept."""
+        """The same reading with the top-level `keys` left out (of the files and of the
+        environment), their `errors` kept."""
         return replace(
             self,
             set_aside=self.set_aside + tuple(errors),
@@ -99,6 +100,19 @@ class ConfigDirSource(PydanticBaseSettingsSource):
         return dict(read.kept) if read else {}
 
 
+class KeptEnvSource(EnvSettingsSource):
+    """The MNISTOPS_* variables, without those of the keys the reading set aside: a
+    command that does not read a key is not stopped by its variable."""
+
+    def prepare_field_value(
+        self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool
+    ) -> Any:
+        read = current_read()
+        if read is not None and field_name in read.set_aside_keys:
+            return None
+        return super().prepare_field_value(field_name, field, value, value_is_complex)
+
+
 def read_config_dir(config_dir: Path, root: Path, lenient: bool = False) -> ConfigRead:
     """Merge the top-level keys of every config file; remember which file set each.
 
@@ -112,7 +126,7 @@ def read_config_dir(config_dir: Path, root: Path, lenient: bool = False) -> Conf
     clashes: dict[str, ConfigError] = {}
     for name in CONFIG_FILES:
         path = config_dir / name
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             continue
         try:
             data = _read_yaml(path)
@@ -145,19 +159,29 @@ def read_config_dir(config_dir: Path, root: Path, lenient: bool = False) -> Conf
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        # a folder, a FIFO (reading it would wait forever), a device, a broken link
+        raise ConfigError(f"{path}: not a regular file: make it a YAML file of keys, or remove it")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML{_yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must be a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what, on one line (PyYAML's own text quotes the line over several)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    return f"{where}: {f'{context}, ' if context else ''}{problem}"
 
 
 def _drop_layout_keys(path: Path, data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
