@@ -386,3 +386,31 @@ def test_a_yaml_error_is_one_line(tmp_path: Path) -> None:
         load_settings(tmp_path)
     assert "\n" not in str(info.value), str(info.value)
     assert "stack.yml: not valid YAML (line 2, column 1): while parsing" in str(info.value)
+
+
+def test_a_misspelled_stack_variable_stops_the_stack_but_not_its_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MNISTOPS_MLFOW__PORT all but names a key `stack up` reads: refused there, as
+    `mlfow:` in stack.yml is; `stack down` (the state dir only) names it and goes on."""
+    from mnistops.settings import STACK_KEYS, STATE_DIR_KEYS
+
+    config_dir = a_project(tmp_path)
+    monkeypatch.setenv("MNISTOPS_MLFOW__PORT", "1")
+    with pytest.raises(ConfigError, match="did you mean MNISTOPS_MLFLOW__PORT"):
+        load_settings(config_dir, STACK_KEYS)
+    assert "MNISTOPS_MLFOW__PORT" in load_settings(config_dir, STATE_DIR_KEYS).set_aside[0]
+
+
+def test_a_misspelled_key_under_a_known_section_is_named_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mnistops.settings import STACK_KEYS
+
+    config_dir = a_project(tmp_path)
+    monkeypatch.setenv("MNISTOPS_HYPERPARAMETER__N_EPOCH", "3")
+    (warning,) = load_settings(config_dir, STACK_KEYS).set_aside
+    assert warning.count("variable MNISTOPS_HYPERPARAMETER__N_EPOCH") == 1, warning
+    assert "did you mean MNISTOPS_HYPERPARAMETER__N_EPOCHS" in warning
+    with pytest.raises(ConfigError, match="did you mean MNISTOPS_HYPERPARAMETER__N_EPOCHS"):
+        load_settings(config_dir)

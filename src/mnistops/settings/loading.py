@@ -19,7 +19,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from mnistops.settings.base import CONFIG_FILES, ENV_PREFIX, ConfigError, env_var_for
+from mnistops.settings.base import CONFIG_FILES, ENV_NESTED, ENV_PREFIX, ConfigError, env_var_for
 from mnistops.settings.model import Settings
 from mnistops.settings.network import POSTGRES_ONLY, _is_postgres_url
 from mnistops.settings.sources import ConfigRead, read_config_dir, reading
@@ -130,7 +130,10 @@ def _describe_error(err: dict[str, Any], origin: dict[str, Path], config_dir: Pa
     else:
         where = f"key '{key}' (in {config_dir}/*.yml or {env_var_for(loc)})"
     message = err["msg"]
-    if err["type"] == "extra_forbidden":
+    if err["type"] == "extra_forbidden" and from_env:
+        meant_variable = _closest_variable(from_env, environment_variables())
+        message = "sets no key" + (f": {_did_you_mean(meant_variable)}" if meant_variable else "")
+    elif err["type"] == "extra_forbidden":
         meant = _closest_key(key) if len(loc) == 1 else None
         hint = f" (did you mean '{meant}'?)" if meant else ""
         message = f"unknown key{hint}; see the README's configuration section for the keys allowed"
@@ -219,10 +222,12 @@ def load_settings(config_dir: Path | None = None, needs: frozenset[str] | None =
     config_dir = config_dir or default_config_dir()
     read = _judged(read_config_dir(config_dir, root, lenient=needs is not None), needs)
     misspelled = _misspelled_variables()
-    if misspelled and needs is None:
-        raise ConfigError("; ".join(misspelled))
+    meant = {key for _line, key in misspelled}
+    lines = [line for line, _key in misspelled]
+    if misspelled and (needs is None or (needs > STATE_DIR_KEYS and meant & needs)):
+        raise ConfigError("; ".join(lines))
     if misspelled:
-        read = read.without(set(), misspelled)
+        read = read.without(set(), lines)
     # A variable that cannot be parsed at all (a section that is no JSON) stops the
     # reading of the environment: set aside, one at a time, where the command does not
     # read its key; refused where it does.
@@ -237,24 +242,33 @@ def load_settings(config_dir: Path | None = None, needs: frozenset[str] | None =
     raise ConfigError("the environment's MNISTOPS_* variables cannot be read")
 
 
-def _misspelled_variables() -> list[str]:
-    """A line for each MNISTOPS_* variable that sets nothing but is all but the name of
-    one that does (pydantic-settings ignores an unknown name: the key would silently
-    keep its value)."""
+def _misspelled_variables() -> list[tuple[str, str]]:
+    """(a line, the top-level key it was meant for) for each MNISTOPS_* variable that sets
+    nothing but is all but the name of one that does (pydantic-settings ignores an
+    unknown name: the key would silently keep its value). A name under a known section
+    (MNISTOPS_HYPERPARAMETER__N_EPOCH) is left to the section's own check."""
+    known = environment_variables()
+    found = []
+    for name in sorted(os.environ):
+        section = name.split(ENV_NESTED)[0]
+        if not name.startswith(ENV_PREFIX) or name in known or section in known:
+            continue
+        meant = _closest_variable(name, known)
+        if meant:
+            key = meant.removeprefix(ENV_PREFIX).split(ENV_NESTED)[0].lower()
+            found.append((f"environment variable {name} sets nothing: {_did_you_mean(meant)}", key))
+    return found
+
+
+def _closest_variable(name: str, known: list[str]) -> str | None:
     import difflib
 
-    known = environment_variables()
-    lines = []
-    for name in sorted(os.environ):
-        if not name.startswith(ENV_PREFIX) or name in known:
-            continue
-        meant = difflib.get_close_matches(name, known, n=1, cutoff=0.9)
-        if meant:
-            lines.append(
-                f"environment variable {name} sets nothing: did you mean {meant[0]}?"
-                " (rename it, or unset it)"
-            )
-    return lines
+    found = difflib.get_close_matches(name, known, n=1, cutoff=0.9)
+    return found[0] if found else None
+
+
+def _did_you_mean(meant: str) -> str:
+    return f"did you mean {meant}? (rename it, or unset it)"
 
 
 def _unreadable_variable(exc: SettingsError) -> tuple[str, str | None]:
