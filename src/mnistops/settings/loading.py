@@ -110,12 +110,22 @@ def _unneeded(
     return keys
 
 
-def _closest_key(key: str) -> str | None:
-    """The top-level key of the settings that `key` most resembles, if any."""
+def _closest(name: str, known: list[str], cutoff: float) -> str | None:
+    """The one of `known` that `name` most resembles (difflib's ratio >= cutoff), if any."""
     import difflib
 
-    found = difflib.get_close_matches(key, list(Settings.model_fields), n=1, cutoff=0.75)
+    found = difflib.get_close_matches(name, known, n=1, cutoff=cutoff)
     return found[0] if found else None
+
+
+def _closest_key(key: str) -> str | None:
+    """The top-level key of the settings that `key` most resembles, if any."""
+    return _closest(key, list(Settings.model_fields), 0.75)
+
+
+def _closest_variable(name: str) -> str | None:
+    """The settings variable that `name` all but is, if any."""
+    return _closest(name, environment_variables(), 0.9)
 
 
 def _describe_error(err: dict[str, Any], origin: dict[str, Path], config_dir: Path) -> str:
@@ -131,7 +141,7 @@ def _describe_error(err: dict[str, Any], origin: dict[str, Path], config_dir: Pa
         where = f"key '{key}' (in {config_dir}/*.yml or {env_var_for(loc)})"
     message = err["msg"]
     if err["type"] == "extra_forbidden" and from_env:
-        meant_variable = _closest_variable(from_env, environment_variables())
+        meant_variable = _closest_variable(from_env)
         message = "sets no key" + (f": {_did_you_mean(meant_variable)}" if meant_variable else "")
     elif err["type"] == "extra_forbidden":
         meant = _closest_key(key) if len(loc) == 1 else None
@@ -247,24 +257,17 @@ def _misspelled_variables() -> list[tuple[str, str]]:
     nothing but is all but the name of one that does (pydantic-settings ignores an
     unknown name: the key would silently keep its value). A name under a known section
     (MNISTOPS_HYPERPARAMETER__N_EPOCH) is left to the section's own check."""
-    known = environment_variables()
+    names = sorted(name for name in os.environ if name.startswith(ENV_PREFIX))
+    known = environment_variables() if names else []
     found = []
-    for name in sorted(os.environ):
-        section = name.split(ENV_NESTED)[0]
-        if not name.startswith(ENV_PREFIX) or name in known or section in known:
+    for name in names:
+        if name in known or name.split(ENV_NESTED)[0] in known:
             continue
-        meant = _closest_variable(name, known)
+        meant = _closest_variable(name)
         if meant:
             key = meant.removeprefix(ENV_PREFIX).split(ENV_NESTED)[0].lower()
             found.append((f"environment variable {name} sets nothing: {_did_you_mean(meant)}", key))
     return found
-
-
-def _closest_variable(name: str, known: list[str]) -> str | None:
-    import difflib
-
-    found = difflib.get_close_matches(name, known, n=1, cutoff=0.9)
-    return found[0] if found else None
 
 
 def _did_you_mean(meant: str) -> str:

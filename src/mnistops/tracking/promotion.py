@@ -85,8 +85,8 @@ def _check_loads(
     client: MlflowClient, target: ModelVersion, key: bytes | None, trusted_by: str | None
 ) -> None:
     """PromotionRefused unless the version loads the one checked way, as the service will
-    load it; `trusted_by` first
-    signs a version that has no valid record (a person vouches for its files)."""
+    load it; `trusted_by` first signs a version that has no valid record (a person
+    vouches for its files)."""
     from mnistops.tracking import model_fetch, model_files
 
     label = f"{target.name} v{target.version}"
