@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,27 @@ KEEP = {"MNISTOPS_TEST_DATABASE_URL"}
 
 DEMO_GROUP = "demo"
 
+LONGEST_GROUPS = (
+    DEMO_GROUP,
+    "tests/flows/test_retraining.py",
+    "tests/stack/test_many_machines.py",
+    "tests/tracking/test_runs.py",
+    "tests/stack/test_beside_the_stack.py",
+    "tests/tracking/test_gate.py",
+    "tests/data/test_publish_atomic.py",
+    "tests/stack/test_lockdown.py",
+    "tests/data/test_registry.py",
+    "tests/test_readme_shell.py",
+    "tests/data/test_order.py",
+    "tests/stack/test_postgres.py",
+    "tests/stack/test_stack.py",
+    "tests/test_unreachable.py",
+)
+"""The groups that took longest in a clean-clone `make test` (its junit times summed per
+group), longest first: they go to the workers first, so that none starts last. A group
+left out goes after them (first if it holds a `slow` test); a stale order costs time,
+never a result."""
+
 
 def worker_group(item: pytest.Item) -> str:
     """The worker group (pytest-xdist's `loadgroup`) a test runs in: every test on the
@@ -36,22 +58,47 @@ def worker_group(item: pytest.Item) -> str:
     return item.nodeid.split("::")[0]
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup`, handing a worker its next group only when one test of its
+    group is left, not two: xdist's own rule queued a long group behind the last two
+    tests of another (measured: the run's longest worker had many_machines' last two,
+    ~200 s, before tracking/test_runs), while other workers ran out of work."""
+    if config.getoption("dist", None) != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class OneTestAhead(LoadGroupScheduling):
+        def _reschedule(self, node: Any) -> None:
+            if self.workqueue and self._pending_of(self.assigned_work[node]) > 1:
+                return
+            super()._reschedule(node)
+
+    return OneTestAhead(config, log)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Groups that hold a test marked `slow` (and the demo's) are handed to the workers
-    first, so that no long group starts last. Within the demo's group, tests that kill
+    """Groups are handed to the workers longest first (LONGEST_GROUPS, then the others
+    that hold a test marked `slow`). Within the demo's group, tests that kill
     its services run after every test that only looks at it, so that a failure to bring
     it back cannot fail those too; tests that may start a retraining on it (a drift
     event) run last, so that no model it registers changes what the others find."""
     groups = {item.nodeid: worker_group(item) for item in items}
-    slow = {DEMO_GROUP} | {groups[i.nodeid] for i in items if i.get_closest_marker("slow")}
+    slow = {groups[i.nodeid] for i in items if i.get_closest_marker("slow")}
+    rank = {group: place for place, group in enumerate(LONGEST_GROUPS)}
 
     def on_demo(item: pytest.Item, marker: str) -> bool:
         return groups[item.nodeid] == DEMO_GROUP and item.get_closest_marker(marker) is not None
 
+    def group_rank(item: pytest.Item) -> tuple[int, int]:
+        group = groups[item.nodeid]
+        if group in rank:
+            return (0, rank[group])
+        return (1 if group in slow else 2, 0)
+
     items.sort(
         key=lambda item: (
-            groups[item.nodeid] not in slow,
+            group_rank(item),
             on_demo(item, "retrains"),
             on_demo(item, "faults"),
         )

@@ -18,7 +18,10 @@ REPO = Path(__file__).resolve().parent.parent
 CONFTEST = """
 import os
 import pytest
-from tests.conftest import pytest_collection_modifyitems  # the suite's own hook
+from tests.conftest import (  # the suite's own hooks
+    pytest_collection_modifyitems,
+    pytest_xdist_make_scheduler,
+)
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +93,14 @@ def test_groups_stay_on_one_worker(tmp_path: Path) -> None:
     assert all(len(workers) == 1 for workers in ran.values()), ran
     # and the work was shared: more than one worker ran something
     assert len(set().union(*ran.values())) > 1, ran
+
+
+@pytest.mark.unit
+def test_the_longest_groups_name_groups_that_exist() -> None:
+    """A renamed or removed file in the scheduling order is named here, not silently
+    scheduled last."""
+    from tests.conftest import DEMO_GROUP, LONGEST_GROUPS
+
+    missing = [g for g in LONGEST_GROUPS if g != DEMO_GROUP and not (REPO / g).is_file()]
+    assert missing == [], f"LONGEST_GROUPS in tests/conftest.py names no file: {missing}"
+    assert len(set(LONGEST_GROUPS)) == len(LONGEST_GROUPS)
