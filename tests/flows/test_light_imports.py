@@ -3,8 +3,11 @@ signature and artifact key, without the training's libraries (seconds of CPU eac
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +27,33 @@ def test_the_flow_modules_load_without_torch_or_mlflow() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == []
+
+
+def test_the_event_of_a_published_version_needs_no_prefect_import(tmp_path: Path) -> None:
+    """`data version` announces its version (the event, who listens) over the REST API:
+    Prefect's client would cost every publish about a second of CPU. Here no server
+    answers: the announcement says so, and nothing heavy was imported on the way."""
+    code = (
+        "import sys\n"
+        "from mnistops.flows.events import announce\n"
+        "from mnistops.settings import load_settings\n"
+        "said = announce(load_settings(), 'v1.0', '0' * 64)\n"
+        "assert said.problem and 'could not be sent' in said.problem, said\n"
+        f"print(' '.join(m for m in ('prefect', *{HEAVY!r}) if m in sys.modules))"
+    )
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "MNISTOPS_HOME": str(tmp_path / "state"),
+        "MNISTOPS_PREFECT__API_URL": f"http://127.0.0.1:{unused_port()}/api",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == []
+
+
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

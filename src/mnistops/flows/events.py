@@ -3,10 +3,12 @@ answers drifted; the retraining deployment's triggers start a run on them."""
 
 from __future__ import annotations
 
-import asyncio
+import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import quote
 
-from mnistops.clients import prefect_api, prefect_client
+from mnistops.clients import prefect_rest
 from mnistops.errors import Interrupted
 from mnistops.settings import Settings
 
@@ -15,19 +17,20 @@ DRIFT_EVENT = "mnistops.monitoring.drift"
 
 
 def listening_deployment(settings: Settings) -> str | None:
-    """The deployment whose trigger starts a retraining on a new data version, if any."""
-    from prefect.exceptions import ObjectNotFound
-
-    with prefect_client(settings) as client:
-        try:
-            deployment = client.read_deployment_by_name(settings.deployment.full_name)
-        except ObjectNotFound:
-            return None
-        automations = client.read_resource_related_automations(
-            f"prefect.deployment.{deployment.id}"
-        )
+    """The deployment whose trigger starts a retraining on a new data version, if any.
+    Asked through the REST API: `data version` would otherwise import Prefect's client
+    (about a second of CPU) for these two answers and the event."""
+    flow, _, name = settings.deployment.full_name.partition("/")
+    found = prefect_rest(settings, "GET", f"/deployments/name/{quote(flow)}/{quote(name)}")
+    if found.status_code == 404:
+        return None
+    found.raise_for_status()
+    resource = quote(f"prefect.deployment.{found.json()['id']}")
+    related = prefect_rest(settings, "GET", f"/automations/related-to/{resource}")
+    related.raise_for_status()
     listens = any(
-        PUBLISHED_EVENT in getattr(a.trigger, "expect", set()) and a.enabled for a in automations
+        PUBLISHED_EVENT in (a.get("trigger") or {}).get("expect", []) and a.get("enabled")
+        for a in related.json()
     )
     return settings.deployment.full_name if listens else None
 
@@ -60,17 +63,17 @@ def emit(
     payload: dict[str, object],
     timeout_s: float = 10,
 ) -> None:
-    from prefect.events import Event
-    from prefect.events.clients import get_events_client
-
-    event = Event(event=name, resource=resource, payload=payload)
-
-    async def send() -> None:
-        async with get_events_client() as client:
-            await client.emit(event)
-
-    with prefect_api(settings):
-        asyncio.run(asyncio.wait_for(send(), timeout_s))
+    """Send one event to the server (`POST /api/events`, what Prefect's events client
+    sends over its socket), raising when it is not taken."""
+    event = {
+        "id": str(uuid.uuid4()),
+        "occurred": datetime.now(UTC).isoformat(),
+        "event": name,
+        "resource": resource,
+        "related": [],
+        "payload": payload,
+    }
+    prefect_rest(settings, "POST", "/events", [event], timeout_s).raise_for_status()
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,15 @@ def announce(settings: Settings, tag: str, content_hash: str) -> Announcement:
         return Announcement(
             None,
             f"{tag} is published, but the event {PUBLISHED_EVENT} could not be sent to"
-            f" Prefect at {settings.prefect_api_url} ({exc.__class__.__name__}); start a"
+            f" Prefect at {settings.prefect_api_url} ({_failure(exc)}); start a"
             " retraining with `mnistops run`",
         )
+
+
+def _failure(exc: Exception) -> str:
+    """What went wrong, in a few words: the server's answer when it gave one (401: our
+    login was refused), else the kind of error."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status == 401:
+        return "it refused our login: set prefect.auth_string"
+    return f"HTTP {status}" if status is not None else exc.__class__.__name__
