@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from mnistops.clients import prefect_auth, prefect_client
+from mnistops.clients import prefect_auth, prefect_client, prefect_rest
 from mnistops.errors import MnistopsError
 from mnistops.flows.events import DRIFT_EVENT, PUBLISHED_EVENT
 from mnistops.flows.schedules import build_schedule, describe_schedule, next_runs
@@ -286,24 +286,14 @@ def _concurrency_limit(deployment: Any) -> int | None:
     return limit.limit if limit is not None else None
 
 
-def _user_and_password(auth_string: str) -> tuple[str, str]:
-    user, _, password = auth_string.partition(":")
-    return user, password
-
-
 def check_server(settings: Settings, timeout_s: float = 5.0) -> None:
     """The server answers, and takes our login when it asks for one."""
     import httpx
 
-    api = settings.prefect_api_url.rstrip("/")
     auth = prefect_auth(settings)
     try:
-        healthy = httpx.get(f"{api}/health", timeout=timeout_s).status_code == 200
-        answer = httpx.get(
-            f"{api}/admin/version",
-            timeout=timeout_s,
-            auth=_user_and_password(auth) if auth else None,
-        )
+        healthy = prefect_rest(settings, "GET", "/health", timeout_s=timeout_s).status_code
+        answer = prefect_rest(settings, "GET", "/admin/version", timeout_s=timeout_s)
     except httpx.HTTPError as exc:
         raise DeployError(
             f"the Prefect server at {settings.prefect_api_url} cannot be reached"
@@ -317,7 +307,7 @@ def check_server(settings: Settings, timeout_s: float = 5.0) -> None:
             + ": set prefect.auth_string (MNISTOPS_PREFECT__AUTH_STRING) to its USER:PASSWORD;"
             " for a mnistops stack, `mnistops stack env` prints it"
         )
-    if not healthy or answer.status_code != 200:
+    if healthy != 200 or answer.status_code != 200:
         raise DeployError(f"the Prefect server at {settings.prefect_api_url} is not healthy")
 
 
