@@ -292,7 +292,7 @@ def check_server(settings: Settings, timeout_s: float = 5.0) -> None:
 
     auth = prefect_auth(settings)
     try:
-        healthy = prefect_rest(settings, "GET", "/health", timeout_s=timeout_s).status_code
+        health = prefect_rest(settings, "GET", "/health", timeout_s=timeout_s)
         answer = prefect_rest(settings, "GET", "/admin/version", timeout_s=timeout_s)
     except httpx.HTTPError as exc:
         raise DeployError(
@@ -307,7 +307,7 @@ def check_server(settings: Settings, timeout_s: float = 5.0) -> None:
             + ": set prefect.auth_string (MNISTOPS_PREFECT__AUTH_STRING) to its USER:PASSWORD;"
             " for a mnistops stack, `mnistops stack env` prints it"
         )
-    if healthy != 200 or answer.status_code != 200:
+    if health.status_code != 200 or answer.status_code != 200:
         raise DeployError(f"the Prefect server at {settings.prefect_api_url} is not healthy")
 
 
