@@ -12,7 +12,7 @@ from pathlib import Path
 from mnistops.clients import CHECKSUM_ENV, NO_TELEMETRY, s3_client
 from mnistops.credentials import S3Keys, seaweed_identities, write_private
 from mnistops.settings import Settings
-from mnistops.stack import postgres
+from mnistops.stack import postgres, prefect_db
 from mnistops.stack.state import StackError
 from mnistops.stack.store_security import ensure_store_security, security_dir
 
@@ -257,6 +257,8 @@ def prefect_service(settings: Settings) -> Service:
 
     def prepare() -> dict[str, str]:
         _made(prefect_home)
+        if settings.database_url is None:
+            prefect_db.seed(prefect_home / "prefect.db", service.env)
         if not settings.prefect_login_on:
             return {}
         from mnistops.clients import prefect_auth

@@ -1,0 +1,108 @@
+"""A new stack's Prefect database (SQLite) starts as a copy of an empty, migrated one.
+
+Prefect migrates a new database at its first start: over a hundred migrations, about
+5 s of processor time and as long a wait on two cores, for every new state dir. The
+migrated, empty database is the same for every stack of one Prefect version, so it is
+made once per machine, by Prefect's own `prefect server database upgrade`, into the
+user's cache (`$XDG_CACHE_HOME/mnistops`, else `~/.cache/mnistops`), and copied. Prefect
+still checks the copy when it starts and runs any migration it lacks.
+
+The cache is the user's own: a template another user could have written (a file or
+folder not owned by this user, or writable by others) is never copied; a new one is
+made beside it, or, where that cannot be, Prefect migrates the database itself.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+MAKE_TIMEOUT_S = 300
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mnistops"
+
+
+def template_path() -> Path:
+    return cache_dir() / f"prefect-{version('prefect')}.db"
+
+
+def owned_privately(path: Path) -> bool:
+    """The path is this user's, and nobody else may write it."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return False
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022 and not path.is_symlink()
+
+
+def seed(database: Path, env: dict[str, str]) -> bool:
+    """Copy the template to `database` when that does not exist yet, making the
+    template first if there is none; True when `database` was seeded. `env` is the
+    server's environment (without its database settings). Any failure leaves `database`
+    absent, and Prefect makes it at its start as before."""
+    if database.exists():
+        return False
+    template = template_path()
+    try:
+        folder = _private_folder(template.parent)
+        if folder is None:
+            return False
+        with _making_lock(folder):
+            if not owned_privately(template):
+                _make(template, env)
+        partial = database.with_name(database.name + ".partial")
+        shutil.copyfile(template, partial)
+        os.chmod(partial, 0o600)
+        os.replace(partial, database)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+def _private_folder(folder: Path) -> Path | None:
+    """The cache folder, made for this user only; None when it is somebody else's."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder if owned_privately(folder) else None
+
+
+class _making_lock:
+    """One process makes the template; another waits for it, then copies it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / ".prefect-db.lock"
+
+    def __enter__(self) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *_exc: object) -> None:
+        os.close(self.fd)
+
+
+def _make(template: Path, env: dict[str, str]) -> None:
+    """Migrate an empty database with Prefect's own command, then put it in place."""
+    with tempfile.TemporaryDirectory(prefix=".making-", dir=template.parent) as tmp:
+        made = Path(tmp) / "prefect.db"
+        subprocess.run(
+            [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+            env={
+                **env,
+                "PREFECT_HOME": tmp,
+                "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{made}",
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=MAKE_TIMEOUT_S,
+            check=True,
+        )
+        os.chmod(made, 0o600)
+        os.replace(made, template)

@@ -1,0 +1,64 @@
+"""A new stack's Prefect database is a copy of a migrated one from the user's cache, and
+only ever of one that this user made."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from mnistops.stack import prefect_db
+
+
+def revision(database: Path) -> str:
+    with sqlite3.connect(database) as db:
+        (row,) = db.execute("SELECT version_num FROM alembic_version").fetchall()
+    return str(row[0])
+
+
+def test_only_a_private_file_of_this_user_is_trusted(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.db"
+    mine.write_bytes(b"x")
+    mine.chmod(0o600)
+    assert prefect_db.owned_privately(mine)
+    for mode in (0o620, 0o602):
+        mine.chmod(mode)
+        assert not prefect_db.owned_privately(mine), oct(mode)
+    link = tmp_path / "link.db"
+    link.symlink_to(mine)
+    mine.chmod(0o600)
+    assert not prefect_db.owned_privately(link)
+    assert not prefect_db.owned_privately(tmp_path / "missing.db")
+
+
+@pytest.mark.integration
+def test_a_new_database_is_a_copy_and_a_planted_template_is_never_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    template = prefect_db.template_path()
+    template.parent.mkdir(parents=True, mode=0o700)
+    template.write_text("planted by another user: anything but Prefect's database")
+    template.chmod(0o666)
+    first = tmp_path / "a" / "prefect.db"
+    first.parent.mkdir()
+    assert prefect_db.seed(first, dict(os.environ))
+    assert template.stat().st_mode & 0o777 == 0o600 and prefect_db.owned_privately(template)
+    assert first.read_bytes() == template.read_bytes() and revision(first)
+    assert first.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in template.parent.iterdir()) == [
+        ".prefect-db.lock",
+        template.name,
+    ], "nothing half-made is left in the cache"
+
+    first.write_bytes(b"a stack's own data")
+    assert not prefect_db.seed(first, dict(os.environ)), "an existing database is kept"
+    assert first.read_bytes() == b"a stack's own data"
+
+    template.parent.chmod(0o777)
+    other = tmp_path / "b" / "prefect.db"
+    other.parent.mkdir()
+    assert not prefect_db.seed(other, dict(os.environ)), "a cache others may write is not used"
+    assert not other.exists() and not list(other.parent.iterdir())
