@@ -206,6 +206,11 @@ def prefect_api(settings: Settings) -> Iterator[None]:
         yield
 
 
+PREFECT_RETRY_CODES = frozenset({408, 429, 502, 503})
+"""answers Prefect's own client retries (503: the server's database was busy)"""
+PREFECT_TRIES = 6
+
+
 def prefect_rest(
     settings: Settings,
     method: str,
@@ -214,22 +219,48 @@ def prefect_rest(
     timeout_s: float = 10.0,
 ) -> Any:
     """One request to the Prefect server's REST API (`path` under `/api`), with our
-    login: for commands that need one or two answers, where importing Prefect's client
-    would cost a second of CPU. Returns the httpx response, its status not checked."""
+    login: for commands that need a few answers, where importing Prefect's client would
+    cost a second of CPU. Like that client, it tries again after a busy server's answer
+    (PREFECT_RETRY_CODES) or a dropped connection, waiting 0.25 s, 0.5 s, 1 s... or what
+    the server's Retry-After asks (at most 10 s). Returns the httpx response, its status
+    not checked; a server never reached raises httpx's error at once."""
     import json
+    import random
+    import time
 
     import httpx
 
     auth = prefect_auth(settings)
     user, _, password = (auth or "").partition(":")
-    return httpx.request(
-        method,
-        settings.prefect_api_url.rstrip("/") + path,
-        content=None if body is None else json.dumps(body, default=_json_value),
-        headers={"Content-Type": "application/json"},
-        auth=(user, password) if auth else None,
-        timeout=timeout_s,
-    )
+    dropped = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadTimeout)
+    for attempt in range(PREFECT_TRIES):
+        last = attempt == PREFECT_TRIES - 1
+        try:
+            answer = httpx.request(
+                method,
+                settings.prefect_api_url.rstrip("/") + path,
+                content=None if body is None else json.dumps(body, default=_json_value),
+                headers={"Content-Type": "application/json"},
+                auth=(user, password) if auth else None,
+                timeout=timeout_s,
+            )
+        except dropped:
+            if last:
+                raise
+            wait = 0.25 * 2**attempt
+        else:
+            if answer.status_code not in PREFECT_RETRY_CODES or last:
+                return answer
+            wait = _retry_after(answer.headers.get("Retry-After"), 0.25 * 2**attempt)
+        time.sleep(wait * random.uniform(1.0, 1.3))
+    raise AssertionError("unreachable: the last try returns or raises")
+
+
+def _retry_after(header: str | None, default: float) -> float:
+    try:
+        return min(10.0, max(0.0, float(header))) if header else default
+    except ValueError:
+        return default
 
 
 def _json_value(value: Any) -> Any:

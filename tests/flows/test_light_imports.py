@@ -53,6 +53,32 @@ def test_the_event_of_a_published_version_needs_no_prefect_import(tmp_path: Path
     assert done.stdout.split() == []
 
 
+def test_the_champion_lock_needs_no_prefect_import(tmp_path: Path) -> None:
+    """`mnistops train` and `models promote` take the champion gate's lock over the REST
+    API (Prefect's client cost each a second of CPU); with no server, a clear error."""
+    code = (
+        "import sys\n"
+        "from mnistops.settings import load_settings\n"
+        "from mnistops.stack.locks import LockError, held\n"
+        "try:\n"
+        "    with held(load_settings(), 'gate'):\n"
+        "        raise AssertionError('taken with no server')\n"
+        "except LockError as exc:\n"
+        "    assert 'start the stack or set prefect.api_url' in str(exc), exc\n"
+        f"print(' '.join(m for m in ('prefect', *{HEAVY!r}) if m in sys.modules))"
+    )
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "MNISTOPS_HOME": str(tmp_path / "state"),
+        "MNISTOPS_PREFECT__API_URL": f"http://127.0.0.1:{unused_port()}/api",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == []
+
+
 def unused_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

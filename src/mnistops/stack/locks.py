@@ -9,69 +9,151 @@ server-side lock with a lease, so a holder that dies frees it when the lease run
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import contextmanager, suppress
+from typing import Any
+from urllib.parse import quote
 
-from mnistops.clients import prefect_api
+from mnistops.clients import prefect_rest
 from mnistops.errors import MnistopsError
 from mnistops.settings import Settings
 
 LEASE_S = 60
-"""a crashed holder blocks the gate for at most this long"""
+"""a crashed holder blocks the gate for at most this long (Prefect's shortest lease)"""
 WAIT_S = 300
+RENEW_S = LEASE_S / 3
+RETRY_S = 1.0
+"""the longest wait between two tries for a busy lock"""
+LIMITS = "/v2/concurrency_limits"
 
 
 class LockError(MnistopsError):
     """The lock could not be taken: Prefect is unreachable, or the gate stayed busy."""
 
 
-def _ensure_limit(name: str) -> None:
-    """A global concurrency limit of 1 named `name`, active (created once per server)."""
-    from prefect import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            limit = client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            with suppress(ObjectAlreadyExists):  # made by another process just now
-                client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=name, limit=1, active=True)
-                )
-            return
-    if limit.limit != 1 or not limit.active:
-        raise LockError(
-            f"the Prefect concurrency limit '{name}' exists with limit {limit.limit}"
-            f" (active: {limit.active}); it must be 1 and active: delete it and mnistops"
-            " makes it again"
-        )
-
-
 @contextmanager
 def held(settings: Settings, name: str, wait_s: float = WAIT_S) -> Iterator[None]:
-    """Hold the stack-wide lock `name` for the body of the `with`."""
-    import httpx
-    from prefect.concurrency.sync import concurrency
+    """Hold the stack-wide lock `name` for the body of the `with`.
 
-    taken = ExitStack()
+    Prefect's REST API directly, not its client: the lock is taken by `mnistops train`
+    and `models promote`, where importing Prefect cost a second of CPU. The same
+    calls as Prefect's `concurrency()`: a slot taken with a lease, renewed by a thread
+    while the body runs, given back at the end."""
+    _ensure_limit(settings, name)
+    lease = _take(settings, name, wait_s)
+    renewal = _Renewal(settings, name, lease)
     try:
-        taken.enter_context(prefect_api(settings))
-        _ensure_limit(name)
-        taken.enter_context(
-            concurrency(name, occupy=1, timeout_seconds=wait_s, lease_duration=LEASE_S, strict=True)
+        yield
+    finally:
+        lost = renewal.stop()
+        with suppress(LockError):  # unreachable now: the lease runs out on its own
+            _call(settings, name, "POST", f"{LIMITS}/decrement-with-lease", {"lease_id": lease})
+    if lost:
+        raise LockError(
+            f"the lock '{name}' was lost while it was held ({lost}): another gate may have"
+            " decided at the same time; check the champion with `mnistops models`"
         )
-    except TimeoutError:
-        taken.close()
-        raise LockError(f"the lock '{name}' stayed busy for {wait_s:.0f} s") from None
+
+
+def _call(settings: Settings, name: str, method: str, path: str, body: object = None) -> Any:
+    """One request to the Prefect server; LockError when it cannot be reached or
+    refuses our login."""
+    import httpx
+
+    try:
+        answer = prefect_rest(settings, method, path, body)
     except httpx.HTTPError as exc:
-        taken.close()
         raise LockError(
             f"the lock '{name}' needs the Prefect server at {settings.prefect_api_url}:"
             f" {exc.__class__.__name__}; start the stack or set prefect.api_url"
         ) from None
-    with taken:
-        yield
+    if answer.status_code == 401:
+        raise LockError(
+            f"the lock '{name}': the Prefect server at {settings.prefect_api_url} refused"
+            " our login; set prefect.auth_string"
+        )
+    return answer
+
+
+def _ensure_limit(settings: Settings, name: str) -> None:
+    """A global concurrency limit of 1 named `name`, active (created once per server)."""
+    answer = _call(settings, name, "GET", f"{LIMITS}/{quote(name, safe='')}")
+    if answer.status_code == 404:
+        made = _call(settings, name, "POST", f"{LIMITS}/", {"name": name, "limit": 1})
+        if made.status_code not in (200, 201, 409):  # 409: made by another process just now
+            raise _refused(name, made)
+        return
+    if answer.status_code != 200:
+        raise _refused(name, answer)
+    limit = answer.json()
+    if limit.get("limit") != 1 or not limit.get("active"):
+        raise LockError(
+            f"the Prefect concurrency limit '{name}' exists with limit {limit.get('limit')}"
+            f" (active: {limit.get('active')}); it must be 1 and active: delete it and"
+            " mnistops makes it again"
+        )
+
+
+def _take(settings: Settings, name: str, wait_s: float) -> str:
+    """The lease of the lock's one slot, waiting while another holder has it."""
+    deadline = time.monotonic() + wait_s
+    body = {"names": [name], "slots": 1, "mode": "concurrency", "lease_duration": LEASE_S}
+    while True:
+        answer = _call(settings, name, "POST", f"{LIMITS}/increment-with-lease", body)
+        if answer.status_code == 200:
+            return str(answer.json()["lease_id"])
+        if answer.status_code != 423:  # 423 Locked: another holder has the slot
+            raise _refused(name, answer)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise LockError(f"the lock '{name}' stayed busy for {wait_s:.0f} s")
+        time.sleep(min(left, RETRY_S, _retry_after(answer)))
+
+
+def _retry_after(answer: Any) -> float:
+    try:
+        return max(0.05, float(answer.headers.get("Retry-After", RETRY_S)))
+    except ValueError:
+        return RETRY_S
+
+
+def _refused(name: str, answer: Any) -> LockError:
+    return LockError(
+        f"the lock '{name}': the Prefect server answered HTTP {answer.status_code}"
+        f" ({answer.text[:200]})"
+    )
+
+
+class _Renewal:
+    """Renews the lease every RENEW_S until stopped; a renewal that fails
+    is kept, for `held` to report once the body has run."""
+
+    def __init__(self, settings: Settings, name: str, lease: str) -> None:
+        self.settings, self.name, self.lease = settings, name, lease
+        self.done = threading.Event()
+        self.lost = ""
+        self.thread = threading.Thread(target=self._renew, name=f"lease {name}", daemon=True)
+        self.thread.start()
+
+    def _renew(self) -> None:
+        path = f"{LIMITS}/leases/{self.lease}/renew"
+        while not self.done.wait(RENEW_S):
+            try:
+                answer = _call(self.settings, self.name, "POST", path, {"lease_duration": LEASE_S})
+            except LockError as exc:
+                self.lost = str(exc)
+                return
+            if answer.status_code != 204:
+                self.lost = f"renewing its lease: HTTP {answer.status_code}"
+                return
+
+    def stop(self) -> str:
+        """Stop renewing; what went wrong with a renewal, if anything."""
+        self.done.set()
+        self.thread.join()
+        return self.lost
 
 
 def champion_lock_name(model_name: str) -> str:
