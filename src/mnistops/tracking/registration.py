@@ -153,18 +153,15 @@ def _log_decision(run: TrackedRun, version: str, decision: GateDecision) -> None
         c.CHAMPION_MOVED_TAG: str(decision.moved).lower(),
         c.GATE_REASON_TAG: decision.reason[:5000],
     }
+    metrics = {}
     if decision.evidence is not None and decision.previous_version is not None:
         evidence = decision.evidence
         tags.update(evidence_tags(decision.previous_version, evidence))
-        log_metrics(
-            run,
-            {
-                c.GATE_P_VALUE_METRIC: evidence.p_value,
-                c.GATE_WORST_CLASS_METRIC: evidence.worst_class_change,
-            },
-        )
-    for key, value in tags.items():
-        run.client.set_tag(run.run_id, key, value)
+        metrics = {
+            c.GATE_P_VALUE_METRIC: evidence.p_value,
+            c.GATE_WORST_CLASS_METRIC: evidence.worst_class_change,
+        }
+    log_metrics(run, metrics, tags=tags)
 
 
 INTERRUPTED_GATE = "its training was interrupted before the champion gate decided"

@@ -230,14 +230,19 @@ def begin(
     return tracked
 
 
-def log_metrics(run: TrackedRun, values: dict[str, float], step: int = 0) -> None:
+def log_metrics(
+    run: TrackedRun, values: dict[str, float], step: int = 0, tags: dict[str, str] | None = None
+) -> None:
+    """Metrics (and tags) in one request."""
     import time
 
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     now = int(time.time() * 1000)
     run.client.log_batch(
-        run.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()]
+        run.run_id,
+        metrics=[Metric(k, float(v), now, step) for k, v in values.items()],
+        tags=[RunTag(k, v) for k, v in (tags or {}).items()],
     )
 
 
