@@ -54,3 +54,15 @@ def test_prefect_still_vendors_croniter_as_we_catch_it() -> None:
 
 def test_uvicorn_still_has_the_protocol_hooks_we_extend() -> None:
     assert compat.uvicorn_http_protocol().__name__ == "HttpToolsProtocol"
+
+
+def test_prefect_still_has_the_startup_calls_that_make_a_database() -> None:
+    """`compat.PREFECT_DATABASE_WITH_BLOCK_TYPES` runs them (stack.prefect_db falls back
+    to `prefect server database upgrade` without them)."""
+    from prefect.server.database import provide_database_interface
+    from prefect.server.models.block_registration import run_block_auto_registration
+
+    assert callable(provide_database_interface) and callable(run_block_auto_registration)
+    assert (
+        "run_block_auto_registration(session=session)" in compat.PREFECT_DATABASE_WITH_BLOCK_TYPES
+    )

@@ -18,6 +18,11 @@ def revision(database: Path) -> str:
     return str(row[0])
 
 
+def block_types(database: Path) -> int:
+    with sqlite3.connect(database) as db:
+        return int(db.execute("SELECT count(*) FROM block_type").fetchone()[0])
+
+
 def test_only_a_private_file_of_this_user_is_trusted(tmp_path: Path) -> None:
     mine = tmp_path / "mine.db"
     mine.write_bytes(b"x")
@@ -34,7 +39,7 @@ def test_only_a_private_file_of_this_user_is_trusted(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_a_new_database_is_a_copy_and_a_planted_template_is_never_used(
+def test_a_new_database_is_a_copy_and_a_planted_or_damaged_template_is_never_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -47,11 +52,23 @@ def test_a_new_database_is_a_copy_and_a_planted_template_is_never_used(
     assert prefect_db.seed(first, dict(os.environ))
     assert template.stat().st_mode & 0o777 == 0o600 and prefect_db.owned_privately(template)
     assert first.read_bytes() == template.read_bytes() and revision(first)
+    assert block_types(first) > 10, "Prefect's block types are registered in it"
     assert first.stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in template.parent.iterdir()) == [
         ".prefect-db.lock",
         template.name,
     ], "nothing half-made is left in the cache"
+
+    template.write_bytes(template.read_bytes()[:4096])  # truncated (a full disk)
+    template.chmod(0o600)
+    again = tmp_path / "c" / "prefect.db"
+    again.parent.mkdir()
+    assert prefect_db.seed(again, dict(os.environ)) and revision(again) == revision(first)
+    assert prefect_db.migrated(template), "a damaged template is made again"
+    assert sorted(p.name for p in template.parent.iterdir()) == [
+        ".prefect-db.lock",
+        template.name,
+    ], "checking the template leaves nothing beside it"
 
     first.write_bytes(b"a stack's own data")
     assert not prefect_db.seed(first, dict(os.environ)), "an existing database is kept"
@@ -62,3 +79,18 @@ def test_a_new_database_is_a_copy_and_a_planted_template_is_never_used(
     other.parent.mkdir()
     assert not prefect_db.seed(other, dict(os.environ)), "a cache others may write is not used"
     assert not other.exists() and not list(other.parent.iterdir())
+
+
+@pytest.mark.integration
+def test_without_prefects_startup_calls_the_migrations_alone_are_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade that moved Prefect's private startup calls: the template is then made
+    by `prefect server database upgrade` (Prefect registers the block types itself)."""
+    from mnistops import compat
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(compat, "PREFECT_DATABASE_WITH_BLOCK_TYPES", "raise SystemExit(1)")
+    database = tmp_path / "prefect.db"
+    assert prefect_db.seed(database, dict(os.environ))
+    assert revision(database) and block_types(database) == 0

@@ -1,15 +1,16 @@
 """A new stack's Prefect database (SQLite) starts as a copy of an empty, migrated one.
 
-Prefect migrates a new database at its first start: over a hundred migrations, about
-5 s of processor time and as long a wait on two cores, for every new state dir. The
-migrated, empty database is the same for every stack of one Prefect version, so it is
-made once per machine, by Prefect's own `prefect server database upgrade`, into the
-user's cache (`$XDG_CACHE_HOME/mnistops`, else `~/.cache/mnistops`), and copied. Prefect
-still checks the copy when it starts and runs any migration it lacks.
+Prefect migrates a new database at its first start (over a hundred migrations), then
+registers its block types in it: about 5 s of processor time and as long a wait on two
+cores, for every new state dir. The result is the same for every stack of one Prefect
+version, so it is made once per machine into the user's cache (`$XDG_CACHE_HOME/mnistops`,
+else `~/.cache/mnistops`) and copied. Prefect still checks the copy when it starts, and
+runs any migration it lacks.
 
 The cache is the user's own: a template another user could have written (a file or
-folder not owned by this user, or writable by others) is never copied; a new one is
-made beside it, or, where that cannot be, Prefect migrates the database itself.
+folder not owned by this user, or writable by others) is never copied, nor one that is
+not a migrated SQLite database (a truncated copy); a new one is made in its place, or,
+where that cannot be, Prefect migrates the database itself.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
+from contextlib import closing
 from importlib.metadata import version
 from pathlib import Path
 
@@ -31,8 +34,12 @@ def cache_dir() -> Path:
     return Path(base) / "mnistops"
 
 
+TEMPLATE_FORMAT = 2
+"""1: migrated; 2: migrated, with the block types"""
+
+
 def template_path() -> Path:
-    return cache_dir() / f"prefect-{version('prefect')}.db"
+    return cache_dir() / f"prefect-{version('prefect')}-{TEMPLATE_FORMAT}.db"
 
 
 def owned_privately(path: Path) -> bool:
@@ -42,6 +49,18 @@ def owned_privately(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return info.st_uid == os.getuid() and not info.st_mode & 0o022 and not path.is_symlink()
+
+
+def migrated(database: Path) -> bool:
+    """The file is an SQLite database that Prefect's migrations stamped (not a truncated
+    or damaged copy, which would stop Prefect from starting)."""
+    try:
+        # immutable: read as a plain file, leaving no -wal or -shm file beside it
+        with closing(sqlite3.connect(f"file:{database}?mode=ro&immutable=1", uri=True)) as db:
+            rows = db.execute("SELECT version_num FROM alembic_version").fetchall()
+    except sqlite3.Error:
+        return False
+    return len(rows) == 1
 
 
 def seed(database: Path, env: dict[str, str]) -> bool:
@@ -57,7 +76,7 @@ def seed(database: Path, env: dict[str, str]) -> bool:
         if folder is None:
             return False
         with _making_lock(folder):
-            if not owned_privately(template):
+            if not (owned_privately(template) and migrated(template)):
                 _make(template, env)
         partial = database.with_name(database.name + ".partial")
         shutil.copyfile(template, partial)
@@ -89,20 +108,35 @@ class _making_lock:
 
 
 def _make(template: Path, env: dict[str, str]) -> None:
-    """Migrate an empty database with Prefect's own command, then put it in place."""
-    with tempfile.TemporaryDirectory(prefix=".making-", dir=template.parent) as tmp:
-        made = Path(tmp) / "prefect.db"
-        subprocess.run(
-            [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
-            env={
-                **env,
-                "PREFECT_HOME": tmp,
-                "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{made}",
-            },
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=MAKE_TIMEOUT_S,
-            check=True,
-        )
-        os.chmod(made, 0o600)
-        os.replace(made, template)
+    """Migrate an empty database and register Prefect's block types in it, as Prefect's
+    first start does (or, if Prefect's startup calls moved, migrate it with Prefect's own
+    command), then put it in place."""
+    from mnistops.compat import PREFECT_DATABASE_WITH_BLOCK_TYPES
+
+    ways = (
+        [sys.executable, "-c", PREFECT_DATABASE_WITH_BLOCK_TYPES],
+        [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+    )
+    for n, command in enumerate(ways):
+        with tempfile.TemporaryDirectory(prefix=".making-", dir=template.parent) as tmp:
+            made = Path(tmp) / "prefect.db"
+            try:
+                subprocess.run(
+                    command,
+                    env={
+                        **env,
+                        "PREFECT_HOME": tmp,
+                        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{made}",
+                    },
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    timeout=MAKE_TIMEOUT_S,
+                    check=True,
+                )
+            except subprocess.CalledProcessError:
+                if n == len(ways) - 1:
+                    raise
+                continue
+            os.chmod(made, 0o600)
+            os.replace(made, template)
+            return
