@@ -29,19 +29,21 @@ DEMO_GROUP = "demo"
 
 LONGEST_GROUPS = (
     DEMO_GROUP,
+    "tests/tracking/test_runs.py",
     "tests/flows/test_retraining.py",
     "tests/stack/test_many_machines.py",
-    "tests/tracking/test_runs.py",
     "tests/stack/test_beside_the_stack.py",
-    "tests/tracking/test_gate.py",
+    "tests/data/test_registry.py",
     "tests/data/test_publish_atomic.py",
     "tests/stack/test_lockdown.py",
-    "tests/data/test_registry.py",
+    "tests/tracking/test_gate.py",
     "tests/test_readme_shell.py",
-    "tests/data/test_order.py",
-    "tests/stack/test_postgres.py",
-    "tests/stack/test_stack.py",
     "tests/test_unreachable.py",
+    "tests/stack/test_stack.py",
+    "tests/stack/test_postgres.py",
+    "tests/data/test_order.py",
+    "tests/data/test_attacks.py",
+    "tests/flows/test_pools.py",
 )
 """The groups that took longest in a clean-clone `make test` (its junit times summed per
 group), longest first: they go to the workers first, so that none starts last. A group

@@ -59,16 +59,17 @@ def test_a_new_database_is_a_copy_and_a_planted_or_damaged_template_is_never_use
         template.name,
     ], "nothing half-made is left in the cache"
 
-    template.write_bytes(template.read_bytes()[:4096])  # truncated (a full disk)
-    template.chmod(0o600)
     again = tmp_path / "c" / "prefect.db"
     again.parent.mkdir()
     assert prefect_db.seed(again, dict(os.environ)) and revision(again) == revision(first)
-    assert prefect_db.migrated(template), "a damaged template is made again"
     assert sorted(p.name for p in template.parent.iterdir()) == [
         ".prefect-db.lock",
         template.name,
     ], "checking the template leaves nothing beside it"
+    damaged = tmp_path / "damaged.db"
+    for content in (template.read_bytes()[:4096], b"\0" * 8192, b""):  # a full disk, ...
+        damaged.write_bytes(content)
+        assert not prefect_db.migrated(damaged), "a damaged template is made again"
 
     first.write_bytes(b"a stack's own data")
     assert not prefect_db.seed(first, dict(os.environ)), "an existing database is kept"
