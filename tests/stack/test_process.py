@@ -82,3 +82,40 @@ def test_a_fifo_or_a_link_as_record_neither_hangs_nor_is_followed(tmp_path: Path
     (tmp_path / "s3.json").symlink_to(target)
     assert process.read_record(tmp_path, "s3") is None
     assert target.is_file() and not (tmp_path / "s3.json").is_symlink()
+
+
+def test_stopping_several_waits_for_each_together_and_no_longer_than_it_must(
+    tmp_path: Path,
+) -> None:
+    """`stop_all`: every service gets SIGTERM at once; one that ends at once is not
+    waited for (an unreaped zombie has ended), one that ignores SIGTERM is killed after
+    its grace, and the slowest sets the time, not their sum."""
+    quick = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
+    ignoring = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+        " print('ready', flush=True); time.sleep(60)"
+    )
+    stubborn = [
+        subprocess.Popen(
+            [sys.executable, "-c", ignoring],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for _ in range(2)
+    ]
+    for child in stubborn:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    records = []
+    for name, child in (("quick", quick), ("stubborn-1", stubborn[0]), ("stubborn-2", stubborn[1])):
+        ticks = process.start_ticks(child.pid)
+        assert ticks is not None
+        created = psutil.Process(child.pid).create_time()
+        records.append(process.ProcessRecord(name, child.pid, created, os.devnull, "", ticks))
+    began = time.monotonic()
+    process.stop_all(records, tmp_path, grace_s=1.5)
+    took = time.monotonic() - began
+    assert not any(process.is_alive(r) for r in records), "both ended (and were reaped)"
+    assert 1.4 < took < 2.9, f"the stubborn ones are killed after one grace: {took:.1f} s"

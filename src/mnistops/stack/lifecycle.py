@@ -297,12 +297,15 @@ def down(settings: Settings, report: Report = no_report) -> list[str]:
     """Stop every service this state dir started, with all their child processes."""
     stopped = []
     with state_lock(settings):
-        for record in workers.background_records(settings):
+        background = workers.background_records(settings)
+        for record in background:
             if process.is_alive(record):
                 report(f"stopping {record.name} (pid {record.pid})")
                 stopped.append(record.name)
                 workers.mark_for_restart(settings, record.name, True)
-            process.stop(record, run_dir(settings))
+        # the workers first: they are the services' clients
+        process.stop_all(background, run_dir(settings))
+        services = []
         for name in reversed(SERVICE_NAMES):
             service = process.read_record(run_dir(settings), name)
             if service is None:
@@ -310,10 +313,11 @@ def down(settings: Settings, report: Report = no_report) -> list[str]:
             if process.is_alive(service):
                 report(f"stopping {name} (pid {service.pid})")
                 stopped.append(name)
-            process.stop(service, run_dir(settings))
-            if name == "s3" and "s3" not in settings.set_aside_keys:
-                # (with the ports unknown, another store's sockets must not be touched)
-                store_checks.remove_store_sockets(settings)
+            services.append(service)
+        process.stop_all(services, run_dir(settings))
+        if any(s.name == "s3" for s in services) and "s3" not in settings.set_aside_keys:
+            # (with the ports unknown, another store's sockets must not be touched)
+            store_checks.remove_store_sockets(settings)
     return stopped
 
 

@@ -135,13 +135,19 @@ def still_exiting(record: ProcessRecord) -> bool:
     listening port among them). On a busy machine this lasts seconds."""
     if _recorded(record) is None:
         return False
+    return _some_thread_runs(record.pid)
+
+
+def _some_thread_runs(pid: int) -> bool:
+    """Some thread of the process has not ended (a process whose main thread is a
+    zombie may still hold its sockets and files in the others)."""
     try:
-        threads = os.listdir(f"/proc/{record.pid}/task")
+        threads = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
     for tid in threads:
         try:
-            stat = Path(f"/proc/{record.pid}/task/{tid}/stat").read_text()
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
         except OSError:
             continue
         if stat.rpartition(")")[2].split()[0] not in ("Z", "X"):
@@ -210,20 +216,50 @@ returns, and both are read back at the next start."""
 
 def stop(record: ProcessRecord, run_dir: Path, grace_s: float | None = None) -> None:
     """SIGTERM the whole group, wait, then SIGKILL whatever is left; no orphans."""
-    if grace_s is None:
-        grace_s = STORE_STOP_GRACE_S if record.name == "s3" else STOP_GRACE_S
-    tree = process_tree(record)
-    if tree:
-        _signal_group(record.pid, signal.SIGTERM)
-        for proc in tree[1:]:
-            _signal(proc, signal.SIGTERM)
-        _, alive = psutil.wait_procs(tree, timeout=grace_s)
-        for proc in alive:
-            _signal(proc, signal.SIGKILL)
-        _signal_group(record.pid, signal.SIGKILL)
-        psutil.wait_procs(alive, timeout=5)
-        exited(record)
-    record_path(run_dir, record.name).unlink(missing_ok=True)
+    stop_all([record], run_dir, grace_s)
+
+
+def stop_all(records: list[ProcessRecord], run_dir: Path, grace_s: float | None = None) -> None:
+    """Stop several services at once: every group gets SIGTERM together, each is waited
+    for up to its own grace, then whatever is left gets SIGKILL; no orphans. One after
+    the other, a stack's three took about 7 s; together, as long as the slowest."""
+    trees = {record.name: process_tree(record) for record in records}
+    for record in records:
+        if trees[record.name]:
+            _signal_group(record.pid, signal.SIGTERM)
+            for proc in trees[record.name][1:]:
+                _signal(proc, signal.SIGTERM)
+    began = time.monotonic()
+
+    def grace(record: ProcessRecord) -> float:
+        if grace_s is not None:
+            return grace_s
+        return STORE_STOP_GRACE_S if record.name == "s3" else STOP_GRACE_S
+
+    for record in sorted(records, key=grace):
+        tree = trees[record.name]
+        if tree:
+            left = max(0.0, began + grace(record) - time.monotonic())
+            alive = _wait_ended(tree, left)
+            for proc in alive:
+                _signal(proc, signal.SIGKILL)
+            _signal_group(record.pid, signal.SIGKILL)
+            _wait_ended(alive, 5)
+            exited(record)
+        record_path(run_dir, record.name).unlink(missing_ok=True)
+
+
+def _wait_ended(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait until every process has ended, at most `timeout_s`; those still running.
+    A process whose threads are all zombies has ended (its ports and files are closed):
+    the services are not our children once `up` returned, and the machine's init
+    reaped them up to 2 s later, which `psutil.wait_procs` waited for."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [p for p in procs if p.is_running() and _some_thread_runs(p.pid)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
