@@ -100,7 +100,9 @@ def hyperparameters(settings: Settings, *layers: Layer) -> HyperParameters:
 
 
 def check_ready(settings: Settings, hyp: HyperParameters) -> None:
-    """The device exists (else bad input) and the tracking server answers."""
+    """The device exists (else bad input), the tracking server answers, and so does the
+    server of the champion gate's lock (with our login)."""
+    from mnistops.stack.locks import champion_lock_name, check_reachable
     from mnistops.tracking.server import check_tracking_server
     from mnistops.train.loop import pick_device
 
@@ -109,6 +111,7 @@ def check_ready(settings: Settings, hyp: HyperParameters) -> None:
     except MnistopsError as exc:
         raise as_bad_input(exc) from None
     check_tracking_server(settings)
+    check_reachable(settings, champion_lock_name(settings.model_registry.name))
 
 
 def load_data(
@@ -179,7 +182,7 @@ def train(
     marking it would only wait out the client's retries); nothing is then registered
     and `champion` does not move. The error raised says so: `Interrupted` for Ctrl-C and
     SIGTERM, `TrainingError` for a training that failed, `TrackingError` for a server
-    that failed.
+    that failed (a model registered before that, its gate undecided, is named).
     """
     from mnistops.tracking import registration, runs
     from mnistops.tracking.server import TrackingError
@@ -209,10 +212,9 @@ def train(
             # Marking the run would only wait out the client's retries twice more.
             raise down from None
         runs.end(run, exc)
-        raise TrackingError(
-            f"training failed: {exc.__class__.__name__}: {exc}; the run is marked FAILED,"
-            " nothing was registered"
-        ) from None
+        settled = registration.settle_failed(settings, run)
+        why = f"{exc.__class__.__name__}: {exc}"
+        raise TrackingError(f"training failed: {why}; {settled}") from None
     except BaseException as exc:  # a flow run cancelled or crashed: its signal goes on
         runs.end(run, exc)
         raise

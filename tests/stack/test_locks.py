@@ -12,7 +12,8 @@ import uuid
 import pytest
 
 from mnistops.clients import prefect_rest
-from mnistops.settings import Settings
+from mnistops.pipeline import check_ready
+from mnistops.settings import HyperParameters, Settings
 from mnistops.stack import locks
 
 pytestmark = pytest.mark.integration
@@ -107,4 +108,6 @@ def test_an_unreachable_server_is_named(stack_settings: Settings) -> None:
             locks.held(nowhere, "anything"),
         ):
             pass
+        with pytest.raises(locks.LockError, match=f"127.0.0.1:{port}/api: ConnectError"):
+            check_ready(nowhere, HyperParameters())  # before any training, not after it
     assert time.monotonic() - began < 10

@@ -47,6 +47,9 @@ def test_a_new_database_is_a_copy_and_a_planted_or_damaged_template_is_never_use
     template.parent.mkdir(parents=True, mode=0o700)
     template.write_text("planted by another user: anything but Prefect's database")
     template.chmod(0o666)
+    stale = template.parent / ".making-killed"  # a making killed half-way
+    stale.mkdir()
+    (stale / "prefect.db").write_bytes(b"half")
     first = tmp_path / "a" / "prefect.db"
     first.parent.mkdir()
     assert prefect_db.seed(first, dict(os.environ))

@@ -379,3 +379,35 @@ def test_crafted_stored_predictions_are_never_trusted(
         stored = read_stored(client, version.run_id, test.digest)
         assert stored is not None and (stored[0] == 7).all(), kind
     assert artifact_path(test.digest).startswith(ARTIFACT_DIR)
+
+
+def test_a_failure_before_the_gate_names_the_unjudged_version(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    """A training whose model was registered but whose gate failed (Prefect gone, say)
+    says so — not "nothing was registered" — and the version, tagged unjudged, never
+    counts as trained."""
+    from mnistops.flows.retrain import trained_on
+    from mnistops.tracking import registration
+    from mnistops.tracking.contract import CHALLENGER_TAG
+    from mnistops.tracking.runs import TrackedRun
+
+    settings = load_settings(client_config(stack_settings, tmp_path))
+    name = f"failed-{uuid.uuid4().hex[:8]}"
+    settings.model_registry.name = name
+    client = MlflowClient(stack_settings.mlflow_uri)
+    client.create_registered_model(name)
+    run, source = stand_in_model(client)
+    tracked = TrackedRun(client, run, "", "0", "train", "v1.0")
+    nothing = registration.settle_failed(settings, tracked)
+    assert nothing == "the run is marked FAILED, nothing was registered"
+    learned = {c.DATA_HASH_TAG: "e" * 64, c.RECIPE_TAG: "r" * 16, c.SUBSET_TAG: "false"}
+    version = client.create_model_version(name, source=source, run_id=run, tags=learned)
+    said = registration.settle_failed(settings, tracked)
+    assert said == (
+        f"the run is marked FAILED; model version {version.version} was registered but not"
+        " judged by the champion gate (tagged so), champion did not move"
+    )
+    tags = client.get_model_version(name, version.version).tags
+    assert tags[CHALLENGER_TAG] == registration.FAILED_GATE
+    assert trained_on(settings, "e" * 64, "r" * 16)[0] is None

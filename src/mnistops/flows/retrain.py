@@ -117,7 +117,7 @@ def trained_on(
             continue
         if c.CHAMPION_REASON_TAG not in tags and c.CHALLENGER_TAG not in tags:
             continue  # registered, but never judged by the gate (an interrupted run)
-        if tags.get(c.CHALLENGER_TAG) == registration.INTERRUPTED_GATE:
+        if tags.get(c.CHALLENGER_TAG) in registration.UNJUDGED:
             continue
         if any_recipe or tags.get(c.RECIPE_TAG) == recipe:
             which = "a recipe" if any_recipe else f"this recipe ({recipe})"

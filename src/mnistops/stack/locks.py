@@ -57,6 +57,12 @@ def held(settings: Settings, name: str, wait_s: float = WAIT_S) -> Iterator[None
         )
 
 
+def check_reachable(settings: Settings, name: str) -> None:
+    """The lock's server answers with our login and the lock is usable (LockError else):
+    checked before a training starts, so that it fails then, not after its training."""
+    _ensure_limit(settings, name)
+
+
 def _call(settings: Settings, name: str, method: str, path: str, body: object = None) -> Any:
     """One request to the Prefect server; LockError when it cannot be reached or
     refuses our login."""

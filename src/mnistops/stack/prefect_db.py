@@ -113,6 +113,9 @@ def _make(template: Path, env: dict[str, str]) -> None:
     command), then put it in place."""
     from mnistops.compat import PREFECT_DATABASE_WITH_BLOCK_TYPES
 
+    for stale in template.parent.glob(".making-*"):  # of a making killed half-way
+        shutil.rmtree(stale, ignore_errors=True)
+
     ways = (
         [sys.executable, "-c", PREFECT_DATABASE_WITH_BLOCK_TYPES],
         [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],

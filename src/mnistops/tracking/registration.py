@@ -165,13 +165,25 @@ def _log_decision(run: TrackedRun, version: str, decision: GateDecision) -> None
 
 
 INTERRUPTED_GATE = "its training was interrupted before the champion gate decided"
+FAILED_GATE = "its training failed before the champion gate decided"
+UNJUDGED = (INTERRUPTED_GATE, FAILED_GATE)
+"""challenger reasons of a version the gate never judged (it never counts as trained)"""
 
 
 def settle_interrupted(settings: Settings, run: TrackedRun) -> str:
     """After Ctrl-C: what became of the run's model. A version registered but not yet
     through the gate is marked a challenger that never counted (a scheduled run does
     not skip because of it). Returns a sentence for the user."""
+    return _settle(settings, run, "KILLED", INTERRUPTED_GATE)
 
+
+def settle_failed(settings: Settings, run: TrackedRun) -> str:
+    """After a failure outside the training loop (the gate's lock unreachable, say):
+    what became of the run's model, as `settle_interrupted` says it."""
+    return _settle(settings, run, "FAILED", FAILED_GATE)
+
+
+def _settle(settings: Settings, run: TrackedRun, ended: str, unjudged: str) -> str:
     from mnistops.tracking.contract import CHALLENGER_TAG, CHAMPION_REASON_TAG
     from mnistops.tracking.registry import champion, version_of_run
 
@@ -180,18 +192,18 @@ def settle_interrupted(settings: Settings, run: TrackedRun) -> str:
         client = mlflow_client(settings)
         version = version_of_run(client, name, run.run_id)
         if version is None:
-            return "the run is marked KILLED, nothing was registered"
+            return f"the run is marked {ended}, nothing was registered"
         tags = version.tags or {}
         if CHAMPION_REASON_TAG not in tags and CHALLENGER_TAG not in tags:
-            client.set_model_version_tag(name, version.version, CHALLENGER_TAG, INTERRUPTED_GATE)
+            client.set_model_version_tag(name, version.version, CHALLENGER_TAG, unjudged)
             return (
-                f"the run is marked KILLED; model version {version.version} was registered"
+                f"the run is marked {ended}; model version {version.version} was registered"
                 " but not judged by the champion gate (tagged so), champion did not move"
             )
         current = champion(client, name)
         moved = current is not None and current.version == version.version
-        return f"the run is marked KILLED; model version {version.version} was registered and" + (
+        return f"the run is marked {ended}; model version {version.version} was registered and" + (
             " is champion" if moved else " is a challenger"
         )
     except Exception:  # noqa: BLE001  the server may be what failed
-        return "the run is marked KILLED; whether its model was registered is unknown"
+        return f"the run is marked {ended}; whether its model was registered is unknown"
