@@ -3,6 +3,8 @@ fallback works: an upgrade that renames one fails here, with the name, not mid-r
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mnistops import compat
@@ -58,11 +60,26 @@ def test_uvicorn_still_has_the_protocol_hooks_we_extend() -> None:
 
 def test_prefect_still_has_the_startup_calls_that_make_a_database() -> None:
     """`compat.PREFECT_DATABASE_WITH_BLOCK_TYPES` runs them (stack.prefect_db falls back
-    to `prefect server database upgrade` without them)."""
-    from prefect.server.database import provide_database_interface
-    from prefect.server.models.block_registration import run_block_auto_registration
+    to `prefect server database upgrade` without them). Read from Prefect's source, not
+    imported (importing Prefect's server costs this tier 2 s); the program itself runs
+    in `tests/stack/test_prefect_db.py`."""
+    import ast
+    import importlib.util
 
-    assert callable(provide_database_interface) and callable(run_block_auto_registration)
-    assert (
-        "run_block_auto_registration(session=session)" in compat.PREFECT_DATABASE_WITH_BLOCK_TYPES
-    )
+    spec = importlib.util.find_spec("prefect")
+    assert spec is not None and spec.origin is not None
+    root = Path(spec.origin).parent / "server"
+    for module, name in (
+        ("database/__init__.py", "provide_database_interface"),
+        ("models/block_registration.py", "run_block_auto_registration"),
+    ):
+        tree = ast.parse((root / module).read_text())
+        defined = {getattr(node, "name", None) for node in ast.walk(tree)} | {
+            alias.asname or alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            for alias in node.names
+        }
+        assert name in defined, f"prefect/server/{module} has no {name} any more"
+    program = compat.PREFECT_DATABASE_WITH_BLOCK_TYPES
+    assert "run_block_auto_registration(session=session)" in program
