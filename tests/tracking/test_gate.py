@@ -198,6 +198,18 @@ def test_concurrent_gates_crown_the_best(stack_settings: Settings, tmp_path: Pat
             assert (CHAMPION_REASON_TAG in tags) != (CHALLENGER_TAG in tags), (number, tags)
 
 
+def new_registry(
+    stack_settings: Settings, tmp_path: Path, prefix: str
+) -> tuple[Settings, MlflowClient, str]:
+    """(settings, client, model name) of a client machine whose registered model is new."""
+    settings = load_settings(client_config(stack_settings, tmp_path))
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    settings.model_registry.name = name
+    client = MlflowClient(stack_settings.mlflow_uri)
+    client.create_registered_model(name)
+    return settings, client, name
+
+
 def stand_in_model(client: MlflowClient) -> tuple[str, str]:
     """(run id, source) of a run holding an MLmodel file, for versions that need no
     predictions."""
@@ -297,14 +309,9 @@ def test_only_a_judged_version_makes_a_scheduled_run_skip(
     """A version registered by a training interrupted before the gate decided (or never
     judged at all) does not count as 'already trained': only a judged one does."""
     from mnistops.flows.retrain import trained_on
-    from mnistops.settings import load_settings
     from mnistops.tracking import registration
 
-    settings = load_settings(client_config(stack_settings, tmp_path))
-    name = f"skip-{uuid.uuid4().hex[:8]}"
-    settings.model_registry.name = name
-    client = MlflowClient(stack_settings.mlflow_uri)
-    client.create_registered_model(name)
+    settings, client, name = new_registry(stack_settings, tmp_path, "skip")
     run, source = stand_in_model(client)
     learned = {c.DATA_HASH_TAG: "c" * 64, c.RECIPE_TAG: "r" * 16, c.SUBSET_TAG: "false"}
     unjudged = client.create_model_version(name, source=source, run_id=run, tags=learned)
@@ -392,11 +399,7 @@ def test_a_failure_before_the_gate_names_the_unjudged_version(
     from mnistops.tracking.contract import CHALLENGER_TAG
     from mnistops.tracking.runs import TrackedRun
 
-    settings = load_settings(client_config(stack_settings, tmp_path))
-    name = f"failed-{uuid.uuid4().hex[:8]}"
-    settings.model_registry.name = name
-    client = MlflowClient(stack_settings.mlflow_uri)
-    client.create_registered_model(name)
+    settings, client, name = new_registry(stack_settings, tmp_path, "failed")
     run, source = stand_in_model(client)
     tracked = TrackedRun(client, run, "", "0", "train", "v1.0")
     nothing = registration.settle_failed(settings, tracked)
