@@ -64,9 +64,12 @@ coverage: setup-dev
 	$(BIN)/coverage combine -q
 	$(BIN)/coverage report --format=total | xargs -I{} echo "branch coverage of src/mnistops: {} %"
 
-# The unit tier: pure logic, no services (seconds, not minutes).
+# The unit tier: pure logic, no services (seconds, not minutes), in two processes: some
+# of its tests wait on a subprocess or a timer, and a lone pytest leaves a core idle.
+# Files that mark no test `unit` are not imported (tests/conftest.py).
+TEST_FAST_WORKERS ?= 2
 test-fast: setup-dev
-	$(BIN)/python -m pytest -m unit -q
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -m unit -q -n $(TEST_FAST_WORKERS)
 
 # The same checks as .pre-commit-config.yaml: ruff, then the type checker on src/.
 lint: setup-dev

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -51,6 +52,34 @@ left out goes after them (first if it holds a `slow` test); a stale order costs 
 never a result."""
 
 
+UNIT_MARK = "mark.unit"
+"""the text every test file with a unit test holds (`pytestmark = pytest.mark.unit` or
+`@pytest.mark.unit`)"""
+
+
+def only_the_unit_tier(config: pytest.Config) -> bool:
+    """Whether this run selects the unit tier alone (`make test-fast`: `-m unit`)."""
+    return str(config.getoption("markexpr", "")).strip() == "unit"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """`-m unit` does not import the test files that mark no test `unit`: they import
+    MLflow, pandas and the services' helpers, about a tenth of the tier's time, only for
+    their tests to be deselected. Every other run checks that this text is where the
+    unit tests are (`unit_tests_outside_marked_files`)."""
+    name = collection_path.name
+    if only_the_unit_tier(config) and name.startswith("test_") and name.endswith(".py"):
+        return UNIT_MARK not in collection_path.read_text(encoding="utf-8") or None
+    return None
+
+
+def unit_tests_outside_marked_files(items: list[pytest.Item], root: Path) -> list[str]:
+    """The files of unit tests that `pytest_ignore_collect` would skip under `-m unit`."""
+    files = {item.path for item in items if item.get_closest_marker("unit") is not None}
+    hidden = [f for f in files if UNIT_MARK not in f.read_text(encoding="utf-8")]
+    return sorted(os.path.relpath(f, root) for f in hidden)
+
+
 def worker_group(item: pytest.Item) -> str:
     """The worker group (pytest-xdist's `loadgroup`) a test runs in: every test on the
     demo's stack in one, so that the demo runs once; any other test with its file, so
@@ -79,12 +108,19 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Groups are handed to the workers longest first (LONGEST_GROUPS, then the others
     that hold a test marked `slow`). Within the demo's group, tests that kill
     its services run after every test that only looks at it, so that a failure to bring
     it back cannot fail those too; tests that may start a retraining on it (a drift
     event) run last, so that no model it registers changes what the others find."""
+    if not only_the_unit_tier(config) and (
+        hidden := unit_tests_outside_marked_files(items, config.rootpath)
+    ):
+        raise pytest.UsageError(
+            f"unit tests in files without the text {UNIT_MARK!r}, which `-m unit` would not"
+            f" collect: {', '.join(hidden)}; mark them with pytest.mark.unit"
+        )
     groups = {item.nodeid: worker_group(item) for item in items}
     slow = {groups[i.nodeid] for i in items if i.get_closest_marker("slow")}
     rank = {group: place for place, group in enumerate(LONGEST_GROUPS)}
