@@ -4,6 +4,7 @@ and a lease lost while held is reported."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -25,7 +26,9 @@ def active_slots(settings: Settings, name: str) -> int:
     )
 
 
-def test_one_holder_at_a_time_and_the_next_waits(stack_settings: Settings) -> None:
+def test_one_holder_at_a_time_and_the_next_waits(
+    stack_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     name = f"test-lock-{uuid.uuid4().hex[:8]}"
     order: list[str] = []
     inside = threading.Event()
@@ -40,6 +43,7 @@ def test_one_holder_at_a_time_and_the_next_waits(stack_settings: Settings) -> No
     holder = threading.Thread(target=first)
     holder.start()
     assert inside.wait(30)
+    caplog.set_level(logging.WARNING, logger=locks.__name__)
     assert active_slots(stack_settings, name) == 1
     with (
         pytest.raises(locks.LockError, match=f"the lock '{name}' stayed busy for 0 s"),
@@ -51,6 +55,9 @@ def test_one_holder_at_a_time_and_the_next_waits(stack_settings: Settings) -> No
     holder.join()
     assert order == ["first in", "first out", "second in"]
     assert active_slots(stack_settings, name) == 0, "every slot was given back"
+    waiting = [r.getMessage() for r in caplog.records if r.name == locks.__name__]
+    assert len(waiting) == 2, f"one line per wait, not per try: {waiting}"
+    assert all(f"waiting for the lock '{name}'" in line for line in waiting)
 
 
 def test_a_lease_lost_while_held_is_reported(

@@ -9,6 +9,7 @@ server-side lock with a lease, so a holder that dies frees it when the lease run
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ RENEW_S = LEASE_S / 3
 RETRY_S = 1.0
 """the longest wait between two tries for a busy lock"""
 LIMITS = "/v2/concurrency_limits"
+
+log = logging.getLogger(__name__)
 
 
 class LockError(MnistopsError):
@@ -103,15 +106,25 @@ def _ensure_limit(settings: Settings, name: str) -> None:
 
 
 def _take(settings: Settings, name: str, wait_s: float) -> str:
-    """The lease of the lock's one slot, waiting while another holder has it."""
+    """The lease of the lock's one slot, waiting while another holder has it (one
+    warning line says so: the command is not stuck)."""
     deadline = time.monotonic() + wait_s
     body = {"names": [name], "slots": 1, "mode": "concurrency", "lease_duration": LEASE_S}
+    waited = False
     while True:
         answer = _call(settings, name, "POST", f"{LIMITS}/increment-with-lease", body)
         if answer.status_code == 200:
             return str(answer.json()["lease_id"])
         if answer.status_code != 423:  # 423 Locked: another holder has the slot
             raise _refused(name, answer)
+        if not waited:
+            waited = True
+            log.warning(
+                "waiting for the lock '%s': another process holds it (a training or"
+                " promotion at the champion gate, on this machine or another); up to %.0f s",
+                name,
+                wait_s,
+            )
         left = deadline - time.monotonic()
         if left <= 0:
             raise LockError(f"the lock '{name}' stayed busy for {wait_s:.0f} s")
