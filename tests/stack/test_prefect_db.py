@@ -3,6 +3,7 @@ only ever of one that this user made."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from pathlib import Path
@@ -40,7 +41,7 @@ def test_only_a_private_file_of_this_user_is_trusted(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_a_new_database_is_a_copy_and_a_planted_or_damaged_template_is_never_used(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     template = prefect_db.template_path()
@@ -81,8 +82,12 @@ def test_a_new_database_is_a_copy_and_a_planted_or_damaged_template_is_never_use
     template.parent.chmod(0o777)
     other = tmp_path / "b" / "prefect.db"
     other.parent.mkdir()
-    assert not prefect_db.seed(other, dict(os.environ)), "a cache others may write is not used"
+    with caplog.at_level(logging.WARNING, logger=prefect_db.__name__):
+        assert not prefect_db.seed(other, dict(os.environ)), "a cache others may write is not used"
     assert not other.exists() and not list(other.parent.iterdir())
+    said = [r.getMessage() for r in caplog.records if r.name == prefect_db.__name__]
+    assert len(said) == 1 and str(template.parent) in said[0] and "0o777" in said[0], said
+    assert "chmod 700" in said[0] and "XDG_CACHE_HOME" in said[0], "it says how to fix it"
 
 
 @pytest.mark.integration

@@ -16,6 +16,7 @@ where that cannot be, Prefect migrates the database itself.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 import sqlite3
@@ -27,6 +28,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 MAKE_TIMEOUT_S = 300
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -88,9 +91,22 @@ def seed(database: Path, env: dict[str, str]) -> bool:
 
 
 def _private_folder(folder: Path) -> Path | None:
-    """The cache folder, made for this user only; None when it is somebody else's."""
+    """The cache folder, made for this user only; None (and one warning line) when it is
+    somebody else's or others may write it."""
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return folder if owned_privately(folder) else None
+    if owned_privately(folder):
+        return folder
+    info = folder.lstat()
+    log.warning(
+        "the cache folder %s is not this user's alone (owner uid %d, mode %s), so its"
+        " Prefect database is not used: each new stack migrates its own (seconds). Fix:"
+        " chmod 700 %s if it is yours, or set XDG_CACHE_HOME to a folder of your own",
+        folder,
+        info.st_uid,
+        oct(info.st_mode & 0o777),
+        folder,
+    )
+    return None
 
 
 class _making_lock:
