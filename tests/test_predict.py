@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +12,7 @@ import pytest
 from PIL import Image
 
 from mnistops.data import mnist
+from mnistops.data.conversion import image_from_bytes
 from mnistops.predict import MAX_PIXELS, PredictError, load_images, mnist_like
 
 pytestmark = pytest.mark.unit
@@ -87,3 +91,32 @@ def test_a_file_name_with_control_characters_is_refused_escaped(tmp_path: Path) 
         with pytest.raises(PredictError, match="not valid UTF-8 or holds a control") as caught:
             load_images([named])
         assert "\x1b" not in str(caught.value) and "\udcff" not in str(caught.value)
+
+
+CONVERTED_SHA256 = "47651cf2134ed72eea70ac8f00e4b2598f3a09c02d056de3c928bc4a14895860"
+"""of the float32 pixels the conversion gave for `conversion_cases` (computed before its
+per-call costs were cut, which had to leave every pixel as it was)"""
+
+
+def conversion_cases(images: np.ndarray) -> Iterator[np.ndarray]:
+    """Test images as they are, inverted, as ink drawn in opacity, and resized."""
+    yield from images[:300]
+    for a in images[300:350]:
+        yield 255 - a
+        yield np.dstack([a, a, a, 255 - a]).astype(np.uint8)
+        yield np.asarray(Image.fromarray(a).resize((97, 131)))
+
+
+def test_the_conversion_gives_every_pixel_it_always_gave() -> None:
+    """Models were trained and judged on what this conversion gives (the service, the
+    CLI and the feedback check share it): a change to its pixels must be deliberate."""
+    digest = hashlib.sha256()
+    for array in conversion_cases(mnist.load(mnist.packaged_dir()).test_images):
+        png = io.BytesIO()
+        Image.fromarray(array).save(png, "PNG")
+        converted = image_from_bytes(png.getvalue())
+        assert converted.dtype == np.float32 and converted.shape == (28, 28)
+        digest.update(converted.tobytes())
+    assert digest.hexdigest() == CONVERTED_SHA256, (
+        "the conversion's pixels changed: models trained before would see other images"
+    )
