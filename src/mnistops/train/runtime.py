@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from mnistops.train import architecture as a
 
@@ -38,19 +39,37 @@ def _patch_index(height: int, width: int, channels: int, kernel: int) -> np.ndar
     return found.reshape(height * width, kernel * kernel * channels)
 
 
+PATCH_ROW_VIEWED = 16
+"""a patch row (kernel x channels floats, contiguous channels-last) at least this long is
+copied out of a strided view; shorter ones (a first layer's one channel) are gathered by
+index, which is faster for them (`bench/serve.py`'s runtime rows measure both)"""
+
+
 def _convolution(weight: np.ndarray, bias: np.ndarray, height: int, width: int) -> Step:
-    """One matrix product over the patches, gathered by a precomputed index (a few times
-    faster than a sliding-window view for these sizes)."""
+    """One matrix product over the patches. The patches are a strided view of the
+    zero-padded input, laid out (row, column, channel) like the weight's rows, copied
+    once by the matrix product's reshape; for a kernel row of few floats, gathered by a
+    precomputed index instead."""
     outputs, inputs, kernel, _ = weight.shape
     pad = kernel // 2
-    index = _patch_index(height, width, inputs, kernel)
+    viewed = kernel * inputs >= PATCH_ROW_VIEWED
+    index = None if viewed else _patch_index(height, width, inputs, kernel)
     matrix = np.ascontiguousarray(weight.transpose(2, 3, 1, 0).reshape(-1, outputs))
 
     def step(x: np.ndarray) -> np.ndarray:
         n = len(x)
         padded = np.zeros((n, height + 2 * pad, width + 2 * pad, inputs), np.float32)
         padded[:, pad : pad + height, pad : pad + width] = x
-        patches = np.take(padded.reshape(n, -1), index, axis=1)
+        if index is None:
+            across, down, right, channel = padded.strides
+            patches = as_strided(
+                padded,
+                (n, height, width, kernel, kernel, inputs),
+                (across, down, right, down, right, channel),
+                writeable=False,
+            )
+        else:
+            patches = np.take(padded.reshape(n, -1), index, axis=1)
         out: np.ndarray = patches.reshape(n * height * width, -1) @ matrix
         out += bias
         return out.reshape(n, height, width, outputs)

@@ -1,0 +1,113 @@
+"""The NumPy runtime that `predict` and `serve` answer with: time per image of one
+forward pass of each architecture at batch 1, 8 and 32, with its convolutions' patches
+copied from a strided view (ours, `train/runtime.py`) against every patch gathered by
+a precomputed index (the baseline: the way before), in alternating rounds; the two give
+the same logits bit for bit, which the script checks. Also the MNIST-way conversion of
+one PNG upload (`data/conversion.py`), which the service runs for every upload.
+
+Weights are random (the time does not depend on them); one thread, as the service runs.
+Usage: .venv/bin/python bench/runtime.py [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import time
+
+import numpy as np
+from drift import cpu_name
+from PIL import Image
+from threadpoolctl import threadpool_limits
+
+from mnistops.compat import bf16_is_native
+from mnistops.data import mnist
+from mnistops.data.conversion import image_from_bytes
+from mnistops.train import architecture, runtime
+
+BATCHES = (1, 8, 32)
+IMAGES_PER_ROUND = 2048
+
+
+def random_weights(name: str, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for key, (dtype, shape) in architecture.tensors(name).items():
+        values = rng.standard_normal(shape) * 0.3
+        if key.endswith("running_var"):
+            values = np.abs(values) + 0.5
+        weights[key] = values.astype(dtype)
+    return weights
+
+
+def compiled(name: str, viewed: bool) -> runtime.NumpyNet:
+    """The net with strided-view patches where ours uses them, or gathered everywhere."""
+    kept = runtime.PATCH_ROW_VIEWED
+    runtime.PATCH_ROW_VIEWED = kept if viewed else 1 << 30
+    try:
+        return runtime.compile_net(name, random_weights(name, 0))
+    finally:
+        runtime.PATCH_ROW_VIEWED = kept
+
+
+def microseconds_per_image(net: runtime.NumpyNet, batch: np.ndarray) -> float:
+    rounds = max(3, IMAGES_PER_ROUND // len(batch))
+    net(batch)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        net(batch)
+    return (time.perf_counter() - start) / (rounds * len(batch)) * 1e6
+
+
+def conversion_microseconds(images: np.ndarray) -> float:
+    bodies = []
+    for image in images[:2000]:
+        png = io.BytesIO()
+        Image.fromarray(image).save(png, "PNG")
+        bodies.append(png.getvalue())
+    start = time.perf_counter()
+    for body in bodies:
+        image_from_bytes(body)
+    return (time.perf_counter() - start) / len(bodies) * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    images = mnist.load(mnist.packaged_dir()).test_images
+    batches = {n: (images[:n, None] / 255.0).astype(np.float32) for n in BATCHES}
+    rows: dict[tuple[str, str, int], list[float]] = {}
+    with threadpool_limits(1):
+        for name in architecture.ARCHITECTURES:
+            nets = {
+                "gathered (before)": compiled(name, False),
+                "viewed (ours)": compiled(name, True),
+            }
+            for n, batch in batches.items():
+                found = [net(batch) for net in nets.values()]
+                if not np.array_equal(found[0], found[1]):
+                    raise SystemExit(f"{name}, batch {n}: the two ways gave different logits")
+            for _ in range(args.rounds):
+                for way, net in nets.items():
+                    for n, batch in batches.items():
+                        rows.setdefault((name, way, n), []).append(
+                            microseconds_per_image(net, batch)
+                        )
+        conversion = statistics.median(conversion_microseconds(images) for _ in range(3))
+    native = "native bf16" if bf16_is_native() else "no native bf16"
+    print(f"\n{cpu_name()} ({native}), {os.cpu_count()} cores; one thread")
+    print(f"median of {args.rounds} alternating rounds, microseconds per image at batch")
+    print(f"  {'':<30}" + "".join(f"{n:>8}" for n in BATCHES))
+    for name in architecture.ARCHITECTURES:
+        for way in ("gathered (before)", "viewed (ours)"):
+            figures = [statistics.median(rows[(name, way, n)]) for n in BATCHES]
+            print(f"  {name + ', ' + way:<30}" + "".join(f"{f:8.0f}" for f in figures))
+    print(f"the MNIST-way conversion of one PNG (28x28): {conversion:.0f} us (median of 3)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
