@@ -4,8 +4,10 @@ the services they started."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -119,3 +121,45 @@ def test_stopping_several_waits_for_each_together_and_no_longer_than_it_must(
     took = time.monotonic() - began
     assert not any(process.is_alive(r) for r in records), "both ended (and were reaped)"
     assert 0.95 < took < 1.9, f"the stubborn ones are killed after one grace: {took:.1f} s"
+
+
+def test_a_service_whose_record_was_damaged_is_still_found_and_stopped(tmp_path: Path) -> None:
+    """A record damaged by hand is removed as garbage; the service it named (and the
+    child it started) is still found, by what `start` put in its environment, and
+    stopped. A service of another state dir and a bystander are left alone."""
+    parent_of_a_child = (
+        "import subprocess, sys, time;"
+        " subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+        " time.sleep(60)"
+    )
+    run_dir, other_dir = tmp_path / "run", tmp_path / "other" / "run"
+    server = process.start(
+        "mlflow", [sys.executable, "-c", parent_of_a_child], {}, run_dir, tmp_path, ""
+    )
+    elsewhere = process.start(
+        "mlflow", [sys.executable, "-c", "import time; time.sleep(60)"], {}, other_dir, tmp_path, ""
+    )
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        deadline = time.monotonic() + 20
+        while not psutil.Process(server.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = [psutil.Process(server.pid), *psutil.Process(server.pid).children()]
+        assert len(tree) == 2, "the server started its child"
+        process.record_path(run_dir, "mlflow").write_text("garbage{{{")
+        assert process.read_record(run_dir, "mlflow") is None, "the damaged record is gone"
+
+        found = process.unrecorded(run_dir)
+        assert sorted(found) == ["mlflow"]
+        assert sorted(p.pid for p in found["mlflow"]) == sorted(p.pid for p in tree)
+        process.stop_processes(found["mlflow"], 5)
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree)
+        assert process.unrecorded(run_dir) == {}
+
+        assert process.is_alive(elsewhere), "another state dir's service runs on"
+        assert bystander.poll() is None, "a process `start` did not start runs on"
+    finally:
+        for pid in (server.pid, elsewhere.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        bystander.kill()

@@ -315,10 +315,24 @@ def down(settings: Settings, report: Report = no_report) -> list[str]:
                 stopped.append(name)
             services.append(service)
         process.stop_all(services, run_dir(settings))
-        if any(s.name == "s3" for s in services) and "s3" not in settings.set_aside_keys:
+        lost = _stop_unrecorded(settings, report)
+        stopped += lost
+        store_ran = "s3" in lost or any(s.name == "s3" for s in services)
+        if store_ran and "s3" not in settings.set_aside_keys:
             # (with the ports unknown, another store's sockets must not be touched)
             store_checks.remove_store_sockets(settings)
     return stopped
+
+
+def _stop_unrecorded(settings: Settings, report: Report) -> list[str]:
+    """Stop what this state dir started that no record names any more (a record damaged
+    by hand or a full disk is removed as garbage); the names of what was stopped."""
+    lost = process.unrecorded(run_dir(settings))
+    for name, procs in sorted(lost.items()):
+        report(f"stopping {name} (pid {procs[0].pid}), whose record was lost or damaged")
+    graces = (process.STORE_STOP_GRACE_S if n == "s3" else process.STOP_GRACE_S for n in lost)
+    process.stop_processes([p for procs in lost.values() for p in procs], max(graces, default=0))
+    return sorted(lost)
 
 
 def status(settings: Settings) -> list[ServiceStatus]:

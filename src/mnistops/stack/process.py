@@ -39,6 +39,12 @@ class ProcessRecord:
         return Path(self.log)
 
 
+STARTED_BY = "_MNISTOPS_STARTED_BY"
+"""set to `NAME@RUN_DIR` in the environment of every process `start` starts, and so of
+their children: how `stack down` finds a service whose record was lost or damaged
+(not `MNISTOPS_`: the settings read those)"""
+
+
 def record_path(run_dir: Path, name: str) -> Path:
     return run_dir / f"{name}.json"
 
@@ -180,7 +186,7 @@ def start(
             stdin=devnull,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=env,
+            env={**env, STARTED_BY: f"{name}@{run_dir}"},
             start_new_session=True,
             close_fds=True,
             umask=PRIVATE_UMASK,
@@ -247,6 +253,35 @@ def stop_all(records: list[ProcessRecord], run_dir: Path, grace_s: float | None 
             _wait_ended(alive, 5)
             exited(record)
         record_path(run_dir, record.name).unlink(missing_ok=True)
+
+
+def unrecorded(run_dir: Path) -> dict[str, list[psutil.Process]]:
+    """The running processes of this user that `start` started for `run_dir` (children
+    included), by service name, when their record no longer names them: a record
+    damaged by hand or by a full disk is removed as garbage, and its service would
+    otherwise run on with nothing to stop it. Call after the recorded ones stopped."""
+    ours = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found: dict[str, list[psutil.Process]] = {}
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid in ours or proc.uids().real != os.getuid():
+                continue
+            name, _, where = proc.environ().get(STARTED_BY, "").partition("@")
+        except psutil.Error:  # ended, a zombie, or not ours to read
+            continue
+        if name and where == str(run_dir):
+            found.setdefault(name, []).append(proc)
+    return found
+
+
+def stop_processes(procs: list[psutil.Process], grace_s: float) -> None:
+    """SIGTERM to each, SIGKILL to those left after `grace_s`."""
+    for proc in procs:
+        _signal(proc, signal.SIGTERM)
+    alive = _wait_ended(procs, grace_s)
+    for proc in alive:
+        _signal(proc, signal.SIGKILL)
+    _wait_ended(alive, 5)
 
 
 def _wait_ended(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
