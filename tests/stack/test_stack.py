@@ -162,6 +162,14 @@ def test_logs_show_a_service_log(stack_settings: Settings) -> None:
     assert "HTTP/1.1" in logs.stdout, "the tail of the MLflow server's access log"
     unknown = run_cli("stack", "logs", "nginx", config_dir=config_dir)
     assert unknown.returncode == 2 and "choose one of: s3, mlflow, prefect" in unknown.stderr
+    # a detached service that died has no record left; its log says why
+    died = stack_settings.home / "logs" / "serve.log"
+    died.write_text("ConfigError: config/flow.yml: key 'model_registry.name'\n")
+    try:
+        serve = run_cli("stack", "logs", "serve", config_dir=config_dir)
+    finally:
+        died.unlink()
+    assert serve.returncode == 0 and "model_registry.name" in serve.stdout, serve.stderr
 
 
 def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:

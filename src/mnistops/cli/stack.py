@@ -142,7 +142,11 @@ def serve(
 @app.command("logs")
 def logs(
     service: Annotated[
-        str, typer.Argument(help="s3, mlflow, prefect, or a detached worker (worker-POOL)")
+        str,
+        typer.Argument(
+            help="s3, mlflow, prefect, serve (the detached prediction service), or a"
+            " detached worker (worker-POOL)"
+        ),
     ],
     lines: Annotated[int, typer.Option("-n", "--lines", min=1, help="How many last lines.")] = 50,
     follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing.")] = False,
@@ -151,9 +155,13 @@ def logs(
     from mnistops import stack
     from mnistops.stack import process
     from mnistops.stack.services import SERVICE_NAMES
+    from mnistops.stack.workers import SERVE_NAME
 
     cfg = settings(STACK_KEYS)
-    known = [*SERVICE_NAMES, *(r.name for r in stack.worker_records(cfg))]
+    written = sorted(p.stem for p in stack.log_dir(cfg).glob("*.log"))
+    # a service that died has no record left, but its log says why
+    workers = [r.name for r in stack.worker_records(cfg)]
+    known = list(dict.fromkeys([*SERVICE_NAMES, *workers, SERVE_NAME, *written]))
     if service not in known:
         fail(f"unknown service '{service}'; choose one of: {', '.join(known)}", code=2)
     path = stack.log_dir(cfg) / f"{service}.log"
