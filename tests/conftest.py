@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -65,19 +66,44 @@ def only_the_unit_tier(config: pytest.Config) -> bool:
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """`-m unit` does not import the test files that mark no test `unit`: they import
     MLflow, pandas and the services' helpers, about a tenth of the tier's time, only for
-    their tests to be deselected. Every other run checks that this text is where the
-    unit tests are (`unit_tests_outside_marked_files`)."""
+    their tests to be deselected. Every other run fails a unit test in a file without
+    that text (`marking_mistake`)."""
     name = collection_path.name
     if only_the_unit_tier(config) and name.startswith("test_") and name.endswith(".py"):
         return UNIT_MARK not in collection_path.read_text(encoding="utf-8") or None
     return None
 
 
-def unit_tests_outside_marked_files(items: list[pytest.Item], root: Path) -> list[str]:
-    """The files of unit tests that `pytest_ignore_collect` would skip under `-m unit`."""
-    files = {item.path for item in items if item.get_closest_marker("unit") is not None}
-    hidden = [f for f in files if UNIT_MARK not in f.read_text(encoding="utf-8")]
-    return sorted(os.path.relpath(f, root) for f in hidden)
+TIERS = ("unit", "integration")
+MARKING_MISTAKE = pytest.StashKey[str]()
+
+
+@functools.cache
+def marks_unit_tests(path: Path) -> bool:
+    return UNIT_MARK in path.read_text(encoding="utf-8")
+
+
+def marking_mistake(item: pytest.Item) -> str | None:
+    """Why the test is marked wrongly: in no tier or in both (`make test-fast` would
+    miss it), a unit test where `-m unit` does not look (`pytest_ignore_collect`), or
+    `slow` without its one-line reason; None when it is marked right."""
+    tiers = [tier for tier in TIERS if item.get_closest_marker(tier) is not None]
+    if len(tiers) != 1:
+        return f"marked {tiers or 'with no tier'}: mark it unit or integration"
+    if tiers == ["unit"] and not marks_unit_tests(item.path):
+        return (
+            f"a unit test in a file without the text {UNIT_MARK!r}, which `make test-fast`"
+            " (-m unit) does not collect: mark it with pytest.mark.unit"
+        )
+    slow = item.get_closest_marker("slow")
+    if slow is not None and not (len(slow.args) == 1 and str(slow.args[0]).strip()):
+        return 'slow without its reason: write slow("why, in one line")'
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if MARKING_MISTAKE in item.stash:
+        pytest.fail(item.stash[MARKING_MISTAKE], pytrace=False)
 
 
 def worker_group(item: pytest.Item) -> str:
@@ -108,19 +134,15 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Groups are handed to the workers longest first (LONGEST_GROUPS, then the others
     that hold a test marked `slow`). Within the demo's group, tests that kill
     its services run after every test that only looks at it, so that a failure to bring
     it back cannot fail those too; tests that may start a retraining on it (a drift
     event) run last, so that no model it registers changes what the others find."""
-    if not only_the_unit_tier(config) and (
-        hidden := unit_tests_outside_marked_files(items, config.rootpath)
-    ):
-        raise pytest.UsageError(
-            f"unit tests in files without the text {UNIT_MARK!r}, which `-m unit` would not"
-            f" collect: {', '.join(hidden)}; mark them with pytest.mark.unit"
-        )
+    for item in items:
+        if (mistake := marking_mistake(item)) is not None:
+            item.stash[MARKING_MISTAKE] = mistake
     groups = {item.nodeid: worker_group(item) for item in items}
     slow = {groups[i.nodeid] for i in items if i.get_closest_marker("slow")}
     rank = {group: place for place, group in enumerate(LONGEST_GROUPS)}

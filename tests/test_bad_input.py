@@ -10,7 +10,7 @@ import yaml
 
 from tests.helpers import run_cli
 
-pytestmark = pytest.mark.bad_input
+pytestmark = [pytest.mark.integration, pytest.mark.bad_input]
 
 CASES = [
     ("stack.yml", "mlflow: [\n", ("stack", "up"), "stack.yml: not valid YAML"),

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
-
 REPO = Path(__file__).resolve().parent.parent
 
 CONFTEST = """
@@ -52,6 +50,7 @@ def make_flags() -> list[str]:
     return flags.group(1).replace("$(TEST_WORKERS)", workers.group(1)).split()
 
 
+@pytest.mark.integration
 def test_groups_stay_on_one_worker(tmp_path: Path) -> None:
     suite = tmp_path / "suite"
     suite.mkdir()

@@ -24,6 +24,7 @@ def block_types(database: Path) -> int:
         return int(db.execute("SELECT count(*) FROM block_type").fetchone()[0])
 
 
+@pytest.mark.unit
 def test_only_a_private_file_of_this_user_is_trusted(tmp_path: Path) -> None:
     mine = tmp_path / "mine.db"
     mine.write_bytes(b"x")
