@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mnistops.settings import STACK_KEYS, ConfigError, Settings, load_settings
+from mnistops.settings import SERVING_KEYS, ConfigError, Settings, load_settings
 
 console = Console(log_path=False)
 err = Console(stderr=True, soft_wrap=True)
@@ -52,8 +52,6 @@ class State:
     """the notes of the settings (ignored keys) were printed"""
 
 
-SERVING_KEYS = STACK_KEYS | {"model_registry"}
-"""what `serve` and the registry's commands (`models ...` but train) read"""
 MODEL_KEYS = SERVING_KEYS | {"experiment_name"}
 
 

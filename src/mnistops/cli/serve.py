@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from mnistops.cli._ui import SERVING_KEYS, Detach, console, settings, shorter, warn
+from mnistops.cli._ui import Detach, console, settings, shorter, warn
+from mnistops.settings import SERVING_KEYS
 
 
 def serve(

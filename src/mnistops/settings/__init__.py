@@ -24,6 +24,7 @@ from mnistops.settings.flow import (
     SchedulerSettings,
 )
 from mnistops.settings.loading import (
+    SERVING_KEYS,
     STACK_KEYS,
     STATE_DIR_KEYS,
     environment_variables,
@@ -38,6 +39,7 @@ from mnistops.settings.training import DatasetSettings, HyperParameters
 
 __all__ = [
     "ENV_PREFIX",
+    "SERVING_KEYS",
     "STACK_KEYS",
     "STATE_DIR_KEYS",
     "WILDCARDS",

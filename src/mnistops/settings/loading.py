@@ -206,6 +206,8 @@ STACK_KEYS = frozenset(
     }
 )
 """the keys of stack.yml: all that the stack's commands read"""
+SERVING_KEYS = STACK_KEYS | {"model_registry"}
+"""what `serve` and the registry's commands (`models ...` but train) read"""
 
 
 def load_settings(config_dir: Path | None = None, needs: frozenset[str] | None = None) -> Settings:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mnistops.clients import client_env
 from mnistops.credentials import write_private
-from mnistops.settings import ENV_PREFIX, Settings
+from mnistops.settings import ENV_PREFIX, SERVING_KEYS, Settings
 from mnistops.stack import process
 from mnistops.stack.state import Report, StackError, log_dir, run_dir, state_lock
 
@@ -56,6 +56,13 @@ def restart_workers(settings: Settings, report: Report) -> None:
             continue
         if not spec.get("restart"):
             continue
+        if path.stem == SERVE_NAME and (invalid := settings.set_aside_keys & SERVING_KEYS):
+            report(
+                f"not starting {SERVE_NAME} again: its settings {', '.join(sorted(invalid))}"
+                " are invalid (the warning above names the key); fix them and run"
+                " `mnistops stack up` again"
+            )
+            continue  # its mark stays: the next `up` starts it
         record = process.read_record(run_dir(settings), path.stem)
         if record is None or not process.is_alive(record):
             report(f"starting {path.stem} again (`stack down` stopped it)")
