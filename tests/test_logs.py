@@ -14,7 +14,7 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture
 def restored_levels() -> Iterator[None]:
-    names = ("EventsWorker", "mlflow")
+    names = ("EventsWorker", "mlflow", "mnistops", "")
     saved = {name: logging.getLogger(name).level for name in names}
     yield
     Verbosity.verbose = False
@@ -36,3 +36,12 @@ def test_verbose_shows_every_library_message(restored_levels: None) -> None:
     Verbosity.verbose = True
     quiet_libraries()
     assert events.isEnabledFor(logging.WARNING)
+
+
+def test_our_warnings_show_whatever_level_a_library_gave_the_root(restored_levels: None) -> None:
+    """A library `train` loads set the root logger to ERROR: the champion gate's
+    "waiting for the lock" line went unseen."""
+    logging.getLogger().setLevel(logging.ERROR)
+    quiet_libraries()
+    assert logging.getLogger("mnistops.stack.locks").isEnabledFor(logging.WARNING)
+    assert not logging.getLogger("mnistops.stack.locks").isEnabledFor(logging.INFO)

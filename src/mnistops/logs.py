@@ -18,7 +18,10 @@ class Verbosity:
 
 
 def quiet_libraries() -> None:
-    """The libraries' INFO lines and progress bars off, unless `--verbose` was given."""
+    """The libraries' INFO lines and progress bars off, unless `--verbose` was given.
+    Our own warnings stay on (a library that `train` loads sets the root logger to
+    ERROR, which hid the gate's "waiting for the lock" line)."""
+    logging.getLogger("mnistops").setLevel(logging.INFO if Verbosity.verbose else logging.WARNING)
     if Verbosity.verbose:
         return
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
