@@ -163,3 +163,28 @@ def test_a_service_whose_record_was_damaged_is_still_found_and_stopped(tmp_path:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
         bystander.kill()
+
+
+def test_a_record_copied_with_its_state_dir_never_stops_the_original(tmp_path: Path) -> None:
+    """`cp -a` of a state dir copies its records: `stack down` in the copy must not stop
+    the original's services. The same state dir by another spelling (a symlink) is
+    still the same one."""
+    run_dir, copy_dir = tmp_path / "a" / "run", tmp_path / "copy" / "run"
+    server = process.start(
+        "prefect", [sys.executable, "-c", "import time; time.sleep(60)"], {}, run_dir, tmp_path, ""
+    )
+    try:
+        copy_dir.mkdir(parents=True)
+        original = process.record_path(run_dir, "prefect").read_text()
+        process.record_path(copy_dir, "prefect").write_text(original)
+        assert process.read_record(copy_dir, "prefect") is None, "the copy names nothing"
+        assert process.unrecorded(copy_dir) == {}
+        assert process.is_alive(server), "the original runs on"
+        record = process.read_record(run_dir, "prefect")
+        assert record is not None and process.is_alive(record), "its own record still works"
+        (tmp_path / "link").symlink_to(tmp_path / "a")
+        process.record_path(run_dir, "prefect").unlink()
+        assert sorted(process.unrecorded(tmp_path / "link" / "run")) == ["prefect"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)

@@ -316,7 +316,7 @@ def down(settings: Settings, report: Report = no_report) -> list[str]:
             services.append(service)
         process.stop_all(services, run_dir(settings))
         lost = _stop_unrecorded(settings, report)
-        stopped += lost
+        stopped += [name for name in lost if name not in stopped]
         store_ran = "s3" in lost or any(s.name == "s3" for s in services)
         if store_ran and "s3" not in settings.set_aside_keys:
             # (with the ports unknown, another store's sockets must not be touched)

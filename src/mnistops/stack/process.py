@@ -45,6 +45,12 @@ their children: how `stack down` finds a service whose record was lost or damage
 (not `MNISTOPS_`: the settings read those)"""
 
 
+def started_by(name: str, run_dir: Path) -> str:
+    """The mark (`STARTED_BY`) of service `name` of the state dir of `run_dir`; the path
+    resolved, so that a symlinked or `..` spelling of the state dir is the same one."""
+    return f"{name}@{run_dir.resolve()}"
+
+
 def record_path(run_dir: Path, name: str) -> Path:
     return run_dir / f"{name}.json"
 
@@ -59,7 +65,7 @@ def read_record(run_dir: Path, name: str) -> ProcessRecord | None:
     path = record_path(run_dir, name)
     try:
         record = ProcessRecord(**json.loads(_read_regular(path)))
-        if not _plausible(record):
+        if not _plausible(record) or _marked_for_another(record, run_dir):
             raise ValueError(record)
     except FileNotFoundError:
         return None
@@ -67,6 +73,17 @@ def read_record(run_dir: Path, name: str) -> ProcessRecord | None:
         path.unlink(missing_ok=True)
         return None
     return record
+
+
+def _marked_for_another(record: ProcessRecord, run_dir: Path) -> bool:
+    """The record names a live process that `start` started for another service or state
+    dir: a record copied with its state dir (`cp -a`), or crafted. (A process without
+    any mark was started before marks existed: its start time still has to match.)"""
+    try:
+        mark = psutil.Process(record.pid).environ().get(STARTED_BY)
+    except psutil.Error:
+        return False
+    return mark is not None and mark != started_by(record.name, run_dir)
 
 
 def _read_regular(path: Path) -> bytes:
@@ -186,7 +203,7 @@ def start(
             stdin=devnull,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**env, STARTED_BY: f"{name}@{run_dir}"},
+            env={**env, STARTED_BY: started_by(name, run_dir)},
             start_new_session=True,
             close_fds=True,
             umask=PRIVATE_UMASK,
@@ -261,6 +278,7 @@ def unrecorded(run_dir: Path) -> dict[str, list[psutil.Process]]:
     damaged by hand or by a full disk is removed as garbage, and its service would
     otherwise run on with nothing to stop it. Call after the recorded ones stopped."""
     ours = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    state_dir = str(run_dir.resolve())
     found: dict[str, list[psutil.Process]] = {}
     for proc in psutil.process_iter():
         try:
@@ -269,7 +287,7 @@ def unrecorded(run_dir: Path) -> dict[str, list[psutil.Process]]:
             name, _, where = proc.environ().get(STARTED_BY, "").partition("@")
         except psutil.Error:  # ended, a zombie, or not ours to read
             continue
-        if name and where == str(run_dir):
+        if name and where == state_dir:
             found.setdefault(name, []).append(proc)
     return found
 
