@@ -42,7 +42,7 @@ def _patch_index(height: int, width: int, channels: int, kernel: int) -> np.ndar
 PATCH_ROW_VIEWED = 16
 """a patch row (kernel x channels floats, contiguous channels-last) at least this long is
 copied out of a strided view; shorter ones (a first layer's one channel) are gathered by
-index, which is faster for them (`bench/serve.py`'s runtime rows measure both)"""
+index, which is faster for them (`bench/runtime.py` measures both ways)"""
 
 
 def _convolution(weight: np.ndarray, bias: np.ndarray, height: int, width: int) -> Step:
