@@ -44,6 +44,25 @@ def test_transparent_png_is_drawn_on_white(digit: np.ndarray) -> None:
     assert np.corrcoef(converted.ravel(), mnist_like(Image.fromarray(digit)).ravel())[0, 1] > 0.9
 
 
+@pytest.mark.parametrize("kind", ["PNG", "JPEG"])
+def test_a_photo_turned_by_its_exif_orientation_is_read_upright(kind: str) -> None:
+    """A phone's photo is stored sideways with an orientation tag; PNGs can carry one too
+    (and a PNG without one skips Pillow's look for it)."""
+    upright = np.zeros((40, 28), np.uint8)
+    upright[6:34, 12:16] = 255  # a tall stroke: a 1
+    upright[6:10, 8:16] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter left: to be turned a quarter right
+    stored, tagged = io.BytesIO(), io.BytesIO()
+    Image.fromarray(upright).save(stored, kind, quality=100)
+    Image.fromarray(np.rot90(upright)).save(tagged, kind, exif=exif.tobytes(), quality=100)
+    as_stored = image_from_bytes(stored.getvalue())
+    assert np.abs(image_from_bytes(tagged.getvalue()) - as_stored).max() < 0.1
+    untagged = io.BytesIO()
+    Image.fromarray(np.rot90(upright)).save(untagged, kind, quality=100)
+    assert np.abs(image_from_bytes(untagged.getvalue()) - as_stored).max() > 0.5
+
+
 @pytest.mark.bad_input
 def test_blank_image_is_refused() -> None:
     with pytest.raises(PredictError, match="blank"):
