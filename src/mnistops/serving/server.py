@@ -56,7 +56,7 @@ def run(settings: Settings) -> None:
     serve = settings.serve
     cap = connection_cap(serve.max_connections, raise_file_limit())
     uvicorn.run(
-        app,
+        app.state.asgi,
         host=settings.bind,
         port=settings.serve.port,
         log_level="warning",
