@@ -1,9 +1,14 @@
-"""The NumPy runtime that `predict` and `serve` answer with: time per image of one
-forward pass of each architecture at batch 1, 8 and 32, with its convolutions' patches
-copied from a strided view (ours, `train/runtime.py`) against every patch gathered by
-a precomputed index (the baseline: the way before), in alternating rounds; the two give
-the same logits bit for bit, which the script checks. Also the MNIST-way conversion of
-one PNG upload (`data/conversion.py`), which the service runs for every upload.
+"""The runtimes `predict` and `serve` answer with: time per image of one forward pass of
+each architecture at batch 1, 8 and 32, in alternating rounds, by
+  - ONNX Runtime on the graph mnistops writes (`train/onnx_graph.py`; what answers for a
+    version whose graph passed its check at registration),
+  - the NumPy runtime (`train/runtime.py`; what answered before, and still answers for a
+    version registered without a graph), its convolutions' patches copied from a strided
+    view, and the same with every patch gathered by a precomputed index (the NumPy
+    runtime before that); the two NumPy ways give the same logits bit for bit, and ONNX
+    Runtime the same digits within float rounding, which the script checks.
+Also the MNIST-way conversion of one PNG upload (`data/conversion.py`), which the service
+runs for every upload.
 
 Weights are random (the time does not depend on them); one thread, as the service runs.
 Usage: .venv/bin/python bench/runtime.py [--rounds 5]
@@ -25,7 +30,7 @@ from threadpoolctl import threadpool_limits
 from mnistops.compat import bf16_is_native
 from mnistops.data import mnist
 from mnistops.data.conversion import image_from_bytes
-from mnistops.train import architecture, runtime
+from mnistops.train import architecture, onnx_graph, runtime
 
 BATCHES = (1, 8, 32)
 IMAGES_PER_ROUND = 2048
@@ -52,7 +57,7 @@ def compiled(name: str, viewed: bool) -> runtime.NumpyNet:
         runtime.PATCH_ROW_VIEWED = kept
 
 
-def microseconds_per_image(net: runtime.NumpyNet, batch: np.ndarray) -> float:
+def microseconds_per_image(net: runtime.Step, batch: np.ndarray) -> float:
     rounds = max(3, IMAGES_PER_ROUND // len(batch))
     net(batch)
     start = time.perf_counter()
@@ -82,14 +87,19 @@ def main() -> int:
     rows: dict[tuple[str, str, int], list[float]] = {}
     with threadpool_limits(1):
         for name in architecture.ARCHITECTURES:
-            nets = {
-                "gathered (before)": compiled(name, False),
-                "viewed (ours)": compiled(name, True),
+            graph = onnx_graph.graph_bytes(name, random_weights(name, 0))
+            nets: dict[str, runtime.Step] = {
+                "numpy, gathered": compiled(name, False),
+                "numpy, viewed": compiled(name, True),
+                "onnxruntime (ours)": onnx_graph.load_graph(name, graph),
             }
             for n, batch in batches.items():
                 found = [net(batch) for net in nets.values()]
                 if not np.array_equal(found[0], found[1]):
-                    raise SystemExit(f"{name}, batch {n}: the two ways gave different logits")
+                    raise SystemExit(f"{name}, batch {n}: the NumPy ways gave other logits")
+                scale = np.abs(found[0]).max()
+                if not np.allclose(found[2], found[0], rtol=1e-4, atol=1e-4 * scale):
+                    raise SystemExit(f"{name}, batch {n}: ONNX Runtime gave other logits")
             for _ in range(args.rounds):
                 for way, net in nets.items():
                     for n, batch in batches.items():
@@ -100,11 +110,11 @@ def main() -> int:
     native = "native bf16" if bf16_is_native() else "no native bf16"
     print(f"\n{cpu_name()} ({native}), {os.cpu_count()} cores; one thread")
     print(f"median of {args.rounds} alternating rounds, microseconds per image at batch")
-    print(f"  {'':<30}" + "".join(f"{n:>8}" for n in BATCHES))
+    print(f"  {'':<32}" + "".join(f"{n:>8}" for n in BATCHES))
     for name in architecture.ARCHITECTURES:
-        for way in ("gathered (before)", "viewed (ours)"):
+        for way in ("numpy, gathered", "numpy, viewed", "onnxruntime (ours)"):
             figures = [statistics.median(rows[(name, way, n)]) for n in BATCHES]
-            print(f"  {name + ', ' + way:<30}" + "".join(f"{f:8.0f}" for f in figures))
+            print(f"  {name + ', ' + way:<32}" + "".join(f"{f:8.0f}" for f in figures))
     print(f"the MNIST-way conversion of one PNG (28x28): {conversion:.0f} us (median of 3)")
     return 0
 

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from mnistops.data.conversion import decode, mnist_like
+from mnistops.data.conversion import decode, mnist_like, upright
 from mnistops.data.images import MAX_PIXELS, ImageRefused, read_regular, shown_name
 from mnistops.errors import ImageUnusable, PredictError
 from mnistops.settings import Settings
 from mnistops.tracking import model_fetch, model_files
+from mnistops.train.onnx_graph import OnnxNet
 from mnistops.train.runtime import NumpyNet
 
 if TYPE_CHECKING:
@@ -76,14 +77,21 @@ def load_images(paths: list[Path]) -> np.ndarray:
                 " control character; rename it"
             )
         with _open(path) as image:
-            arrays.append(mnist_like(ImageOps.exif_transpose(image) or image, str(path)))
+            arrays.append(mnist_like(upright(image), str(path)))
     return np.stack(arrays)[:, None].astype(np.float32)
+
+
+def runtime_of(model: Any) -> str:
+    """What runs a model of `model_files.load_for_answers`: onnxruntime, numpy or pytorch."""
+    if isinstance(model, OnnxNet):
+        return "onnxruntime"
+    return "numpy" if isinstance(model, NumpyNet) else "pytorch"
 
 
 def logits(model: Any, batch: np.ndarray) -> np.ndarray:
     """(N, 10) float32 logits of a (N, 1, 28, 28) float32 batch in [0, 1] (no gradients),
-    from a model of `model_files.load_for_answers`: NumPy's, or PyTorch's."""
-    if isinstance(model, NumpyNet):
+    from a model of `model_files.load_for_answers`: ONNX Runtime's, NumPy's or PyTorch's."""
+    if isinstance(model, OnnxNet | NumpyNet):
         return model(batch)
     import torch
 
@@ -147,7 +155,7 @@ def _fetch(settings: Settings, version: Registered, record: dict[str, str], fold
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def load_version(settings: Settings, version: Registered) -> Any:
+def load_version(settings: Settings, version: Registered, threads: int = 1) -> Any:
     """A registered version's model, in eval mode, loaded the one checked way
     (`tracking.model_files`): from this machine's cache, or downloaded once through the
     MLflow server (no S3 keys needed). Nothing from the registry is deserialized before
@@ -166,10 +174,10 @@ def load_version(settings: Settings, version: Registered) -> Any:
         if not folder.is_dir():
             _fetch(settings, version, record, folder)
         try:
-            model = model_files.load_for_answers(folder, tags, key, source)
+            model = model_files.load_for_answers(folder, tags, key, source, threads)
         except model_files.ModelRefused:
             _fetch(settings, version, record, folder)  # a damaged local copy: once more, fresh
-            model = model_files.load_for_answers(folder, tags, key, source)
+            model = model_files.load_for_answers(folder, tags, key, source, threads)
         probabilities(model, np.zeros((1, 1, 28, 28), np.float32))
     except model_files.ModelUnavailable as exc:
         raise ModelUnreachable(f"{unusable}: {exc}") from None

@@ -84,7 +84,7 @@ def test_it_answers_like_predict(service: tuple[str, Path]) -> None:
     model = httpx.get(f"{url}/model").json()
     name = settings.model_registry.name
     assert model["name"] == name and model["alias"] == "champion"
-    assert model["runtime"] == "numpy"  # the demo's models passed the check at registration
+    assert model["runtime"] == "onnxruntime"  # the demo's graphs passed their check
     assert model["data_version"] in ("v1.0", "v2.0", "v3.0") and 0 < model["test_accuracy"] <= 1
     metrics = httpx.get(f"{url}/metrics").text
     assert 'mnistops_requests_total{path="/predict",status="200"}' in metrics

@@ -18,6 +18,7 @@ import yaml
 from mnistops.predict import probabilities
 from mnistops.tracking import model_files as mf
 from mnistops.train.models import build
+from mnistops.train.onnx_graph import OnnxNet
 from mnistops.train.runtime import NumpyNet
 
 pytestmark = [pytest.mark.unit, pytest.mark.security]
@@ -166,6 +167,16 @@ def _pickled_weights(folder: Path, tags: dict) -> dict:
     return mf.record_tags(KEY, mf.file_record(folder), SOURCE)
 
 
+def _undeclared_graph(folder: Path, tags: dict) -> dict:
+    """An ONNX file where mnistops would put its graph, signed, but not in the MLmodel."""
+    (folder / mf.GRAPH_PATH).write_bytes(b"\x08\x08")
+    return mf.record_tags(KEY, mf.file_record(folder), SOURCE)
+
+
+def _graph_elsewhere(m: dict) -> None:
+    m["metadata"]["onnx"] = "data/evil.onnx"
+
+
 def _wrong_shape(folder: Path, tags: dict) -> dict:
     path = folder / mf.WEIGHTS_PATH
     with np.load(path) as saved:
@@ -193,6 +204,8 @@ CASES = {
     "an unknown architecture": (_resigned(_other_architecture), "'os.system', not one of"),
     "another flavor": (_resigned(_other_flavor), "a flavor other than pytorch"),
     "pickled weights": (_pickled_weights, "is not a NumPy archive of arrays"),
+    "a graph not declared": (_undeclared_graph, f"does not declare {mf.GRAPH_PATH}"),
+    "a graph elsewhere": (_resigned(_graph_elsewhere), f"does not declare {mf.GRAPH_PATH}"),
     "weights of the wrong shape": (_wrong_shape, "8.weight is float32[3, 3]"),
 }
 
@@ -303,3 +316,74 @@ def test_torch_export_load_runs_code_from_an_archive(tmp_path: Path) -> None:
     with contextlib.suppress(Exception):  # the payload's return value is no sample input
         torch.export.load(crafted)
     assert marker.exists()
+
+
+@pytest.fixture(scope="module")
+def with_graph(written, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The written model with its ONNX graph beside the weights, as registration logs it
+    (the checks' results are set by each test)."""
+    import mlflow.pytorch
+
+    root = tmp_path_factory.mktemp("with-graph")
+    weights = root / mf.WEIGHTS_NAME
+    shutil.copy(written[0] / mf.WEIGHTS_PATH, weights)
+    graph = mf.save_graph(weights, "digitnet")
+    folder = root / "model"
+    mlflow.pytorch.save_model(
+        written[1],
+        str(folder),
+        input_example=np.zeros((2, 1, 28, 28), np.float32),
+        pip_requirements=["torch"],
+        serialization_format="pt2",
+        extra_files=[str(weights), str(graph)],
+        metadata=mf.metadata("digitnet", "10000/10000", "10000/10000"),
+    )
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("checks", "runtime"),
+    [
+        ({}, OnnxNet),
+        ({mf.ONNX_CHECK: "10000/10000, 2 tied within float rounding"}, OnnxNet),
+        ({mf.ONNX_CHECK: "9999/10000"}, NumpyNet),
+        ({"onnx_graph": "0"}, NumpyNet),
+        ({mf.ONNX_CHECK: "9999/10000", mf.NUMPY_CHECK: "9999/10000"}, torch.nn.Module),
+    ],
+)
+def test_onnx_runtime_answers_only_for_a_graph_that_passed_its_check(
+    written, with_graph: Path, tmp_path: Path, checks: dict, runtime: type
+) -> None:
+    """The graph written the way this mnistops writes graphs, that gave PyTorch's digits
+    at registration, is run by ONNX Runtime; else NumPy or PyTorch answer, as before."""
+    folder = tmp_path / "model"
+    shutil.copytree(with_graph, folder)
+    path = folder / "MLmodel"
+    mlmodel = yaml.safe_load(path.read_text())
+    mlmodel["metadata"].update(checks)
+    path.write_text(yaml.safe_dump(mlmodel))
+    tags = mf.record_tags(KEY, mf.file_record(folder), SOURCE)
+    loaded = mf.load_for_answers(folder, tags, KEY, SOURCE)
+    assert isinstance(loaded, runtime)
+    x = torch.rand(9, 1, 28, 28)
+    with torch.inference_mode():
+        expected = written[1](x).numpy()
+    np.testing.assert_allclose(probabilities(loaded, x.numpy()).argmax(1), expected.argmax(1))
+
+
+def test_a_graph_changed_after_signing_is_refused(with_graph: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(with_graph, folder)
+    tags = mf.record_tags(KEY, mf.file_record(folder), SOURCE)
+    (folder / mf.GRAPH_PATH).write_bytes(b"another graph")
+    with pytest.raises(mf.ModelRefused, match=f"{mf.GRAPH_PATH} differs from the file"):
+        mf.load_for_answers(folder, tags, KEY, SOURCE)
+
+
+def test_the_check_at_registration_runs_the_graph(written, with_graph: Path) -> None:
+    images = (np.random.default_rng(1).random((300, 28, 28)) * 255).astype(np.uint8)
+    with torch.inference_mode():
+        digits = written[1](torch.from_numpy(images[:, None] / np.float32(255))).argmax(1)
+    graph = with_graph / mf.GRAPH_PATH
+    assert mf.onnx_check(graph, "digitnet", images, digits.numpy()) == "300/300"
+    assert mf.onnx_check(graph, "digitnet", images, (digits.numpy() + 1) % 10) == "0/300"

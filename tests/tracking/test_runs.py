@@ -136,16 +136,17 @@ def test_a_run_keeps_plots_and_a_loadable_model(trainer: Path, first_run) -> Non
     logits = model.predict(arrays.test_x.astype("float32")[:, None] / 255.0)
     accuracy = float((logits.argmax(1) == arrays.test_y).mean())
     assert accuracy == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)
-    # the NumPy runtime was checked on the whole test set, and is what answers: the same
-    # digits as MLflow's own loader of the exported archive
-    checked = model.metadata.metadata["numpy_runtime"]
-    assert checked.startswith(f"{len(arrays.test_y)}/{len(arrays.test_y)}"), checked
+    # the NumPy runtime and the ONNX graph were checked on the whole test set, and the
+    # graph is what answers: the same digits as MLflow's own loader of the exported archive
+    for check in ("numpy_runtime", "onnx_runtime"):
+        checked = model.metadata.metadata[check]
+        assert checked.startswith(f"{len(arrays.test_y)}/{len(arrays.test_y)}"), checked
     from mnistops.predict import load_version as load_for_answers
     from mnistops.predict import logits as answers_of
-    from mnistops.train.runtime import NumpyNet
+    from mnistops.train.onnx_graph import OnnxNet
 
     answering = load_for_answers(settings, version)
-    assert isinstance(answering, NumpyNet)
+    assert isinstance(answering, OnnxNet)
     ours = answers_of(answering, arrays.test_x.astype("float32")[:, None] / 255.0)
     assert (ours.argmax(1) == logits.argmax(1)).all()
 

@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from mnistops.predict import runtime_of
 from mnistops.settings import Settings
 from mnistops.tracking.champion import AliasedVersion
 from mnistops.tracking.contract import CHAMPION, DATA_VERSION_TAG
-from mnistops.train.runtime import NumpyNet
 
 log = logging.getLogger("mnistops.serve")
 
@@ -45,7 +45,7 @@ class Served:
             "run_id": self.run_id,
             "run_url": self.run_url,
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
-            "runtime": "numpy" if isinstance(self.module, NumpyNet) else "pytorch",
+            "runtime": runtime_of(self.module),
         }
 
 
@@ -64,9 +64,9 @@ def load_served(settings: Settings, version: AliasedVersion) -> Served:
     from mnistops.predict import load_version
     from mnistops.tracking.champion import accuracy_of
 
-    module = load_version(settings, version)
-    if not isinstance(module, NumpyNet):
-        import torch  # a version registered before the NumPy check: PyTorch answers
+    module = load_version(settings, version, settings.serve.threads or 1)
+    if runtime_of(module) == "pytorch":
+        import torch  # a version registered before the checks: PyTorch answers
 
         torch.set_num_threads(settings.serve.threads or 1)
     run_url = None

@@ -17,9 +17,11 @@ writes, and only after checking, in this order, without deserializing anything:
    mnistops builds from its own code (`train.architecture`), named in the MLmodel
    metadata, every tensor's name, shape and dtype checked.
 
-`predict` and `serve` then run the weights with NumPy (`train.runtime`) when the MLmodel
-metadata, signed with the rest, records that NumPy gave PyTorch's digits on the whole test
-set at registration (`numpy_runtime`); otherwise, with PyTorch.
+`predict` and `serve` then answer with ONNX Runtime, on the ONNX graph mnistops wrote from
+the weights at registration (`train.onnx_graph`, a file covered by the same record), when
+the MLmodel metadata, signed with the rest, records that the graph gave PyTorch's digits on
+the whole test set (`onnx_runtime`); else with NumPy (`train.runtime`) when NumPy did
+(`numpy_runtime`); otherwise with PyTorch.
 
 The `torch.export` archive MLflow keeps beside it is for MLflow's tools (`mlflow models
 serve`, `mlflow.pytorch.load_model`); mnistops never opens it.
@@ -46,6 +48,8 @@ from mnistops.train.architecture import ARCHITECTURES, tensors
 FORMAT = "mnistops-npz-v1"
 WEIGHTS_NAME = "mnistops-weights.npz"
 WEIGHTS_PATH = f"extra_files/{WEIGHTS_NAME}"
+GRAPH_NAME = "mnistops-model.onnx"
+GRAPH_PATH = f"extra_files/{GRAPH_NAME}"
 MLFLOW_ADDED = frozenset({"registered_model_meta"})
 """written by MLflow's client into every download of `models:/NAME/VERSION`"""
 MAX_WEIGHTS_BYTES = 64 * 1024 * 1024
@@ -66,11 +70,22 @@ NUMPY_CHECK = "numpy_runtime"
 with NumPy (`train.runtime`): "<same digits>/<test images>" against PyTorch's digits"""
 
 
-def metadata(architecture: str, numpy_check: str | None = None) -> dict[str, str]:
+ONNX_CHECK = "onnx_runtime"
+"""the same check of the ONNX graph (the MLmodel metadata key `onnx` names its file, and
+`onnx_graph` the `train.onnx_graph.GRAPH_VERSION` that wrote it)"""
+
+
+def metadata(
+    architecture: str, numpy_check: str | None = None, onnx_check: str | None = None
+) -> dict[str, str]:
     """What the MLmodel file says of our format (its `metadata` key)."""
     found = {"mnistops_format": FORMAT, "architecture": architecture, "weights": WEIGHTS_PATH}
     if numpy_check is not None:
         found[NUMPY_CHECK] = numpy_check
+    if onnx_check is not None:
+        from mnistops.train.onnx_graph import GRAPH_VERSION
+
+        found.update({"onnx": GRAPH_PATH, "onnx_graph": GRAPH_VERSION, ONNX_CHECK: onnx_check})
     return found
 
 
@@ -84,11 +99,46 @@ def numpy_check(weights: Path, architecture: str, images: np.ndarray, digits: np
     return f"{same}/{len(images)}" + (f", {ties} tied within float rounding" if ties else "")
 
 
+def save_graph(weights: Path, architecture: str) -> Path:
+    """The ONNX graph of the weights in `weights`, written beside them (registration)."""
+    from mnistops.train.onnx_graph import graph_bytes
+
+    path = weights.with_name(GRAPH_NAME)
+    path.write_bytes(graph_bytes(architecture, read_weights(weights)))
+    return path
+
+
+def onnx_check(graph: Path, architecture: str, images: np.ndarray, digits: np.ndarray) -> str:
+    """ONNX Runtime's digits on the graph for `images` (the test set) against PyTorch's
+    `digits`, as the metadata records it."""
+    from mnistops.train.onnx_graph import load_graph
+    from mnistops.train.runtime import agreement
+
+    same, ties = agreement(load_graph(architecture, graph.read_bytes()), images, digits)
+    return f"{same}/{len(images)}" + (f", {ties} tied within float rounding" if ties else "")
+
+
+def _passed(meta: dict[str, Any], check: str) -> bool:
+    same, _, total = str(meta.get(check, "")).split(",")[0].partition("/")
+    return same.isdigit() and same == total and int(total) > 0
+
+
 def numpy_checked(meta: dict[str, Any]) -> bool:
     """The version passed the NumPy check at registration: every test digit the same, or
     tied with PyTorch's within float rounding."""
-    same, _, total = str(meta.get(NUMPY_CHECK, "")).split(",")[0].partition("/")
-    return same.isdigit() and same == total and int(total) > 0
+    return _passed(meta, NUMPY_CHECK)
+
+
+def onnx_checked(meta: dict[str, Any]) -> bool:
+    """The version's ONNX graph, written the way this mnistops writes graphs, passed the
+    same check."""
+    from mnistops.train.onnx_graph import GRAPH_VERSION
+
+    return (
+        meta.get("onnx") == GRAPH_PATH
+        and str(meta.get("onnx_graph")) == GRAPH_VERSION
+        and _passed(meta, ONNX_CHECK)
+    )
 
 
 def save_weights(model: Any, folder: Path) -> Path:
@@ -239,6 +289,7 @@ LAYOUT = frozenset(
         "serving_input_example.json",
         "data/model.pt2",
         WEIGHTS_PATH,
+        GRAPH_PATH,
     }
 )
 """every file a model in mnistops' format may have (MLflow's PyTorch model and ours)"""
@@ -281,10 +332,11 @@ def _checked_metadata(folder: Path) -> dict[str, Any]:
         not isinstance(pyfunc, dict) or pyfunc.get("loader_module") != "mlflow.pytorch"
     ):
         raise ModelRefused("MLmodel's python_function flavor names another loader module")
-    if (
-        torch_flavor.get("extra_files") != [{"path": WEIGHTS_PATH}]
-        or meta.get("weights") != WEIGHTS_PATH
-    ):
+    graph = meta.get("onnx")
+    if graph not in (None, GRAPH_PATH) or (graph is None and (folder / GRAPH_PATH).exists()):
+        raise ModelRefused(f"MLmodel does not declare {GRAPH_PATH} as mnistops writes it")
+    extra = [{"path": WEIGHTS_PATH}] + ([{"path": GRAPH_PATH}] if graph else [])
+    if torch_flavor.get("extra_files") != extra or meta.get("weights") != WEIGHTS_PATH:
         raise ModelRefused(f"MLmodel points at weights other than {WEIGHTS_PATH}")
     if (folder / "data" / "model.pth").exists() or not (folder / "data" / "model.pt2").is_file():
         raise ModelRefused("data/ holds a pickled model, not an exported one")
@@ -357,15 +409,22 @@ def load_checked(folder: Path, tags: dict[str, str], key: bytes | None, source: 
     return build_checked(meta["architecture"], arrays)
 
 
-def load_for_answers(folder: Path, tags: dict[str, str], key: bytes | None, source: str) -> Any:
-    """The same model, after the same checks, in the fastest faithful way: run by NumPy
-    (`train.runtime`, no PyTorch import) when it gave PyTorch's digits on the whole test
-    set at registration, else as a PyTorch module (a version registered before the check
-    existed). What `predict` and `serve` answer with."""
-    meta, arrays = _checked_files(folder, tags, key, source)
-    if not numpy_checked(meta):
-        return build_checked(meta["architecture"], arrays)
+def load_for_answers(
+    folder: Path, tags: dict[str, str], key: bytes | None, source: str, threads: int = 1
+) -> Any:
+    """The same model, after the same checks, in the fastest faithful way: its ONNX graph
+    run by ONNX Runtime when the graph gave PyTorch's digits on the whole test set at
+    registration; else run by NumPy (`train.runtime`) when NumPy did; else as a PyTorch
+    module (a version registered before the checks existed). No PyTorch import in the
+    first two. What `predict` and `serve` answer with, on `threads` threads."""
+    from mnistops.train.onnx_graph import load_graph, runtime_available
     from mnistops.train.runtime import compile_net
 
-    check_weights(meta["architecture"], arrays)
-    return compile_net(meta["architecture"], arrays)
+    meta, arrays = _checked_files(folder, tags, key, source)
+    architecture = meta["architecture"]
+    check_weights(architecture, arrays)
+    if onnx_checked(meta) and runtime_available():
+        return load_graph(architecture, (folder / GRAPH_PATH).read_bytes(), threads)
+    if numpy_checked(meta):
+        return compile_net(architecture, arrays)
+    return build_checked(architecture, arrays)

@@ -27,7 +27,7 @@ def _log_model(
 ) -> tuple[str, dict[str, str]]:
     """(the logged model's URI, its signed file record). The model is saved here first
     (MLflow's PyTorch format with an exported `pt2` archive, for MLflow's own tools, and
-    mnistops' weights and architecture beside it, the only thing mnistops loads), its
+    mnistops' weights, architecture and ONNX graph beside it, what mnistops loads), its
     record made from these local files, then uploaded and read back: anything changed or
     added on the server meanwhile is refused, so only what mnistops wrote is signed."""
     import tempfile
@@ -45,9 +45,10 @@ def _log_model(
     model = result.model.to("cpu")
     with tempfile.TemporaryDirectory(prefix="model-") as tmp:
         weights = model_files.save_weights(model, Path(tmp))
-        checked = model_files.numpy_check(
-            weights, hyp.model, arrays.test_x, np.asarray(result.test.predicted)
-        )
+        digits = np.asarray(result.test.predicted)
+        checked = model_files.numpy_check(weights, hyp.model, arrays.test_x, digits)
+        graph = model_files.save_graph(weights, hyp.model)
+        graph_checked = model_files.onnx_check(graph, hyp.model, arrays.test_x, digits)
         folder = Path(tmp) / "model"
         mlflow.pytorch.save_model(
             model,
@@ -56,8 +57,8 @@ def _log_model(
             input_example=example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
             serialization_format="pt2",
-            extra_files=[str(weights)],
-            metadata=model_files.metadata(hyp.model, checked),
+            extra_files=[str(weights), str(graph)],
+            metadata=model_files.metadata(hyp.model, checked, graph_checked),
         )
         record = model_files.file_record(folder)
         model_files.check_format(folder)

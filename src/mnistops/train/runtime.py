@@ -158,7 +158,7 @@ def compile_net(architecture: str, weights: dict[str, np.ndarray]) -> NumpyNet:
             )
             follower = layers[index + 1] if index + 1 < len(layers) else None
             if isinstance(follower, a.BatchNorm):
-                weight, bias = _fold(weight, bias, weights, index + 1, follower.eps)
+                weight, bias = fold_batch_norm(weight, bias, weights, index + 1, follower.eps)
             steps.append(_convolution(weight, bias, shape[1], shape[2]))
             shape = (layer.outputs, shape[1], shape[2])
         elif isinstance(layer, a.ReLU):
@@ -177,7 +177,7 @@ def compile_net(architecture: str, weights: dict[str, np.ndarray]) -> NumpyNet:
     return NumpyNet(architecture, steps)
 
 
-def _fold(
+def fold_batch_norm(
     weight: np.ndarray, bias: np.ndarray, weights: dict[str, np.ndarray], index: int, eps: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """A convolution followed by batch norm (eval mode) as one convolution."""
@@ -194,7 +194,7 @@ TIE = 1e-4
 decides: PyTorch's own digit for such an image changes with its thread count or batch"""
 
 
-def agreement(net: NumpyNet, images: np.ndarray, digits: np.ndarray) -> tuple[int, int]:
+def agreement(net: Step, images: np.ndarray, digits: np.ndarray) -> tuple[int, int]:
     """(images of `images` ((N, 28, 28) uint8) where `net` gives PyTorch's digit
     (`digits`) or ties it within float rounding, of them the ties)."""
     same = ties = 0
