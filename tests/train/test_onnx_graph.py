@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from mnistops.train import architecture, onnx_graph
-from tests.train.test_runtime import random_weights
+from tests.train.test_runtime import gives_pytorchs_logits, random_weights
 
 pytestmark = pytest.mark.unit
 
@@ -17,14 +16,9 @@ pytestmark = pytest.mark.unit
 def test_onnx_runtime_gives_pytorchs_logits(name: str, size: int) -> None:
     model = random_weights(name, seed=size)
     weights = {k: v.numpy() for k, v in model.state_dict().items()}
-    net = onnx_graph.load_graph(name, onnx_graph.graph_bytes(name, weights))
-    images = np.random.default_rng(size).random((size, 1, 28, 28), dtype=np.float32)
-    with torch.inference_mode():
-        expected = model(torch.from_numpy(images)).numpy()
-    found = net(images)
-    assert found.shape == (size, 10) and found.dtype == np.float32
-    np.testing.assert_allclose(found, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-    assert (found.argmax(axis=1) == expected.argmax(axis=1)).all()
+    gives_pytorchs_logits(
+        onnx_graph.load_graph(name, onnx_graph.graph_bytes(name, weights)), model, size
+    )
 
 
 def test_an_empty_batch_is_no_logits() -> None:

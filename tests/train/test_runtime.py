@@ -43,6 +43,11 @@ def test_the_layers_name_every_tensor_of_the_pytorch_module(name: str) -> None:
 def test_numpy_gives_pytorchs_logits(name: str, size: int) -> None:
     model = random_weights(name, seed=size)
     net = runtime.compile_net(name, {k: v.numpy() for k, v in model.state_dict().items()})
+    gives_pytorchs_logits(net, model, size)
+
+
+def gives_pytorchs_logits(net: runtime.Step, model: torch.nn.Module, size: int) -> None:
+    """`net`'s logits for `size` random images are the module's, within float rounding."""
     images = np.random.default_rng(size).random((size, 1, 28, 28), dtype=np.float32)
     with torch.inference_mode():
         expected = model(torch.from_numpy(images)).numpy()

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from mnistops.train import architecture as a
-from mnistops.train.runtime import fold_batch_norm
+from mnistops.train.runtime import convolution_parameters
 
 GRAPH_VERSION = "1"
 """the way this module writes a graph; a graph checked under another is not run"""
@@ -54,15 +54,7 @@ def graph_bytes(architecture: str, weights: dict[str, np.ndarray]) -> bytes:
 
     for index, layer in enumerate(layers):
         if isinstance(layer, a.Conv):
-            weight = weights[f"{index}.weight"].astype(np.float32)
-            bias = (
-                weights[f"{index}.bias"].astype(np.float32)
-                if layer.bias
-                else np.zeros(layer.outputs, np.float32)
-            )
-            follower = layers[index + 1] if index + 1 < len(layers) else None
-            if isinstance(follower, a.BatchNorm):
-                weight, bias = fold_batch_norm(weight, bias, weights, index + 1, follower.eps)
+            weight, bias = convolution_parameters(layers, index, weights)
             pad = layer.kernel // 2
             node(
                 "Conv",

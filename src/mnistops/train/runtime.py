@@ -150,15 +150,7 @@ def compile_net(architecture: str, weights: dict[str, np.ndarray]) -> NumpyNet:
     flattened: tuple[int, int, int] | None = None
     for index, layer in enumerate(layers):
         if isinstance(layer, a.Conv):
-            weight = weights[f"{index}.weight"].astype(np.float32)
-            bias = (
-                weights[f"{index}.bias"].astype(np.float32)
-                if layer.bias
-                else np.zeros(layer.outputs, np.float32)
-            )
-            follower = layers[index + 1] if index + 1 < len(layers) else None
-            if isinstance(follower, a.BatchNorm):
-                weight, bias = fold_batch_norm(weight, bias, weights, index + 1, follower.eps)
+            weight, bias = convolution_parameters(layers, index, weights)
             steps.append(_convolution(weight, bias, shape[1], shape[2]))
             shape = (layer.outputs, shape[1], shape[2])
         elif isinstance(layer, a.ReLU):
@@ -175,6 +167,25 @@ def compile_net(architecture: str, weights: dict[str, np.ndarray]) -> NumpyNet:
             steps.append(_linear(weight, weights[f"{index}.bias"].astype(np.float32), flattened))
             flattened = None
     return NumpyNet(architecture, steps)
+
+
+def convolution_parameters(
+    layers: tuple[a.Layer, ...], index: int, weights: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(weight, bias) of the convolution `layers[index]`, float32, with the batch norm
+    that follows it, if one does, folded in (eval mode)."""
+    layer = layers[index]
+    assert isinstance(layer, a.Conv)
+    weight = weights[f"{index}.weight"].astype(np.float32)
+    bias = (
+        weights[f"{index}.bias"].astype(np.float32)
+        if layer.bias
+        else np.zeros(layer.outputs, np.float32)
+    )
+    follower = layers[index + 1] if index + 1 < len(layers) else None
+    if isinstance(follower, a.BatchNorm):
+        weight, bias = fold_batch_norm(weight, bias, weights, index + 1, follower.eps)
+    return weight, bias
 
 
 def fold_batch_norm(
