@@ -387,3 +387,56 @@ def test_the_check_at_registration_runs_the_graph(written, with_graph: Path) -> 
     graph = with_graph / mf.GRAPH_PATH
     assert mf.onnx_check(graph, "digitnet", images, digits.numpy()) == "300/300"
     assert mf.onnx_check(graph, "digitnet", images, (digits.numpy() + 1) % 10) == "0/300"
+
+
+def _signed_copy(with_graph: Path, tmp_path: Path, graph: bytes | None) -> tuple[Path, dict]:
+    """The model with its graph replaced by `graph` (or removed), re-signed as a key holder
+    would (or `models promote --trust-unsigned` before it checked the graph)."""
+    folder = tmp_path / "model"
+    shutil.copytree(with_graph, folder)
+    if graph is None:
+        (folder / mf.GRAPH_PATH).unlink()
+    else:
+        (folder / mf.GRAPH_PATH).write_bytes(graph)
+    return folder, mf.record_tags(KEY, mf.file_record(folder), SOURCE)
+
+
+@pytest.mark.parametrize(
+    ("graph", "words"),
+    [
+        (b"\x08\x08garbage", "is not a graph ONNX Runtime can load"),
+        (None, f"{mf.GRAPH_PATH}, declared in MLmodel, is missing"),
+    ],
+)
+def test_a_signed_graph_that_does_not_load_is_refused_by_name(
+    with_graph: Path, tmp_path: Path, graph: bytes | None, words: str
+) -> None:
+    folder, tags = _signed_copy(with_graph, tmp_path, graph)
+    with pytest.raises(mf.ModelRefused, match=words):
+        mf.load_for_answers(folder, tags, KEY, SOURCE)
+
+
+def test_a_graph_over_the_size_cap_is_refused_unread(
+    with_graph: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, tags = _signed_copy(with_graph, tmp_path, b"\0" * 2048)
+    monkeypatch.setattr(mf, "MAX_GRAPH_BYTES", 1024)
+    with pytest.raises(mf.ModelRefused, match=f"{mf.GRAPH_PATH} is over"):
+        mf.load_for_answers(folder, tags, KEY, SOURCE)
+
+
+def test_only_the_graph_mnistops_writes_from_the_weights_can_be_trusted(
+    written, with_graph: Path, tmp_path: Path
+) -> None:
+    """`models promote --trust-unsigned` vouches for weights; a graph beside them is code for
+    ONNX Runtime, so it must be the one mnistops writes from those weights, byte for byte
+    (an outside review made a trusted graph answer 7 always, and read a file through
+    ONNX's external data)."""
+    arrays = mf.read_weights(with_graph / mf.WEIGHTS_PATH)
+    mf.check_graph(with_graph, "digitnet", arrays)
+    other = {k: v + np.float32(0.01) if v.dtype == np.float32 else v for k, v in arrays.items()}
+    from mnistops.train.onnx_graph import graph_bytes
+
+    folder, _ = _signed_copy(with_graph, tmp_path, graph_bytes("digitnet", other))
+    with pytest.raises(mf.ModelRefused, match="not the graph mnistops writes"):
+        mf.check_graph(folder, "digitnet", arrays)

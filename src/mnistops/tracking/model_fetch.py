@@ -16,6 +16,7 @@ from mnistops.tracking.model_files import (
     ModelUnavailable,
     build_checked,
     check_format,
+    check_graph,
     file_record,
     load_checked,
     load_for_answers,
@@ -103,7 +104,9 @@ def trust(client: Any, version: Any, key: bytes, who: str) -> dict[str, str]:
         folder = download(client, uri, Path(tmp))
         record = file_record(folder)
         architecture = check_format(folder)
-        build_checked(architecture, read_weights(folder / WEIGHTS_PATH))
+        arrays = read_weights(folder / WEIGHTS_PATH)
+        build_checked(architecture, arrays)
+        check_graph(folder, architecture, arrays)
     tags = {**record_tags(key, record, str(version.source)), TRUSTED_BY_TAG: who}
     for name, value in tags.items():
         client.set_model_version_tag(version.name, version.version, name, value)

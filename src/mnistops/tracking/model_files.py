@@ -54,6 +54,8 @@ MLFLOW_ADDED = frozenset({"registered_model_meta"})
 """written by MLflow's client into every download of `models:/NAME/VERSION`"""
 MAX_WEIGHTS_BYTES = 64 * 1024 * 1024
 """our models' weights take under 1 MB: a larger archive is refused unopened"""
+MAX_GRAPH_BYTES = 16 * 1024 * 1024
+"""our graphs take under 1 MB: a larger file is refused unread"""
 
 
 class ModelRefused(MnistopsError):
@@ -335,6 +337,8 @@ def _checked_metadata(folder: Path) -> dict[str, Any]:
     graph = meta.get("onnx")
     if graph not in (None, GRAPH_PATH) or (graph is None and (folder / GRAPH_PATH).exists()):
         raise ModelRefused(f"MLmodel does not declare {GRAPH_PATH} as mnistops writes it")
+    if graph is not None and not (folder / GRAPH_PATH).is_file():
+        raise ModelRefused(f"{GRAPH_PATH}, declared in MLmodel, is missing")
     extra = [{"path": WEIGHTS_PATH}] + ([{"path": GRAPH_PATH}] if graph else [])
     if torch_flavor.get("extra_files") != extra or meta.get("weights") != WEIGHTS_PATH:
         raise ModelRefused(f"MLmodel points at weights other than {WEIGHTS_PATH}")
@@ -364,6 +368,29 @@ def read_weights(path: Path) -> dict[str, np.ndarray]:
     if odd:
         raise ModelRefused(f"{WEIGHTS_PATH}: {odd[0]!r} is not a NumPy array")
     return arrays
+
+
+def read_graph(folder: Path) -> bytes:
+    """The bytes of the model's ONNX graph, refused unread past MAX_GRAPH_BYTES."""
+    path = folder / GRAPH_PATH
+    if path.stat().st_size > MAX_GRAPH_BYTES:
+        raise ModelRefused(f"{GRAPH_PATH} is over {MAX_GRAPH_BYTES // 2**20} MB")
+    return path.read_bytes()
+
+
+def check_graph(folder: Path, architecture: str, arrays: dict[str, np.ndarray]) -> None:
+    """A declared graph must be, byte for byte, the one mnistops writes from these weights
+    (`models promote --trust-unsigned`: a graph is code for ONNX Runtime, and an edited
+    one could answer otherwise than the weights the gate scores, or read files)."""
+    if _mlmodel(folder).get("metadata", {}).get("onnx") is None:
+        return
+    from mnistops.train.onnx_graph import graph_bytes
+
+    if read_graph(folder) != graph_bytes(architecture, arrays):
+        raise ModelRefused(
+            f"{GRAPH_PATH} is not the graph mnistops writes from this version's weights:"
+            " only a graph mnistops wrote can be trusted"
+        )
 
 
 def check_weights(architecture: str, arrays: dict[str, np.ndarray]) -> None:
@@ -424,7 +451,13 @@ def load_for_answers(
     architecture = meta["architecture"]
     check_weights(architecture, arrays)
     if onnx_checked(meta) and runtime_available():
-        return load_graph(architecture, (folder / GRAPH_PATH).read_bytes(), threads)
+        graph = read_graph(folder)
+        try:
+            return load_graph(architecture, graph, threads)
+        except Exception as exc:  # noqa: BLE001  onnxruntime's own errors, of every kind
+            raise ModelRefused(
+                f"{GRAPH_PATH} is not a graph ONNX Runtime can load ({type(exc).__name__})"
+            ) from None
     if numpy_checked(meta):
         return compile_net(architecture, arrays)
     return build_checked(architecture, arrays)
