@@ -136,11 +136,12 @@ def test_a_run_keeps_plots_and_a_loadable_model(trainer: Path, first_run) -> Non
     logits = model.predict(arrays.test_x.astype("float32")[:, None] / 255.0)
     accuracy = float((logits.argmax(1) == arrays.test_y).mean())
     assert accuracy == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)
-    # the NumPy runtime and the ONNX graph were checked on the whole test set, and the
-    # graph is what answers: the same digits as MLflow's own loader of the exported archive
-    for check in ("numpy_runtime", "onnx_runtime"):
-        checked = model.metadata.metadata[check]
-        assert checked.startswith(f"{len(arrays.test_y)}/{len(arrays.test_y)}"), checked
+    # the ONNX graph was checked on the whole test set (NumPy is checked only where it
+    # does not pass), and the graph is what answers: the same digits as MLflow's own
+    # loader of the exported archive
+    checked = model.metadata.metadata["onnx_runtime"]
+    assert checked.startswith(f"{len(arrays.test_y)}/{len(arrays.test_y)}"), checked
+    assert "numpy_runtime" not in model.metadata.metadata  # one check: the graph passed
     from mnistops.predict import load_version as load_for_answers
     from mnistops.predict import logits as answers_of
     from mnistops.train.onnx_graph import OnnxNet
