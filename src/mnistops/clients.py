@@ -17,11 +17,12 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from mnistops.credentials import S3Keys, load_keys
-from mnistops.settings import Settings
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from prefect.client.orchestration import SyncPrefectClient
+
+    from mnistops.settings import Settings
 
 # boto3 >= 1.36 adds CRC trailers to uploads by default; some S3 servers store
 # them inside the object. Only send checksums when an API requires them.
@@ -75,10 +76,18 @@ def s3_keys(settings: Settings) -> S3Keys | None:
 
 def s3_client(settings: Settings, keys: S3Keys | None = None, timeout_s: float = 10.0) -> Any:
     """A boto3 S3 client for the settings' store: path-style, short timeouts."""
+    keys = keys or s3_keys(settings)
+    return s3_client_at(settings.s3_endpoint, settings.s3.region, keys, timeout_s)
+
+
+def s3_client_at(
+    endpoint_url: str | None, region: str, keys: S3Keys | None, timeout_s: float = 10.0
+) -> Any:
+    """`s3_client` from plain values (the prediction log's writer process has no
+    settings); keys None: the AWS default chain."""
     import boto3  # here, not at the top: commands that need no S3 start faster
     from botocore.config import Config
 
-    keys = keys or s3_keys(settings)
     config = Config(
         connect_timeout=timeout_s,
         read_timeout=timeout_s * 3,
@@ -89,8 +98,8 @@ def s3_client(settings: Settings, keys: S3Keys | None = None, timeout_s: float =
     )
     return boto3.client(
         "s3",
-        endpoint_url=settings.s3_endpoint,
-        region_name=settings.s3.region,
+        endpoint_url=endpoint_url,
+        region_name=region,
         aws_access_key_id=keys.access_key_id if keys else None,
         aws_secret_access_key=keys.secret_access_key if keys else None,
         config=config,

@@ -488,7 +488,7 @@ def running(pid: int) -> bool:
 
 
 def test_retention_deletes_only_the_days_past_it(service: Service) -> None:
-    from mnistops.loop.log_writer import delete_before
+    from mnistops.loop.log_process import delete_before
 
     settings = service.settings
     client = service_client(service)

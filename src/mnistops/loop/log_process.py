@@ -17,10 +17,12 @@ import os
 import signal
 import subprocess
 import sys
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
 from typing import Any
 
+from mnistops.credentials import S3Keys
 from mnistops.loop import records
 
 log = logging.getLogger("mnistops.serve")
@@ -33,12 +35,26 @@ class WriterGone(Exception):
     """The writer process did not answer; the message says what happened."""
 
 
+@dataclass(frozen=True)
+class StoreAccess:
+    """What the writer needs of the settings, as plain values: the writer process never
+    imports pydantic and the settings (about 18 MB of its memory)."""
+
+    endpoint_url: str | None
+    region: str
+    keys: S3Keys | None
+    """None: the AWS default chain"""
+    bucket: str
+    log_key: bytes
+    """the prediction log's signing key (`records.log_key`)"""
+
+
 class WriterProcess:
     """The service's side of the writer process: `call` sends one request and waits for
     its reply (on the log's thread, never on a request's path)."""
 
-    def __init__(self, settings: Any) -> None:
-        self.settings = settings
+    def __init__(self, access: StoreAccess) -> None:
+        self.access = access
         self.proc: subprocess.Popen[bytes] | None = None
         self.requests: Connection | None = None
         self.replies: Connection | None = None
@@ -124,31 +140,31 @@ class WriterProcess:
         os.close(from_child_w)
         self.requests = Connection(to_child_w, readable=False)
         self.replies = Connection(from_child_r, writable=False)
-        self.requests.send(("settings", self.settings))
+        self.requests.send(("access", self.access))
         self.requests.send(("ready", None))
 
 
 def serve_requests(requests: Connection, replies: Connection) -> None:
     """Answer the service's requests until it closes the pipe."""
-    store: Any = None
-    settings: Any = None
+    store: Store | None = None
+    access: StoreAccess | None = None
     while True:
         try:
             kind, value = requests.recv()
         except (EOFError, OSError):
             return
-        if kind == "settings":
-            settings = value
+        if kind == "access":
+            access = value
             continue
         if kind == "ready":
             try:
-                store = Store(settings)
+                store = Store(access)
             except Exception as exc:  # noqa: BLE001  made again at the first batch
                 log.warning("the prediction log's object store client: %s", exc)
             continue
         try:
             if store is None:
-                store = Store(settings)
+                store = Store(access)
             reply: tuple[str, Any] = ("written", store.handle(kind, value))
         except Exception as exc:  # noqa: BLE001  the service keeps the records and retries
             store = None
@@ -162,13 +178,14 @@ def serve_requests(requests: Connection, replies: Connection) -> None:
 class Store:
     """The object store as the writer uses it: signed batches in, old days out."""
 
-    def __init__(self, settings: Any) -> None:
-        from mnistops.clients import s3_client
-        from mnistops.loop.store import log_signing_key
+    def __init__(self, access: StoreAccess | None) -> None:
+        from mnistops.clients import s3_client_at
 
-        self.key = records.log_key(log_signing_key(settings, doing="signed"))
-        self.bucket = settings.s3.buckets.dvc
-        self.client = s3_client(settings, timeout_s=5.0)
+        if access is None:
+            raise RuntimeError("the service sent no store access")
+        self.key = access.log_key
+        self.bucket = access.bucket
+        self.client = s3_client_at(access.endpoint_url, access.region, access.keys, 5.0)
 
     def handle(self, kind: str, value: Any) -> int:
         if kind == "answers":
@@ -176,8 +193,6 @@ class Store:
         if kind == "labels":
             return self.put(records.FEEDBACK_PREFIX, records.feedback_parquet(value))
         if kind == "retain":
-            from mnistops.loop.log_writer import delete_before
-
             return delete_before(self.client, self.bucket, int(value))
         raise ValueError(f"unknown request {kind!r}")
 
@@ -186,6 +201,25 @@ class Store:
         signature = {records.SIGNATURE: records.batch_signature(self.key, name, body)}
         self.client.put_object(Bucket=self.bucket, Key=name, Body=body, Metadata=signature)
         return len(body)
+
+
+def delete_before(client: Any, bucket: str, retention_days: int) -> int:
+    """Delete the batches of days older than `retention_days` (UTC); how many."""
+    cutoff = datetime.now(UTC).date() - timedelta(days=retention_days)
+    deleted = 0
+    for prefix in (records.PREDICTIONS_PREFIX, records.FEEDBACK_PREFIX):
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        old = [
+            item["Key"]
+            for page in pages
+            for item in page.get("Contents", [])
+            if (day := records.day_of(item["Key"])) is not None and day < cutoff
+        ]
+        for start in range(0, len(old), 1000):
+            chunk = [{"Key": key} for key in old[start : start + 1000]]
+            client.delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
+            deleted += len(chunk)
+    return deleted
 
 
 def main(argv: list[str]) -> None:

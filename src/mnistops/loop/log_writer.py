@@ -20,11 +20,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from mnistops.loop import records
-from mnistops.loop.log_process import WriterGone, WriterProcess
+from mnistops.loop.log_process import StoreAccess, WriterGone, WriterProcess
 from mnistops.loop.records import Answered, Label
 from mnistops.settings import Settings
 
@@ -46,13 +44,25 @@ class LogCounts:
     labels_written: int = 0
 
 
+def store_access(settings: Settings) -> StoreAccess:
+    """What the writer process needs of `settings`; a missing signing key is refused
+    here, at the service's start, not at the first batch."""
+    from mnistops.clients import s3_keys
+    from mnistops.loop.store import log_signing_key
+
+    return StoreAccess(
+        endpoint_url=settings.s3_endpoint,
+        region=settings.s3.region,
+        keys=s3_keys(settings),
+        bucket=settings.s3.buckets.dvc,
+        log_key=records.log_key(log_signing_key(settings, doing="signed")),
+    )
+
+
 class PredictionLog:
     """Buffers answers and labels; a daemon thread writes them (`start`, `close`)."""
 
     def __init__(self, settings: Settings) -> None:
-        from mnistops.loop.store import log_signing_key
-
-        log_signing_key(settings, doing="signed")  # refused at start, not at the first batch
         self.settings = settings
         self.config = settings.serve.log
         self.bucket = settings.s3.buckets.dvc
@@ -67,7 +77,7 @@ class PredictionLog:
         """when the first label still buffered came"""
         self.counts = LogCounts()
         self.thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
-        self.writer = WriterProcess(settings)
+        self.writer = WriterProcess(store_access(settings))
         self.in_flight = 0
         """records handed to the writer and not yet written"""
         self.lost_said = False
@@ -256,22 +266,3 @@ def _chunks(answers: list[Answered], limit: int) -> list[list[Answered]]:
         chunks[-1].append(answered)
         size += len(answered.images)
     return chunks
-
-
-def delete_before(client: Any, bucket: str, retention_days: int) -> int:
-    """Delete the batches of days older than `retention_days` (UTC); how many."""
-    cutoff = datetime.now(UTC).date() - timedelta(days=retention_days)
-    deleted = 0
-    for prefix in (records.PREDICTIONS_PREFIX, records.FEEDBACK_PREFIX):
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        old = [
-            item["Key"]
-            for page in pages
-            for item in page.get("Contents", [])
-            if (day := records.day_of(item["Key"])) is not None and day < cutoff
-        ]
-        for start in range(0, len(old), 1000):
-            chunk = [{"Key": key} for key in old[start : start + 1000]]
-            client.delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
-            deleted += len(chunk)
-    return deleted
