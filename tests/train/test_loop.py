@@ -54,6 +54,19 @@ def test_every_model_maps_images_to_ten_logits(name: str) -> None:
     assert out.shape == (3, 10)
 
 
+def test_dropout_drops_its_share_scales_the_rest_and_follows_the_seed() -> None:
+    drop = models.Dropout(0.25)
+    ones = torch.ones(400, 1000)
+    torch.manual_seed(7)
+    first = drop(ones)
+    torch.manual_seed(7)
+    assert torch.equal(drop(ones), first)
+    assert abs(float((first == 0).float().mean()) - 0.25) < 0.005
+    assert first.unique().tolist() == [0.0, pytest.approx(1 / 0.75)]
+    assert abs(float(first.mean()) - 1.0) < 0.01
+    assert torch.equal(drop.eval()(ones), ones)
+
+
 def test_an_unknown_model_names_the_known_ones() -> None:
     with pytest.raises(TrainingError, match="unknown model 'resnet' .known: digitnet, seednet"):
         check_hyperparameters(HyperParameters(model="resnet"))
