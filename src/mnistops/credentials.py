@@ -10,7 +10,7 @@ import os
 import secrets
 import stat
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnistops.errors import BadInput
@@ -21,7 +21,7 @@ _ALPHABET = string.ascii_letters + string.digits
 @dataclass(frozen=True)
 class S3Keys:
     access_key_id: str
-    secret_access_key: str
+    secret_access_key: str = field(repr=False)
 
 
 def _random(length: int) -> str:

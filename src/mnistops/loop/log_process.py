@@ -17,7 +17,8 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
 from typing import Any
@@ -38,14 +39,14 @@ class WriterGone(Exception):
 @dataclass(frozen=True)
 class StoreAccess:
     """What the writer needs of the settings, as plain values: the writer process never
-    imports pydantic and the settings (about 18 MB of its memory)."""
+    imports pydantic and the settings (16 MB of its memory). No secret in its repr."""
 
     endpoint_url: str | None
     region: str
-    keys: S3Keys | None
+    keys: S3Keys | None = field(repr=False)
     """None: the AWS default chain"""
     bucket: str
-    log_key: bytes
+    log_key: bytes = field(repr=False)
     """the prediction log's signing key (`records.log_key`)"""
 
 
@@ -53,8 +54,11 @@ class WriterProcess:
     """The service's side of the writer process: `call` sends one request and waits for
     its reply (on the log's thread, never on a request's path)."""
 
-    def __init__(self, access: StoreAccess) -> None:
+    def __init__(self, access: Callable[[], StoreAccess]) -> None:
         self.access = access
+        """read again at every start and after every failed write: keys that changed
+        (a regenerated credentials file) are used without a restart of the service"""
+        self.failed = False
         self.proc: subprocess.Popen[bytes] | None = None
         self.requests: Connection | None = None
         self.replies: Connection | None = None
@@ -75,6 +79,9 @@ class WriterProcess:
             self.start()
         assert self.requests is not None and self.replies is not None
         try:
+            if self.failed:
+                self.requests.send(("access", self.access()))
+                self.failed = False
             self.requests.send(request)
             if not self.replies.poll(REPLY_TIMEOUT_S):
                 raise WriterGone(f"no answer in {REPLY_TIMEOUT_S:.0f} s")
@@ -84,6 +91,7 @@ class WriterProcess:
             why = str(exc) or type(exc).__name__
             raise WriterGone(f"the log's writer process stopped ({why})") from None
         if outcome == "failed":
+            self.failed = True
             raise RuntimeError(value)
         return value
 
@@ -129,6 +137,7 @@ class WriterProcess:
     def start(self) -> None:
         """Start the writer (again); it loads its imports while the service starts."""
         self.stop(wait_s=0)
+        access = self.access()
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         self.proc = subprocess.Popen(
@@ -140,7 +149,8 @@ class WriterProcess:
         os.close(from_child_w)
         self.requests = Connection(to_child_w, readable=False)
         self.replies = Connection(from_child_r, writable=False)
-        self.requests.send(("access", self.access))
+        self.failed = False
+        self.requests.send(("access", access))
         self.requests.send(("ready", None))
 
 
@@ -154,7 +164,7 @@ def serve_requests(requests: Connection, replies: Connection) -> None:
         except (EOFError, OSError):
             return
         if kind == "access":
-            access = value
+            access, store = value, None
             continue
         if kind == "ready":
             try:

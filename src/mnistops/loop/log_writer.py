@@ -45,8 +45,7 @@ class LogCounts:
 
 
 def store_access(settings: Settings) -> StoreAccess:
-    """What the writer process needs of `settings`; a missing signing key is refused
-    here, at the service's start, not at the first batch."""
+    """What the writer process needs of `settings` (BadInput without a signing key)."""
     from mnistops.clients import s3_keys
     from mnistops.loop.store import log_signing_key
 
@@ -77,7 +76,8 @@ class PredictionLog:
         """when the first label still buffered came"""
         self.counts = LogCounts()
         self.thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
-        self.writer = WriterProcess(store_access(settings))
+        store_access(settings)  # a missing key or a bad key file refused at start
+        self.writer = WriterProcess(lambda: store_access(settings))
         self.in_flight = 0
         """records handed to the writer and not yet written"""
         self.lost_said = False
@@ -140,7 +140,7 @@ class PredictionLog:
     def _run(self) -> None:
         try:
             self.writer.start()  # its imports and client made before the first batch
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001  started again at the first batch
             log.warning("the prediction log's writer process: %s", exc)
         try:
             while True:
