@@ -169,13 +169,13 @@ def keep_freed_memory() -> None:
     largest of a digitnet batch is 13 MB. Linux with glibc only: elsewhere nothing
     changes. The process keeps that memory until it exits."""
     import ctypes
-    import ctypes.util
+    import sys
 
-    name = ctypes.util.find_library("c")
+    if sys.platform != "linux":
+        return
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+        mallopt = ctypes.CDLL(None).mallopt  # musl has none: nothing changes
+    except (OSError, AttributeError):
         return
     mallopt(M_MMAP_THRESHOLD, 32 << 20)
     mallopt(M_TRIM_THRESHOLD, 1 << 30)
@@ -197,7 +197,8 @@ def fit(
     torch.use_deterministic_algorithms(True, warn_only=True)
     # Deterministic mode also fills every new tensor with NaN, against kernels that read
     # memory they did not write; none of ours does (the same seed gives the same metrics,
-    # tests/tracking/test_runs.py), and the fills cost a tenth of a CPU step.
+    # tests/tracking/test_runs.py), and the fills cost a tenth of a CPU step. Both stay
+    # so for the rest of the process, as the thread count does.
     torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     if device == "cpu":
         keep_freed_memory()

@@ -19,7 +19,9 @@ class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        keep = torch.rand_like(x) >= self.p
+        if self.p >= 1:
+            return torch.zeros_like(x)
+        keep = torch.rand_like(x, dtype=torch.float32) >= self.p  # bf16 draws would be coarse
         return x * keep * (1.0 / (1.0 - self.p))
 
 
