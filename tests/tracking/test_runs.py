@@ -322,6 +322,42 @@ def test_a_champion_without_stored_predictions_is_scored_once(
 
 
 @pytest.mark.security
+def test_an_unsigned_champion_is_signed_in_place_by_trust_unsigned(
+    trainer: Path, first_run, tmp_path: Path
+) -> None:
+    """A champion set by hand in MLflow, on a version without mnistops' record: `predict`
+    and `serve` refuse it and say `promote V --trust-unsigned`, which signs it in place."""
+    from mnistops.tracking import model_files
+    from mnistops.train import models
+
+    settings, client = client_of(trainer)
+    name = f"byhand-{uuid.uuid4().hex[:6]}"
+    experiment = client.get_experiment_by_name(settings.experiment_name).experiment_id
+    with mlflow.start_run(experiment_id=experiment):
+        model = models.digitnet().eval()
+        logged = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            input_example=np.zeros((2, 1, 28, 28), np.float32),
+            extra_files=[str(model_files.save_weights(model, tmp_path))],
+            metadata=model_files.metadata("digitnet"),
+        )
+    version = mlflow.register_model(logged.model_uri, name).version
+    client.set_registered_model_alias(name, "champion", version)
+    env = {**os.environ, "MNISTOPS_MODEL_REGISTRY__NAME": name}
+    plain = run_cli("models", "promote", version, config_dir=trainer, env=env)
+    assert plain.returncode == 2 and "champion already" in plain.stderr, plain.stderr
+    assert "--trust-unsigned" in plain.stderr
+    signed = run_cli("models", "promote", version, "--trust-unsigned", config_dir=trainer, env=env)
+    assert signed.returncode == 0, signed.stderr
+    assert "champion already" in signed.stdout and "signed" in signed.stdout, signed.stdout
+    assert "model_trusted_by" in client.get_model_version(name, version).tags
+    again = run_cli("models", "promote", version, "--trust-unsigned", config_dir=trainer, env=env)
+    assert again.returncode == 2 and "champion already" in again.stderr, again.stderr
+    assert "--trust-unsigned" not in again.stderr
+
+
+@pytest.mark.security
 def test_models_shows_tags_escaped(trainer: Path, first_run) -> None:
     """Anyone who reaches MLflow can write tags: `models` never lets them drive the terminal."""
     settings, client = client_of(trainer)

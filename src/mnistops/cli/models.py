@@ -384,6 +384,12 @@ def promote(
 
     cfg = settings(MODEL_KEYS)
     done = promote_champion(cfg, version, reason, trust_unsigned=trust_unsigned)
+    if done.signed_only:
+        console.print(
+            f"[green]{cfg.model_registry.name} v{done.version} is champion already[/]:"
+            f" {done.reason}; a running `mnistops serve` loads it within seconds"
+        )
+        return
     shown = f" (was v{done.previous})" if done.previous else ""
     console.print(
         f"[green]{cfg.model_registry.name} v{done.version} is now champion[/]{shown}: {done.reason}"

@@ -17,7 +17,7 @@ from typing import Any
 from mnistops.predict import runtime_of
 from mnistops.settings import Settings
 from mnistops.tracking.champion import AliasedVersion
-from mnistops.tracking.contract import CHAMPION, DATA_VERSION_TAG
+from mnistops.tracking.contract import CHAMPION, DATA_VERSION_TAG, SIGNATURE_TAG
 
 log = logging.getLogger("mnistops.serve")
 
@@ -56,7 +56,9 @@ class Holder:
         self.current: Served | None = None
         self.swaps = 0
         self.refused: dict[str, str] = {}
-        """versions that failed to load, and why (not tried again)"""
+        """versions that failed to load, and why (not tried again while their files'
+        signature stays what it was: `models promote --trust-unsigned` signs them)"""
+        self.refused_signatures: dict[str, str | None] = {}
 
 
 def load_served(settings: Settings, version: AliasedVersion) -> Served:
@@ -112,7 +114,8 @@ class Follower(threading.Thread):
         current = self.holder.current
         if version is None or (current is not None and current.version == str(version.version)):
             return
-        if str(version.version) in self.holder.refused:
+        number, signature = str(version.version), version.tags.get(SIGNATURE_TAG)
+        if number in self.holder.refused and self.holder.refused_signatures[number] == signature:
             return
         began = time.monotonic()
         try:
@@ -123,7 +126,8 @@ class Follower(threading.Thread):
             )
             return
         except PredictError as exc:
-            self.holder.refused[str(version.version)] = str(exc)
+            self.holder.refused[number] = str(exc)
+            self.holder.refused_signatures[number] = signature
             log.error(
                 "champion v%s refused, %s keeps serving: %s",
                 version.version,
@@ -131,6 +135,7 @@ class Follower(threading.Thread):
                 exc,
             )
             return
+        self.holder.refused.pop(number, None)
         self.holder.current = served
         self.holder.swaps += 1
         log.warning(

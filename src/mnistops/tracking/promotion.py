@@ -34,6 +34,8 @@ class Promotion:
     version: str
     previous: str | None
     reason: str
+    signed_only: bool = False
+    """the version was champion already, unsigned: its files were signed, nothing moved"""
 
 
 def promote(
@@ -65,9 +67,16 @@ def promote(
                 f"{name} has no version {version} (registered: {known})"
             ) from None
         current = champion(client, name)
-        if current is not None and current.version == target.version:
-            raise PromotionRefused(f"{name} v{version} is champion already")
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        if current is not None and current.version == target.version:
+            unsigned = record_problem(target.tags or {}, key, str(target.source)) is not None
+            if not (trust_unsigned and unsigned):
+                hint = ", without mnistops' signed record: add --trust-unsigned"
+                raise PromotionRefused(
+                    f"{name} v{version} is champion already" + (hint if unsigned else "")
+                )
+            _check_loads(client, target, key, f"{user} at {now}")
+            return Promotion(target.version, None, f"its files signed for {user}", True)
         _check_loads(client, target, key, f"{user} at {now}" if trust_unsigned else None)
         why = f"promoted by {user}: {reason}"
         tags = {PROMOTED_BY_TAG: user, PROMOTED_AT_TAG: now, PROMOTED_REASON_TAG: why}
