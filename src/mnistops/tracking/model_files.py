@@ -120,9 +120,14 @@ def onnx_check(graph: Path, architecture: str, images: np.ndarray, digits: np.nd
     return f"{same}/{len(images)}" + (f", {ties} tied within float rounding" if ties else "")
 
 
-def _passed(meta: dict[str, Any], check: str) -> bool:
-    same, _, total = str(meta.get(check, "")).split(",")[0].partition("/")
+def passed(outcome: str) -> bool:
+    """A check's outcome ("<same digits>/<test images>[, ties]") says every digit agreed."""
+    same, _, total = outcome.split(",")[0].partition("/")
     return same.isdigit() and same == total and int(total) > 0
+
+
+def _passed(meta: dict[str, Any], check: str) -> bool:
+    return passed(str(meta.get(check, "")))
 
 
 def numpy_checked(meta: dict[str, Any]) -> bool:

@@ -51,7 +51,7 @@ def _log_model(
         # NumPy answers only where the graph did not pass: one check per registration
         checked = (
             None
-            if model_files.onnx_checked(model_files.metadata(hyp.model, None, graph_checked))
+            if model_files.passed(graph_checked)
             else model_files.numpy_check(weights, hyp.model, arrays.test_x, digits)
         )
         folder = Path(tmp) / "model"
