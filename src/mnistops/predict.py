@@ -170,7 +170,7 @@ def load_version(settings: Settings, version: Registered, threads: int = 1) -> A
     unusable = f"{settings.model_registry.name} v{version.version} cannot be loaded"
     folder = model_cache(settings, str(version.version))
     try:
-        record = model_files.signed_record(tags, key, source)
+        record = model_files.signed_record(tags, key, source, str(version.version))
         if not folder.is_dir():
             _fetch(settings, version, record, folder)
         try:

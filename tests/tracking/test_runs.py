@@ -351,7 +351,9 @@ def test_an_unsigned_champion_is_signed_in_place_by_trust_unsigned(
     signed = run_cli("models", "promote", version, "--trust-unsigned", config_dir=trainer, env=env)
     assert signed.returncode == 0, signed.stderr
     assert "champion already" in signed.stdout and "signed" in signed.stdout, signed.stdout
-    assert "model_trusted_by" in client.get_model_version(name, version).tags
+    tags = client.get_model_version(name, version).tags
+    assert "model_trusted_by" in tags and "signed" in tags["champion_reason"], tags
+    assert tags["promoted_by"]
     again = run_cli("models", "promote", version, "--trust-unsigned", config_dir=trainer, env=env)
     assert again.returncode == 2 and "champion already" in again.stderr, again.stderr
     assert "--trust-unsigned" not in again.stderr
@@ -585,6 +587,7 @@ def test_a_pickled_champion_never_runs_and_the_next_model_replaces_it(
     said = " ".join(predicted.stderr.split())
     assert predicted.returncode == 1 and "Traceback" not in predicted.stderr, said
     assert f"the champion {name} v{bad} cannot be loaded: not registered by mnistops" in said
+    assert f"mnistops models promote {bad} --trust-unsigned" in said, "the version, named"
     listed = run_cli("models", config_dir=trainer)
     assert f"v{bad} refused, never loaded: not registered by mnistops" in " ".join(
         listed.stdout.split()

@@ -293,7 +293,7 @@ def show_models() -> None:
             gate_cell(v.tags or {}),
             ", ".join(escape(shown(a)) for a in alias_of.get(v.version, [])),
         )
-        refused = record_problem(v.tags or {}, key, str(v.source))
+        refused = record_problem(v.tags or {}, key, str(v.source), str(v.version))
         if refused is not None:
             notes.append(f"v{escape(v.version)} [red]refused[/], never loaded: {escape(refused)}")
         if CHALLENGER_TAG in tags:

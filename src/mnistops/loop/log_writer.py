@@ -88,6 +88,12 @@ class PredictionLog:
     def start(self) -> None:
         self.thread.start()
 
+    @property
+    def waiting(self) -> int:
+        """Records not written yet: buffered, and handed to the writer (a write under
+        way, or one failing until the store answers)."""
+        return self.buffered + self.in_flight
+
     def record(self, answered: Answered) -> None:
         """Buffer one answer (never blocks on the store); shed it when the buffer is full."""
         n = len(answered.images)
@@ -215,6 +221,7 @@ class PredictionLog:
                 self.in_flight -= len(some)
         except Exception as exc:  # noqa: BLE001  the store is down: keep the records, retry
             self.counts.write_errors += 1
+            self.in_flight = 0  # back in the buffer: counted there, not twice
             self._put_back(answers[written:], labels)
             where = "" if isinstance(exc, WriterGone) else f" to s3://{self.bucket}"
             log.warning(

@@ -365,7 +365,7 @@ def loop_families(log: PredictionLog | None, book: FeedbackBook) -> list[Metric]
         feedback,
         records,
         GaugeMetricFamily(
-            "mnistops_prediction_log_buffered", "Records waiting to be written.", log.buffered
+            "mnistops_prediction_log_buffered", "Records waiting to be written.", log.waiting
         ),
         CounterMetricFamily(
             "mnistops_prediction_log_write_errors",

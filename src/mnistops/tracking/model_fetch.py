@@ -86,7 +86,7 @@ def load_registered(client: Any, version: Any, key: bytes | None, for_answers: b
     import tempfile
 
     source = str(version.source)
-    signed_record(version.tags or {}, key, source)
+    signed_record(version.tags or {}, key, source, str(version.version))
     uri = f"models:/{version.name}/{version.version}"
     load = load_for_answers if for_answers else load_checked
     with tempfile.TemporaryDirectory(prefix="model-") as tmp:

@@ -218,14 +218,17 @@ def signing_key(settings: Settings) -> bytes:
     return key
 
 
-def signed_record(tags: dict[str, str], key: bytes | None, source: str) -> dict[str, str]:
+def signed_record(
+    tags: dict[str, str], key: bytes | None, source: str, version: str = "VERSION"
+) -> dict[str, str]:
     """The version's file record, once its signature (over `source` and the record) is
-    checked; ModelRefused says why it is not "registered by mnistops"."""
+    checked; ModelRefused says why it is not "registered by mnistops" (and names the
+    command to trust `version`)."""
     encoded, signature = tags.get(FILES_TAG), tags.get(SIGNATURE_TAG)
     if not encoded or not signature:
         raise ModelRefused(
             "not registered by mnistops (it has no signed file record); if you trust its"
-            " files, `mnistops models promote VERSION --trust-unsigned` records them"
+            f" files, `mnistops models promote {version} --trust-unsigned` records them"
         )
     if key is None:
         raise ModelRefused("its file record cannot be checked: " + no_key_message("settings"))
@@ -246,12 +249,14 @@ def signed_record(tags: dict[str, str], key: bytes | None, source: str) -> dict[
     return record
 
 
-def record_problem(tags: dict[str, str], key: bytes | None, source: str) -> str | None:
+def record_problem(
+    tags: dict[str, str], key: bytes | None, source: str, version: str = "VERSION"
+) -> str | None:
     """Why a version will be refused, judged from its tags and source alone (no
     download); None when its record is signed for its source. The files themselves are
     checked when loaded."""
     try:
-        signed_record(tags, key, source)
+        signed_record(tags, key, source, version)
     except ModelRefused as exc:
         return str(exc)
     return None

@@ -76,7 +76,13 @@ def promote(
                     f"{name} v{version} is champion already" + (hint if unsigned else "")
                 )
             _check_loads(client, target, key, f"{user} at {now}")
-            return Promotion(target.version, None, f"its files signed for {user}", True)
+            why = f"its files signed for {user} (the alias was moved outside mnistops): {reason}"
+            signed = {PROMOTED_BY_TAG: user, PROMOTED_AT_TAG: now, PROMOTED_REASON_TAG: why}
+            if CHAMPION_REASON_TAG not in (target.tags or {}):
+                signed[CHAMPION_REASON_TAG] = why
+            for tag, value in signed.items():
+                client.set_model_version_tag(name, target.version, tag, value)
+            return Promotion(target.version, None, why, True)
         _check_loads(client, target, key, f"{user} at {now}" if trust_unsigned else None)
         why = f"promoted by {user}: {reason}"
         tags = {PROMOTED_BY_TAG: user, PROMOTED_AT_TAG: now, PROMOTED_REASON_TAG: why}

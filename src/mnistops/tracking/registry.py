@@ -197,7 +197,7 @@ def model_problem(
     crown a worse model)."""
     import mlflow
 
-    refused = record_problem(version.tags or {}, key, str(version.source))
+    refused = record_problem(version.tags or {}, key, str(version.source), version.version)
     if refused is not None:
         return refused
     try:
