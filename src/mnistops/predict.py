@@ -19,7 +19,7 @@ from mnistops.data.conversion import decode, mnist_like, upright
 from mnistops.data.images import MAX_PIXELS, ImageRefused, read_regular, shown_name
 from mnistops.errors import ImageUnusable, PredictError
 from mnistops.settings import Settings
-from mnistops.tracking import model_fetch, model_files
+from mnistops.tracking import model_fetch, model_files, model_record
 from mnistops.train.onnx_graph import OnnxNet
 from mnistops.train.runtime import NumpyNet
 
@@ -170,7 +170,7 @@ def load_version(settings: Settings, version: Registered, threads: int = 1) -> A
     unusable = f"{settings.model_registry.name} v{version.version} cannot be loaded"
     folder = model_cache(settings, str(version.version))
     try:
-        record = model_files.signed_record(tags, key, source, str(version.version))
+        record = model_record.signed_record(tags, key, source, str(version.version))
         if not folder.is_dir():
             _fetch(settings, version, record, folder)
         try:

@@ -21,7 +21,7 @@ from mnistops.settings import Settings, load_settings
 from mnistops.stack.locks import champion_lock_name, held
 from mnistops.tracking import contract as c
 from mnistops.tracking.contract import ACCURACY_TAG
-from mnistops.tracking.model_files import record_tags
+from mnistops.tracking.model_record import record_tags
 from mnistops.tracking.predictions import LabelledImages, champion_predictions, log_predictions
 from mnistops.tracking.registry import (
     CHALLENGER_TAG,

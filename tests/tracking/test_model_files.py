@@ -17,6 +17,7 @@ import yaml
 
 from mnistops.predict import probabilities
 from mnistops.tracking import model_files as mf
+from mnistops.tracking import model_record as mr
 from mnistops.train.models import build
 from mnistops.train.onnx_graph import OnnxNet
 from mnistops.train.runtime import NumpyNet
@@ -55,7 +56,7 @@ def copy_of(written: tuple[Path, torch.nn.Module], tmp_path: Path) -> tuple[Path
     """A copy of the written model and its signed tags."""
     folder = tmp_path / "model"
     shutil.copytree(written[0], folder)
-    return folder, mf.record_tags(KEY, mf.file_record(folder), SOURCE)
+    return folder, mr.record_tags(KEY, mr.file_record(folder), SOURCE)
 
 
 def test_a_model_mnistops_wrote_loads_and_predicts_the_same(written, tmp_path: Path) -> None:
@@ -64,7 +65,7 @@ def test_a_model_mnistops_wrote_loads_and_predicts_the_same(written, tmp_path: P
     x = torch.rand(5, 1, 28, 28)
     with torch.inference_mode():
         assert torch.allclose(loaded(x), written[1](x), atol=1e-6)
-    assert mf.record_problem(tags, KEY, SOURCE) is None
+    assert mr.record_problem(tags, KEY, SOURCE) is None
 
 
 def _unsigned(folder: Path, tags: dict) -> dict:
@@ -72,16 +73,16 @@ def _unsigned(folder: Path, tags: dict) -> dict:
 
 
 def _other_key(folder: Path, tags: dict) -> dict:
-    return mf.record_tags(b"x" * 40, mf.file_record(folder), SOURCE)
+    return mr.record_tags(b"x" * 40, mr.file_record(folder), SOURCE)
 
 
 def _edited_record(folder: Path, tags: dict) -> dict:
-    return {**tags, mf.FILES_TAG: tags[mf.FILES_TAG].replace('"MLmodel"', '"MLmodel2"')}
+    return {**tags, mr.FILES_TAG: tags[mr.FILES_TAG].replace('"MLmodel"', '"MLmodel2"')}
 
 
 def _copied(folder: Path, tags: dict) -> dict:
     """A good version's signed tags, copied onto a version of another logged model."""
-    other = mf.record_tags(KEY, mf.file_record(folder), "models:/m-other")
+    other = mr.record_tags(KEY, mr.file_record(folder), "models:/m-other")
     return other
 
 
@@ -118,7 +119,7 @@ def _resigned(edit: Callable[[dict], None]) -> Callable[[Path, dict], dict]:
         mlmodel = yaml.safe_load(path.read_text())
         edit(mlmodel)
         path.write_text(yaml.safe_dump(mlmodel))
-        return mf.record_tags(KEY, mf.file_record(folder), SOURCE)
+        return mr.record_tags(KEY, mr.file_record(folder), SOURCE)
 
     return change
 
@@ -149,13 +150,13 @@ def _other_flavor(m: dict) -> None:
 
 def _signed_extra(folder: Path, tags: dict) -> dict:
     (folder / "evil.py").write_text("import os\n")
-    return mf.record_tags(KEY, mf.file_record(folder), SOURCE)
+    return mr.record_tags(KEY, mr.file_record(folder), SOURCE)
 
 
 def _raw_member(folder: Path, tags: dict) -> dict:
     with zipfile.ZipFile(folder / mf.WEIGHTS_PATH, "a") as archive:
         archive.writestr("evil", b"\x80\x04raw pickle bytes")
-    return mf.record_tags(KEY, mf.file_record(folder), SOURCE)
+    return mr.record_tags(KEY, mr.file_record(folder), SOURCE)
 
 
 def _pickled_weights(folder: Path, tags: dict) -> dict:
@@ -164,13 +165,13 @@ def _pickled_weights(folder: Path, tags: dict) -> dict:
     with zipfile.ZipFile(path, "a") as archive:
         archive.write(folder / "x.npy", "evil.npy")
     (folder / "x.npy").unlink()
-    return mf.record_tags(KEY, mf.file_record(folder), SOURCE)
+    return mr.record_tags(KEY, mr.file_record(folder), SOURCE)
 
 
 def _undeclared_graph(folder: Path, tags: dict) -> dict:
     """An ONNX file where mnistops would put its graph, signed, but not in the MLmodel."""
     (folder / mf.GRAPH_PATH).write_bytes(b"\x08\x08")
-    return mf.record_tags(KEY, mf.file_record(folder), SOURCE)
+    return mr.record_tags(KEY, mr.file_record(folder), SOURCE)
 
 
 def _graph_elsewhere(m: dict) -> None:
@@ -183,7 +184,7 @@ def _wrong_shape(folder: Path, tags: dict) -> dict:
         arrays = {k: saved[k] for k in saved.files}
     arrays["8.weight"] = np.zeros((3, 3), np.float32)
     np.savez(path, **arrays)
-    return mf.record_tags(KEY, mf.file_record(folder), SOURCE)
+    return mr.record_tags(KEY, mr.file_record(folder), SOURCE)
 
 
 CASES = {
@@ -259,7 +260,7 @@ def test_numpy_answers_only_for_a_version_that_passed_its_check(
     mlmodel = yaml.safe_load(path.read_text())
     mlmodel["metadata"] = mf.metadata("digitnet", check)
     path.write_text(yaml.safe_dump(mlmodel))
-    tags = mf.record_tags(KEY, mf.file_record(folder), SOURCE)
+    tags = mr.record_tags(KEY, mr.file_record(folder), SOURCE)
     loaded = mf.load_for_answers(folder, tags, KEY, SOURCE)
     assert isinstance(loaded, runtime)
     x = torch.rand(5, 1, 28, 28)
@@ -279,7 +280,7 @@ def test_the_check_at_registration_compares_numpy_with_pytorch(written) -> None:
 
 def test_without_a_key_nothing_is_trusted(written, tmp_path: Path) -> None:
     folder, tags = copy_of(written, tmp_path)
-    assert "model_registry.signing_key" in (mf.record_problem(tags, None, SOURCE) or "")
+    assert "model_registry.signing_key" in (mr.record_problem(tags, None, SOURCE) or "")
 
 
 class Payload:
@@ -362,7 +363,7 @@ def test_onnx_runtime_answers_only_for_a_graph_that_passed_its_check(
     mlmodel = yaml.safe_load(path.read_text())
     mlmodel["metadata"].update(checks)
     path.write_text(yaml.safe_dump(mlmodel))
-    tags = mf.record_tags(KEY, mf.file_record(folder), SOURCE)
+    tags = mr.record_tags(KEY, mr.file_record(folder), SOURCE)
     loaded = mf.load_for_answers(folder, tags, KEY, SOURCE)
     assert isinstance(loaded, runtime)
     x = torch.rand(9, 1, 28, 28)
@@ -374,7 +375,7 @@ def test_onnx_runtime_answers_only_for_a_graph_that_passed_its_check(
 def test_a_graph_changed_after_signing_is_refused(with_graph: Path, tmp_path: Path) -> None:
     folder = tmp_path / "model"
     shutil.copytree(with_graph, folder)
-    tags = mf.record_tags(KEY, mf.file_record(folder), SOURCE)
+    tags = mr.record_tags(KEY, mr.file_record(folder), SOURCE)
     (folder / mf.GRAPH_PATH).write_bytes(b"another graph")
     with pytest.raises(mf.ModelRefused, match=f"{mf.GRAPH_PATH} differs from the file"):
         mf.load_for_answers(folder, tags, KEY, SOURCE)
@@ -398,7 +399,7 @@ def _signed_copy(with_graph: Path, tmp_path: Path, graph: bytes | None) -> tuple
         (folder / mf.GRAPH_PATH).unlink()
     else:
         (folder / mf.GRAPH_PATH).write_bytes(graph)
-    return folder, mf.record_tags(KEY, mf.file_record(folder), SOURCE)
+    return folder, mr.record_tags(KEY, mr.file_record(folder), SOURCE)
 
 
 @pytest.mark.parametrize(

@@ -265,7 +265,7 @@ def show_models() -> None:
         DATA_VERSION_TAG,
         MODEL_TAG,
     )
-    from mnistops.tracking.model_files import record_problem
+    from mnistops.tracking.model_record import record_problem
     from mnistops.tracking.registry import registered_versions
 
     cfg = settings(MODEL_KEYS)

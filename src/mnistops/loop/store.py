@@ -89,7 +89,7 @@ def log_signing_key(settings: Settings, doing: str = "checked") -> bytes:
     """The model signing key, which the log's key is derived from; BadInput without one."""
     from mnistops.clients import model_signing_key
     from mnistops.errors import BadInput
-    from mnistops.tracking.model_files import no_key_message
+    from mnistops.tracking.model_record import no_key_message
 
     key = model_signing_key(settings)
     if key is None:

@@ -17,13 +17,11 @@ from mnistops.tracking.model_files import (
     build_checked,
     check_format,
     check_graph,
-    file_record,
     load_checked,
     load_for_answers,
     read_weights,
-    record_tags,
-    signed_record,
 )
+from mnistops.tracking.model_record import file_record, record_tags, signed_record
 
 
 def download(client: Any, uri: str, destination: Path) -> Path:

@@ -21,7 +21,7 @@ from mnistops.tracking.contract import (
     PROMOTED_BY_TAG,
     PROMOTED_REASON_TAG,
 )
-from mnistops.tracking.model_files import ModelRefused, record_problem
+from mnistops.tracking.model_record import ModelRefused, record_problem
 from mnistops.tracking.registry import Lock, champion, versions
 
 
@@ -102,14 +102,14 @@ def _check_loads(
     """PromotionRefused unless the version loads the one checked way, as the service will
     load it; `trusted_by` first signs a version that has no valid record (a person
     vouches for its files)."""
-    from mnistops.tracking import model_fetch, model_files
+    from mnistops.tracking import model_fetch, model_files, model_record
 
     label = f"{target.name} v{target.version}"
     try:
         source = str(target.source)
         if trusted_by is not None and record_problem(target.tags or {}, key, source) is not None:
             if key is None:
-                raise ModelRefused(model_files.no_key_message("settings"))
+                raise ModelRefused(model_record.no_key_message("settings"))
             model_fetch.trust(client, target, key, trusted_by)
             target = client.get_model_version(target.name, target.version)
         model_fetch.load_registered(client, target, key, for_answers=True)

@@ -14,7 +14,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mnistops.clients import mlflow_client
 from mnistops.settings import HyperParameters, Settings
 from mnistops.tracking import contract as c
-from mnistops.tracking import model_fetch, model_files
+from mnistops.tracking import model_fetch, model_files, model_record
 from mnistops.tracking.predictions import LabelledImages, champion_predictions
 from mnistops.tracking.registry import Candidate, GateDecision, GateRules, register
 from mnistops.tracking.runs import TrackedRun, log_metrics, recipe_of
@@ -65,7 +65,7 @@ def _log_model(
             extra_files=[str(weights), str(graph)],
             metadata=model_files.metadata(hyp.model, checked, graph_checked),
         )
-        record = model_files.file_record(folder)
+        record = model_record.file_record(folder)
         model_files.check_format(folder)
         logged = run.client.create_logged_model(
             run.experiment_id, name="model", source_run_id=run.run_id
@@ -75,14 +75,14 @@ def _log_model(
     with tempfile.TemporaryDirectory(prefix="model-check-") as tmp:
         stored = model_fetch.download(run.client, uri, Path(tmp))
         try:
-            model_files.check_files(stored, record)
+            model_record.check_files(stored, record)
         except model_files.ModelRefused as exc:
             raise model_files.ModelRefused(
                 f"the model's files changed on the MLflow server while they were being"
                 f" logged ({exc}): nothing was registered, nothing was signed"
             ) from None
     run.client.finalize_logged_model(logged.model_id, "READY")
-    return uri, model_files.record_tags(key, record, uri)
+    return uri, model_record.record_tags(key, record, uri)
 
 
 def _registered_record(run: TrackedRun, name: str) -> tuple[str, dict[str, str]] | None:
@@ -113,7 +113,7 @@ def register_logged(
     name = settings.model_registry.name
     rules = settings.model_registry
     test = LabelledImages(arrays.test_x, arrays.test_y)
-    key = model_files.signing_key(settings)
+    key = model_record.signing_key(settings)
 
     def load(version: ModelVersion) -> Any:
         return model_fetch.load_registered(run.client, version, key)

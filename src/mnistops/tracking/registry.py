@@ -28,7 +28,7 @@ from mnistops.tracking.contract import (
     PREVIOUS_TAG,
     RUN_ID_TAG,
 )
-from mnistops.tracking.model_files import ModelRefused, record_problem
+from mnistops.tracking.model_record import ModelRefused, record_problem
 from mnistops.tracking.predictions import ChampionPredictions
 from mnistops.tracking.server import NOT_THERE
 from mnistops.tracking.significance import Paired, judge, paired

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from mnistops.clients import mlflow_client
 from mnistops.settings import HyperParameters, Settings
 from mnistops.tracking import contract as c
-from mnistops.tracking import model_files, plots
+from mnistops.tracking import model_record, plots
 from mnistops.tracking.predictions import LabelledImages, log_predictions
 from mnistops.tracking.registry import GateDecision
 from mnistops.tracking.server import TrackingError
@@ -204,7 +204,7 @@ def begin(
     """Open the run with its tags, params and dataset."""
     from mlflow.entities import Param
 
-    model_files.signing_key(settings)
+    model_record.signing_key(settings)
     client = mlflow_client(settings)
     exp_id = experiment_id(client, settings.experiment_name)
     tags = {
