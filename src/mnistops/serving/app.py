@@ -243,7 +243,7 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
         served = holder.current
         if served is None:
             raise HTTPException(503, "no champion is loaded yet")
-        return {**served.describe(), "refused_versions": holder.refused}
+        return {**served.describe(), "refused_versions": holder.refusals()}
 
     rendered = exposition(
         lambda: service_families(metrics, holder, name), lambda: loop_families(log, book)

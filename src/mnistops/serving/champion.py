@@ -55,10 +55,14 @@ class Holder:
     def __init__(self) -> None:
         self.current: Served | None = None
         self.swaps = 0
-        self.refused: dict[str, str] = {}
-        """versions that failed to load, and why (not tried again while their files'
-        signature stays what it was: `models promote --trust-unsigned` signs them)"""
-        self.refused_signatures: dict[str, str | None] = {}
+        self.refused: dict[str, tuple[str | None, str]] = {}
+        """versions that failed to load: (their signature tag then, why); not tried
+        again while the signature stays what it was (`models promote --trust-unsigned`
+        signs them)"""
+
+    def refusals(self) -> dict[str, str]:
+        """version -> why it was refused (/model)."""
+        return {version: why for version, (_signature, why) in self.refused.items()}
 
 
 def load_served(settings: Settings, version: AliasedVersion) -> Served:
@@ -115,7 +119,8 @@ class Follower(threading.Thread):
         if version is None or (current is not None and current.version == str(version.version)):
             return
         number, signature = str(version.version), version.tags.get(SIGNATURE_TAG)
-        if number in self.holder.refused and self.holder.refused_signatures[number] == signature:
+        refused = self.holder.refused.get(number)
+        if refused is not None and refused[0] == signature:
             return
         began = time.monotonic()
         try:
@@ -126,8 +131,7 @@ class Follower(threading.Thread):
             )
             return
         except PredictError as exc:
-            self.holder.refused[number] = str(exc)
-            self.holder.refused_signatures[number] = signature
+            self.holder.refused[number] = (signature, str(exc))
             log.error(
                 "champion v%s refused, %s keeps serving: %s",
                 version.version,

@@ -68,32 +68,29 @@ def promote(
             ) from None
         current = champion(client, name)
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        if current is not None and current.version == target.version:
+        already = current is not None and current.version == target.version
+        if already:
             unsigned = record_problem(target.tags or {}, key, str(target.source)) is not None
             if not (trust_unsigned and unsigned):
                 hint = ", without mnistops' signed record: add --trust-unsigned"
                 raise PromotionRefused(
                     f"{name} v{version} is champion already" + (hint if unsigned else "")
                 )
-            _check_loads(client, target, key, f"{user} at {now}")
             why = f"its files signed for {user} (the alias was moved outside mnistops): {reason}"
-            signed = {PROMOTED_BY_TAG: user, PROMOTED_AT_TAG: now, PROMOTED_REASON_TAG: why}
-            if CHAMPION_REASON_TAG not in (target.tags or {}):
-                signed[CHAMPION_REASON_TAG] = why
-            for tag, value in signed.items():
-                client.set_model_version_tag(name, target.version, tag, value)
-            return Promotion(target.version, None, why, True)
+        else:
+            why = f"promoted by {user}: {reason}"
         _check_loads(client, target, key, f"{user} at {now}" if trust_unsigned else None)
-        why = f"promoted by {user}: {reason}"
         tags = {PROMOTED_BY_TAG: user, PROMOTED_AT_TAG: now, PROMOTED_REASON_TAG: why}
         if CHAMPION_REASON_TAG not in (target.tags or {}):
             tags[CHAMPION_REASON_TAG] = why
-        if not rollback:
+        if not rollback and not already:
             tags[PREVIOUS_TAG] = current.version if current is not None else ""
         for tag, value in tags.items():
             client.set_model_version_tag(name, target.version, tag, value)
-        client.set_registered_model_alias(name, CHAMPION, target.version)
-    return Promotion(target.version, current.version if current else None, why)
+        if not already:
+            client.set_registered_model_alias(name, CHAMPION, target.version)
+    previous = None if already or current is None else current.version
+    return Promotion(target.version, previous, why, signed_only=already)
 
 
 def _check_loads(
