@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from mnistops.data import mnist
-from mnistops.data.conversion import image_from_bytes
+from mnistops.data.conversion import image_from_bytes, images_from_bytes
+from mnistops.errors import ImageUnusable
 from mnistops.predict import MAX_PIXELS, PredictError, load_images, mnist_like
 
 pytestmark = pytest.mark.unit
@@ -139,3 +140,54 @@ def test_the_conversion_gives_every_pixel_it_always_gave() -> None:
     assert digest.hexdigest() == CONVERTED_SHA256, (
         "the conversion's pixels changed: models trained before would see other images"
     )
+
+
+def test_uploads_converted_together_are_each_what_it_is_alone() -> None:
+    """The service converts the uploads of concurrent requests together: mixed sizes
+    and modes, shuffled, in uneven groups, with a corrupt and a blank upload among
+    them, each gets the pixels it gets alone (the digest above) or its own refusal."""
+    cases = []
+    for array in conversion_cases(mnist.load(mnist.packaged_dir()).test_images):
+        png = io.BytesIO()
+        Image.fromarray(array).save(png, "PNG")
+        cases.append(png.getvalue())
+    blank = io.BytesIO()
+    Image.new("L", (28, 28), 0).save(blank, "PNG")
+    uploads = [(data, f"case {i}") for i, data in enumerate(cases)]
+    uploads += [(b"not an image", "corrupt"), (blank.getvalue(), "blank")]
+    order = np.random.default_rng(7).permutation(len(uploads))
+    converted: dict[str, np.ndarray | ImageUnusable] = {}
+    start = 0
+    for size in [1, 2, 37, 5, 128, 64, 3, 200, len(uploads)]:
+        group = [uploads[i] for i in order[start : start + size]]
+        converted.update(zip([name for _, name in group], images_from_bytes(group), strict=True))
+        start += size
+    assert len(converted) == len(uploads)
+    digest = hashlib.sha256()
+    for i in range(len(cases)):
+        found = converted[f"case {i}"]
+        assert isinstance(found, np.ndarray), found
+        digest.update(found.tobytes())
+    assert digest.hexdigest() == CONVERTED_SHA256
+    assert "corrupt: not an image PIL can read" in str(converted["corrupt"])
+    assert "blank: the image is blank" in str(converted["blank"])
+
+
+def test_large_uploads_converted_together_are_held_a_few_at_a_time() -> None:
+    """Sixteen uploads of a million pixels each (the largest the service converts with
+    the others) are converted in parts: NumPy's peak memory stays that of a few images,
+    not of the sixteen (about 190 MB at once)."""
+    import tracemalloc
+
+    digit = mnist.load(mnist.packaged_dir()).test_images[0]
+    png = io.BytesIO()
+    Image.fromarray(digit).resize((1000, 1000)).save(png, "PNG")
+    uploads = [(png.getvalue(), f"upload {i}") for i in range(16)]
+    tracemalloc.start()
+    try:
+        converted = images_from_bytes(uploads)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert all(np.array_equal(c, converted[0]) for c in converted)  # type: ignore[arg-type]
+    assert peak < 80 << 20, f"peak {peak >> 20} MB"
