@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -348,6 +349,40 @@ def test_large_images_and_other_encodings(service: tuple[str, Path]) -> None:
         headers={"Content-Type": "multipart/form-data; boundary=b"},
     )
     assert chunked.status_code == 411 and "Content-Length" in chunked.json()["detail"]
+
+
+@pytest.mark.bad_input
+def test_concurrent_uploads_are_each_answered_as_alone(service: tuple[str, Path]) -> None:
+    """Uploads that arrive together are converted together: each good one gets the
+    answer it gets alone, a corrupt or blank one its own refusal, and a refusal never
+    spills onto the others. 96 requests, 32 at a time, in a shuffled mix."""
+    url, config_dir = service
+    settings = load_settings(config_dir)
+    files = [sorted((settings.mnist_dir / "test" / str(d)).glob("*.png"))[0] for d in range(10)]
+    bodies = [path.read_bytes() for path in files]
+    wide = io.BytesIO()
+    Image.open(files[2]).resize((61, 45)).convert("RGB").save(wide, format="JPEG", quality=95)
+    blank = io.BytesIO()
+    Image.new("L", (28, 28), 255).save(blank, format="PNG")
+    bodies += [wide.getvalue(), b"\x89PNG\r\n\x1a\n not really", blank.getvalue()]
+
+    def sent(body: bytes) -> tuple[int, dict]:
+        answer = httpx.post(f"{url}/predict", content=body, timeout=30)
+        return answer.status_code, answer.json()
+
+    alone = [sent(body) for body in bodies]
+    assert [status for status, _ in alone] == [200] * 11 + [400, 400], alone
+    mixed = [int(i) for i in np.random.default_rng(3).integers(0, len(bodies), 96)]
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(sent, [bodies[i] for i in mixed]))
+    for i, (status, answer) in zip(mixed, together, strict=True):
+        want_status, want = alone[i]
+        assert status == want_status, (i, answer)
+        if status != 200:
+            assert answer["detail"] == want["detail"]
+            continue
+        assert answer["digit"] == want["digit"], (i, answer)
+        assert answer["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
 
 
 @pytest.mark.security

@@ -81,6 +81,23 @@ def new_request_id() -> str:
     return secrets.token_hex(16)
 
 
+class RequestIds:
+    """Unguessable request ids (128 random bits in hex, as `new_request_id`), read from
+    the OS's random source 4,096 at a time: one system call per 4,096 answers instead
+    of one each, a few microseconds of every small prediction. For one thread (the
+    service's event loop)."""
+
+    def __init__(self, at_once: int = 4096) -> None:
+        self.at_once = at_once
+        self.ready: list[str] = []
+
+    def next(self) -> str:
+        if not self.ready:
+            pool = secrets.token_bytes(16 * self.at_once).hex()
+            self.ready = [pool[i : i + 32] for i in range(0, len(pool), 32)]
+        return self.ready.pop()
+
+
 def object_name(prefix: str, when: datetime) -> str:
     """`predictions/2026-12-03/142501-<random>.parquet`: by day, so retention and
     `--since` read only the days they need."""

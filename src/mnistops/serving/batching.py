@@ -1,32 +1,59 @@
 """Micro-batching: the images of concurrent requests go through the model together.
 
-Requests queue their images; one task takes everything that is waiting (up to
-`max_batch` images), runs one forward pass in a thread and hands each request its
-rows. Under no load a request is answered alone, at once; under load, one pass serves
-many requests, which is where the throughput comes from.
+Requests queue their images, or the bytes of an upload; one task takes everything that
+is waiting (up to `max_batch` images), converts the uploads together, runs one forward
+pass in a thread and hands each request its rows. Under no load a request is answered
+alone, at once; under load, one conversion and one pass serve many requests, which is
+where the throughput comes from.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
-from mnistops.predict import logits
+from mnistops.data.conversion import images_from_bytes
+from mnistops.errors import ImageUnusable
+from mnistops.predict import logits, softmax
 from mnistops.serving.champion import Holder, Served
+
+
+@dataclass(frozen=True)
+class Found:
+    """What the model found for one request: the (N, 1, 28, 28) images it saw, their
+    logits and probabilities, and the model."""
+
+    images: np.ndarray
+    logits: np.ndarray
+    probabilities: np.ndarray
+    served: Served
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An image's bytes, converted the MNIST way with the others waiting; `name` is what
+    a refusal calls it."""
+
+    data: bytes
+    name: str
 
 
 class NoModel(Exception):
     """No champion has loaded yet."""
 
 
+Waiting = tuple[np.ndarray | Upload, "asyncio.Future[Found]"]
+
+
 class Batcher:
     def __init__(self, holder: Holder, max_batch: int = 256) -> None:
         self.holder = holder
         self.max_batch = max_batch
-        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[tuple[np.ndarray, Served]]]]
-        self.queue = asyncio.Queue()
+        self.queue: asyncio.Queue[Waiting] = asyncio.Queue()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self.task: asyncio.Task[None] | None = None
 
@@ -38,13 +65,12 @@ class Batcher:
             self.task.cancel()
         self.pool.shutdown(wait=False)
 
-    async def predict(self, images: np.ndarray) -> tuple[np.ndarray, Served]:
-        """(N, 10) logits of (N, 1, 28, 28) images, and the model that answered."""
+    async def predict(self, images: np.ndarray | Upload) -> Found:
+        """What the champion finds in (N, 1, 28, 28) images in [0, 1], or in an upload
+        (ImageUnusable when it cannot be converted). NoModel before a champion loads."""
         if self.holder.current is None:
             raise NoModel
-        future: asyncio.Future[tuple[np.ndarray, Served]] = (
-            asyncio.get_running_loop().create_future()
-        )
+        future: asyncio.Future[Found] = asyncio.get_running_loop().create_future()
         await self.queue.put((images, future))
         return await future
 
@@ -52,27 +78,64 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             waiting = [await self.queue.get()]
-            size = len(waiting[0][0])
+            size = _count(waiting[0][0])
             while size < self.max_batch and not self.queue.empty():
                 item = self.queue.get_nowait()
                 waiting.append(item)
-                size += len(item[0])
+                size += _count(item[0])
             served = self.holder.current
             if served is None:
-                for _images, future in waiting:
-                    if not future.done():
-                        future.set_exception(NoModel())
+                _fail(waiting, NoModel())
                 continue
-            batch = np.concatenate([images for images, _ in waiting])
+            ready = _converted(waiting)
+            if not ready:
+                continue
+            batch = np.concatenate([images for images, _ in ready])
             try:
-                found = await loop.run_in_executor(self.pool, logits, served.module, batch)
+                found, probs = await loop.run_in_executor(self.pool, answers, served.module, batch)
             except Exception as exc:  # noqa: BLE001  handed to every waiting request
-                for _images, future in waiting:
-                    if not future.done():
-                        future.set_exception(exc)
+                _fail(ready, exc)
                 continue
             start = 0
-            for images, future in waiting:
+            for images, future in ready:
+                end = start + len(images)
                 if not future.done():
-                    future.set_result((found[start : start + len(images)], served))
-                start += len(images)
+                    future.set_result(Found(images, found[start:end], probs[start:end], served))
+                start = end
+
+
+def _count(item: np.ndarray | Upload) -> int:
+    return 1 if isinstance(item, Upload) else len(item)
+
+
+def _fail(waiting: Sequence[Waiting], exc: BaseException) -> None:
+    for _item, future in waiting:
+        if not future.done():
+            future.set_exception(exc)
+
+
+def _converted(waiting: list[Waiting]) -> list[tuple[np.ndarray, asyncio.Future[Found]]]:
+    """The waiting requests with their images: uploads converted together (one that
+    cannot be gets its ImageUnusable and leaves the batch)."""
+    uploads = [(item.data, item.name) for item, _ in waiting if isinstance(item, Upload)]
+    converted = iter(images_from_bytes(uploads) if uploads else [])
+    ready = []
+    for item, future in waiting:
+        if not isinstance(item, Upload):
+            ready.append((item, future))
+            continue
+        image = next(converted)
+        if isinstance(image, ImageUnusable):
+            if not future.done():
+                future.set_exception(image)
+        else:
+            ready.append((image[None, None], future))
+    return ready
+
+
+def answers(model: object, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's logits and probabilities, in the inference thread (softmax once a
+    batch, not once a request on the event loop: rows are independent, so each
+    request's rows are what it would get alone)."""
+    found = logits(model, batch)
+    return found, softmax(found)

@@ -27,12 +27,11 @@ from PIL import Image
 from starlette.requests import ClientDisconnect
 
 from mnistops.data.conversion import image_from_bytes
-from mnistops.errors import PredictError
+from mnistops.errors import ImageUnusable, PredictError
 from mnistops.loop.feedback import FeedbackBook
 from mnistops.loop.log_writer import PredictionLog
-from mnistops.loop.records import Answered, new_request_id
-from mnistops.predict import softmax
-from mnistops.serving.batching import NoModel
+from mnistops.loop.records import Answered, RequestIds
+from mnistops.serving.batching import NoModel, Upload
 from mnistops.serving.champion import Served
 from mnistops.serving.metrics import Metrics
 from mnistops.settings import Settings
@@ -71,38 +70,52 @@ class Predictor:
         self.log = log
         self.book = book
         self.decoding = ThreadPoolExecutor(2, thread_name_prefix="decode")
+        self.request_ids = RequestIds()
 
-    async def answered(self, images: np.ndarray) -> Answers:
-        """The champion's answers for (N, 1, 28, 28) images in [0, 1], whichever protocol
-        asked: counted in /metrics, remembered for /feedback, handed to the log. NoModel
-        before a champion has loaded."""
-        logits, served = await self.state["batcher"].predict(images)
-        probs = softmax(logits)
-        digits = [int(digit) for digit in probs.argmax(axis=1)]
+    async def answered(self, images: np.ndarray | Upload) -> Answers:
+        """The champion's answers for (N, 1, 28, 28) images in [0, 1] or an upload,
+        whichever protocol asked: counted in /metrics, remembered for /feedback, handed
+        to the log. NoModel before a champion has loaded; Refused (400) for an upload
+        that cannot be converted."""
+        try:
+            found = await self.state["batcher"].predict(images)
+        except ImageUnusable as exc:
+            raise Refused(400, str(exc)) from None
+        digits = found.probabilities.argmax(axis=1).tolist()
         self.metrics.predicted(digits)
-        request_id = new_request_id()
+        request_id = self.request_ids.next()
+        served = found.served
         self.book.remember(request_id, served.version, digits)
         if self.log is not None:
             self.log.record(
-                Answered(time.time(), request_id, served.name, served.version, images, probs)
+                Answered(
+                    time.time(),
+                    request_id,
+                    served.name,
+                    served.version,
+                    found.images,
+                    found.probabilities,
+                )
             )
-        return Answers(logits, probs, served, request_id)
+        return Answers(found.logits, found.probabilities, served, request_id)
 
     async def answer(self, kind: str, body: bytes) -> tuple[int, bytes, str | None]:
         """(HTTP status, JSON body, request id of an answer) for a request body of
         content type `kind`. Every answer gets a request id (in its JSON and the
         `X-Request-Id` header), is remembered for /feedback and is handed to the log.
 
-        A small image is converted right here (a fraction of a millisecond); a batch or a
-        large image in a thread, so that it never holds up the other requests."""
+        A small image is converted by the batcher, together with the uploads of
+        concurrent requests; a JSON batch or a large image in a thread, so that it never
+        holds up the other requests."""
         try:
             if heavy(kind, body):
                 images, single = await asyncio.get_running_loop().run_in_executor(
                     self.decoding, images_in, kind, body, self.max_batch
                 )
+                answered = await self.answered(images)
             else:
-                images, single = images_in(kind, body, self.max_batch)
-            answered = await self.answered(images)
+                single = True
+                answered = await self.answered(upload(body))
         except HTTPException as exc:
             return exc.status_code, orjson.dumps({"detail": exc.detail}), None
         except NoModel:
@@ -136,7 +149,8 @@ def too_large(what: str, limit: int) -> bytes:
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 INLINE_PIXELS = 1_000_000
-"""images up to this size are converted on the event loop; larger ones in a thread"""
+"""images up to this size are converted by the batcher, with the uploads of concurrent
+requests; larger ones in a thread"""
 
 
 def heavy(kind: str, body: bytes) -> bool:
@@ -153,6 +167,13 @@ def heavy(kind: str, body: bytes) -> bool:
     except Exception:  # noqa: BLE001  not an image: refused quickly where it is read
         return False
     return width * height > INLINE_PIXELS
+
+
+def upload(body: bytes) -> Upload:
+    """A small upload, for the batcher to convert."""
+    if not body:
+        raise Refused(400, "the body is empty: send a PNG or JPEG, or JSON images")
+    return Upload(body, "the upload")
 
 
 def images_in(kind: str, body: bytes, max_batch: int) -> tuple[np.ndarray, bool]:
@@ -250,9 +271,6 @@ def _base64(text: str, where: str) -> bytes:
 
 
 def answer_row(probs: np.ndarray) -> dict[str, Any]:
+    rounded = [round(p, 6) for p in probs.tolist()]
     digit = int(probs.argmax())
-    return {
-        "digit": digit,
-        "confidence": round(float(probs[digit]), 6),
-        "probabilities": [round(float(p), 6) for p in probs],
-    }
+    return {"digit": digit, "confidence": rounded[digit], "probabilities": rounded}
