@@ -255,3 +255,18 @@ def test_a_label_brings_the_write_forward_never_back() -> None:
     assert write_due(100.0, None, 30, 5) == 130.0
     assert write_due(100.0, 110.0, 30, 5) == 115.0, "written 5 s after the label"
     assert write_due(100.0, 128.0, 30, 5) == 130.0, "a late label never delays the batch"
+
+
+@pytest.mark.security
+def test_request_ids_are_unguessable_and_never_repeat() -> None:
+    """The service's ids (what /feedback takes) come from the OS's random source a few
+    thousand at a time: each is 128 random bits in hex, none repeats across refills,
+    and two services (or restarts) draw different ones."""
+    ids = records.RequestIds(at_once=64)
+    drawn = [ids.next() for _ in range(1000)]
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in drawn)
+    assert len(set(drawn)) == 1000
+    other = records.RequestIds(at_once=64)
+    assert not set(drawn) & {other.next() for _ in range(1000)}
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex("".join(drawn)), np.uint8))
+    assert abs(bits.mean() - 0.5) < 0.01
