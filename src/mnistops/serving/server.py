@@ -61,6 +61,7 @@ def run(settings: Settings) -> None:
         port=settings.serve.port,
         log_level="warning",
         access_log=False,
+        proxy_headers=False,  # nothing here reads the client's address or scheme
         timeout_graceful_shutdown=5,
         timeout_keep_alive=max(1, int(serve.request_timeout_s)),
         backlog=min(cap, 4096),
