@@ -7,8 +7,9 @@ each architecture at batch 1, 8 and 32, in alternating rounds, by
     view, and the same with every patch gathered by a precomputed index (the NumPy
     runtime before that); the two NumPy ways give the same logits bit for bit, and ONNX
     Runtime the same digits within float rounding, which the script checks.
-Also the MNIST-way conversion of one PNG upload (`data/conversion.py`), which the service
-runs for every upload.
+Also the MNIST-way conversion of PNG uploads (`data/conversion.py`), which the service
+runs for every upload: one at a time (as it did before), and in groups of 8 and 32 (as
+its batcher converts the uploads of concurrent requests), the same pixels either way.
 
 Weights are random (the time does not depend on them); one thread, as the service runs.
 Usage: .venv/bin/python bench/runtime.py [--rounds 5]
@@ -29,7 +30,7 @@ from threadpoolctl import threadpool_limits
 
 from mnistops.compat import bf16_is_native
 from mnistops.data import mnist
-from mnistops.data.conversion import image_from_bytes
+from mnistops.data.conversion import image_from_bytes, images_from_bytes
 from mnistops.train import architecture, onnx_graph, runtime
 
 BATCHES = (1, 8, 32)
@@ -66,16 +67,28 @@ def microseconds_per_image(net: runtime.Step, batch: np.ndarray) -> float:
     return (time.perf_counter() - start) / (rounds * len(batch)) * 1e6
 
 
-def conversion_microseconds(images: np.ndarray) -> float:
+CONVERSION_GROUPS = (1, 8, 32)
+
+
+def conversion_microseconds(bodies: list[bytes], group: int) -> float:
+    """µs per upload, converted `group` at a time (1: `image_from_bytes`, one by one)."""
+    start = time.perf_counter()
+    if group == 1:
+        for body in bodies:
+            image_from_bytes(body)
+    else:
+        for at in range(0, len(bodies), group):
+            images_from_bytes([(body, "upload") for body in bodies[at : at + group]])
+    return (time.perf_counter() - start) / len(bodies) * 1e6
+
+
+def png_bodies(images: np.ndarray) -> list[bytes]:
     bodies = []
-    for image in images[:2000]:
+    for image in images[:2048]:
         png = io.BytesIO()
         Image.fromarray(image).save(png, "PNG")
         bodies.append(png.getvalue())
-    start = time.perf_counter()
-    for body in bodies:
-        image_from_bytes(body)
-    return (time.perf_counter() - start) / len(bodies) * 1e6
+    return bodies
 
 
 def main() -> int:
@@ -106,7 +119,11 @@ def main() -> int:
                         rows.setdefault((name, way, n), []).append(
                             microseconds_per_image(net, batch)
                         )
-        conversion = statistics.median(conversion_microseconds(images) for _ in range(3))
+        bodies = png_bodies(images)
+        conversion: dict[int, list[float]] = {group: [] for group in CONVERSION_GROUPS}
+        for _ in range(args.rounds):
+            for group in CONVERSION_GROUPS:
+                conversion[group].append(conversion_microseconds(bodies, group))
     native = "native bf16" if bf16_is_native() else "no native bf16"
     print(f"\n{cpu_name()} ({native}), {os.cpu_count()} cores; one thread")
     print(f"median of {args.rounds} alternating rounds, microseconds per image at batch")
@@ -115,7 +132,14 @@ def main() -> int:
         for way in ("numpy, gathered", "numpy, viewed", "onnxruntime (ours)"):
             figures = [statistics.median(rows[(name, way, n)]) for n in BATCHES]
             print(f"  {name + ', ' + way:<32}" + "".join(f"{f:8.0f}" for f in figures))
-    print(f"the MNIST-way conversion of one PNG (28x28): {conversion:.0f} us (median of 3)")
+    print("the MNIST-way conversion of 2,048 test PNGs (28x28), microseconds per upload:")
+    print(
+        ", ".join(
+            f"{'one at a time' if group == 1 else f'{group} together'}"
+            f" {statistics.median(conversion[group]):.0f}"
+            for group in CONVERSION_GROUPS
+        )
+    )
     return 0
 
 
