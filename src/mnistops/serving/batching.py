@@ -17,7 +17,6 @@ from typing import NamedTuple
 import numpy as np
 
 from mnistops.data.conversion import images_from_bytes
-from mnistops.errors import ImageUnusable
 from mnistops.predict import logits, softmax
 from mnistops.serving.champion import Holder, Served
 
@@ -74,7 +73,6 @@ class Batcher:
         return await future
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             waiting = [await self.queue.get()]
             size = _count(waiting[0][0])
@@ -82,25 +80,28 @@ class Batcher:
                 item = self.queue.get_nowait()
                 waiting.append(item)
                 size += _count(item[0])
-            served = self.holder.current
-            if served is None:
-                _fail(waiting, NoModel())
-                continue
-            ready = _converted(waiting)
-            if not ready:
-                continue
-            batch = np.concatenate([images for images, _ in ready])
             try:
-                found, probs = await loop.run_in_executor(self.pool, answers, served.module, batch)
-            except Exception as exc:  # noqa: BLE001  handed to every waiting request
-                _fail(ready, exc)
-                continue
-            start = 0
-            for images, future in ready:
-                end = start + len(images)
-                if not future.done():
-                    future.set_result(Found(images, found[start:end], probs[start:end], served))
-                start = end
+                await self._answer(waiting)
+            except Exception as exc:  # noqa: BLE001  the batcher outlives any one batch
+                _fail(waiting, exc)
+
+    async def _answer(self, waiting: list[Waiting]) -> None:
+        served = self.holder.current
+        if served is None:
+            _fail(waiting, NoModel())
+            return
+        ready = _converted(waiting)
+        if not ready:
+            return
+        batch = np.concatenate([images for images, _ in ready])
+        pool, loop = self.pool, asyncio.get_running_loop()
+        found, probs = await loop.run_in_executor(pool, answers, served.module, batch)
+        start = 0
+        for images, future in ready:
+            end = start + len(images)
+            if not future.done():
+                future.set_result(Found(images, found[start:end], probs[start:end], served))
+            start = end
 
 
 def _count(item: np.ndarray | Upload) -> int:
@@ -115,21 +116,34 @@ def _fail(waiting: Sequence[Waiting], exc: BaseException) -> None:
 
 def _converted(waiting: list[Waiting]) -> list[tuple[np.ndarray, asyncio.Future[Found]]]:
     """The waiting requests with their images: uploads converted together (one that
-    cannot be gets its ImageUnusable and leaves the batch)."""
+    cannot be gets its ImageUnusable and leaves the batch). Should the conversion fail in
+    a way it does not name, the uploads are converted one by one, so that only the one
+    that broke it fails (as it would have alone)."""
     uploads = [(item.data, item.name) for item, _ in waiting if isinstance(item, Upload)]
-    converted = iter(images_from_bytes(uploads) if uploads else [])
+    try:
+        converted: list[np.ndarray | Exception] = list(images_from_bytes(uploads))
+    except Exception:  # noqa: BLE001  retried one by one just below
+        converted = [_alone(upload) for upload in uploads]
+    images = iter(converted)
     ready = []
     for item, future in waiting:
         if not isinstance(item, Upload):
             ready.append((item, future))
             continue
-        image = next(converted)
-        if isinstance(image, ImageUnusable):
+        image = next(images)
+        if isinstance(image, Exception):
             if not future.done():
                 future.set_exception(image)
         else:
             ready.append((image[None, None], future))
     return ready
+
+
+def _alone(upload: tuple[bytes, str]) -> np.ndarray | Exception:
+    try:
+        return images_from_bytes([upload])[0]
+    except Exception as exc:  # noqa: BLE001  handed to its request
+        return exc
 
 
 def answers(model: object, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
