@@ -174,9 +174,9 @@ def test_uploads_converted_together_are_each_what_it_is_alone() -> None:
 
 
 def test_large_uploads_converted_together_are_held_a_few_at_a_time() -> None:
-    """Sixteen uploads of a million pixels each (the largest the service converts with
-    the others) are converted in parts: NumPy's peak memory stays that of a few images,
-    not of the sixteen (about 190 MB at once)."""
+    """Sixteen uploads of a million pixels each converted together are converted in
+    parts: NumPy's peak memory stays that of a few images, not of the sixteen (about
+    190 MB at once)."""
     import tracemalloc
 
     digit = mnist.load(mnist.packaged_dir()).test_images[0]
