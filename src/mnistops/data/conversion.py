@@ -59,13 +59,13 @@ def images_from_bytes(uploads: Sequence[tuple[bytes, str]]) -> list[np.ndarray |
             continue
         held += decoded[-1][1].size
         if held >= STACK_PIXELS:
-            found.update(_converted(decoded, uploads))
+            found.update(_by_size(decoded, uploads))
             decoded, held = [], 0
-    found.update(_converted(decoded, uploads))
+    found.update(_by_size(decoded, uploads))
     return [found[i] for i in range(len(uploads))]
 
 
-def _converted(
+def _by_size(
     decoded: list[tuple[int, np.ndarray]], uploads: Sequence[tuple[bytes, str]]
 ) -> dict[int, np.ndarray | ImageUnusable]:
     """Decoded uploads (their index, pixels) converted, those of one size together."""

@@ -90,7 +90,7 @@ class Batcher:
         if served is None:
             _fail(waiting, NoModel())
             return
-        ready = _converted(waiting)
+        ready = _images_of(waiting)
         if not ready:
             return
         batch = np.concatenate([images for images, _ in ready])
@@ -114,7 +114,7 @@ def _fail(waiting: Sequence[Waiting], exc: BaseException) -> None:
             future.set_exception(exc)
 
 
-def _converted(waiting: list[Waiting]) -> list[tuple[np.ndarray, asyncio.Future[Found]]]:
+def _images_of(waiting: list[Waiting]) -> list[tuple[np.ndarray, asyncio.Future[Found]]]:
     """The waiting requests with their images: uploads converted together (one that
     cannot be gets its ImageUnusable and leaves the batch). Should the conversion fail in
     a way it does not name, the uploads are converted one by one, so that only the one
