@@ -255,7 +255,7 @@ def test_crafted_log_objects_are_refused_by_name(service: Service) -> None:
     for rid in (real, blank):
         assert label(url, {"request_id": rid, "digit": 8}).status_code == 200
     logged(settings, {real, blank})
-    forged_rid = records.new_request_id()
+    forged_rid = records.RequestIds().next()
     forged = Answered(time.time(), forged_rid, "mnist-classifier", "1", _noise(), _probs())
     twin = Answered(time.time(), real, "mnist-classifier", "1", _noise(), _probs())
     sink = io.BytesIO()

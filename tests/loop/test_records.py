@@ -21,6 +21,7 @@ from mnistops.settings import Settings
 
 pytestmark = pytest.mark.unit
 
+IDS = records.RequestIds()
 NAME = "predictions/2026-12-03/142501-0123456789abcdef.parquet"
 
 
@@ -29,7 +30,7 @@ def answered(n: int, seed: int = 0) -> Answered:
     images = rng.random((n, 1, 28, 28), dtype=np.float32)
     logits = rng.random((n, 10))
     probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
-    return Answered(time.time(), records.new_request_id(), "mnist-classifier", "3", images, probs)
+    return Answered(time.time(), IDS.next(), "mnist-classifier", "3", images, probs)
 
 
 def test_a_batch_round_trips_with_the_pixels_the_model_saw() -> None:
@@ -49,7 +50,7 @@ def test_a_batch_round_trips_with_the_pixels_the_model_saw() -> None:
 
 def test_feedback_batches_round_trip() -> None:
     """An image labelled twice within one batch is two rows: the later one wins."""
-    label = records.Label(time.time(), records.new_request_id(), 2, 7, 1, "4")
+    label = records.Label(time.time(), IDS.next(), 2, 7, 1, "4")
     again = records.Label(label.time + 1, label.request_id, 2, 3, 1, "4")
     name = "feedback/2026-12-03/000000-0123456789abcdef.parquet"
     table = records.read_batch(name, records.feedback_parquet([label, again]))
@@ -166,7 +167,7 @@ def test_a_bad_label_names_its_field(body: object, field: str) -> None:
 
 
 def test_a_request_id_in_capitals_is_the_same_request() -> None:
-    rid = records.new_request_id()
+    rid = IDS.next()
     assert parse({"request_id": rid.upper(), "digit": 4})[0] == rid
 
 
@@ -183,7 +184,7 @@ def book(**log: object) -> FeedbackBook:
 
 def test_the_later_label_wins_and_says_what_it_replaced() -> None:
     labels = book()
-    rid = records.new_request_id()
+    rid = IDS.next()
     labels.remember(rid, "3", [4, 9])
     with pytest.raises(FeedbackRefused, match="has 2 images; say which") as unsaid:
         labels.take({"request_id": rid, "digit": 7})
@@ -192,7 +193,7 @@ def test_the_later_label_wins_and_says_what_it_replaced() -> None:
     assert (first.digit, first.predicted, replaced) == (7, 4, None)
     second, replaced = labels.take({"request_id": rid, "digit": 1, "item": 0})
     assert (second.digit, replaced) == (1, 7)
-    single = records.new_request_id()
+    single = IDS.next()
     labels.remember(single, "3", [5])
     assert labels.take({"request_id": single, "digit": 2})[0].item == 0
     with pytest.raises(FeedbackRefused, match="item 2") as refused:
@@ -206,7 +207,7 @@ def test_unknown_forgotten_and_expired_answers_are_404() -> None:
         labels.take({"request_id": "a" * 32, "digit": 1})
     assert refused.value.status == 404
     assert "this service (started " in refused.value.detail, "a restart, not the window"
-    ids = [records.new_request_id() for _ in range(101)]
+    ids = [IDS.next() for _ in range(101)]
     for rid in ids:
         labels.remember(rid, "1", [0])
     with pytest.raises(FeedbackRefused, match="unknown or expired"):
@@ -222,7 +223,7 @@ def test_unknown_forgotten_and_expired_answers_are_404() -> None:
 
 def test_a_flood_of_labels_is_bounded() -> None:
     labels = book(feedback_per_minute=5)
-    rid = records.new_request_id()
+    rid = IDS.next()
     labels.remember(rid, "1", [0])
     for digit in range(5):
         labels.take({"request_id": rid, "digit": digit})

@@ -77,12 +77,8 @@ def check_signature(key: bytes, name: str, body: bytes, metadata: dict[str, str]
         )
 
 
-def new_request_id() -> str:
-    return secrets.token_hex(16)
-
-
 class RequestIds:
-    """Unguessable request ids (128 random bits in hex, as `new_request_id`), read from
+    """Unguessable request ids (128 random bits in hex), read from
     the OS's random source 4,096 at a time: one system call per 4,096 answers instead
     of one each, a few microseconds of every small prediction. For one thread (the
     service's event loop)."""

@@ -27,6 +27,7 @@ from PIL import Image
 from starlette.requests import ClientDisconnect
 
 from mnistops.data.conversion import image_from_bytes
+from mnistops.data.images import PNG_SIGNATURE
 from mnistops.errors import ImageUnusable, PredictError
 from mnistops.loop.feedback import FeedbackBook
 from mnistops.loop.log_writer import PredictionLog
@@ -147,7 +148,6 @@ def too_large(what: str, limit: int) -> bytes:
     return orjson.dumps({"detail": f"{what}: at most {limit} are accepted"})
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 INLINE_PIXELS = 262_144
 """images up to this size (512x512: digits, the page's 280x280 drawings) are converted
 by the batcher with the uploads of concurrent requests; larger ones in a thread. The
