@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -124,3 +125,59 @@ def test_a_batch_the_model_fails_fails_its_requests_and_the_next_is_answered(
     first, second = asyncio.run(scenario())
     assert all(isinstance(e, RuntimeError) for e in first)
     assert all(isinstance(answer, Found) for answer in second)
+
+
+class Gated(Linear):
+    """A stand-in model that holds each forward pass until `go` is set, noting the
+    batch sizes it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = threading.Event()
+        self.sizes: list[int] = []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.sizes.append(len(batch))
+        self.go.wait(30)
+        return super().__call__(batch)
+
+
+@pytest.mark.parametrize(("count", "batches"), [(12, [6, 6]), (4, [4])])
+def test_the_next_batch_is_converted_while_one_runs(
+    uploads: list[bytes], monkeypatch: pytest.MonkeyPatch, count: int, batches: list[int]
+) -> None:
+    """Twelve uploads waiting while the model is idle: the first half is one batch, and
+    the second is converted and queued while the first is still in the model (not after
+    it: the event loop would sit idle while the model runs). Fewer than
+    `SPLIT_FROM` are one batch."""
+    converted: list[int] = []
+    real = batching.images_from_bytes
+
+    def converting(batch: list[tuple[bytes, str]]) -> list:
+        converted.append(len(batch))
+        return real(batch)
+
+    monkeypatch.setattr(batching, "images_from_bytes", converting)
+    model = Gated()
+    batcher = Batcher(holder_of(model))
+
+    async def scenario() -> tuple[list[int], list[int], list[Found]]:
+        batcher.start()
+        try:
+            requests = asyncio.gather(*(batcher.predict(Upload(b, "u")) for b in uploads[:count]))
+            for _ in range(500):
+                if sum(converted) == count:
+                    break
+                await asyncio.sleep(0.01)
+            seen, sizes = list(converted), list(model.sizes)
+            model.go.set()
+            return seen, sizes, await asyncio.wait_for(requests, 30)
+        finally:
+            model.go.set()
+            await batcher.stop()
+
+    seen, sizes, found = asyncio.run(scenario())
+    assert seen == batches and sizes == batches[:1]
+    assert model.sizes == batches
+    for body, answer in zip(uploads, found, strict=False):
+        assert np.array_equal(answer.images, image_from_bytes(body)[None, None])
