@@ -323,7 +323,7 @@ def quarantined(service: Service) -> list[str]:
 
 
 def _noise() -> np.ndarray:
-    return np.random.default_rng(7).random((1, 1, 28, 28), dtype=np.float32)
+    return records.as_pixels(np.random.default_rng(7).random((1, 1, 28, 28), dtype=np.float32))
 
 
 def _probs() -> np.ndarray:

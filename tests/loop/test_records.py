@@ -30,7 +30,15 @@ def answered(n: int, seed: int = 0) -> Answered:
     images = rng.random((n, 1, 28, 28), dtype=np.float32)
     logits = rng.random((n, 10))
     probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
-    return Answered(time.time(), IDS.next(), "mnist-classifier", "3", images, probs)
+    pixels = records.as_pixels(images)
+    return Answered(time.time(), IDS.next(), "mnist-classifier", "3", pixels, probs)
+
+
+def test_the_pixels_logged_are_the_8_bits_of_the_inputs() -> None:
+    images = np.array([0.0, 1.0, 0.5, 3 / 255, 2.5 / 255, -0.2, 1.3], np.float32)
+    pixels = records.as_pixels(np.resize(images, (2, 1, 28, 28)))
+    assert pixels.shape == (2, 784) and pixels.dtype == np.uint8
+    assert pixels[0, :7].tolist() == [0, 255, 128, 3, 2, 0, 255]
 
 
 def test_a_batch_round_trips_with_the_pixels_the_model_saw() -> None:
@@ -40,8 +48,7 @@ def test_a_batch_round_trips_with_the_pixels_the_model_saw() -> None:
     assert table.column("item").to_pylist() == [0, 0, 1, 2]
     assert table.column("request_id").to_pylist()[1:] == [batch[1].request_id] * 3
     pixels = np.frombuffer(table.column("input")[2].as_py(), np.uint8).reshape(28, 28)
-    expected = np.rint(batch[1].images[1, 0] * 255).astype(np.uint8)
-    assert (pixels == expected).all()
+    assert (pixels == batch[1].pixels[1].reshape(28, 28)).all()
     digits = table.column("digit").to_pylist()
     assert digits == [int(p.argmax()) for a in batch for p in a.probabilities]
     probs = np.asarray(table.column("probabilities").to_pylist())
@@ -235,7 +242,7 @@ def test_a_flood_of_labels_is_bounded() -> None:
 def test_batches_hold_at_most_batch_records() -> None:
     answers = [answered(n) for n in (1, 2, 5, 1, 1)]
     chunks = _chunks(answers, 3)
-    assert [[len(a.images) for a in chunk] for chunk in chunks] == [[1, 2], [5], [1, 1]]
+    assert [[len(a.pixels) for a in chunk] for chunk in chunks] == [[1, 2], [5], [1, 1]]
     assert [a for chunk in chunks for a in chunk] == answers
 
 

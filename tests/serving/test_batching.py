@@ -14,6 +14,7 @@ from PIL import Image
 from mnistops.data import mnist
 from mnistops.data.conversion import image_from_bytes
 from mnistops.errors import ImageUnusable
+from mnistops.loop.records import as_pixels
 from mnistops.serving import batching
 from mnistops.serving.batching import Batcher, Found, Upload
 from mnistops.serving.champion import Holder, Served
@@ -76,7 +77,7 @@ def test_uploads_batched_together_get_what_they_get_alone(uploads: list[bytes]) 
     for body, answer in zip(uploads, found, strict=True):
         assert isinstance(answer, Found)
         alone = image_from_bytes(body)[None, None]
-        assert np.array_equal(answer.images, alone)
+        assert np.array_equal(answer.pixels, as_pixels(alone))
         assert np.allclose(answer.logits, model(alone), rtol=1e-5, atol=1e-4)
         assert np.allclose(answer.probabilities.sum(1), 1)
 
@@ -180,4 +181,4 @@ def test_the_next_batch_is_converted_while_one_runs(
     assert seen == batches and sizes == batches[:1]
     assert model.sizes == batches
     for body, answer in zip(uploads, found, strict=False):
-        assert np.array_equal(answer.images, image_from_bytes(body)[None, None])
+        assert np.array_equal(answer.pixels, as_pixels(image_from_bytes(body)[None, None]))

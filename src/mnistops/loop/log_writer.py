@@ -96,7 +96,7 @@ class PredictionLog:
 
     def record(self, answered: Answered) -> None:
         """Buffer one answer (never blocks on the store); shed it when the buffer is full."""
-        n = len(answered.images)
+        n = len(answered.pixels)
         with self.lock:
             if self.buffered + n > self.config.max_buffered:
                 self.counts.shed += n
@@ -136,7 +136,7 @@ class PredictionLog:
 
     def _say_lost(self, why: str) -> None:
         with self.lock:
-            lost = sum(len(a.images) for a in self.answers) + len(self.labels) + self.in_flight
+            lost = sum(len(a.pixels) for a in self.answers) + len(self.labels) + self.in_flight
             said, self.lost_said = self.lost_said, True
         if lost and not said:
             log.warning(
@@ -193,26 +193,26 @@ class PredictionLog:
             room = self.config.max_buffered - self.buffered
             kept: list[Answered] = []
             for answered in answers:
-                if len(answered.images) <= room:
+                if len(answered.pixels) <= room:
                     kept.append(answered)
-                    room -= len(answered.images)
+                    room -= len(answered.pixels)
                 else:
-                    self.counts.shed += len(answered.images)
+                    self.counts.shed += len(answered.pixels)
             self.answers = kept + self.answers
-            self.buffered += sum(len(a.images) for a in kept)
+            self.buffered += sum(len(a.pixels) for a in kept)
             self.labels = labels + self.labels
             self.oldest = time.monotonic() - self.config.batch_s + RETRY_S
             self.labelled = None
 
     def _flush(self) -> None:
         answers, labels = self._take()
-        self.in_flight = sum(len(a.images) for a in answers) + len(labels)
+        self.in_flight = sum(len(a.pixels) for a in answers) + len(labels)
         written = 0
         try:
             for chunk in _chunks(answers, self.config.batch_records):
                 self._write_answers(chunk)
                 written += len(chunk)
-                self.in_flight -= sum(len(a.images) for a in chunk)
+                self.in_flight -= sum(len(a.pixels) for a in chunk)
             while labels:
                 some = labels[: self.config.batch_records]
                 self.writer.call(("labels", some))
@@ -237,7 +237,7 @@ class PredictionLog:
 
     def _write_answers(self, batch: list[Answered]) -> None:
         self.writer.call(("answers", records.answer_columns(batch)))
-        self.counts.written += sum(len(a.images) for a in batch)
+        self.counts.written += sum(len(a.pixels) for a in batch)
         self.counts.batches += 1
 
     def _retention(self) -> None:
@@ -267,9 +267,9 @@ def _chunks(answers: list[Answered], limit: int) -> list[list[Answered]]:
     chunks: list[list[Answered]] = []
     size = limit
     for answered in answers:
-        if size + len(answered.images) > limit:
+        if size + len(answered.pixels) > limit:
             chunks.append([])
             size = 0
         chunks[-1].append(answered)
-        size += len(answered.images)
+        size += len(answered.pixels)
     return chunks

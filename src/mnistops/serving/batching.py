@@ -23,16 +23,17 @@ from typing import NamedTuple
 import numpy as np
 
 from mnistops.data.conversion import images_from_bytes
+from mnistops.loop.records import as_pixels
 from mnistops.predict import logits, softmax
 from mnistops.serving.champion import Holder, Served
 
 
 class Found(NamedTuple):
-    """What the model found for one request: the (N, 1, 28, 28) images it saw, their
-    logits and probabilities, and the model. (Tuples: made once a request, they cost
-    a third of a frozen dataclass.)"""
+    """What the model found for one request: the N images it saw as the log keeps them
+    ((N, 784) uint8, `records.as_pixels`), their logits and probabilities, and the
+    model. (Tuples: made once a request, they cost a third of a frozen dataclass.)"""
 
-    images: np.ndarray
+    pixels: np.ndarray
     logits: np.ndarray
     probabilities: np.ndarray
     served: Served
@@ -139,7 +140,7 @@ class Batcher:
         return job
 
 
-Answers = tuple[np.ndarray, np.ndarray]
+Answers = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _hand_out(
@@ -149,12 +150,13 @@ def _hand_out(
 ) -> None:
     """Each request of a finished forward pass its rows, or the pass's error."""
     try:
-        found, probs = job.result()
+        found, probs, pixels = job.result()
         start = 0
         for images, future in ready:
             end = start + len(images)
             if not future.done():
-                future.set_result(Found(images, found[start:end], probs[start:end], served))
+                answer = Found(pixels[start:end], found[start:end], probs[start:end], served)
+                future.set_result(answer)
             start = end
     except BaseException as exc:  # noqa: BLE001  no request is left waiting
         _fail(ready, NoModel() if isinstance(exc, asyncio.CancelledError) else exc)
@@ -203,8 +205,9 @@ def _alone(upload: tuple[bytes, str]) -> np.ndarray | Exception:
 
 
 def answers(model: object, batch: np.ndarray) -> Answers:
-    """A batch's logits and probabilities, in the inference thread (softmax once a
-    batch, not once a request on the event loop: rows are independent, so each
-    request's rows are what it would get alone)."""
+    """A batch's logits, probabilities and pixels as the log keeps them, in the
+    inference thread: once a batch, not once a request on the event loop or in the
+    log's thread (rows are independent, so each request's rows are what it would get
+    alone)."""
     found = logits(model, batch)
-    return found, softmax(found)
+    return found, softmax(found), as_pixels(batch)

@@ -94,7 +94,7 @@ class Predictor:
                     request_id,
                     served.name,
                     served.version,
-                    found.images,
+                    found.pixels,
                     found.probabilities,
                 )
             )
