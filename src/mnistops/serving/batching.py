@@ -6,11 +6,11 @@ forward pass in the inference thread and hands each request its rows when it is 
 Under no load a request is answered alone, at once; under load, one conversion and one
 pass serve many requests, which is where the throughput comes from.
 
-Two batches are in flight at once: while one runs in the inference thread, the next is
-converted on the event loop. Taking everything that waits into one batch would put the
-clients in step (all answered, all sending, all converted, then the loop idle while the
-model runs), so while the model is idle a batch takes half of what waits and leaves the
-rest to be converted while it runs.
+Up to three batches are in flight at once: while one runs in the inference thread, the
+next are converted on the event loop and queued. Taking everything that waits into one
+batch would put the clients in step (all answered, all sending, all converted, then the
+loop idle while the model runs), so while the model is idle a batch takes half of what
+waits and leaves the rest to be converted while it runs.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ class NoModel(Exception):
 
 
 Waiting = tuple[np.ndarray | Upload, "asyncio.Future[Found]"]
-IN_FLIGHT = 2
-"""batches between conversion and answer at once"""
+IN_FLIGHT = 3
+"""batches between conversion and answer at once (measured: 3 answered 5 % more requests
+at 32 concurrent clients than 2, and 4 no more than 3)"""
 SPLIT_FROM = 12
 """fewer waiting requests are one batch even while the model is idle: for a few, the
 costs of a second conversion and forward pass outweigh the overlap (measured: at 8
