@@ -8,11 +8,14 @@ import base64
 import io
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -264,6 +267,12 @@ def png(size: tuple[int, int] = (28, 28)) -> bytes:
     return out.getvalue()
 
 
+def png_of(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
 def truncated() -> bytes:
     """A PNG of noise cut short in the middle of its pixel data."""
     out = io.BytesIO()
@@ -398,12 +407,13 @@ def test_no_request_reads_a_file_or_url_of_its_choosing(service: tuple[str, Path
         assert answer.status_code == 400 and "not an image" in answer.text
 
 
-@pytest.mark.security
-def test_the_api_key_is_required_when_set(service: tuple[str, Path]) -> None:
-    _url, config_dir = service
+@contextmanager
+def another_service(config_dir: Path, **settings: str) -> Iterator[str]:
+    """A second `mnistops serve` on the same stack, with `settings` as MNISTOPS_SERVE__*
+    variables; its URL once it is ready."""
     port = free_port()
-    key = "k-" + os.urandom(8).hex()
-    env = {**os.environ, "MNISTOPS_SERVE__PORT": str(port), "MNISTOPS_SERVE__API_KEY": key}
+    env = {**os.environ, "MNISTOPS_SERVE__PORT": str(port)}
+    env |= {f"MNISTOPS_SERVE__{key.upper()}": value for key, value in settings.items()}
     proc = subprocess.Popen(cli_command(("serve",), config_dir), env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -414,6 +424,17 @@ def test_the_api_key_is_required_when_set(service: tuple[str, Path]) -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.security
+def test_the_api_key_is_required_when_set(service: tuple[str, Path]) -> None:
+    _url, config_dir = service
+    key = "k-" + os.urandom(8).hex()
+    with another_service(config_dir, api_key=key) as url:
         image = png((28, 28))
         for path in ("/model", "/metrics", "/openapi.json"):
             assert httpx.get(f"{url}{path}").status_code == 401, path
@@ -433,9 +454,46 @@ def test_the_api_key_is_required_when_set(service: tuple[str, Path]) -> None:
             assert httpx.get(f"{url}{path}").status_code == 200, path
         keyed = {"Authorization": f"Bearer {key}"}
         assert httpx.post(f"{url}/invocations", json=images, headers=keyed).status_code == 200
-    finally:
-        proc.terminate()
-        proc.wait(30)
+
+
+@pytest.mark.security
+def test_large_bodies_past_what_it_holds_are_refused_until_room_is_made(
+    service: tuple[str, Path],
+) -> None:
+    """32 x serve.max_body_bytes of large bodies are held at once: clients that send
+    the headers of 100 KB uploads and hold back their bodies fill it, then a large
+    upload is refused at once (503, Retry-After) while small ones are answered; once
+    they go away, the large upload is answered."""
+    _url, config_dir = service
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300), dtype=np.uint8)
+    stroke = np.zeros((28, 28), np.uint8)
+    stroke[6:22, 12:16] = 255
+    large, small_digit = (png_of(pixels) for pixels in (noise, stroke))
+    assert 64 << 10 <= len(large) <= 99_000
+    with another_service(config_dir, max_body_bytes="100000", request_timeout_s="60") as url:
+        port = int(url.rsplit(":", 1)[1])
+        holders = []
+        try:
+            for _ in range(32):  # 32 x 99,000 of the 3,200,000 bytes held at most
+                sock = socket.create_connection(("127.0.0.1", port))
+                sock.sendall(
+                    b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                    b"Content-Length: 99000\r\n\r\n" + large[:100]
+                )
+                holders.append(sock)
+            time.sleep(1)
+            refused = httpx.post(f"{url}/predict", content=large, timeout=10)
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"] == "1"
+            assert "MB of large request bodies" in refused.json()["detail"]
+            small = httpx.post(f"{url}/predict", content=small_digit, timeout=10)
+            assert small.status_code == 200, small.text
+        finally:
+            for sock in holders:
+                sock.close()
+        time.sleep(1)
+        answered = httpx.post(f"{url}/predict", content=large, timeout=10)
+        assert answered.status_code == 200, answered.text
 
 
 def test_a_champion_that_does_not_load_is_refused_and_the_old_one_serves(

@@ -200,8 +200,9 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
     async def predict(request: Request) -> Response:
         # Only multipart uploads reach this route: every other body is answered by
         # `PredictFastPath` (wired below) with the same `Predictor.answer`.
-        data = await uploaded_file(request, serve.max_body_bytes)
-        status, body, request_id = await predictor.answer("image/*", data)
+        with predictor.held.holding() as hold:
+            data = await uploaded_file(request, serve.max_body_bytes, hold)
+            status, body, request_id = await predictor.answer("image/*", data)
         headers = {"X-Request-Id": request_id} if request_id else None
         return Response(body, status_code=status, media_type="application/json", headers=headers)
 

@@ -16,7 +16,9 @@ import io
 import json
 import struct
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,59 @@ from mnistops.settings import Settings
 
 class Refused(HTTPException):
     """A request the service will not answer; `detail` says why."""
+
+
+class Busy(Refused):
+    """The service holds as many large bodies as it takes at once: try again soon."""
+
+    def __init__(self, held: int, limit: int) -> None:
+        super().__init__(
+            503,
+            f"the service holds {held >> 20} MB of large request bodies already (at most"
+            f" {limit >> 20} MB at once): try again in a second",
+            headers={"Retry-After": "1"},
+        )
+
+
+HELD_BODIES = 32
+"""at most this many times `serve.max_body_bytes` of large bodies are held at once (256
+MB by default)"""
+LARGE_BODY = 64 << 10
+"""bodies of this many bytes or more count against `HeldBodies` (a digit's PNG takes
+well under 1 KB, the page's drawings a few)"""
+
+
+class HeldBodies:
+    """The bytes of large request bodies the service holds at once: read, waiting for a
+    decoding thread, or being decoded. Past `limit` a new one is refused (503, try
+    again) rather than queued: each waits with its body in memory, so 1,000 concurrent
+    photo uploads took 9 GB, and clients that had gone away left minutes of decoding
+    behind them."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    @contextmanager
+    def holding(self) -> Iterator[Callable[[int], None]]:
+        """A hold on bodies' bytes: call it with the size a body has reached (Busy when
+        that does not fit); all it took is given back at the end."""
+        taken = 0
+
+        def hold(size: int) -> None:
+            nonlocal taken
+            more = size - taken if size >= LARGE_BODY else 0
+            if more <= 0:
+                return
+            if self.held + more > self.limit:
+                raise Busy(self.held, self.limit)
+            self.held += more
+            taken += more
+
+        try:
+            yield hold
+        finally:
+            self.held -= taken
 
 
 @dataclass(frozen=True)
@@ -71,6 +126,7 @@ class Predictor:
         self.log = log
         self.book = book
         self.decoding = ThreadPoolExecutor(2, thread_name_prefix="decode")
+        self.held = HeldBodies(HELD_BODIES * self.limit)
         self.request_ids = RequestIds()
 
     async def answered(self, images: np.ndarray | Upload) -> Answers:
@@ -187,7 +243,9 @@ def images_in(kind: str, body: bytes, max_batch: int) -> tuple[np.ndarray, bool]
     return _converted(body, "the upload")[None], True
 
 
-async def uploaded_file(request: Request, limit: int) -> bytes:
+async def uploaded_file(request: Request, limit: int, hold: Callable[[int], None]) -> bytes:
+    """The one file of a multipart upload, held (`HeldBodies`) by its declared size
+    before it is read."""
     declared = request.headers.get("content-length")
     if declared is None or not declared.isdigit():
         raise Refused(
@@ -195,6 +253,7 @@ async def uploaded_file(request: Request, limit: int) -> bytes:
         )
     if int(declared) > limit:
         raise Refused(413, f"the body is {int(declared)} bytes: at most {limit} are accepted")
+    hold(int(declared))
     try:
         form = await request.form(max_files=1, max_fields=10, max_part_size=limit)
     except Exception as exc:  # noqa: BLE001  a malformed multipart body

@@ -6,10 +6,12 @@ the OpenAPI schema; `app.create_app` wires this in, in one place."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mnistops.serving.bodies import Predictor, too_large
+from mnistops.serving.bodies import Busy, Predictor, too_large
 
 
 class PredictFastPath:
@@ -28,24 +30,36 @@ class PredictFastPath:
         if kind == "multipart/form-data":
             await self.app(scope, receive, send)
             return
-        status, body, request_id = await self._answer(kind, headers, receive)
+        retry = None
+        try:
+            with self.predictor.held.holding() as hold:
+                status, body, request_id = await self._answer(kind, headers, receive, hold)
+        except Busy as exc:
+            status, body, request_id = 503, orjson.dumps({"detail": exc.detail}), None
+            retry = b"1"
         sent = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
         ]
         if request_id is not None:
             sent.append((b"x-request-id", request_id.encode()))
+        if retry is not None:
+            sent.append((b"retry-after", retry))
         await send({"type": "http.response.start", "status": status, "headers": sent})
         await send({"type": "http.response.body", "body": body})
 
     async def _answer(
-        self, kind: str, headers: dict[bytes, bytes], receive: Receive
+        self, kind: str, headers: dict[bytes, bytes], receive: Receive, hold: Callable[[int], None]
     ) -> tuple[int, bytes, str | None]:
-        """The body read with the service's size cap, then answered."""
+        """The body read with the service's size cap, then answered; a large one is
+        held (`hold`: Busy when the service holds too many) from its declared size on,
+        before it is read."""
         limit = self.predictor.limit
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             return 413, too_large(f"the body is {int(declared)} bytes", limit), None
+        if declared.isdigit():
+            hold(int(declared))
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -55,6 +69,7 @@ class PredictFastPath:
             size += len(chunk)
             if size > limit:
                 return 413, too_large(f"the body is over {limit} bytes", limit), None
+            hold(size)
             chunks.append(chunk)
             more = message.get("more_body", False)
         return await self.predictor.answer(kind, b"".join(chunks))

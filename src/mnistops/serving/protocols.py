@@ -291,13 +291,18 @@ async def _answered(
 ) -> Answers | Response:
     """The answers for the images of the request's body, or the protocol's error."""
     try:
-        body = await capped_body(request, predictor.limit)
-        body = decompressed(body, request.headers.get("content-encoding"), predictor.limit)
-        # parsed in a thread, as /predict's JSON: a large body never holds up the others
-        images = await asyncio.get_running_loop().run_in_executor(
-            predictor.decoding, images_of, body
-        )
-        return await predictor.answered(images)
+        with predictor.held.holding() as hold:
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) <= predictor.limit:
+                hold(int(declared))
+            body = await capped_body(request, predictor.limit)
+            body = decompressed(body, request.headers.get("content-encoding"), predictor.limit)
+            hold(len(body))
+            # parsed in a thread, as /predict's JSON: a large body never holds up the others
+            images = await asyncio.get_running_loop().run_in_executor(
+                predictor.decoding, images_of, body
+            )
+            return await predictor.answered(images)
     except Unusable as exc:
         return _error(exc.status, str(exc), mlflow)
     except Refused as exc:
