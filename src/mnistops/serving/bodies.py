@@ -16,9 +16,8 @@ import io
 import json
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,33 +67,43 @@ class HeldBodies:
     """The bytes of large request bodies the service holds at once: read, waiting for a
     decoding thread, or being decoded. Past `limit` a new one is refused (503, try
     again) rather than queued: each waits with its body in memory, so 1,000 concurrent
-    photo uploads took 9 GB, and clients that had gone away left minutes of decoding
+    photo uploads took 9 GB, and clients that had gone away left 90 s of decoding
     behind them."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
 
-    @contextmanager
-    def holding(self) -> Iterator[Callable[[int], None]]:
-        """A hold on bodies' bytes: call it with the size a body has reached (Busy when
-        that does not fit); all it took is given back at the end."""
-        taken = 0
+    def holding(self) -> Hold:
+        """A hold on bodies' bytes, given back at the end of its `with`."""
+        return Hold(self)
 
-        def hold(size: int) -> None:
-            nonlocal taken
-            more = size - taken if size >= LARGE_BODY else 0
-            if more <= 0:
-                return
-            if self.held + more > self.limit:
-                raise Busy(self.held, self.limit)
-            self.held += more
-            taken += more
 
-        try:
-            yield hold
-        finally:
-            self.held -= taken
+class Hold:
+    """Called with the size a body has reached: that much is held (Busy when it does
+    not fit). (A class, not a generator's context manager: one is made per request.)"""
+
+    __slots__ = ("bodies", "taken")
+
+    def __init__(self, bodies: HeldBodies) -> None:
+        self.bodies = bodies
+        self.taken = 0
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.bodies.held -= self.taken
+
+    def __call__(self, size: int) -> None:
+        more = size - self.taken if size >= LARGE_BODY else 0
+        if more <= 0:
+            return
+        bodies = self.bodies
+        if bodies.held + more > bodies.limit:
+            raise Busy(bodies.held, bodies.limit)
+        bodies.held += more
+        self.taken += more
 
 
 @dataclass(frozen=True)
