@@ -18,8 +18,7 @@ import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -106,10 +105,9 @@ class Hold:
         self.taken += more
 
 
-@dataclass(frozen=True)
-class Answers:
+class Answers(NamedTuple):
     """A request's answers: the model's logits, their probabilities, the model that gave
-    them, and the request id that /feedback takes."""
+    them, and the request id that /feedback takes. (A tuple: one is made per request.)"""
 
     logits: np.ndarray
     probabilities: np.ndarray
