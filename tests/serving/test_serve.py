@@ -408,13 +408,17 @@ def test_no_request_reads_a_file_or_url_of_its_choosing(service: tuple[str, Path
 
 
 @contextmanager
-def another_service(config_dir: Path, **settings: str) -> Iterator[str]:
+def another_service(
+    config_dir: Path, log: Path | None = None, **settings: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A second `mnistops serve` on the same stack, with `settings` as MNISTOPS_SERVE__*
-    variables; its URL once it is ready."""
+    variables (its output in `log`); its URL and process once it is ready."""
     port = free_port()
     env = {**os.environ, "MNISTOPS_SERVE__PORT": str(port)}
     env |= {f"MNISTOPS_SERVE__{key.upper()}": value for key, value in settings.items()}
-    proc = subprocess.Popen(cli_command(("serve",), config_dir), env=env, stdout=subprocess.DEVNULL)
+    out = log.open("wb") if log is not None else subprocess.DEVNULL
+    command = cli_command(("serve",), config_dir)
+    proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -424,17 +428,19 @@ def another_service(config_dir: Path, **settings: str) -> Iterator[str]:
                     break
             except httpx.HTTPError:
                 time.sleep(0.3)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(30)
+        if log is not None:
+            out.close()  # type: ignore[union-attr]
 
 
 @pytest.mark.security
 def test_the_api_key_is_required_when_set(service: tuple[str, Path]) -> None:
     _url, config_dir = service
     key = "k-" + os.urandom(8).hex()
-    with another_service(config_dir, api_key=key) as url:
+    with another_service(config_dir, api_key=key) as (url, _proc):
         image = png((28, 28))
         for path in ("/model", "/metrics", "/openapi.json"):
             assert httpx.get(f"{url}{path}").status_code == 401, path
@@ -456,6 +462,31 @@ def test_the_api_key_is_required_when_set(service: tuple[str, Path]) -> None:
         assert httpx.post(f"{url}/invocations", json=images, headers=keyed).status_code == 200
 
 
+def test_requests_still_open_when_it_stops_get_a_503_not_a_traceback(
+    service: tuple[str, Path], tmp_path: Path
+) -> None:
+    """A stop waits 5 s for the requests being answered; one still open then (its
+    body held back) is answered 503, and the log holds no traceback."""
+    _url, config_dir = service
+    log = tmp_path / "serve.log"
+    with another_service(config_dir, log, request_timeout_s="60") as (url, proc):
+        sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 5000\r\n\r\n" + b"\x89PNG"
+        )
+        time.sleep(0.5)
+        proc.terminate()
+        sock.settimeout(30)
+        answer = sock.recv(4096)
+        proc.wait(30)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    assert b"the service is stopping" in answer
+    said = log.read_text()
+    assert "Traceback" not in said and "CancelledError" not in said, said
+
+
 @pytest.mark.security
 def test_large_bodies_past_what_it_holds_are_refused_until_room_is_made(
     service: tuple[str, Path],
@@ -470,7 +501,8 @@ def test_large_bodies_past_what_it_holds_are_refused_until_room_is_made(
     stroke[6:22, 12:16] = 255
     large, small_digit = (png_of(pixels) for pixels in (noise, stroke))
     assert 64 << 10 <= len(large) <= 99_000
-    with another_service(config_dir, max_body_bytes="100000", request_timeout_s="60") as url:
+    settings = {"max_body_bytes": "100000", "request_timeout_s": "60"}
+    with another_service(config_dir, **settings) as (url, _proc):
         port = int(url.rsplit(":", 1)[1])
         holders = []
         try:

@@ -4,6 +4,7 @@ request, a third of the time of a small prediction."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 
@@ -50,15 +51,25 @@ class GuardAndMeasure:
             await refused(scope, receive, send)
             self.metrics.observe(path, 401, time.perf_counter() - began)
             return
-        status = {"code": 500}
+        status = {"code": 500, "started": False}
 
         async def sent(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
             await send(message)
 
         try:
             await self.app(scope, receive, sent)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still being answered once its graceful shutdown
+            # (5 s) is over: a 503 for each, not a traceback in the log for each
+            if not status["started"]:
+                stopping = JSONResponse(
+                    refusal(scope["path"], "the service is stopping: try again"),
+                    status_code=503,
+                    headers={"Retry-After": "1"},
+                )
+                await stopping(scope, receive, sent)
         finally:
             self.metrics.observe(path, status["code"], time.perf_counter() - began)
 
