@@ -491,10 +491,11 @@ def test_requests_still_open_when_it_stops_get_a_503_not_a_traceback(
 def test_large_bodies_past_what_it_holds_are_refused_until_room_is_made(
     service: tuple[str, Path],
 ) -> None:
-    """32 x serve.max_body_bytes of large bodies are held at once: clients that send
-    the headers of 100 KB uploads and hold back their bodies fill it, then a large
-    upload is refused at once (503, Retry-After) while small ones are answered; once
-    they go away, the large upload is answered."""
+    """32 x serve.max_body_bytes of large bodies are held at once, counted as they
+    arrive: clients that send 98 KB of 99 KB uploads and hold back the rest fill it,
+    then a large upload is refused (503, Retry-After) while small ones are answered;
+    once they go away, the large upload is answered. Headers that only declare a large
+    body hold nothing."""
     _url, config_dir = service
     noise = np.random.default_rng(0).integers(0, 256, (300, 300), dtype=np.uint8)
     stroke = np.zeros((28, 28), np.uint8)
@@ -506,18 +507,24 @@ def test_large_bodies_past_what_it_holds_are_refused_until_room_is_made(
         port = int(url.rsplit(":", 1)[1])
         holders = []
         try:
-            for _ in range(32):  # 32 x 99,000 of the 3,200,000 bytes held at most
+            for sent in [0] * 8 + [98_000] * 32:  # 32 x 98,000 of the 3,200,000 held at most
                 sock = socket.create_connection(("127.0.0.1", port))
                 sock.sendall(
                     b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                    b"Content-Length: 99000\r\n\r\n" + large[:100]
+                    b"Content-Length: 99000\r\n\r\n" + bytes(sent)
                 )
                 holders.append(sock)
             time.sleep(1)
             refused = httpx.post(f"{url}/predict", content=large, timeout=10)
             assert refused.status_code == 503, refused.text
             assert refused.headers["retry-after"] == "1"
-            assert "MB of large request bodies" in refused.json()["detail"]
+            assert "MiB of large request bodies" in refused.json()["detail"]
+            name = load_settings(config_dir).model_registry.name
+            batch = {"inputs": np.zeros((24, 1, 28, 28)).tolist()}  # 77 KB of JSON
+            for path, words in (("/invocations", "message"), (f"/v2/models/{name}/infer", "error")):
+                busy = httpx.post(f"{url}{path}", json=batch, timeout=10)
+                assert busy.status_code == 503 and busy.headers["retry-after"] == "1", path
+                assert "MiB of large request bodies" in busy.json()[words], path
             small = httpx.post(f"{url}/predict", content=small_digit, timeout=10)
             assert small.status_code == 200, small.text
         finally:

@@ -45,13 +45,18 @@ class Refused(HTTPException):
 class Busy(Refused):
     """The service holds as many large bodies as it takes at once: try again soon."""
 
-    def __init__(self, held: int, limit: int) -> None:
+    def __init__(self, held: int, more: int, limit: int) -> None:
         super().__init__(
             503,
-            f"the service holds {held >> 20} MB of large request bodies already (at most"
-            f" {limit >> 20} MB at once): try again in a second",
+            f"the service holds {held / MIB:.1f} MiB of large request bodies already and"
+            f" {more / MIB:.1f} MiB more would pass the {limit / MIB:.1f} MiB it holds at"
+            " once (32 x serve.max_body_bytes, for all clients together): try again in a"
+            " second",
             headers={"Retry-After": "1"},
         )
+
+
+MIB = 1 << 20
 
 
 HELD_BODIES = 32
@@ -100,7 +105,7 @@ class Hold:
             return
         bodies = self.bodies
         if bodies.held + more > bodies.limit:
-            raise Busy(bodies.held, bodies.limit)
+            raise Busy(bodies.held, more, bodies.limit)
         bodies.held += more
         self.taken += more
 
@@ -191,8 +196,11 @@ class Predictor:
         return 200, orjson.dumps({**answer, "request_id": request_id}), request_id
 
 
-async def capped_body(request: Request, limit: int) -> bytes:
-    """A request's body, read with a cap: Refused (413) past `limit` bytes."""
+async def capped_body(
+    request: Request, limit: int, hold: Callable[[int], None] | None = None
+) -> bytes:
+    """A request's body, read with a cap: Refused (413) past `limit` bytes; `hold` is
+    told the size it reaches as it arrives (`HeldBodies`)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise Refused(413, f"the body is {int(declared)} bytes: at most {limit} are accepted")
@@ -202,6 +210,8 @@ async def capped_body(request: Request, limit: int) -> bytes:
             body += chunk
             if len(body) > limit:
                 raise Refused(413, f"the body is over {limit} bytes: at most {limit} are accepted")
+            if hold is not None:
+                hold(len(body))
     except ClientDisconnect:
         raise Refused(400, "the client went away before its body arrived") from None
     return bytes(body)
@@ -260,7 +270,6 @@ async def uploaded_file(request: Request, limit: int, hold: Callable[[int], None
         )
     if int(declared) > limit:
         raise Refused(413, f"the body is {int(declared)} bytes: at most {limit} are accepted")
-    hold(int(declared))
     try:
         form = await request.form(max_files=1, max_fields=10, max_part_size=limit)
     except Exception as exc:  # noqa: BLE001  a malformed multipart body
@@ -270,6 +279,7 @@ async def uploaded_file(request: Request, limit: int, hold: Callable[[int], None
         raise Refused(
             400, "send one file and nothing else in the multipart form (curl -F file=@digit.png)"
         )
+    hold(int(declared))  # read in: the form spools a large file to disk until now
     data = await uploads[0].read()
     if len(data) > limit:
         raise Refused(413, f"the file is over {limit} bytes")

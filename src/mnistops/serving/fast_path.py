@@ -52,14 +52,11 @@ class PredictFastPath:
         self, kind: str, headers: dict[bytes, bytes], receive: Receive, hold: Callable[[int], None]
     ) -> tuple[int, bytes, str | None]:
         """The body read with the service's size cap, then answered; a large one is
-        held (`hold`: Busy when the service holds too many) from its declared size on,
-        before it is read."""
+        held as it arrives (`hold`: Busy when the service holds too many)."""
         limit = self.predictor.limit
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             return 413, too_large(f"the body is {int(declared)} bytes", limit), None
-        if declared.isdigit():
-            hold(int(declared))
         chunks, size, more = [], 0, True
         while more:
             message = await receive()

@@ -17,7 +17,7 @@ import asyncio
 import json
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import Enum
 from importlib.metadata import version as package_version
 from typing import Any
@@ -261,10 +261,19 @@ def model_metadata(holder: Holder, name: str) -> dict[str, Any]:
     }
 
 
-def _error(status: int, message: str, mlflow: bool) -> Response:
+def _error(
+    status: int, message: str, mlflow: bool, headers: Mapping[str, str] | None = None
+) -> Response:
     """An error as each protocol words it: MLflow's `error_code`/`message`, V2's `error`."""
-    content = {"error_code": "BAD_REQUEST", "message": message} if mlflow else {"error": message}
-    return Response(orjson.dumps(content), status, media_type="application/json")
+    code = "TEMPORARILY_UNAVAILABLE" if status == 503 else "BAD_REQUEST"
+    content = {"error_code": code, "message": message} if mlflow else {"error": message}
+    return Response(orjson.dumps(content), status, headers, media_type="application/json")
+
+
+def _unpacked_images(
+    images_of: Callable[[bytes], np.ndarray], body: bytes, encoding: str | None, limit: int
+) -> np.ndarray:
+    return images_of(decompressed(body, encoding, limit))
 
 
 def decompressed(body: bytes, encoding: str | None, limit: int) -> bytes:
@@ -292,21 +301,20 @@ async def _answered(
     """The answers for the images of the request's body, or the protocol's error."""
     try:
         with predictor.held.holding() as hold:
-            declared = request.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) <= predictor.limit:
-                hold(int(declared))
-            body = await capped_body(request, predictor.limit)
-            body = decompressed(body, request.headers.get("content-encoding"), predictor.limit)
-            hold(len(body))
-            # parsed in a thread, as /predict's JSON: a large body never holds up the others
+            body = await capped_body(request, predictor.limit, hold)
+            encoding = request.headers.get("content-encoding")
+            if encoding is not None:
+                hold(predictor.limit)  # what it may unpack to
+            # unpacked and parsed in a thread, as /predict's JSON: a large body never
+            # holds up the others
             images = await asyncio.get_running_loop().run_in_executor(
-                predictor.decoding, images_of, body
+                predictor.decoding, _unpacked_images, images_of, body, encoding, predictor.limit
             )
             return await predictor.answered(images)
     except Unusable as exc:
         return _error(exc.status, str(exc), mlflow)
     except Refused as exc:
-        return _error(exc.status_code, str(exc.detail), mlflow)
+        return _error(exc.status_code, str(exc.detail), mlflow, exc.headers)
     except NoModel:
         return _error(503, "no champion is loaded yet", mlflow)
 
