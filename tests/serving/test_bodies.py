@@ -1,10 +1,11 @@
-"""What the service holds of request bodies, as pure logic."""
+"""What the service holds of request bodies, and how it words a refusal, as pure logic."""
 
 from __future__ import annotations
 
 import pytest
 
 from mnistops.serving.bodies import Busy, HeldBodies
+from mnistops.serving.guard import refusal
 
 pytestmark = pytest.mark.unit
 
@@ -26,3 +27,12 @@ def test_large_bodies_are_held_up_to_the_limit_and_given_back() -> None:
             other(150_000)
             assert held.held == 300_000
     assert held.held == 0
+
+
+def test_refusals_are_worded_as_each_protocol_words_them() -> None:
+    assert refusal("/v2/models/m/infer", "no", "X") == {"error": "no"}
+    assert refusal("/invocations", "no", "TEMPORARILY_UNAVAILABLE") == {
+        "error_code": "TEMPORARILY_UNAVAILABLE",
+        "message": "no",
+    }
+    assert refusal("/predict", "no", "X") == {"detail": "no"}

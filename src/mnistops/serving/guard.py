@@ -17,13 +17,13 @@ OPEN_PATHS = {"/", "/health", "/ping", "/v2/health/live", "/v2/health/ready"}
 """answered without the API key: the page (it asks for the key) and the health checks"""
 
 
-def refusal(path: str, message: str) -> dict[str, str]:
-    """A refusal as the path's protocol words it: V2's `error`, MLflow's `error_code` and
-    `message`, FastAPI's `detail` elsewhere."""
+def refusal(path: str, message: str, mlflow_code: str) -> dict[str, str]:
+    """A refusal as the path's protocol words it: V2's `error`, MLflow's `error_code`
+    (`mlflow_code`) and `message`, FastAPI's `detail` elsewhere."""
     if path.startswith("/v2"):
         return {"error": message}
     if path == "/invocations":
-        return {"error_code": "UNAUTHENTICATED", "message": message}
+        return {"error_code": mlflow_code, "message": message}
     return {"detail": message}
 
 
@@ -44,7 +44,11 @@ class GuardAndMeasure:
         path = scope["path"] if scope["path"] in self.paths else "other"
         if self.key is not None and scope["path"] not in OPEN_PATHS and not self._allowed(scope):
             refused = JSONResponse(
-                refusal(scope["path"], "an API key is required: Authorization: Bearer KEY"),
+                refusal(
+                    scope["path"],
+                    "an API key is required: Authorization: Bearer KEY",
+                    "UNAUTHENTICATED",
+                ),
                 status_code=401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
@@ -65,7 +69,11 @@ class GuardAndMeasure:
             # (5 s) is over: a 503 for each, not a traceback in the log for each
             if not status["started"]:
                 stopping = JSONResponse(
-                    refusal(scope["path"], "the service is stopping: try again"),
+                    refusal(
+                        scope["path"],
+                        "the service is stopping: try again",
+                        "TEMPORARILY_UNAVAILABLE",
+                    ),
                     status_code=503,
                     headers={"Retry-After": "1"},
                 )
