@@ -30,9 +30,9 @@ def test_large_bodies_are_held_up_to_the_limit_and_given_back() -> None:
 
 
 def test_refusals_are_worded_as_each_protocol_words_them() -> None:
-    assert refusal("/v2/models/m/infer", "no", "X") == {"error": "no"}
-    assert refusal("/invocations", "no", "TEMPORARILY_UNAVAILABLE") == {
+    assert refusal("/v2/models/m/infer", "no", 503) == {"error": "no"}
+    assert refusal("/invocations", "no", 503) == {
         "error_code": "TEMPORARILY_UNAVAILABLE",
         "message": "no",
     }
-    assert refusal("/predict", "no", "X") == {"detail": "no"}
+    assert refusal("/predict", "no", 503) == {"detail": "no"}

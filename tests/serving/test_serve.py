@@ -262,9 +262,8 @@ def test_a_moved_champion_is_served_with_no_failed_request(service: tuple[str, P
 
 
 def png(size: tuple[int, int] = (28, 28)) -> bytes:
-    out = io.BytesIO()
-    Image.new("L", size, 255).save(out, format="PNG")
-    return out.getvalue()
+    """A white (blank) PNG of `size` (width, height)."""
+    return png_of(np.full(size[::-1], 255, np.uint8))
 
 
 def png_of(pixels: np.ndarray) -> bytes:

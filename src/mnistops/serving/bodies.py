@@ -57,11 +57,9 @@ class Busy(Refused):
 
 
 MIB = 1 << 20
-
-
 HELD_BODIES = 32
 """at most this many times `serve.max_body_bytes` of large bodies are held at once (256
-MB by default)"""
+MiB by default)"""
 LARGE_BODY = 64 << 10
 """bodies of this many bytes or more count against `HeldBodies` (a digit's PNG takes
 well under 1 KB, the page's drawings a few)"""
@@ -261,8 +259,8 @@ def images_in(kind: str, body: bytes, max_batch: int) -> tuple[np.ndarray, bool]
 
 
 async def uploaded_file(request: Request, limit: int, hold: Callable[[int], None]) -> bytes:
-    """The one file of a multipart upload, held (`HeldBodies`) by its declared size
-    before it is read."""
+    """The one file of a multipart upload, held (`HeldBodies`) by its declared size once
+    the form has read it."""
     declared = request.headers.get("content-length")
     if declared is None or not declared.isdigit():
         raise Refused(

@@ -6,7 +6,7 @@ the OpenAPI schema; `app.create_app` wires this in, in one place."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -30,21 +30,20 @@ class PredictFastPath:
         if kind == "multipart/form-data":
             await self.app(scope, receive, send)
             return
-        retry = None
+        told: Mapping[str, str] = {}
         try:
             with self.predictor.held.holding() as hold:
                 status, body, request_id = await self._answer(kind, headers, receive, hold)
         except Busy as exc:
             status, body, request_id = 503, orjson.dumps({"detail": exc.detail}), None
-            retry = b"1"
+            told = exc.headers or {}
         sent = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
         ]
         if request_id is not None:
             sent.append((b"x-request-id", request_id.encode()))
-        if retry is not None:
-            sent.append((b"retry-after", retry))
+        sent += [(name.lower().encode(), value.encode()) for name, value in told.items()]
         await send({"type": "http.response.start", "status": status, "headers": sent})
         await send({"type": "http.response.body", "body": body})
 

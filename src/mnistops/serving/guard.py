@@ -17,13 +17,21 @@ OPEN_PATHS = {"/", "/health", "/ping", "/v2/health/live", "/v2/health/ready"}
 """answered without the API key: the page (it asks for the key) and the health checks"""
 
 
-def refusal(path: str, message: str, mlflow_code: str) -> dict[str, str]:
-    """A refusal as the path's protocol words it: V2's `error`, MLflow's `error_code`
-    (`mlflow_code`) and `message`, FastAPI's `detail` elsewhere."""
+MLFLOW_CODES = {401: "UNAUTHENTICATED", 503: "TEMPORARILY_UNAVAILABLE"}
+
+
+def mlflow_code(status: int) -> str:
+    """The `error_code` MLflow's scoring protocol gives an HTTP status."""
+    return MLFLOW_CODES.get(status, "BAD_REQUEST")
+
+
+def refusal(path: str, message: str, status: int) -> dict[str, str]:
+    """A refusal as the path's protocol words it: V2's `error`, MLflow's `error_code` and
+    `message`, FastAPI's `detail` elsewhere."""
     if path.startswith("/v2"):
         return {"error": message}
     if path == "/invocations":
-        return {"error_code": mlflow_code, "message": message}
+        return {"error_code": mlflow_code(status), "message": message}
     return {"detail": message}
 
 
@@ -43,16 +51,10 @@ class GuardAndMeasure:
         began = time.perf_counter()
         path = scope["path"] if scope["path"] in self.paths else "other"
         if self.key is not None and scope["path"] not in OPEN_PATHS and not self._allowed(scope):
-            refused = JSONResponse(
-                refusal(
-                    scope["path"],
-                    "an API key is required: Authorization: Bearer KEY",
-                    "UNAUTHENTICATED",
-                ),
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
+            key_needed = "an API key is required: Authorization: Bearer KEY"
+            await _refused(scope, 401, key_needed, {"WWW-Authenticate": "Bearer"})(
+                scope, receive, send
             )
-            await refused(scope, receive, send)
             self.metrics.observe(path, 401, time.perf_counter() - began)
             return
         status = {"code": 500, "started": False}
@@ -68,16 +70,8 @@ class GuardAndMeasure:
             # uvicorn cancels what is still being answered once its graceful shutdown
             # (5 s) is over: a 503 for each, not a traceback in the log for each
             if not status["started"]:
-                stopping = JSONResponse(
-                    refusal(
-                        scope["path"],
-                        "the service is stopping: try again",
-                        "TEMPORARILY_UNAVAILABLE",
-                    ),
-                    status_code=503,
-                    headers={"Retry-After": "1"},
-                )
-                await stopping(scope, receive, sent)
+                stopping = "the service is stopping: try again"
+                await _refused(scope, 503, stopping, {"Retry-After": "1"})(scope, receive, sent)
         finally:
             self.metrics.observe(path, status["code"], time.perf_counter() - began)
 
@@ -86,3 +80,7 @@ class GuardAndMeasure:
         headers = dict(scope["headers"])
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+
+
+def _refused(scope: Scope, status: int, message: str, headers: dict[str, str]) -> JSONResponse:
+    return JSONResponse(refusal(scope["path"], message, status), status, headers)

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mnistops.serving.batching import NoModel
 from mnistops.serving.bodies import Answers, Predictor, Refused, capped_body
 from mnistops.serving.champion import Holder
+from mnistops.serving.guard import mlflow_code
 
 PIXELS = 28 * 28
 MLFLOW_KEYS = ("inputs", "instances", "dataframe_split", "dataframe_records")
@@ -265,8 +266,9 @@ def _error(
     status: int, message: str, mlflow: bool, headers: Mapping[str, str] | None = None
 ) -> Response:
     """An error as each protocol words it: MLflow's `error_code`/`message`, V2's `error`."""
-    code = "TEMPORARILY_UNAVAILABLE" if status == 503 else "BAD_REQUEST"
-    content = {"error_code": code, "message": message} if mlflow else {"error": message}
+    content = (
+        {"error_code": mlflow_code(status), "message": message} if mlflow else {"error": message}
+    )
     return Response(orjson.dumps(content), status, headers, media_type="application/json")
 
 
