@@ -67,8 +67,18 @@ def test_dropout_drops_its_share_scales_the_rest_and_follows_the_seed() -> None:
     assert torch.equal(drop.eval()(ones), ones)
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_keeps_other_shares_and_odd_sizes(p: float) -> None:
+    ones = torch.ones(1001, 333)  # not a multiple of the four lanes of a draw
+    dropped = models.Dropout(p)(ones)
+    assert abs(float((dropped == 0).float().mean()) - p) < 0.005
+    assert abs(float(dropped.mean()) - 1.0) < 0.02
+    assert torch.equal(models.Dropout(1.0)(ones), torch.zeros_like(ones))
+
+
 def test_an_unknown_model_names_the_known_ones() -> None:
-    with pytest.raises(TrainingError, match="unknown model 'resnet' .known: digitnet, seednet"):
+    known = "known: digitnet2, digitnet, seednet"
+    with pytest.raises(TrainingError, match=f"unknown model 'resnet' .{known}"):
         check_hyperparameters(HyperParameters(model="resnet"))
 
 

@@ -49,7 +49,7 @@ def train(
         ),
     ] = None,
     model: Annotated[
-        str | None, typer.Option(HYP_OPTIONS["model"], help="digitnet or seednet")
+        str | None, typer.Option(HYP_OPTIONS["model"], help="digitnet2, digitnet or seednet")
     ] = None,
     n_epochs: Annotated[int | None, typer.Option(HYP_OPTIONS["n_epochs"])] = None,
     batch_size: Annotated[int | None, typer.Option(HYP_OPTIONS["batch_size"])] = None,

@@ -44,7 +44,11 @@ class HyperParameters(Section):
     batch_size: int = Field(256, gt=0)
     learning_rate: float = Field(0.004, gt=0)
     n_epochs: int = Field(8, gt=0)
-    model: str = Field("digitnet", description="seednet (the tutorial's CNN) or digitnet")
+    model: str = Field(
+        "digitnet2",
+        description="digitnet2 (our default), digitnet (the default before it) or seednet"
+        " (the tutorial's CNN)",
+    )
     schedule: Literal["constant", "onecycle"] = "onecycle"
     weight_decay: float = Field(0.01, ge=0)
     augment: bool = Field(True, description="random small shifts, turns and zooms while training")

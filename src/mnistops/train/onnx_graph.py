@@ -2,10 +2,11 @@
 `predict` answer with when the graph was checked at registration.
 
 The graph is written by mnistops from `train.architecture` and the weights (the batch
-norms folded into their convolutions, as the NumPy runtime does), never exported by
-tracing code, and logged beside the weights (`tracking.model_files`), where the signed
-file record covers it. At registration its digits on the whole test set are compared with
-PyTorch's, as the NumPy runtime's are; only a graph that passed is run. ONNX Runtime's
+norms folded into their convolutions, as the NumPy runtime does; one after a pooling is
+a per-channel Mul and Add), never exported by tracing code, and logged beside the
+weights (`tracking.model_files`), where the signed file record covers it. At
+registration its digits on the whole test set are compared with PyTorch's, as the NumPy
+runtime's are; only a graph that passed is run. ONNX Runtime's
 kernels take about half the time of NumPy's matrix products for these small convolutions
 and release the GIL for the whole pass (`bench/runtime.py`), so the service's event loop
 keeps answering while a batch runs.
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mnistops.train import architecture as a
-from mnistops.train.runtime import convolution_parameters
+from mnistops.train.runtime import batch_norm_affine, convolution_parameters
 
 GRAPH_VERSION = "1"
 """the way this module writes a graph; a graph checked under another is not run"""
@@ -62,6 +63,10 @@ def graph_bytes(architecture: str, weights: dict[str, np.ndarray]) -> bytes:
                 kernel_shape=[layer.kernel, layer.kernel],
                 pads=[pad, pad, pad, pad],
             )
+        elif isinstance(layer, a.BatchNorm) and not isinstance(layers[index - 1], a.Conv):
+            scale, shift = batch_norm_affine(weights, index, layer.eps)
+            node("Mul", [current, constant(f"{index}.scale", scale[:, None, None])])
+            node("Add", [current, constant(f"{index}.shift", shift[:, None, None])])
         elif isinstance(layer, a.ReLU):
             node("Relu", [current])
         elif isinstance(layer, a.LeakyReLU):

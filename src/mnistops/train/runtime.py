@@ -3,7 +3,8 @@
 Importing PyTorch takes most of a second and a half and 300 MB of memory, for a forward
 pass of a few small matrix products. Here each layer of `train.architecture` becomes one
 NumPy step on channels-last activations (N, H, W, C): a convolution is one matrix product
-over its patches, with the batch norm after it folded into its weights and bias; the
+over its patches, with the batch norm after it folded into its weights and bias (one
+after a pooling is a per-channel scale and shift); the
 linear layer's columns are reordered once, so that flattening channels-last gives
 PyTorch's order. Inference only: dropout is the identity, batch norm uses its running
 statistics, as in PyTorch's eval mode.
@@ -73,6 +74,17 @@ def _convolution(weight: np.ndarray, bias: np.ndarray, height: int, width: int) 
         out: np.ndarray = patches.reshape(n * height * width, -1) @ matrix
         out += bias
         return out.reshape(n, height, width, outputs)
+
+    return step
+
+
+def _scale_and_shift(scale: np.ndarray, shift: np.ndarray) -> Step:
+    """A batch norm in eval mode that no convolution absorbed: per channel, channels last."""
+
+    def step(x: np.ndarray) -> np.ndarray:
+        x *= scale
+        x += shift
+        return x
 
     return step
 
@@ -153,6 +165,8 @@ def compile_net(architecture: str, weights: dict[str, np.ndarray]) -> NumpyNet:
             weight, bias = convolution_parameters(layers, index, weights)
             steps.append(_convolution(weight, bias, shape[1], shape[2]))
             shape = (layer.outputs, shape[1], shape[2])
+        elif isinstance(layer, a.BatchNorm) and not isinstance(layers[index - 1], a.Conv):
+            steps.append(_scale_and_shift(*batch_norm_affine(weights, index, layer.eps)))
         elif isinstance(layer, a.ReLU):
             steps.append(_relu)
         elif isinstance(layer, a.LeakyReLU):
@@ -192,12 +206,20 @@ def fold_batch_norm(
     weight: np.ndarray, bias: np.ndarray, weights: dict[str, np.ndarray], index: int, eps: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """A convolution followed by batch norm (eval mode) as one convolution."""
-    scale = weights[f"{index}.weight"] / np.sqrt(weights[f"{index}.running_var"] + eps)
-    shift = weights[f"{index}.bias"] - weights[f"{index}.running_mean"] * scale
+    scale, shift = batch_norm_affine(weights, index, eps)
     return (
         (weight * scale[:, None, None, None]).astype(np.float32),
         (bias * scale + shift).astype(np.float32),
     )
+
+
+def batch_norm_affine(
+    weights: dict[str, np.ndarray], index: int, eps: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The batch norm `layers[index]` in eval mode as (scale, shift) per channel, float32."""
+    scale = weights[f"{index}.weight"] / np.sqrt(weights[f"{index}.running_var"] + eps)
+    shift = weights[f"{index}.bias"] - weights[f"{index}.running_mean"] * scale
+    return scale.astype(np.float32), shift.astype(np.float32)
 
 
 TIE = 1e-4
