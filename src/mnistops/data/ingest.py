@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,10 @@ def _write_atomic(path: Path, payload: bytes) -> None:
     os.replace(tmp, path)
 
 
+CHUNK = 1000
+"""images a worker process writes at a time"""
+
+
 def write_split(
     folder: Path,
     ids: np.ndarray,
@@ -74,11 +79,42 @@ def write_split(
     """Write the PNGs of one split; files already there with the right bytes are kept.
 
     Appends (path, sha256, pixel hash) of every file to `checked`, so that publishing
-    need not decode them again.
+    need not decode them again. Many images are encoded and written on every core (the
+    PNG encoding is the work: one core wrote 3,700 a second).
     """
     for digit in range(10):
         (folder / str(digit)).mkdir(parents=True, exist_ok=True)
+    chunks = [
+        (folder, ids[i : i + CHUNK], images[i : i + CHUNK], labels[i : i + CHUNK])
+        for i in range(0, len(ids), CHUNK)
+    ]
+    workers = min(os.cpu_count() or 1, 8)
+    if len(ids) < 4 * CHUNK or workers < 2:
+        done = (_write_chunk(*chunk) for chunk in chunks)
+        return _collect(done, progress, checked)
+    with ProcessPoolExecutor(workers) as pool:
+        return _collect(pool.map(_write_chunk, *zip(*chunks, strict=True)), progress, checked)
+
+
+def _collect(
+    done: Iterable[tuple[int, list[tuple[Path, str, str]]]],
+    progress: Progress,
+    checked: list[tuple[Path, str, str]],
+) -> int:
     written = 0
+    for count, chunk_checked in done:
+        written += count
+        checked += chunk_checked
+        progress(len(chunk_checked))
+    return written
+
+
+def _write_chunk(
+    folder: Path, ids: np.ndarray, images: np.ndarray, labels: np.ndarray
+) -> tuple[int, list[tuple[Path, str, str]]]:
+    """(files written, (path, sha256, pixel hash) of each image) for one chunk."""
+    written = 0
+    checked = []
     for image_id, pixels, label in zip(ids, images, labels, strict=True):
         path = folder / str(int(label)) / f"{int(image_id)}.png"
         payload = png_bytes(pixels)
@@ -96,8 +132,7 @@ def write_split(
         if not same:
             _write_atomic(path, payload)
             written += 1
-        progress(1)
-    return written
+    return written, checked
 
 
 def ingest(

@@ -1,0 +1,40 @@
+"""Ingest writes the same PNG files, and records the same hashes, on one core or many."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnistops.data import ingest
+
+pytestmark = pytest.mark.unit
+
+
+def _write(folder: Path, cores: int, monkeypatch: pytest.MonkeyPatch) -> tuple[int, list]:
+    monkeypatch.setattr(ingest.os, "cpu_count", lambda: cores)
+    rng = np.random.default_rng(0)
+    n = 4 * ingest.CHUNK + 7  # enough for the worker processes, and a short last chunk
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, n)
+    seen: list[int] = []
+    checked: list[tuple[Path, str, str]] = []
+    written = ingest.write_split(folder, np.arange(n), images, labels, seen.append, checked)
+    assert sum(seen) == n
+    return written, [(p.relative_to(folder), sha, pixels) for p, sha, pixels in checked]
+
+
+def test_many_images_are_written_by_worker_processes_as_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one = _write(tmp_path / "one", 1, monkeypatch)
+    two = _write(tmp_path / "two", 2, monkeypatch)
+    assert one == two and one[0] == 4 * ingest.CHUNK + 7
+    for relative, sha, _pixels in two[1]:
+        assert hashlib.sha256((tmp_path / "two" / relative).read_bytes()).hexdigest() == sha
+    assert sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.png")) == (
+        sorted(relative for relative, _s, _p in two[1])
+    )
+    assert _write(tmp_path / "two", 2, monkeypatch)[0] == 0  # again: nothing rewritten
