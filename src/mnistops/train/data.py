@@ -13,6 +13,7 @@ import io
 import json
 import os
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,8 +81,24 @@ def _decode(data: bytes) -> np.ndarray:
         return np.asarray(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
 
 
+DECODE_CHUNK = 2000
+"""images a worker process decodes at a time"""
+
+
 def _decode_all(keys_and_blobs: list[tuple[str, bytes]]) -> np.ndarray:
-    """Decode in this thread: for 28x28 PNGs a thread pool is 2x slower (GIL hand-offs)."""
+    """Decode many images on every core, a chunk a process (for 28x28 PNGs a thread pool
+    is 2x slower than one thread: GIL hand-offs; two processes take ~0.55x its time)."""
+    chunks = [
+        keys_and_blobs[i : i + DECODE_CHUNK] for i in range(0, len(keys_and_blobs), DECODE_CHUNK)
+    ]
+    workers = min(os.cpu_count() or 1, 8)
+    if len(chunks) < 2 or workers < 2:
+        return _decode_chunk(keys_and_blobs)
+    with ProcessPoolExecutor(workers) as pool:
+        return np.concatenate(list(pool.map(_decode_chunk, chunks)))
+
+
+def _decode_chunk(keys_and_blobs: list[tuple[str, bytes]]) -> np.ndarray:
     out = np.zeros((len(keys_and_blobs), 28, 28), np.uint8)
     for i, (key, blob) in enumerate(keys_and_blobs):
         try:
