@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnistops.data import ingest
+from mnistops.data import images, ingest
+from mnistops.settings import load_settings
+from tests.helpers import write_stack_config
 
 pytestmark = pytest.mark.unit
 
@@ -38,3 +40,34 @@ def test_many_images_are_written_by_worker_processes_as_by_one(
         sorted(relative for relative, _s, _p in two[1])
     )
     assert _write(tmp_path / "two", 2, monkeypatch)[0] == 0  # again: nothing rewritten
+
+
+def test_an_interrupted_ingest_is_refused_for_publishing_until_it_is_run_again(
+    tmp_path: Path,
+) -> None:
+    """An outside try published a test split of 5,939 images after a Ctrl-C in `test`."""
+    settings = load_settings(write_stack_config(tmp_path))
+
+    def interrupted(split: str, _n: int) -> ingest.Progress:
+        def step(_k: int) -> None:
+            if split == "test":
+                raise KeyboardInterrupt
+
+        return step
+
+    with pytest.raises(KeyboardInterrupt):
+        ingest.ingest_mnist(settings, fast=True, progress_for=interrupted)
+    with pytest.raises(images.InvalidDataset, match="did not finish .interrupted"):
+        images.check_ingest_finished(settings.mnist_dir)
+    ingest.ingest_mnist(settings, fast=True)
+    images.check_ingest_finished(settings.mnist_dir)
+    assert not (settings.mnist_dir / images.UNFINISHED_INGEST).exists()
+
+
+def test_a_second_ingest_of_the_same_folder_is_refused_by_name(tmp_path: Path) -> None:
+    settings = load_settings(write_stack_config(tmp_path))
+    with (
+        images.dataset_in_use(settings.mnist_dir, settings.home / "locks", "data add"),
+        pytest.raises(images.DatasetBusy, match="run `mnistops data ingest` again"),
+    ):
+        ingest.ingest_mnist(settings, fast=True)

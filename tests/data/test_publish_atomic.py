@@ -160,7 +160,9 @@ def test_files_changed_during_a_publish_are_named_and_nothing_is_published(
     try:
         stopped(proc.pid)
         busy = run_cli("data", "add", str(settings.mnist_dir / "train"), config_dir=publisher)
-        assert busy.returncode == 2 and "another `mnistops data add` or" in busy.stderr
+        busy_said = " ".join(busy.stderr.split())
+        assert busy.returncode == 2, busy.stderr
+        assert "another `mnistops data ingest`, `mnistops data add` or" in busy_said
         gone.unlink()
         add_image(settings, "changed-c")
     finally:
@@ -174,3 +176,26 @@ def test_files_changed_during_a_publish_are_named_and_nothing_is_published(
     again = run_cli("data", "version", tag, "-m", "settled", config_dir=publisher)
     assert again.returncode == 0, again.stdout + again.stderr
     assert reader.find_record(settings, tag).images["train"] > 0
+
+
+def test_a_folder_an_interrupted_ingest_left_is_not_published(publisher: Path) -> None:
+    """An outside try: Ctrl-C during ingest's test split, then `data version` published a
+    test split of 5,939 images. The mark ingest leaves until it finishes is refused by
+    name (tests/data/test_ingest.py interrupts a real ingest)."""
+    from mnistops.data import images
+
+    settings = load_settings(publisher)
+    tag = "v-half-ingested"
+    add_image(settings, "half")
+    mark = settings.mnist_dir / images.UNFINISHED_INGEST
+    mark.write_text("interrupted\n")
+    try:
+        refused = run_cli("data", "version", tag, "-m", "half", config_dir=publisher)
+    finally:
+        mark.unlink()
+    said = " ".join(refused.stderr.split())
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, said
+    assert "`mnistops data ingest` into it did not finish" in said, said
+    assert state(settings, tag) == (None, None)
+    again = run_cli("data", "version", tag, "-m", "whole", config_dir=publisher)
+    assert again.returncode == 0, again.stdout + again.stderr

@@ -138,6 +138,25 @@ def _checked(image: Image.Image, max_pixels: int) -> Image.Image:
     return image
 
 
+UNFINISHED_INGEST = ".ingest-unfinished"
+"""in a dataset folder while `data ingest` writes it; left there when it was interrupted"""
+
+
+def check_ingest_finished(root: Path) -> None:
+    """A folder an interrupted `data ingest` left is refused: its splits may be partial
+    (a test split of 5,939 images published as a version, in an outside try)."""
+    if (root / UNFINISHED_INGEST).exists():
+        raise InvalidDataset(
+            [
+                (
+                    root,
+                    "an `mnistops data ingest` into it did not finish (interrupted?), so a"
+                    " split may be partial: run `mnistops data ingest` again, then publish",
+                )
+            ]
+        )
+
+
 class InvalidDataset(BadInput):
     def __init__(self, problems: list[tuple[Path, str]]):
         self.problems = problems
@@ -312,14 +331,14 @@ def list_files(root: Path, problems: list[tuple[Path, str]]) -> list[tuple[str, 
 
 
 class DatasetBusy(BadInput):
-    """Another `data add` or `data version` is using the same dataset folder."""
+    """Another `data ingest`, `data add` or `data version` is using the same dataset folder."""
 
 
 @contextmanager
 def dataset_in_use(folder: Path, locks: Path, command: str) -> Iterator[None]:
-    """One `data add` or `data version` at a time on a dataset folder (a lock in `locks`,
-    the state dir's, named after the folder and released when the process ends, however
-    it ends); the other one is refused. Nothing is written beside the dataset."""
+    """One `data ingest`, `data add` or `data version` at a time on a dataset folder (a lock
+    in `locks`, the state dir's, named after the folder and released when the process
+    ends, however it ends); the other one is refused. Nothing is written beside the dataset."""
     import fcntl
 
     name = hashlib.sha256(str(folder.absolute()).encode()).hexdigest()[:16]
@@ -330,9 +349,9 @@ def dataset_in_use(folder: Path, locks: Path, command: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise DatasetBusy(
-                f"{folder} is being changed or published by another `mnistops data add` or"
-                f" `mnistops data version`; wait for it to finish, then run `mnistops"
-                f" {command}` again"
+                f"{folder} is being changed or published by another `mnistops data ingest`,"
+                f" `mnistops data add` or `mnistops data version`; wait for it to finish, then"
+                f" run `mnistops {command}` again"
             ) from None
         yield
 

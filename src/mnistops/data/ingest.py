@@ -145,17 +145,22 @@ def ingest(
 ) -> IngestResult:
     """Verify and decode the IDX files in `source`, then write the three PNG splits.
 
-    Safe to re-run: a file is only rewritten when its bytes differ.
+    Safe to re-run: a file is only rewritten when its bytes differ. Until every split is
+    written, a hidden file in `mnist_dir` says so, and publishing refuses the folder.
     """
     data = mnist.load(source)
     written = {}
     checked: list[tuple[Path, str, str]] = []
+    unfinished = mnist_dir / images.UNFINISHED_INGEST
+    mnist_dir.mkdir(parents=True, exist_ok=True)
+    unfinished.write_text("`mnistops data ingest` is writing this folder, or was interrupted\n")
     for split, (ids, pixels, labels) in split_plan(data, dataset, fast).items():
         written[split] = write_split(
             mnist_dir / split, ids, pixels, labels, progress_for(split, len(ids)), checked
         )
     if index_file is not None:
         images.remember(index_file, checked)
+    unfinished.unlink()
     return IngestResult(written=written, root=mnist_dir)
 
 
@@ -170,7 +175,11 @@ def ingest_mnist(
     four IDX files), a mirror `url` (verified by SHA-256), or the copy shipped with us."""
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
+    locks = settings.home / "locks"
+    with (
+        images.dataset_in_use(settings.mnist_dir, locks, "data ingest"),
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         folder = source or (mnist.download(url, Path(tmp)) if url else mnist.packaged_dir())
         return ingest(
             folder,

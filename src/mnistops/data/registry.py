@@ -240,6 +240,7 @@ def _publish(
             " choose another tag, or --force to replace it. If its retraining did not"
             " start, start one with `mnistops run`"
         )
+    images.check_ingest_finished(settings.mnist_dir)
     entries = images.scan(
         settings.mnist_dir,
         settings.home / "cache" / "scan-index.json",
