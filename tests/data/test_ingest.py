@@ -61,6 +61,21 @@ def test_an_interrupted_ingest_is_refused_for_publishing_until_it_is_run_again(
         images.check_ingest_finished(settings.mnist_dir)
     ingest.ingest_mnist(settings, fast=True)
     images.check_ingest_finished(settings.mnist_dir)
+
+
+def test_a_full_ingest_cut_short_is_not_finished_by_a_fast_one(tmp_path: Path) -> None:
+    """helper-31: after a killed full ingest, `--fast` wrote nothing new, cleared the mark,
+    and the killed run's 1,036 test images were published."""
+    settings = load_settings(write_stack_config(tmp_path))
+    mark = settings.mnist_dir / images.UNFINISHED_INGEST
+    settings.mnist_dir.mkdir(parents=True)
+    mark.write_text("full: cut short\n")  # what a killed full ingest leaves
+    ingest.ingest_mnist(settings, fast=True)
+    with pytest.raises(images.InvalidDataset, match="without --fast after a full one"):
+        images.check_ingest_finished(settings.mnist_dir)
+    mark.write_text("fast: cut short\n")
+    ingest.ingest_mnist(settings, fast=True)
+    images.check_ingest_finished(settings.mnist_dir)
     assert not (settings.mnist_dir / images.UNFINISHED_INGEST).exists()
 
 

@@ -151,7 +151,8 @@ def check_ingest_finished(root: Path) -> None:
                 (
                     root,
                     "an `mnistops data ingest` into it did not finish (interrupted?), so a"
-                    " split may be partial: run `mnistops data ingest` again, then publish",
+                    " split may be partial: run `mnistops data ingest` again (without --fast"
+                    " after a full one), then publish",
                 )
             ]
         )

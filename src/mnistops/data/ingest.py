@@ -146,21 +146,29 @@ def ingest(
     """Verify and decode the IDX files in `source`, then write the three PNG splits.
 
     Safe to re-run: a file is only rewritten when its bytes differ. Until every split is
-    written, a hidden file in `mnist_dir` says so, and publishing refuses the folder.
+    written, a hidden file in `mnist_dir` says so, and publishing refuses the folder; a
+    full ingest cut short is finished by a full one only, not by `fast`.
     """
     data = mnist.load(source)
     written = {}
     checked: list[tuple[Path, str, str]] = []
     unfinished = mnist_dir / images.UNFINISHED_INGEST
     mnist_dir.mkdir(parents=True, exist_ok=True)
-    unfinished.write_text("`mnistops data ingest` is writing this folder, or was interrupted\n")
+    left = unfinished.read_text() if unfinished.is_file() else ""
+    # A full ingest cut short is finished only by a full one: --fast writes a share of
+    # the images and leaves the others' files as they are (an outside try published the
+    # 1,036 test images of a killed ingest after a --fast one).
+    still_full = fast and left.startswith("full")
+    plan = "full" if not fast or still_full else "fast"
+    unfinished.write_text(f"{plan}: `mnistops data ingest` is writing here or was cut short\n")
     for split, (ids, pixels, labels) in split_plan(data, dataset, fast).items():
         written[split] = write_split(
             mnist_dir / split, ids, pixels, labels, progress_for(split, len(ids)), checked
         )
     if index_file is not None:
         images.remember(index_file, checked)
-    unfinished.unlink()
+    if not still_full:
+        unfinished.unlink()
     return IngestResult(written=written, root=mnist_dir)
 
 
