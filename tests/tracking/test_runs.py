@@ -95,7 +95,7 @@ def test_a_run_logs_tags_params_metrics_and_input(trainer: Path, first_run) -> N
     assert tags["data_registry_commit"] == record["commit"]
     assert tags["mnistops_version"]
     assert set(run.data.params) >= HYP_KEYS
-    assert run.data.params["model"] == "digitnet2" and run.data.params["n_epochs"] == "1"
+    assert run.data.params["model"] == "digitnet" and run.data.params["n_epochs"] == "1"
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1]

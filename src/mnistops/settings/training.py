@@ -45,9 +45,9 @@ class HyperParameters(Section):
     learning_rate: float = Field(0.004, gt=0)
     n_epochs: int = Field(8, gt=0)
     model: str = Field(
-        "digitnet2",
-        description="digitnet2 (our default), digitnet (the default before it) or seednet"
-        " (the tutorial's CNN)",
+        "digitnet",
+        description="digitnet (our default), digitnet2 (faster without native bf16) or"
+        " seednet (the tutorial's CNN)",
     )
     schedule: Literal["constant", "onecycle"] = "onecycle"
     weight_decay: float = Field(0.01, ge=0)
