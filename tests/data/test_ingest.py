@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnistops.data import images, ingest
+from mnistops.data import folder_guard, images, ingest
 from mnistops.settings import load_settings
 from tests.helpers import write_stack_config
 
@@ -58,31 +58,31 @@ def test_an_interrupted_ingest_is_refused_for_publishing_until_it_is_run_again(
     with pytest.raises(KeyboardInterrupt):
         ingest.ingest_mnist(settings, fast=True, progress_for=interrupted)
     with pytest.raises(images.InvalidDataset, match="did not finish .interrupted"):
-        images.check_ingest_finished(settings.mnist_dir)
+        folder_guard.check_ingest_finished(settings.mnist_dir)
     ingest.ingest_mnist(settings, fast=True)
-    images.check_ingest_finished(settings.mnist_dir)
+    folder_guard.check_ingest_finished(settings.mnist_dir)
 
 
 def test_a_full_ingest_cut_short_is_not_finished_by_a_fast_one(tmp_path: Path) -> None:
     """helper-31: after a killed full ingest, `--fast` wrote nothing new, cleared the mark,
     and the killed run's 1,036 test images were published."""
     settings = load_settings(write_stack_config(tmp_path))
-    mark = settings.mnist_dir / images.UNFINISHED_INGEST
+    mark = settings.mnist_dir / folder_guard.UNFINISHED_INGEST
     settings.mnist_dir.mkdir(parents=True)
     mark.write_text("full: cut short\n")  # what a killed full ingest leaves
     ingest.ingest_mnist(settings, fast=True)
     with pytest.raises(images.InvalidDataset, match="without --fast after a full one"):
-        images.check_ingest_finished(settings.mnist_dir)
+        folder_guard.check_ingest_finished(settings.mnist_dir)
     mark.write_text("fast: cut short\n")
     ingest.ingest_mnist(settings, fast=True)
-    images.check_ingest_finished(settings.mnist_dir)
-    assert not (settings.mnist_dir / images.UNFINISHED_INGEST).exists()
+    folder_guard.check_ingest_finished(settings.mnist_dir)
+    assert not (settings.mnist_dir / folder_guard.UNFINISHED_INGEST).exists()
 
 
 def test_a_second_ingest_of_the_same_folder_is_refused_by_name(tmp_path: Path) -> None:
     settings = load_settings(write_stack_config(tmp_path))
     with (
-        images.dataset_in_use(settings.mnist_dir, settings.home / "locks", "data add"),
-        pytest.raises(images.DatasetBusy, match="run `mnistops data ingest` again"),
+        folder_guard.dataset_in_use(settings.mnist_dir, settings.home / "locks", "data add"),
+        pytest.raises(folder_guard.DatasetBusy, match="run `mnistops data ingest` again"),
     ):
         ingest.ingest_mnist(settings, fast=True)

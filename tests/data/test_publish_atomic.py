@@ -182,12 +182,12 @@ def test_a_folder_an_interrupted_ingest_left_is_not_published(publisher: Path) -
     """An outside try: Ctrl-C during ingest's test split, then `data version` published a
     test split of 5,939 images. The mark ingest leaves until it finishes is refused by
     name (tests/data/test_ingest.py interrupts a real ingest)."""
-    from mnistops.data import images
+    from mnistops.data import folder_guard
 
     settings = load_settings(publisher)
     tag = "v-half-ingested"
     add_image(settings, "half")
-    mark = settings.mnist_dir / images.UNFINISHED_INGEST
+    mark = settings.mnist_dir / folder_guard.UNFINISHED_INGEST
     mark.write_text("interrupted\n")
     try:
         refused = run_cli("data", "version", tag, "-m", "half", config_dir=publisher)

@@ -9,12 +9,12 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from mnistops.data.folder_guard import dataset_in_use
 from mnistops.data.images import (
     DIGITS,
     ImageRefused,
     InvalidDataset,
     check_files,
-    dataset_in_use,
     index_path,
     read_regular,
     remember,

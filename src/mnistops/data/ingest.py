@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mnistops.data import images, mnist
+from mnistops.data import folder_guard, images, mnist
 from mnistops.settings import DatasetSettings, Settings
 
 Progress = Callable[[int], None]
@@ -152,7 +152,7 @@ def ingest(
     data = mnist.load(source)
     written = {}
     checked: list[tuple[Path, str, str]] = []
-    unfinished = mnist_dir / images.UNFINISHED_INGEST
+    unfinished = mnist_dir / folder_guard.UNFINISHED_INGEST
     mnist_dir.mkdir(parents=True, exist_ok=True)
     left = unfinished.read_text() if unfinished.is_file() else ""
     # A full ingest cut short is finished only by a full one: --fast writes a share of
@@ -185,7 +185,7 @@ def ingest_mnist(
 
     locks = settings.home / "locks"
     with (
-        images.dataset_in_use(settings.mnist_dir, locks, "data ingest"),
+        folder_guard.dataset_in_use(settings.mnist_dir, locks, "data ingest"),
         tempfile.TemporaryDirectory() as tmp,
     ):
         folder = source or (mnist.download(url, Path(tmp)) if url else mnist.packaged_dir())

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mnistops.clients import library_defaults, s3_keys
-from mnistops.data import images, manifests, packs, remote
+from mnistops.data import folder_guard, images, manifests, packs, remote
 from mnistops.data.reader import (
     RegistryError,
     VersionRefused,
@@ -207,7 +207,10 @@ def publish(
     """
     check_tag(tag)
     locks = settings.home / "locks"
-    with _publishing(settings), images.dataset_in_use(settings.mnist_dir, locks, "data version"):
+    with (
+        _publishing(settings),
+        folder_guard.dataset_in_use(settings.mnist_dir, locks, "data version"),
+    ):
         return _publish(settings, tag, message, force, progress_for, report)
 
 
@@ -240,7 +243,7 @@ def _publish(
             " choose another tag, or --force to replace it. If its retraining did not"
             " start, start one with `mnistops run`"
         )
-    images.check_ingest_finished(settings.mnist_dir)
+    folder_guard.check_ingest_finished(settings.mnist_dir)
     entries = images.scan(
         settings.mnist_dir,
         settings.home / "cache" / "scan-index.json",
