@@ -143,3 +143,18 @@ def test_a_diverging_run_stops_with_the_epoch(small: Arrays) -> None:
     )
     with pytest.raises(NonFiniteLoss, match="non-finite loss at epoch 1"):
         train(small, hyp)
+
+
+def test_the_temperature_is_the_one_that_fits_and_stays_bounded() -> None:
+    """Labels drawn from softmax(z) and logits 2z: the fitted temperature is about 2. A
+    model that learned nothing, or everything, gets a bounded one, never 0 or infinity."""
+    from mnistops.train.loop import TEMPERATURES, best_temperature
+
+    rng = torch.Generator().manual_seed(0)
+    z = torch.randn(20_000, 10, generator=rng) * 2
+    labels = torch.multinomial(torch.softmax(z, 1), 1, generator=rng).squeeze(1)
+    assert best_temperature(2 * z, labels) == pytest.approx(2, rel=0.05)
+    sure = torch.nn.functional.one_hot(labels, 10).float() * 50
+    assert best_temperature(sure, labels) == pytest.approx(TEMPERATURES[0])
+    wrong = torch.nn.functional.one_hot((labels + 1) % 10, 10).float() * 50
+    assert best_temperature(wrong, labels) == pytest.approx(TEMPERATURES[1])

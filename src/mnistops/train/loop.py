@@ -279,21 +279,37 @@ def fit(
     )
 
 
+TEMPERATURES = (0.05, 20.0)
+"""the temperatures `best_temperature` chooses from: a model that learned little (a
+`--fast` run) can fit a temperature near zero, which multiplied its logits a thousandfold
+(once by infinity: NaN weights, registered and served)"""
+
+
 def best_temperature(logits: torch.Tensor, target: torch.Tensor) -> float:
-    """The T for which softmax(logits / T) fits the labels best (least cross-entropy):
-    temperature scaling, the standard fix for a network that claims more, or less,
-    confidence than it has. Label smoothing trains a model to claim less."""
-    log_t = torch.zeros(1, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+    """The T within TEMPERATURES for which softmax(logits / T) fits the labels best (least
+    cross-entropy): temperature scaling, the standard fix for a network that claims more,
+    or less, confidence than it has. Label smoothing trains a model to claim less.
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), target)
-        loss.backward()
-        return loss
+    The cross-entropy is convex in 1/T, so a golden-section search over log T finds it."""
+    scores = logits.double()
 
-    optimizer.step(closure)
-    return float(log_t.detach().exp())
+    def loss(log_t: float) -> float:
+        return float(F.cross_entropy(scores / math.exp(log_t), target))
+
+    low, high = (math.log(t) for t in TEMPERATURES)
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    loss_a, loss_b = loss(a), loss(b)
+    while high - low > 1e-6:
+        if loss_a <= loss_b:
+            high, b, loss_b = b, a, loss_a
+            a = high - ratio * (high - low)
+            loss_a = loss(a)
+        else:
+            low, a, loss_a = a, b, loss_b
+            b = low + ratio * (high - low)
+            loss_b = loss(b)
+    return math.exp((low + high) / 2)
 
 
 def fold_temperature(model: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor) -> float:
@@ -318,6 +334,11 @@ def score_on_test(fitted: Fitted, arrays: Arrays) -> TrainResult:
     device = fitted.device
     x = as_tensor(arrays.test_x, device)
     evaluation = evaluate(fitted.model, x, torch.from_numpy(arrays.test_y).to(device))
+    if not math.isfinite(evaluation.loss):
+        raise TrainingError(
+            "the trained model's answers on the test images are not finite numbers:"
+            " nothing is registered (try a lower learning rate)"
+        )
     return TrainResult(**vars(fitted), test=evaluation)
 
 
