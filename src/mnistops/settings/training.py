@@ -42,12 +42,12 @@ class HyperParameters(Section):
     val_size: float = Field(0.1, gt=0, lt=1, description="share of train held out to validate")
     shuffle_data: bool = True
     batch_size: int = Field(256, gt=0)
-    learning_rate: float = Field(0.004, gt=0)
+    learning_rate: float = Field(0.008, gt=0)
     n_epochs: int = Field(8, gt=0)
     model: str = Field(
-        "digitnet",
-        description="digitnet (our default), digitnet2 (faster without native bf16) or"
-        " seednet (the tutorial's CNN)",
+        "digitnet2",
+        description="digitnet2 (our default), digitnet (the default before it) or seednet"
+        " (the tutorial's CNN)",
     )
     schedule: Literal["constant", "onecycle"] = "onecycle"
     weight_decay: float = Field(0.01, ge=0)

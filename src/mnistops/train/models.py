@@ -1,6 +1,6 @@
 """The classifiers as PyTorch modules, built from their layers in `train.architecture`:
-`seednet` (the tutorial's CNN, unchanged), `digitnet` (our default) and `digitnet2` (its
-faster variant)."""
+`seednet` (the tutorial's CNN, unchanged), `digitnet2` (our default) and `digitnet` (the
+default before it)."""
 
 from __future__ import annotations
 
@@ -71,12 +71,12 @@ def seednet() -> nn.Module:
 
 
 def digitnet2() -> nn.Module:
-    """digitnet, faster without native bf16 (`architecture.DIGITNET2` says how)."""
+    """Our default (`architecture.DIGITNET2`, whose docstring says why it is so)."""
     return build("digitnet2")
 
 
 def digitnet() -> nn.Module:
-    """Our default (`architecture.DIGITNET`, whose docstring says why it is so)."""
+    """The default before `digitnet2` (`architecture.DIGITNET`)."""
     return build("digitnet")
 
 
