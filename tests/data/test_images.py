@@ -246,3 +246,33 @@ def test_names_that_are_one_file_elsewhere_are_refused_both_named(
     message = str(refused.value)
     assert "folds case or Unicode forms" in message, message
     assert first in message and second in message, message
+
+
+def test_data_add_reads_only_what_the_index_does_not_vouch_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files ingest wrote (in the index, unchanged) are not decoded again; a changed file
+    and a file reached through a link leading out of the folder are checked as before."""
+    source = tmp_path / "new"
+    known, changed = png(source / "1" / "known.png"), png(source / "2" / "changed.png")
+    outside = png(tmp_path / "elsewhere" / "3" / "linked.png")
+    (source / "3").symlink_to(outside.parent)
+    linked = source / "3" / "linked.png"
+    index = images.ScanIndex(tmp_path / "index.json")
+    for path in (known, changed, linked):
+        sha = images.check_file(outside if path == linked else path)[1]
+        index.remember(path.absolute(), path.lstat(), sha, "recorded")
+    changed.write_bytes(b"not a png")
+    checked: list[Path] = []
+    real = images.check_files
+
+    def spy(paths: list[Path], root: Path | None = None) -> list[tuple[str | None, str, str]]:
+        checked.extend(paths)
+        return real(paths, root)
+
+    monkeypatch.setattr(images, "check_files", spy)
+    found = images.check_files_indexed([known, changed, linked], source, index)
+    assert checked == [changed, linked]
+    assert found[0] == (None, images.check_file(known)[1], "recorded")
+    assert found[1][0] == "not an image (cannot be decoded)"
+    assert found[2][0] and "outside" in found[2][0], found[2]

@@ -14,7 +14,8 @@ from mnistops.data.images import (
     DIGITS,
     ImageRefused,
     InvalidDataset,
-    check_files,
+    ScanIndex,
+    check_files_indexed,
     index_path,
     read_regular,
     remember,
@@ -75,7 +76,7 @@ def _add_images(
             problems.append((entry, "expected only label folders 0-9"))
             continue
         found += [p for p in sorted(entry.iterdir()) if not p.name.startswith(".")]
-    results = check_files(found, source)
+    results = check_files_indexed(found, source, ScanIndex(index_path(settings.home)))
     progress = progress_for("checking", len(found))
     for path, (problem, _sha, _pixels) in zip(found, results, strict=True):
         progress(1)

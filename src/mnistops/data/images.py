@@ -200,6 +200,31 @@ def check_files(paths: list[Path], root: Path | None = None) -> list[tuple[str |
         return [result for part in parts for result in part]
 
 
+def check_files_indexed(
+    paths: list[Path], root: Path, index: ScanIndex
+) -> list[tuple[str | None, str, str]]:
+    """check_files, but a regular file inside `root` that `index` knows, unchanged (size
+    and mtime), is not read again: e.g. what `data ingest` wrote and `data add` merges."""
+    results: list[tuple[str | None, str, str] | None] = []
+    unknown: list[int] = []
+    for path in paths:
+        try:
+            info = path.lstat()
+        except OSError:
+            info = None
+        hit = (
+            index.lookup(Path(os.path.abspath(path)), info)
+            if info is not None and stat.S_ISREG(info.st_mode) and _stays_inside(path, root)
+            else None
+        )
+        if hit is None:
+            unknown.append(len(results))
+        results.append(None if hit is None else (None, *hit))
+    for i, found in zip(unknown, check_files([paths[i] for i in unknown], root), strict=True):
+        results[i] = found
+    return [found for found in results if found is not None]
+
+
 def check_image(data: bytes) -> tuple[str | None, str]:
     """(problem or None, pixel hash) of one file's bytes."""
     try:
