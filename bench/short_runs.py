@@ -4,7 +4,7 @@ batch 32, i.e. 17 steps, test accuracy on 2,000 MNIST test images, over --seeds 
 
 Why: digitnet2 at digitnet's learning rate (0.004) learned little in such a run, where
 the suite's short trainings expect a model that learned something; at 0.008 it learns
-as early as digitnet. Usage: .venv/bin/python bench/short_runs.py [--seeds 5]
+about as much as digitnet does at 0.004. Usage: .venv/bin/python bench/short_runs.py [--seeds 5]
 """
 
 from __future__ import annotations
