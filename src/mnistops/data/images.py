@@ -207,14 +207,18 @@ def check_files_indexed(
     and mtime), is not read again: e.g. what `data ingest` wrote and `data add` merges."""
     results: list[tuple[str | None, str, str] | None] = []
     unknown: list[int] = []
+    inside = root.resolve()
+    folders: dict[Path, bool] = {}  # a regular file is no link: only its folder can lead out
     for path in paths:
         try:
             info = path.lstat()
         except OSError:
             info = None
+        if path.parent not in folders:
+            folders[path.parent] = path.parent.resolve().is_relative_to(inside)
         hit = (
             index.lookup(Path(os.path.abspath(path)), info)
-            if info is not None and stat.S_ISREG(info.st_mode) and _stays_inside(path, root)
+            if info is not None and stat.S_ISREG(info.st_mode) and folders[path.parent]
             else None
         )
         if hit is None:
