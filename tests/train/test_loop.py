@@ -158,3 +158,16 @@ def test_the_temperature_is_the_one_that_fits_and_stays_bounded() -> None:
     assert best_temperature(sure, labels) == pytest.approx(TEMPERATURES[0])
     wrong = torch.nn.functional.one_hot((labels + 1) % 10, 10).float() * 50
     assert best_temperature(wrong, labels) == pytest.approx(TEMPERATURES[1])
+
+
+def test_a_model_with_non_finite_answers_is_never_scored(small: Arrays) -> None:
+    """Infinite weights (what a temperature of zero once made) stop the run by name."""
+    from mnistops.train.loop import Fitted, score_on_test
+
+    model = models.build("digitnet2").eval()
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.fill_(float("inf"))
+    fitted = Fitted(model, "cpu", [], 0.0, 540, 60, 1)
+    with pytest.raises(TrainingError, match="not finite numbers"):
+        score_on_test(fitted, small)

@@ -336,8 +336,8 @@ def score_on_test(fitted: Fitted, arrays: Arrays) -> TrainResult:
     evaluation = evaluate(fitted.model, x, torch.from_numpy(arrays.test_y).to(device))
     if not math.isfinite(evaluation.loss):
         raise TrainingError(
-            "the trained model's answers on the test images are not finite numbers:"
-            " nothing is registered (try a lower learning rate)"
+            "the trained model's answers on the test images are not finite numbers"
+            " (try a lower learning rate)"
         )
     return TrainResult(**vars(fitted), test=evaluation)
 
