@@ -228,6 +228,20 @@ def test_the_scan_index_keeps_the_entries_of_other_folders(dataset: Path, tmp_pa
     assert sum(k.startswith(str(other)) for k in kept) == 20
 
 
+def test_a_scan_of_the_dataset_keeps_what_ingest_indexed_beside_its_splits(
+    dataset: Path, tmp_path: Path
+) -> None:
+    """ingest indexes `train_v2` too; `data version` scans only train and test, and
+    must leave those entries for the `data add` that merges train_v2 later."""
+    index = tmp_path / "index.json"
+    new = [png(dataset / "train_v2" / str(d) / "1.png") for d in range(10)]
+    images.remember(index, [(p, *images.check_file(p)[1:]) for p in new])
+    images.scan(dataset, index)
+    kept = json.loads(index.read_text())
+    assert all(str(p) in kept for p in new)
+    assert sum(k.startswith(str(dataset / "train") + os.sep) for k in kept) == 20
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("first", "second"),
@@ -251,18 +265,24 @@ def test_names_that_are_one_file_elsewhere_are_refused_both_named(
 def test_data_add_reads_only_what_the_index_does_not_vouch_for(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Files ingest wrote (in the index, unchanged) are not decoded again; a changed file
-    and a file reached through a link leading out of the folder are checked as before."""
+    """Files ingest wrote (in the index, unchanged) are not decoded again; a changed file,
+    one rewritten with its old size and mtime, and one reached through a link leading
+    out of the folder are checked as before."""
     source = tmp_path / "new"
     known, changed = png(source / "1" / "known.png"), png(source / "2" / "changed.png")
+    rewritten = png(source / "4" / "rewritten.png")
     outside = png(tmp_path / "elsewhere" / "3" / "linked.png")
     (source / "3").symlink_to(outside.parent)
     linked = source / "3" / "linked.png"
     index = images.ScanIndex(tmp_path / "index.json")
-    for path in (known, changed, linked):
+    for path in (known, changed, linked, rewritten):
         sha = images.check_file(outside if path == linked else path)[1]
         index.remember(path.absolute(), path.lstat(), sha, "recorded")
     changed.write_bytes(b"not a png")
+    # the same size and mtime, other bytes (a careless or crafted rewrite: `touch -r`)
+    before = rewritten.stat()
+    rewritten.write_bytes(b"x" * before.st_size)
+    os.utime(rewritten, ns=(before.st_atime_ns, before.st_mtime_ns))
     checked: list[Path] = []
     real = images.check_files
 
@@ -271,8 +291,33 @@ def test_data_add_reads_only_what_the_index_does_not_vouch_for(
         return real(paths, root)
 
     monkeypatch.setattr(images, "check_files", spy)
-    found = images.check_files_indexed([known, changed, linked], source, index)
-    assert checked == [changed, linked]
+    found = images.check_files_indexed([known, changed, linked, rewritten], source, index)
+    assert checked == [changed, linked, rewritten]
     assert found[0] == (None, images.check_file(known)[1], "recorded")
     assert found[1][0] == "not an image (cannot be decoded)"
     assert found[2][0] and "outside" in found[2][0], found[2]
+    assert found[3][0] == "not an image (cannot be decoded)"
+
+
+def test_a_file_rewritten_behind_the_index_is_validated_again_next_time(
+    dataset: Path, tmp_path: Path
+) -> None:
+    """A PNG rewritten with its old size and mtime fools the index once: packing finds
+    other bytes and refuses, and forgets the entry, so the next scan names the problem
+    instead of refusing it as "changed" again and again."""
+    from mnistops.data import packs, registry
+
+    index = tmp_path / "index.json"
+    entries = images.scan(dataset, index)
+    victim = dataset / "train" / "3" / "0.png"
+    before = victim.stat()
+    victim.write_bytes(b"x" * before.st_size)
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
+    again = images.scan(dataset, index)  # the index vouches for it: not read
+    cache = packs.ObjectCache(tmp_path / "cache")
+    with pytest.raises(registry.VersionRefused, match="changed after it was validated"):
+        registry._packed(cache, again, {}, "v9", index)
+    with pytest.raises(images.InvalidDataset) as refused:
+        images.scan(dataset, index)
+    assert f"{victim}: not an image (cannot be decoded)" in str(refused.value)
+    assert len(entries) == 40

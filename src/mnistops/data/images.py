@@ -203,8 +203,10 @@ def check_files(paths: list[Path], root: Path | None = None) -> list[tuple[str |
 def check_files_indexed(
     paths: list[Path], root: Path, index: ScanIndex
 ) -> list[tuple[str | None, str, str]]:
-    """check_files, but a regular file inside `root` that `index` knows, unchanged (size
-    and mtime), is not read again: e.g. what `data ingest` wrote and `data add` merges."""
+    """check_files, but a regular file inside `root` that `index` knows (size and mtime)
+    and whose bytes are still the ones it recorded (SHA-256) is not decoded again: e.g.
+    what `data ingest` wrote and `data add` merges. Hashing a 300-byte PNG costs a small
+    share of decoding it; size and mtime alone can be kept by a rewrite (`touch -r`)."""
     results: list[tuple[str | None, str, str] | None] = []
     unknown: list[int] = []
     inside = root.resolve()
@@ -221,12 +223,21 @@ def check_files_indexed(
             if info is not None and stat.S_ISREG(info.st_mode) and folders[path.parent]
             else None
         )
+        if hit is not None and _sha256_or_none(path) != hit[0]:
+            hit = None
         if hit is None:
             unknown.append(len(results))
         results.append(None if hit is None else (None, *hit))
     for i, found in zip(unknown, check_files([paths[i] for i in unknown], root), strict=True):
         results[i] = found
     return [found for found in results if found is not None]
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(read_regular(path, DIGIT_FILE_BYTES)).hexdigest()
+    except (OSError, ImageRefused):
+        return None
 
 
 def check_image(data: bytes) -> tuple[str | None, str]:
@@ -270,17 +281,18 @@ class ScanIndex:
     def remember(self, path: Path, stat: os.stat_result, sha: str, pixels: str) -> None:
         self.entries[str(path)] = [stat.st_size, stat.st_mtime_ns, sha, pixels]
 
-    def save(self, seen: set[str], root: Path | None = None) -> None:
-        """Keep the entries `seen` now and, when a folder `root` was scanned, every entry
-        of other folders (one index serves the dataset and `train --data-dir` folders)."""
+    def save(self, seen: set[str], scanned: list[Path] | None = None) -> None:
+        """Keep the entries `seen` now and, when `scanned` folders were scanned, every
+        entry of other folders (one index serves the dataset's splits, the folders
+        `data add` merges from, such as `train_v2`, and `train --data-dir` folders)."""
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        inside = f"{root}{os.sep}" if root is not None else ""
+        prefixes = tuple(f"{folder}{os.sep}" for folder in scanned or ())
         kept = {
             k: v
             for k, v in self.entries.items()
-            if k in seen or (root is not None and not k.startswith(inside))
+            if k in seen or (scanned is not None and not k.startswith(prefixes))
         }
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(kept))
@@ -298,6 +310,14 @@ def remember(index_file: Path, checked: list[tuple[Path, str, str]]) -> None:
     for path, sha, pixels in checked:
         index.remember(path, path.stat(), sha, pixels)
     index.save(set(index.entries))
+
+
+def forget(index_file: Path, path: Path) -> None:
+    """Drop one file's entry (its bytes are not the validated ones any more): the next
+    scan reads and validates it again."""
+    index = ScanIndex(index_file)
+    if index.entries.pop(str(path), None) is not None:
+        index.save(set(index.entries))
 
 
 def _stays_inside(path: Path, root: Path) -> bool:
@@ -372,7 +392,7 @@ def scan(
                 entries.append(ImageEntry(split, label, path.name, sha, pixels, path))
         progress(len(batch))
     problems += _leaks(entries) + _collisions(entries)
-    index.save({str(e.path) for e in entries}, root)
+    index.save({str(e.path) for e in entries}, [root / split for split in VERSION_SPLITS])
     if problems:
         raise InvalidDataset(problems)
     return entries
