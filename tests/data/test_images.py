@@ -321,3 +321,22 @@ def test_a_file_rewritten_behind_the_index_is_validated_again_next_time(
         images.scan(dataset, index)
     assert f"{victim}: not an image (cannot be decoded)" in str(refused.value)
     assert len(entries) == 40
+
+
+@pytest.mark.bad_input
+def test_one_image_under_two_digits_is_refused_with_both_named(dataset: Path) -> None:
+    """A digit folder linked to another's, or a copy filed under a second digit: one of
+    the labels is wrong, and publishing it would teach the model both."""
+    import shutil
+
+    original = dataset / "train" / "5" / "0.png"
+    shutil.copy(original, dataset / "train" / "3" / "copy.png")
+    shutil.copy(original, dataset / "train" / "5" / "again.png")  # one more five
+    with pytest.raises(images.InvalidDataset) as refused:
+        images.scan(dataset)
+    said = str(refused.value)
+    copy = dataset / "train" / "3" / "copy.png"
+    assert "(2 problems)" in said, said
+    for five in ("0.png", "again.png"):
+        line = f"{dataset / 'train' / '5' / five}: the same image is {copy}, labelled 3"
+        assert line in said, said

@@ -391,7 +391,7 @@ def scan(
                 index.remember(path, info, sha, pixels)
                 entries.append(ImageEntry(split, label, path.name, sha, pixels, path))
         progress(len(batch))
-    problems += _leaks(entries) + _collisions(entries)
+    problems += _leaks(entries) + _collisions(entries) + _two_labels(entries)
     index.save({str(e.path) for e in entries}, [root / split for split in VERSION_SPLITS])
     if problems:
         raise InvalidDataset(problems)
@@ -456,6 +456,24 @@ def _leaks(entries: list[ImageEntry]) -> list[tuple[Path, str]]:
         for e in entries
         if e.split == "train" and e.pixels in test
     ]
+
+
+def _two_labels(entries: list[ImageEntry]) -> list[tuple[Path, str]]:
+    """Images whose pixels appear under two digits of one split: one of the labels is
+    wrong (a digit folder linked to another's, a copy filed twice)."""
+    first: dict[tuple[str, str], ImageEntry] = {}
+    found = []
+    for entry in sorted(entries, key=lambda e: e.key):
+        other = first.setdefault((entry.split, entry.pixels), entry)
+        if other.label != entry.label:
+            found.append(
+                (
+                    entry.path,
+                    f"the same image is {other.path}, labelled {other.label}: keep the one"
+                    " with the right label",
+                )
+            )
+    return found
 
 
 def counts(entries: list[ImageEntry]) -> dict[str, dict[int, int]]:
