@@ -207,10 +207,10 @@ def check_files_indexed(
     and whose bytes are still the ones it recorded (SHA-256) is not decoded again: e.g.
     what `data ingest` wrote and `data add` merges. Hashing a 300-byte PNG costs a small
     share of decoding it; size and mtime alone can be kept by a rewrite (`touch -r`)."""
-    results: list[tuple[str | None, str, str] | None] = []
     unknown: list[int] = []
     inside = root.resolve()
     folders: dict[Path, bool] = {}  # a regular file is no link: only its folder can lead out
+    results: list[tuple[str | None, str, str] | None] = []
     for path in paths:
         try:
             info = path.lstat()
@@ -224,7 +224,7 @@ def check_files_indexed(
             else None
         )
         if hit is not None and _sha256_or_none(path) != hit[0]:
-            hit = None
+            hit = None  # other bytes under the old size and mtime: validated anew
         if hit is None:
             unknown.append(len(results))
         results.append(None if hit is None else (None, *hit))
@@ -261,7 +261,11 @@ def check_image(data: bytes) -> tuple[str | None, str]:
 
 
 class ScanIndex:
-    """path -> (size, mtime_ns, sha256, pixel hash) of files that passed validation."""
+    """path -> (size, mtime_ns, sha256, pixel hash) of files that passed validation.
+
+    An entry spares decoding a file, never reading it: its users take it only for a
+    file whose bytes still hash to the recorded SHA-256 (a rewrite can keep its size
+    and mtime, `touch -r`)."""
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -310,14 +314,6 @@ def remember(index_file: Path, checked: list[tuple[Path, str, str]]) -> None:
     for path, sha, pixels in checked:
         index.remember(path, path.stat(), sha, pixels)
     index.save(set(index.entries))
-
-
-def forget(index_file: Path, path: Path) -> None:
-    """Drop one file's entry (its bytes are not the validated ones any more): the next
-    scan reads and validates it again."""
-    index = ScanIndex(index_file)
-    if index.entries.pop(str(path), None) is not None:
-        index.save(set(index.entries))
 
 
 def _stays_inside(path: Path, root: Path) -> bool:
@@ -375,6 +371,8 @@ def scan(
             info = None
         regular = info is not None and stat.S_ISREG(info.st_mode)
         known = index.lookup(path, info) if info is not None and regular else None
+        if known is not None and _sha256_or_none(path) != known[0]:
+            known = None  # other bytes under the old size and mtime: validated anew
         if known is None:
             unknown.append((split, label, path, info))
         else:

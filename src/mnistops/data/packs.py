@@ -114,10 +114,6 @@ class DatasetChanged(BadInput):
     """A file of the dataset changed between its validation and its packing: what would
     be pushed is not what was validated."""
 
-    def __init__(self, message: str, path: Path) -> None:
-        super().__init__(message)
-        self.path = path
-
 
 class CorruptRecord(StoreError):
     """A version record or manifest failed validation; it is never used."""
@@ -323,10 +319,10 @@ def build_packs(
             data = read_regular(entry.path, DIGIT_FILE_BYTES)
         except (OSError, ImageRefused) as exc:
             raise DatasetChanged(
-                f"{entry.path}: removed or replaced after it was validated ({exc})", entry.path
+                f"{entry.path}: removed or replaced after it was validated ({exc})"
             ) from None
         if hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise DatasetChanged(f"{entry.path}: changed after it was validated", entry.path)
+            raise DatasetChanged(f"{entry.path}: changed after it was validated")
         pending.append((entry.sha256, data))
         locations[entry.sha256] = Location("", 0, 0)
         size += len(data)

@@ -263,7 +263,7 @@ def _publish(
     if previous:
         remote.fetch(client, bucket, cache, previous.files.values())
     known = {row.sha256: row.location for row in old_rows}
-    locations = _packed(cache, entries, known, tag, images.index_path(settings.home))
+    locations = _packed(cache, entries, known, tag)
     manifest_md5 = cache.put(manifests.build_manifest(entries, locations))
     rows = manifests.parse_manifest(cache.read(manifest_md5))
     files = manifests.dataset_files(manifest_md5, rows)
@@ -356,16 +356,12 @@ def _packed(
     entries: list[images.ImageEntry],
     known: dict[str, packs.Location],
     tag: str,
-    index_file: Path,
 ) -> dict[str, packs.Location]:
     """The new images packed, exactly as they were validated (a file removed or changed
-    since is refused by name: what is pushed is what was checked). The file's entry in
-    the scan index goes: a file rewritten with its old size and mtime is validated anew
-    by the next try, not refused again as changed."""
+    since is refused by name: what is pushed is what was checked)."""
     try:
         return packs.build_packs(cache, entries, known)
     except packs.DatasetChanged as exc:
-        images.forget(index_file, exc.path)
         raise VersionRefused(
             f"{exc}: nothing was published. Run `mnistops data version {tag}` again once"
             " nothing else changes the folder"
