@@ -307,10 +307,13 @@ def started(
 def test_store_killed_while_a_version_is_pushed_then_rerun(
     publisher: Path, stack_settings: Settings, tmp_path: Path
 ) -> None:
+    import numpy as np
+    from PIL import Image
+
     settings = settings_of(publisher)
-    (settings.mnist_dir / "train" / "0" / "extra.png").write_bytes(
-        next((settings.mnist_dir / "train_v2" / "1").glob("*.png")).read_bytes()
-    )
+    # a new image (a copy of another digit's would now be refused: two labels)
+    noise = np.random.default_rng(3).integers(0, 256, (28, 28), dtype=np.uint8)
+    Image.fromarray(noise, mode="L").save(settings.mnist_dir / "train" / "0" / "extra.png")
     commit = git(settings, "rev-parse", "HEAD")
     version = ("data", "version", "v3.0", "-m", "store dies")
     with store_dies_at(
