@@ -40,18 +40,26 @@ def dataset_in_use(folder: Path, locks: Path, command: str) -> Iterator[None]:
     """One `data ingest`, `data add` or `data version` at a time on a dataset folder (a lock
     in `locks`, the state dir's, named after the folder and released when the process
     ends, however it ends); the other one is refused. Nothing is written beside the dataset."""
+    name = hashlib.sha256(str(folder.absolute()).encode()).hexdigest()[:16]
+    refusal = DatasetBusy(
+        f"{folder} is being changed or published by another `mnistops data ingest`,"
+        f" `mnistops data add` or `mnistops data version`; wait for it to finish, then"
+        f" run `mnistops {command}` again"
+    )
+    with held_or_refused(locks / f"dataset-{name}.lock", refusal):
+        yield
+
+
+@contextmanager
+def held_or_refused(lock: Path, refusal: Exception) -> Iterator[None]:
+    """An exclusive lock on the file `lock` for the body, released when the process ends
+    however it ends; `refusal` is raised at once when another process holds it."""
     import fcntl
 
-    name = hashlib.sha256(str(folder.absolute()).encode()).hexdigest()[:16]
-    lock = locks / f"dataset-{name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DatasetBusy(
-                f"{folder} is being changed or published by another `mnistops data ingest`,"
-                f" `mnistops data add` or `mnistops data version`; wait for it to finish, then"
-                f" run `mnistops {command}` again"
-            ) from None
+            raise refusal from None
         yield

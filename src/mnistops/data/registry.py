@@ -174,18 +174,12 @@ def _step_done(step: str) -> None:
 def _publishing(settings: Settings) -> Iterator[None]:
     """One `data version` at a time per registry (across processes, and across machines
     that share the registry's folder)."""
-    import fcntl
-
     lock = settings.registry_dir.parent / f".{settings.registry_dir.name}.publish.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RegistryError(
-                f"another `mnistops data version` is publishing into {settings.registry_dir};"
-                " wait for it to finish, then run this again"
-            ) from None
+    refusal = RegistryError(
+        f"another `mnistops data version` is publishing into {settings.registry_dir};"
+        " wait for it to finish, then run this again"
+    )
+    with folder_guard.held_or_refused(lock, refusal):
         yield
 
 
