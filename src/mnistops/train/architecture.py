@@ -130,9 +130,10 @@ training step, and batch norm and ReLU now run on a quarter of the pixels; a ste
 ~0.7x the time of `DIGITNET`'s in the loop. It wants twice digitnet's learning rate
 (0.008): at 0.004 a short run learned little (one epoch of 540 images: 20 % test
 accuracy over five seeds, digitnet 46 %; at 0.008 41 %: `bench/short_runs.py`); the
-default recipe's figures at 0.008 are `bench/train.py`'s, in the README. A batch norm after a pooling is not folded into the convolution before it
-when served (a negative scale does not commute with the maximum): the runtimes apply it
-as a per-channel scale and shift. `DIGITNET` stays, for the models registered with it."""
+default recipe's figures at 0.008 are `bench/train.py`'s, in the README. A batch norm
+after a pooling is not folded into the convolution before it when served (a negative
+scale does not commute with the maximum): the runtimes apply it as a per-channel scale
+and shift. `DIGITNET` stays, for the models registered with it."""
 
 ARCHITECTURES: dict[str, tuple[Layer, ...]] = {
     "digitnet2": DIGITNET2,
