@@ -73,21 +73,33 @@ def read_regular(path: Path, limit: int = MAX_FILE_BYTES, root: Path | None = No
     """The bytes of a regular file, refused (ImageRefused) when it is a device, pipe,
     socket or folder, larger than `limit`, or (with `root`) reached through a symbolic
     link that leads outside `root`. Checked on the open file, so a file swapped after a
-    listing is caught too."""
+    listing is caught too.
+
+    Read with the size the open file states (+1 to see one that grew), never `limit`
+    bytes at once: a read of up to 1 MB allocates (maps) that much for a 300-byte PNG,
+    4x the cost of the whole read of 70,000 files."""
     if root is not None and not _stays_inside(path, root):
         raise ImageRefused(f"a symbolic link that leads outside {root} (to {path.resolve()})")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except IsADirectoryError:
         raise ImageRefused("a folder, not a file") from None
-    with os.fdopen(fd, "rb") as handle:
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ImageRefused("not a regular file (a device, pipe, socket or folder)")
-        data = handle.read(limit + 1)
-    if len(data) > limit:
+        parts: list[bytes] = []
+        total = 0
+        want = info.st_size + 1
+        while total <= limit and (part := os.read(fd, min(want, limit + 1 - total))):
+            parts.append(part)
+            total += len(part)
+            want = 1 << 16
+    finally:
+        os.close(fd)
+    if total > limit:
         raise ImageRefused(f"larger than the {limit:,} bytes accepted")
-    return data
+    return b"".join(parts)
 
 
 def open_image(source: Path | io.BytesIO, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -350,8 +362,8 @@ def list_files(root: Path, problems: list[tuple[Path, str]]) -> list[tuple[str, 
             )
             if not files:
                 problems.append((split_dir / digit, "empty class: no image of this digit"))
-            for name in files:
-                found.append((split, int(digit), split_dir / digit / name))
+            folder_path = split_dir / digit
+            found += [(split, int(digit), folder_path / name) for name in files]
     return found
 
 
