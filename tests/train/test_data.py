@@ -1,6 +1,10 @@
-"""A version's PNGs decode to the same arrays on one core or many; a bad one is named."""
+"""A version's PNGs decode to the same arrays on one core or many; a bad one is named;
+a new version decodes only the images no cached version holds."""
 
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,3 +36,46 @@ def test_a_bad_image_in_a_worker_is_named(monkeypatch: pytest.MonkeyPatch) -> No
     blobs[data.DECODE_CHUNK + 5] = ("train/0/bad.png", b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(images.ImageRefused, match="train/0/bad.png: .*the data was not used"):
         data._decode_all(blobs)
+
+
+def _items(pixels: np.ndarray, split: str = "train") -> list[tuple[str, str, bytes]]:
+    blobs = [png_bytes(p) for p in pixels]
+    return [
+        (f"{split}/{i % 10}/{i}.png", hashlib.sha256(b).hexdigest(), b) for i, b in enumerate(blobs)
+    ]
+
+
+def test_a_new_version_reuses_the_cached_images_and_decodes_only_the_new(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(2)
+    old = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    new = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    test = rng.integers(0, 256, (10, 28, 28), dtype=np.uint8)
+    first = _items(old) + _items(test, "test")
+    data._save(tmp_path / "first.npz", data._split_arrays(first))
+    # the second version: the old images (their bytes now unreadable: so they can only
+    # come from the cache), and new ones that must be decoded
+    second = [(k, sha, b"not a png") for k, sha, _b in _items(old)]
+    second += [(k.replace(".png", "-new.png"), sha, b) for k, sha, b in _items(new)]
+    second += _items(test, "test")
+    needed = {bytes.fromhex(sha) for _k, sha, _b in second}
+    got = data._split_arrays(second, data.known_images(tmp_path, needed))
+    assert np.array_equal(got["train_x"], np.concatenate([old, new]))
+    assert np.array_equal(got["test_x"], test)
+    assert got["train_sha"].shape == (35, 32)
+    # without the cache, the unreadable bytes are decoded and named
+    with pytest.raises(images.ImageRefused, match="train/0/0.png"):
+        data._split_arrays(second)
+
+
+def test_a_cache_file_that_does_not_match_its_hash_is_not_reused(tmp_path: Path) -> None:
+    pixels = np.random.default_rng(3).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    items = _items(pixels)
+    path = tmp_path / "v.npz"
+    data._save(path, data._split_arrays(items))
+    raw = bytearray(path.read_bytes())
+    raw[-100] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    known = data.known_images(tmp_path, {bytes.fromhex(sha) for _k, sha, _b in items})
+    assert known.rows == {}
