@@ -86,3 +86,19 @@ def test_a_second_ingest_of_the_same_folder_is_refused_by_name(tmp_path: Path) -
         pytest.raises(folder_guard.DatasetBusy, match="run `mnistops data ingest` again"),
     ):
         ingest.ingest_mnist(settings, fast=True)
+
+
+def test_the_images_ingest_writes_are_known_to_the_arrays_cache(tmp_path: Path) -> None:
+    """A version's first load copies what ingest wrote instead of decoding its PNGs:
+    the cache file holds each file's pixels under the SHA-256 of the file."""
+    from mnistops.train import data
+
+    settings = load_settings(write_stack_config(tmp_path))
+    ingest.ingest_mnist(settings, fast=True)
+    files = sorted((settings.mnist_dir / "test").glob("*/*.png"))
+    shas = [hashlib.sha256(path.read_bytes()).digest() for path in files]
+    known = data.known_images(settings.home / "cache" / "arrays", set(shas))
+    x = np.zeros((len(files), 28, 28), np.uint8)
+    assert known.fill(x, shas) == []
+    decoded = data._decode_all([(str(path), path.read_bytes()) for path in files])
+    assert np.array_equal(x, decoded)

@@ -142,8 +142,12 @@ def ingest(
     fast: bool = False,
     index_file: Path | None = None,
     progress_for: Callable[[str, int], Progress] = lambda _s, _n: lambda _k: None,
+    known_images: Path | None = None,
 ) -> IngestResult:
     """Verify and decode the IDX files in `source`, then write the three PNG splits.
+
+    The pixels written, with the SHA-256 of each file, go to `known_images` (a cache
+    file of `train.data`): a version's first load copies them instead of decoding PNGs.
 
     Safe to re-run: a file is only rewritten when its bytes differ. Until every split is
     written, a hidden file in `mnist_dir` says so, and publishing refuses the folder; a
@@ -161,12 +165,22 @@ def ingest(
     still_full = fast and left.startswith("full")
     plan = "full" if not fast or still_full else "fast"
     unfinished.write_text(f"{plan}: `mnistops data ingest` is writing here or was cut short\n")
+    decoded: dict[str, np.ndarray] = {}
     for split, (ids, pixels, labels) in split_plan(data, dataset, fast).items():
+        first = len(checked)
         written[split] = write_split(
             mnist_dir / split, ids, pixels, labels, progress_for(split, len(ids)), checked
         )
+        decoded[f"{split}_x"] = pixels
+        decoded[f"{split}_sha"] = np.frombuffer(
+            b"".join(bytes.fromhex(sha) for _path, sha, _pixels in checked[first:]), np.uint8
+        ).reshape(-1, 32)
     if index_file is not None:
         images.remember(index_file, checked)
+    if known_images is not None:
+        from mnistops.train.data import save_cache
+
+        save_cache(known_images, decoded)
     if not still_full:
         unfinished.unlink()
     return IngestResult(written=written, root=mnist_dir)
@@ -196,4 +210,5 @@ def ingest_mnist(
             fast,
             images.index_path(settings.home),
             progress_for,
+            settings.home / "cache" / "arrays" / "ingested.npz",
         )

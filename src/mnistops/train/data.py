@@ -124,10 +124,11 @@ def _arrays(found: dict[str, np.ndarray], source: DataSource) -> Arrays:
     return Arrays(found["train_x"], found["train_y"], found["test_x"], found["test_y"], source)
 
 
-def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def save_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write a cache file (and its SHA-256 beside it) whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.npz")
-    np.savez(partial, **arrays)
+    np.savez(partial, allow_pickle=False, **arrays)
     sidecar = path.with_suffix(".json")
     sidecar.write_text(json.dumps({"sha256": _file_sha256(partial)}))
     os.replace(partial, path)
@@ -157,7 +158,7 @@ def _cached_or_built(
     if cached is not None:
         return cached
     arrays = build()
-    _save(path, arrays)
+    save_cache(path, arrays)
     return arrays
 
 
@@ -200,9 +201,10 @@ class KnownImages:
 
 
 def known_images(cache_dir: Path, needed: set[bytes]) -> KnownImages:
-    """The images of the newest cache files (at most REUSED_CACHES) that hold some of
-    `needed`; a file that does not match its hash, or from before the hashes were kept,
-    is passed over (its own version's load names and rebuilds it)."""
+    """The images of the newest cache files (at most REUSED_CACHES, and none after one
+    that held nothing new): versions' and what `data ingest` wrote. A file that does not
+    match its hash, or from before the hashes were kept, is passed over (its own
+    version's load names and rebuilds it)."""
     known = KnownImages()
     files = sorted(
         (p for p in cache_dir.glob("*.npz") if not p.name.endswith(".partial.npz")),
@@ -213,12 +215,16 @@ def known_images(cache_dir: Path, needed: set[bytes]) -> KnownImages:
         if needed.issubset(known.rows):
             break
         try:
-            found = _load(path)
+            found = _load(path) or {}
         except (CacheCorrupt, ValueError, OSError):
             continue
-        for split in ("train", "test"):
-            if found is not None and f"{split}_sha" in found:
-                known.add(found[f"{split}_x"], found[f"{split}_sha"])
+        before = len(known.rows)
+        for name, shas in found.items():
+            x = found.get(name.removesuffix("_sha") + "_x")
+            if name.endswith("_sha") and x is not None:
+                known.add(x, shas)
+        if len(known.rows) == before:
+            break  # an older file is not likely to hold what this one did not
     return known
 
 
