@@ -24,12 +24,20 @@ setup-dev: $(DEV_STAMP)
 # is set, every process of the suite would otherwise compile mlflow, prefect and torch
 # again (seconds per process); a few of torch's files are templates that do not
 # compile, so that exit code is ignored.
+# The venv is made without pip (bootstrapping pip into it took 4 s of the install): the
+# host's pip installs torch and uv into it (`pip --python`, pip >= 22.3; an older pip is
+# bootstrapped into the venv instead), and uv installs pip there with the rest.
 $(STAMP): pyproject.toml constraints.txt
-	# (a venv cut off before its pip was in is made again, not reused)
-	$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile \
+	# (a venv cut off before uv was in is made again, not reused)
+	$(BIN)/uv --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear --without-pip $(VENV)
+	if $(PYTHON) -m pip --python $(BIN)/python --version >/dev/null 2>&1; then \
+		pip=($(PYTHON) -m pip --python $(BIN)/python); \
+	else \
+		$(BIN)/python -m ensurepip --upgrade >/dev/null; pip=($(BIN)/python -m pip); \
+	fi; \
+	"$${pip[@]}" install --quiet --disable-pip-version-check --no-compile \
 		-c constraints.txt 'torch==2.13.0' uv 2>&1 | { grep -v 'is ignored: it is neither' || true; }
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e .
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e . pip
 	touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP)
