@@ -312,10 +312,11 @@ def send_drawn(
 
     images, digits = streams.drawn(settings.mnist_dir / "train", LOOP_DIGITS)
     answered = []
-    for start in range(0, LOOP_DIGITS, LOOP_REQUEST):
-        answer = client.predict_batch(settings, images[start : start + LOOP_REQUEST])
-        for item, said in enumerate(answer.digits):
-            answered.append((answer.request_id, item, int(digits[start + item]), said))
+    with client.ServiceClient(settings) as service:
+        for start in range(0, LOOP_DIGITS, LOOP_REQUEST):
+            answer = service.predict_batch(images[start : start + LOOP_REQUEST])
+            for item, said in enumerate(answer.digits):
+                answered.append((answer.request_id, item, int(digits[start + item]), said))
     right = sum(truth == said for _rid, _item, truth, said in answered)
     reporter.say(
         f"{LOOP_DIGITS} drawn digits (training images drawn thicker) sent to"
@@ -333,15 +334,16 @@ def label_answers(
     from mnistops.loop import client
 
     corrected = confirmed = seen_right = 0
-    for rid, item, truth, said in answered:
-        if truth != said:
-            corrected += 1
-        else:
-            seen_right += 1
-            if seen_right % CONFIRM_EVERY:
-                continue
-            confirmed += 1
-        client.label(settings, rid, item, truth)
+    with client.ServiceClient(settings) as service:
+        for rid, item, truth, said in answered:
+            if truth != said:
+                corrected += 1
+            else:
+                seen_right += 1
+                if seen_right % CONFIRM_EVERY:
+                    continue
+                confirmed += 1
+            service.label(rid, item, truth)
     reporter.say(
         f"through {settings.local_serve_url}/feedback: {corrected} wrong answers corrected,"
         f" {confirmed} right ones confirmed"
