@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnistops.data import images
+from mnistops.data import decoded, images
 from mnistops.data.ingest import png_bytes
 from mnistops.train import data
 
@@ -53,7 +53,7 @@ def test_a_new_version_reuses_the_cached_images_and_decodes_only_the_new(
     new = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
     test = rng.integers(0, 256, (10, 28, 28), dtype=np.uint8)
     first = _items(old) + _items(test, "test")
-    data.save_cache(tmp_path / "first.npz", data._split_arrays(first))
+    decoded.save(tmp_path / "first.npz", data._split_arrays(first))
     # the second version: the old images (their bytes now unreadable: so they can only
     # come from the cache), and new ones that must be decoded
     second = [(k, sha, b"not a png") for k, sha, _b in _items(old)]
@@ -73,7 +73,7 @@ def test_a_cache_file_that_does_not_match_its_hash_is_not_reused(tmp_path: Path)
     pixels = np.random.default_rng(3).integers(0, 256, (4, 28, 28), dtype=np.uint8)
     items = _items(pixels)
     path = tmp_path / "v.npz"
-    data.save_cache(path, data._split_arrays(items))
+    decoded.save(path, data._split_arrays(items))
     raw = bytearray(path.read_bytes())
     raw[-100] ^= 0xFF
     path.write_bytes(bytes(raw))

@@ -178,9 +178,9 @@ def ingest(
     if index_file is not None:
         images.remember(index_file, checked)
     if known_images is not None:
-        from mnistops.train.data import save_cache
+        from mnistops.data import decoded as decoded_images
 
-        save_cache(known_images, decoded)
+        decoded_images.save(known_images, decoded)
     if not still_full:
         unfinished.unlink()
     return IngestResult(written=written, root=mnist_dir)

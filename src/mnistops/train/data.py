@@ -12,9 +12,7 @@ v2.0 the few the loop labelled.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -23,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnistops.data import images, manifests, packs, reader
-from mnistops.errors import MnistopsError
+from mnistops.data import decoded, images, manifests, packs, reader
 from mnistops.settings import Settings
 
 Report = Callable[[str], None]
@@ -69,10 +66,6 @@ class Arrays:
         )
 
 
-class CacheCorrupt(MnistopsError):
-    pass
-
-
 def _cache_dir(settings: Settings) -> Path:
     return settings.home / "cache" / "arrays"
 
@@ -112,53 +105,23 @@ def _decode_chunk(keys_and_blobs: list[tuple[str, bytes]]) -> np.ndarray:
     return out
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _arrays(found: dict[str, np.ndarray], source: DataSource) -> Arrays:
     return Arrays(found["train_x"], found["train_y"], found["test_x"], found["test_y"], source)
-
-
-def save_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write a cache file (and its SHA-256 beside it) whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial.npz")
-    np.savez(partial, allow_pickle=False, **arrays)
-    sidecar = path.with_suffix(".json")
-    sidecar.write_text(json.dumps({"sha256": _file_sha256(partial)}))
-    os.replace(partial, path)
-
-
-def _load(path: Path) -> dict[str, np.ndarray] | None:
-    """The cached arrays, None if absent; CacheCorrupt if the file does not match its hash."""
-    sidecar = path.with_suffix(".json")
-    if not path.is_file() or not sidecar.is_file():
-        return None
-    expected = json.loads(sidecar.read_text()).get("sha256")
-    if _file_sha256(path) != expected:
-        raise CacheCorrupt(f"{path} does not match its SHA-256; rebuilding it")
-    with np.load(path) as data:
-        return {name: data[name] for name in data.files}
 
 
 def _cached_or_built(
     path: Path, build: Callable[[], dict[str, np.ndarray]], report: Report
 ) -> dict[str, np.ndarray]:
     try:
-        cached = _load(path)
-    except (CacheCorrupt, ValueError, OSError) as exc:
+        cached = decoded.load(path)
+    except (decoded.CacheCorrupt, ValueError, OSError) as exc:
         report(f"data cache: {exc}")
         path.unlink(missing_ok=True)
         cached = None
     if cached is not None:
         return cached
     arrays = build()
-    save_cache(path, arrays)
+    decoded.save(path, arrays)
     return arrays
 
 
@@ -215,8 +178,8 @@ def known_images(cache_dir: Path, needed: set[bytes]) -> KnownImages:
         if needed.issubset(known.rows):
             break
         try:
-            found = _load(path) or {}
-        except (CacheCorrupt, ValueError, OSError):
+            found = decoded.load(path) or {}
+        except (decoded.CacheCorrupt, ValueError, OSError):
             continue
         before = len(known.rows)
         for name, shas in found.items():
@@ -248,7 +211,9 @@ def _split_arrays(
     return arrays
 
 
-def _decoded(settings: Settings, items: list[tuple[str, str, bytes]]) -> dict[str, np.ndarray]:
+def _arrays_reusing(
+    settings: Settings, items: list[tuple[str, str, bytes]]
+) -> dict[str, np.ndarray]:
     needed = {bytes.fromhex(sha) for _key, sha, _blob in items}
     return _split_arrays(items, known_images(_cache_dir(settings), needed))
 
@@ -257,15 +222,15 @@ def load_version(settings: Settings, tag: str, report: Report = lambda _m: None)
     """The arrays of a published version ('latest' = the newest), fetched through the registry."""
     record = reader.find_record(settings, tag)
 
-    def decoded() -> dict[str, np.ndarray]:
+    def build() -> dict[str, np.ndarray]:
         rows = sorted(reader.fetch_version(settings, record, "No training started", report=report))
         blobs = reader.image_bytes(settings, rows)
-        return _decoded(
+        return _arrays_reusing(
             settings, [(r.key, r.sha256, b) for r, (_k, b) in zip(rows, blobs, strict=True)]
         )
 
     arrays = _cached_or_built(
-        manifests.path_inside(_cache_dir(settings), f"{record.content_hash}.npz"), decoded, report
+        manifests.path_inside(_cache_dir(settings), f"{record.content_hash}.npz"), build, report
     )
     source = DataSource(
         record.tag,
@@ -283,7 +248,7 @@ def load_folder(settings: Settings, folder: Path, report: Report = lambda _m: No
     digest = packs.content_hash(entries)
     arrays = _cached_or_built(
         _cache_dir(settings) / f"{digest}.npz",
-        lambda: _decoded(
+        lambda: _arrays_reusing(
             settings, [(e.key, e.sha256, e.path.read_bytes()) for e in sorted(entries, key=_key)]
         ),
         report,
