@@ -79,3 +79,19 @@ def test_a_cache_file_that_does_not_match_its_hash_is_not_reused(tmp_path: Path)
     path.write_bytes(bytes(raw))
     known = data.known_images(tmp_path, {bytes.fromhex(sha) for _k, sha, _b in items})
     assert known.rows == {}
+
+
+@pytest.mark.parametrize("sidecar", ["[]", "1", '"x"', '{"sha256": null}', "not json"])
+def test_a_damaged_sidecar_is_named_and_the_arrays_rebuilt(tmp_path: Path, sidecar: str) -> None:
+    """helper-34: a sidecar of valid JSON that is not an object stopped training with a
+    traceback (AttributeError), both for its own version and for any new one."""
+    pixels = np.random.default_rng(4).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    items = _items(pixels) + _items(pixels, "test")
+    path = tmp_path / "v.npz"
+    decoded.save(path, data._split_arrays(items))
+    path.with_suffix(".json").write_text(sidecar)
+    assert data.known_images(tmp_path, {b"x" * 32}).rows == {}
+    said: list[str] = []
+    rebuilt = data._cached_or_built(path, lambda: data._split_arrays(items), said.append)
+    assert np.array_equal(rebuilt["train_x"], pixels)
+    assert said and str(path) in said[0]

@@ -30,7 +30,7 @@ def file_sha256(path: Path) -> str:
 def save(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write a cache file (and its SHA-256 beside it) whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial.npz")
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")  # one per process
     np.savez(partial, allow_pickle=False, **arrays)
     sidecar = path.with_suffix(".json")
     sidecar.write_text(json.dumps({"sha256": file_sha256(partial)}))
@@ -42,8 +42,11 @@ def load(path: Path) -> dict[str, np.ndarray] | None:
     sidecar = path.with_suffix(".json")
     if not path.is_file() or not sidecar.is_file():
         return None
-    expected = json.loads(sidecar.read_text()).get("sha256")
-    if file_sha256(path) != expected:
+    try:
+        expected = json.loads(sidecar.read_text())
+    except ValueError:
+        expected = None
+    if not isinstance(expected, dict) or file_sha256(path) != expected.get("sha256"):
         raise CacheCorrupt(f"{path} does not match its SHA-256; rebuilding it")
     with np.load(path) as data:
         return {name: data[name] for name in data.files}
