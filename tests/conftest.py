@@ -27,6 +27,18 @@ CLEAN_PREFIXES = ("MNISTOPS_", "MLFLOW_", "PREFECT_", "AWS_")
 KEEP = {"MNISTOPS_TEST_DATABASE_URL"}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Each xdist worker chooses ports in its own part of the range: two workers that
+    configure stacks at once never choose the same port before either starts (ci66 and
+    ci70 lost a module's stack to another worker's S3 on a port both had chosen)."""
+    from mnistops.stack import ports
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if worker.startswith("gw") and worker[2:].isdigit() and count > 1:
+        ports.DEFAULT_LANE = (int(worker[2:]) % count, count)
+
+
 DEMO_GROUP = "demo"
 
 LONGEST_GROUPS = (

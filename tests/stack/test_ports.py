@@ -22,3 +22,19 @@ def test_ports_and_their_grpc_twins_avoid_the_ephemeral_range(tmp_path: Path) ->
         assert port + GRPC_OFFSET < low, (port, low)
     twins = {p + GRPC_OFFSET for p in ports}
     assert not twins & set(ports)
+
+
+def test_workers_choose_in_lanes_that_never_meet_and_a_process_never_twice(
+    tmp_path: Path,
+) -> None:
+    """Two test workers configure stacks at once: each chooses in its own lane; one
+    process never hands out a port it chose before (its stack may not be up yet)."""
+    from mnistops.stack import ports
+
+    lanes = [ports.lane_range((i, 4)) for i in range(4)]
+    for (_a, a_last), (b_first, _b) in zip(lanes, lanes[1:], strict=False):
+        assert a_last < b_first
+    chosen = [ports.free_port_config(tmp_path, lane=(1, 4)) for _ in range(20)]
+    flat = [p for c in chosen for p in (*c["s3"].values(), c["mlflow"]["port"])]
+    assert len(set(flat)) == len(flat)
+    assert all(lanes[1][0] <= p <= lanes[1][1] for p in flat)

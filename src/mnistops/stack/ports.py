@@ -51,29 +51,53 @@ def _candidate_range() -> tuple[int, int]:
     return (max(10000, top - 8000), top) if top - 10000 >= 2000 else (20000, 30000)
 
 
-def free_port_pair(taken: set[int], host: str = "127.0.0.1") -> int:
-    """A port p such that p and p + 10000 (the gRPC twin SeaweedFS uses) are both free."""
+HANDED_OUT: set[int] = set()
+"""ports this process chose already: a stack configured but not started yet holds none"""
+DEFAULT_LANE: tuple[int, int] | None = None
+"""the lane of every choice of this process (the test suite sets each worker's own)"""
+
+
+def lane_range(lane: tuple[int, int] | None) -> tuple[int, int]:
+    """The candidate ports, or the `index`-th of `count` equal parts of them: processes
+    that choose ports at once (test workers) each in their own part never choose the same
+    port, though neither has started its servers yet."""
     first, last = _candidate_range()
+    if lane is None:
+        return first, last
+    index, count = lane
+    span = (last - first + 1) // count
+    return first + index * span, first + (index + 1) * span - 1
+
+
+def free_port_pair(
+    taken: set[int], host: str = "127.0.0.1", lane: tuple[int, int] | None = None
+) -> int:
+    """A port p such that p and p + 10000 (the gRPC twin SeaweedFS uses) are both free,
+    and neither chosen before by this process."""
+    first, last = lane_range(lane or DEFAULT_LANE)
+    taken = taken | HANDED_OUT
     for _ in range(500):
         port = random.randint(first, last)
         pair = {port, port + GRPC_OFFSET}
         if not pair & taken and not any(port_in_use(host, p) for p in pair):
-            taken.update(pair)
+            HANDED_OUT.update(pair)
             return port
     raise RuntimeError(f"no free pair of ports p, p + {GRPC_OFFSET} found for p in {first}-{last}")
 
 
-def free_port_config(root: Path) -> dict[str, Any]:
-    """Stack settings (as in stack.yml) with the state in `root` and every port free."""
+def free_port_config(root: Path, lane: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Stack settings (as in stack.yml) with the state in `root` and every port free
+    (within `lane`: see lane_range)."""
     taken: set[int] = set()
+
+    def pick() -> int:
+        return free_port_pair(taken, lane=lane)
+
     return {
         "home": str(root / ".mnistops"),
         "data_dir": str(root / "data"),
-        "s3": {
-            name: free_port_pair(taken)
-            for name in ("port", "master_port", "volume_port", "filer_port")
-        },
-        "mlflow": {"port": free_port_pair(taken)},
-        "prefect": {"port": free_port_pair(taken)},
-        "serve": {"port": free_port_pair(taken)},
+        "s3": {name: pick() for name in ("port", "master_port", "volume_port", "filer_port")},
+        "mlflow": {"port": pick()},
+        "prefect": {"port": pick()},
+        "serve": {"port": pick()},
     }
