@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnistops.data import images
+from mnistops.data import images, scan_index
 
 pytestmark = pytest.mark.unit
 
@@ -235,7 +235,7 @@ def test_a_scan_of_the_dataset_keeps_what_ingest_indexed_beside_its_splits(
     must leave those entries for the `data add` that merges train_v2 later."""
     index = tmp_path / "index.json"
     new = [png(dataset / "train_v2" / str(d) / "1.png") for d in range(10)]
-    images.remember(index, [(p, *images.check_file(p)[1:]) for p in new])
+    scan_index.remember(index, [(p, *images.check_file(p)[1:]) for p in new])
     images.scan(dataset, index)
     kept = json.loads(index.read_text())
     assert all(str(p) in kept for p in new)
@@ -274,7 +274,7 @@ def test_data_add_reads_only_what_the_index_does_not_vouch_for(
     outside = png(tmp_path / "elsewhere" / "3" / "linked.png")
     (source / "3").symlink_to(outside.parent)
     linked = source / "3" / "linked.png"
-    index = images.ScanIndex(tmp_path / "index.json")
+    index = scan_index.ScanIndex(tmp_path / "index.json")
     for path in (known, changed, linked, rewritten):
         sha = images.check_file(outside if path == linked else path)[1]
         index.remember(path.absolute(), path.lstat(), sha, "recorded")

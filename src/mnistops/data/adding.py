@@ -14,12 +14,10 @@ from mnistops.data.images import (
     DIGITS,
     ImageRefused,
     InvalidDataset,
-    ScanIndex,
     check_files_indexed,
-    index_path,
     read_regular,
-    remember,
 )
+from mnistops.data.scan_index import ScanIndex, index_path, remember
 from mnistops.settings import Settings
 
 ProgressFor = Callable[[str, int], Callable[[int], None]]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mnistops.data import folder_guard, images, mnist
+from mnistops.data import folder_guard, mnist, scan_index
 from mnistops.settings import DatasetSettings, Settings
 
 Progress = Callable[[int], None]
@@ -176,7 +176,7 @@ def ingest(
             b"".join(bytes.fromhex(sha) for _path, sha, _pixels in checked[first:]), np.uint8
         ).reshape(-1, 32)
     if index_file is not None:
-        images.remember(index_file, checked)
+        scan_index.remember(index_file, checked)
     if known_images is not None:
         from mnistops.data import decoded as decoded_images
 
@@ -208,7 +208,7 @@ def ingest_mnist(
             settings.mnist_dir,
             settings.dataset,
             fast,
-            images.index_path(settings.home),
+            scan_index.index_path(settings.home),
             progress_for,
             settings.home / "cache" / "arrays" / "ingested.npz",
         )

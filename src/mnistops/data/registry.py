@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mnistops.clients import library_defaults, s3_keys
-from mnistops.data import folder_guard, images, manifests, packs, remote
+from mnistops.data import folder_guard, images, manifests, packs, remote, scan_index
 from mnistops.data.reader import (
     RegistryError,
     VersionRefused,
@@ -240,7 +240,7 @@ def _publish(
     folder_guard.check_ingest_finished(settings.mnist_dir)
     entries = images.scan(
         settings.mnist_dir,
-        images.index_path(settings.home),
+        scan_index.index_path(settings.home),
         progress_for("validating", 0),
     )
     digest = packs.content_hash(entries)

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from mnistops.data import adding, images, unseen
+from mnistops.data import adding, images, scan_index, unseen
 from mnistops.data.registry import FEEDBACK_NAME
 from mnistops.loop import records
 from mnistops.loop.store import read_batches
@@ -122,7 +122,7 @@ def add_feedback(
     found, report = labelled_pixels(settings, since)
     if not found:
         return report
-    index = images.index_path(settings.home)
+    index = scan_index.index_path(settings.home)
     test_set = unseen.test_images(
         settings.mnist_dir / "test", settings.home / "cache" / "test-images.npz"
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnistops.data import decoded, images, manifests, packs, reader
+from mnistops.data import decoded, images, manifests, packs, reader, scan_index
 from mnistops.settings import Settings
 
 Report = Callable[[str], None]
@@ -244,7 +244,7 @@ def load_version(settings: Settings, tag: str, report: Report = lambda _m: None)
 def load_folder(settings: Settings, folder: Path, report: Report = lambda _m: None) -> Arrays:
     """The arrays of a plain folder of `train/` and `test/` PNGs: untracked data."""
     folder = folder.absolute()
-    entries = images.scan(folder, images.index_path(settings.home))
+    entries = images.scan(folder, scan_index.index_path(settings.home))
     digest = packs.content_hash(entries)
     arrays = _cached_or_built(
         _cache_dir(settings) / f"{digest}.npz",
