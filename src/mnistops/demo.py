@@ -170,11 +170,11 @@ def publish_once(
 
 def model_trained_on(settings: Settings, tag: str) -> str | None:
     """The newest registered version trained on data version `tag`, if any."""
+    from mnistops.tracking.champion import registered_versions
     from mnistops.tracking.contract import DATA_VERSION_TAG
-    from mnistops.tracking.registry import registered_versions
 
     found, _aliases = registered_versions(settings)
-    return next((v.version for v in found if (v.tags or {}).get(DATA_VERSION_TAG) == tag), None)
+    return next((v.version for v in found if v.tags.get(DATA_VERSION_TAG) == tag), None)
 
 
 def experiment(settings: Settings, reporter: Reporter, tag: str, n_epochs: int, fast: bool) -> None:

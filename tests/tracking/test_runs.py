@@ -167,14 +167,17 @@ def test_predict_prints_the_champions_digit(trainer: Path, first_run) -> None:
     assert bad.returncode == 2 and "flow.yml: not an image" in bad.stderr  # bad input
 
 
-def test_the_alias_read_over_rest_is_what_mlflows_client_reads(trainer: Path, first_run) -> None:
-    """`tracking.champion` (MLflow's REST API, for predict and monitoring) names the same
-    version, source, run and tags as MLflow's own client; a model without the alias, or a
-    server that is not MLflow, is said plainly."""
+def test_the_alias_read_over_rest_is_what_mlflows_client_reads(
+    trainer: Path, first_run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tracking.champion` (MLflow's REST API, for predict, `models` and monitoring) names
+    the same versions, sources, runs, tags and aliases as MLflow's own client; a model
+    without the alias, or a server that is not MLflow, is said plainly."""
     import http.server
     import threading
 
-    from mnistops.tracking.champion import champion_of
+    from mnistops.tracking import champion
+    from mnistops.tracking.champion import champion_of, registered_versions
     from mnistops.tracking.server import TrackingError
 
     settings, client = client_of(trainer)
@@ -190,6 +193,33 @@ def test_the_alias_read_over_rest_is_what_mlflows_client_reads(trainer: Path, fi
     )
     unknown = settings.model_registry.model_copy(update={"name": "no-such-model"})
     assert champion_of(settings.model_copy(update={"model_registry": unknown})) is None
+    assert registered_versions(settings.model_copy(update={"model_registry": unknown})) == (
+        [],
+        {},
+    )
+
+    # every version (page by page) and alias, as MLflow's client lists them
+    name = settings.model_registry.name
+    theirs = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: -int(v.version))
+    client.set_registered_model_alias(name, "second-look", theirs[-1].version)
+    try:
+        for page in (1, 1000):
+            monkeypatch.setattr(champion, "SEARCH_PAGE", page)
+            ours, alias_of = registered_versions(settings)
+            assert [
+                (v.name, v.version, v.source, v.run_id, v.tags, v.created_ms) for v in ours
+            ] == [
+                (v.name, str(v.version), v.source, v.run_id, v.tags, v.creation_timestamp)
+                for v in theirs
+            ]
+            model = client.get_registered_model(name)
+            assert alias_of == {
+                str(version): sorted(a for a, v in model.aliases.items() if v == version)
+                for version in set(model.aliases.values())
+            }
+            assert "second-look" in alias_of[str(theirs[-1].version)]
+    finally:
+        client.delete_registered_model_alias(name, "second-look")
 
     class NotMlflow(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -210,6 +240,8 @@ def test_the_alias_read_over_rest_is_what_mlflows_client_reads(trainer: Path, fi
         )
         with pytest.raises(TrackingError, match="is it an MLflow server"):
             champion_of(settings.model_copy(update={"mlflow": elsewhere}))
+        with pytest.raises(TrackingError, match="without its aliases or versions"):
+            registered_versions(settings.model_copy(update={"mlflow": elsewhere}))
     finally:
         server.shutdown()
 

@@ -259,6 +259,7 @@ def show_comparison(a: str, b: str) -> None:
 def show_models() -> None:
     from mnistops.clients import model_signing_key
     from mnistops.data.packs import shown
+    from mnistops.tracking.champion import registered_versions
     from mnistops.tracking.contract import (
         ACCURACY_TAG,
         CHALLENGER_TAG,
@@ -266,7 +267,6 @@ def show_models() -> None:
         MODEL_TAG,
     )
     from mnistops.tracking.model_record import record_problem
-    from mnistops.tracking.registry import registered_versions
 
     cfg = settings(MODEL_KEYS)
     found, alias_of = registered_versions(cfg)
@@ -278,22 +278,22 @@ def show_models() -> None:
     key = model_signing_key(cfg)
     for v in found:
         # Tags are anyone's text who can reach MLflow: shown escaped, never as markup.
-        tags = {k: escape(shown(str(t), 200)) for k, t in (v.tags or {}).items()}
-        accuracy = (v.tags or {}).get(ACCURACY_TAG)
+        tags = {k: escape(shown(str(t), 200)) for k, t in v.tags.items()}
+        accuracy = v.tags.get(ACCURACY_TAG)
         try:
             accuracy_text = f"{float(accuracy):.2%}" if accuracy else ""
         except ValueError:
             accuracy_text = tags[ACCURACY_TAG]
         table.add_row(
             escape(v.version),
-            time.strftime("%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000)),
+            time.strftime("%m-%d %H:%M", time.localtime(v.created_ms / 1000)),
             tags.get(MODEL_TAG, ""),
             accuracy_text,
             tags.get(DATA_VERSION_TAG, ""),
-            gate_cell(v.tags or {}),
+            gate_cell(v.tags),
             ", ".join(escape(shown(a)) for a in alias_of.get(v.version, [])),
         )
-        refused = record_problem(v.tags or {}, key, str(v.source), str(v.version))
+        refused = record_problem(v.tags, key, str(v.source), str(v.version))
         if refused is not None:
             notes.append(f"v{escape(v.version)} [red]refused[/], never loaded: {escape(refused)}")
         if CHALLENGER_TAG in tags:
@@ -308,7 +308,7 @@ def show_models() -> None:
 def gate_cell(tags: dict[str, str]) -> str:
     """The gate's decision in a few characters: moved, kept or first, and the p-value."""
     from mnistops.tracking.contract import CHALLENGER_TAG, CHAMPION_REASON_TAG, GATE_TAGS
-    from mnistops.tracking.registry import evidence_of
+    from mnistops.tracking.significance import evidence_of
 
     if CHAMPION_REASON_TAG in tags:
         if tags[CHAMPION_REASON_TAG].startswith("first model"):
@@ -329,7 +329,7 @@ def gate_cell(tags: dict[str, str]) -> str:
 def gate_note(version: str, tags: dict[str, str]) -> str | None:
     """The gate's evidence for a version, in a sentence (tags escaped by the caller)."""
     from mnistops.tracking.contract import GATE_TAGS
-    from mnistops.tracking.registry import evidence_of
+    from mnistops.tracking.significance import evidence_of
 
     evidence = evidence_of(tags)
     if evidence is None:

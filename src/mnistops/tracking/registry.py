@@ -18,8 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from mnistops.clients import mlflow_client, mlflow_tracking_uri
-from mnistops.settings import Settings
+from mnistops.clients import mlflow_tracking_uri
 from mnistops.tracking.contract import (
     CHALLENGER_TAG,
     CHAMPION,
@@ -31,7 +30,7 @@ from mnistops.tracking.contract import (
 from mnistops.tracking.model_record import ModelRefused, record_problem
 from mnistops.tracking.predictions import ChampionPredictions
 from mnistops.tracking.server import NOT_THERE
-from mnistops.tracking.significance import Paired, judge, paired
+from mnistops.tracking.significance import Paired, evidence_of, judge, paired
 
 
 @dataclass(frozen=True)
@@ -87,26 +86,6 @@ def evidence_tags(champion_version: str, evidence: Paired) -> dict[str, str]:
         f"{evidence.worst_class_change:+.2f}",
     )
     return dict(zip(GATE_TAGS, values, strict=True))
-
-
-def evidence_of(tags: dict[str, str]) -> Paired | None:
-    """The gate's evidence as recorded on a version (None for a version never compared
-    with a champion, or one whose tags are not what the gate writes)."""
-    try:
-        (_, p_value, new_errors, champion_errors, new_only, champion_only, worst, change) = (
-            tags[key] for key in GATE_TAGS
-        )
-        return Paired(
-            new_errors=int(new_errors),
-            champion_errors=int(champion_errors),
-            new_only=int(new_only),
-            champion_only=int(champion_only),
-            p_value=float(p_value),
-            worst_class=int(worst),
-            worst_class_change=float(change),
-        )
-    except (KeyError, ValueError):
-        return None
 
 
 Lock = Callable[[], AbstractContextManager[object]]
@@ -282,16 +261,3 @@ def versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     """Every version of the model, newest first."""
     found = client.search_model_versions(f"name = '{name}'")
     return sorted(found, key=lambda v: int(v.version), reverse=True)
-
-
-def registered_versions(settings: Settings) -> tuple[list[ModelVersion], dict[str, list[str]]]:
-    """Every version of the settings' model, newest first, and each version's aliases."""
-    from mnistops.tracking.server import TrackingError, check_tracking_server
-
-    check_tracking_server(settings)
-    client = mlflow_client(settings)
-    name = settings.model_registry.name
-    try:
-        return versions(client, name), aliases(client, name)
-    except MlflowException as exc:
-        raise TrackingError(f"the model registry at {settings.mlflow_uri}: {exc}") from None

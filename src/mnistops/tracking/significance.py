@@ -20,6 +20,8 @@ from math import comb
 
 import numpy as np
 
+from mnistops.tracking.contract import GATE_TAGS
+
 
 @dataclass(frozen=True)
 class Paired:
@@ -114,3 +116,23 @@ def judge(
     if failed:
         return False, f"{'; '.join(failed)}: {evidence.summary()}"
     return True, f"better beyond noise: {evidence.summary()}"
+
+
+def evidence_of(tags: dict[str, str]) -> Paired | None:
+    """The gate's evidence as recorded on a version (None for a version never compared
+    with a champion, or one whose tags are not what the gate writes)."""
+    try:
+        (_, p_value, new_errors, champion_errors, new_only, champion_only, worst, change) = (
+            tags[key] for key in GATE_TAGS
+        )
+        return Paired(
+            new_errors=int(new_errors),
+            champion_errors=int(champion_errors),
+            new_only=int(new_only),
+            champion_only=int(champion_only),
+            p_value=float(p_value),
+            worst_class=int(worst),
+            worst_class_change=float(change),
+        )
+    except (KeyError, ValueError):
+        return None
