@@ -286,6 +286,7 @@ def the_loop(settings: Settings, reporter: Reporter, published: set[str]) -> Non
         f"waiting for the service to write its log (within {settings.serve.log.label_s:g} s of"
         " a label: serve.log.label_s)..."
     ):
+        labels.test_images(settings)  # the check's test set, read while the log is written
         written = wait_written(settings, began, labelled)
     if not written:
         reporter.warn(

@@ -232,5 +232,9 @@ def _shift(total: int, weighted: int) -> int:
 
 def served_pixels(data: bytes, name: str = "image") -> bytes:
     """The 784 bytes the service logs for an upload of `data` (8 bits a pixel)."""
-    converted = image_from_bytes(data, name)
-    return bytes(np.clip(np.rint(converted * 255.0), 0, 255).astype(np.uint8).tobytes())
+    return bytes(eight_bits(image_from_bytes(data, name)).tobytes())
+
+
+def eight_bits(converted: np.ndarray) -> np.ndarray:
+    """A converted image's pixels as the service logs them: 8 bits a pixel."""
+    return np.clip(np.rint(converted * 255.0), 0, 255).astype(np.uint8)

@@ -123,9 +123,7 @@ def add_feedback(
     if not found:
         return report
     index = scan_index.index_path(settings.home)
-    test_set = unseen.test_images(
-        settings.mnist_dir / "test", settings.home / "cache" / "test-images.npz"
-    )
+    test_set = test_images(settings)
     test = test_set.hashes()  # as they are and as the service converts them
     train = images.pixel_hashes(settings.mnist_dir / "train", index)
     staging = settings.home / "cache"
@@ -146,6 +144,14 @@ def add_feedback(
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return report
+
+
+def test_images(settings: Settings) -> unseen.TestImages:
+    """The test images labelled ones are checked against (kept in the cache while no
+    test file changes: the first call converts 10,000 images, about 3 s)."""
+    return unseen.test_images(
+        settings.mnist_dir / "test", settings.home / "cache" / "test-images.npz"
+    )
 
 
 def _labelled_otherwise(folders: Path, staged: Path) -> bool:
