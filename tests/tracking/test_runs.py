@@ -222,8 +222,10 @@ def test_the_alias_read_over_rest_is_what_mlflows_client_reads(
         client.delete_registered_model_alias(name, "second-look")
 
     class NotMlflow(http.server.BaseHTTPRequestHandler):
+        body = b'{"model_version": {"tags": 3}}'
+
         def do_GET(self) -> None:
-            body = b'{"model_version": {"tags": 3}}'
+            body = self.body
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -241,6 +243,10 @@ def test_the_alias_read_over_rest_is_what_mlflows_client_reads(
         with pytest.raises(TrackingError, match="is it an MLflow server"):
             champion_of(settings.model_copy(update={"mlflow": elsewhere}))
         with pytest.raises(TrackingError, match="without its aliases or versions"):
+            registered_versions(settings.model_copy(update={"mlflow": elsewhere}))
+        # one that pages in a circle is not followed forever
+        NotMlflow.body = b'{"model_versions": [], "next_page_token": "again"}'
+        with pytest.raises(TrackingError, match="the same page of"):
             registered_versions(settings.model_copy(update={"mlflow": elsewhere}))
     finally:
         server.shutdown()

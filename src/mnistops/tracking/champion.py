@@ -86,12 +86,19 @@ def registered_versions(
     check_tracking_server(settings)
     found: list[AliasedVersion] = []
     params: dict[str, Any] = {"filter": f"name = '{name}'", "max_results": SEARCH_PAGE}
+    tokens: set[str] = set()
     while True:
         document = _answer(settings, "model-versions/search", params, f"the versions of {name}")
         found += [from_rest(v, uri) for v in document.get("model_versions") or []]
         token = document.get("next_page_token")
         if not token:
             break
+        if str(token) in tokens:  # a server that pages in a circle is not followed forever
+            raise TrackingError(
+                f"the MLflow server at {uri} answered the same page of {name}'s versions"
+                " twice: is it an MLflow server?"
+            )
+        tokens.add(str(token))
         params = {**params, "page_token": token}
     missing: dict[str, Any] = {"registered_model": {}}
     model = _answer(settings, "registered-models/get", {"name": name}, name, missing)
