@@ -81,12 +81,21 @@ def settings(needs: frozenset[str] | None = None) -> Settings:
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """End the command with `message` on stderr and exit `code`."""
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(without_controls(message))}", highlight=False)
     raise typer.Exit(code)
 
 
 def warn(message: str) -> None:
-    err.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False)
+    err.print(f"[bold yellow]warning:[/] {escape(without_controls(message))}", highlight=False)
+
+
+def without_controls(message: str) -> str:
+    """`message` with every control character but newline and tab written as an escape:
+    an error may quote a server's answer or a file name, which must not drive the
+    terminal."""
+    if message.isprintable():
+        return message
+    return "".join(c if c in "\n\t" or c.isprintable() else ascii(c)[1:-1] for c in message)
 
 
 def shorter(path: Path | None) -> str:

@@ -271,27 +271,28 @@ def show_models() -> None:
     cfg = settings(MODEL_KEYS)
     found, alias_of = registered_versions(cfg)
     table = Table(title=f"{cfg.model_registry.name} at {cfg.mlflow_uri}", pad_edge=False)
-    columns = ("version", "created", "model", "test acc", "data", "gate", "aliases")
-    for column in columns:
-        table.add_column(column, justify="right" if column == "test acc" else "left", no_wrap=True)
+    for column, width, folded in COLUMNS:
+        table.add_column(
+            column,
+            justify="right" if column == "test acc" else "left",
+            no_wrap=not folded,
+            overflow="fold" if folded else "ellipsis",
+            min_width=width,
+            max_width=30 if folded else None,
+        )
     notes = []
     key = model_signing_key(cfg)
     for v in found:
         # Tags are anyone's text who can reach MLflow: shown escaped, never as markup.
         tags = {k: escape(shown(str(t), 200)) for k, t in v.tags.items()}
-        accuracy = v.tags.get(ACCURACY_TAG)
-        try:
-            accuracy_text = f"{float(accuracy):.2%}" if accuracy else ""
-        except ValueError:
-            accuracy_text = tags[ACCURACY_TAG]
         table.add_row(
-            escape(v.version),
+            escape(shown(v.version, 12)),
             time.strftime("%m-%d %H:%M", time.localtime(v.created_ms / 1000)),
-            tags.get(MODEL_TAG, ""),
-            accuracy_text,
-            tags.get(DATA_VERSION_TAG, ""),
+            escape(shown(v.tags.get(MODEL_TAG, ""), 16)),
+            accuracy_cell(v.tags.get(ACCURACY_TAG), tags.get(ACCURACY_TAG, "")),
+            escape(shown(v.tags.get(DATA_VERSION_TAG, ""), 16)),
             gate_cell(v.tags),
-            ", ".join(escape(shown(a)) for a in alias_of.get(v.version, [])),
+            ", ".join(escape(shown(a, 20)) for a in alias_of.get(v.version, [])),
         )
         refused = record_problem(v.tags, key, str(v.source), str(v.version))
         if refused is not None:
@@ -303,6 +304,34 @@ def show_models() -> None:
     console.print(table if found else "no model registered yet (`mnistops train`)")
     for note in notes:
         console.print(note, highlight=False)
+
+
+COLUMNS = (
+    ("version", 7, False),
+    ("created", 11, False),
+    ("model", 9, True),
+    ("test acc", 8, False),
+    ("data", 4, True),
+    ("gate", 9, False),
+    ("aliases", 8, True),
+)
+"""`models`' columns: name, minimum width (all of them fit 80 columns), and whether it is
+anyone's text (tags, aliases: cut to 16 or 20 characters, folded where the terminal is
+narrow); mnistops' own are never squeezed or folded"""
+
+
+def accuracy_cell(value: str | None, shown_text: str) -> str:
+    """A version's test accuracy tag as a percentage; its text (escaped by the caller)
+    when it is not a fraction between 0 and 1: anyone who reaches MLflow can write it."""
+    import math
+
+    if not value:
+        return ""
+    try:
+        accuracy = float(value)
+    except ValueError:
+        return shown_text
+    return f"{accuracy:.2%}" if math.isfinite(accuracy) and 0 <= accuracy <= 1 else shown_text
 
 
 def gate_cell(tags: dict[str, str]) -> str:

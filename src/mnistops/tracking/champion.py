@@ -191,13 +191,16 @@ def _listed_through_the_client(
     from mnistops.clients import mlflow_client
     from mnistops.tracking.registry import aliases, versions
 
-    client = mlflow_client(settings)
     name = settings.model_registry.name
     try:
+        client = mlflow_client(settings)
         found = versions(client, name)
         alias_of = aliases(client, name)
-    except MlflowException as exc:
-        raise TrackingError(f"the model registry at {settings.mlflow_uri}: {exc}") from None
+    except (MlflowException, OSError, ValueError) as exc:
+        raise TrackingError(
+            f"the model registry at {settings.mlflow_uri}: {exc}; set mlflow.tracking_uri"
+            " to an MLflow server's http(s) URL (`mnistops stack env` prints this stack's)"
+        ) from None
     return [
         AliasedVersion(
             str(v.name),
