@@ -144,7 +144,7 @@ def main() -> int:
             training = ("train", "--fast") if options.fast else ("train", "--epochs", "2")
             for args in (ingest, ("data", "version", "v1.0", "-m", "v1"), training):
                 cli(config, *args, cwd=root)
-            port = free_port_pair(set())
+            port = free_port_pair()
             env = {
                 **os.environ,
                 **client_env(settings),

@@ -164,7 +164,7 @@ def main() -> int:
             # `mlflow models serve` runs `uvicorn` from PATH: this venv's.
             env = {**os.environ, **client_env(settings), "PATH": f"{BIN}:{os.environ['PATH']}"}
             name = settings.model_registry.name
-            ports = {server: free_port_pair(set()) for server in ("mlflow", "mnistops", "no-log")}
+            ports = {server: free_port_pair() for server in ("mlflow", "mnistops", "no-log")}
             commands = {
                 "mlflow": [
                     str(BIN / "mlflow"),

@@ -29,7 +29,7 @@ def service(demo_run: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     config["data_dir"] = str(root / "data")
     config["serve"] = {
         **config.get("serve", {}),
-        "port": free_port_pair(set()),
+        "port": free_port_pair(),
         "log": {"batch_s": 1, "batch_records": 40, "feedback_per_minute": 60},
     }
     # the demo's --fast champion is unsure of nearly every answer: judge its inputs

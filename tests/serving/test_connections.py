@@ -40,7 +40,7 @@ async def app(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-de
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[int, Metrics]]:
     metrics = Metrics()
-    port = free_port_pair(set())
+    port = free_port_pair()
     config = uvicorn.Config(
         app,
         host="127.0.0.1",

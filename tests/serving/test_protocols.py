@@ -54,7 +54,7 @@ def mlflow_serve(served: dict, tmp_path_factory: pytest.TempPathFactory) -> Iter
     from mlflow.pyfunc.scoring_server.client import ScoringServerClient
 
     settings = served["settings"]
-    port = free_port_pair(set())
+    port = free_port_pair()
     env = {**os.environ, **client_env(settings), "PATH": f"{BIN}:{os.environ['PATH']}"}
     log = tmp_path_factory.mktemp("mlflow-serve") / "serve.log"
     with log.open("w") as out:

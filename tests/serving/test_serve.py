@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.integration]
 
 
 def free_port() -> int:
-    return free_port_pair(set())
+    return free_port_pair()
 
 
 @pytest.fixture(scope="module")

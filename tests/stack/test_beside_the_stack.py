@@ -88,7 +88,7 @@ def test_a_file_that_is_no_yaml_beside_the_stack_never_stops_its_commands(
 @pytest.mark.parametrize("name", sorted(BROKEN))
 def test_serve_starts_beside_a_typo(stack_settings: Settings, tmp_path: Path, name: str) -> None:
     config_dir, key = broken_config(stack_settings, tmp_path, name)
-    port = free_port_pair(set())
+    port = free_port_pair()
     service = subprocess.Popen(
         cli_command(("serve", "--port", str(port)), config_dir),
         stdout=subprocess.PIPE,

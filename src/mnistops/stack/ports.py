@@ -69,17 +69,14 @@ def lane_range(lane: tuple[int, int] | None) -> tuple[int, int]:
     return first + index * span, first + (index + 1) * span - 1
 
 
-def free_port_pair(
-    taken: set[int], host: str = "127.0.0.1", lane: tuple[int, int] | None = None
-) -> int:
+def free_port_pair(host: str = "127.0.0.1", lane: tuple[int, int] | None = None) -> int:
     """A port p such that p and p + 10000 (the gRPC twin SeaweedFS uses) are both free,
     and neither chosen before by this process."""
     first, last = lane_range(lane or DEFAULT_LANE)
-    taken = taken | HANDED_OUT
     for _ in range(500):
         port = random.randint(first, last)
         pair = {port, port + GRPC_OFFSET}
-        if not pair & taken and not any(port_in_use(host, p) for p in pair):
+        if not pair & HANDED_OUT and not any(port_in_use(host, p) for p in pair):
             HANDED_OUT.update(pair)
             return port
     raise RuntimeError(f"no free pair of ports p, p + {GRPC_OFFSET} found for p in {first}-{last}")
@@ -88,10 +85,9 @@ def free_port_pair(
 def free_port_config(root: Path, lane: tuple[int, int] | None = None) -> dict[str, Any]:
     """Stack settings (as in stack.yml) with the state in `root` and every port free
     (within `lane`: see lane_range)."""
-    taken: set[int] = set()
 
     def pick() -> int:
-        return free_port_pair(taken, lane=lane)
+        return free_port_pair(lane=lane)
 
     return {
         "home": str(root / ".mnistops"),

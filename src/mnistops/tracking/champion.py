@@ -37,20 +37,12 @@ def champion_of(settings: Settings, timeout_s: float = 10.0) -> AliasedVersion |
     uri, name = settings.mlflow_uri.rstrip("/"), settings.model_registry.name
     if not uri.startswith(("http://", "https://")):
         return _through_the_client(settings)
-    answer = rest_get(
-        settings,
-        "/api/2.0/mlflow/registered-models/alias",
-        {"name": name, "alias": CHAMPION},
-        timeout_s,
-    )
-    document = _json(answer)
-    if answer.status_code != 200:
-        if document.get("error_code") in NOT_THERE:
-            return None
-        raise TrackingError(
-            f"the MLflow server at {uri} answered {answer.status_code} when asked for"
-            f" {name}@{CHAMPION}: {document.get('message') or answer.text[:200]}"
-        )
+    params = {"name": name, "alias": CHAMPION}
+    what = f"{name}@{CHAMPION}"
+    no_alias: dict[str, Any] = {}
+    document = _answer(settings, "registered-models/alias", params, what, no_alias, timeout_s)
+    if document is no_alias:
+        return None
     return from_rest(document.get("model_version") or {}, uri)
 
 
@@ -129,10 +121,11 @@ def _answer(
     params: dict[str, Any],
     what: str,
     missing: dict[str, Any] | None = None,
+    timeout_s: float = 10.0,
 ) -> dict[str, Any]:
     """The JSON document of a GET of MLflow's REST API; `missing` when the server says
-    the model does not exist (if given), else TrackingError naming the server."""
-    answer = rest_get(settings, f"/api/2.0/mlflow/{path}", params, 10.0)
+    the model (or alias) does not exist (if given), else TrackingError naming the server."""
+    answer = rest_get(settings, f"/api/2.0/mlflow/{path}", params, timeout_s)
     document = _json(answer)
     if answer.status_code == 200:
         return document
