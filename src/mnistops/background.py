@@ -1,0 +1,160 @@
+"""One step of a story run in another process while the story goes on, its words told
+later in its own place.
+
+The demo publishes v2.0 while v1.0 trains: most of a training (imports, MLflow calls, the
+evaluation, the registration) keeps one core of two busy, and so does a publication: side
+by side, the two stages took 13 s less of the demo on two cores (README, the walkthrough).
+The step runs in a
+fresh interpreter (`python -c`, not a fork: the parent's threads and open clients stay
+its own), with a `Recorder` for its reporter: what it says is kept and told to the real
+reporter by `Started.tell`, in order, with its error if it failed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+from mnistops.errors import MnistopsError
+
+ENTRY = "from mnistops.background import main; main()"
+STOP_WAIT_S = 120.0
+"""how long a step that was told to stop may take to leave nothing half-made"""
+Told = list[tuple[str, tuple[Any, ...]]]
+
+
+class Recorder:
+    """A reporter that keeps what it is told and shows no progress."""
+
+    def __init__(self) -> None:
+        self.told: Told = []
+
+    def progress(self) -> nullcontext[Callable[[str, int], Callable[[int], None]]]:
+        return nullcontext(lambda _label, _total: lambda _n: None)
+
+    def busy(self, _title: str) -> nullcontext[Callable[[str], None]]:
+        return nullcontext(lambda _message: None)
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def keep(*args: Any) -> None:
+            self.told.append((name, args))
+
+        return keep
+
+
+@dataclass
+class Started:
+    """A step running in another process (`started`); once the block ended, what it said."""
+
+    process: subprocess.Popen[bytes]
+    errors: Any
+    """the file the step's own stderr goes to (read when it failed)"""
+    what: str
+    told: Told = field(default_factory=list)
+    error: BaseException | None = None
+
+    def tell(self, reporter: Any) -> None:
+        """Tell `reporter` what the step said, in order; then raise its error, if any."""
+        for name, args in self.told:
+            getattr(reporter, name)(*args)
+        if self.error is not None:
+            raise self.error
+
+
+@contextmanager
+def started(what: str, function: Callable[..., None], **arguments: Any) -> Iterator[Started]:
+    """`function(**arguments, reporter=Recorder())` in another process while the block
+    runs; when the block ends, the step's words and error are in the `Started` it yielded.
+    A block that fails (Ctrl-C included) stops the step first: it is interrupted as by
+    Ctrl-C and waited for, so that it leaves nothing half-made."""
+    call = pickle.dumps((function, arguments))  # a module-level function: by its name
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(
+            [sys.executable, "-c", ENTRY],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+        )
+        job = Started(process, errors, what)
+        assert process.stdin is not None
+        process.stdin.write(call)
+        process.stdin.close()
+        process.stdin = None  # written and closed: `communicate` has nothing to send
+        try:
+            yield job
+        except BaseException:
+            _stop(process)
+            raise
+        _collect(job)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.communicate(timeout=STOP_WAIT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _collect(job: Started) -> None:
+    answer, _ = job.process.communicate()
+    try:
+        job.told, job.error = pickle.loads(answer)
+    except Exception:  # noqa: BLE001  no answer: the process died; its stderr says why
+        job.errors.seek(0)
+        last = job.errors.read().decode(errors="replace").strip().splitlines()[-5:]
+        job.error = MnistopsError(
+            f"{job.what} (in another process) ended with exit code {job.process.returncode}"
+            + (":\n  " + "\n  ".join(last) if last else "")
+            + "\nRun the command again: what it had done is kept or undone."
+        )
+
+
+def main() -> None:
+    """The other process: the call from stdin, what it told and its error to stdout."""
+    answer = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # what the step prints goes to stderr, never into the answer
+    _interrupted_once()
+    function, arguments = pickle.load(sys.stdin.buffer)
+    recorder = Recorder()
+    error: BaseException | None = None
+    try:
+        function(**arguments, reporter=recorder)
+    except BaseException as exc:  # noqa: BLE001  sent to the parent, which raises it
+        error = _sendable(exc)
+    pickle.dump((recorder.told, error), answer)
+    answer.close()
+
+
+def _interrupted_once() -> None:
+    """SIGTERM or Ctrl-C interrupts the step once (as KeyboardInterrupt); a second signal
+    does not interrupt its cleanup (the terminal's Ctrl-C and the parent's SIGTERM)."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _sendable(error: BaseException) -> BaseException:
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:  # noqa: BLE001  an error that does not pickle: its words do
+        return MnistopsError(f"{type(error).__name__}: {error}")
+    return error

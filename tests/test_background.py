@@ -1,0 +1,105 @@
+"""A step run in another process (`mnistops.background`): its words told later in order,
+its error raised, a death named, and a block that fails stops it cleanly first."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mnistops import background
+from mnistops.errors import BadInput, MnistopsError
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other process imports this file's steps (`tests.test_background`)."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(ROOT / "src")]))
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.heard: list[tuple[str, tuple[Any, ...]]] = []
+
+    def say(self, message: str) -> None:
+        self.heard.append(("say", (message,)))
+
+    def published(self, *args: Any) -> None:
+        self.heard.append(("published", args))
+
+
+def speaks(words: list[str], reporter: Any) -> None:
+    print("printed, not part of the answer")
+    with reporter.progress() as progress_for:
+        progress_for("counting", 3)(1)
+    for word in words:
+        reporter.say(word)
+    reporter.published({"tag": "v2.0"}, None)
+
+
+def fails(reporter: Any) -> None:
+    reporter.say("before the failure")
+    raise BadInput("flow.yml: key 'x' is unknown")
+
+
+def dies(reporter: Any) -> None:
+    print("its last words", file=sys.stderr)
+    os._exit(3)
+
+
+def waits(flag: str, reporter: Any) -> None:
+    Path(flag).write_text("started")
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:
+        time.sleep(0.5)  # a cleanup that a second signal must not cut short
+        Path(flag).write_text("cleaned up")
+        raise
+
+
+def test_what_the_step_said_is_told_in_order() -> None:
+    with background.started("speaking", speaks, words=["one", "two"]) as job:
+        pass
+    listener = Listener()
+    job.tell(listener)
+    assert listener.heard == [
+        ("say", ("one",)),
+        ("say", ("two",)),
+        ("published", ({"tag": "v2.0"}, None)),
+    ]
+
+
+def test_its_error_is_raised_after_its_words() -> None:
+    with background.started("failing", fails) as job:
+        pass
+    listener = Listener()
+    with pytest.raises(BadInput, match="flow.yml: key 'x' is unknown"):
+        job.tell(listener)
+    assert listener.heard == [("say", ("before the failure",))]
+
+
+def test_a_step_that_dies_is_named_with_its_last_words() -> None:
+    with background.started("dying", dies) as job:
+        pass
+    with pytest.raises(MnistopsError, match="dying") as raised:
+        job.tell(Listener())
+    assert "exit code 3" in str(raised.value) and "its last words" in str(raised.value)
+
+
+def test_a_failing_block_stops_the_step_and_waits_for_its_cleanup(tmp_path: Path) -> None:
+    flag = tmp_path / "flag"
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), background.started("waiting", waits, flag=str(flag)):
+        while not flag.exists():
+            time.sleep(0.05)
+        raise KeyboardInterrupt
+    assert flag.read_text() == "cleaned up"
+    assert time.monotonic() - began < 30
