@@ -4,6 +4,7 @@ its error raised, a death named, and a block that fails stops it cleanly first."
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,22 @@ def dies(reporter: Any) -> None:
     os._exit(3)
 
 
+class Refused(BadInput):
+    """An error made from more than its words (it does not pickle as it is)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"the dataset is invalid: {problems[0]}")
+
+
+def refuses(reporter: Any) -> None:
+    raise Refused(["train/3/bad.png: not an image"])
+
+
+def is_killed(reporter: Any) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def waits(flag: str, reporter: Any) -> None:
     Path(flag).write_text("started")
     try:
@@ -94,6 +111,23 @@ def test_a_step_that_dies_is_named_with_its_last_words() -> None:
     assert "exit code 3" in str(raised.value) and "its last words" in str(raised.value)
 
 
+def test_an_error_that_does_not_pickle_keeps_its_words_and_exit_code() -> None:
+    with background.started("refusing", refuses) as job:
+        pass
+    with pytest.raises(BadInput) as raised:
+        job.tell(Listener())
+    assert str(raised.value) == "the dataset is invalid: train/3/bad.png: not an image"
+
+
+def test_a_step_killed_by_a_signal_is_named_with_it() -> None:
+    with background.started("publishing v2.0", is_killed) as job:
+        pass
+    with pytest.raises(
+        MnistopsError, match="publishing v2.0 .in another process. was stopped by SIGKILL"
+    ):
+        job.tell(Listener())
+
+
 def test_a_failing_block_stops_the_step_and_waits_for_its_cleanup(tmp_path: Path) -> None:
     flag = tmp_path / "flag"
     began = time.monotonic()
@@ -103,3 +137,26 @@ def test_a_failing_block_stops_the_step_and_waits_for_its_cleanup(tmp_path: Path
         raise KeyboardInterrupt
     assert flag.read_text() == "cleaned up"
     assert time.monotonic() - began < 30
+
+
+@pytest.mark.parametrize(
+    ("told", "error", "said"),
+    [
+        ([("say", ("added 600 images to train",)), ("published", (1, 2))], None, "was published"),
+        (
+            [("say", ("added 600 images to train",))],
+            KeyboardInterrupt(),
+            "as after `mnistops data add`",
+        ),
+        ([], KeyboardInterrupt(), "the training folder is as it was"),
+        ([], None, "see `mnistops data list`"),
+    ],
+    ids=["published", "added", "nothing", "unknown"],
+)
+def test_the_demo_says_what_became_of_a_stopped_v2(
+    told: background.Told, error: BaseException | None, said: str
+) -> None:
+    from mnistops.demo import v2_stopped
+
+    job = background.Started(None, None, "publishing v2.0", told, error)  # type: ignore[arg-type]
+    assert said in v2_stopped(job)

@@ -73,11 +73,17 @@ class Started:
 
 
 @contextmanager
-def started(what: str, function: Callable[..., None], **arguments: Any) -> Iterator[Started]:
+def started(
+    what: str,
+    function: Callable[..., None],
+    stopped: Callable[[Started], None] = lambda _job: None,
+    **arguments: Any,
+) -> Iterator[Started]:
     """`function(**arguments, reporter=Recorder())` in another process while the block
     runs; when the block ends, the step's words and error are in the `Started` it yielded.
     A block that fails (Ctrl-C included) stops the step first: it is interrupted as by
-    Ctrl-C and waited for, so that it leaves nothing half-made."""
+    Ctrl-C and waited for, so that it leaves nothing half-made; then `stopped(job)`, with
+    what the step had said, can tell what became of it."""
     call = pickle.dumps((function, arguments))  # a module-level function: by its name
     with tempfile.TemporaryFile() as errors:
         process = subprocess.Popen(
@@ -94,30 +100,38 @@ def started(what: str, function: Callable[..., None], **arguments: Any) -> Itera
         try:
             yield job
         except BaseException:
-            _stop(process)
+            _collect(job, _stop(process))
+            stopped(job)
             raise
-        _collect(job)
+        _collect(job, process.communicate()[0])
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def _stop(process: subprocess.Popen[bytes]) -> bytes:
+    """Interrupt the step and wait for it to clean up; its answer (empty if it had none)."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
     try:
-        process.communicate(timeout=STOP_WAIT_S)
+        return process.communicate(timeout=STOP_WAIT_S)[0] or b""
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+        return b""
 
 
-def _collect(job: Started) -> None:
-    answer, _ = job.process.communicate()
+def _collect(job: Started, answer: bytes) -> None:
     try:
         job.told, job.error = pickle.loads(answer)
     except Exception:  # noqa: BLE001  no answer: the process died; its stderr says why
         job.errors.seek(0)
         last = job.errors.read().decode(errors="replace").strip().splitlines()[-5:]
+        code = job.process.returncode
+        ended = (
+            f"was stopped by {signal.Signals(-code).name}"
+            if code < 0 and -code in signal.valid_signals()
+            else f"ended with exit code {code}"
+        )
         job.error = MnistopsError(
-            f"{job.what} (in another process) ended with exit code {job.process.returncode}"
+            f"{job.what} (in another process) {ended}"
             + (":\n  " + "\n  ".join(last) if last else "")
             + "\nRun the command again: what it had done is kept or undone."
         )
@@ -153,8 +167,26 @@ def _interrupted_once() -> None:
 
 
 def _sendable(error: BaseException) -> BaseException:
+    """The error itself where it pickles; else the nearest of its mnistops kinds that
+    does, with its words (the same message and exit code); else its type and words."""
+    if _pickles(error):
+        return error
+    for kind in type(error).__mro__:
+        if isinstance(kind, type) and issubclass(kind, MnistopsError):
+            try:
+                again = kind(str(error))
+            except Exception:  # noqa: BLE001  a kind made otherwise: the next one
+                continue
+            if str(again) == str(error) and _pickles(again):
+                return again
+    return MnistopsError(f"{type(error).__name__}: {error}")
+
+
+def _pickles(error: BaseException) -> bool:
+    """Whether the error arrives whole: unpickled (made again from its args), it has the
+    same type and words."""
     try:
-        pickle.loads(pickle.dumps(error))
-    except Exception:  # noqa: BLE001  an error that does not pickle: its words do
-        return MnistopsError(f"{type(error).__name__}: {error}")
-    return error
+        again = pickle.loads(pickle.dumps(error))
+    except Exception:  # noqa: BLE001  any failure to travel
+        return False
+    return type(again) is type(error) and str(again) == str(error)

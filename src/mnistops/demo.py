@@ -106,6 +106,7 @@ def run_demo(
     with background.started(
         "publishing v2.0",
         publish_once,
+        stopped=lambda job: reporter.warn(v2_stopped(job)),
         settings=settings,
         tag="v2.0",
         published=published,
@@ -126,6 +127,21 @@ def run_demo(
     reporter.stage(10, "the loop: what the service saw, labelled, becomes v3.0 and a retraining")
     the_loop(settings, reporter, published)
     reporter.summary(summary(settings))
+
+
+def v2_stopped(job: background.Started) -> str:
+    """What became of v2.0, whose publication was stopped with the training beside it."""
+    if any(name == "published" for name, _args in job.told):
+        return "v2.0 was published before the demo stopped"
+    said = [str(args[0]) for name, args in job.told if name == "say"]
+    if any(line.startswith("added ") for line in said):
+        return (
+            "v2.0 was not published: its new images are in the training folder, as after"
+            " `mnistops data add`; running the demo again publishes it"
+        )
+    if isinstance(job.error, KeyboardInterrupt):
+        return "v2.0 was not made: the training folder is as it was"
+    return "v2.0 may not be published: see `mnistops data list`; running the demo again finishes it"
 
 
 def start_stack(settings: Settings, reporter: Reporter) -> None:
