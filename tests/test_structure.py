@@ -25,7 +25,7 @@ LAYERS = [
     ("loop",),
     ("flows", "predict"),
     ("serving",),
-    ("demo",),
+    ("demo", "demo_summary"),
     ("cli", "__main__"),
 ]
 

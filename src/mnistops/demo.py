@@ -16,16 +16,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
 from mnistops import background
+from mnistops.demo_summary import Summary, summary
 from mnistops.settings import Settings
 
 if TYPE_CHECKING:
     from mnistops.data.ingest import IngestResult
-    from mnistops.data.packs import VersionRecord
     from mnistops.data.registry import PublishResult
     from mnistops.flows.deployment import DeployResult
     from mnistops.flows.events import Announcement
@@ -33,35 +32,13 @@ if TYPE_CHECKING:
     from mnistops.loop.labels import FeedbackAdded
     from mnistops.settings import HyperParameters
     from mnistops.stack import ServiceStatus
-    from mnistops.tracking.runs import RunOutcome, RunRow, TrainingHooks
+    from mnistops.tracking.runs import RunOutcome, TrainingHooks
     from mnistops.train.data import Arrays
 
 DEMO_EPOCHS = 1
 """the demo's trainings are short; `mnistops train` uses hyp.yml"""
 
 ProgressFor = Callable[[str, int], Callable[[int], None]]
-
-
-@dataclass(frozen=True)
-class Champion:
-    name: str
-    version: str
-    accuracy: float | None
-    data_version: str | None
-    phase: str | None
-    reason: str
-
-
-@dataclass(frozen=True)
-class Summary:
-    versions: list[VersionRecord]
-    problems: list[str]
-    runs: list[RunRow]
-    champion: Champion | None
-    next_run: str | None
-    places: dict[str, int]
-    """each version's place in the order of publication (`data list`'s #)"""
-    warnings: list[str]
 
 
 class Reporter(Protocol):
@@ -431,36 +408,3 @@ def champion_served(settings: Settings, reporter: Reporter, before: str) -> None
             f"the new champion v{best.version} answers at {settings.local_serve_url}: the"
             f" service followed the registry (it answered with v{before} before)"
         )
-
-
-def summary(settings: Settings) -> Summary:
-    """What the demo made: data versions, runs, the champion, the next scheduled run."""
-    from mnistops.data import reader
-    from mnistops.flows.deployment import next_run
-    from mnistops.tracking.champion import accuracy_of, champion_of
-    from mnistops.tracking.contract import CHAMPION_REASON_TAG, DATA_VERSION_TAG, PHASE_TAG
-    from mnistops.tracking.runs import experiment_runs
-
-    listing = reader.version_listing(settings)
-    name = settings.model_registry.name
-    best = champion_of(settings)
-    crowned = None
-    if best is not None:
-        tags = best.tags
-        crowned = Champion(
-            name,
-            best.version,
-            accuracy_of(settings, best),
-            tags.get(DATA_VERSION_TAG),
-            tags.get(PHASE_TAG),
-            tags.get(CHAMPION_REASON_TAG, "set by hand"),
-        )
-    return Summary(
-        listing.records,
-        listing.problems,
-        experiment_runs(settings),
-        crowned,
-        next_run(settings),
-        listing.places,
-        listing.warnings,
-    )

@@ -26,7 +26,8 @@ from mnistops.cli.models import (
     training_progress,
 )
 from mnistops.cli.stack import show_services
-from mnistops.demo import DEMO_EPOCHS, ProgressFor, Summary, run_demo
+from mnistops.demo import DEMO_EPOCHS, ProgressFor, run_demo
+from mnistops.demo_summary import Summary
 from mnistops.settings import HyperParameters, Settings
 
 if TYPE_CHECKING:
