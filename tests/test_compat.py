@@ -83,3 +83,10 @@ def test_prefect_still_has_the_startup_calls_that_make_a_database() -> None:
         assert name in defined, f"prefect/server/{module} has no {name} any more"
     program = compat.PREFECT_DATABASE_WITH_BLOCK_TYPES
     assert "run_block_auto_registration(session=session)" in program
+
+
+def test_python_still_has_the_exit_steps_the_cli_runs_before_leaving() -> None:
+    assert compat.before_teardown() is not None, (
+        "threading._shutdown or atexit._run_exitfuncs is gone: every mnistops command now"
+        " ends the usual way (slower by the teardown of its modules); see cli.leave"
+    )

@@ -10,9 +10,11 @@ upgrade is caught by the suite, not in the middle of a run.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, NoReturn
 
 
 @contextmanager
@@ -44,6 +46,51 @@ def private_tracking_uri_setter() -> Any:
     except ImportError:
         return None
     return getattr(module, "_use_tracking_uri", None)
+
+
+def before_teardown() -> Callable[[], None] | None:
+    """What the interpreter does at exit before it tears its modules down: wait for the
+    threads that are not daemons (after telling `concurrent.futures`' idle workers to
+    stop, else they would wait for work forever), then run the `atexit` handlers.
+
+    Private: `threading._shutdown` (what the interpreter itself calls) and
+    `atexit._run_exitfuncs`; no public call tells the executors to stop. Where either is
+    gone: None, and the caller exits the usual way."""
+    import atexit
+    import threading
+
+    shutdown = getattr(threading, "_shutdown", None)
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
+    if shutdown is None or run_exitfuncs is None:
+        return None
+
+    def steps() -> None:
+        shutdown()
+        run_exitfuncs()
+
+    return steps
+
+
+def leave(code: str | int | None) -> NoReturn:
+    """End the process as the interpreter would (threads finished, `atexit` handlers
+    run, output flushed, the same exit status) but without tearing down every module
+    it imported: that teardown alone took 0.7 s after importing PyTorch and 1.2-2 s
+    after PyTorch, MLflow and Prefect, at the end of every command (bench/exit.py)."""
+    steps = before_teardown()
+    if steps is None:
+        sys.exit(code)
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    steps()
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):  # a closed pipe: nothing more to say on it
+            stream.flush()
+    os._exit(status)
 
 
 def bf16_is_native() -> bool:

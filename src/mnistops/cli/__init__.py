@@ -19,6 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from mnistops.cli import _ui, data, demo, flows, loop, models, serve, stack
+from mnistops.compat import leave
 from mnistops.errors import INTERRUPTED, MnistopsError
 from mnistops.logs import Verbosity, quiet_libraries
 
@@ -82,4 +83,7 @@ def entry() -> None:
         # A shell starts background jobs with Ctrl-C ignored: every command still stops
         # cleanly on SIGINT (a publish, a training), as its messages promise.
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    app(prog_name="mnistops")
+    try:
+        app(prog_name="mnistops")
+    except SystemExit as done:
+        leave(done.code)
