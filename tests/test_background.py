@@ -160,3 +160,19 @@ def test_the_demo_says_what_became_of_a_stopped_v2(
 
     job = background.Started(None, None, "publishing v2.0", told, error)  # type: ignore[arg-type]
     assert said in v2_stopped(job)
+
+
+@pytest.mark.parametrize(
+    ("told", "warned"), [([("ingested", (None,))], False), ([], True)], ids=["done", "cut"]
+)
+def test_the_demo_warns_of_png_folders_a_stop_left_unfinished(
+    told: background.Told, warned: bool
+) -> None:
+    from mnistops.demo import pngs_stopped
+
+    job = background.Started(None, None, "writing the PNG folders", told)  # type: ignore[arg-type]
+    reporter = background.Recorder()
+    pngs_stopped(job, reporter)
+    warnings = [args[0] for name, args in reporter.told if name == "warn"]
+    assert bool(warnings) == warned
+    assert all("running the demo again" in w for w in warnings)
