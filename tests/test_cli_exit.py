@@ -4,6 +4,7 @@ was left behind (an idle thread pool, buffered output)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,21 @@ def test_a_real_command_keeps_its_exit_codes(tmp_path: Path) -> None:
     )
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "--epochs" in refused.stdout + refused.stderr
+
+
+@pytest.mark.parametrize("closed", [1, 2], ids=["stdout", "stderr"])
+def test_a_command_started_with_an_output_closed_keeps_its_status(
+    tmp_path: Path, closed: int
+) -> None:
+    """`mnistops ... >&-` (Python then has no sys.stdout): the same status, no traceback."""
+    mnistops = [sys.executable, "-m", "mnistops", "--config-dir", str(tmp_path)]
+    for args, status in ((["--help"], 0), (["train", "--epochs", "0"], 2)):
+        done = subprocess.run(
+            [*mnistops, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=lambda: os.close(closed),  # as the shell's `>&-` does
+        )
+        assert done.returncode == status, done.stdout + done.stderr
+        assert "Traceback" not in done.stdout + done.stderr

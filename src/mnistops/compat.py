@@ -84,12 +84,16 @@ def leave(code: str | int | None) -> NoReturn:
     elif isinstance(code, int):
         status = code
     else:
-        print(code, file=sys.stderr)
+        if sys.stderr is not None:
+            with suppress(OSError, ValueError):
+                print(code, file=sys.stderr)
         status = 1
     steps()
     for stream in (sys.stdout, sys.stderr):
-        with suppress(OSError, ValueError):  # a closed pipe: nothing more to say on it
-            stream.flush()
+        # None: started with that stream closed; an error: a closed pipe, a full disk
+        if stream is not None:
+            with suppress(OSError, ValueError):
+                stream.flush()
     os._exit(status)
 
 
