@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from mnistops import background
@@ -72,6 +75,16 @@ def is_killed(reporter: Any) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def leaves_a_worker_then_is_killed(pid_file: str, reporter: Any) -> None:
+    """A step whose worker (a fork: it holds the answer's pipe) outlives it."""
+    worker = os.fork()
+    if worker == 0:
+        time.sleep(600)
+        os._exit(0)
+    Path(pid_file).write_text(str(worker))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def waits(flag: str, reporter: Any) -> None:
     Path(flag).write_text("started")
     try:
@@ -126,6 +139,38 @@ def test_a_step_killed_by_a_signal_is_named_with_it() -> None:
         MnistopsError, match="publishing v2.0 .in another process. was stopped by SIGKILL"
     ):
         job.tell(Listener())
+
+
+def test_a_killed_step_whose_worker_lives_on_is_named_and_its_worker_stopped(
+    tmp_path: Path,
+) -> None:
+    pid_file = tmp_path / "worker"
+    ended: list[background.Started] = []
+
+    def run() -> None:
+        with background.started(
+            "writing the PNG folders", leaves_a_worker_then_is_killed, pid_file=str(pid_file)
+        ) as job:
+            pass
+        ended.append(job)
+
+    waiting = threading.Thread(target=run, daemon=True)
+    waiting.start()
+    waiting.join(30)
+    worker = int(pid_file.read_text())
+    if not ended:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the caller waited for ever on the worker that held the answer's pipe")
+    with pytest.raises(MnistopsError, match="was stopped by SIGKILL"):
+        ended[0].tell(Listener())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and psutil.pid_exists(worker):
+        with suppress(psutil.Error):
+            if psutil.Process(worker).status() == psutil.STATUS_ZOMBIE:
+                break
+        time.sleep(0.1)
+    else:
+        assert not psutil.pid_exists(worker), "the step's worker outlived it"
 
 
 def test_a_failing_block_stops_the_step_and_waits_for_its_cleanup(tmp_path: Path) -> None:

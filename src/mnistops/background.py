@@ -18,8 +18,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,36 +88,67 @@ def started(
     what the step had said, can tell what became of it."""
     call = pickle.dumps((function, arguments))  # a module-level function: by its name
     with tempfile.TemporaryFile() as errors:
+        # its own process group: what the step starts (an ingest's workers) is stopped
+        # with it, and none of it outlives it holding the answer's pipe open
         process = subprocess.Popen(
             [sys.executable, "-c", ENTRY],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=errors,
+            process_group=0,
         )
         job = Started(process, errors, what)
         assert process.stdin is not None
         process.stdin.write(call)
         process.stdin.close()
         process.stdin = None  # written and closed: `communicate` has nothing to send
+        reader = _Reader(process)
         try:
             yield job
         except BaseException:
-            _collect(job, _stop(process))
+            _collect(job, _stop(process, reader))
             stopped(job)
             raise
-        _collect(job, process.communicate()[0])
+        process.wait()
+        _collect(job, reader.answer())
 
 
-def _stop(process: subprocess.Popen[bytes]) -> bytes:
+class _Reader:
+    """Reads the step's answer while it runs (an answer larger than the pipe's buffer
+    would otherwise block it); `answer` once it exited: what it wrote, after its group's
+    leftovers were killed (a killed step's workers would hold the pipe open for ever)."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+        self.chunks: list[bytes] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        self.chunks.append(self.process.stdout.read())
+
+    def answer(self) -> bytes:
+        _signal_group(self.process, signal.SIGKILL)
+        self.thread.join()
+        return b"".join(self.chunks)
+
+
+def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    with suppress(ProcessLookupError, PermissionError):  # the group is empty: all gone
+        os.killpg(process.pid, signum)
+
+
+def _stop(process: subprocess.Popen[bytes], reader: _Reader) -> bytes:
     """Interrupt the step and wait for it to clean up; its answer (empty if it had none)."""
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        _signal_group(process, signal.SIGTERM)
     try:
-        return process.communicate(timeout=STOP_WAIT_S)[0] or b""
+        process.wait(timeout=STOP_WAIT_S)
     except subprocess.TimeoutExpired:
-        process.kill()
+        _signal_group(process, signal.SIGKILL)
         process.wait()
-        return b""
+    return reader.answer()
 
 
 def _collect(job: Started, answer: bytes) -> None:
