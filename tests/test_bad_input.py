@@ -70,3 +70,20 @@ def test_bad_config_stops_the_command_before_anything_is_made(
     assert "Traceback" not in done.stderr
     assert expected in " ".join(done.stderr.split()), done.stderr
     assert not home.exists() and not data.exists() and not (tmp_path / ".mnistops").exists()
+
+
+def test_a_data_folder_that_cannot_be_made_is_named_without_a_traceback(tmp_path: Path) -> None:
+    """The operating system's refusal (here: a file where the data folder should be;
+    alike for a folder not writable, a full disk) in one line naming the path."""
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    (tmp_path / "afile").write_text("not a folder")
+    data = tmp_path / "afile" / "data"
+    (config_dir / "stack.yml").write_text(
+        yaml.safe_dump({"home": str(tmp_path / "state"), "data_dir": str(data)})
+    )
+    done = run_cli("data", "ingest", "--fast", config_dir=config_dir, cwd=tmp_path, timeout=120)
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert f"{data / 'MNIST'}: Not a directory" in said and "a file stands where" in said

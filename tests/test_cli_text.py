@@ -38,3 +38,18 @@ def test_a_test_accuracy_tag_is_a_percentage_only_when_it_is_a_fraction(
     value: str | None, shown: str
 ) -> None:
     assert accuracy_cell(value, value or "") == shown
+
+
+def test_an_error_of_the_operating_system_names_the_file_and_the_fix() -> None:
+    import errno
+
+    from mnistops.cli._ui import os_error_text
+
+    denied = PermissionError(errno.EACCES, "Permission denied", "data/MNIST/train/0")
+    assert os_error_text(denied) == (
+        "data/MNIST/train/0: Permission denied; check that this user may write there"
+        " (permissions, `chattr`)"
+    )
+    full = OSError(errno.ENOSPC, "No space left on device", "/srv/x.png")
+    assert os_error_text(full).startswith("/srv/x.png: No space left on device; the disk is full")
+    assert os_error_text(ConnectionRefusedError()) == "ConnectionRefusedError"

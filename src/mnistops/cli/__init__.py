@@ -34,6 +34,10 @@ class _Root(TyperGroup):
             _ui.fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _ui.fail("interrupted", INTERRUPTED)
+        except BrokenPipeError:
+            raise  # the reader went away (`| head`): nothing to tell it
+        except OSError as exc:
+            _ui.fail(_ui.os_error_text(exc))
 
 
 app = typer.Typer(

@@ -3,6 +3,7 @@ progress bars and spinners."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -83,6 +84,25 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """End the command with `message` on stderr and exit `code`."""
     err.print(f"[bold red]error:[/] {escape(without_controls(message))}", highlight=False)
     raise typer.Exit(code)
+
+
+FIXES = {
+    errno.EACCES: "check that this user may write there (permissions, `chattr`)",
+    errno.EPERM: "check that this user may write there (permissions, `chattr`)",
+    errno.EROFS: "the file system is mounted read-only: choose a folder on another",
+    errno.ENOSPC: "the disk is full: free some space and run the command again",
+    errno.EDQUOT: "the disk quota is used up: free some space and run the command again",
+    errno.ENOTDIR: "a file stands where a folder is needed: move it, or set another folder",
+}
+
+
+def os_error_text(exc: OSError) -> str:
+    """An error of the operating system (a folder not writable, a full disk) in one line:
+    the file it names, what went wrong and what to do."""
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    fix = FIXES.get(exc.errno or 0)
+    return f"{where}{what}" + (f"; {fix}" if fix else "")
 
 
 def warn(message: str) -> None:
