@@ -82,3 +82,17 @@ def test_a_command_started_with_an_output_closed_keeps_its_status(
         )
         assert done.returncode == status, done.stdout + done.stderr
         assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_help_to_a_full_disk_is_one_line() -> None:
+    """The top-level help is printed before any command runs (helper-38's find)."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "mnistops", "--help"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "No space left on device" in done.stderr

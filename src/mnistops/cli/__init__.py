@@ -91,3 +91,8 @@ def entry() -> None:
         app(prog_name="mnistops")
     except SystemExit as done:
         leave(done.code)
+    except BrokenPipeError:
+        leave(1)
+    except OSError as exc:  # outside any command: the top-level help to a full disk
+        _ui.error(_ui.os_error_text(exc))
+        leave(1)

@@ -82,8 +82,12 @@ def settings(needs: frozenset[str] | None = None) -> Settings:
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """End the command with `message` on stderr and exit `code`."""
-    err.print(f"[bold red]error:[/] {escape(without_controls(message))}", highlight=False)
+    error(message)
     raise typer.Exit(code)
+
+
+def error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {escape(without_controls(message))}", highlight=False)
 
 
 FIXES = {
