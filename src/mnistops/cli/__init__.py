@@ -34,10 +34,6 @@ class _Root(TyperGroup):
             _ui.fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _ui.fail("interrupted", INTERRUPTED)
-        except BrokenPipeError:
-            raise  # the reader went away (`| head`): nothing to tell it
-        except OSError as exc:
-            _ui.fail(_ui.os_error_text(exc))
 
 
 app = typer.Typer(
@@ -91,8 +87,6 @@ def entry() -> None:
         app(prog_name="mnistops")
     except SystemExit as done:
         leave(done.code)
-    except BrokenPipeError:
-        leave(1)
-    except OSError as exc:  # outside any command: the top-level help to a full disk
+    except OSError as exc:  # a folder not writable, a full disk (Click ends a broken pipe)
         _ui.error(_ui.os_error_text(exc))
         leave(1)
