@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 from drift import cpu_name
-from scratch import scratch_settings
+from scratch import stack_with_a_champion
 
-from mnistops import stack
 from mnistops.compat import bf16_is_native
 
 BIN = Path(sys.executable).parent
@@ -58,17 +57,8 @@ def main() -> int:
     rows: dict[str, dict[str, list[tuple[float, float]]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-exit-") as tmp:
         root = Path(tmp)
-        settings = scratch_settings(root)
         config = ["--config-dir", str(root / "config")]
-        print("starting a stack, publishing v1.0 (--fast), training a champion ...", flush=True)
-        stack.up(settings)
-        try:
-            for args in (
-                ("data", "ingest", "--fast"),
-                ("data", "version", "v1.0", "-m", "v1"),
-                ("train", "--fast"),
-            ):
-                timed([*WAYS["leave (ours)"], *config, *args], root)
+        with stack_with_a_champion(root, [*WAYS["leave (ours)"], *config]) as settings:
             image = str(sorted((settings.mnist_dir / "test" / "7").glob("*.png"))[0])
             commands = {
                 "data list": ["data", "list"],
@@ -87,8 +77,6 @@ def main() -> int:
                         print(f"round {n + 1}: {way}: {label}", flush=True)
                         wall_cpu = timed([*command, *config, *args], root)
                         rows.setdefault(label, {}).setdefault(way, []).append(wall_cpu)
-        finally:
-            stack.down(settings)
     native = "native bf16" if bf16_is_native() else "no native bf16"
     print(f"\n{cpu_name()} ({native}), {os.cpu_count()} cores; median of {rounds} rounds")
     for label, ways in rows.items():

@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 
 from drift import cpu_name
-from scratch import scratch_settings
+from scratch import stack_with_a_champion
 
-from mnistops import stack
 from mnistops.compat import bf16_is_native
 
 BIN = Path(sys.executable).parent
@@ -50,17 +49,8 @@ def main() -> int:
     runs = parser.parse_args().runs
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         root = Path(tmp)
-        settings = scratch_settings(root)
         mnistops = [str(BIN / "mnistops"), "--config-dir", str(root / "config")]
-        print("starting a stack, publishing v1.0 (--fast), training a champion ...", flush=True)
-        stack.up(settings)
-        try:
-            for args in (
-                ("data", "ingest", "--fast"),
-                ("data", "version", "v1.0", "-m", "v1"),
-                ("train", "--fast"),
-            ):
-                seconds([*mnistops, *args], root, 1)
+        with stack_with_a_champion(root, mnistops) as settings:
             image = sorted((settings.mnist_dir / "test" / "7").glob("*.png"))[0]
             predict = [*mnistops, "predict", str(image)]
             seconds(predict, root, 1)
@@ -74,8 +64,6 @@ def main() -> int:
                     [*python, "import mnistops.cli, mnistops.tracking.registry"], root, runs
                 ),
             }
-        finally:
-            stack.down(settings)
     native = "native bf16" if bf16_is_native() else "no native bf16"
     print(f"\n{cpu_name()} ({native}), {os.cpu_count()} cores; median of {runs} runs")
     for label, value in rows.items():

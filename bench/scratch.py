@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -17,3 +20,29 @@ def scratch_settings(root: Path) -> Settings:
     config_dir.mkdir()
     (config_dir / "stack.yml").write_text(yaml.safe_dump(free_port_config(root)))
     return load_settings(config_dir)
+
+
+CHAMPION_STEPS = (
+    ("data", "ingest", "--fast"),
+    ("data", "version", "v1.0", "-m", "v1"),
+    ("train", "--fast"),
+)
+
+
+@contextmanager
+def stack_with_a_champion(root: Path, mnistops: list[str]) -> Iterator[Settings]:
+    """A scratch stack in `root` with v1.0 (--fast) published and a champion trained on
+    it by `mnistops` (the command with its --config-dir); stopped at the end."""
+    from mnistops import stack
+
+    settings = scratch_settings(root)
+    print("starting a stack, publishing v1.0 (--fast), training a champion ...", flush=True)
+    stack.up(settings)
+    try:
+        for args in CHAMPION_STEPS:
+            done = subprocess.run([*mnistops, *args], cwd=root, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+        yield settings
+    finally:
+        stack.down(settings)
