@@ -29,6 +29,7 @@ def as_served(wanted: Any) -> tuple[SimpleNamespace, list[SimpleNamespace]]:
         entrypoint=wanted.entrypoint,
         work_pool_name=wanted.work_pool_name,
         work_queue_name=wanted.work_queue_name,
+        job_variables=dict(wanted.job_variables),
         parameters=copy.deepcopy(wanted.parameters),
         parameter_openapi_schema={
             k: v
@@ -70,6 +71,7 @@ CHANGES = {
     "entrypoint": lambda d, a: setattr(d, "entrypoint", "elsewhere:flow"),
     "work pool": lambda d, a: setattr(d, "work_pool_name", "other-pool"),
     "queue": lambda d, a: setattr(d, "work_queue_name", "other-queue"),
+    "job variables (an older mnistops: Prefect's supervisor)": lambda d, a: d.job_variables.clear(),
     "default parameters": lambda d, a: d.parameters.update(skip_if_unchanged=True),
     "parameter schema (an older flow)": lambda d, a: d.parameter_openapi_schema["properties"].pop(
         "n_epochs"

@@ -13,8 +13,9 @@ import yaml
 
 from mnistops import stack
 from mnistops.clients import prefect_client
+from mnistops.errors import BadInput
 from mnistops.flows.deployment import deploy
-from mnistops.flows.workers import device_warning
+from mnistops.flows.workers import check_engine, device_warning, engine_path, worker_env
 from mnistops.settings import Settings, load_settings
 from tests.helpers import client_config, run_cli
 
@@ -122,3 +123,26 @@ def test_only_a_cuda_pool_on_a_machine_without_cuda_warns(monkeypatch: pytest.Mo
     assert device_warning(settings, "a-pool-not-in-the-settings") is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert device_warning(settings, "mnist-gpu") is None
+
+
+@pytest.mark.unit
+def test_a_workers_flow_runs_find_its_own_python_first(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    here = str(Path(sys.executable).parent)
+    assert engine_path(f"/usr/bin{os.pathsep}{here}{os.pathsep}") == f"{here}{os.pathsep}/usr/bin"
+    assert engine_path("") == here
+    assert worker_env(Settings(home=tmp_path))["PATH"].split(os.pathsep)[0] == here
+    check_engine()  # this interpreter has its `python` beside it
+
+
+@pytest.mark.unit
+def test_an_interpreter_without_python_beside_it_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python3.11"))
+    with pytest.raises(BadInput, match=r"no .*/python; run mnistops from a virtual environment"):
+        check_engine()

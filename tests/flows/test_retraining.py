@@ -132,8 +132,14 @@ def test_deploy_is_idempotent(machines: dict) -> None:
 
 
 def test_quick_run_completes_on_the_worker(machines: dict) -> None:
+    """The worker's shell has no virtual environment on its PATH (the fixture's worker
+    gets the suite's PATH): the deployment's `python -m prefect.engine` is still the
+    worker's own interpreter."""
     publisher = machines["publisher"]
     settings, client = load_settings(publisher), None
+    with prefect_client(settings) as prefect:
+        deployment = prefect.read_deployment_by_name(settings.deployment.full_name)
+    assert deployment.job_variables == {"command": "python -m prefect.engine"}
     mlflow.set_tracking_uri(settings.mlflow_uri)
     client = MlflowClient(settings.mlflow_uri)
     done = run_cli("run", "--wait", config_dir=publisher, timeout=600)

@@ -31,6 +31,13 @@ SCHEDULE_SLUG = "mnistops-schedule"
 HEARTBEAT_S = 30
 UNRESPONSIVE_S = 75
 ZOMBIE_AUTOMATION = "mnistops: crash unresponsive flow runs"
+# How a process worker starts a flow run: Prefect's own engine, run by the `python` its
+# worker finds first on its PATH (`mnistops worker` puts its interpreter there). Without
+# a command, Prefect 3.9's process worker starts a supervisor that imports Prefect, then
+# replaces itself with this same engine, which imports it again: about 3 s of CPU and
+# 3-5 s before each run's first step (bench/flow_overhead.py).
+ENGINE_COMMAND = "python -m prefect.engine"
+JOB_VARIABLES = {"command": ENGINE_COMMAND}
 
 
 class DeployError(MnistopsError):
@@ -134,6 +141,7 @@ def _runner_deployment(settings: Settings) -> Any:
         tags=["mnistops"],
         work_pool_name=dep.pool_name,
         work_queue_name=dep.queue_name,
+        job_variables=JOB_VARIABLES,
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
 
@@ -164,6 +172,7 @@ def _monitoring_deployment(settings: Settings) -> Any:
         tags=["mnistops"],
         work_pool_name=settings.deployment.pool_name,
         work_queue_name=settings.deployment.queue_name,
+        job_variables=JOB_VARIABLES,
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
 
@@ -196,6 +205,7 @@ def _same_monitoring(existing: Any, wanted: Any) -> bool:
         and existing.entrypoint == wanted.entrypoint
         and existing.work_pool_name == wanted.work_pool_name
         and existing.work_queue_name == wanted.work_queue_name
+        and existing.job_variables == wanted.job_variables
         and _concurrency_limit(existing) == 1
         and options is not None
         and options.collision_strategy == wanted.concurrency_options.collision_strategy
@@ -264,6 +274,7 @@ def _matches(existing: Any, wanted: Any, automations: list[Any]) -> bool:
         and existing.entrypoint == wanted.entrypoint
         and existing.work_pool_name == wanted.work_pool_name
         and existing.work_queue_name == wanted.work_queue_name
+        and existing.job_variables == wanted.job_variables
         and existing.parameters == wanted.parameters
         and _schema(existing.parameter_openapi_schema)
         == _schema(parameter_schema(mnist_flow).model_dump())

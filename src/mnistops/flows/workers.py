@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from mnistops.errors import BadInput
-from mnistops.flows.deployment import HEARTBEAT_S, check_server
+from mnistops.flows.deployment import ENGINE_COMMAND, HEARTBEAT_S, check_server
 from mnistops.settings import Settings
 from mnistops.stack.process import ProcessRecord
 
@@ -24,6 +24,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
     from mnistops.clients import client_env
 
     env = {**os.environ, **client_env(settings)}
+    env["PATH"] = engine_path(env.get("PATH", ""))
     env["PREFECT_API_URL"] = settings.prefect_api_url
     env["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
     env["PREFECT_WORKER_QUERY_SECONDS"] = str(WORKER_POLL_S)
@@ -35,6 +36,24 @@ def worker_env(settings: Settings) -> dict[str, str]:
     if folder is not None and folder.is_dir():
         env["MNISTOPS_CONFIG_DIR"] = str(folder)
     return env
+
+
+def engine_path(path: str) -> str:
+    """`path` with this interpreter's folder first: the `python` of the deployments'
+    ENGINE_COMMAND is then this one, whatever the shell that started the worker had."""
+    here = str(Path(sys.executable).parent)
+    return os.pathsep.join([here, *(p for p in path.split(os.pathsep) if p and p != here)])
+
+
+def check_engine() -> None:
+    """The flow runs' `python` exists beside this interpreter (a virtual environment
+    always has one)."""
+    python = Path(sys.executable).parent / "python"
+    if not os.access(python, os.X_OK):
+        raise BadInput(
+            f"a worker starts flow runs with `{ENGINE_COMMAND}`, and there is no {python};"
+            " run mnistops from a virtual environment (`make setup` makes .venv)"
+        )
 
 
 def worker_command(pool: str) -> list[str]:
@@ -82,6 +101,7 @@ def run_in_foreground(
 ) -> NoReturn:
     """This process becomes a worker for `pool` (Ctrl-C stops it); `ready` runs once
     the pool is known to exist."""
+    check_engine()
     check_pool(settings, pool)
     ready()
     cmd = worker_command(pool)
@@ -92,6 +112,7 @@ def start_detached(settings: Settings, pool: str) -> ProcessRecord:
     """A worker for `pool` as a background service of the stack (one per pool)."""
     from mnistops import stack
 
+    check_engine()
     check_pool(settings, pool)
     return stack.start_worker(settings, pool, worker_command(pool), worker_env(settings))
 
