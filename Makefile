@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mnistops-installed
 DEV_STAMP := $(VENV)/.mnistops-dev-installed
+WHEELS := $(VENV)/.wheels
 
 .PHONY: setup setup-dev demo test test-fast coverage lint bench
 
@@ -16,8 +17,10 @@ setup-dev: $(DEV_STAMP)
 
 # Reinstalls only when the dependencies change; constraints.txt pins a known-good set
 # so that the resolver does not spend minutes on boto3/botocore/aiobotocore.
-# pip installs torch (it finds a local CPU wheel where one is provided, see pip.conf's
-# find-links) and uv; uv installs the rest, about 5x faster than pip.
+# pip fetches torch's wheel (it finds a local CPU wheel where one is provided, see
+# pip.conf's find-links; uv does not look there) and installs uv; uv installs that wheel
+# with the rest, about 5x faster than pip: `make setup` from empty caches 17.6 s against
+# 21.2 s when pip installed torch (medians of 4 and 5 runs, alternating).
 # Bytecode: `setup` compiles none (compiling every installed file took 19 s of a first
 # `make demo`; the demo writes the bytecode of what it imports, about 8 s of it, see
 # `demo`). `setup-dev` compiles all of it, in parallel: where PYTHONDONTWRITEBYTECODE
@@ -36,8 +39,13 @@ $(STAMP): pyproject.toml constraints.txt
 		$(BIN)/python -m ensurepip --upgrade >/dev/null; pip=($(BIN)/python -m pip); \
 	fi; \
 	"$${pip[@]}" install --quiet --disable-pip-version-check --no-compile \
-		-c constraints.txt 'torch==2.13.0' uv 2>&1 | { grep -v 'is ignored: it is neither' || true; }
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e . pip
+		-c constraints.txt uv 2>&1 | { grep -v 'is ignored: it is neither' || true; }; \
+	rm -rf $(WHEELS); \
+	"$${pip[@]}" download --quiet --disable-pip-version-check --no-deps --dest $(WHEELS) \
+		-c constraints.txt 'torch==2.13.0' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e . pip \
+		$(WHEELS)/torch-*.whl
+	rm -rf $(WHEELS)
 	touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP)
