@@ -8,7 +8,7 @@ STAMP := $(VENV)/.mnistops-installed
 DEV_STAMP := $(VENV)/.mnistops-dev-installed
 WHEELS := $(VENV)/.wheels
 
-.PHONY: setup setup-dev demo test test-fast coverage lint bench
+.PHONY: setup setup-dev demo test test-fast coverage lint bench prefect-template
 
 # `setup`: what mnistops needs to run (`make demo`); `setup-dev` adds the test and lint
 # tools on top (every other target).
@@ -95,3 +95,8 @@ lint: setup-dev
 
 bench: setup-dev
 	$(BIN)/python bench/stack_footprint.py
+
+# The Prefect database template mnistops ships for the Prefect version constraints.txt
+# pins (src/mnistops/stack/prefect_db.py): made again after a change of that pin.
+prefect-template: setup
+	$(BIN)/python -c "from mnistops.stack.prefect_db import write_shipped; print(write_shipped())"

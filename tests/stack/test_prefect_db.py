@@ -1,11 +1,13 @@
 """A new stack's Prefect database is a copy of a migrated one from the user's cache, and
-only ever of one that this user made."""
+only ever of one that this user made (or that mnistops ships, the same as Prefect makes)."""
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from mnistops.stack import prefect_db
 
 
 def revision(database: Path) -> str:
-    with sqlite3.connect(database) as db:
+    with sqlite3.connect(f"file:{database}?mode=ro&immutable=1", uri=True) as db:
         (row,) = db.execute("SELECT version_num FROM alembic_version").fetchall()
     return str(row[0])
 
@@ -22,6 +24,32 @@ def revision(database: Path) -> str:
 def block_types(database: Path) -> int:
     with sqlite3.connect(database) as db:
         return int(db.execute("SELECT count(*) FROM block_type").fetchone()[0])
+
+
+def schema(database: Path) -> tuple:
+    """What Prefect's migrations and startup make: tables, indexes and triggers, the
+    revision, the block types and their schemas (not the ids and times of their rows)."""
+    with sqlite3.connect(f"file:{database}?mode=ro&immutable=1", uri=True) as db:
+        found = db.execute("SELECT type, name, sql FROM sqlite_master").fetchall()
+        # Alembic's batch migrations write a table's constraints in no fixed order
+        objects = sorted((kind, name, sorted(lines(sql))) for kind, name, sql in found)
+        types = sorted(db.execute("SELECT slug FROM block_type").fetchall())
+        schemas = sorted(db.execute("SELECT checksum, version FROM block_schema").fetchall())
+    return objects, revision(database), types, schemas
+
+
+SHIPPED = prefect_db.shipped_template()
+"""the template shipped for the installed Prefect (before any test moves it)"""
+
+
+def lines(sql: str | None) -> list[str]:
+    return [line.strip().rstrip(",").strip() for line in (sql or "").splitlines()]
+
+
+@pytest.fixture
+def nothing_shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The template is made here, as for a Prefect version mnistops ships none of."""
+    monkeypatch.setattr(prefect_db, "shipped_template", lambda: tmp_path / "none-shipped.db.gz")
 
 
 @pytest.mark.unit
@@ -42,7 +70,10 @@ def test_only_a_private_file_of_this_user_is_trusted(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_a_new_database_is_a_copy_and_a_planted_or_damaged_template_is_never_used(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    nothing_shipped: None,
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     template = prefect_db.template_path()
@@ -58,6 +89,11 @@ def test_a_new_database_is_a_copy_and_a_planted_or_damaged_template_is_never_use
     assert template.stat().st_mode & 0o777 == 0o600 and prefect_db.owned_privately(template)
     assert first.read_bytes() == template.read_bytes() and revision(first)
     assert block_types(first) > 10, "Prefect's block types are registered in it"
+    shipped = tmp_path / "shipped.db"
+    shipped.write_bytes(gzip.decompress(SHIPPED.read_bytes()))
+    assert schema(shipped) == schema(template), (
+        "the template mnistops ships is not what this Prefect makes: `make prefect-template`"
+    )
     assert first.stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in template.parent.iterdir()) == [
         ".prefect-db.lock",
@@ -93,7 +129,7 @@ def test_a_new_database_is_a_copy_and_a_planted_or_damaged_template_is_never_use
 
 @pytest.mark.integration
 def test_without_prefects_startup_calls_the_migrations_alone_are_copied(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nothing_shipped: None
 ) -> None:
     """An upgrade that moved Prefect's private startup calls: the template is then made
     by `prefect server database upgrade` (Prefect registers the block types itself)."""
@@ -104,3 +140,54 @@ def test_without_prefects_startup_calls_the_migrations_alone_are_copied(
     database = tmp_path / "prefect.db"
     assert prefect_db.seed(database, dict(os.environ))
     assert revision(database) and block_types(database) == 0
+
+
+@pytest.mark.unit
+def test_the_pinned_prefect_has_its_template_shipped() -> None:
+    assert SHIPPED.is_file(), f"no {SHIPPED.name}: run `make prefect-template`"
+
+
+@pytest.mark.unit
+def test_an_empty_cache_gets_the_shipped_template_without_making_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_process(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a process was started: {args}")
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(subprocess, "run", no_process)
+    database = tmp_path / "a" / "prefect.db"
+    database.parent.mkdir()
+    assert prefect_db.seed(database, dict(os.environ))
+    template = prefect_db.template_path()
+    assert prefect_db.owned_privately(template) and template.stat().st_mode & 0o777 == 0o600
+    assert database.read_bytes() == template.read_bytes() == gzip.decompress(SHIPPED.read_bytes())
+    assert revision(database) and block_types(database) > 10
+    assert sorted(p.name for p in template.parent.iterdir()) == [".prefect-db.lock", template.name]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "content",
+    [b"not gzip at all", b"", "truncated", "not a database"],
+    ids=["junk", "empty", "truncated", "not a database"],
+)
+def test_a_damaged_shipped_template_is_never_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes | str
+) -> None:
+    """A broken installation: the template is made instead, as without one."""
+    packed = SHIPPED.read_bytes()
+    data = {
+        "truncated": packed[: len(packed) // 2],
+        "not a database": gzip.compress(b"SQLite format 3\0" + b"\1" * 5000),
+    }.get(content, content)
+    broken = tmp_path / "broken.db.gz"
+    broken.write_bytes(data if isinstance(data, bytes) else b"")
+    monkeypatch.setattr(prefect_db, "shipped_template", lambda: broken)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    made = []
+    monkeypatch.setattr(prefect_db, "_make", lambda template, env: made.append(template))
+    database = tmp_path / "prefect.db"
+    assert not prefect_db.seed(database, dict(os.environ)), "nothing to copy: Prefect migrates"
+    assert made == [prefect_db.template_path()] and not database.exists()
+    assert [p.name for p in prefect_db.template_path().parent.iterdir()] == [".prefect-db.lock"]
