@@ -138,11 +138,16 @@ def test_a_workers_flow_runs_find_its_own_python_first(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
-def test_an_interpreter_without_python_beside_it_is_named(
+def test_an_interpreter_without_its_own_python_beside_it_is_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import sys
 
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python3.11"))
     with pytest.raises(BadInput, match=r"no .*/python; run mnistops from a virtual environment"):
+        check_engine()
+    other = tmp_path / "python"  # as a system's `python` beside its `python3` may be
+    other.write_text("#!/bin/sh\necho /usr/lib/another-python\n")
+    other.chmod(0o755)
+    with pytest.raises(BadInput, match=r"python is not this interpreter's environment"):
         check_engine()

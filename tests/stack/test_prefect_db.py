@@ -4,6 +4,7 @@ only ever of one that this user made (or that mnistops ships, the same as Prefec
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import os
 import sqlite3
@@ -166,28 +167,85 @@ def test_an_empty_cache_gets_the_shipped_template_without_making_one(
     assert sorted(p.name for p in template.parent.iterdir()) == [".prefect-db.lock", template.name]
 
 
+def stub_database(path: Path) -> bytes:
+    """An SQLite file with only Prefect's revision stamp: it passes as migrated, and
+    Prefect cannot start on it."""
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        db.execute("INSERT INTO alembic_version VALUES (?)", (revision_of_shipped(),))
+    return path.read_bytes()
+
+
+def revision_of_shipped() -> str:
+    return revision_in(gzip.decompress(SHIPPED.read_bytes()))
+
+
+def revision_in(content: bytes) -> str:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        database = Path(tmp) / "db"
+        database.write_bytes(content)
+        return revision(database)
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize(
-    "content",
-    [b"not gzip at all", b"", "truncated", "not a database"],
-    ids=["junk", "empty", "truncated", "not a database"],
+    ("content", "listed"),
+    [
+        ("junk", True),
+        ("empty", True),
+        ("truncated", True),
+        ("not a database", True),
+        ("a stub database", False),
+        ("the real one plus a row", False),
+    ],
 )
-def test_a_damaged_shipped_template_is_never_used(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes | str
+def test_a_damaged_or_replaced_shipped_template_is_never_used(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    content: str,
+    listed: bool,
 ) -> None:
-    """A broken installation: the template is made instead, as without one."""
+    """A broken installation, or a file put in the shipped one's place: the template is
+    made instead, as without one. `listed`: SHA256SUMS lists the file as it is (the
+    checks after the checksum are tried too)."""
     packed = SHIPPED.read_bytes()
+    real = tmp_path / "real.db"
+    real.write_bytes(gzip.decompress(packed))
+    with sqlite3.connect(real) as db:
+        db.execute("CREATE TABLE planted (x)")
     data = {
+        "junk": b"not gzip at all",
+        "empty": b"",
         "truncated": packed[: len(packed) // 2],
         "not a database": gzip.compress(b"SQLite format 3\0" + b"\1" * 5000),
-    }.get(content, content)
-    broken = tmp_path / "broken.db.gz"
-    broken.write_bytes(data if isinstance(data, bytes) else b"")
-    monkeypatch.setattr(prefect_db, "shipped_template", lambda: broken)
+        "a stub database": gzip.compress(stub_database(tmp_path / "stub.db")),
+        "the real one plus a row": gzip.compress(real.read_bytes()),
+    }[content]
+    shipped = tmp_path / "shipped" / SHIPPED.name
+    shipped.parent.mkdir()
+    shipped.write_bytes(data)
+    listed_file = shipped if listed else SHIPPED
+    (shipped.parent / prefect_db.CHECKSUMS).write_text(
+        f"{hashlib.sha256(listed_file.read_bytes()).hexdigest()}  {shipped.name}\n"
+    )
+    monkeypatch.setattr(prefect_db, "shipped_template", lambda: shipped)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     made = []
     monkeypatch.setattr(prefect_db, "_make", lambda template, env: made.append(template))
     database = tmp_path / "prefect.db"
-    assert not prefect_db.seed(database, dict(os.environ)), "nothing to copy: Prefect migrates"
+    with caplog.at_level(logging.WARNING, logger=prefect_db.__name__):
+        assert not prefect_db.seed(database, dict(os.environ)), "nothing to copy: Prefect migrates"
     assert made == [prefect_db.template_path()] and not database.exists()
     assert [p.name for p in prefect_db.template_path().parent.iterdir()] == [".prefect-db.lock"]
+    said = [r.getMessage() for r in caplog.records if r.name == prefect_db.__name__]
+    if not listed:
+        assert len(said) == 1 and str(shipped) in said[0] and "reinstall" in said[0], said
+
+
+@pytest.mark.unit
+def test_the_checksums_list_the_shipped_file() -> None:
+    sums = (SHIPPED.parent / prefect_db.CHECKSUMS).read_text().splitlines()
+    assert f"{hashlib.sha256(SHIPPED.read_bytes()).hexdigest()}  {SHIPPED.name}" in sums

@@ -46,13 +46,27 @@ def engine_path(path: str) -> str:
 
 
 def check_engine() -> None:
-    """The flow runs' `python` exists beside this interpreter (a virtual environment
-    always has one)."""
+    """The flow runs' `python`, beside this interpreter, is this environment's (a virtual
+    environment always has one; beside a system `python3`, `python` may be another)."""
+    import subprocess
+
     python = Path(sys.executable).parent / "python"
-    if not os.access(python, os.X_OK):
+    fix = "run mnistops from a virtual environment (`make setup` makes .venv)"
+    try:
+        found = subprocess.run(
+            [str(python), "-c", "import sys; print(sys.prefix)"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
         raise BadInput(
-            f"a worker starts flow runs with `{ENGINE_COMMAND}`, and there is no {python};"
-            " run mnistops from a virtual environment (`make setup` makes .venv)"
+            f"a worker starts flow runs with `{ENGINE_COMMAND}`, and there is no {python}; {fix}"
+        ) from None
+    if found.returncode != 0 or found.stdout.strip() != sys.prefix:
+        raise BadInput(
+            f"a worker starts flow runs with `{ENGINE_COMMAND}`, and {python} is not this"
+            f" interpreter's environment ({sys.prefix}); {fix}"
         )
 
 

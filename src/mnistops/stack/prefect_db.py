@@ -9,7 +9,10 @@ runs any migration it lacks.
 
 A first stack on a machine need not make it either: mnistops ships the template of the
 Prefect version it pins (`resources/prefect/`, gzipped, made by `make prefect-template`
-with Prefect's own migrations), which is unpacked into the cache when the cache has none.
+with Prefect's own migrations), which is unpacked into the cache when the cache has
+none, and only when its SHA-256 is the one `SHA256SUMS` beside it lists (a damaged
+installation, or another file put in its place, is never used; whoever can write the
+installed package can change its code too).
 From an empty cache, a new stack's `stack up` took 8-9 s longer making the template
 (19.2 and 19.8 s against 10.6 and 11.2 s, alternating). Another Prefect version has no
 shipped template and makes its own, as before.
@@ -52,6 +55,10 @@ TEMPLATE_FORMAT = 2
 
 def template_path() -> Path:
     return cache_dir() / f"prefect-{version('prefect')}-{TEMPLATE_FORMAT}.db"
+
+
+CHECKSUMS = "SHA256SUMS"
+"""beside the shipped templates: `sha256sum` lines of each"""
 
 
 def shipped_template() -> Path:
@@ -141,11 +148,32 @@ class _making_lock:
         os.close(self.fd)
 
 
+def _checksum_ok(source: Path) -> bool:
+    """The shipped file is the one `write_shipped` wrote: its SHA-256 is in SHA256SUMS
+    beside it (a damaged or replaced file in the installation is never unpacked)."""
+    import hashlib
+
+    try:
+        sums = (source.parent / CHECKSUMS).read_text()
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    except OSError:
+        return False
+    if f"{digest}  {source.name}" in sums.splitlines():
+        return True
+    log.warning(
+        "the Prefect database shipped with mnistops (%s) does not match its checksum in %s:"
+        " it is not used, and one is made instead (seconds); reinstall mnistops to fix it",
+        source,
+        CHECKSUMS,
+    )
+    return False
+
+
 def _unpack_shipped(template: Path) -> bool:
     """Put the shipped template of this Prefect version in place; False when none is
-    shipped, or it is not a migrated database once unpacked."""
+    shipped, its checksum does not match, or it is not a migrated database unpacked."""
     source = shipped_template()
-    if not source.is_file():
+    if not source.is_file() or not _checksum_ok(source):
         return False
     with tempfile.TemporaryDirectory(prefix=".making-", dir=template.parent) as tmp:
         unpacked = Path(tmp) / "prefect.db"
@@ -175,6 +203,16 @@ def write_shipped(env: dict[str, str] | None = None) -> Path:
             db.execute("VACUUM INTO ?", (str(compact),))
         with compact.open("rb") as source, gzip.GzipFile(target, "wb", 9, mtime=0) as out:
             shutil.copyfileobj(source, out)
+    import hashlib
+
+    sums = target.parent / CHECKSUMS
+    kept = [
+        line
+        for line in (sums.read_text().splitlines() if sums.exists() else [])
+        if not line.endswith(f"  {target.name}")
+    ]
+    digest = hashlib.sha256(target.read_bytes()).hexdigest()
+    sums.write_text("".join(f"{line}\n" for line in [*kept, f"{digest}  {target.name}"]))
     return target
 
 
