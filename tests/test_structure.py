@@ -13,7 +13,7 @@ pytestmark = pytest.mark.unit
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "mnistops"
 LAYERS = [
-    ("errors", "logs", "mlflow_plugin", "compat", "background"),
+    ("errors", "logs", "mlflow_plugin", "compat", "background", "checksums"),
     ("settings",),
     ("credentials",),
     ("clients",),

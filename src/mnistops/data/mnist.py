@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import shutil
 import struct
 import tempfile
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mnistops.checksums import read_sums, sha256_of
 from mnistops.errors import BadInput, MnistopsError
 
 FILES = {
@@ -46,20 +46,7 @@ def packaged_dir() -> Path:
 
 def expected_checksums() -> dict[str, str]:
     """file name -> sha256, from the SHA256SUMS shipped with the package."""
-    sums = {}
-    for line in (packaged_dir() / "SHA256SUMS").read_text().splitlines():
-        digest, _, name = line.strip().partition("  ")
-        if digest:
-            sums[name.strip()] = digest
-    return sums
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return read_sums(packaged_dir() / "SHA256SUMS")
 
 
 def verify(folder: Path) -> None:

@@ -39,6 +39,8 @@ from importlib import resources
 from importlib.metadata import version
 from pathlib import Path
 
+from mnistops.checksums import read_sums, sha256_of, write_sum
+
 MAKE_TIMEOUT_S = 300
 
 log = logging.getLogger(__name__)
@@ -151,15 +153,11 @@ class _making_lock:
 def _checksum_ok(source: Path) -> bool:
     """The shipped file is the one `write_shipped` wrote: its SHA-256 is in SHA256SUMS
     beside it (a damaged or replaced file in the installation is never unpacked)."""
-    import hashlib
-
     try:
-        sums = (source.parent / CHECKSUMS).read_text()
-        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+        if read_sums(source.parent / CHECKSUMS).get(source.name) == sha256_of(source):
+            return True
     except OSError:
         return False
-    if f"{digest}  {source.name}" in sums.splitlines():
-        return True
     log.warning(
         "the Prefect database shipped with mnistops (%s) does not match its checksum in %s:"
         " it is not used, and one is made instead (seconds); reinstall mnistops to fix it",
@@ -203,16 +201,7 @@ def write_shipped(env: dict[str, str] | None = None) -> Path:
             db.execute("VACUUM INTO ?", (str(compact),))
         with compact.open("rb") as source, gzip.GzipFile(target, "wb", 9, mtime=0) as out:
             shutil.copyfileobj(source, out)
-    import hashlib
-
-    sums = target.parent / CHECKSUMS
-    kept = [
-        line
-        for line in (sums.read_text().splitlines() if sums.exists() else [])
-        if not line.endswith(f"  {target.name}")
-    ]
-    digest = hashlib.sha256(target.read_bytes()).hexdigest()
-    sums.write_text("".join(f"{line}\n" for line in [*kept, f"{digest}  {target.name}"]))
+    write_sum(target.parent / CHECKSUMS, target)
     return target
 
 
