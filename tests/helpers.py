@@ -159,6 +159,17 @@ def cli_paused_at(
         raise
 
 
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port held by this process but not listening: connections to it are
+    refused at once, and no other process takes it while the block runs."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield int(holder.getsockname()[1])
+
+
 def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
     """Let a command started by cli_paused_at run to its end: exit code and whole output."""
     rest, _ = proc.communicate(timeout=timeout)

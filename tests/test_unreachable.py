@@ -3,7 +3,6 @@ the service and the setting, within 30 s, never a hang or a stack trace."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ import yaml
 from mnistops.data.remote import UNREACHABLE_ADVICE
 from mnistops.settings import Settings
 from tests.helpers import client_config, run_cli
+from tests.helpers import closed_port as held_closed_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -21,9 +21,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 @pytest.fixture(scope="module")
 def closed_port() -> Iterator[int]:
     """A port held by this process but not listening: connections are refused at once."""
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        yield holder.getsockname()[1]
+    with held_closed_port() as port:
+        yield port
 
 
 def nowhere_config(root: Path, port: int) -> Path:

@@ -5,7 +5,6 @@ and a lease lost while held is reported."""
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -16,6 +15,7 @@ from mnistops.clients import prefect_rest
 from mnistops.pipeline import check_ready
 from mnistops.settings import HyperParameters, Settings
 from mnistops.stack import locks
+from tests.helpers import closed_port
 
 pytestmark = pytest.mark.integration
 
@@ -99,9 +99,7 @@ def test_a_limit_changed_by_hand_is_named(stack_settings: Settings) -> None:
 
 
 def test_an_unreachable_server_is_named(stack_settings: Settings) -> None:
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        port = holder.getsockname()[1]
+    with closed_port() as port:
         nowhere = stack_settings.model_copy(
             update={
                 "prefect": stack_settings.prefect.model_copy(
