@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from mnistops.flows.deployment import DeployResult
     from mnistops.flows.events import Announcement
     from mnistops.flows.quick_runs import FinishedRun
-    from mnistops.loop.labels import FeedbackAdded
+    from mnistops.loop.labels import FeedbackAdded, Labelled
     from mnistops.settings import HyperParameters
     from mnistops.stack import ServiceStatus
     from mnistops.tracking.runs import RunOutcome, TrainingHooks
@@ -309,13 +309,13 @@ def the_loop(settings: Settings, reporter: Reporter, published: set[str]) -> Non
     ):
         labels.test_images(settings)  # the check's test set, read while the log is written
         written = wait_written(settings, began, labelled)
-    if not written:
+    if written is None:
         reporter.warn(
             "the service's log was not written in time: run `mnistops data add --feedback` later"
         )
         return
     with reporter.progress() as progress_for:
-        added = labels.add_feedback(settings, began, progress_for)
+        added = labels.add_feedback(settings, began, progress_for, read=written)
     reporter.feedback_added(added)
     if not added.added:
         reporter.warn("no labelled image was new: v3.0 is not published")
@@ -373,18 +373,19 @@ def label_answers(
     return corrected + confirmed
 
 
-def wait_written(settings: Settings, since: datetime, count: int) -> bool:
-    """Whether the log holds `count` labelled predictions from `since` on, within a
-    few times serve.log.label_s."""
+def wait_written(settings: Settings, since: datetime, count: int) -> Labelled | None:
+    """The log's labelled predictions from `since` on once it holds `count` of them,
+    within a few times serve.log.label_s; None if it does not by then. (Handed to
+    `add_feedback`, which would otherwise read the log again: about a second.)"""
     from mnistops.loop import labels
 
     deadline = time.monotonic() + 3 * settings.serve.log.label_s + 30
     while time.monotonic() < deadline:
-        found, _report = labels.labelled_pixels(settings, since)
+        found, report = labels.labelled_pixels(settings, since)
         if len(found) >= count:
-            return True
+            return found, report
         time.sleep(1.0)
-    return False
+    return None
 
 
 def follow_triggered(settings: Settings, reporter: Reporter, tag: str, since: datetime) -> None:

@@ -76,9 +76,11 @@ def latest_labels(
     return {key: digit for key, (_t, digit) in found.items()}, batches.refused
 
 
-def labelled_pixels(
-    settings: Settings, since: datetime | None
-) -> tuple[dict[tuple[str, int], tuple[int, bytes]], FeedbackAdded]:
+Labelled = tuple[dict[tuple[str, int], tuple[int, bytes]], FeedbackAdded]
+"""(request id, item) -> (label, 784 input bytes), and the report so far"""
+
+
+def labelled_pixels(settings: Settings, since: datetime | None) -> Labelled:
     """(request id, item) -> (label, 784 input bytes) of every labelled logged image."""
     labels, refused = latest_labels(settings, since)
     report = FeedbackAdded(labels=len(labels), refused=refused)
@@ -117,9 +119,11 @@ def add_feedback(
     settings: Settings,
     since: datetime | None = None,
     progress_for: adding.ProgressFor | None = None,
+    read: Labelled | None = None,
 ) -> FeedbackAdded:
-    """Merge the labelled predictions (from `since` on) into the training folders."""
-    found, report = labelled_pixels(settings, since)
+    """Merge the labelled predictions (from `since` on) into the training folders;
+    `read`: what `labelled_pixels` returned for the same `since`, not read again."""
+    found, report = read if read is not None else labelled_pixels(settings, since)
     if not found:
         return report
     index = scan_index.index_path(settings.home)
