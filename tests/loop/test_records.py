@@ -278,3 +278,21 @@ def test_request_ids_are_unguessable_and_never_repeat() -> None:
     assert not set(drawn) & {other.next() for _ in range(1000)}
     bits = np.unpackbits(np.frombuffer(bytes.fromhex("".join(drawn)), np.uint8))
     assert abs(bits.mean() - 0.5) < 0.01
+
+
+@pytest.mark.parametrize(
+    ("given", "utc"),
+    [
+        ("2026-12-07", "2026-12-07T00:00:00+00:00"),
+        ("2026-12-07T10:50", "2026-12-07T10:50:00+00:00"),
+        ("2026-12-07T10:50+02:00", "2026-12-07T08:50:00+00:00"),
+        ("2026-12-07T10:50-05:00", "2026-12-07T15:50:00+00:00"),
+    ],
+)
+def test_since_is_read_as_utc_whatever_offset_it_gives(given: str, utc: str) -> None:
+    """`--since` with an offset is the same instant in UTC: the window's header, its
+    report and the refusal of a time too late all name UTC times."""
+    from mnistops.loop.store import parse_since
+
+    when = parse_since(given)
+    assert when is not None and when.isoformat() == utc

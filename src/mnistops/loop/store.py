@@ -187,7 +187,7 @@ def parse_since(text: str | None, option: str = "--since") -> datetime | None:
         raise BadInput(
             f"{option} {text!r}: expected a date (2026-12-03) or a time (2026-12-03T14:00)"
         ) from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+    return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def quarantine(settings: Settings, refused: list[tuple[str, str]]) -> list[tuple[str, str]]:
