@@ -4,12 +4,13 @@ signature and artifact key, without the training's libraries (seconds of CPU eac
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import closed_port
 
 pytestmark = pytest.mark.unit
 
@@ -63,19 +64,54 @@ def heavy_imports_without_a_server(code: str, tmp_path: Path) -> list[str]:
     """Run `code` in a new Python with a Prefect URL where no server answers; then name
     Prefect and the heavy libraries it imported."""
     code += f"\nprint(' '.join(m for m in ('prefect', *{HEAVY!r}) if m in sys.modules))"
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "MNISTOPS_HOME": str(tmp_path / "state"),
-        "MNISTOPS_PREFECT__API_URL": f"http://127.0.0.1:{unused_port()}/api",
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env
-    )
+    with closed_port() as port:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "MNISTOPS_HOME": str(tmp_path / "state"),
+            "MNISTOPS_PREFECT__API_URL": f"http://127.0.0.1:{port}/api",
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env
+        )
     assert done.returncode == 0, done.stderr
     return done.stdout.split()
 
 
-def unused_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def imported_anywhere(module: str) -> list[str]:
+    """Every module `module`'s source imports, at its top or inside its functions."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    found = {module}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return sorted(found - {"__future__"})
+
+
+def test_monitoring_here_needs_neither_torch_nor_prefect() -> None:
+    """`mnistops monitor --here` judges logged answers with NumPy and SciPy and records
+    the run in MLflow: importing torch (for an experiment's id) and Prefect (for the
+    drift event, sent over REST) cost it about four of its ten seconds of CPU."""
+    modules = sorted(
+        {
+            m
+            for source in ("mnistops.loop.monitoring", "mnistops.loop.report")
+            for m in imported_anywhere(source)
+        }
+        | {"mnistops.cli.loop", "mnistops.flows.events"}
+    )
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(' '.join(m for m in ('torch', 'prefect') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == []

@@ -6,6 +6,7 @@ starts a run; `mnistops monitor --wait` runs the deployed flow on the demo's wor
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +20,7 @@ from mnistops.flows.deployment import DRIFT_RUN_PARAMETERS
 from mnistops.loop import streams
 from mnistops.settings import Settings
 from mnistops.tracking import contract as c
-from tests.helpers import run_cli
+from tests.helpers import closed_port, run_cli
 from tests.loop.service import Service, logged
 
 pytestmark = [pytest.mark.integration, pytest.mark.loop]
@@ -174,6 +175,35 @@ def test_a_window_end_in_the_future_stops_no_later_window(service: Service) -> N
     assert (end - start).total_seconds() <= settings.monitoring.interval_s + 1
 
 
+@pytest.mark.faults
+def test_drift_whose_event_prefect_never_took_is_judged_again(service: Service) -> None:
+    """Prefect unreachable from this one command: the verdict and report still show, a
+    clear error says the event was not sent, and the run ends FAILED, so that the next
+    monitoring run takes the same window again (its event would otherwise be lost)."""
+    from mnistops.loop.monitoring import last_window_end
+
+    settings = service.settings
+    shifted_from = datetime.now(UTC)
+    send(service, "inverted")
+    with closed_port() as port:
+        dead = {"MNISTOPS_PREFECT__API_URL": f"http://127.0.0.1:{port}/api"}
+        done = run_cli(
+            "monitor", "--here", "--since", shifted_from.isoformat(),
+            config_dir=service.config_dir, env={**os.environ, **dead},
+        )  # fmt: skip
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert "Drift in 300 answers" in done.stdout and "report:" in done.stdout, done.stdout
+    assert "could not be sent to Prefect" in said and "judges this window again" in said, said
+    run = latest_monitoring_run(settings)
+    assert run.info.status == "FAILED" and run.data.tags[c.DRIFT_TAG] == "true"
+    assert run.data.tags[c.ERROR_TAG].startswith("event not sent")
+    end = datetime.fromisoformat(run.data.tags[c.WINDOW_END_TAG])
+    previous = last_window_end(settings, datetime.now(UTC))
+    assert previous is None or previous < end, "the window is not taken again"
+
+
 @pytest.mark.slow("the monitoring flow runs on a worker, through Prefect")
 @pytest.mark.retrains
 def test_monitor_runs_the_deployed_flow(service: Service) -> None:
@@ -192,6 +222,6 @@ def test_since_without_here_is_refused(service: Service) -> None:
     assert "Traceback" not in bad.stderr
     later = run_cli("monitor", "--here", "--since", "2099-01-01", config_dir=service.config_dir)
     assert later.returncode == 2, later.stdout + later.stderr
-    assert "--since 2099-01-01T00:00:00 is after the newest answers" in " ".join(
+    assert "--since 2099-01-01T00:00:00 UTC is after the newest answers" in " ".join(
         later.stderr.split()
     )

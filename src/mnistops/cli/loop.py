@@ -93,7 +93,7 @@ def monitor(
         start_and_follow(cfg, {}, wait, monitoring=True)
         return
     from mnistops.data.images import shown_name
-    from mnistops.flows.monitoring import announce
+    from mnistops.flows.events import EventNotSent, announce_drift
     from mnistops.loop.monitoring import monitor as monitor_here
     from mnistops.loop.store import parse_since
 
@@ -101,7 +101,12 @@ def monitor(
         monitored = monitor_here(cfg, since=parse_since(since))
     for name, why in monitored.refused:
         warn(f"s3://{cfg.s3.buckets.dvc}/{escape(shown_name(name))} refused: {escape(why)}")
-    show_monitored(monitored, announce(cfg, monitored))
+    try:
+        announced = announce_drift(cfg, monitored)
+    except EventNotSent:
+        show_monitored(monitored, announced=False)
+        raise
+    show_monitored(monitored, announced)
 
 
 def show_monitored(monitored: Monitored, announced: bool) -> None:

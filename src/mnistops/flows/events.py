@@ -6,11 +6,15 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from mnistops.clients import prefect_rest
-from mnistops.errors import Interrupted
+from mnistops.errors import Interrupted, MnistopsError
 from mnistops.settings import Settings
+
+if TYPE_CHECKING:
+    from mnistops.loop.monitoring import Monitored
 
 PUBLISHED_EVENT = "mnistops.data.version.published"
 DRIFT_EVENT = "mnistops.monitoring.drift"
@@ -76,6 +80,11 @@ def emit(
     prefect_rest(settings, "POST", "/events", [event], timeout_s).raise_for_status()
 
 
+class EventNotSent(MnistopsError):
+    """Monitoring found drift but Prefect did not take its event; the message says what
+    happens to the window."""
+
+
 @dataclass(frozen=True)
 class Announcement:
     listener: str | None
@@ -111,3 +120,46 @@ def _failure(exc: Exception) -> str:
     if status == 401:
         return "it refused our login: set prefect.auth_string"
     return f"HTTP {status}" if status is not None else exc.__class__.__name__
+
+
+def drift_payload(monitored: Monitored) -> dict[str, object]:
+    """What the drift event carries: the model, the reasons, the figures, the report."""
+    return {
+        "model": f"{monitored.champion.model_name}/{monitored.champion.version}",
+        "reasons": monitored.judgement.reasons,
+        "window_start": monitored.start.isoformat(),
+        "window_end": monitored.end.isoformat(),
+        "report": monitored.report_uri,
+        "mlflow_run": monitored.run_url,
+        **monitored.figures(),
+    }
+
+
+def announce_drift(settings: Settings, monitored: Monitored) -> bool:
+    """Emit the drift event when the window is drift; whether it was emitted. When it
+    cannot be sent, the window's run ends FAILED (KILLED when interrupted) so that the
+    next monitoring run judges the window again and sends it; the error says so."""
+    from mnistops.loop.monitoring import release_window
+
+    if not monitored.judgement.drift:
+        return False
+    payload = drift_payload(monitored)
+    window = f"{monitored.start:%Y-%m-%d %H:%M:%S} to {monitored.end:%Y-%m-%d %H:%M:%S} UTC"
+    again = "the next `mnistops monitor` judges this window again and sends it"
+    try:
+        emit_drift(settings, str(payload["model"]), payload)
+    except KeyboardInterrupt:
+        release_window(settings, monitored.run_id, "KILLED", "interrupted before its event")
+        raise Interrupted(
+            f"interrupted: drift in {window}, its event {DRIFT_EVENT} may not have reached"
+            f" Prefect; {again}"
+        ) from None
+    except Exception as exc:  # noqa: BLE001  the report stands: only the event failed
+        why = _failure(exc)
+        release_window(settings, monitored.run_id, "FAILED", f"event not sent: {why}")
+        raise EventNotSent(
+            f"drift in {window}, but the event {DRIFT_EVENT} could not be sent to Prefect at"
+            f" {settings.prefect_api_url} ({why}): no retraining was started by it; once"
+            f" Prefect answers, {again}"
+        ) from None
+    return True

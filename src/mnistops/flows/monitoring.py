@@ -15,35 +15,13 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
 from mnistops.clients import library_defaults
-from mnistops.flows.events import emit_drift
+from mnistops.flows.events import announce_drift, drift_payload
 from mnistops.loop.monitoring import Monitored, monitor, summary_markdown
 from mnistops.settings import Settings, load_settings
 
 SUMMARY_KEY = "mnist-monitoring"
 """the key of the markdown artifact a monitoring run leaves: its result"""
 REPORT_KEY = "mnist-monitoring-report"
-
-
-def drift_payload(monitored: Monitored) -> dict[str, object]:
-    """What the drift event carries: the model, the reasons, the figures, the report."""
-    return {
-        "model": f"{monitored.champion.model_name}/{monitored.champion.version}",
-        "reasons": monitored.judgement.reasons,
-        "window_start": monitored.start.isoformat(),
-        "window_end": monitored.end.isoformat(),
-        "report": monitored.report_uri,
-        "mlflow_run": monitored.run_url,
-        **monitored.figures(),
-    }
-
-
-def announce(settings: Settings, monitored: Monitored) -> bool:
-    """Emit the drift event when the window is drift; whether it was emitted."""
-    if not monitored.judgement.drift:
-        return False
-    payload = drift_payload(monitored)
-    emit_drift(settings, str(payload["model"]), payload)
-    return True
 
 
 def result_markdown(monitored: Monitored, announced: bool) -> str:
@@ -70,7 +48,7 @@ def monitoring_flow() -> dict[str, object]:
     monitored = judging(settings)
     for name, why in monitored.refused:
         print(f"s3://{settings.s3.buckets.dvc}/{name} refused: {why}")
-    announced = announce(settings, monitored)
+    announced = announce_drift(settings, monitored)
     create_link_artifact(
         monitored.run_url, link_text="the monitoring report (MLflow run)", key=REPORT_KEY
     )

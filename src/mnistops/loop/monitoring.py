@@ -127,8 +127,10 @@ def champion_test_predictions(settings: Settings, run_id: str) -> np.ndarray | N
 
 def last_window_end(settings: Settings, before: datetime) -> datetime | None:
     """Where the previous monitoring run's window ended: the latest end, no later than
-    `before`, among the newest runs (an end in the future, from a clock ahead or a tag
-    set by hand, is passed over rather than stopping every later window)."""
+    `before`, among the newest finished runs (an end in the future, from a clock ahead
+    or a tag set by hand, is passed over rather than stopping every later window). A run
+    cut short, or whose drift event was not sent, is not FINISHED: its window is judged
+    again."""
     from mnistops.clients import mlflow_client
 
     client = mlflow_client(settings)
@@ -137,7 +139,7 @@ def last_window_end(settings: Settings, before: datetime) -> datetime | None:
         return None
     found = client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.{c.WINDOW_END_TAG} != ''",
+        filter_string=f"tags.{c.WINDOW_END_TAG} != '' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         max_results=20,
     )
@@ -228,7 +230,7 @@ def monitor(
     end = (now or datetime.now(UTC)) - timedelta(seconds=settings.serve.log.batch_s + WRITE_LAG_S)
     if since is not None and since > end:
         raise BadInput(
-            f"--since {since:%Y-%m-%dT%H:%M:%S} is after the newest answers a window may"
+            f"--since {since:%Y-%m-%dT%H:%M:%S} UTC is after the newest answers a window may"
             f" hold ({end:%Y-%m-%dT%H:%M:%S} UTC): give an earlier time"
         )
     served = champion_served(settings)
@@ -279,7 +281,7 @@ def record_run(
     from mlflow.entities import Metric, Param, RunTag
 
     from mnistops.clients import mlflow_client
-    from mnistops.tracking.runs import experiment_id
+    from mnistops.tracking.server import experiment_id
 
     client = mlflow_client(settings)
     exp_id = experiment_id(client, settings.monitoring.experiment_name)
@@ -295,15 +297,34 @@ def record_run(
     run_id = run.info.run_id
     stamp = int(time.time() * 1000)
     metrics = Monitored(start, end, served, judgement, uri, "", "", []).figures()
-    client.log_batch(
-        run_id,
-        metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()],
-        params=[Param("reasons", "; ".join(judgement.reasons)[:6000] or "none")],
-        tags=[RunTag(c.NOTE_TAG, summary_markdown(judgement))],
-    )
-    client.log_text(run_id, page, "report.html")
+    try:
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()],
+            params=[Param("reasons", "; ".join(judgement.reasons)[:6000] or "none")],
+            tags=[RunTag(c.NOTE_TAG, summary_markdown(judgement))],
+        )
+        client.log_text(run_id, page, "report.html")
+    except BaseException as exc:  # cut short: KILLED (Ctrl-C, SIGTERM) or FAILED, not RUNNING
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
+        release_window(settings, run_id, status, f"{exc.__class__.__name__}: {exc}"[:500])
+        raise
     client.set_terminated(run_id)
     return run_id, f"{settings.mlflow_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+def release_window(settings: Settings, run_id: str, status: str, why: str) -> None:
+    """End the run with `status` (not FINISHED) and say why in its `error` tag: the next
+    monitoring run takes its window again. Best effort: the server that just failed may
+    not take this either."""
+    from mnistops.clients import mlflow_client
+
+    try:
+        client = mlflow_client(settings)
+        client.set_tag(run_id, c.ERROR_TAG, why)
+        client.set_terminated(run_id, status)
+    except Exception:  # noqa: BLE001  best effort, the first failure is the one raised
+        pass
 
 
 def summary_markdown(judgement: drift.Judgement) -> str:

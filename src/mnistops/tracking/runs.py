@@ -23,7 +23,7 @@ from mnistops.tracking import contract as c
 from mnistops.tracking import model_record, plots
 from mnistops.tracking.predictions import LabelledImages, log_predictions
 from mnistops.tracking.registry import GateDecision
-from mnistops.tracking.server import TrackingError
+from mnistops.tracking.server import experiment_id
 from mnistops.train.data import Arrays, DataSource
 from mnistops.train.loop import (
     EpochMetrics,
@@ -172,26 +172,6 @@ def _log_pictures(run: TrackedRun, arrays: Arrays, result: TrainResult) -> None:
     ):
         run.client.log_figure(run.run_id, fig, f"plots/{name}")
         plots.close(fig)
-
-
-def experiment_id(client: MlflowClient, name: str) -> str:
-    """The experiment's id (made if missing), marked as one of model training."""
-    from mlflow.exceptions import MlflowException
-
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        try:
-            client.create_experiment(name)
-        except MlflowException as exc:  # made by another process just now
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise TrackingError(f"the experiment '{name}' could not be created")
-    key, kind = c.EXPERIMENT_KIND
-    if (experiment.tags or {}).get(key) != kind:
-        client.set_experiment_tag(experiment.experiment_id, key, kind)
-    return str(experiment.experiment_id)
 
 
 def begin(

@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING, Any
 from mnistops.clients import mlflow_login
 from mnistops.errors import MnistopsError
 from mnistops.settings import Settings
+from mnistops.tracking import contract as c
 
 if TYPE_CHECKING:
     import httpx
+    from mlflow import MlflowClient
 
 
 NOT_THERE = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
@@ -77,3 +79,23 @@ def check_tracking_server(settings: Settings, timeout_s: float = 5.0) -> None:
         )
     if response.status_code != 200:
         raise TrackingError(f"the MLflow server at {uri} answered {response.status_code}")
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id (made if missing), marked as one of model training."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            client.create_experiment(name)
+        except MlflowException as exc:  # made by another process just now
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise TrackingError(f"the experiment '{name}' could not be created")
+    key, kind = c.EXPERIMENT_KIND
+    if (experiment.tags or {}).get(key) != kind:
+        client.set_experiment_tag(experiment.experiment_id, key, kind)
+    return str(experiment.experiment_id)
