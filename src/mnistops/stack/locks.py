@@ -36,16 +36,34 @@ class LockError(MnistopsError):
     """The lock could not be taken: Prefect is unreachable, or the gate stayed busy."""
 
 
+class LockUnreachable(LockError):
+    """The lock's Prefect server did not answer (refused, timed out)."""
+
+
+GATE_HOLDER = "a training or promotion at the champion gate"
+GATE_IF_LOST = (
+    "another gate may have decided at the same time; check the champion with `mnistops models`"
+)
+
+
 @contextmanager
-def held(settings: Settings, name: str, wait_s: float = WAIT_S) -> Iterator[None]:
-    """Hold the stack-wide lock `name` for the body of the `with`.
+def held(
+    settings: Settings,
+    name: str,
+    wait_s: float = WAIT_S,
+    holder: str = GATE_HOLDER,
+    if_lost: str = GATE_IF_LOST,
+) -> Iterator[None]:
+    """Hold the stack-wide lock `name` for the body of the `with`; `holder` says who
+    else holds it, in the line shown while this one waits, and `if_lost` what to check
+    when the lease was lost meanwhile.
 
     Prefect's REST API directly, not its client: the lock is taken by `mnistops train`
     and `models promote`, where importing Prefect cost a second of CPU. The same
     calls as Prefect's `concurrency()`: a slot taken with a lease, renewed by a thread
     while the body runs, given back at the end."""
     _ensure_limit(settings, name)
-    lease = _take(settings, name, wait_s)
+    lease = _take(settings, name, wait_s, holder)
     renewal = _Renewal(settings, name, lease)
     try:
         yield
@@ -54,10 +72,7 @@ def held(settings: Settings, name: str, wait_s: float = WAIT_S) -> Iterator[None
         with suppress(LockError):  # unreachable now: the lease runs out on its own
             _call(settings, name, "POST", f"{LIMITS}/decrement-with-lease", {"lease_id": lease})
     if lost:
-        raise LockError(
-            f"the lock '{name}' was lost while it was held ({lost}): another gate may have"
-            " decided at the same time; check the champion with `mnistops models`"
-        )
+        raise LockError(f"the lock '{name}' was lost while it was held ({lost}): {if_lost}")
 
 
 def check_reachable(settings: Settings, name: str) -> None:
@@ -74,7 +89,7 @@ def _call(settings: Settings, name: str, method: str, path: str, body: object = 
     try:
         answer = prefect_rest(settings, method, path, body)
     except httpx.HTTPError as exc:
-        raise LockError(
+        raise LockUnreachable(
             f"the lock '{name}' needs the Prefect server at {settings.prefect_api_url}:"
             f" {exc.__class__.__name__}; start the stack or set prefect.api_url"
         ) from None
@@ -105,7 +120,7 @@ def _ensure_limit(settings: Settings, name: str) -> None:
         )
 
 
-def _take(settings: Settings, name: str, wait_s: float) -> str:
+def _take(settings: Settings, name: str, wait_s: float, holder: str) -> str:
     """The lease of the lock's one slot, waiting while another holder has it (one
     warning line says so: the command is not stuck)."""
     deadline = time.monotonic() + wait_s
@@ -120,9 +135,10 @@ def _take(settings: Settings, name: str, wait_s: float) -> str:
         if not waited:
             waited = True
             log.warning(
-                "waiting for the lock '%s': another process holds it (a training or"
-                " promotion at the champion gate, on this machine or another); up to %.0f s",
+                "waiting for the lock '%s': another process holds it (%s, on this machine"
+                " or another); up to %.0f s",
                 name,
+                holder,
                 wait_s,
             )
         left = deadline - time.monotonic()
