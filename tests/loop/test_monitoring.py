@@ -7,8 +7,9 @@ starts a run; `mnistops monitor --wait` runs the deployed flow on the demo's wor
 from __future__ import annotations
 
 import os
+import subprocess
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -20,7 +21,7 @@ from mnistops.flows.deployment import DRIFT_RUN_PARAMETERS
 from mnistops.loop import streams
 from mnistops.settings import Settings
 from mnistops.tracking import contract as c
-from tests.helpers import closed_port, run_cli
+from tests.helpers import cli_command, closed_port, run_cli
 from tests.loop.service import Service, logged
 
 pytestmark = [pytest.mark.integration, pytest.mark.loop]
@@ -76,6 +77,14 @@ def latest_monitoring_run(settings: Settings) -> Any:
         [experiment.experiment_id], order_by=["start_time DESC"], max_results=1
     )
     return run
+
+
+def window_of(run: Any) -> tuple[datetime, datetime]:
+    tags = run.data.tags
+    return (
+        datetime.fromisoformat(tags[c.WINDOW_START_TAG]),
+        datetime.fromisoformat(tags[c.WINDOW_END_TAG]),
+    )
 
 
 def report_page(settings: Settings, uri: str) -> str:
@@ -202,6 +211,41 @@ def test_drift_whose_event_prefect_never_took_is_judged_again(service: Service) 
     end = datetime.fromisoformat(run.data.tags[c.WINDOW_END_TAG])
     previous = last_window_end(settings, datetime.now(UTC))
     assert previous is None or previous < end, "the window is not taken again"
+
+
+@pytest.mark.faults
+def test_two_monitors_at_once_judge_each_answer_once(service: Service) -> None:
+    """Two `monitor --here` at once (or one beside the scheduled flow): both would start
+    where the last finished run ended and judge the same answers (on drift: two events,
+    two retrainings). The monitoring lock makes the second wait and judge only what came
+    after the first's window: every answer is judged once."""
+    from mnistops.loop.monitoring import WRITE_LAG_S
+
+    settings = service.settings
+    lag = settings.serve.log.batch_s + WRITE_LAG_S
+    monitor_since(service, datetime.now(UTC) - timedelta(seconds=lag + 1))  # ends now
+    send(service, "unshifted")
+    both = [
+        subprocess.Popen(
+            cli_command(("monitor", "--here"), service.config_dir),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    said = [proc.communicate(timeout=300) for proc in both]
+    for proc, (out, err) in zip(both, said, strict=True):
+        assert proc.returncode == 0 and "Traceback" not in err, out + err
+    client = mlflow_client(settings)
+    experiment = client.get_experiment_by_name(settings.monitoring.experiment_name)
+    assert experiment is not None
+    runs = client.search_runs(
+        [experiment.experiment_id], order_by=["start_time DESC"], max_results=2
+    )
+    first, second = sorted(runs, key=lambda run: window_of(run)[0])
+    assert window_of(first)[1] <= window_of(second)[0], "two runs judged the same answers"
+    assert first.data.metrics["predictions"] + second.data.metrics["predictions"] == 300
 
 
 @pytest.mark.slow("the monitoring flow runs on a worker, through Prefect")

@@ -95,17 +95,20 @@ def monitor(
     from mnistops.data.images import shown_name
     from mnistops.flows.events import EventNotSent, announce_drift
     from mnistops.loop.monitoring import monitor as monitor_here
+    from mnistops.loop.monitoring import one_window_at_a_time
     from mnistops.loop.store import parse_since
 
-    with console.status("judging the logged answers"):
-        monitored = monitor_here(cfg, since=parse_since(since))
-    for name, why in monitored.refused:
-        warn(f"s3://{cfg.s3.buckets.dvc}/{escape(shown_name(name))} refused: {escape(why)}")
-    try:
-        announced = announce_drift(cfg, monitored)
-    except EventNotSent:
-        show_monitored(monitored, announced=False)
-        raise
+    begins = parse_since(since)
+    with one_window_at_a_time(cfg):
+        with console.status("judging the logged answers"):
+            monitored = monitor_here(cfg, since=begins)
+        for name, why in monitored.refused:
+            warn(f"s3://{cfg.s3.buckets.dvc}/{escape(shown_name(name))} refused: {escape(why)}")
+        try:
+            announced = announce_drift(cfg, monitored)
+        except EventNotSent:
+            show_monitored(monitored, announced=False)
+            raise
     show_monitored(monitored, announced)
 
 

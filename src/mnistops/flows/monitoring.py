@@ -16,7 +16,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 
 from mnistops.clients import library_defaults
 from mnistops.flows.events import announce_drift, drift_payload
-from mnistops.loop.monitoring import Monitored, monitor, summary_markdown
+from mnistops.loop.monitoring import Monitored, monitor, one_window_at_a_time, summary_markdown
 from mnistops.settings import Settings, load_settings
 
 SUMMARY_KEY = "mnist-monitoring"
@@ -45,10 +45,11 @@ def monitoring_flow() -> dict[str, object]:
     """Judge the answers logged since the last run; report; emit drift."""
     library_defaults()
     settings = load_settings()
-    monitored = judging(settings)
-    for name, why in monitored.refused:
-        print(f"s3://{settings.s3.buckets.dvc}/{name} refused: {why}")
-    announced = announce_drift(settings, monitored)
+    with one_window_at_a_time(settings):
+        monitored = judging(settings)
+        for name, why in monitored.refused:
+            print(f"s3://{settings.s3.buckets.dvc}/{name} refused: {why}")
+        announced = announce_drift(settings, monitored)
     create_link_artifact(
         monitored.run_url, link_text="the monitoring report (MLflow run)", key=REPORT_KEY
     )

@@ -13,9 +13,12 @@ starts there, on any machine.
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,6 +30,8 @@ from mnistops.loop import drift, records, report
 from mnistops.loop.store import each_batch, read_batches
 from mnistops.settings import Settings
 from mnistops.tracking import contract as c
+
+log = logging.getLogger(__name__)
 
 REPORT_PREFIX = "monitoring/"
 WRITE_LAG_S = 5.0
@@ -219,6 +224,36 @@ def _pixels(inputs: Any) -> np.ndarray:
     start = inputs.offset * records.PIXELS
     data = np.frombuffer(inputs.buffers()[1], np.uint8)
     return data[start : start + len(inputs) * records.PIXELS].reshape(-1, records.PIXELS)
+
+
+def monitoring_lock_name(settings: Settings) -> str:
+    return f"mnistops-monitoring-{settings.monitoring.experiment_name}"
+
+
+@contextmanager
+def one_window_at_a_time(settings: Settings) -> Iterator[None]:
+    """Hold the stack-wide monitoring lock while a window is judged, recorded and its
+    drift event sent: two monitoring runs at once (`monitor --here` beside the
+    scheduled flow, on any machine) would both start where the last finished run
+    ended, judge the same answers and both start a retraining. The second waits, then
+    judges only what came after the first's window. The lock is Prefect's; when
+    Prefect does not answer, the window is judged without it (its drift event cannot be
+    sent then either, so the window is judged again later: `announce_drift`)."""
+    from mnistops.stack.locks import LockUnreachable, held
+
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(
+                held(
+                    settings,
+                    monitoring_lock_name(settings),
+                    holder="another monitoring run",
+                    if_lost="another monitoring run may have judged the same answers",
+                )
+            )
+        except LockUnreachable as exc:
+            log.warning("judging without the monitoring lock: %s", exc)
+        yield
 
 
 def monitor(
