@@ -268,6 +268,7 @@ def test_crafted_log_objects_are_refused_by_name(service: Service) -> None:
         f"predictions/{day}/000002-{'b' * 16}.parquet": b"not parquet at all",
         f"predictions/{day}/..%2F..%2Fevil name.parquet": b"x",
         f"feedback/{day}/000004-cccc\x1b[31mred.parquet": b"x",
+        f"predictions/{day}/000005-[red]{'f' * 11}.parquet": b"x",  # shown as named
         f"predictions/{day}/000003-{'c' * 16}.parquet": b"\0" * (records.MAX_OBJECT_BYTES + 1),
     }
     signed = {

@@ -113,6 +113,20 @@ def warn(message: str) -> None:
     err.print(f"[bold yellow]warning:[/] {escape(without_controls(message))}", highlight=False)
 
 
+QUARANTINE_HINT = "`mnistops predictions --quarantine` moves the refused objects out of the way"
+
+
+def warn_refused(settings: Settings, refused: list[tuple[str, str]], hint: bool = True) -> None:
+    """One line per object of the service's log that was refused (its name, why), then
+    how to move them out of the way."""
+    from mnistops.data.images import shown_name
+
+    for name, why in refused:
+        warn(f"s3://{settings.s3.buckets.dvc}/{shown_name(name)} refused: {why}")
+    if refused and hint:
+        warn(QUARANTINE_HINT)
+
+
 def without_controls(message: str) -> str:
     """`message` with every control character but newline and tab written as an escape:
     an error may quote a server's answer or a file name, which must not drive the

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mnistops.cli._ui import console, err, progress_bars, settings, warn
+from mnistops.cli._ui import console, err, progress_bars, settings, warn, warn_refused
 from mnistops.settings import Settings
 
 if TYPE_CHECKING:
@@ -97,26 +97,23 @@ def add_feedback(cfg: Settings, since: str | None) -> None:
 def show_feedback_added(cfg: Settings, report: FeedbackAdded) -> None:
     from mnistops.data.images import shown_name
 
-    for name, why in report.refused:
-        warn(f"s3://{cfg.s3.buckets.dvc}/{escape(shown_name(name))} refused: {escape(why)}")
-    if report.refused:
-        warn("`mnistops predictions --quarantine` moves the refused objects out of the way")
+    warn_refused(cfg, report.refused)
     for name, why in report.logged_twice:
-        where = f"s3://{cfg.s3.buckets.dvc}/{escape(shown_name(name))}"
-        warn(f"{where}: {escape(why)}; the first is used")
+        where = f"s3://{cfg.s3.buckets.dvc}/{shown_name(name)}"
+        warn(f"{where}: {why}; the first is used")
     for name, twin in report.in_test:
         warn(
-            f"{name} refused: its pixels are those of the test image {escape(twin)}, as"
+            f"{name} refused: its pixels are those of the test image {twin}, as"
             " sent or as the service converts it (the test set stays unseen)"
         )
     for name, twin, rms in report.near_test:
         warn(
-            f"{name} refused: it is nearly the test image {escape(twin)} ({rms:.1f} grey levels"
+            f"{name} refused: it is nearly the test image {twin} ({rms:.1f} grey levels"
             " apart, root mean square; different digits are about 50 apart)"
         )
     for name, twin in report.in_train:
         warn(
-            f"{name} refused: its pixels are those of the training image {escape(twin)}"
+            f"{name} refused: its pixels are those of the training image {twin}"
             " (one image never holds two labels)"
         )
     for name, why in report.same_drawing:

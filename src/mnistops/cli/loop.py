@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mnistops.cli._ui import console, settings, warn
+from mnistops.cli._ui import console, settings, warn_refused
 
 if TYPE_CHECKING:
     from mnistops.loop.monitoring import Monitored
@@ -35,15 +35,12 @@ def predictions(
     cfg = settings()
     bucket = cfg.s3.buckets.dvc
     found = store.summary(cfg, store.parse_since(since))
-    for name, why in found.refused:
-        warn(f"s3://{bucket}/{escape(shown_name(name))} refused: {escape(why)}")
+    warn_refused(cfg, found.refused, hint=not quarantine)
     if quarantine:
         for name, target in store.quarantine(cfg, found.refused):
             console.print(
                 f"moved s3://{bucket}/{escape(shown_name(name))} to s3://{bucket}/{target}"
             )
-    elif found.refused:
-        warn("`mnistops predictions --quarantine` moves the refused objects out of the way")
     where = f"s3://{cfg.s3.buckets.dvc}/predictions/"
     if not found.images:
         console.print(f"no predictions logged{f' since {since}' if since else ''} in {where}")
@@ -92,7 +89,6 @@ def monitor(
     if not here:
         start_and_follow(cfg, {}, wait, monitoring=True)
         return
-    from mnistops.data.images import shown_name
     from mnistops.flows.events import EventNotSent, announce_drift
     from mnistops.loop.monitoring import monitor as monitor_here
     from mnistops.loop.monitoring import one_window_at_a_time
@@ -102,8 +98,7 @@ def monitor(
     with one_window_at_a_time(cfg):
         with console.status("judging the logged answers"):
             monitored = monitor_here(cfg, since=begins)
-        for name, why in monitored.refused:
-            warn(f"s3://{cfg.s3.buckets.dvc}/{escape(shown_name(name))} refused: {escape(why)}")
+        warn_refused(cfg, monitored.refused)
         try:
             announced = announce_drift(cfg, monitored)
         except EventNotSent:
