@@ -255,6 +255,8 @@ def test_monitor_runs_the_deployed_flow(service: Service) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "MNIST monitoring" in done.stdout and "answers" in done.stdout, done.stdout
     assert "Completed" in done.stdout
+    shown = done.stdout.replace("\n", "")  # the report's URL, whatever the line breaks
+    assert f"{service.settings.mlflow_uri}/#/experiments/" in shown, done.stdout
 
 
 @pytest.mark.bad_input

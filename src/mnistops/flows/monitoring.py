@@ -30,7 +30,7 @@ def result_markdown(monitored: Monitored, announced: bool) -> str:
         f"# MNIST monitoring\n\n{summary_markdown(monitored.judgement)}\n\n"
         f"Window {monitored.start:%Y-%m-%d %H:%M:%S} to {monitored.end:%Y-%m-%d %H:%M:%S}"
         f" UTC, {monitored.champion.model_name} v{monitored.champion.version} against"
-        f" {monitored.champion.data_version}. Report: [MLflow run]({monitored.run_url})"
+        f" {monitored.champion.data_version}. Report: the MLflow run <{monitored.run_url}>"
         f" (`report.html`), `{monitored.report_uri}`.{event}"
     )
 
