@@ -19,7 +19,7 @@ from scratch import scratch_settings
 from mnistops import stack
 from mnistops.credentials import ensure_keys
 from mnistops.stack import process
-from mnistops.stack.services import all_services
+from mnistops.stack.services import MLFLOW_SERVER_MODULE, all_services
 
 MB = 1024 * 1024
 
@@ -83,7 +83,7 @@ def baseline_command(name: str, command: list[str]) -> list[str]:
     if name == "mlflow":
         dropped = {"--workers"}
         out, skip = [], False
-        for arg in command:
+        for arg in _as_mlflow_server(command):
             if skip:
                 skip = False
                 continue
@@ -93,6 +93,12 @@ def baseline_command(name: str, command: list[str]) -> list[str]:
             out.append(arg)
         return out
     return command
+
+
+def _as_mlflow_server(command: list[str]) -> list[str]:
+    """The command as `mlflow server` itself: MLflow's two processes, not our one."""
+    at = command.index(MLFLOW_SERVER_MODULE)
+    return [*command[:at], "mlflow", "server", *command[at + 1 :]]
 
 
 def measure_baseline(root: Path, idle_s: float) -> int:

@@ -85,6 +85,29 @@ def test_prefect_still_has_the_startup_calls_that_make_a_database() -> None:
     assert "run_block_auto_registration(session=session)" in program
 
 
+def test_mlflow_server_still_starts_uvicorn_through_exec_cmd() -> None:
+    """`compat.mlflow_server_in_one_process` replaces `mlflow.server._exec_cmd`, which
+    `_run_server` calls last to start uvicorn (read from MLflow's source: importing its
+    server costs this tier seconds); the stack's tests run the server itself."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlflow")
+    assert spec is not None and spec.origin is not None
+    tree = ast.parse((Path(spec.origin).parent / "server" / "__init__.py").read_text())
+    run_server = next(
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef) and node.name == "_run_server"
+    )
+    called = {
+        node.func.id
+        for node in ast.walk(run_server)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+    }
+    assert "_exec_cmd" in called, "mlflow.server._run_server no longer calls _exec_cmd"
+
+
 def test_python_still_has_the_exit_steps_the_cli_runs_before_leaving() -> None:
     assert compat.before_teardown() is not None, (
         "threading._shutdown or atexit._run_exitfuncs is gone: every mnistops command now"

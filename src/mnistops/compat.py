@@ -145,6 +145,36 @@ def uvicorn_http_protocol() -> type:
     return HttpToolsProtocol
 
 
+def mlflow_server_in_one_process(args: list[str]) -> NoReturn:
+    """`mlflow server ARGS`, whose uvicorn server takes this process's place.
+
+    MLflow's command checks its options, prepares the database and the login, then
+    starts uvicorn as a child and waits for it: two processes of about 250 MB each for
+    the life of the stack, the first one idle. Here the same command runs, but its last
+    step (`mlflow.server._exec_cmd`, private) becomes an `execve` of the same command
+    line and environment: one process, under the pid the stack recorded (the stack
+    turns MLflow's job execution off; with it on, or where that name is gone, MLflow's
+    own two processes run)."""
+    import mlflow.server
+    from mlflow.cli import cli
+    from mlflow.environment_variables import MLFLOW_SERVER_ENABLE_JOB_EXECUTION
+
+    # With job execution on, MLflow starts its job runners after the server: keep its way.
+    jobs_on = MLFLOW_SERVER_ENABLE_JOB_EXECUTION.get()  # type: ignore[no-untyped-call]
+    if not jobs_on and callable(getattr(mlflow.server, "_exec_cmd", None)):
+
+        def exec_instead(
+            command: list[str], *, extra_env: dict[str, str] | None = None, **_: Any
+        ) -> NoReturn:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execve(command[0], list(command), {**os.environ, **(extra_env or {})})
+
+        mlflow.server._exec_cmd = exec_instead  # type: ignore[attr-defined,assignment]
+    cli.main(["server", *args], prog_name="mlflow")
+    raise SystemExit(0)
+
+
 PREFECT_DATABASE_WITH_BLOCK_TYPES = """\
 import asyncio
 

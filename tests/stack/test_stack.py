@@ -88,6 +88,15 @@ def test_mlflow_artifact_lands_in_bucket_without_client_keys(stack_settings: Set
     assert any(run.info.run_id in k and k.endswith("note.txt") for k in keys), keys
 
 
+def test_mlflow_runs_as_one_process(stack_settings: Settings) -> None:
+    """`mlflow server` starts uvicorn as a child and waits: two ~250 MB processes. The
+    stack's runs the same command with its server in its own place (compat)."""
+    record = process.read_record(stack.run_dir(stack_settings), "mlflow")
+    assert record is not None
+    (server,) = process.process_tree(record)
+    assert "uvicorn" in server.cmdline() and "mlflow.server.fastapi_app:app" in server.cmdline()
+
+
 @pytest.mark.security
 def test_mlflow_refuses_a_foreign_host_header(stack_settings: Settings) -> None:
     """--allowed-hosts: a page of another site that resolves its name to 127.0.0.1 (DNS

@@ -139,6 +139,10 @@ def s3_service(settings: Settings, keys: S3Keys | None) -> Service:
     return service
 
 
+MLFLOW_SERVER_MODULE = "mnistops.stack.mlflow_server"
+"""`mlflow server`, its options unchanged, in one process instead of two (~250 MB)"""
+
+
 def mlflow_service(settings: Settings, keys: S3Keys | None) -> Service:
     uri = settings.mlflow_uri
     service = Service(
@@ -161,8 +165,7 @@ def mlflow_service(settings: Settings, keys: S3Keys | None) -> Service:
     service.command = [
         sys.executable,
         "-m",
-        "mlflow",
-        "server",
+        MLFLOW_SERVER_MODULE,
         "--host",
         settings.bind,
         "--port",
