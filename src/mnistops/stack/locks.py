@@ -37,7 +37,8 @@ class LockError(MnistopsError):
 
 
 class LockUnreachable(LockError):
-    """The lock's Prefect server did not answer (refused, timed out)."""
+    """No connection to the lock's Prefect server could be made (refused, or no answer
+    to the connection): no request reached it."""
 
 
 GATE_HOLDER = "a training or promotion at the champion gate"
@@ -89,7 +90,10 @@ def _call(settings: Settings, name: str, method: str, path: str, body: object = 
     try:
         answer = prefect_rest(settings, method, path, body)
     except httpx.HTTPError as exc:
-        raise LockUnreachable(
+        # Unreachable only when no connection was made, so no request reached the
+        # server; one that timed out after it was sent may have taken the slot.
+        never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+        raise (LockUnreachable if never_sent else LockError)(
             f"the lock '{name}' needs the Prefect server at {settings.prefect_api_url}:"
             f" {exc.__class__.__name__}; start the stack or set prefect.api_url"
         ) from None
@@ -136,10 +140,11 @@ def _take(settings: Settings, name: str, wait_s: float, holder: str) -> str:
             waited = True
             log.warning(
                 "waiting for the lock '%s': another process holds it (%s, on this machine"
-                " or another); up to %.0f s",
+                " or another); up to %.0f s (one that died frees it within %.0f s)",
                 name,
                 holder,
                 wait_s,
+                LEASE_S,
             )
         left = deadline - time.monotonic()
         if left <= 0:
