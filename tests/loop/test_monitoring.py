@@ -7,19 +7,23 @@ starts a run; `mnistops monitor --wait` runs the deployed flow on the demo's wor
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from mnistops.clients import mlflow_client, prefect_auth, s3_client
 from mnistops.data import mnist
 from mnistops.flows.deployment import DRIFT_RUN_PARAMETERS
 from mnistops.loop import streams
-from mnistops.settings import Settings
+from mnistops.settings import Settings, load_settings
 from mnistops.tracking import contract as c
 from tests.helpers import cli_command, closed_port, run_cli
 from tests.loop.service import Service, logged
@@ -213,21 +217,53 @@ def test_drift_whose_event_prefect_never_took_is_judged_again(service: Service) 
     assert previous is None or previous < end, "the window is not taken again"
 
 
+def quiet_monitoring(service: Service, root: Path) -> Path:
+    """A copy of the service's config whose monitoring has its own experiment (so its
+    own chain of windows and its own lock) and reports its windows without judging
+    them: no drift, no event, whatever answers the earlier tests left in the log."""
+    config_dir = root / "config"
+    shutil.copytree(service.config_dir, config_dir)
+    stack_yml = config_dir / "stack.yml"
+    config = yaml.safe_load(stack_yml.read_text())
+    config["monitoring"] = {
+        **config.get("monitoring", {}),
+        "experiment_name": f"monitoring-{uuid.uuid4().hex[:8]}",
+        "interval_s": 60,
+        "min_predictions": 1_000_000,
+        "min_feedback": 1_000_000,
+    }
+    stack_yml.write_text(yaml.safe_dump(config))
+    return config_dir
+
+
+def monitoring_runs(config_dir: Path) -> list[Any]:
+    """The runs of that config's monitoring experiment, newest first."""
+    settings = load_settings(config_dir)
+    client = mlflow_client(settings)
+    experiment = client.get_experiment_by_name(settings.monitoring.experiment_name)
+    assert experiment is not None
+    return list(client.search_runs([experiment.experiment_id], order_by=["start_time DESC"]))
+
+
+def monitored_by(config_dir: Path, *args: str) -> Any:
+    """`monitor --here ARGS` with that config; its run."""
+    done = run_cli("monitor", "--here", *args, config_dir=config_dir)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stdout + done.stderr
+    return monitoring_runs(config_dir)[0]
+
+
 @pytest.mark.faults
-def test_two_monitors_at_once_judge_each_answer_once(service: Service) -> None:
+def test_two_monitors_at_once_judge_each_answer_once(service: Service, tmp_path: Path) -> None:
     """Two `monitor --here` at once (or one beside the scheduled flow): both would start
     where the last finished run ended and judge the same answers (on drift: two events,
     two retrainings). The monitoring lock makes the second wait and judge only what came
     after the first's window: every answer is judged once."""
-    from mnistops.loop.monitoring import WRITE_LAG_S
-
-    settings = service.settings
-    lag = settings.serve.log.batch_s + WRITE_LAG_S
-    monitor_since(service, datetime.now(UTC) - timedelta(seconds=lag + 1))  # ends now
+    config_dir = quiet_monitoring(service, tmp_path)
+    monitored_by(config_dir)  # the chain of windows starts
     send(service, "unshifted")
     both = [
         subprocess.Popen(
-            cli_command(("monitor", "--here"), service.config_dir),
+            cli_command(("monitor", "--here"), config_dir),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -237,15 +273,29 @@ def test_two_monitors_at_once_judge_each_answer_once(service: Service) -> None:
     said = [proc.communicate(timeout=300) for proc in both]
     for proc, (out, err) in zip(both, said, strict=True):
         assert proc.returncode == 0 and "Traceback" not in err, out + err
-    client = mlflow_client(settings)
-    experiment = client.get_experiment_by_name(settings.monitoring.experiment_name)
-    assert experiment is not None
-    runs = client.search_runs(
-        [experiment.experiment_id], order_by=["start_time DESC"], max_results=2
-    )
-    first, second = sorted(runs, key=lambda run: window_of(run)[0])
+    first, second = sorted(monitoring_runs(config_dir)[:2], key=lambda run: window_of(run)[0])
     assert window_of(first)[1] <= window_of(second)[0], "two runs judged the same answers"
     assert first.data.metrics["predictions"] + second.data.metrics["predictions"] == 300
+
+
+def test_a_window_asked_by_hand_leaves_no_answer_unjudged(service: Service, tmp_path: Path) -> None:
+    """`--since` after the last window's end: the answers between were in no window,
+    and the next run started at the end of the one asked for. A window asked for by
+    hand is outside the chain: the next run starts where the last one of it ended."""
+    from mnistops.loop.monitoring import WRITE_LAG_S
+
+    config_dir = quiet_monitoring(service, tmp_path)
+    first = monitored_by(config_dir)
+    send(service, "unshifted", 150)
+    time.sleep(3)  # a window by hand that starts after those answers, and holds none
+    lag = service.settings.serve.log.batch_s + WRITE_LAG_S
+    asked_from = datetime.now(UTC) - timedelta(seconds=lag + 1)
+    by_hand = monitored_by(config_dir, "--since", asked_from.isoformat())
+    assert by_hand.data.tags[c.WINDOW_BY_HAND_TAG] == "true"
+    assert by_hand.data.metrics["predictions"] == 0
+    after = monitored_by(config_dir)
+    assert window_of(after)[0] == window_of(first)[1], "the chain went on from the window by hand"
+    assert after.data.metrics["predictions"] == 150
 
 
 @pytest.mark.slow("the monitoring flow runs on a worker, through Prefect")

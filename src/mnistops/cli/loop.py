@@ -3,6 +3,7 @@ it drifting."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -86,6 +87,8 @@ def monitor(
     cfg = settings()
     if since is not None and not here:
         raise typer.BadParameter("--since goes with --here")
+    if wait and here:
+        raise typer.BadParameter("--wait follows a flow run: it does not go with --here")
     if not here:
         start_and_follow(cfg, {}, wait, monitoring=True)
         return
@@ -95,7 +98,9 @@ def monitor(
     from mnistops.loop.store import parse_since
 
     begins = parse_since(since)
-    with one_window_at_a_time(cfg):
+    with ExitStack() as locked:
+        with console.status("taking the monitoring lock (Prefect)"):
+            locked.enter_context(one_window_at_a_time(cfg))
         with console.status("judging the logged answers"):
             monitored = monitor_here(cfg, since=begins)
         warn_refused(cfg, monitored.refused)

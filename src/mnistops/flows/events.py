@@ -139,7 +139,7 @@ def announce_drift(settings: Settings, monitored: Monitored) -> bool:
     """Emit the drift event when the window is drift; whether it was emitted. When it
     cannot be sent, the window's run ends FAILED (KILLED when interrupted) so that the
     next monitoring run judges the window again and sends it; the error says so."""
-    from mnistops.loop.monitoring import release_window
+    from mnistops.loop.monitoring import finish_window, release_window
 
     if not monitored.judgement.drift:
         return False
@@ -162,4 +162,5 @@ def announce_drift(settings: Settings, monitored: Monitored) -> bool:
             f" {settings.prefect_api_url} ({why}): no retraining was started by it; once"
             f" Prefect answers, {again}"
         ) from None
+    finish_window(settings, monitored.run_id)
     return True

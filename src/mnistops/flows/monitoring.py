@@ -15,6 +15,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NONE as NO_CACHE
 
 from mnistops.clients import library_defaults
+from mnistops.data.images import shown_name
 from mnistops.flows.events import announce_drift, drift_payload
 from mnistops.loop.monitoring import Monitored, monitor, one_window_at_a_time, summary_markdown
 from mnistops.settings import Settings, load_settings
@@ -47,8 +48,8 @@ def monitoring_flow() -> dict[str, object]:
     settings = load_settings()
     with one_window_at_a_time(settings):
         monitored = judging(settings)
-        for name, why in monitored.refused:
-            print(f"s3://{settings.s3.buckets.dvc}/{name} refused: {why}")
+        for name, why in monitored.refused:  # one line each, whatever the name holds
+            print(f"s3://{settings.s3.buckets.dvc}/{shown_name(name)} refused: {shown_name(why)}")
         announced = announce_drift(settings, monitored)
     create_link_artifact(
         monitored.run_url, link_text="the monitoring report (MLflow run)", key=REPORT_KEY

@@ -135,7 +135,8 @@ def last_window_end(settings: Settings, before: datetime) -> datetime | None:
     `before`, among the newest finished runs (an end in the future, from a clock ahead
     or a tag set by hand, is passed over rather than stopping every later window). A run
     cut short, or whose drift event was not sent, is not FINISHED: its window is judged
-    again."""
+    again. A window asked for with `--since` is outside the chain: a later start would
+    leave the answers before it unjudged."""
     from mnistops.clients import mlflow_client
 
     client = mlflow_client(settings)
@@ -146,9 +147,13 @@ def last_window_end(settings: Settings, before: datetime) -> datetime | None:
         [experiment.experiment_id],
         filter_string=f"tags.{c.WINDOW_END_TAG} != '' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
-        max_results=20,
+        max_results=100,
     )
-    ends = [_utc_time(run.data.tags.get(c.WINDOW_END_TAG, "")) for run in found]
+    ends = [
+        _utc_time(run.data.tags.get(c.WINDOW_END_TAG, ""))
+        for run in found
+        if run.data.tags.get(c.WINDOW_BY_HAND_TAG) != "true"
+    ]
     usable = [end for end in ends if end is not None and end <= before]
     return max(usable, default=None)
 
@@ -284,7 +289,9 @@ def monitor(
         config,
     )
     uri = store_report(settings, page, end)
-    run_id, url = record_run(settings, start, end, served, judgement, page, uri)
+    run_id, url = record_run(
+        settings, start, end, served, judgement, page, uri, by_hand=since is not None
+    )
     return Monitored(start, end, served, judgement, uri, run_id, url, refused)
 
 
@@ -311,8 +318,11 @@ def record_run(
     judgement: drift.Judgement,
     page: str,
     uri: str,
+    by_hand: bool = False,
 ) -> tuple[str, str]:
-    """An MLflow run of the monitoring experiment: figures, window, report; (id, URL)."""
+    """An MLflow run of the monitoring experiment: figures, window, report; (id, URL).
+    A drift window's run stays RUNNING until its event is sent (`finish_window`): if
+    the process dies before, the next run judges the window again and sends it."""
     from mlflow.entities import Metric, Param, RunTag
 
     from mnistops.clients import mlflow_client
@@ -328,6 +338,8 @@ def record_run(
         c.DRIFT_TAG: "true" if judgement.drift else "false",
         c.REPORT_TAG: uri,
     }
+    if by_hand:
+        tags[c.WINDOW_BY_HAND_TAG] = "true"
     run = client.create_run(exp_id, run_name=f"monitoring {end:%Y-%m-%d %H:%M}", tags=tags)
     run_id = run.info.run_id
     stamp = int(time.time() * 1000)
@@ -344,8 +356,25 @@ def record_run(
         status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
         release_window(settings, run_id, status, f"{exc.__class__.__name__}: {exc}"[:500])
         raise
-    client.set_terminated(run_id)
+    if not judgement.drift:
+        client.set_terminated(run_id)
     return run_id, f"{settings.mlflow_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+def finish_window(settings: Settings, run_id: str) -> None:
+    """Mark the drift window's run FINISHED once its event was sent. Best effort: a run
+    left RUNNING has its window judged, and its event sent, again (at least once)."""
+    from mnistops.clients import mlflow_client
+
+    try:
+        mlflow_client(settings).set_terminated(run_id)
+    except Exception as exc:  # noqa: BLE001  the event went out; the window comes again
+        log.warning(
+            "the monitoring run %s could not be marked finished (%s): the next monitoring"
+            " run judges its window, and sends its drift event, again",
+            run_id,
+            exc.__class__.__name__,
+        )
 
 
 def release_window(settings: Settings, run_id: str, status: str, why: str) -> None:
