@@ -313,6 +313,8 @@ def test_monitor_runs_the_deployed_flow(service: Service) -> None:
 def test_since_without_here_is_refused(service: Service) -> None:
     done = run_cli("monitor", "--since", "2026-01-01", config_dir=service.config_dir)
     assert done.returncode == 2 and "--since goes with --here" in done.stderr
+    both = run_cli("monitor", "--here", "--wait", config_dir=service.config_dir)
+    assert both.returncode == 2 and "--wait follows a flow run" in " ".join(both.stderr.split())
     bad = run_cli("monitor", "--here", "--since", "soon", config_dir=service.config_dir)
     assert bad.returncode == 2 and "--since 'soon'" in bad.stderr
     assert "Traceback" not in bad.stderr
