@@ -236,6 +236,15 @@ def quiet_monitoring(service: Service, root: Path) -> Path:
     return config_dir
 
 
+def chain_started(service: Service, config_dir: Path) -> Any:
+    """The first run of that config's chain of windows, once the answers of the tests
+    before are behind its end (a window ends the write lag before its run)."""
+    from mnistops.loop.monitoring import WRITE_LAG_S
+
+    time.sleep(service.settings.serve.log.batch_s + WRITE_LAG_S + 1)
+    return monitored_by(config_dir)
+
+
 def monitoring_runs(config_dir: Path) -> list[Any]:
     """The runs of that config's monitoring experiment, newest first."""
     settings = load_settings(config_dir)
@@ -253,14 +262,24 @@ def monitored_by(config_dir: Path, *args: str) -> Any:
 
 
 @pytest.mark.faults
-def test_two_monitors_at_once_judge_each_answer_once(service: Service, tmp_path: Path) -> None:
-    """Two `monitor --here` at once (or one beside the scheduled flow): both would start
-    where the last finished run ended and judge the same answers (on drift: two events,
-    two retrainings). The monitoring lock makes the second wait and judge only what came
-    after the first's window: every answer is judged once."""
+def test_the_chain_of_windows_judges_each_answer_once(service: Service, tmp_path: Path) -> None:
+    """Whatever runs beside it, each answer is in one window of the chain. A window
+    asked for by hand (`--since`, here after the answers) is outside the chain: were
+    the next run to start at its end, the answers before it would never be judged. Two
+    `monitor --here` at once (or one beside the scheduled flow) would both start where
+    the last finished run ended and judge the same answers (on drift: two events, two
+    retrainings); the monitoring lock makes the second wait and take what came after."""
+    from mnistops.loop.monitoring import WRITE_LAG_S
+
     config_dir = quiet_monitoring(service, tmp_path)
-    monitored_by(config_dir)  # the chain of windows starts
+    first = chain_started(service, config_dir)
     send(service, "unshifted")
+    time.sleep(3)  # a window by hand that starts after those answers, and holds none
+    lag = service.settings.serve.log.batch_s + WRITE_LAG_S
+    asked_from = datetime.now(UTC) - timedelta(seconds=lag + 1)
+    by_hand = monitored_by(config_dir, "--since", asked_from.isoformat())
+    assert by_hand.data.tags[c.WINDOW_BY_HAND_TAG] == "true"
+    assert by_hand.data.metrics["predictions"] == 0
     both = [
         subprocess.Popen(
             cli_command(("monitor", "--here"), config_dir),
@@ -273,29 +292,10 @@ def test_two_monitors_at_once_judge_each_answer_once(service: Service, tmp_path:
     said = [proc.communicate(timeout=300) for proc in both]
     for proc, (out, err) in zip(both, said, strict=True):
         assert proc.returncode == 0 and "Traceback" not in err, out + err
-    first, second = sorted(monitoring_runs(config_dir)[:2], key=lambda run: window_of(run)[0])
-    assert window_of(first)[1] <= window_of(second)[0], "two runs judged the same answers"
-    assert first.data.metrics["predictions"] + second.data.metrics["predictions"] == 300
-
-
-def test_a_window_asked_by_hand_leaves_no_answer_unjudged(service: Service, tmp_path: Path) -> None:
-    """`--since` after the last window's end: the answers between were in no window,
-    and the next run started at the end of the one asked for. A window asked for by
-    hand is outside the chain: the next run starts where the last one of it ended."""
-    from mnistops.loop.monitoring import WRITE_LAG_S
-
-    config_dir = quiet_monitoring(service, tmp_path)
-    first = monitored_by(config_dir)
-    send(service, "unshifted", 150)
-    time.sleep(3)  # a window by hand that starts after those answers, and holds none
-    lag = service.settings.serve.log.batch_s + WRITE_LAG_S
-    asked_from = datetime.now(UTC) - timedelta(seconds=lag + 1)
-    by_hand = monitored_by(config_dir, "--since", asked_from.isoformat())
-    assert by_hand.data.tags[c.WINDOW_BY_HAND_TAG] == "true"
-    assert by_hand.data.metrics["predictions"] == 0
-    after = monitored_by(config_dir)
-    assert window_of(after)[0] == window_of(first)[1], "the chain went on from the window by hand"
-    assert after.data.metrics["predictions"] == 150
+    one, two = sorted(monitoring_runs(config_dir)[:2], key=lambda run: window_of(run)[0])
+    assert window_of(one)[0] == window_of(first)[1], "the chain went on from the window by hand"
+    assert window_of(one)[1] <= window_of(two)[0], "two runs judged the same answers"
+    assert one.data.metrics["predictions"] + two.data.metrics["predictions"] == 300
 
 
 @pytest.mark.slow("the monitoring flow runs on a worker, through Prefect")
