@@ -47,6 +47,8 @@ def test_only_a_connection_never_made_is_unreachable(
         locks.check_reachable(settings, "anything")
     assert isinstance(raised.value, locks.LockUnreachable) is unreachable
     assert type(exc).__name__ in str(raised.value)
+    advice = "start the stack" if unreachable else "gave no answer"
+    assert advice in str(raised.value)
 
 
 def test_monitoring_goes_on_without_the_lock_only_when_prefect_is_unreachable(

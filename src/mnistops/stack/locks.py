@@ -92,10 +92,14 @@ def _call(settings: Settings, name: str, method: str, path: str, body: object = 
     except httpx.HTTPError as exc:
         # Unreachable only when no connection was made, so no request reached the
         # server; one that timed out after it was sent may have taken the slot.
-        never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
-        raise (LockUnreachable if never_sent else LockError)(
-            f"the lock '{name}' needs the Prefect server at {settings.prefect_api_url}:"
-            f" {exc.__class__.__name__}; start the stack or set prefect.api_url"
+        where = f"the lock '{name}' needs the Prefect server at {settings.prefect_api_url}"
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            raise LockUnreachable(
+                f"{where}: {exc.__class__.__name__}; start the stack or set prefect.api_url"
+            ) from None
+        raise LockError(
+            f"{where}: it took the request but gave no answer ({exc.__class__.__name__});"
+            " it is busy or stuck: try again, and see `mnistops stack logs prefect`"
         ) from None
     if answer.status_code == 401:
         raise LockError(
