@@ -364,31 +364,36 @@ def record_run(
 def finish_window(settings: Settings, run_id: str) -> None:
     """Mark the drift window's run FINISHED once its event was sent. Best effort: a run
     left RUNNING has its window judged, and its event sent, again (at least once)."""
-    from mnistops.clients import mlflow_client
-
-    try:
-        mlflow_client(settings).set_terminated(run_id)
-    except Exception as exc:  # noqa: BLE001  the event went out; the window comes again
+    failed = end_window(settings, run_id, "FINISHED")
+    if failed is not None:
         log.warning(
             "the monitoring run %s could not be marked finished (%s): the next monitoring"
             " run judges its window, and sends its drift event, again",
             run_id,
-            exc.__class__.__name__,
+            failed,
         )
 
 
 def release_window(settings: Settings, run_id: str, status: str, why: str) -> None:
     """End the run with `status` (not FINISHED) and say why in its `error` tag: the next
     monitoring run takes its window again. Best effort: the server that just failed may
-    not take this either."""
+    not take this either, and the first failure is the one raised."""
+    end_window(settings, run_id, status, why)
+
+
+def end_window(settings: Settings, run_id: str, status: str, why: str | None = None) -> str | None:
+    """End the window's run with `status` (`why` in its `error` tag); what went wrong
+    (the error's class), None when MLflow took it."""
     from mnistops.clients import mlflow_client
 
     try:
         client = mlflow_client(settings)
-        client.set_tag(run_id, c.ERROR_TAG, why)
+        if why is not None:
+            client.set_tag(run_id, c.ERROR_TAG, why)
         client.set_terminated(run_id, status)
-    except Exception:  # noqa: BLE001  best effort, the first failure is the one raised
-        pass
+    except Exception as exc:  # noqa: BLE001  best effort: the callers say what follows
+        return exc.__class__.__name__
+    return None
 
 
 def summary_markdown(judgement: drift.Judgement) -> str:
