@@ -13,6 +13,7 @@ from mnistops.clients import client_env
 from mnistops.credentials import write_private
 from mnistops.settings import ENV_PREFIX, SERVING_KEYS, Settings
 from mnistops.stack import process
+from mnistops.stack.services import http_ok
 from mnistops.stack.state import Report, StackError, log_dir, run_dir, state_lock
 
 WORKER_PREFIX = "worker-"
@@ -69,10 +70,29 @@ def restart_workers(settings: Settings, report: Report) -> None:
             fresh = client_env(settings)
             derived = {k: fresh[k] for k in spec.get("derived", []) if k in fresh}
             env = {**os.environ, **spec["env"], **derived}
-            process.start(
+            record = process.start(
                 path.stem, spec["cmd"], env, run_dir(settings), log_dir(settings), spec["url"]
             )
+            if path.stem == SERVE_NAME:
+                wait_serving(record, report)
         mark_for_restart(settings, path.stem, False)
+
+
+SERVE_READY_S = 30.0
+"""how long `stack up` waits for the prediction service it started again to load the
+champion (it is ready in about 3 s on a quiet 2-core machine)"""
+
+
+def wait_serving(record: process.ProcessRecord, report: Report) -> None:
+    """Wait until the prediction service answers /health with a loaded model, so that
+    the table `stack up` prints next shows it healthy, not "unhealthy" while it loads;
+    one that dies or is not ready in SERVE_READY_S is left to that table and its log."""
+    deadline = time.monotonic() + SERVE_READY_S
+    while time.monotonic() < deadline and not process.exited(record):
+        if http_ok(f"{record.url}/health", timeout_s=2):
+            return
+        time.sleep(0.25)
+    report(f"{SERVE_NAME} is not ready yet: see `mnistops stack logs {SERVE_NAME}`")
 
 
 def start_worker(
