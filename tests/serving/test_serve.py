@@ -5,6 +5,7 @@ its page predicts a digit drawn with the pointer in Chromium."""
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import os
@@ -280,11 +281,11 @@ def truncated() -> bytes:
     return out.getvalue()[: len(out.getvalue()) // 2]
 
 
-def bomb() -> bytes:
-    """A small PNG that declares 50,000 x 50,000 pixels."""
+def bomb(side: int = 50_000) -> bytes:
+    """A small PNG that declares side x side pixels (50,000: a decompression bomb)."""
     good = png((8, 8))
     ihdr = good.index(b"IHDR")
-    header = b"IHDR" + (50_000).to_bytes(4, "big") * 2 + good[ihdr + 12 : ihdr + 17]
+    header = b"IHDR" + side.to_bytes(4, "big") * 2 + good[ihdr + 12 : ihdr + 17]
     crc = zlib.crc32(header).to_bytes(4, "big")
     return good[:ihdr] + header + crc + good[ihdr + 21 :]
 
@@ -307,7 +308,21 @@ BAD = [
         422,
         "28x28",
     ),
+    (
+        "a number of 5,000 digits",  # JSON, but past Python's cap on digits
+        b"[[[" + b"9" * 5000 + b"]]]",
+        "application/json",
+        422,
+        "4,300 digits",
+    ),
     ("batch too big", json.dumps([[[0] * 28] * 28] * 257).encode(), "application/json", 413, "256"),
+    (
+        "pixels in all",  # two images of 25 million pixels: each fits, not both
+        json.dumps([base64.b64encode(bomb(5_000)).decode()] * 2).encode(),
+        "application/json",
+        413,
+        "images[1]: 25,000,000 pixels would pass the 40,000,000",
+    ),
     ("body too big", b"\0" * (9 << 20), "image/png", 413, "bytes"),
 ]
 
@@ -322,6 +337,20 @@ def test_bad_input_is_refused_by_name_and_the_service_goes_on(
     assert answer.status_code == status, (case, answer.text)
     assert words in answer.json()["detail"], answer.text
     assert httpx.get(f"{url}/health").status_code == 200
+
+
+@pytest.mark.bad_input
+def test_a_compressed_body_is_refused_by_its_encoding(service: tuple[str, Path]) -> None:
+    """/predict reads bodies as they are: a gzip one is refused by its encoding, not as
+    "not JSON"."""
+    url, _ = service
+    answer = httpx.post(
+        f"{url}/predict",
+        content=gzip.compress(json.dumps([[[0] * 28] * 28]).encode()),
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert answer.status_code == 415, answer.text
+    assert "Content-Encoding 'gzip' is not taken by /predict" in answer.json()["detail"]
 
 
 def test_large_images_and_other_encodings(service: tuple[str, Path]) -> None:

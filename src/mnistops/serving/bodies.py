@@ -27,7 +27,7 @@ from PIL import Image
 from starlette.requests import ClientDisconnect
 
 from mnistops.data.conversion import image_from_bytes
-from mnistops.data.images import PNG_SIGNATURE
+from mnistops.data.images import MAX_PIXELS, PNG_SIGNATURE
 from mnistops.errors import ImageUnusable, PredictError
 from mnistops.loop.feedback import FeedbackBook
 from mnistops.loop.log_writer import PredictionLog
@@ -227,19 +227,51 @@ batcher converts on the event loop, all of a batch at once: with a million pixel
 
 
 def heavy(kind: str, body: bytes) -> bool:
-    """A JSON batch, or an image that declares more than INLINE_PIXELS (read from its
-    header, without decoding it)."""
+    """A JSON batch, or an image that declares more than INLINE_PIXELS."""
     if kind in ("application/json", "text/json"):
         return True
-    if body[:8] == PNG_SIGNATURE and body[12:16] == b"IHDR":
-        width, height = struct.unpack(">II", body[16:24])
-        return bool(width * height > INLINE_PIXELS)
+    return declared_pixels(body) > INLINE_PIXELS
+
+
+def declared_pixels(data: bytes) -> int:
+    """The pixels an image declares in its header, read without decoding it; 0 for what
+    is no image (refused where it is converted)."""
+    if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        return int(width * height)
     try:
-        with Image.open(io.BytesIO(body)) as image:
+        with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
     except Exception:  # noqa: BLE001  not an image: refused quickly where it is read
-        return False
-    return width * height > INLINE_PIXELS
+        return 0
+    return int(width * height)
+
+
+class PixelBudget:
+    """The pixels the encoded images of one request may declare in all: MAX_PIXELS, what
+    one image may have. Without it a JSON batch of 85 images of 36 million pixels each
+    (8 MB of PNG) kept a decoding thread busy for 16 s."""
+
+    def __init__(self) -> None:
+        self.left = MAX_PIXELS
+
+    def take(self, data: bytes, where: str) -> bytes:
+        """`data` when its pixels fit in what is left; Refused (413) otherwise. Every
+        image of a batch is weighed before any is decoded. (One image over MAX_PIXELS
+        on its own is left to the conversion, which refuses it as a decompression bomb
+        whichever way it was sent.)"""
+        pixels = declared_pixels(data)
+        if pixels > MAX_PIXELS:
+            return data
+        if pixels > self.left:
+            raise Refused(
+                413,
+                f"{where}: {pixels:,} pixels would pass the {MAX_PIXELS:,} that the images"
+                " of one request may have in all: send large images in requests of their"
+                " own, or scale them down first",
+            )
+        self.left -= pixels
+        return data
 
 
 def upload(body: bytes) -> Upload:
@@ -294,7 +326,11 @@ def _converted(data: bytes, name: str) -> np.ndarray:
 def _json_images(body: bytes, max_batch: int) -> np.ndarray:
     try:
         document = json.loads(body)
-    except (ValueError, RecursionError):
+    except ValueError as exc:
+        if "integer string conversion" in str(exc):  # valid JSON, but Python's digit cap
+            raise Refused(422, "a number of over 4,300 digits: values must be 0-255") from None
+        raise Refused(400, "the body is not JSON") from None
+    except RecursionError:
         raise Refused(400, "the body is not JSON") from None
     items = document.get("images") if isinstance(document, dict) else document
     if not isinstance(items, list) or not items:
@@ -305,13 +341,21 @@ def _json_images(body: bytes, max_batch: int) -> np.ndarray:
         )
     if len(items) > max_batch:
         raise Refused(413, f"a batch of {len(items)} images: at most {max_batch} are accepted")
-    return np.stack([_json_image(item, i) for i, item in enumerate(items)])
+    budget = PixelBudget()
+    encoded = [
+        budget.take(_base64(item, f"images[{i}]"), f"images[{i}]")
+        if isinstance(item, str)
+        else item
+        for i, item in enumerate(items)
+    ]
+    return np.stack([_json_image(item, i) for i, item in enumerate(encoded)])
 
 
 def _json_image(item: object, index: int) -> np.ndarray:
+    """One image of a JSON batch: an encoded image's bytes (base64 undone), or an array."""
     where = f"images[{index}]"
-    if isinstance(item, str):
-        return _converted(_base64(item, where), where)
+    if isinstance(item, bytes):
+        return _converted(item, where)
     try:
         array = np.asarray(item)
     except (ValueError, TypeError, OverflowError):

@@ -52,6 +52,9 @@ class PredictFastPath:
     ) -> tuple[int, bytes, str | None]:
         """The body read with the service's size cap, then answered; a large one is
         held as it arrives (`hold`: Busy when the service holds too many)."""
+        encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip()
+        if encoding.lower() != "identity":
+            return 415, not_unpacked(encoding), None
         limit = self.predictor.limit
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
@@ -69,3 +72,14 @@ class PredictFastPath:
             chunks.append(chunk)
             more = message.get("more_body", False)
         return await self.predictor.answer(kind, b"".join(chunks))
+
+
+def not_unpacked(encoding: str) -> bytes:
+    """Why a /predict body with a Content-Encoding is refused (it would be read as the
+    image or JSON itself: "not JSON" said nothing of the cause)."""
+    return orjson.dumps(
+        {
+            "detail": f"Content-Encoding {encoding[:20]!r} is not taken by /predict: send the"
+            " image or JSON as it is (/invocations and /v2/models/.../infer take gzip)"
+        }
+    )
