@@ -3,7 +3,8 @@ on one embedded stack of its own (v1.0 --fast, one --fast training).
 
 Beside it, in the same run, what it no longer pays:
   torch:    the CLI and `import torch`: the least a prediction run by PyTorch costs (the
-            model now runs in NumPy, `train.runtime`, once checked at registration)
+            model now runs in ONNX Runtime on the graph checked at registration, NumPy
+            where that is missing, `train.runtime`)
   before:   importing what `predict` imported to read the champion alias through MLflow's
             client (`mnistops.tracking.registry`: MLflow and torch), on
             top of the CLI: the cost of the old path's imports alone
