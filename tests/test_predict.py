@@ -98,6 +98,46 @@ def test_a_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None
         load_images([bomb])
 
 
+def empty_scans_jpeg(side: int, scans: int) -> bytes:
+    """An attacker's JPEG: a progressive one, then `scans` scans that each code every
+    block of the image as empty in a few bytes (a run of end-of-blocks), which the
+    decoder still passes over block by block: small to send, long to decode."""
+    import struct
+
+    image = Image.new("L", (side, side), 0)
+    image.paste(255, (side // 3, side // 3, 2 * side // 3, 2 * side // 3))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=50, progressive=True)
+    head = out.getvalue()[:-2]  # without its end-of-image marker
+    blocks = ((side + 7) // 8) ** 2
+    # an AC table with one code, '0', for symbol 0xE0: a run of 2^14 + 14 bits of blocks
+    table = b"\xff\xc4" + struct.pack(">H", 20) + bytes([0x11, 1] + [0] * 15 + [0xE0])
+    bits = ("0" + "1" * 14) * ((blocks + 32766) // 32767)
+    bits += "1" * (-len(bits) % 8)
+    coded = int(bits, 2).to_bytes(len(bits) // 8, "big").replace(b"\xff", b"\xff\x00")
+    scan = b"\xff\xda" + struct.pack(">H", 8) + bytes([1, 1, 0x01, 1, 63, 0]) + coded
+    return head + table + scan * scans + b"\xff\xd9"
+
+
+@pytest.mark.security
+@pytest.mark.bad_input
+def test_only_png_and_jpeg_are_decoded_and_a_jpeg_of_endless_scans_is_not() -> None:
+    """Found by a helper: 10,000 empty scans over 40 M pixels (786 KB) held a decoding
+    thread of the service for 28 s. GIF, WebP, BMP and TIFF were decoded too, beyond
+    the PNG or JPEG the README names."""
+    few = empty_scans_jpeg(64, 20)
+    assert image_from_bytes(few, "few.jpg").shape == (28, 28)  # an attacker's, but cheap
+    with pytest.raises(ImageUnusable, match=r"many\.jpg: a JPEG of 1,0\d\d scans: at most 100"):
+        image_from_bytes(empty_scans_jpeg(64, 1_000), "many.jpg")
+    drawn = Image.fromarray(np.full((28, 28), 255, np.uint8))
+    drawn.paste(0, (8, 8, 20, 20))
+    for kind in ("GIF", "WEBP", "BMP", "TIFF"):
+        out = io.BytesIO()
+        drawn.save(out, kind)
+        with pytest.raises(ImageUnusable, match="PNG or JPEG expected"):
+            image_from_bytes(out.getvalue(), f"digit.{kind.lower()}")
+
+
 @pytest.mark.security
 @pytest.mark.bad_input
 def test_a_file_name_with_control_characters_is_refused_escaped(tmp_path: Path) -> None:

@@ -33,6 +33,13 @@ MAX_PIXELS = 40_000_000
 """larger images are refused before they are decoded (decompression bombs)"""
 MAX_FILE_BYTES = 64 << 20
 """larger files are refused before they are read"""
+IMAGE_FORMATS = ("PNG", "JPEG")
+"""the formats read (Pillow would also decode GIF, WebP, BMP, TIFF and more: each a
+decoder an upload could reach)"""
+MAX_JPEG_SCANS = 100
+"""JPEGs with more scans are refused before they are decoded: a progressive JPEG has
+about 10, and the decoder passes over every block of the image once a scan (a 786 KB
+upload of 10,000 empty scans over 40 M pixels held a decoding thread for 28 s)"""
 DIGIT_FILE_BYTES = 1 << 20
 """a 28x28 grayscale PNG of a dataset takes well under 1 KB; more is not one"""
 Progress = Callable[[int], None]
@@ -109,10 +116,26 @@ def open_image(source: Path | io.BytesIO, max_pixels: int = MAX_PIXELS) -> Image
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(source)
+            image = Image.open(source, formats=IMAGE_FORMATS)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageRefused(f"refused as a decompression bomb ({exc})") from None
+    if image.format == "JPEG":
+        _check_scans(source, image)
     return _checked(image, max_pixels)
+
+
+def _check_scans(source: Path | io.BytesIO, image: Image.Image) -> None:
+    """ImageRefused for a JPEG of over MAX_JPEG_SCANS scans (start-of-scan markers: in
+    the coded data every 0xFF byte is followed by 0 or a restart marker, so the count
+    is exact but for markers hidden in metadata, which only make it larger)."""
+    data = source.getvalue() if isinstance(source, io.BytesIO) else source.read_bytes()
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        image.close()
+        raise ImageRefused(
+            f"a JPEG of {scans:,} scans: at most {MAX_JPEG_SCANS} are decoded (a progressive"
+            " JPEG has about 10; refused before decoding)"
+        )
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
