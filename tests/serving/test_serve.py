@@ -351,6 +351,22 @@ def test_a_compressed_body_is_refused_by_its_encoding(service: tuple[str, Path])
     )
     assert answer.status_code == 415, answer.text
     assert "Content-Encoding 'gzip' is not taken by /predict" in answer.json()["detail"]
+    stroke = np.zeros((28, 28), np.uint8)
+    stroke[6:22, 12:16] = 255
+    digit = png_of(stroke)
+    for headers, status in (
+        ([("Content-Encoding", "gzip"), ("Content-Encoding", "identity")], 415),
+        ([("Content-Encoding", "IDENTITY")], 200),
+    ):
+        sent = httpx.post(
+            f"{url}/predict", content=digit, headers=[("Content-Type", "image/png"), *headers]
+        )
+        assert sent.status_code == status, (headers, sent.text)
+    multipart = httpx.post(
+        f"{url}/predict", files={"file": digit}, headers={"Content-Encoding": "gzip"}
+    )
+    assert multipart.status_code == 415, multipart.text
+    assert "'gzip'" in multipart.json()["detail"]
 
 
 def test_large_images_and_other_encodings(service: tuple[str, Path]) -> None:

@@ -27,13 +27,17 @@ class PredictFastPath:
             return
         headers = dict(scope["headers"])
         kind = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
-        if kind == "multipart/form-data":
+        encoding = content_encoding(scope["headers"])
+        if kind == "multipart/form-data" and encoding is None:
             await self.app(scope, receive, send)
             return
         told: Mapping[str, str] = {}
         try:
-            with self.predictor.held.holding() as hold:
-                status, body, request_id = await self._answer(kind, headers, receive, hold)
+            if encoding is not None:
+                status, body, request_id = 415, not_unpacked(encoding), None
+            else:
+                with self.predictor.held.holding() as hold:
+                    status, body, request_id = await self._answer(kind, headers, receive, hold)
         except Busy as exc:
             status, body, request_id = 503, orjson.dumps({"detail": exc.detail}), None
             told = exc.headers or {}
@@ -52,9 +56,6 @@ class PredictFastPath:
     ) -> tuple[int, bytes, str | None]:
         """The body read with the service's size cap, then answered; a large one is
         held as it arrives (`hold`: Busy when the service holds too many)."""
-        encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip()
-        if encoding.lower() != "identity":
-            return 415, not_unpacked(encoding), None
         limit = self.predictor.limit
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
@@ -72,6 +73,14 @@ class PredictFastPath:
             chunks.append(chunk)
             more = message.get("more_body", False)
         return await self.predictor.answer(kind, b"".join(chunks))
+
+
+def content_encoding(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The request's Content-Encoding, every such header read (HTTP joins them with
+    commas), when it names anything but identity; None when the body comes as it is."""
+    said = ", ".join(v.decode("latin-1").strip() for k, v in headers if k == b"content-encoding")
+    codings = [c.strip().lower() for c in said.split(",") if c.strip()]
+    return said if any(c != "identity" for c in codings) else None
 
 
 def not_unpacked(encoding: str) -> bytes:
