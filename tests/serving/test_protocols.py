@@ -215,8 +215,11 @@ def _nested(depth: int) -> list:
 BAD_V2 = {
     "two tensors": ({"inputs": [_v2([1, 784])["inputs"][0]] * 2}, None, 400, "one tensor"),
     "a string datatype": (_v2([1, 784], "BYTES"), None, 400, "datatype 'BYTES'"),
-    "a shape of text": (_v2([1, 784]) | {"inputs": [{"shape": "x", "datatype": "FP32"}]}, None,
-                        400, "shape must be"),
+    "a shape of text": (_v2([1, 784]) | {"inputs": [{"name": "images", "shape": "x",
+                                                     "datatype": "FP32"}]},
+                        None, 400, "shape must be"),
+    "another input's name": ({"inputs": [{**_v2([1, 784])["inputs"][0], "name": "pixels"}]}, None,
+                             400, "no such input: the model's one input is 'images'"),
     "too few values": ({"inputs": [{**_v2([1, 784])["inputs"][0], "shape": [2, 784]}]}, None,
                        400, "784 values for the shape"),
     "UINT8 over 255": ({"inputs": [{**_v2([1, 784], "UINT8")["inputs"][0], "data": [300] * 784}]},

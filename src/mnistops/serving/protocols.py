@@ -159,6 +159,8 @@ def v2_images(document: dict[str, Any], binary: bytes, max_batch: int) -> np.nda
         raise Unusable(f"inputs: expected one tensor ({V2_INPUT!r}, shape [N, 1, 28, 28])")
     tensor = inputs[0]
     where = f"inputs[0] ({str(tensor.get('name'))[:40]!r})"
+    if tensor.get("name") != V2_INPUT:
+        raise Unusable(f"{where}: no such input: the model's one input is {V2_INPUT!r}")
     kind = tensor.get("datatype")
     if not isinstance(kind, str) or kind not in V2_TYPES:
         raise Unusable(
