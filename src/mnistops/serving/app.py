@@ -234,10 +234,7 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
 
     @app.get("/health", summary="Ready (200) only when a model is loaded")
     async def health() -> JSONResponse:
-        served = holder.current
-        if served is None:
-            return JSONResponse({"status": "loading", "model_version": None}, status_code=503)
-        return JSONResponse({"status": "ready", "model_version": served.version})
+        return health_answer(holder)
 
     @app.get("/model", summary="The model that answers: version, data, accuracy, run")
     async def model() -> dict[str, Any]:
@@ -270,6 +267,17 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
 
 
 FEEDBACK_BYTES = 4096
+
+
+def health_answer(holder: Holder) -> JSONResponse:
+    """Ready with the version it serves; else loading, or refused: it refused the
+    champion, and nothing loads until the alias moves (`stack up` stops waiting). Which
+    version and why stay behind the API key, in /model: /health is open to all."""
+    served = holder.current
+    if served is not None:
+        return JSONResponse({"status": "ready", "model_version": served.version})
+    status = "refused" if holder.refusals() else "loading"
+    return JSONResponse({"status": status, "model_version": None}, 503)
 
 
 async def feedback_answer(

@@ -299,10 +299,11 @@ def down(settings: Settings, report: Report = no_report) -> list[str]:
     with state_lock(settings):
         background = workers.background_records(settings)
         for record in background:
+            # one that died (killed, crashed) is started again by the next `up` too
+            workers.mark_for_restart(settings, record.name, True)
             if process.is_alive(record):
                 report(f"stopping {record.name} (pid {record.pid})")
                 stopped.append(record.name)
-                workers.mark_for_restart(settings, record.name, True)
         # the workers first: they are the services' clients
         process.stop_all(background, run_dir(settings))
         services = []

@@ -13,7 +13,6 @@ from mnistops.clients import client_env
 from mnistops.credentials import write_private
 from mnistops.settings import ENV_PREFIX, SERVING_KEYS, Settings
 from mnistops.stack import process
-from mnistops.stack.services import http_ok
 from mnistops.stack.state import Report, StackError, log_dir, run_dir, state_lock
 
 WORKER_PREFIX = "worker-"
@@ -55,7 +54,9 @@ def restart_workers(settings: Settings, report: Report) -> None:
             spec = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if not spec.get("restart"):
+        record = process.read_record(run_dir(settings), path.stem)
+        died = record is not None and not process.is_alive(record)
+        if not spec.get("restart") and not died:
             continue
         if path.stem == SERVE_NAME and (invalid := settings.set_aside_keys & SERVING_KEYS):
             report(
@@ -64,9 +65,9 @@ def restart_workers(settings: Settings, report: Report) -> None:
                 " `mnistops stack up` again"
             )
             continue  # its mark stays: the next `up` starts it
-        record = process.read_record(run_dir(settings), path.stem)
-        if record is None or not process.is_alive(record):
-            report(f"starting {path.stem} again (`stack down` stopped it)")
+        if record is None or died:
+            why = "it had died" if died and not spec.get("restart") else "`stack down` stopped it"
+            report(f"starting {path.stem} again ({why})")
             fresh = client_env(settings)
             derived = {k: fresh[k] for k in spec.get("derived", []) if k in fresh}
             env = {**os.environ, **spec["env"], **derived}
@@ -89,10 +90,29 @@ def wait_serving(record: process.ProcessRecord, report: Report) -> None:
     one that dies or is not ready in SERVE_READY_S is left to that table and its log."""
     deadline = time.monotonic() + SERVE_READY_S
     while time.monotonic() < deadline and not process.exited(record):
-        if http_ok(f"{record.url}/health", timeout_s=2):
+        status = _health(record.url)
+        if status == "ready":
+            return
+        if status == "refused":
+            report(
+                f"{SERVE_NAME} runs but serves no model: it refused the champion (why: `mnistops"
+                f" stack logs {SERVE_NAME}`); it serves the next champion it can load"
+                " (`mnistops models promote VERSION`)"
+            )
             return
         time.sleep(0.25)
     report(f"{SERVE_NAME} is not ready yet: see `mnistops stack logs {SERVE_NAME}`")
+
+
+def _health(url: str) -> str:
+    """The service's /health status: "ready", "loading" or "refused"; "" without one."""
+    import httpx
+
+    try:
+        found = httpx.get(f"{url}/health", timeout=2).json()
+    except (httpx.HTTPError, ValueError):
+        return ""
+    return str(found.get("status", "")) if isinstance(found, dict) else ""
 
 
 def start_worker(
