@@ -129,6 +129,14 @@ def test_only_png_and_jpeg_are_decoded_and_a_jpeg_of_endless_scans_is_not() -> N
     assert image_from_bytes(few, "few.jpg").shape == (28, 28)  # an attacker's, but cheap
     with pytest.raises(ImageUnusable, match=r"many\.jpg: a JPEG of 1,0\d\d scans: at most 100"):
         image_from_bytes(empty_scans_jpeg(64, 1_000), "many.jpg")
+    # at 36 M pixels, 99 refinement scans still took 2.5 s (a helper): 17 are decoded there
+    with pytest.raises(ImageUnusable, match=r"4\d scans: at most 17 are decoded at 6000x6000"):
+        image_from_bytes(empty_scans_jpeg(6_000, 40), "large.jpg")
+    for mode in ("L", "RGB", "CMYK"):  # libjpeg's own progressive scans: 6, 10, 18
+        honest = io.BytesIO()
+        Image.new(mode, (6_320, 6_320), (255,) * len(mode)).save(honest, "JPEG", progressive=True)
+        with pytest.raises(ImageUnusable, match="blank"):  # decoded, then found blank
+            image_from_bytes(honest.getvalue(), f"{mode}.jpg")
     drawn = Image.fromarray(np.full((28, 28), 255, np.uint8))
     drawn.paste(0, (8, 8, 20, 20))
     for kind in ("GIF", "WEBP", "BMP", "TIFF"):

@@ -99,7 +99,7 @@ def test_up_waits_for_the_prediction_service_it_starts_again(
         else:
             assert took < workers.SERVE_READY_S / 2, f"waited {took:.1f} s ({mode})"
         if mode == "dies":
-            assert said[-1] == "serve is not ready yet: see `mnistops stack logs serve`", said
+            assert said[-1] == "serve stopped as it started: see `mnistops stack logs serve`"
         if mode == "refuses":
             assert "serve runs but serves no model: it refused the champion" in said[-1], said
     finally:

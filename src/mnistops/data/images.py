@@ -37,9 +37,12 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 """the formats read (Pillow would also decode GIF, WebP, BMP, TIFF and more: each a
 decoder an upload could reach)"""
 MAX_JPEG_SCANS = 100
-"""JPEGs with more scans are refused before they are decoded: a progressive JPEG has
-about 10, and the decoder passes over every block of the image once a scan (a 786 KB
-upload of 10,000 empty scans over 40 M pixels held a decoding thread for 28 s)"""
+SCAN_PIXELS = 640_000_000
+"""A JPEG of more scans than SCAN_PIXELS / its pixels (at least 16, 20 for CMYK; at most
+MAX_JPEG_SCANS) is refused before it is decoded: libjpeg writes 6 to 18, and the decoder
+passes over every block once a scan (a 786 KB upload of 10,000 empty scans over 36 M
+pixels held a decoding thread for 28 s; 99 refinement scans over 36 M pixels 2.5 s; 17
+there cost about what an honest image of that size does)"""
 DIGIT_FILE_BYTES = 1 << 20
 """a 28x28 grayscale PNG of a dataset takes well under 1 KB; more is not one"""
 Progress = Callable[[int], None]
@@ -125,16 +128,20 @@ def open_image(source: Path | io.BytesIO, max_pixels: int = MAX_PIXELS) -> Image
 
 
 def _check_scans(source: Path | io.BytesIO, image: Image.Image) -> None:
-    """ImageRefused for a JPEG of over MAX_JPEG_SCANS scans (start-of-scan markers: in
+    """ImageRefused for a JPEG of more scans than its size allows (start-of-scan markers: in
     the coded data every 0xFF byte is followed by 0 or a restart marker, so the count
     is exact but for markers hidden in metadata, which only make it larger)."""
     data = source.getvalue() if isinstance(source, io.BytesIO) else source.read_bytes()
     scans = data.count(b"\xff\xda")
-    if scans > MAX_JPEG_SCANS:
+    width, height = image.size
+    # libjpeg writes 6 scans for grey, 10 for colour, 18 for CMYK
+    least = max(16, 5 * len(image.getbands()))
+    most = min(MAX_JPEG_SCANS, max(least, SCAN_PIXELS // max(width * height, 1)))
+    if scans > most:
         image.close()
         raise ImageRefused(
-            f"a JPEG of {scans:,} scans: at most {MAX_JPEG_SCANS} are decoded (a progressive"
-            " JPEG has about 10; refused before decoding)"
+            f"a JPEG of {scans:,} scans: at most {most} are decoded at {width}x{height} (a"
+            " progressive JPEG has about 10; refused before decoding)"
         )
 
 

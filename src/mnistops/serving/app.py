@@ -240,7 +240,7 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
     async def model() -> dict[str, Any]:
         served = holder.current
         if served is None:
-            raise HTTPException(503, "no champion is loaded yet")
+            raise HTTPException(503, nothing_loaded(holder.refusals()))
         return {**served.describe(), "refused_versions": holder.refusals()}
 
     rendered = exposition(
@@ -267,6 +267,14 @@ def create_app(settings: Settings, holder: Holder | None = None) -> FastAPI:
 
 
 FEEDBACK_BYTES = 4096
+
+
+def nothing_loaded(refused: dict[str, str]) -> str:
+    """Why /model has no model to describe: still loading, or the champion refused."""
+    if not refused:
+        return "no champion is loaded yet"
+    reasons = "; ".join(f"v{version}: {why}" for version, why in refused.items())
+    return f"no champion is loaded: refused {reasons}"
 
 
 def health_answer(holder: Holder) -> JSONResponse:

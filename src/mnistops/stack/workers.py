@@ -101,7 +101,8 @@ def wait_serving(record: process.ProcessRecord, report: Report) -> None:
             )
             return
         time.sleep(0.25)
-    report(f"{SERVE_NAME} is not ready yet: see `mnistops stack logs {SERVE_NAME}`")
+    ended = "stopped as it started" if process.exited(record) else "is not ready yet"
+    report(f"{SERVE_NAME} {ended}: see `mnistops stack logs {SERVE_NAME}`")
 
 
 def _health(url: str) -> str:
