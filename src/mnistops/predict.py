@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from mnistops.data.conversion import decode, mnist_like, upright
-from mnistops.data.images import MAX_PIXELS, ImageRefused, read_regular, shown_name
+from mnistops.data.decoding import MAX_PIXELS
+from mnistops.data.images import ImageRefused, read_regular, shown_name
 from mnistops.errors import ImageUnusable, PredictError
 from mnistops.settings import Settings
 from mnistops.tracking import model_fetch, model_files, model_record

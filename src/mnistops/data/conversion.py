@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mnistops.data.images import ImageRefused, open_image
+from mnistops.data.decoding import ImageRefused, open_image
 from mnistops.errors import ImageUnusable
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 from starlette.requests import ClientDisconnect
 
 from mnistops.data.conversion import image_from_bytes
-from mnistops.data.images import MAX_PIXELS, PNG_SIGNATURE
+from mnistops.data.decoding import MAX_PIXELS, PNG_SIGNATURE
 from mnistops.errors import ImageUnusable, PredictError
 from mnistops.loop.feedback import FeedbackBook
 from mnistops.loop.log_writer import PredictionLog

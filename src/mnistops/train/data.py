@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnistops.data import decoded, images, manifests, packs, reader, scan_index
+from mnistops.data import decoded, decoding, images, manifests, packs, reader, scan_index
 from mnistops.settings import Settings
 
 Report = Callable[[str], None]
@@ -72,9 +72,9 @@ def _cache_dir(settings: Settings) -> Path:
 
 def _decode(data: bytes) -> np.ndarray:
     """A 28x28 PNG's pixels; any other size is refused before decoding (ImageRefused)."""
-    with images.open_image(io.BytesIO(data), max_pixels=28 * 28) as image:
+    with decoding.open_image(io.BytesIO(data), max_pixels=28 * 28) as image:
         if image.format != "PNG" or image.size != (28, 28):
-            raise images.ImageRefused(f"a {image.format} of {image.size}, not a 28x28 PNG")
+            raise decoding.ImageRefused(f"a {image.format} of {image.size}, not a 28x28 PNG")
         return np.asarray(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
 
 
